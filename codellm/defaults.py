@@ -1,0 +1,24 @@
+"""Where the default model bundle lives."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from .bundle import BUNDLE_FILES, BundleError
+
+PACKAGED_BUNDLE = Path(__file__).parent / "default"
+HOW_TO_GET_A_MODEL = (
+    "no model bundle found. Train one with `codellm-train all --recipe default --out MODEL_DIR` "
+    "(or fine-tune: `codellm-train code --from BUNDLE --code-data ~/scripts --out MODEL_DIR`), then pass "
+    "--model MODEL_DIR or set CODELLM_MODEL=MODEL_DIR."
+)
+
+
+def default_bundle_path() -> Path:
+    """$CODELLM_MODEL if set, else the bundle shipped inside the package."""
+    env = os.environ.get("CODELLM_MODEL")
+    if env:
+        return Path(env).expanduser()
+    if all((PACKAGED_BUNDLE / name).is_file() for name in BUNDLE_FILES):
+        return PACKAGED_BUNDLE
+    raise BundleError(HOW_TO_GET_A_MODEL)

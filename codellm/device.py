@@ -1,0 +1,47 @@
+"""Device and thread choice."""
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def choose_device(preference: str | None = None) -> torch.device:
+    """cuda > mps > cpu unless `preference` (or $CODELLM_DEVICE) names one."""
+    preference = preference or os.environ.get("CODELLM_DEVICE") or None
+    if preference and preference != "auto":
+        device = torch.device(preference)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device 'cuda' asked for, but CUDA is not available here")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("device 'mps' asked for, but MPS is not available here")
+        return device
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def physical_cores() -> int:
+    """Physical cores available to this process (hyperthreads don't help small matmuls)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count() or 1
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        siblings = [int(l.split(":")[1]) for l in info.splitlines() if l.startswith("siblings")]
+        cores = [int(l.split(":")[1]) for l in info.splitlines() if l.startswith("cpu cores")]
+        if siblings and cores and siblings[0] > cores[0]:
+            usable = max(1, usable * cores[0] // siblings[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    return max(1, usable)
+
+
+def set_threads(threads: int | None = None) -> int:
+    n = threads or int(os.environ.get("CODELLM_THREADS", 0)) or physical_cores()
+    torch.set_num_threads(n)
+    return n

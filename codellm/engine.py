@@ -1,0 +1,198 @@
+"""The inference engine: one resident model, a KV cache reused across requests, greedy completion with
+token healing, sampled generation, and stop rules (end of text, newline, token budget, deadline)."""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Callable
+
+import torch
+
+from .bundle import Bundle, load_bundle
+from .device import choose_device, set_threads
+from .prompt import build_prompt
+from .shellmode import choose_mode
+
+NEG_INF = float("-inf")
+MAX_TOKENS = {"line": 48, "block": 160}
+
+
+@dataclass
+class Completion:
+    text: str  # what to insert at the cursor
+    stop_reason: str  # "eot" | "newline" | "max_tokens" | "deadline" | "cancelled" | "context"
+    mode: str
+    prompt_tokens: int
+    reused_tokens: int  # prompt tokens whose keys/values came from the cache
+    new_tokens: int
+    seconds: float
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Engine:
+    """Keeps one model resident on its device; requests are serialized onto it by a lock."""
+
+    def __init__(self, bundle: Bundle, device: torch.device | str | None = None, threads: int | None = None):
+        self.device = choose_device(str(device) if device else None)
+        if self.device.type == "cpu":
+            self.threads = set_threads(threads)
+        self.bundle = bundle
+        self.tokenizer = bundle.tokenizer
+        self.config = bundle.config
+        self.model = bundle.model.to(self.device).eval()
+        self.model.setup_cache(1)
+        self.prompt_format = bundle.prompt_format
+        self.lock = threading.Lock()
+        self.cached: list[int] = []  # token ids whose keys/values sit in the cache, at positions 0..n-1
+        token_bytes = self.tokenizer.token_bytes
+        # tokens that would end a line or the text before anything was inserted
+        self._empty_answer_ids = torch.tensor(
+            [i for i, b in enumerate(token_bytes) if b.lstrip(b" \t").startswith((b"\n", b"\r"))]
+            + [self.tokenizer.eot_id], device=self.device)
+        self._special_ids = torch.tensor(sorted(self.tokenizer.special_ids - {self.tokenizer.eot_id}),
+                                         device=self.device)
+
+    @property
+    def path(self):
+        return self.bundle.path
+
+    # ------------------------------------------------------------------ model steps
+
+    def _forward_from_cache(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Logits after `ids`, computing only what the cache lacks. Returns (logits, reused count)."""
+        reused = min(common_prefix_len(self.cached, ids), len(ids) - 1)
+        self.cached = self.cached[:reused]  # invalid past here until rewritten below
+        x = torch.tensor([ids[reused:]], device=self.device)
+        logits = self.model(x, start=reused, last_only=True)[0, -1]
+        self.cached = list(ids)
+        return logits, reused
+
+    def _step(self, token: int) -> torch.Tensor:
+        x = torch.tensor([[token]], device=self.device)
+        logits = self.model(x, start=len(self.cached), last_only=True)[0, -1]
+        self.cached.append(token)
+        return logits
+
+    @lru_cache(maxsize=256)
+    def _healing_allowed(self, heal: bytes) -> torch.Tensor:
+        ids = [i for i, b in enumerate(self.tokenizer.token_bytes)
+               if b.startswith(heal) and i not in self.tokenizer.special_ids]
+        return torch.tensor(ids, device=self.device)
+
+    # ------------------------------------------------------------------ completion
+
+    def complete(self, prefix: str, suffix: str = "", mode: str = "line", **kwargs) -> str:
+        """The text to insert between prefix and suffix. mode: "line" | "block" | "auto"."""
+        return self.complete_detailed(prefix, suffix, mode, **kwargs).text
+
+    def complete_detailed(self, prefix: str, suffix: str = "", mode: str = "line", max_new_tokens: int | None = None,
+                          deadline: float | None = None, should_stop: Callable[[], bool] | None = None,
+                          fmt: str | None = None) -> Completion:
+        """deadline: time.monotonic() value after which decoding stops; should_stop: polled between steps."""
+        if mode == "auto":
+            mode = choose_mode(prefix, suffix)
+        if mode not in ("line", "block"):
+            raise ValueError(f"mode must be 'line', 'block' or 'auto', not {mode!r}")
+        max_new = max_new_tokens or MAX_TOKENS[mode]
+        max_new = max(1, min(max_new, self.config.context_length // 2))
+        fmt = fmt or (self.prompt_format if suffix.strip() else "plain")
+        start_time = time.perf_counter()
+        prompt = build_prompt(self.tokenizer, prefix, suffix, fmt, budget=self.config.context_length - max_new)
+        token_bytes = self.tokenizer.token_bytes
+        heal = prompt.heal
+        out = bytearray()
+        stop, reused, n_new = "max_tokens", 0, 0
+        with self.lock, torch.inference_mode():
+            logits, reused = self._forward_from_cache(prompt.ids)
+            for n_new in range(1, max_new + 1):
+                logits[self._special_ids] = NEG_INF
+                if heal and len(out) < len(heal):
+                    allowed = self._healing_allowed(bytes(heal[len(out):]))
+                    masked = torch.full_like(logits, NEG_INF)
+                    masked[allowed] = logits[allowed]
+                    logits = masked
+                elif len(out) <= len(heal):  # nothing inserted yet: the answer may not be empty
+                    logits[self._empty_answer_ids] = NEG_INF
+                token = int(torch.argmax(logits))
+                if token == self.tokenizer.eot_id:
+                    stop = "eot"
+                    break
+                out += token_bytes[token]
+                if mode == "line" and b"\n" in out[len(heal):]:
+                    stop = "newline"
+                    break
+                if should_stop and should_stop():
+                    stop = "cancelled"
+                    break
+                if deadline and time.monotonic() > deadline:
+                    stop = "deadline"
+                    break
+                if len(self.cached) >= self.config.context_length:
+                    stop = "context"
+                    break
+                logits = self._step(token)
+        inserted = bytes(out[len(heal):]) if out.startswith(heal) else b""
+        if mode == "line":
+            inserted = inserted.split(b"\n", 1)[0]
+        text = inserted.decode("utf-8", errors="ignore").rstrip("\r")
+        return Completion(text, stop, mode, len(prompt.ids), reused, n_new, time.perf_counter() - start_time)
+
+    # ------------------------------------------------------------------ free generation
+
+    def generate(self, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50,
+                 top_p: float | None = 0.95, seed: int | None = None) -> str:
+        """Continue `prompt` left to right; returns only the new text. temperature 0 = greedy."""
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
+        ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
+        ctx = self.config.context_length
+        new: list[int] = []
+        with self.lock, torch.inference_mode():
+            logits, _ = self._forward_from_cache(ids[-(ctx - 1):])
+            for _ in range(max_new_tokens):
+                logits[self._special_ids] = NEG_INF
+                token = sample(logits, temperature, top_k, top_p, generator)
+                if token == self.tokenizer.eot_id:
+                    break
+                new.append(token)
+                if len(self.cached) >= ctx:  # context full: continue from the last half
+                    logits, _ = self._forward_from_cache((ids + new)[-(ctx // 2):])
+                else:
+                    logits = self._step(token)
+        return self.tokenizer.decode(new)
+
+
+def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,
+           generator: torch.Generator) -> int:
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    logits = logits.float().cpu() / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+        logits[logits < kth] = NEG_INF
+    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        drop = cumulative - sorted_probs > top_p  # keep the smallest set reaching top_p
+        sorted_probs[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def load(path: str | None = None, device: str | None = None, threads: int | None = None) -> Engine:
+    """Load a bundle (None = the default bundle shipped in the package) into a resident engine."""
+    from .defaults import default_bundle_path
+
+    bundle_path = path or default_bundle_path()
+    dev = choose_device(device)
+    return Engine(load_bundle(bundle_path, device=dev), dev, threads)

@@ -1,0 +1,139 @@
+"""A small decoder-only transformer: pre-norm RMSNorm, rotary positions, QK-norm, ReLU² MLP, no biases.
+
+One `forward(idx, input_pos)` serves training (input_pos=None: full causal attention, no cache) and
+inference (input_pos given: keys/values are written to the KV cache set up by `setup_cache`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ModelConfig
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_head, max_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k/v for positions start.. and return the cache up to the last written position."""
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
+def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, D); cos/sin: (T, D/2). Rotates the two halves of each head."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.q_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.cache: KVCache | None = None
+
+    def forward(self, x, cos, sin, start: int | None, mask):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        if start is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k, v = self.cache.update(start, k, v)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
+        self.down = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down(F.relu(self.up(x)).square())
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, start, mask):
+        x = x + self.attn(self.attn_norm(x), cos, sin, start, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_base)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        std = 0.5 / math.sqrt(self.cfg.d_model)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p)
+            elif name.endswith(("proj.weight", "down.weight")):
+                nn.init.zeros_(p)  # each block starts as the identity
+            else:
+                nn.init.normal_(p, std=0.02 if name.startswith("embed") else std)
+
+    def setup_cache(self, batch: int = 1, max_len: int | None = None):
+        max_len = max_len or self.cfg.context_length
+        p = self.embed.weight
+        for block in self.blocks:
+            block.attn.cache = KVCache(batch, self.cfg.n_head, max_len, self.cfg.head_dim, p.dtype, p.device)
+
+    def forward(self, idx: torch.Tensor, start: int | None = None, last_only: bool = False) -> torch.Tensor:
+        """idx: (B, T) token ids. start=None: training over the whole sequence. start=int: the ids sit at
+        positions start..start+T-1 and attend to the cache. last_only: logits of the last position only."""
+        T = idx.shape[1]
+        offset = start or 0
+        if offset + T > self.cfg.context_length:
+            raise ValueError(f"sequence of {offset + T} tokens exceeds the context length {self.cfg.context_length}")
+        cos, sin = self.rope_cos[offset:offset + T], self.rope_sin[offset:offset + T]
+        mask = None
+        if start is not None and T > 1:  # prefill over cached positions: causal within the new tokens
+            key_pos = torch.arange(offset + T, device=idx.device)
+            mask = key_pos[None, :] <= (offset + torch.arange(T, device=idx.device))[:, None]
+        x = self.embed(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin, start, mask)
+        x = self.norm(x[:, -1:] if last_only else x)
+        return self.lm_head(x)
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

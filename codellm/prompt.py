@@ -1,0 +1,116 @@
+"""The prompt format: fill-in-the-middle (PSM / SPM) and plain prompts, for training and serving alike.
+
+PSM: <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle <endoftext>
+SPM: <fim_prefix> <fim_suffix> suffix <fim_middle> prefix middle <endoftext>
+
+With SPM the prompt only grows at its end while a person types, so its KV cache is reused between
+keystrokes. Long prefixes are windowed with a start that stays put and jumps in line-aligned steps
+of half the window, so that the window does not shift on every keystroke.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+from .tokenizer import Tokenizer
+
+FORMATS = ("spm", "psm", "plain")
+CHARS_PER_TOKEN_GUESS = 2.5  # conservative for shell text (measured ~3.2): windows are cut in characters first
+SUFFIX_SHARE = 0.25  # at most this share of the prompt budget goes to the suffix
+
+
+@dataclass
+class Prompt:
+    ids: list[int]  # what the model reads
+    heal: bytes = b""  # bytes backed off from the end of the prefix; the completion must start with them
+    prefix_chars_dropped: int = 0  # characters of the prefix left outside the window
+
+
+def assemble(tok: Tokenizer, fmt: str, prefix_ids: list[int], suffix_ids: list[int]) -> list[int]:
+    """The token sequence up to where the middle starts."""
+    if fmt == "psm":
+        return [tok.fim_prefix_id, *prefix_ids, tok.fim_suffix_id, *suffix_ids, tok.fim_middle_id]
+    if fmt == "spm":
+        return [tok.fim_prefix_id, tok.fim_suffix_id, *suffix_ids, tok.fim_middle_id, *prefix_ids]
+    if fmt == "plain":
+        return list(prefix_ids)
+    raise ValueError(f"unknown prompt format {fmt!r}; known: {FORMATS}")
+
+
+def window_start(prefix: str, max_chars: int) -> int:
+    """Where the prefix window starts: 0 if it fits, else a line start that only moves in jumps of
+    half the window as the prefix grows, so the same start is kept across many keystrokes."""
+    if len(prefix) <= max_chars:
+        return 0
+    step = max(1, max_chars // 2)
+    overflow = len(prefix) - max_chars
+    start = -(-overflow // step) * step  # round up to a multiple of step
+    newline = prefix.find("\n", start - 1) if start > 0 else -1
+    return newline + 1 if 0 <= newline < len(prefix) - 1 else start
+
+
+def suffix_window(suffix: str, max_chars: int) -> str:
+    """The first whole lines of the suffix that fit in max_chars."""
+    if len(suffix) <= max_chars:
+        return suffix
+    cut = suffix.rfind("\n", 0, max_chars)
+    return suffix[: cut + 1] if cut > 0 else suffix[:max_chars]
+
+
+def heal_split(tok: Tokenizer, ids: list[int]) -> tuple[list[int], bytes]:
+    """Back off the last token when the text ends mid-word, so the model may pick a longer token."""
+    if not ids:
+        return ids, b""
+    last = tok.token_bytes[ids[-1]]
+    if ids[-1] in tok.special_ids or not last.strip() or b"\n" in last or last[-1:].isspace():
+        return ids, b""
+    return ids[:-1], last
+
+
+def build_prompt(tok: Tokenizer, prefix: str, suffix: str = "", fmt: str = "spm", budget: int = 512,
+                 heal: bool = True) -> Prompt:
+    """A serving prompt of at most `budget` tokens for a cursor between prefix and suffix."""
+    if fmt == "plain":
+        suffix = ""
+    suffix_ids: list[int] = []
+    if suffix:
+        suffix_budget = int(budget * SUFFIX_SHARE)
+        suffix_ids = tok.encode(suffix_window(suffix, int(suffix_budget * CHARS_PER_TOKEN_GUESS)))[:suffix_budget]
+    overhead = len(assemble(tok, fmt, [], suffix_ids))
+    prefix_budget = max(1, budget - overhead)
+    start = window_start(prefix, int(prefix_budget * CHARS_PER_TOKEN_GUESS))
+    prefix_ids = tok.encode(prefix[start:])
+    while len(prefix_ids) > prefix_budget:  # denser text than guessed: drop whole lines from the front
+        cut = prefix.find("\n", start + 1)
+        start = cut + 1 if 0 < cut < len(prefix) - 1 else start + max(1, len(prefix) - start) // 4
+        prefix_ids = tok.encode(prefix[start:])
+    heal_bytes = b""
+    if heal:
+        prefix_ids, heal_bytes = heal_split(tok, prefix_ids)
+    return Prompt(assemble(tok, fmt, prefix_ids, suffix_ids), heal_bytes, start)
+
+
+# ------------------------------------------------------------------ training examples
+
+def fim_split_points(text: str, rng: random.Random, line_span_rate: float = 0.3) -> tuple[int, int]:
+    """Character positions (a, b) of the middle span. A share of spans end at a newline (rest of the
+    line or whole lines), which is how people complete shell; the rest are character-level."""
+    n = len(text)
+    a, b = sorted((rng.randint(0, n), rng.randint(0, n)))
+    if rng.random() < line_span_rate:
+        end = text.find("\n", max(a, b - 1))
+        if end != -1:
+            b = end + 1
+    return a, b
+
+
+def fim_training_ids(tok: Tokenizer, text: str, rng: random.Random, fim_rate: float = 0.5,
+                     spm_rate: float = 0.5) -> list[int]:
+    """One training document (a chunk of a file) as ids, ending with <endoftext>; FIM-transformed with
+    probability fim_rate, half PSM and half SPM by default."""
+    if not text or rng.random() >= fim_rate:
+        return tok.encode(text) + [tok.eot_id]
+    a, b = fim_split_points(text, rng)
+    prefix_ids, middle_ids, suffix_ids = tok.encode_batch([text[:a], text[a:b], text[b:]])
+    fmt = "spm" if rng.random() < spm_rate else "psm"
+    return assemble(tok, fmt, prefix_ids, suffix_ids) + middle_ids + [tok.eot_id]

@@ -1,0 +1,1 @@
+"""The codellm Language Server."""

@@ -1,0 +1,1 @@
+"""Training: corpora, tokenizer, two-stage training with FIM, evaluation."""

@@ -1,0 +1,80 @@
+"""Training checkpoints in one safetensors file (model, optimizer moments, RNG) with JSON metadata.
+
+Written to a temporary file and renamed, so a killed run never leaves a partial checkpoint. Nothing
+is pickled: optimizer state and RNG states are stored as tensors, the rest as JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {f"model.{k}": v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
+    if tied:
+        tensors.pop("model.lm_head.weight", None)
+    for param_id, param_state in optimizer.state_dict()["state"].items():
+        for name, value in param_state.items():
+            if torch.is_tensor(value):
+                tensors[f"optim.{param_id}.{name}"] = value.detach().cpu().contiguous().reshape(value.shape)
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available():
+        tensors["rng.cuda"] = torch.cuda.get_rng_state()
+    meta = dict(state, python_rng=_encode_python_rng(random.getstate()))
+    path = run_dir / CHECKPOINT_FILE
+    tmp = run_dir / f".{CHECKPOINT_FILE}.tmp"
+    save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def read_checkpoint_state(run_dir: Path) -> dict | None:
+    path = run_dir / CHECKPOINT_FILE
+    if not path.exists():
+        return None
+    with safe_open(str(path), "pt") as f:
+        return json.loads(f.metadata()["state"])
+
+
+def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    path = run_dir / CHECKPOINT_FILE
+    tensors = load_file(str(path))
+    state = read_checkpoint_state(run_dir)
+    model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    model.load_state_dict(model_state, strict=False)
+    opt_state = optimizer.state_dict()
+    params = [p for g in opt_state["param_groups"] for p in g["params"]]
+    restored = {}
+    for pid in params:
+        entry = {name.split(".", 2)[2]: t for name, t in tensors.items() if name.startswith(f"optim.{pid}.")}
+        if entry:
+            restored[pid] = entry
+    opt_state["state"] = restored
+    optimizer.load_state_dict(opt_state)
+    torch.set_rng_state(tensors["rng.torch"])
+    if "rng.cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.cuda"])
+    random.setstate(_decode_python_rng(state.pop("python_rng")))
+    return state
+
+
+def _encode_python_rng(state) -> list:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]
+
+
+def _decode_python_rng(data) -> tuple:
+    version, internal, gauss = data
+    return (version, tuple(internal), gauss)

@@ -1,0 +1,175 @@
+"""`codellm-train`: corpus, tokenizer, language (stage 1), code (stage 2), all, eval, bench."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .loop import TrainConfig, distributed
+
+
+def add_training_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training")
+    g.add_argument("--out", type=Path, required=True, help="where the trained bundle is written")
+    g.add_argument("--model-size", default=None, help="preset for a new model: test, nano, tiny, small, medium")
+    g.add_argument("--batch-size", type=int, default=16, help="sequences per step, over all processes")
+    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--learning-rate", type=float, default=2e-3)
+    g.add_argument("--num-epochs", type=float, default=None)
+    g.add_argument("--max-steps", type=int, default=None)
+    g.add_argument("--time-budget", type=float, default=None, help="seconds (for `all`: both stages together)")
+    g.add_argument("--warmup-steps", type=int, default=50)
+    g.add_argument("--context-length", type=int, default=None)
+    g.add_argument("--fim-rate", type=float, default=0.5)
+    g.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--checkpoint-every", type=int, default=100)
+    g.add_argument("--eval-every", type=int, default=200)
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def add_corpus_flags(p: argparse.ArgumentParser, corpus_default: str | None) -> None:
+    p.add_argument("--recipe", choices=["default"], default=None, help="the default data recipe")
+    p.add_argument("--code-data", type=Path, action="append", default=[],
+                   help='a folder of scripts or a JSON file {"scripts": [...]} (repeatable)')
+    p.add_argument("--language-data", type=Path, action="append", default=[],
+                   help="a text file, folder, or TinyStories-format file (repeatable)")
+    p.add_argument("--packages", type=Path, default=None, help="package list for the default recipe")
+    p.add_argument("--cache", type=Path, default=None, help="download cache (default: <corpus>/cache)")
+    p.add_argument("--english-mb", type=float, default=40.0, help="cap on English text from the recipe")
+    p.add_argument("--corpus", type=Path, default=Path(corpus_default) if corpus_default else None,
+                   help="corpus folder (built here when data flags are given)")
+
+
+def train_config(args) -> TrainConfig:
+    return TrainConfig(learning_rate=args.learning_rate, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       max_steps=args.max_steps, num_epochs=args.num_epochs, time_budget=args.time_budget,
+                       warmup_steps=args.warmup_steps, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                       eval_every=args.eval_every, compile=args.compile, stop_after=args.stop_after)
+
+
+def ensure_corpus(args, default_dir: Path) -> Path:
+    from .recipe import build_corpus, SHELL_FILE
+
+    corpus = args.corpus or default_dir
+    if args.recipe or args.code_data or args.language_data:
+        if not (args.resume and (corpus / SHELL_FILE).exists()):
+            build_corpus(corpus, args.recipe, args.code_data, args.language_data, args.packages,
+                         args.cache, args.english_mb)
+    elif not (corpus / SHELL_FILE).exists():
+        raise ValueError(f"{corpus}: no corpus here; give --recipe default, --code-data or --language-data")
+    return corpus
+
+
+def cmd_corpus(args):
+    from .recipe import build_corpus
+    build_corpus(args.corpus, args.recipe, args.code_data, args.language_data, args.packages, args.cache,
+                 args.english_mb)
+
+
+def cmd_tokenizer(args):
+    from .stages import train_tokenizer
+    train_tokenizer(args.corpus, args.out, args.vocab_size)
+
+
+def cmd_stage(args, stage: str):
+    from codellm.tokenizer import Tokenizer
+    from .stages import run_stage
+    work = args.out.with_name(args.out.name + ".work")
+    corpus = ensure_corpus(args, work / "corpus")
+    tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
+    if tok is None and not args.from_bundle:
+        from .stages import train_tokenizer
+        tok = train_tokenizer(corpus, work / "tokenizer.json")
+    run_stage(stage, corpus, args.out, train_config(args), tok, args.from_bundle, args.model_size,
+              args.context_length, args.fim_rate, args.device, args.resume, threads=args.threads)
+
+
+def cmd_all(args):
+    from codellm.tokenizer import Tokenizer
+    from .stages import run_stage, train_tokenizer
+    work = args.out.with_name(args.out.name + ".work")
+    corpus = ensure_corpus(args, work / "corpus")
+    tok_path = work / "tokenizer.json"
+    tok = Tokenizer.load(tok_path) if args.resume and tok_path.exists() else train_tokenizer(corpus, tok_path)
+    stage1 = work / "stage1"
+    cfg1, cfg2 = train_config(args), train_config(args)
+    if args.time_budget:
+        cfg1.time_budget = args.time_budget * args.language_share
+        cfg2.time_budget = args.time_budget - cfg1.time_budget
+    if args.max_steps:
+        cfg1.max_steps = max(1, int(args.max_steps * args.language_share))
+        cfg2.max_steps = args.max_steps - cfg1.max_steps
+    from codellm.bundle import BUNDLE_FILES
+    if not (args.resume and all((stage1 / f).exists() for f in BUNDLE_FILES)):
+        run_stage("language", corpus, stage1, cfg1, tok, None, args.model_size, args.context_length, 0.0,
+                  args.device, args.resume, threads=args.threads)
+    _, world = distributed()
+    if world > 1:
+        import torch.distributed
+        torch.distributed.barrier()  # rank 0 writes the stage 1 bundle that every rank starts from
+    if not all((stage1 / f).exists() for f in BUNDLE_FILES):
+        raise SystemExit("stage 1 stopped before writing its bundle")
+    run_stage("code", corpus, args.out, cfg2, tok, stage1, None, None, args.fim_rate, args.device, args.resume,
+              threads=args.threads)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="codellm-train", description="Build corpora and train codellm models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("corpus", help="build the English and shell corpora")
+    add_corpus_flags(p, "data/corpus")
+    p.set_defaults(func=cmd_corpus)
+
+    p = sub.add_parser("tokenizer", help="train the BPE tokenizer on a corpus")
+    p.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.set_defaults(func=cmd_tokenizer)
+
+    for stage, help_text in (("language", "stage 1: English text"), ("code", "stage 2: shell scripts with FIM")):
+        p = sub.add_parser(stage, help=help_text)
+        add_corpus_flags(p, None)
+        add_training_flags(p)
+        p.add_argument("--tokenizer", type=Path, default=None)
+        p.add_argument("--from", dest="from_bundle", type=Path, default=None, help="start from this bundle")
+        p.set_defaults(func=lambda a, s=stage: cmd_stage(a, s))
+
+    p = sub.add_parser("all", help="corpus -> tokenizer -> stage 1 -> stage 2")
+    add_corpus_flags(p, None)
+    add_training_flags(p)
+    p.add_argument("--language-share", type=float, default=0.15, help="share of the budget for stage 1")
+    p.set_defaults(func=cmd_all)
+
+    p = sub.add_parser("eval", help="held-out loss, line completion, whole-script syntax")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    p.add_argument("--out", type=Path, default=None, help="JSON results (default: <bundle>/../<name>-eval.json)")
+    p.add_argument("--samples", type=int, default=400, help="line-completion cut points")
+    p.add_argument("--scripts", type=int, default=20, help="generated whole scripts")
+    p.add_argument("--no-card", action="store_true", help="do not write the results into the bundle's data card")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=lambda a: __import__("codellm.train.evaluate", fromlist=["main"]).main(a))
+
+    p = sub.add_parser("bench", help="training tokens/s per preset, beside HF transformers")
+    p.add_argument("--presets", default="nano", help="comma-separated presets")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--context-length", type=int, default=256)
+    p.add_argument("--steps", type=int, default=6)
+    p.set_defaults(func=lambda a: __import__("codellm.train.bench", fromlist=["main"]).main(a))
+
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"codellm-train: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

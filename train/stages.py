@@ -1,0 +1,116 @@
+"""The pipeline steps behind `codellm-train`: tokenizer, stage 1 (language), stage 2 (code), all."""
+from __future__ import annotations
+
+import json
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from codellm.bundle import load_bundle, save_bundle
+from codellm.config import ModelConfig
+from codellm.device import choose_device, set_threads
+from codellm.model import GPT
+from codellm.tokenizer import Tokenizer
+
+from .corpus import read_records
+from .data import Mixture, load_texts
+from .loop import StageResult, TrainConfig, distributed, train_stage
+from .recipe import ENGLISH_FILE, SHELL_FILE, SUMMARY_FILE
+
+ENGLISH_SHARE_IN_CODE_STAGE = 0.05
+
+
+def train_tokenizer(corpus: Path, out: Path, vocab_size: int = 8192, max_mb: float = 60.0, log=print) -> Tokenizer:
+    """BPE on the mixed corpus (shell and English, training split only), sampling up to max_mb."""
+    texts = load_texts(corpus / SHELL_FILE, "train") + load_texts(corpus / ENGLISH_FILE, "train")
+    if not texts:
+        raise ValueError(f"{corpus}: no training text to learn a tokenizer from")
+    random.Random(0).shuffle(texts)
+    budget, picked = int(max_mb * 1e6), []
+    for t in texts:
+        if budget <= 0:
+            break
+        picked.append(t)
+        budget -= len(t)
+    start = time.time()
+    tok = Tokenizer.train(picked, vocab_size=vocab_size)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(out)
+    sample = "".join(load_texts(corpus / SHELL_FILE, "val")[:50]) or "".join(picked[:20])
+    log(f"tokenizer: {tok.vocab_size} tokens from {sum(map(len, picked)) / 1e6:.1f} MB in {time.time() - start:.0f}s; "
+        f"{len(sample.encode()) / max(1, len(tok.encode(sample))):.2f} bytes/token on held-out shell")
+    return tok
+
+
+def data_card(corpus: Path, stage: str, result: StageResult, cfg: TrainConfig, previous: dict | None) -> dict:
+    """What the model learned from, for users who ask: sources, licences, per-file sha256, figures."""
+    summary = json.loads((corpus / SUMMARY_FILE).read_text()) if (corpus / SUMMARY_FILE).exists() else {}
+    files = []
+    for name in (SHELL_FILE, ENGLISH_FILE):
+        if (corpus / name).exists():
+            files += [[r["source"], r["path"], bytes.fromhex(r["sha256"])]
+                      for r in read_records(corpus / name) if r.get("split", "train") == "train"]
+    card = dict(previous or {})
+    card.setdefault("stages", {})[stage] = {
+        "corpus_summary": {k: v for k, v in summary.items() if k != "sources"},
+        "sources": summary.get("sources", {}),
+        "files": files,
+        "steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 1),
+        "device": str(choose_device(None)) if not torch.cuda.is_available() else torch.cuda.get_device_name(),
+        "train_loss": result.train_loss, "val_loss": result.val_loss,
+        "train_config": cfg.to_dict(),
+    }
+    return card
+
+
+def init_model(model_size: str | None, from_bundle: Path | None, tok: Tokenizer, context_length: int | None,
+               device: torch.device) -> tuple[GPT, dict]:
+    if from_bundle:
+        bundle = load_bundle(from_bundle, device="cpu")
+        if bundle.tokenizer.to_str() != tok.to_str():
+            raise ValueError(f"{from_bundle}: its tokenizer differs from the one given")
+        model = bundle.model
+        if context_length and context_length != model.cfg.context_length:
+            raise ValueError("--context-length cannot change when starting from a bundle")
+        return model.to(device), bundle.card
+    overrides = {"vocab_size": tok.vocab_size}
+    if context_length:
+        overrides["context_length"] = context_length
+    return GPT(ModelConfig.from_preset(model_size or "nano", **overrides)).to(device), {}
+
+
+def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: Tokenizer | None = None,
+              from_bundle: Path | None = None, model_size: str | None = None, context_length: int | None = None,
+              fim_rate: float = 0.5, device: str | None = None, resume: bool = False, run_dir: Path | None = None,
+              threads: int | None = None, log=print) -> Path:
+    """Train one stage and save a bundle at `out`. stage: "language" (English, plain) or "code" (shell, FIM)."""
+    dev = choose_device(device)
+    if dev.type == "cpu":
+        set_threads(threads)
+    if tokenizer is None:
+        if not from_bundle:
+            raise ValueError("a tokenizer or --from BUNDLE is needed")
+        tokenizer = load_bundle(from_bundle).tokenizer
+    model, card = init_model(model_size, from_bundle, tokenizer, context_length, dev)
+    if stage == "language":
+        mix = Mixture(load_texts(corpus / ENGLISH_FILE, "train"))
+        val = Mixture(load_texts(corpus / ENGLISH_FILE, "val"))
+    else:
+        english = load_texts(corpus / ENGLISH_FILE, "train")
+        mix = Mixture(load_texts(corpus / SHELL_FILE, "train"), fim_rate, english, ENGLISH_SHARE_IN_CODE_STAGE)
+        val = Mixture(load_texts(corpus / SHELL_FILE, "val"), fim_rate)
+    if not mix.texts:
+        raise ValueError(f"{corpus}: no {'English' if stage == 'language' else 'shell'} training text")
+    run_dir = run_dir or out.with_name(out.name + f".{stage}-run")
+    log(f"stage {stage}: {model.num_params() / 1e6:.2f}M parameters on {dev}, {len(mix.texts)} documents")
+    result = train_stage(model, tokenizer, mix, val, cfg, run_dir, dev, resume=resume, log=log)
+    rank, _ = distributed()
+    if rank == 0 and not (cfg.stop_after and result.steps < (cfg.max_steps or 0)):
+        card = data_card(corpus, stage, result, cfg, card)
+        save_bundle(out, model, tokenizer, card)
+        log(f"stage {stage}: {result.steps} steps, {result.tokens / 1e6:.2f}M tokens, {result.seconds:.0f}s, "
+            f"train loss {result.train_loss:.3f}" + (f", val loss {result.val_loss:.3f}" if result.val_loss else "")
+            + f"; bundle written to {out}")
+    return out
