@@ -146,6 +146,17 @@ class Engine:
         text = inserted.decode("utf-8", errors="ignore").rstrip("\r")
         return Completion(text, stop, mode, len(prompt.ids), reused, n_new, time.perf_counter() - start_time)
 
+    def greedy_ids(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation of raw ids with no stop rule but the budget (benchmarks, tests)."""
+        new: list[int] = []
+        with self.lock, torch.inference_mode():
+            logits, _ = self._forward_from_cache(list(prompt_ids))
+            for _ in range(max_new_tokens):
+                new.append(int(torch.argmax(logits)))
+                if len(new) < max_new_tokens:
+                    logits = self._step(new[-1])
+        return new
+
     # ------------------------------------------------------------------ free generation
 
     def generate(self, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50,
@@ -153,7 +164,7 @@ class Engine:
         """Continue `prompt` left to right; returns only the new text. temperature 0 = greedy."""
         generator = torch.Generator(device="cpu")
         generator.manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
-        ids = self.tokenizer.encode(prompt) or [self.tokenizer.eot_id]
+        ids = [self.tokenizer.eot_id, *self.tokenizer.encode(prompt)]  # a document starts after <endoftext>
         ctx = self.config.context_length
         new: list[int] = []
         with self.lock, torch.inference_mode():

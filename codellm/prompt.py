@@ -76,7 +76,7 @@ def build_prompt(tok: Tokenizer, prefix: str, suffix: str = "", fmt: str = "spm"
     if suffix:
         suffix_budget = int(budget * SUFFIX_SHARE)
         suffix_ids = tok.encode(suffix_window(suffix, int(suffix_budget * CHARS_PER_TOKEN_GUESS)))[:suffix_budget]
-    overhead = len(assemble(tok, fmt, [], suffix_ids))
+    overhead = len(assemble(tok, fmt, [], suffix_ids)) + (fmt == "plain")
     prefix_budget = max(1, budget - overhead)
     start = window_start(prefix, int(prefix_budget * CHARS_PER_TOKEN_GUESS))
     prefix_ids = tok.encode(prefix[start:])
@@ -84,6 +84,8 @@ def build_prompt(tok: Tokenizer, prefix: str, suffix: str = "", fmt: str = "spm"
         cut = prefix.find("\n", start + 1)
         start = cut + 1 if 0 < cut < len(prefix) - 1 else start + max(1, len(prefix) - start) // 4
         prefix_ids = tok.encode(prefix[start:])
+    if fmt == "plain" and start == 0:
+        prefix_ids = [tok.eot_id, *prefix_ids]  # the file starts here, as a document does after <endoftext>
     heal_bytes = b""
     if heal:
         prefix_ids, heal_bytes = heal_split(tok, prefix_ids)

@@ -1,0 +1,115 @@
+"""`codellm bench`: engine speed on this machine, beside HF transformers' generate on a same-size Llama.
+
+Reports medians of repeated runs: 512-token prefill, decode ms/token, a 16-token completion after a
+fresh 512-token prompt, and the same completion after a one-token edit at the end of the prompt
+(what a keystroke does to an SPM prompt), which reuses the KV cache.
+"""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import torch
+
+from .bundle import Bundle, load_bundle
+from .config import ModelConfig
+from .device import choose_device
+from .engine import Engine
+from .model import GPT
+from .tokenizer import Tokenizer
+
+PROMPT_TOKENS = 512
+NEW_TOKENS = 16
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def random_bundle(preset: str, context_length: int) -> Bundle:
+    cfg = ModelConfig.from_preset(preset, context_length=context_length)
+    tok = Tokenizer.train(["echo hello world\n" * 10], vocab_size=300)  # only its special ids are used
+    model = GPT(cfg)
+    torch.manual_seed(0)
+    for p in model.parameters():  # non-zero everywhere, like a trained model
+        torch.nn.init.normal_(p, std=0.02)
+    return Bundle(cfg, tok, model)
+
+
+def hf_llama_generate_time(cfg: ModelConfig, prompt: torch.Tensor, repeats: int) -> float | None:
+    try:
+        from transformers import LlamaConfig, LlamaForCausalLM
+    except ImportError:
+        return None
+    hf_cfg = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.d_model, num_hidden_layers=cfg.n_layer,
+                         num_attention_heads=cfg.n_head, num_key_value_heads=cfg.n_head,
+                         intermediate_size=cfg.mlp_ratio * cfg.d_model * 2 // 3,  # SwiGLU: 3 matrices, same params
+                         max_position_embeddings=cfg.context_length, tie_word_embeddings=cfg.tie_embeddings)
+    model = LlamaForCausalLM(hf_cfg).eval()
+    n_params = sum(p.numel() for p in model.parameters())
+
+    def run():
+        with torch.inference_mode():
+            model.generate(prompt, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
+                           pad_token_id=0)
+
+    return median_time(run, max(3, repeats // 3)), n_params
+
+
+def main(args) -> None:
+    device = choose_device(args.device)
+    if args.model:
+        bundle = load_bundle(args.model, device=device)
+    else:
+        bundle = random_bundle(args.preset, context_length=PROMPT_TOKENS + 4 * NEW_TOKENS)
+    engine = Engine(bundle, device)
+    cfg = bundle.config
+    n_prompt = min(PROMPT_TOKENS, cfg.context_length - NEW_TOKENS - 1)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(4, cfg.vocab_size, (n_prompt,), generator=gen).tolist()
+    edited = prompt[:-1] + [(prompt[-1] + 1) % cfg.vocab_size or 4]
+
+    def fresh_prefill():
+        engine.cached = []
+        engine.greedy_ids(prompt, 1)
+
+    def fresh_completion():
+        engine.cached = []
+        engine.greedy_ids(prompt, NEW_TOKENS)
+
+    def edited_completion():
+        engine.greedy_ids(prompt, NEW_TOKENS)  # cache holds the prompt, as after the previous keystroke
+        start = time.perf_counter()
+        engine.greedy_ids(edited, NEW_TOKENS)
+        return time.perf_counter() - start
+
+    prefill = median_time(fresh_prefill, args.repeats)
+    fresh = median_time(fresh_completion, args.repeats)
+    decode_ms = (fresh - prefill) / (NEW_TOKENS - 1) * 1000
+    edited_completion()
+    edit = statistics.median(edited_completion() for _ in range(args.repeats))
+    threads = torch.get_num_threads()
+    print(f"machine: {platform.processor() or platform.machine()}, {threads} threads, device {device}, "
+          f"torch {torch.__version__}")
+    print(f"model: {'bundle ' + str(args.model) if args.model else 'preset ' + args.preset + ' (random weights)'}, "
+          f"{bundle.model.num_params() / 1e6:.2f}M parameters; medians of {args.repeats} runs")
+    print(f"  prefill {n_prompt} tokens          {prefill * 1000:8.1f} ms")
+    print(f"  decode                       {decode_ms:8.2f} ms/token")
+    print(f"  {NEW_TOKENS}-token completion, fresh  {fresh * 1000:8.1f} ms")
+    print(f"  {NEW_TOKENS}-token completion, 1-token edit (KV reuse) {edit * 1000:8.1f} ms  "
+          f"({fresh / edit:.1f}x faster than fresh)")
+    if not args.no_hf and device.type == "cpu":
+        result = hf_llama_generate_time(cfg, torch.tensor([prompt]), args.repeats)
+        if result is None:
+            print("  HF transformers not installed (pip install 'codellm[bench]'): comparison skipped")
+        else:
+            hf_time, hf_params = result
+            print(f"  HF LlamaForCausalLM.generate ({hf_params / 1e6:.2f}M parameters), same prompt and "
+                  f"{NEW_TOKENS} tokens: {hf_time * 1000:8.1f} ms  -> codellm is {hf_time / fresh:.1f}x faster")

@@ -1,0 +1,130 @@
+"""`codellm`: generate, complete, info, bench."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from .bundle import BundleError
+
+
+def parse_location(spec: str) -> tuple[str, int, int]:
+    """FILE:LINE:COL (1-based line and column); FILE may be '-' for stdin."""
+    try:
+        file, line, col = spec.rsplit(":", 2)
+        return file, int(line), int(col)
+    except ValueError:
+        raise ValueError(f"expected FILE:LINE:COL, got {spec!r}") from None
+
+
+def split_at(text: str, line: int, col: int) -> tuple[str, str]:
+    """Prefix and suffix around a 1-based (line, column) position; the column counts characters."""
+    lines = text.split("\n")
+    if not 1 <= line <= len(lines):
+        raise ValueError(f"line {line} is outside the file (1-{len(lines)})")
+    if not 1 <= col <= len(lines[line - 1]) + 1:
+        raise ValueError(f"column {col} is outside line {line} (1-{len(lines[line - 1]) + 1})")
+    offset = sum(len(l) + 1 for l in lines[: line - 1]) + col - 1
+    return text[:offset], text[offset:]
+
+
+def read_text(file: str) -> str:
+    data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{file}: not UTF-8 text ({exc})") from None
+
+
+def cmd_generate(args):
+    from . import load
+    engine = load(args.model, args.device)
+    prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
+    text = engine.generate(prompt, args.max_length, args.temperature, args.top_k, args.top_p, args.seed)
+    sys.stdout.write(prompt + text + ("\n" if not text.endswith("\n") else ""))
+
+
+def cmd_complete(args):
+    from . import load
+    file, line, col = parse_location(args.location)
+    prefix, suffix = split_at(read_text(file), line, col)
+    engine = load(args.model, args.device)
+    result = engine.complete_detailed(prefix, suffix, args.mode)
+    sys.stdout.write(result.text + "\n")
+    if args.verbose:
+        print(f"[{result.mode} mode, stop: {result.stop_reason}, {result.prompt_tokens} prompt tokens, "
+              f"{result.new_tokens} new, {result.seconds * 1000:.0f} ms]", file=sys.stderr)
+
+
+def cmd_info(args):
+    from .bundle import load_bundle
+    from .config import PRESETS, ModelConfig
+    from .defaults import default_bundle_path
+    print("presets:")
+    for name in PRESETS:
+        cfg = ModelConfig.from_preset(name)
+        print(f"  {name:7s} {cfg.num_params() / 1e6:7.2f}M parameters  (d_model {cfg.d_model}, {cfg.n_layer} layers, "
+              f"{cfg.n_head} heads, context {cfg.context_length})")
+    try:
+        path = args.model or default_bundle_path()
+        bundle = load_bundle(path)
+    except BundleError as exc:
+        print(f"model: {exc}")
+        return
+    cfg = bundle.config
+    print(f"model: {bundle.path}")
+    print(f"  preset {cfg.preset}, {bundle.model.num_params() / 1e6:.2f}M parameters, vocab {cfg.vocab_size}, "
+          f"context {cfg.context_length}, prompt format {bundle.prompt_format}")
+    for stage, info in bundle.card.get("stages", {}).items():
+        print(f"  stage {stage}: {info.get('tokens', 0) / 1e6:.1f}M tokens, {info.get('steps')} steps, "
+              f"val loss {info.get('val_loss')}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="codellm", description="Offline AI completion for shell scripts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="continue a prompt")
+    p.add_argument("--prompt", required=True, help=r"text to continue; \n means newline")
+    p.add_argument("--max-length", type=int, default=200, help="new tokens at most")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("complete", help="print what would be inserted at FILE:LINE:COL")
+    p.add_argument("location", help="FILE:LINE:COL, 1-based; FILE '-' reads stdin")
+    p.add_argument("--mode", choices=["line", "block", "auto"], default="auto")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=cmd_complete)
+
+    p = sub.add_parser("info", help="presets and the model bundle")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("bench", help="engine speed: prefill, decode, cache reuse, beside HF transformers")
+    p.add_argument("--preset", default="nano")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
+    p.set_defaults(func=lambda a: __import__("codellm.bench", fromlist=["main"]).main(a))
+
+    for p in sub.choices.values():
+        p.add_argument("--model", default=None, help="model bundle directory (default: the shipped one)")
+        p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    stdin_locations = [a for a in argv if re.fullmatch(r"-:\d+:\d+", a)]
+    if stdin_locations:  # "-:LINE:COL" looks like an option to argparse: pass it after "--"
+        argv = [a for a in argv if a not in stdin_locations] + ["--", *stdin_locations]
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except (BundleError, ValueError, FileNotFoundError) as exc:
+        print(f"codellm: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Bundle save/load: bit-exact round trip, and a clear error naming the file for each kind of damage."""
+import json
+import os
+import pickle
+import shutil
+
+import msgpack
+import pytest
+import torch
+
+from codellm.bundle import BundleError, load_bundle, save_bundle
+
+from conftest import make_model, make_tokenizer
+
+
+def copy_bundle(src, tmp_path):
+    dst = tmp_path / "bundle"
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+def test_round_trip_is_bit_exact(tokenizer, tmp_path, dtype):
+    model = make_model(tokenizer)
+    save_bundle(tmp_path / "b", model, tokenizer, {"k": [1, 2]}, storage_dtype=dtype)
+    loaded = load_bundle(tmp_path / "b")
+    storage = getattr(torch, dtype)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], tensor.to(storage).float()), name
+    assert loaded.card == {"k": [1, 2]}
+    assert loaded.tokenizer.to_str() == tokenizer.to_str()
+    assert loaded.config == model.cfg
+
+
+def test_saving_again_replaces_atomically(tokenizer, tmp_path):
+    save_bundle(tmp_path / "b", make_model(tokenizer, seed=1), tokenizer)
+    save_bundle(tmp_path / "b", make_model(tokenizer, seed=2), tokenizer)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert torch.equal(load_bundle(tmp_path / "b").model.embed.weight,
+                       make_model(tokenizer, seed=2).embed.weight.half().float())
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json", "model.safetensors", "data.msgpack"])
+def test_missing_file(bundle_path, tmp_path, name):
+    path = copy_bundle(bundle_path, tmp_path)
+    (path / name).unlink()
+    with pytest.raises(BundleError, match=f"{name}: missing file"):
+        load_bundle(path)
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(BundleError, match="not found"):
+        load_bundle(tmp_path / "nope")
+
+
+def test_truncated_weights(bundle_path, tmp_path):
+    path = copy_bundle(bundle_path, tmp_path)
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(BundleError, match="model.safetensors: not a readable safetensors file"):
+        load_bundle(path)
+
+
+def test_shape_mismatch_with_config(bundle_path, tmp_path):
+    path = copy_bundle(bundle_path, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["model"]["mlp_ratio"] = 2
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match=r"model.safetensors: tensor .* has shape"):
+        load_bundle(path)
+
+
+def test_tokenizer_vocab_mismatch(bundle_path, tmp_path):
+    path = copy_bundle(bundle_path, tmp_path)
+    make_tokenizer(vocab_size=500).save(path / "tokenizer.json")
+    with pytest.raises(BundleError, match="tokenizer.json: vocabulary has 500 tokens"):
+        load_bundle(path)
+
+
+def test_corrupt_tokenizer(bundle_path, tmp_path):
+    path = copy_bundle(bundle_path, tmp_path)
+    (path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(BundleError, match="tokenizer.json: not a valid tokenizer"):
+        load_bundle(path)
+
+
+def test_unknown_format_version(bundle_path, tmp_path):
+    path = copy_bundle(bundle_path, tmp_path)
+    config = json.loads((path / "config.json").read_text())
+    config["format_version"] = 99
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BundleError, match="config.json: unknown format version 99"):
+        load_bundle(path)
+
+
+def test_config_not_json(bundle_path, tmp_path):
+    path = copy_bundle(bundle_path, tmp_path)
+    (path / "config.json").write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(BundleError, match="config.json: not valid JSON"):
+        load_bundle(path)
+
+
+def test_corrupt_data_card(bundle_path, tmp_path):
+    path = copy_bundle(bundle_path, tmp_path)
+    (path / "data.msgpack").write_bytes(msgpack.packb({"a": 1})[:-1] + b"\xc1")
+    with pytest.raises(BundleError, match="data.msgpack: corrupt data card"):
+        load_bundle(path)
+
+
+class _Exploit:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("writer", ["pickle", "torch.save"])
+def test_pickle_weights_are_refused_without_running(bundle_path, tmp_path, writer):
+    path = copy_bundle(bundle_path, tmp_path)
+    marker = tmp_path / "pwned"
+    payload = {"embed.weight": _Exploit(marker)}
+    with open(path / "model.safetensors", "wb") as f:
+        if writer == "pickle":
+            pickle.dump(payload, f, protocol=2)
+        else:
+            torch.save(payload, f)
+    with pytest.raises(BundleError, match="model.safetensors"):
+        load_bundle(path)
+    assert not marker.exists()

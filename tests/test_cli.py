@@ -1,0 +1,65 @@
+"""The `codellm` command line, run as a user would."""
+import subprocess
+import sys
+
+import pytest
+
+from codellm.cli import split_at
+
+
+def run(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "codellm.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_complete_at_file_line_col(bundle_path, tmp_path):
+    script = tmp_path / "s.sh"
+    script.write_text('#!/bin/bash\nif [ -z "$1" ]; then\n    \nfi\n')
+    r = run("complete", f"{script}:3:5", "--model", str(bundle_path))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.endswith("\n")
+
+
+def test_complete_from_stdin(bundle_path):
+    r = run("complete", "-:1:5", "--model", str(bundle_path), "--mode", "line", stdin="echo\n")
+    assert r.returncode == 0, r.stderr
+    assert "\n" not in r.stdout.rstrip("\n")
+
+
+def test_complete_rejects_bad_positions_and_bytes(bundle_path, tmp_path):
+    script = tmp_path / "s.sh"
+    script.write_text("echo hi\n")
+    r = run("complete", f"{script}:9:1", "--model", str(bundle_path))
+    assert r.returncode == 2 and "line 9 is outside" in r.stderr
+    bad = tmp_path / "bad.sh"
+    bad.write_bytes(b"echo \xff\xfe\n")
+    r = run("complete", f"{bad}:1:1", "--model", str(bundle_path))
+    assert r.returncode == 2 and "not UTF-8" in r.stderr
+
+
+def test_generate_with_seed_is_repeatable(bundle_path):
+    args = ("generate", "--prompt", r"#!/bin/bash\n# Create a backup script", "--max-length", "20", "--seed", "3",
+            "--model", str(bundle_path))
+    a, b = run(*args), run(*args)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.startswith("#!/bin/bash\n# Create a backup script")
+
+
+def test_info_prints_parameter_counts(bundle_path):
+    r = run("info", "--model", str(bundle_path))
+    assert r.returncode == 0, r.stderr
+    for preset in ("tiny", "small", "medium"):
+        assert preset in r.stdout
+    assert "parameters" in r.stdout
+
+
+def test_corrupt_model_is_a_clear_error(tmp_path):
+    r = run("complete", "-:1:1", "--model", str(tmp_path), stdin="x\n")
+    assert r.returncode == 2 and "missing file" in r.stderr
+
+
+def test_split_at():
+    assert split_at("ab\ncd\n", 2, 2) == ("ab\nc", "d\n")
+    assert split_at("ab\ncd\n", 3, 1) == ("ab\ncd\n", "")
+    with pytest.raises(ValueError):
+        split_at("ab\n", 1, 9)

@@ -1,0 +1,95 @@
+"""Engine behaviour: stop rules, token healing, modes, seeded generation, the public API."""
+import time
+
+import pytest
+
+import codellm
+from codellm.bundle import BundleError, load_bundle
+from codellm.engine import Engine
+from codellm.shellmode import choose_mode
+
+
+@pytest.fixture
+def engine(bundle_path):
+    return codellm.load(str(bundle_path), device="cpu")
+
+
+def test_line_mode_returns_one_nonempty_line(engine):
+    for prefix in ['#!/bin/bash\nif [ -z "$1" ]; then\n    ', "for f in *.txt; do\n\tec", "x="]:
+        result = engine.complete_detailed(prefix, "\nfi\n", mode="line")
+        assert "\n" not in result.text
+        assert result.new_tokens >= 1 and result.text.strip() != "" or result.stop_reason != "eot"
+
+
+def test_token_healing_continues_the_partial_word(engine):
+    prefix = "for f in *.txt; do\n\tech"
+    prompt = codellm.prompt.build_prompt(engine.tokenizer, prefix, "", "plain")
+    assert prompt.heal  # the partial word was backed off ...
+    allowed = engine._healing_allowed(prompt.heal)
+    table = engine.tokenizer.token_bytes
+    assert all(table[i].startswith(prompt.heal) for i in allowed.tolist())
+    assert engine.tokenizer.encode(prefix)[-1] in allowed.tolist()  # ... and the original token stays possible
+
+
+def test_completion_text_is_what_follows_the_prefix(engine):
+    # greedy with healing: the prefix plus the answer must re-tokenize to what the model produced
+    prefix = "mkdir -p /tmp/backup && cp"
+    text = engine.complete(prefix, "", mode="line")
+    assert isinstance(text, str) and "\n" not in text
+
+
+def test_token_budget_and_deadline_and_cancel(engine):
+    r = engine.complete_detailed("echo", "", mode="block", max_new_tokens=3)
+    assert r.new_tokens <= 3
+    r = engine.complete_detailed("echo", "", mode="block", max_new_tokens=100, deadline=time.monotonic() - 1)
+    assert r.stop_reason in ("deadline", "eot", "newline") and r.new_tokens <= 1
+    r = engine.complete_detailed("echo", "", mode="block", max_new_tokens=100, should_stop=lambda: True)
+    assert r.stop_reason in ("cancelled", "eot") and r.new_tokens <= 1
+
+
+def test_second_request_reuses_the_cache(engine):
+    prefix = "#!/bin/sh\nset -e\nfor x in a b c; do\n  echo $x\ndone\n" * 3
+    engine.complete_detailed(prefix, "\nexit 0\n", mode="line")
+    again = engine.complete_detailed(prefix + "e", "\nexit 0\n", mode="line")
+    assert again.reused_tokens >= again.prompt_tokens - 3
+
+
+def test_generate_is_reproducible_with_a_seed(engine):
+    a = engine.generate("#!/bin/bash\n", max_new_tokens=30, seed=7)
+    b = engine.generate("#!/bin/bash\n", max_new_tokens=30, seed=7)
+    assert a == b
+    greedy = engine.generate("#!/bin/bash\n", max_new_tokens=20, temperature=0)
+    assert greedy == engine.generate("#!/bin/bash\n", max_new_tokens=20, temperature=0, seed=3)
+
+
+def test_generate_beyond_the_context_window(engine):
+    text = engine.generate("echo hi\n", max_new_tokens=engine.config.context_length + 20, temperature=1.0,
+                           top_k=None, top_p=None, seed=1)
+    assert len(engine.tokenizer.encode(text)) > 0
+
+
+def test_choose_mode():
+    assert choose_mode("if [ -f x ]; then", "\nfi\n") == "block"
+    assert choose_mode("for f in *; do\n", "") == "block"
+    assert choose_mode("echo he", " world\n") == "line"  # text after the cursor
+    assert choose_mode("echo hello", "\n") == "line"
+    assert choose_mode("x=1\n    ", "") == "block"  # empty line
+
+
+def test_load_without_a_model_says_how_to_get_one(monkeypatch, tmp_path):
+    monkeypatch.delenv("CODELLM_MODEL", raising=False)
+    monkeypatch.setattr("codellm.defaults.PACKAGED_BUNDLE", tmp_path / "none")
+    with pytest.raises(BundleError, match="codellm-train"):
+        codellm.load()
+
+
+def test_load_from_environment(monkeypatch, bundle_path):
+    monkeypatch.setenv("CODELLM_MODEL", str(bundle_path))
+    assert codellm.load(device="cpu").path == bundle_path
+
+
+def test_engine_on_explicit_cpu(bundle_path):
+    engine = Engine(load_bundle(bundle_path), "cpu", threads=1)
+    assert engine.device.type == "cpu"
+    with pytest.raises(ValueError):
+        engine.complete("x", mode="paragraph")

@@ -1,0 +1,80 @@
+"""The prompt format module: FIM layouts, windowing that stays put while typing, training examples."""
+import random
+
+from codellm.prompt import assemble, build_prompt, fim_training_ids, heal_split, window_start
+
+SCRIPT = "".join(f"echo line {i} with some words\n" for i in range(400))
+
+
+def split_ids(ids, tok):
+    return tok.decode([i for i in ids if i not in tok.special_ids])
+
+
+def test_psm_and_spm_layouts(tokenizer):
+    p, s = tokenizer.encode("if [ -f x ]; then\n"), tokenizer.encode("\nfi\n")
+    T = tokenizer
+    assert assemble(T, "psm", p, s) == [T.fim_prefix_id, *p, T.fim_suffix_id, *s, T.fim_middle_id]
+    assert assemble(T, "spm", p, s) == [T.fim_prefix_id, T.fim_suffix_id, *s, T.fim_middle_id, *p]
+    assert assemble(T, "plain", p, s) == p
+
+
+def test_window_start_is_line_aligned_and_stable_while_typing():
+    max_chars = 1000
+    starts = set()
+    for n in range(3000, 3400):
+        start = window_start(SCRIPT[:n], max_chars)
+        assert start == 0 or SCRIPT[start - 1] == "\n"
+        assert n - start <= max_chars
+        starts.add(start)
+    assert len(starts) <= 2  # 400 keystrokes move the window at most once
+
+
+def test_build_prompt_fits_budget_and_keeps_the_end_of_the_prefix(tokenizer):
+    for fmt in ("spm", "psm", "plain"):
+        prompt = build_prompt(tokenizer, SCRIPT[:5000] + "ec", SCRIPT[5000:], fmt, budget=200)
+        assert len(prompt.ids) <= 200
+        ids = prompt.ids
+        if fmt == "psm":
+            ids = ids[1:ids.index(tokenizer.fim_suffix_id)]
+        assert (tokenizer.decode_bytes(ids[ids.index(tokenizer.fim_middle_id) + 1:] if fmt == "spm" else ids)
+                + prompt.heal).endswith(SCRIPT[4970:5000].encode() + b"ec")
+
+
+def test_spm_prompt_grows_only_at_its_end_while_typing(tokenizer):
+    suffix = "\nfi\n"
+    before = build_prompt(tokenizer, SCRIPT[:2000] + "if [ -z", suffix, "spm", budget=300, heal=False).ids
+    after = build_prompt(tokenizer, SCRIPT[:2000] + "if [ -z \"$1", suffix, "spm", budget=300, heal=False).ids
+    shared = next(i for i, (a, b) in enumerate(zip(before + [None], after)) if a != b)
+    assert shared >= len(before) - 2
+
+
+def test_heal_split_backs_off_a_partial_word(tokenizer):
+    ids = tokenizer.encode("for f in *.txt; do\n    ech")
+    kept, heal = heal_split(tokenizer, ids)
+    assert heal and b"ech".endswith(heal) or heal.endswith(b"ech")
+    assert tokenizer.decode_bytes(kept) + heal == "for f in *.txt; do\n    ech".encode()
+    assert heal_split(tokenizer, tokenizer.encode("done\n")) == (tokenizer.encode("done\n"), b"")
+
+
+def test_fim_training_examples_reassemble_the_document(tokenizer):
+    rng = random.Random(0)
+    text = SCRIPT[:700]
+    seen = set()
+    for _ in range(60):
+        ids = fim_training_ids(tokenizer, text, rng, fim_rate=0.9)
+        T = tokenizer
+        assert ids[-1] == T.eot_id
+        body = ids[:-1]
+        if body[:2] == [T.fim_prefix_id, T.fim_suffix_id]:  # SPM
+            m = body.index(T.fim_middle_id)
+            suffix, rest = body[2:m], body[m + 1:]
+            assert (T.decode(rest) + T.decode(suffix)) == text
+            seen.add("spm")
+        elif body[:1] == [T.fim_prefix_id]:  # PSM
+            s, m = body.index(T.fim_suffix_id), body.index(T.fim_middle_id)
+            assert T.decode(body[1:s]) + T.decode(body[m + 1:]) + T.decode(body[s + 1:m]) == text
+            seen.add("psm")
+        else:
+            assert T.decode(body) == text
+            seen.add("plain")
+    assert seen == {"spm", "psm", "plain"}
