@@ -28,6 +28,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--checkpoint-every", type=int, default=100)
     g.add_argument("--eval-every", type=int, default=200)
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="auto: bf16 autocast on CUDA and on CPUs with bf16 hardware (AMX, AVX-512 BF16)")
     g.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
 
 
@@ -48,7 +50,7 @@ def train_config(args) -> TrainConfig:
     return TrainConfig(learning_rate=args.learning_rate, batch_size=args.batch_size, grad_accum=args.grad_accum,
                        max_steps=args.max_steps, num_epochs=args.num_epochs, time_budget=args.time_budget,
                        warmup_steps=args.warmup_steps, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                       eval_every=args.eval_every, compile=args.compile, stop_after=args.stop_after)
+                       eval_every=args.eval_every, compile=args.compile, precision=args.precision, stop_after=args.stop_after)
 
 
 def ensure_corpus(args, default_dir: Path) -> Path:

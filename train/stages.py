@@ -104,7 +104,9 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
     if not mix.texts:
         raise ValueError(f"{corpus}: no {'English' if stage == 'language' else 'shell'} training text")
     run_dir = run_dir or out.with_name(out.name + f".{stage}-run")
-    log(f"stage {stage}: {model.num_params() / 1e6:.2f}M parameters on {dev}, {len(mix.texts)} documents")
+    from .loop import use_bf16
+    log(f"stage {stage}: {model.num_params() / 1e6:.2f}M parameters on {dev} "
+        f"({'bf16 autocast' if use_bf16(dev, cfg.precision) else 'fp32'}), {len(mix.texts)} documents")
     result = train_stage(model, tokenizer, mix, val, cfg, run_dir, dev, resume=resume, log=log)
     rank, _ = distributed()
     if rank == 0 and not (cfg.stop_after and result.steps < (cfg.max_steps or 0)):
