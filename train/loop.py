@@ -94,8 +94,9 @@ def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, fused=fused or None)
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE)
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE,
+                           reduction=reduction)
 
 
 @torch.no_grad()
@@ -207,13 +208,18 @@ def train_stage(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, c
     last_loss = float("nan")
     val_loss = None
 
-    while progress_of(state, cfg) < 1.0:
+    done = progress_of(state, cfg) >= 1.0
+    while not done:
         if state["batch_in_epoch"] >= batches_per_epoch:
             state["epoch"] += 1
             state["batch_in_epoch"] = 0
             inputs, targets = build_epoch(tok, mix, ctx, cfg.seed, state["epoch"])
             batches_per_epoch = max(1, len(inputs) // cfg.batch_size)
-        b0 = state["batch_in_epoch"] * cfg.batch_size + rank * local_batch
+        g0 = state["batch_in_epoch"] * cfg.batch_size
+        b0 = g0 + rank * local_batch
+        # every process holds the whole epoch, so each can divide by the global count of target tokens:
+        # summed over processes and micro-batches, the gradient is exactly the single-process one
+        denom = max(1, int((targets[g0:g0 + cfg.batch_size] != IGNORE).sum()))
         step_loss = 0.0
         lr = lr_at(state["step"], progress_of(state, cfg), cfg)
         for group in optimizer.param_groups:
@@ -223,13 +229,13 @@ def train_stage(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, c
             y = targets[b0 + m * micro: b0 + (m + 1) * micro].to(device)
             sync = m == cfg.grad_accum - 1 or world == 1
             with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast(device, cfg.precision):
-                loss = loss_fn(forward(x), y) / cfg.grad_accum
-            loss.backward()
-            step_loss += float(loss.detach())
+                loss_sum = loss_fn(forward(x), y, reduction="sum")
+            (loss_sum * (world / denom)).backward()  # DDP averages gradients over processes
+            step_loss += float(loss_sum.detach()) / denom
         if world > 1:
             t = torch.tensor([step_loss], device=device)
             torch.distributed.all_reduce(t)
-            step_loss = float(t) / world
+            step_loss = float(t)
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -242,6 +248,10 @@ def train_stage(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, c
         elapsed = time.time() - started
         state["elapsed"] = elapsed
         done = progress_of(state, cfg) >= 1.0
+        if world > 1:  # elapsed time differs between processes: rank 0 decides when to stop
+            flag = torch.tensor([float(done)], device=device)
+            torch.distributed.broadcast(flag, 0)
+            done = bool(flag.item())
         record = {"step": state["step"], "loss": round(step_loss, 5), "lr": lr, "tokens": state["tokens"],
                   "elapsed": round(elapsed, 2)}
         if state["step"] % cfg.log_every == 0 or done:

@@ -93,6 +93,7 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
         if not from_bundle:
             raise ValueError("a tokenizer or --from BUNDLE is needed")
         tokenizer = load_bundle(from_bundle).tokenizer
+    torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights
     model, card = init_model(model_size, from_bundle, tokenizer, context_length, dev)
     if stage == "language":
         mix = Mixture(load_texts(corpus / ENGLISH_FILE, "train"))

@@ -1,0 +1,151 @@
+"""codellm-train end to end, resume after SIGKILL, two-process DDP, and bad inputs."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import codellm
+from codellm.train.checkpoint import CHECKPOINT_FILE, read_checkpoint_state
+from codellm.train.corpus import Counts, code_data_records
+from codellm.train.recipe import build_corpus
+
+from conftest import ENGLISH_SAMPLES, SHELL_SAMPLES
+
+TRAIN = [sys.executable, "-m", "codellm.train.cli"]
+SMALL = ["--model-size", "test", "--context-length", "128", "--batch-size", "8", "--precision", "fp32",
+         "--warmup-steps", "5", "--learning-rate", "3e-3"]
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    scripts = root / "scripts"
+    (scripts / "sub").mkdir(parents=True)
+    for i in range(30):
+        for j, sample in enumerate(SHELL_SAMPLES):
+            (scripts / ("sub" if i % 2 else "") / f"s{i}_{j}.sh").write_text(sample.replace("FILE", f"FILE{i}"))
+    (root / "english.txt").write_text("<|endoftext|>".join(ENGLISH_SAMPLES * 10))
+    return root
+
+
+def metrics(run_dir):
+    by_step = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        by_step[rec["step"]] = rec["loss"]  # a resumed run rewrites steps after its checkpoint: keep the last
+    return by_step
+
+
+def test_train_all_end_to_end(data_dir, tmp_path):
+    out = tmp_path / "model"
+    start = time.time()
+    r = subprocess.run(TRAIN + ["all", "--code-data", str(data_dir / "scripts"), "--language-data",
+                                str(data_dir / "english.txt"), "--out", str(out), "--max-steps", "80", *SMALL],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert time.time() - start < 120
+    losses = list(metrics(tmp_path / "model.code-run").values())
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.5  # the loss fell
+    assert (tmp_path / "model.code-run" / "loss.png").stat().st_size > 1000
+    engine = codellm.load(str(out), device="cpu")
+    assert isinstance(engine.complete("for f in *.txt; do\n", "\ndone\n", mode="block"), str)
+    card = engine.bundle.card
+    assert set(card["stages"]) == {"language", "code"}
+    assert card["stages"]["code"]["files"] and len(card["stages"]["code"]["files"][0][2]) == 32  # sha256
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(data_dir, tmp_path):
+    common = ["code", "--code-data", str(data_dir / "scripts"), "--max-steps", "60", "--checkpoint-every", "10",
+              *SMALL]
+    straight = tmp_path / "straight"
+    r = subprocess.run(TRAIN + common + ["--out", str(straight)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    reference = metrics(tmp_path / "straight.code-run")
+
+    killed = tmp_path / "killed"
+    run_dir = tmp_path / "killed.code-run"
+    proc = subprocess.Popen(TRAIN + common + ["--out", str(killed), "--corpus", str(straight) + ".work/corpus",
+                                              "--tokenizer", str(straight) + ".work/tokenizer.json"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline:
+        state = read_checkpoint_state(run_dir) if (run_dir / CHECKPOINT_FILE).exists() else None
+        if state and state["step"] >= 20:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    state = read_checkpoint_state(run_dir)  # whatever the moment of the kill, the checkpoint is whole
+    assert state is not None and 20 <= state["step"] < 60
+    assert not killed.exists()  # no final bundle from a killed run
+    r = subprocess.run(TRAIN + common + ["--out", str(killed), "--resume", "--corpus", str(straight) + ".work/corpus",
+                                         "--tokenizer", str(straight) + ".work/tokenizer.json"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = metrics(run_dir)
+    n = state["step"]
+    assert resumed[n + 1] == pytest.approx(reference[n + 1], abs=1e-6)
+    assert resumed[60] == pytest.approx(reference[60], abs=1e-5)
+
+
+def test_two_process_ddp_matches_single_process(data_dir, tmp_path):
+    common = ["code", "--code-data", str(data_dir / "scripts"), "--max-steps", "6", *SMALL]
+    r = subprocess.run(TRAIN + common + ["--out", str(tmp_path / "single")], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29533", "-m", "codellm.train.cli", *common, "--out", str(tmp_path / "ddp"),
+                        "--corpus", str(tmp_path / "single.work/corpus"),
+                        "--tokenizer", str(tmp_path / "single.work/tokenizer.json")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    single, ddp = metrics(tmp_path / "single.code-run"), metrics(tmp_path / "ddp.code-run")
+    assert list(single) == list(ddp) == [1, 2, 3, 4, 5, 6]
+    for step in single:
+        assert ddp[step] == pytest.approx(single[step], abs=1e-4)
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no usable text"):
+        build_corpus(tmp_path / "corpus", code_data=[tmp_path / "empty"], log=lambda *_: None)
+
+
+def test_only_binary_files_are_skipped_and_counted(tmp_path):
+    folder = tmp_path / "bin"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"b{i}.sh").write_bytes(b"\x7fELF\x00\x01\x02" * 10)
+    with pytest.raises(ValueError, match="binary"):
+        build_corpus(tmp_path / "corpus", code_data=[folder], log=lambda *_: None)
+
+
+def test_non_utf8_is_skipped_and_the_rest_kept(tmp_path):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "bad.sh").write_bytes(b"#!/bin/sh\necho \xff\xfe\n")
+    (folder / "good.sh").write_text("#!/bin/sh\necho ok\n")
+    (folder / "configure").write_text("#!/bin/sh\n# Generated by GNU Autoconf\n")
+    (folder / "tool").write_text("#!/usr/bin/env python3\nimport os\n")
+    counts = Counts()
+    records = list(code_data_records(folder, set(), counts))
+    assert [r["path"] for r in records] == ["good.sh"]
+    assert counts.skipped["not utf-8"] == 1 and counts.skipped["generated"] == 1
+
+
+def test_empty_json_list_is_a_clear_error(tmp_path):
+    (tmp_path / "scripts.json").write_text('{"scripts": []}')
+    r = subprocess.run(TRAIN + ["corpus", "--code-data", str(tmp_path / "scripts.json"), "--corpus",
+                                str(tmp_path / "c")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no usable text" in r.stderr
+
+
+def test_seed_json_format_is_read(tmp_path):
+    (tmp_path / "scripts.json").write_text(json.dumps({"scripts": ["echo a\n", {"content": "ls -la\n"}, "echo a\n"]}))
+    summary = build_corpus(tmp_path / "c", code_data=[tmp_path / "scripts.json"], log=lambda *_: None)
+    assert summary["shell"]["files"] == 2 and summary["shell"]["skipped"] == {"duplicate": 1}
