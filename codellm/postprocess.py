@@ -1,0 +1,155 @@
+"""Clean-ups applied to a raw model completion, each a small function named for what it removes.
+
+Every step takes (text, ctx) and returns the text to keep; `postprocess` runs them in order.
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+
+from .shellmode import BLOCK_OPENER
+
+CLOSERS = ("fi", "done", "esac", "}", ";;")
+CLOSER_LINE = re.compile(r"^\s*(fi|done|esac|\}|;;)\s*(;.*|[|&<>].*|#.*)?$")
+MAX_PARSE_CHARS = 200_000  # larger buffers skip the bash -n check (it grows with the file)
+
+
+@dataclass
+class Context:
+    prefix: str
+    suffix: str
+    mode: str  # "line" | "block"
+    parse_check: bool = True
+    notes: list = field(default_factory=list)  # which steps changed the text, for logs and tests
+
+    @property
+    def line_prefix(self) -> str:
+        return self.prefix.rsplit("\n", 1)[-1]
+
+    @property
+    def rest_of_line(self) -> str:
+        return self.suffix.split("\n", 1)[0]
+
+    @property
+    def next_lines(self) -> list[str]:
+        """Lines after the cursor's line that have content."""
+        return [l for l in self.suffix.split("\n")[1:] if l.strip()]
+
+
+def indent_of(line: str) -> int:
+    return len(line.expandtabs(4)) - len(line.expandtabs(4).lstrip())
+
+
+def drop_trailing_whitespace(text: str, ctx: Context) -> str:
+    return "\n".join(l.rstrip() for l in text.split("\n")).rstrip("\n") if "\n" in text else text.rstrip()
+
+
+def drop_overlap_with_rest_of_line(text: str, ctx: Context) -> str:
+    """The model often re-types what already follows the cursor (a closing quote, `; then`): cut it."""
+    rest = ctx.rest_of_line.strip()
+    if not rest or "\n" in text:
+        return text
+    for k in range(min(len(text), len(rest)), 0, -1):
+        if text.endswith(rest[:k]) and text[:-k].strip():
+            return text[:-k].rstrip() if rest[:k].strip() else text[:-k]
+    return text
+
+
+def drop_lines_repeating_the_suffix(text: str, ctx: Context) -> str:
+    """Stop before generated lines that are already the next lines of the file."""
+    upcoming = [l.strip() for l in ctx.next_lines[:3]]
+    if not upcoming:
+        return text
+    lines = text.split("\n")
+    for i in range(1, len(lines)):
+        if lines[i].strip() and lines[i].strip() == upcoming[0]:
+            return "\n".join(lines[:i])
+    return text
+
+
+def drop_repetitive_loops(text: str, ctx: Context) -> str:
+    """A small model can loop: keep the first occurrence of a line repeated three times in a row, and cut
+    a line that repeats one short pattern many times."""
+    lines = text.split("\n")
+    for i in range(2, len(lines)):
+        if lines[i].strip() and lines[i] == lines[i - 1] == lines[i - 2]:
+            return "\n".join(lines[:i - 1])
+    match = re.search(r"(.{2,12}?)\1{4,}", text)
+    if match:
+        return text[:match.start() + len(match.group(1))].rstrip()
+    return text
+
+
+def stop_at_block_close(text: str, ctx: Context) -> str:
+    """In block mode, end at the `fi`/`done`/`esac`/`}`/`;;` that closes the cursor's block: drop it when
+    the file already has it next, keep it (and stop) when it is still missing."""
+    if ctx.mode != "block":
+        return text
+    lines = text.split("\n")
+    cursor_line = ctx.line_prefix + lines[0]
+    limit = indent_of(cursor_line)
+    opens_block = bool(BLOCK_OPENER.search(cursor_line))
+    for i in range(1, len(lines)):
+        line = lines[i]
+        if not CLOSER_LINE.match(line):
+            continue
+        depth = indent_of(line)
+        if depth > limit or (depth == limit and not opens_block):
+            continue  # closes a block the completion itself opened
+        upcoming = ctx.next_lines[0].strip() if ctx.next_lines else ""
+        if upcoming.split()[:1] == line.strip().split()[:1]:
+            return "\n".join(lines[:i]).rstrip()
+        return "\n".join(lines[:i + 1])
+    return text
+
+
+def bash_parses(text: str) -> bool:
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False, encoding="utf-8", errors="replace") as f:
+        f.write(text)
+    try:
+        return subprocess.run(["bash", "-n", f.name], capture_output=True, timeout=5).returncode == 0
+    except (subprocess.TimeoutExpired, OSError):
+        return True  # cannot judge: do not cut
+    finally:
+        os.unlink(f.name)
+
+
+def keep_buffer_parseable(text: str, ctx: Context) -> str:
+    """Never turn a buffer that parses into one that does not when a shorter cut (whole lines, then
+    the first line alone) parses."""
+    if not ctx.parse_check or not text or len(ctx.prefix) + len(ctx.suffix) > MAX_PARSE_CHARS:
+        return text
+    if bash_parses(ctx.prefix + text + ctx.suffix) or not bash_parses(ctx.prefix + ctx.suffix):
+        return text
+    lines = text.split("\n")
+    for n in range(len(lines) - 1, 0, -1):
+        cut = "\n".join(lines[:n])
+        if bash_parses(ctx.prefix + cut + ctx.suffix):
+            ctx.notes.append("keep_buffer_parseable")
+            return cut
+    ctx.notes.append("keep_buffer_parseable")
+    return ""
+
+
+STEPS = [
+    drop_repetitive_loops,
+    drop_lines_repeating_the_suffix,
+    stop_at_block_close,
+    drop_overlap_with_rest_of_line,
+    drop_trailing_whitespace,
+    keep_buffer_parseable,
+]
+
+
+def postprocess(text: str, ctx: Context, steps=STEPS) -> str:
+    for step in steps:
+        before = text
+        text = step(text, ctx)
+        if text != before and step.__name__ not in ctx.notes:
+            ctx.notes.append(step.__name__)
+        if not text:
+            break
+    return text

@@ -1,0 +1,173 @@
+"""LSP handlers: one decorated function per method, each reading the document and calling the service."""
+from __future__ import annotations
+
+import logging
+import re
+
+from lsprotocol import types
+from pygls.lsp.server import LanguageServer
+
+from codellm import __version__
+
+from .models import ModelHolder
+from .service import CompletionService, Settings
+
+log = logging.getLogger("codellm.server")
+
+SHELL_LANGUAGES = {"shellscript", "sh", "bash", "zsh", "ksh", "dash"}
+SHELL_SUFFIXES = (".sh", ".bash", ".zsh", ".ksh", ".bats", ".command")
+SHEBANG = re.compile(r"^#!\s*\S*?/(?:env\s+(?:-\S+\s+)*)?(sh|bash|dash|ksh|zsh|mksh|ash)\b")
+WORD_BEFORE_CURSOR = re.compile(r"[A-Za-z0-9_\-]*$")
+STATUS_METHOD = "codellm/status"
+
+
+class CodellmServer(LanguageServer):
+    def __init__(self):
+        super().__init__("codellm", __version__)
+        self.settings = Settings()
+        self.holder = ModelHolder(self.tell_user)
+        self.service = CompletionService(self.holder, self.settings)
+        self.languages: dict[str, str] = {}  # uri -> languageId
+
+    def tell_user(self, message: str, is_error: bool) -> None:
+        try:
+            self.window_show_message(types.ShowMessageParams(
+                type=types.MessageType.Warning if is_error else types.MessageType.Info, message=message))
+        except Exception:  # no client connected yet (start-up) or the connection is gone
+            log.info("%s", message)
+
+    def is_shell(self, uri: str, text: str) -> bool:
+        if self.languages.get(uri) in SHELL_LANGUAGES or uri.endswith(SHELL_SUFFIXES):
+            return True
+        return bool(SHEBANG.match(text[:200]))
+
+
+
+def cursor_split(doc, position: types.Position) -> tuple[str, str] | None:
+    """(prefix, suffix) around a client position; None for a position outside the document."""
+    source = doc.source
+    lines = doc.lines
+    if position.line < 0 or position.character < 0:
+        return None
+    if position.line >= len(lines):
+        return (source, "") if position.line == len(lines) and position.character == 0 else None
+    try:
+        server_pos = doc.position_codec.position_from_client_units(lines, position)
+    except (ValueError, IndexError):
+        return None
+    line = lines[server_pos.line]
+    col = min(server_pos.character, len(line.rstrip("\r\n")))
+    offset = sum(len(l) for l in lines[: server_pos.line]) + col
+    return source[:offset], source[offset:]
+
+
+def create_server() -> CodellmServer:
+    ls = CodellmServer()
+
+    @ls.feature(types.INITIALIZE)
+    def initialize(params: types.InitializeParams):
+        ls.settings.update(params.initialization_options or {})
+        caps = params.capabilities.text_document
+        has_inline = caps is not None and caps.inline_completion is not None
+        items = ls.settings.completion_items
+        if items == "never" or (items == "auto" and has_inline):
+            ls.protocol.fm.features.pop(types.TEXT_DOCUMENT_COMPLETION, None)
+        if not has_inline and items != "never":
+            ls.protocol.fm.features.pop(types.TEXT_DOCUMENT_INLINE_COMPLETION, None)
+        ls.holder.configure(ls.settings.model_path, ls.settings.device, ls.settings.threads, quiet=True)
+
+    @ls.feature(types.INITIALIZED)
+    def initialized(params):
+        ls.holder.quiet = False
+        if ls.holder.engine is None and ls.holder.load_error:
+            ls.tell_user(f"codellm: {ls.holder.load_error}", True)
+
+    @ls.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
+    def did_change_configuration(params: types.DidChangeConfigurationParams):
+        settings = params.settings
+        if isinstance(settings, dict) and isinstance(settings.get("codellm"), dict):
+            settings = settings["codellm"]
+        changed = ls.settings.update(settings)
+        if {"model_path", "device", "threads"} & set(changed):
+            ls.holder.configure(ls.settings.model_path, ls.settings.device, ls.settings.threads)
+        if changed:
+            ls.service.cache.clear()
+            ls.service.recent.clear()
+
+    @ls.feature(types.TEXT_DOCUMENT_DID_OPEN)
+    def did_open(params: types.DidOpenTextDocumentParams):
+        ls.languages[params.text_document.uri] = params.text_document.language_id
+
+    @ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+    def did_close(params: types.DidCloseTextDocumentParams):
+        ls.languages.pop(params.text_document.uri, None)
+        ls.service.forget(params.text_document.uri)
+
+    async def suggestion_at(uri: str, position: types.Position, automatic: bool):
+        doc = ls.workspace.get_text_document(uri)
+        split = cursor_split(doc, position)
+        if split is None or not ls.is_shell(uri, doc.source):
+            return None
+        prefix, suffix = split
+        return prefix, await ls.service.suggest(uri, prefix, suffix, automatic)
+
+    @ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
+    async def inline_completion(params: types.InlineCompletionParams):
+        automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
+        found = await suggestion_at(params.text_document.uri, params.position, automatic)
+        if not found or not found[1].text:
+            return types.InlineCompletionList(items=[])
+        _, suggestion = found
+        cursor = params.position
+        return types.InlineCompletionList(items=[types.InlineCompletionItem(
+            insert_text=suggestion.text, range=types.Range(start=cursor, end=cursor))])
+
+    @ls.feature(types.TEXT_DOCUMENT_COMPLETION,
+                types.CompletionOptions(trigger_characters=[" ", "\n"], resolve_provider=False))
+    async def completion(params: types.CompletionParams):
+        automatic = params.context is None or params.context.trigger_kind != types.CompletionTriggerKind.Invoked
+        found = await suggestion_at(params.text_document.uri, params.position, automatic)
+        if not found or not found[1].text:
+            return types.CompletionList(is_incomplete=True, items=[])
+        prefix, suggestion = found
+        return types.CompletionList(is_incomplete=True, items=[completion_item(ls, prefix, suggestion.text,
+                                                                               params.position)])
+
+    @ls.feature(STATUS_METHOD)
+    def status(params=None):
+        return ls.service.status()
+
+    @ls.feature(types.SHUTDOWN)
+    def shutdown(params=None):
+        ls.holder.stop()
+
+    return ls
+
+
+def snippet_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("$", "\\$").replace("}", "\\}")
+
+
+def completion_item(ls: CodellmServer, prefix: str, text: str, position: types.Position) -> types.CompletionItem:
+    """A popup item for an AI suggestion: label = word prefix + first line, a text edit over the word
+    prefix, the whole suggestion in the documentation. Snippet format where the client supports it
+    (Neovim 0.11 inserts only the first word of a plain multi-word item)."""
+    word = WORD_BEFORE_CURSOR.search(prefix.rsplit("\n", 1)[-1]).group(0)
+    first_line = text.split("\n", 1)[0]
+    full = word + text
+    caps = ls.client_capabilities.text_document
+    snippets = bool(caps and caps.completion and caps.completion.completion_item
+                    and caps.completion.completion_item.snippet_support)
+    start = types.Position(line=position.line, character=position.character - len(word.encode("utf-16-le")) // 2)
+    label = (word + first_line).strip() or "(codellm)"
+    return types.CompletionItem(
+        label=label[:80] + ("…" if "\n" in text or len(label) > 80 else ""),
+        kind=types.CompletionItemKind.Text,
+        detail="codellm",
+        filter_text=word + first_line,
+        sort_text="0",
+        text_edit=types.TextEdit(range=types.Range(start=start, end=position),
+                                 new_text=snippet_escape(full) if snippets else full),
+        insert_text_format=types.InsertTextFormat.Snippet if snippets else types.InsertTextFormat.PlainText,
+        documentation=types.MarkupContent(kind=types.MarkupKind.Markdown, value=f"```sh\n{full}\n```"),
+    )

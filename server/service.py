@@ -1,0 +1,220 @@
+"""The completion service behind the LSP handlers: mode choice, result cache with typed-ahead reuse,
+newest-request-wins per document, the model run off the event loop, post-processing, statistics.
+
+Nothing here knows about LSP messages, so it is tested directly as well as through a real client.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import statistics
+import threading
+import time
+from collections import OrderedDict, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, fields
+
+from codellm.postprocess import Context, postprocess
+from codellm.shellmode import choose_mode
+
+from .models import ModelHolder
+
+log = logging.getLogger("codellm.server")
+
+CACHE_ENTRIES = 512
+PROMPT_TAIL_CHARS = 16384  # what the engine is given of a long prefix; cut at a stable point
+CLOSING_ONLY = set(" \t)]}\"';")  # after the cursor these still allow an automatic suggestion
+
+
+@dataclass
+class Settings:
+    model_path: str | None = None
+    device: str | None = None
+    threads: int | None = None
+    max_tokens: int | None = None
+    multiline: str = "auto"  # auto | always | never
+    completion_items: str = "auto"  # popup items: auto (when the client has no inline completion) | always | never
+    timeout_ms: int = 2000  # decoding stops after this long
+
+    ALIASES = {"modelPath": "model_path", "model": "model_path", "maxTokens": "max_tokens",
+               "completionItems": "completion_items", "timeoutMs": "timeout_ms", "multiLine": "multiline"}
+
+    def update(self, options: dict | None) -> list[str]:
+        """Apply a dict of options (camelCase or snake_case); returns the names that changed."""
+        changed = []
+        if not isinstance(options, dict):
+            return changed
+        known = {f.name for f in fields(self)}
+        for key, value in options.items():
+            name = self.ALIASES.get(key, key)
+            if name in known and getattr(self, name) != value:
+                if name == "multiline" and value not in ("auto", "always", "never"):
+                    continue
+                setattr(self, name, value)
+                changed.append(name)
+        return changed
+
+
+def stable_tail(prefix: str, keep: int = PROMPT_TAIL_CHARS) -> str:
+    """The end of a long prefix, cut at a multiple of `keep // 2` so the cut stays put while typing."""
+    step = keep // 2
+    start = max(0, len(prefix) - keep) // step * step
+    return prefix[start:]
+
+
+def clean_text(text: str) -> str:
+    """Text the tokenizer can take: lone surrogates (from bad escapes in JSON) become U+FFFD."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "replace").decode("utf-8")
+
+
+@dataclass
+class Suggestion:
+    text: str
+    source: str  # "model" | "cache" | "typed-ahead" | "skipped" | "no-model" | "superseded"
+    mode: str = "line"
+    seconds: float = 0.0
+
+
+class CompletionService:
+    def __init__(self, holder: ModelHolder, settings: Settings):
+        self.holder = holder
+        self.settings = settings
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codellm-model")
+        self.latest: dict[str, int] = {}
+        self._ids = 0
+        self._ids_lock = threading.Lock()
+        self.cache: OrderedDict[tuple, str] = OrderedDict()
+        self.recent: dict[str, tuple] = {}  # uri -> (model version, prefix, suffix, mode, text)
+        self.latencies: deque[float] = deque(maxlen=1000)
+        self.counts = {"requests": 0, "model": 0, "cache_hits": 0, "superseded": 0, "prompt_tokens": 0,
+                       "reused_tokens": 0}
+
+    # ------------------------------------------------------------------ policy
+
+    def mode_for(self, prefix: str, suffix: str) -> str:
+        if self.settings.multiline == "never":
+            return "line"
+        if self.settings.multiline == "always":
+            return "line" if suffix.split("\n", 1)[0].strip() else "block"
+        return choose_mode(prefix, suffix)
+
+    @staticmethod
+    def text_follows_cursor(suffix: str) -> bool:
+        return any(c not in CLOSING_ONLY for c in suffix.split("\n", 1)[0])
+
+    # ------------------------------------------------------------------ cache
+
+    def _cache_key(self, prefix: str, suffix: str, mode: str) -> tuple:
+        return (self.holder.version, hash(prefix[-4096:]), len(prefix), hash(suffix[:2048]), mode)
+
+    def _from_cache(self, uri: str, prefix: str, suffix: str, mode: str) -> Suggestion | None:
+        key = self._cache_key(prefix, suffix, mode)
+        if key in self.cache:
+            self.cache.move_to_end(key)
+            return Suggestion(self.cache[key], "cache", mode)
+        recent = self.recent.get(uri)
+        if recent:
+            version, old_prefix, old_suffix, old_mode, text = recent
+            typed = prefix[len(old_prefix):] if prefix.startswith(old_prefix) else None
+            if typed and version == self.holder.version and old_suffix == suffix and text.startswith(typed) and len(typed) < len(text):
+                return Suggestion(text[len(typed):], "typed-ahead", old_mode)
+        return None
+
+    def _remember(self, uri: str, prefix: str, suffix: str, mode: str, text: str) -> None:
+        self.cache[self._cache_key(prefix, suffix, mode)] = text
+        if len(self.cache) > CACHE_ENTRIES:
+            self.cache.popitem(last=False)
+        if text:
+            self.recent[uri] = (self.holder.version, prefix, suffix, mode, text)
+
+    # ------------------------------------------------------------------ requests
+
+    def next_request_id(self, uri: str) -> int:
+        with self._ids_lock:
+            self._ids += 1
+            self.latest[uri] = self._ids
+            return self._ids
+
+    async def suggest(self, uri: str, prefix: str, suffix: str, automatic: bool = True) -> Suggestion:
+        """The suggestion at a cursor. Raises asyncio.CancelledError if the request is cancelled."""
+        start = time.perf_counter()
+        self.counts["requests"] += 1
+        request_id = self.next_request_id(uri)
+        if automatic and self.text_follows_cursor(suffix):
+            return Suggestion("", "skipped")
+        mode = self.mode_for(prefix, suffix)
+        cached = self._from_cache(uri, prefix, suffix, mode)
+        if cached:
+            self.counts["cache_hits"] += 1
+            return self._done(cached, start)
+        if self.holder.engine is None:
+            return Suggestion("", "no-model")
+        cancelled = threading.Event()
+        loop = asyncio.get_running_loop()
+        try:
+            suggestion = await loop.run_in_executor(
+                self.executor, self._run_model, uri, request_id, prefix, suffix, mode, cancelled)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        if suggestion.source == "superseded":
+            self.counts["superseded"] += 1
+            return suggestion
+        return self._done(suggestion, start)
+
+    def _done(self, suggestion: Suggestion, start: float) -> Suggestion:
+        suggestion.seconds = time.perf_counter() - start
+        self.latencies.append(suggestion.seconds)
+        log.info("completion %s %s %.1f ms, %d chars", suggestion.source, suggestion.mode,
+                 suggestion.seconds * 1000, len(suggestion.text))
+        return suggestion
+
+    def _run_model(self, uri: str, request_id: int, prefix: str, suffix: str, mode: str,
+                   cancelled: threading.Event) -> Suggestion:
+        """Runs on the model thread; stops between decode steps once a newer request arrives."""
+        def superseded() -> bool:
+            return cancelled.is_set() or self.latest.get(uri) != request_id
+
+        engine = self.holder.engine
+        if superseded() or engine is None:
+            return Suggestion("", "superseded", mode)
+        deadline = time.monotonic() + self.settings.timeout_ms / 1000
+        result = engine.complete_detailed(clean_text(stable_tail(prefix)), clean_text(suffix[:8192]), mode,
+                                          max_new_tokens=self.settings.max_tokens, deadline=deadline,
+                                          should_stop=superseded)
+        if result.stop_reason == "cancelled":
+            return Suggestion("", "superseded", mode)
+        self.counts["model"] += 1
+        self.counts["prompt_tokens"] += result.prompt_tokens
+        self.counts["reused_tokens"] += result.reused_tokens
+        text = postprocess(result.text, Context(prefix, suffix, mode))
+        self._remember(uri, prefix, suffix, mode, text)
+        return Suggestion(text, "model", mode)
+
+    def forget(self, uri: str) -> None:
+        self.recent.pop(uri, None)
+        self.latest.pop(uri, None)
+
+    def status(self) -> dict:
+        engine = self.holder.engine
+        lat = sorted(self.latencies)
+        served = max(1, self.counts["requests"])
+        return {
+            "model": str(self.holder.path) if self.holder.path else None,
+            "model_error": self.holder.load_error,
+            "parameters": engine.model.num_params() if engine else None,
+            "device": str(engine.device) if engine else None,
+            "requests": self.counts["requests"],
+            "model_runs": self.counts["model"],
+            "superseded": self.counts["superseded"],
+            "latency_ms": {"p50": round(1000 * lat[len(lat) // 2], 1) if lat else None,
+                           "p95": round(1000 * lat[min(len(lat) - 1, int(len(lat) * 0.95))], 1) if lat else None,
+                           "mean": round(1000 * statistics.fmean(lat), 1) if lat else None},
+            "kv_reuse_ratio": round(self.counts["reused_tokens"] / max(1, self.counts["prompt_tokens"]), 3),
+            "cache_hit_rate": round(self.counts["cache_hits"] / served, 3),
+            "settings": {f.name: getattr(self.settings, f.name) for f in fields(self.settings)},
+        }

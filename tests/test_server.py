@@ -1,0 +1,221 @@
+"""codellm-serve through a real LSP client over stdio."""
+import asyncio
+import shutil
+import subprocess
+import sys
+
+import pytest
+from lsprotocol import types
+from pygls.exceptions import JsonRpcRequestCancelled
+
+import codellm
+from codellm.bundle import save_bundle
+from codellm.postprocess import Context, postprocess
+
+from conftest import make_model
+from lsp_session import Session, new_id
+
+URI = "file:///tmp/work/deploy.sh"
+SCRIPT = '#!/bin/bash\nset -e\nfor f in *.txt; do\n    cp "$f" /tmp/backup/\ndone\necho "copied fi'
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 240))
+
+
+def expected(bundle_path, prefix, suffix, mode="line"):
+    engine = codellm.load(str(bundle_path), device="cpu")
+    return postprocess(engine.complete(prefix, suffix, mode), Context(prefix, suffix, mode))
+
+
+def last_position(text):
+    lines = text.split("\n")
+    return len(lines) - 1, len(lines[-1])
+
+
+def test_providers_follow_client_capabilities(bundle_path):
+    async def main():
+        async with Session("--model", str(bundle_path)) as s:  # inline-capable client: ghost text only
+            caps = s.init.capabilities
+            assert caps.inline_completion_provider is not None and caps.completion_provider is None
+        async with Session("--model", str(bundle_path), inline=False) as s:  # Helix, Neovim 0.11
+            caps = s.init.capabilities
+            assert caps.completion_provider is not None and caps.inline_completion_provider is None
+        async with Session("--model", str(bundle_path), init_options={"completionItems": "always"}) as s:
+            caps = s.init.capabilities
+            assert caps.inline_completion_provider is not None and caps.completion_provider is not None
+    run(main())
+
+
+def test_inline_completion_matches_the_engine_and_sits_at_the_cursor(bundle_path):
+    async def main():
+        async with Session("--model", str(bundle_path)) as s:
+            s.open(URI, SCRIPT)
+            line, char = last_position(SCRIPT)
+            result = await s.inline(URI, line, char)
+            want = expected(bundle_path, SCRIPT, "")
+            assert [i.insert_text for i in result.items] == ([want] if want else [])
+            for item in result.items:
+                assert item.range.start == item.range.end == types.Position(line=line, character=char)
+            status = await s.status()
+            assert status.model_runs == 1 and status.parameters > 0
+    run(main())
+
+
+def test_typed_ahead_is_served_without_the_model(bundle_path):
+    async def main():
+        async with Session("--model", str(bundle_path)) as s:
+            text = "#!/bin/sh\nmkdir -p /var/tmp/x && cd "
+            s.open(URI, text)
+            line, char = last_position(text)
+            first = (await s.inline(URI, line, char)).items
+            if not first or len(first[0].insert_text) < 2:
+                pytest.skip("the tiny model answered with fewer than two characters here")
+            typed = first[0].insert_text[0]
+            s.edit(URI, line, char, typed)
+            again = await s.inline(URI, line, char + 1)
+            assert [i.insert_text for i in again.items] == [first[0].insert_text[1:]]
+            status = await s.status()
+            assert status.model_runs == 1 and status.cache_hit_rate > 0
+    run(main())
+
+
+def test_completion_item_shape(bundle_path):
+    async def main():
+        async with Session("--model", str(bundle_path), inline=False) as s:
+            text = "#!/bin/bash\nfor f in *.log; do\n    gzi"
+            s.open(URI, text)
+            line, char = last_position(text)
+            result = await s.completion(URI, line, char)
+            want = expected(bundle_path, text, "")
+            if not want:
+                assert list(result.items) == []
+                return
+            (item,) = result.items
+            assert item.filter_text == "gzi" + want.split("\n")[0]
+            assert item.text_edit.range.start == types.Position(line=line, character=char - 3)
+            assert item.text_edit.range.end == types.Position(line=line, character=char)
+            assert item.insert_text_format == types.InsertTextFormat.Snippet
+            unescaped = item.text_edit.new_text.replace("\\$", "$").replace("\\}", "}").replace("\\\\", "\\")
+            assert unescaped == "gzi" + want
+            assert ("gzi" + want) in item.documentation.value
+    run(main())
+
+
+@pytest.fixture(scope="module")
+def slow_bundle(tmp_path_factory, tokenizer):
+    """A random model large enough that a 400-token answer takes a while."""
+    path = tmp_path_factory.mktemp("slow") / "bundle"
+    save_bundle(path, make_model(tokenizer, n_layer=8, d_model=256, n_head=4, context_length=1024), tokenizer)
+    return path
+
+
+SLOW = {"maxTokens": 900, "timeoutMs": 60000, "multiline": "always"}
+
+
+def test_cancel_answers_32800_and_the_next_request_works(slow_bundle):
+    async def main():
+        async with Session("--model", str(slow_bundle), init_options=SLOW) as s:
+            s.open(URI, "#!/bin/sh\n\n")
+            msg_id = new_id()
+            pending = asyncio.ensure_future(s.inline(URI, 1, 0, msg_id=msg_id))
+            await asyncio.sleep(0.3)
+            s.cancel(msg_id)
+            with pytest.raises(JsonRpcRequestCancelled) as err:
+                await pending
+            assert err.value.code == -32800
+            s.edit(URI, 1, 0, "ec")
+            result = await s.inline(URI, 1, 2)
+            assert result.items is not None
+            status = await s.status()
+            assert status.requests == 2
+    run(main())
+
+
+def test_a_superseded_request_stops_and_the_newest_is_answered(slow_bundle):
+    async def main():
+        async with Session("--model", str(slow_bundle), init_options=SLOW) as s:
+            s.open(URI, "#!/bin/sh\n\n")
+            old = asyncio.ensure_future(s.inline(URI, 1, 0))
+            await asyncio.sleep(0.3)
+            s.edit(URI, 1, 0, "x=1")
+            s.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+                settings={"codellm": {"maxTokens": 4}}))
+            newest = await s.inline(URI, 1, 3)
+            stale = await old
+            assert list(stale.items) == []  # stopped between decode steps, not run to its 900 tokens
+            assert newest.items is not None
+            status = await s.status()
+            assert status.superseded == 1 and status.model_runs == 1
+    run(main())
+
+
+def test_hot_swap_takes_a_valid_bundle_and_rejects_a_corrupt_one(bundle_path, tmp_path, tokenizer):
+    live = tmp_path / "models" / "live"
+    shutil.copytree(bundle_path, live)
+    other = tmp_path / "other"
+    save_bundle(other, make_model(tokenizer, seed=5), tokenizer)
+    prefix = "#!/bin/bash\nif [ -z \"$1\" ]; then\n    echo usage"
+
+    async def main():
+        async with Session("--model", str(live)) as s:
+            s.open(URI, prefix)
+            line, char = last_position(prefix)
+            before = await s.inline(URI, line, char)
+            assert [i.insert_text for i in before.items] == [t for t in [expected(bundle_path, prefix, "")] if t]
+            save_bundle(live, make_model(tokenizer, seed=5), tokenizer)  # atomic replace of the directory
+            await s.wait_for_message("switched to the new model")
+            s.edit(URI, line, char, " ")
+            s.edit(URI, line, char, "", end=(line, char + 1))
+            after = await s.inline(URI, line, char)
+            assert [i.insert_text for i in after.items] == [t for t in [expected(other, prefix, "")] if t]
+            weights = live / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:1000])  # a half-written copy
+            await s.wait_for_message("rejected")
+            s.edit(URI, line, char, " ")
+            s.edit(URI, line, char, "", end=(line, char + 1))
+            still = await s.inline(URI, line, char)
+            assert [i.insert_text for i in still.items] == [i.insert_text for i in after.items]
+    run(main())
+
+
+def test_configuration_change_applies(bundle_path):
+    async def main():
+        async with Session("--model", str(bundle_path)) as s:
+            text = "#!/bin/bash\nif [ -f /etc/hosts ]; then\n"
+            s.open(URI, text)
+            s.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+                settings={"codellm": {"multiline": "never", "maxTokens": 7}}))
+            result = await s.inline(URI, 2, 0)
+            for item in result.items:
+                assert "\n" not in item.insert_text
+            status = await s.status()
+            assert status.settings.multiline == "never" and status.settings.max_tokens == 7
+    run(main())
+
+
+def test_no_model_still_starts_and_says_how_to_get_one(tmp_path):
+    async def main():
+        async with Session("--model", str(tmp_path / "missing")) as s:
+            s.open(URI, "echo hi")
+            result = await s.inline(URI, 0, 7)
+            assert list(result.items) == []
+            message = await s.wait_for_message("codellm-train")
+            assert "not found" in message
+            await asyncio.sleep(0.5)
+            assert sum("codellm-train" in m for m in s.messages) == 1  # told once
+    run(main())
+
+
+def test_non_shell_documents_get_nothing(bundle_path):
+    async def main():
+        async with Session("--model", str(bundle_path)) as s:
+            s.open("file:///tmp/notes.md", "# notes\nsome text", language="markdown")
+            assert list((await s.inline("file:///tmp/notes.md", 1, 9)).items) == []
+    run(main())
+
+
+def test_tcp_refuses_non_loopback():
+    r = subprocess.run([sys.executable, "-m", "codellm.server.cli", "--tcp", "0", "--host", "0.0.0.0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "only loopback" in r.stderr
