@@ -5,7 +5,9 @@ import logging
 import re
 
 from lsprotocol import types
+from pygls.exceptions import JsonRpcException
 from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
 
 from codellm import __version__
 
@@ -21,9 +23,25 @@ WORD_BEFORE_CURSOR = re.compile(r"[A-Za-z0-9_\-]*$")
 STATUS_METHOD = "codellm/status"
 
 
+class CodellmProtocol(LanguageServerProtocol):
+    """Answers a request whose parameters cannot be read with an error, instead of leaving the client
+    waiting forever; accepts requests that omit `params` (allowed by JSON-RPC)."""
+
+    def structure_message(self, data):
+        if isinstance(data, dict) and "jsonrpc" in data and "method" in data and "params" not in data:
+            data = {**data, "params": None}
+        try:
+            return super().structure_message(data)
+        except JsonRpcException as exc:
+            msg_id = data.get("id") if isinstance(data, dict) else None
+            if isinstance(msg_id, (int, str)) and "method" in data:
+                self._send_response(msg_id, error=exc.to_response_error())
+            raise
+
+
 class CodellmServer(LanguageServer):
     def __init__(self):
-        super().__init__("codellm", __version__)
+        super().__init__("codellm", __version__, protocol_cls=CodellmProtocol)
         self.settings = Settings()
         self.holder = ModelHolder(self.tell_user)
         self.service = CompletionService(self.holder, self.settings)
@@ -35,6 +53,10 @@ class CodellmServer(LanguageServer):
                 type=types.MessageType.Warning if is_error else types.MessageType.Info, message=message))
         except Exception:  # no client connected yet (start-up) or the connection is gone
             log.info("%s", message)
+
+    def report_server_error(self, error: Exception, source) -> None:
+        """Malformed messages are logged, not shown: a pop-up per bad message helps nobody."""
+        log.warning("bad message or handler error: %s", str(error)[:300])
 
     def is_shell(self, uri: str, text: str) -> bool:
         if self.languages.get(uri) in SHELL_LANGUAGES or uri.endswith(SHELL_SUFFIXES):
