@@ -35,9 +35,11 @@ class Settings:
     multiline: str = "auto"  # auto | always | never
     completion_items: str = "auto"  # popup items: auto (when the client has no inline completion) | always | never
     timeout_ms: int = 2000  # decoding stops after this long
+    kv_reuse: bool = True  # keep the KV cache between requests (off only to measure what it saves)
 
     ALIASES = {"modelPath": "model_path", "model": "model_path", "maxTokens": "max_tokens",
-               "completionItems": "completion_items", "timeoutMs": "timeout_ms", "multiLine": "multiline"}
+               "completionItems": "completion_items", "timeoutMs": "timeout_ms", "multiLine": "multiline",
+               "kvReuse": "kv_reuse"}
 
     def update(self, options: dict | None) -> list[str]:
         """Apply a dict of options (camelCase or snake_case); returns the names that changed."""
@@ -183,6 +185,8 @@ class CompletionService:
         if superseded() or engine is None:
             return Suggestion("", "superseded", mode)
         deadline = time.monotonic() + self.settings.timeout_ms / 1000
+        if not self.settings.kv_reuse:
+            engine.cached = []
         result = engine.complete_detailed(clean_text(stable_tail(prefix)), clean_text(suffix[:8192]), mode,
                                           max_new_tokens=self.settings.max_tokens, deadline=deadline,
                                           should_stop=superseded)
