@@ -12,6 +12,7 @@ import torch
 
 from .bundle import Bundle, load_bundle
 from .device import choose_device, set_threads
+from .postprocess import Context, postprocess
 from .prompt import build_prompt
 from .shellmode import choose_mode
 
@@ -96,8 +97,9 @@ class Engine:
 
     def complete_detailed(self, prefix: str, suffix: str = "", mode: str = "line", max_new_tokens: int | None = None,
                           deadline: float | None = None, should_stop: Callable[[], bool] | None = None,
-                          fmt: str | None = None) -> Completion:
-        """deadline: time.monotonic() value after which decoding stops; should_stop: polled between steps."""
+                          fmt: str | None = None, clean: bool = True) -> Completion:
+        """deadline: time.monotonic() value after which decoding stops; should_stop: polled between steps;
+        clean: apply the shell-aware post-processing (codellm.postprocess) to the raw model text."""
         if mode == "auto":
             mode = choose_mode(prefix, suffix)
         if mode not in ("line", "block"):
@@ -144,6 +146,8 @@ class Engine:
         if mode == "line":
             inserted = inserted.split(b"\n", 1)[0]
         text = inserted.decode("utf-8", errors="ignore").rstrip("\r")
+        if clean and stop != "cancelled":
+            text = postprocess(text, Context(prefix, suffix, mode))
         return Completion(text, stop, mode, len(prompt.ids), reused, n_new, time.perf_counter() - start_time)
 
     def greedy_ids(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:

@@ -97,7 +97,8 @@ def stop_at_block_close(text: str, ctx: Context) -> str:
         if not CLOSER_LINE.match(line):
             continue
         depth = indent_of(line)
-        if depth > limit or (depth == limit and not opens_block):
+        ends_case_item = line.strip().startswith(";;")  # sits at the depth of the item's body
+        if depth > limit or (depth == limit and not opens_block and not ends_case_item):
             continue  # closes a block the completion itself opened
         upcoming = ctx.next_lines[0].strip() if ctx.next_lines else ""
         if upcoming.split()[:1] == line.strip().split()[:1]:

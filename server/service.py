@@ -189,7 +189,7 @@ class CompletionService:
             engine.cached = []
         result = engine.complete_detailed(clean_text(stable_tail(prefix)), clean_text(suffix[:8192]), mode,
                                           max_new_tokens=self.settings.max_tokens, deadline=deadline,
-                                          should_stop=superseded)
+                                          should_stop=superseded, clean=False)
         if result.stop_reason == "cancelled":
             return Suggestion("", "superseded", mode)
         self.counts["model"] += 1

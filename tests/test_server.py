@@ -10,7 +10,6 @@ from pygls.exceptions import JsonRpcRequestCancelled
 
 import codellm
 from codellm.bundle import save_bundle
-from codellm.postprocess import Context, postprocess
 
 from conftest import make_model
 from lsp_session import Session, new_id
@@ -25,7 +24,7 @@ def run(coro):
 
 def expected(bundle_path, prefix, suffix, mode="line"):
     engine = codellm.load(str(bundle_path), device="cpu")
-    return postprocess(engine.complete(prefix, suffix, mode), Context(prefix, suffix, mode))
+    return engine.complete(prefix, suffix, mode)
 
 
 def last_position(text):

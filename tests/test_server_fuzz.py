@@ -9,7 +9,6 @@ import threading
 import time
 
 import codellm
-from codellm.postprocess import Context, postprocess
 
 URI = "file:///tmp/fuzz/a.sh"
 BIG_URI = "file:///tmp/fuzz/big.sh"
@@ -138,7 +137,7 @@ def test_fuzz_then_correct_answers_with_bounded_memory(bundle_path):
         answer = server.wait_for(server.send("textDocument/inlineCompletion", {
             "textDocument": {"uri": "file:///tmp/fuzz/ok.sh"}, "position": pos(2, 8), "context": {"triggerKind": 1}}))
         engine = codellm.load(str(bundle_path), device="cpu")
-        want = postprocess(engine.complete(text, "", "line"), Context(text, "", "line"))
+        want = engine.complete(text, "", "line")
         assert [item["insertText"] for item in answer["result"]["items"]] == ([want] if want else [])
         assert server.proc.poll() is None
         unanswered = set(range(1, server.next_id + 1)) - server.answered

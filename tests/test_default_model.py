@@ -1,0 +1,45 @@
+"""The model shipped inside the package: loads with no arguments, validates, completes sensibly."""
+import re
+
+import pytest
+
+import codellm
+from codellm.bundle import load_bundle
+from codellm.defaults import PACKAGED_BUNDLE
+
+
+@pytest.fixture(scope="module")
+def engine(monkeypatch_module=None):
+    return codellm.load(device="cpu")
+
+
+def test_default_bundle_is_shipped_and_valid():
+    bundle = load_bundle(PACKAGED_BUNDLE)
+    assert bundle.model.num_params() > 1_000_000
+    assert sum(p.stat().st_size for p in PACKAGED_BUNDLE.iterdir()) < 25 * 1024 * 1024
+    stages = bundle.card["stages"]
+    assert set(stages) == {"language", "code"} and stages["code"]["files"]
+    assert "eval" in bundle.card
+
+
+def test_if_block_continues(engine):
+    text = engine.complete('#!/bin/bash\nif [ -z "$1" ]; then\n', "", mode="auto")
+    first = next(l for l in text.split("\n") if l.strip())
+    assert first.startswith((" ", "\t")) and first.strip() not in ("fi", "else")  # an indented body line
+
+
+def test_for_loop_body_follows(engine):
+    text = engine.complete("#!/bin/bash\nfor f in *.txt; do\n", "", mode="auto")
+    first = next(l for l in text.split("\n") if l.strip())
+    assert first.strip() != "done" and first.startswith((" ", "\t"))
+
+
+def test_closes_an_open_if(engine):
+    prefix = '#!/bin/bash\nif [ ! -d "$dir" ]; then\n    echo "missing $dir" >&2\n    exit 1\n'
+    text = engine.complete(prefix, "", mode="block")
+    assert re.search(r"^fi\b", text.strip()), text
+
+
+def test_completes_a_partial_word(engine):
+    text = engine.complete('#!/bin/sh\nfor f in *.log; do\n    ech', '\ndone\n', mode="line")
+    assert text.startswith("o ") or text.startswith("o\t"), text

@@ -1,0 +1,58 @@
+"""Each post-processing step on hand-written cases."""
+from codellm.postprocess import (Context, drop_lines_repeating_the_suffix, drop_overlap_with_rest_of_line,
+                                 drop_repetitive_loops, keep_buffer_parseable, postprocess, stop_at_block_close)
+
+IF_OPEN = 'if [ -z "$1" ]; then'
+
+
+def test_block_close_is_dropped_when_the_file_already_has_it():
+    ctx = Context(IF_OPEN, "\nfi\n", "block")
+    assert postprocess("\n    echo usage\n    exit 1\nfi\necho more", ctx) == "\n    echo usage\n    exit 1"
+
+
+def test_block_close_is_kept_and_ends_the_suggestion_when_missing():
+    ctx = Context(IF_OPEN, "\necho after\n", "block")
+    assert stop_at_block_close("\n    echo usage\nfi\necho more\n", ctx) == "\n    echo usage\nfi"
+
+
+def test_nested_block_opened_by_the_completion_is_kept_whole():
+    ctx = Context("for f in *; do\n    ", "\necho end\n", "block")
+    text = 'echo "$f"\n    if [ -f "$f" ]; then\n        cat "$f"\n    fi\ndone\nls'
+    assert stop_at_block_close(text, ctx) == 'echo "$f"\n    if [ -f "$f" ]; then\n        cat "$f"\n    fi\ndone'
+
+
+def test_a_block_opened_on_the_cursor_line_ends_at_its_closer():
+    ctx = Context("for f in *; do\n    ", "\ndone\n", "block")
+    text = 'if [ -f "$f" ]; then\n        cat "$f"\n    fi\ndone\nls'
+    assert stop_at_block_close(text, ctx) == 'if [ -f "$f" ]; then\n        cat "$f"\n    fi'
+
+
+def test_case_item_end():
+    ctx = Context('case "$1" in\n    start)\n        ', "\nesac\n", "block")
+    assert stop_at_block_close("run_it\n        ;;\n    stop)\n", ctx) == "run_it\n        ;;"
+
+
+def test_overlap_with_the_rest_of_the_line_is_cut():
+    assert drop_overlap_with_rest_of_line(' world"', Context('echo "hello', '"\n', "line")) == " world"
+    assert drop_overlap_with_rest_of_line(' -f x ]; then', Context("if [", " ]; then\n", "line")) == " -f x"
+
+
+def test_lines_already_below_the_cursor_are_not_repeated():
+    ctx = Context("set -e\n", "\nexit 0\n", "block")
+    assert drop_lines_repeating_the_suffix("echo start\nexit 0\n", ctx) == "echo start"
+
+
+def test_repetitive_loops_are_cut():
+    assert drop_repetitive_loops("echo a\necho a\necho a\necho a", Context("", "", "block")) == "echo a"
+    assert drop_repetitive_loops("x=$((x+1)))))))))))))))", Context("", "", "line")).count(")") < 6
+
+
+def test_a_parseable_buffer_stays_parseable():
+    ctx = Context("#!/bin/sh\nfor f in a b; do\n", "\n    true\ndone\n", "block")
+    assert keep_buffer_parseable('    echo "$f"\n    echo "unterminated', ctx) == '    echo "$f"'
+    assert "keep_buffer_parseable" in ctx.notes
+
+
+def test_an_unparseable_buffer_is_left_alone():
+    ctx = Context("if true; then\n", "\n", "block")  # no fi: the buffer does not parse to begin with
+    assert keep_buffer_parseable("echo 'x", ctx) == "echo 'x"

@@ -1,0 +1,108 @@
+"""`python -m codellm.train.modelcard BUNDLE --out MODEL.md`: the model card, written from the bundle's
+data card (sources, training figures) and the evaluation stored in it by `codellm-train eval`, so that
+every figure in it comes from a command."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from codellm.bundle import load_bundle
+
+
+def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def render(bundle_path: Path, command: str, bench_text: str | None, curves: list[str]) -> str:
+    bundle = load_bundle(bundle_path)
+    card, cfg = bundle.card, bundle.config
+    stages = card.get("stages", {})
+    out = [f"# codellm model card: `{bundle_path}`", ""]
+    out += [f"A {bundle.model.num_params() / 1e6:.2f}M-parameter decoder-only transformer (preset `{cfg.preset}`: "
+            f"{cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, context {cfg.context_length} tokens, "
+            f"byte-level BPE vocabulary of {cfg.vocab_size}), trained from scratch in two stages: English, then "
+            f"shell scripts with fill-in-the-middle. Prompt format at serving time: {bundle.prompt_format.upper()}.", ""]
+    out += ["Reproduce it with:", "", "```bash", command, "```", ""]
+
+    code = stages.get("code", {})
+    summary = code.get("corpus_summary", {})
+    if summary:
+        eng, sh = summary.get("english", {}), summary.get("shell", {})
+        out += ["## Data", "",
+                f"- English: {eng.get('files', 0)} documents, {eng.get('bytes', 0) / 1e6:.1f} MB "
+                "(man pages, GNU info manuals, Debian documentation packages).",
+                f"- Shell: {sh.get('files', 0)} files, {sh.get('bytes', 0) / 1e6:.1f} MB after filtering and exact "
+                f"de-duplication; {summary.get('shell_val_files', 0)} files from whole packages held out for "
+                "evaluation and never trained on.",
+                f"- Skipped shell files: {', '.join(f'{k} {v}' for k, v in sh.get('skipped', {}).items())}.",
+                "- Every training file's sha256, source and path is listed in the bundle's `data.msgpack`.", ""]
+        sources = sorted(code.get("sources", {}).items(), key=lambda kv: -kv[1]["bytes"])
+        rows = [[name, v["files"], f"{v['bytes'] / 1e6:.2f}", v.get("licence") or "-"] for name, v in sources[:25]]
+        out += [_fmt_table(rows, ["source", "files", "MB", "licence"]), "",
+                f"({len(sources)} sources in all; the full list is in the data card.)", ""]
+
+    out += ["## Training", ""]
+    rows = []
+    for name in ("language", "code"):
+        st = stages.get(name)
+        if st:
+            rows.append([name, f"{st['tokens'] / 1e6:.1f}M", st["steps"], f"{st['seconds'] / 60:.0f} min",
+                         st["device"], f"{st['train_loss']:.3f}",
+                         f"{st['val_loss']:.3f}" if st.get("val_loss") is not None else "-"])
+    out += [_fmt_table(rows, ["stage", "tokens seen", "steps", "wall time", "device", "final train loss",
+                              "held-out loss"]), ""]
+    out += ["Loss curves:", ""] + [f"![{c}]({c})" for c in curves] + [""]
+
+    ev = card.get("eval")
+    if ev:
+        out += ["## Held-out evaluation", "", f"From `codellm-train eval {bundle_path}` on the "
+                f"{ev['heldout_files']} held-out shell files.", ""]
+        rows = []
+        for name, label in (("shell_loss", "shell"), ("english_loss", "English")):
+            v = ev.get(name)
+            if v:
+                rows.append([label, v["loss"], v["perplexity"], v["bits_per_byte"], v["tokens"]])
+        out += [_fmt_table(rows, ["text", "loss (nats/token)", "perplexity", "bits per byte", "tokens"]), ""]
+        lc = ev["line_completion"]
+        rows = []
+        for key, label in (("fim", "model, with the suffix (FIM)"), ("no_suffix", "model, prefix only"),
+                           ("baseline", "repeat previous line")):
+            cells = [label]
+            for kind in ("all", "line_start", "mid_line"):
+                c = lc[key].get(kind)
+                cells.append(f"{c['em']} / {c['es']}" if c else "-")
+            rows.append(cells)
+        n = lc["fim"]["all"]["n"]
+        out += [f"Line completion (CodeXGLUE protocol, {n} cut points, greedy): exact match % / edit similarity",
+                "", _fmt_table(rows, ["", "all", "line start", "mid-line"]), "",
+                f"Completions that keep a parseable file parseable (`bash -n`): {lc['syntax_kept_parseable']}%.", ""]
+        ws = ev.get("whole_scripts")
+        if ws:
+            out += [f"Whole scripts generated from {ws['n']} one-line descriptions (temperature 0.6): "
+                    f"{ws['bash_n_pass']}% pass `bash -n`, {ws['shellcheck_pass']}% have no `shellcheck -S error` "
+                    f"finding; {ws['ended_by_model']}% ended by the model within 400 tokens.", ""]
+        lat = lc.get("latency_ms", {})
+        out += ["## Speed", "", f"Line completion latency during the evaluation (engine only, CPU): p50 "
+                f"{lat.get('p50')} ms, p95 {lat.get('p95')} ms.", ""]
+    if bench_text:
+        out += [f"`codellm bench --model {bundle_path}`:", "", "```", bench_text.strip(), "```", ""]
+    return "\n".join(out)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m codellm.train.modelcard")
+    parser.add_argument("bundle", type=Path)
+    parser.add_argument("--out", type=Path, default=Path("MODEL.md"))
+    parser.add_argument("--command", required=True, help="the command that trained the bundle")
+    parser.add_argument("--bench", type=Path, default=None, help="saved output of `codellm bench --model BUNDLE`")
+    parser.add_argument("--curve", action="append", default=[], help="loss-curve image paths, relative to --out")
+    args = parser.parse_args(argv)
+    bench = args.bench.read_text() if args.bench else None
+    args.out.write_text(render(args.bundle, args.command, bench, args.curve))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
