@@ -49,6 +49,8 @@ class Settings:
         known = {f.name for f in fields(self)}
         for key, value in options.items():
             name = self.ALIASES.get(key, key)
+            if value is None and name in ("model_path", "device", "threads"):
+                continue  # unset in the editor: keep what the command line gave
             if name in known and getattr(self, name) != value:
                 if name == "multiline" and value not in ("auto", "always", "never"):
                     continue

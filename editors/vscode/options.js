@@ -1,0 +1,20 @@
+// Initialization options sent to codellm-serve, from the extension's settings. Kept free of the
+// `vscode` module so that tests can use exactly what the extension sends.
+"use strict";
+
+function initializationOptions(config) {
+  const device = config.get("device", "auto");
+  const maxTokens = config.get("maxTokens", null);
+  return {
+    modelPath: config.get("modelPath", "") || null,
+    device: device === "auto" ? null : device,
+    multiline: config.get("multiline", "auto"),
+    maxTokens: typeof maxTokens === "number" ? maxTokens : null,
+  };
+}
+
+function serverCommand(config) {
+  return { command: config.get("serverCommand", "codellm-serve"), args: config.get("serverArgs", []) };
+}
+
+module.exports = { initializationOptions, serverCommand };
