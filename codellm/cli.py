@@ -81,6 +81,42 @@ def cmd_info(args):
               f"val loss {info.get('val_loss')}")
 
 
+def cmd_tokenize(args):
+    from .bundle import load_bundle
+    from .defaults import default_bundle_path
+    from .inspect import token_pieces
+    path = Path(args.text)
+    text = read_text(args.text) if args.text == "-" or (len(args.text) < 4096 and path.is_file()) else args.text
+    tok = load_bundle(args.model or default_bundle_path()).tokenizer
+    pieces = token_pieces(tok, text)
+    colour = sys.stdout.isatty() and not args.plain
+    if colour:
+        backgrounds = ("\x1b[48;5;24m", "\x1b[48;5;94m", "\x1b[48;5;28m", "\x1b[48;5;90m")
+        shown = "".join(f"{backgrounds[n % 4]}{p}\x1b[0m" for n, (_, p) in enumerate(pieces))
+        print(shown)
+    else:
+        for i, piece in pieces:
+            print(f"{i:6d}  {piece!r}")
+    n_bytes = len(text.encode())
+    print(f"{len(pieces)} tokens, {len(text)} characters, {n_bytes} bytes, "
+          f"{n_bytes / max(1, len(pieces)):.2f} bytes per token", file=sys.stderr if colour else sys.stdout)
+
+
+def cmd_attention(args):
+    from .bundle import load_bundle
+    from .defaults import default_bundle_path
+    from .inspect import attention_maps, plot_attention, token_pieces
+    bundle = load_bundle(args.model or default_bundle_path())
+    prompt = args.prompt.replace("\\n", "\n")
+    pieces = token_pieces(bundle.tokenizer, prompt)[: bundle.config.context_length]
+    maps = attention_maps(bundle.model, [i for i, _ in pieces])
+    for name, value, limit in (("layer", args.layer, maps.shape[0]), ("head", args.head, maps.shape[1])):
+        if value is not None and not 0 <= value < limit:
+            raise ValueError(f"--{name} must be in 0..{limit - 1}")
+    rows, cols = plot_attention(maps, [p for _, p in pieces], args.out, args.layer, args.head)
+    print(f"wrote {args.out}: {rows}x{cols} attention maps over {len(pieces)} tokens")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="codellm", description="Offline AI completion for shell scripts.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +144,18 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     p.set_defaults(func=lambda a: __import__("codellm.bench", fromlist=["main"]).main(a))
+
+    p = sub.add_parser("tokenize", help="show how text splits into tokens")
+    p.add_argument("text", help="text, a file name, or - for stdin")
+    p.add_argument("--plain", action="store_true", help="one token per line even in a terminal")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("attention", help="attention maps of the model for a prompt, as a PNG grid")
+    p.add_argument("--prompt", required=True, help=r"the text; \n means newline")
+    p.add_argument("--layer", type=int, default=None, help="one layer (default: the last layer's heads)")
+    p.add_argument("--head", type=int, default=None, help="one head (with no --layer: this head in every layer)")
+    p.add_argument("--out", default="attn.png")
+    p.set_defaults(func=cmd_attention)
 
     for p in sub.choices.values():
         p.add_argument("--model", default=None, help="model bundle directory (default: the shipped one)")
