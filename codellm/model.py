@@ -39,7 +39,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.to(x.dtype)
+        return rms_normalize(x, self.weight, self.eps)
+
+
+def rms_normalize(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight.to(x.dtype)
 
 
 def rope_tables(head_dim: int, max_len: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,8 +71,12 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, start: int | None, mask):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        qk, v = qkv[:2], qkv[2]
+        if isinstance(self.q_norm, RMSNorm):  # q and k normalised and rotated together: fewer ops per step
+            weight = torch.stack((self.q_norm.weight, self.k_norm.weight)).view(2, 1, 1, 1, self.head_dim)
+            qk = rms_normalize(qk, weight, self.q_norm.eps)
+        q, k = apply_rope(qk, cos, sin).unbind(0)
         if start is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
