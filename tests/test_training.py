@@ -149,3 +149,22 @@ def test_seed_json_format_is_read(tmp_path):
     (tmp_path / "scripts.json").write_text(json.dumps({"scripts": ["echo a\n", {"content": "ls -la\n"}, "echo a\n"]}))
     summary = build_corpus(tmp_path / "c", code_data=[tmp_path / "scripts.json"], log=lambda *_: None)
     assert summary["shell"]["files"] == 2 and summary["shell"]["skipped"] == {"duplicate": 1}
+
+
+def test_fine_tune_on_your_own_scripts(bundle_path, data_dir, tmp_path):
+    out = tmp_path / "mine"
+    r = subprocess.run(TRAIN + ["code", "--from", str(bundle_path), "--code-data", str(data_dir / "scripts"),
+                                "--out", str(out), "--batch-size", "4", "--precision", "fp32", "--max-steps", "3"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    engine = codellm.load(str(out), device="cpu")
+    assert engine.tokenizer.to_str() == codellm.load(str(bundle_path)).tokenizer.to_str()
+    stages = engine.bundle.card["stages"]
+    assert list(stages) == ["code"] and stages["code"]["steps"] == 3
+    assert stages["code"]["train_config"]["learning_rate"] == 5e-4
+    # fine-tuning the fine-tuned model keeps the earlier stage on record
+    r = subprocess.run(TRAIN + ["code", "--from", str(out), "--code-data", str(data_dir / "scripts"), "--out",
+                                str(tmp_path / "again"), "--batch-size", "4", "--max-steps", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert list(codellm.load(str(tmp_path / "again")).bundle.card["stages"]) == ["code", "code-2"]

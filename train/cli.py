@@ -14,7 +14,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model-size", default=None, help="preset for a new model: test, nano, tiny, small, medium")
     g.add_argument("--batch-size", type=int, default=16, help="sequences per step, over all processes")
     g.add_argument("--grad-accum", type=int, default=1)
-    g.add_argument("--learning-rate", type=float, default=2e-3)
+    g.add_argument("--learning-rate", type=float, default=None,
+                   help="default 2e-3 for a new model, 5e-4 when starting from a bundle")
     g.add_argument("--num-epochs", type=float, default=None)
     g.add_argument("--max-steps", type=int, default=None)
     g.add_argument("--time-budget", type=float, default=None, help="seconds (for `all`: both stages together)")
@@ -47,8 +48,15 @@ def add_corpus_flags(p: argparse.ArgumentParser, corpus_default: str | None) -> 
 
 
 def train_config(args) -> TrainConfig:
-    return TrainConfig(learning_rate=args.learning_rate, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                       max_steps=args.max_steps, num_epochs=args.num_epochs, time_budget=args.time_budget,
+    from_bundle = getattr(args, "from_bundle", None)
+    learning_rate = args.learning_rate or (5e-4 if from_bundle else 2e-3)
+    num_epochs = args.num_epochs
+    if not (args.max_steps or args.num_epochs or args.time_budget):
+        num_epochs = 1.0
+        print("codellm-train: no --max-steps, --num-epochs or --time-budget given: training one epoch",
+              file=sys.stderr)
+    return TrainConfig(learning_rate=learning_rate, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                       max_steps=args.max_steps, num_epochs=num_epochs, time_budget=args.time_budget,
                        warmup_steps=args.warmup_steps, seed=args.seed, checkpoint_every=args.checkpoint_every,
                        eval_every=args.eval_every, compile=args.compile, precision=args.precision, stop_after=args.stop_after)
 

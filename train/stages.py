@@ -53,7 +53,11 @@ def data_card(corpus: Path, stage: str, result: StageResult, cfg: TrainConfig, p
             files += [[r["source"], r["path"], bytes.fromhex(r["sha256"])]
                       for r in read_records(corpus / name) if r.get("split", "train") == "train"]
     card = dict(previous or {})
-    card.setdefault("stages", {})[stage] = {
+    stages = card.setdefault("stages", {})
+    key, n = stage, 2
+    while key in stages:  # fine-tuning adds a stage; the base model's stages stay on record
+        key, n = f"{stage}-{n}", n + 1
+    stages[key] = {
         "corpus_summary": {k: v for k, v in summary.items() if k != "sources"},
         "sources": summary.get("sources", {}),
         "files": files,
