@@ -44,6 +44,17 @@ class Counts:
     def skip(self, reason: str) -> None:
         self.skipped[reason] += 1
 
+    def keep_if_new(self, text: str, seen: set[str]) -> bool:
+        """Count `text` as kept unless an identical text was kept before (then count a duplicate)."""
+        digest = sha256(text)
+        if digest in seen:
+            self.skip("duplicate")
+            return False
+        seen.add(digest)
+        self.kept += 1
+        self.kept_bytes += len(text.encode())
+        return True
+
     def as_dict(self) -> dict:
         return {"files": self.kept, "bytes": self.kept_bytes, "skipped": dict(self.skipped)}
 
@@ -132,15 +143,8 @@ def shell_records_from_tree(root: Path, source: str, licence: str, split: str, s
         text, reason = shell_text_or_reason(path, data)
         if text is None:
             counts.skip(reason)
-            continue
-        digest = sha256(text)
-        if digest in seen:
-            counts.skip("duplicate")
-            continue
-        seen.add(digest)
-        counts.kept += 1
-        counts.kept_bytes += len(data)
-        yield record(text, source, str(path.relative_to(root)), licence, split)
+        elif counts.keep_if_new(text, seen):
+            yield record(text, source, str(path.relative_to(root)), licence, split)
 
 
 def shell_records_from_json(path: Path, source: str, seen: set[str], counts: Counts) -> Iterator[dict]:
@@ -157,15 +161,8 @@ def shell_records_from_json(path: Path, source: str, seen: set[str], counts: Cou
             (item.get(k) for k in ("content", "code", "text", "script") if isinstance(item, dict) and k in item), None)
         if not isinstance(text, str) or not text.strip():
             counts.skip("empty")
-            continue
-        digest = sha256(text)
-        if digest in seen:
-            counts.skip("duplicate")
-            continue
-        seen.add(digest)
-        counts.kept += 1
-        counts.kept_bytes += len(text.encode())
-        yield record(text, source, f"{path.name}#{i}", "", "train")
+        elif counts.keep_if_new(text, seen):
+            yield record(text, source, f"{path.name}#{i}", "", "train")
 
 
 def code_data_records(path: Path, seen: set[str], counts: Counts, split: str = "train") -> Iterator[dict]:
@@ -181,10 +178,7 @@ def code_data_records(path: Path, seen: set[str], counts: Counts, split: str = "
         text, reason = shell_text_or_reason(path, data)
         if text is None:
             counts.skip(reason)
-        elif sha256(text) not in seen:
-            seen.add(sha256(text))
-            counts.kept += 1
-            counts.kept_bytes += len(data)
+        elif counts.keep_if_new(text, seen):
             yield record(text, f"user:{path.name}", path.name, "", split)
 
 
@@ -213,15 +207,8 @@ def language_data_records(path: Path, seen: set[str], counts: Counts) -> Iterato
         for i, doc in enumerate(split_tinystories(text) if ENDOFTEXT in text else [text]):
             if not doc.strip():
                 counts.skip("empty")
-                continue
-            digest = sha256(doc)
-            if digest in seen:
-                counts.skip("duplicate")
-                continue
-            seen.add(digest)
-            counts.kept += 1
-            counts.kept_bytes += len(doc.encode())
-            yield record(doc, f"user:{path.name}", f"{file.name}#{i}", "", "train")
+            elif counts.keep_if_new(doc, seen):
+                yield record(doc, f"user:{path.name}", f"{file.name}#{i}", "", "train")
 
 
 def english_records_from_machine(seen: set[str], counts: Counts, max_bytes: int, log=print) -> Iterator[dict]:
@@ -289,13 +276,8 @@ def _keep_english(text: str, source: str, path: str, seen: set[str], counts: Cou
     if len(text) < 200:
         counts.skip("too short")
         return None
-    digest = sha256(text)
-    if digest in seen:
-        counts.skip("duplicate")
+    if not counts.keep_if_new(text, seen):
         return None
-    seen.add(digest)
-    counts.kept += 1
-    counts.kept_bytes += len(text.encode())
-    # one man section / info manual in 50 is validation text, chosen by content hash
-    split = "val" if int(digest[:8], 16) % 50 == 0 else "train"
+    # one document in 50 is validation text, chosen by content hash
+    split = "val" if int(sha256(text)[:8], 16) % 50 == 0 else "train"
     return record(text, source, path, licence, split)
