@@ -56,3 +56,10 @@ def test_a_parseable_buffer_stays_parseable():
 def test_an_unparseable_buffer_is_left_alone():
     ctx = Context("if true; then\n", "\n", "block")  # no fi: the buffer does not parse to begin with
     assert keep_buffer_parseable("echo 'x", ctx) == "echo 'x"
+
+
+def test_plain_words_skip_the_parse_check_but_words_after_a_keyword_do_not():
+    ctx = Context("if true; then\n  ls\nfi", "\n", "line")
+    assert keep_buffer_parseable(" x", ctx) == ""  # "fi x" would break the script
+    ctx = Context("#!/bin/sh\ncp -r /tmp/a", "\n", "line")
+    assert keep_buffer_parseable("bc /tmp/b", ctx) == "bc /tmp/b"
