@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable
 
 import torch
@@ -54,6 +53,7 @@ class Engine:
         self.prompt_format = bundle.prompt_format
         self.lock = threading.Lock()
         self.cached: list[int] = []  # token ids whose keys/values sit in the cache, at positions 0..n-1
+        self._healing_cache: dict[bytes, torch.Tensor] = {}
         token_bytes = self.tokenizer.token_bytes
         # tokens that would end a line or the text before anything was inserted
         self._empty_answer_ids = torch.tensor(
@@ -83,11 +83,17 @@ class Engine:
         self.cached.append(token)
         return logits
 
-    @lru_cache(maxsize=256)
     def _healing_allowed(self, heal: bytes) -> torch.Tensor:
-        ids = [i for i, b in enumerate(self.tokenizer.token_bytes)
-               if b.startswith(heal) and i not in self.tokenizer.special_ids]
-        return torch.tensor(ids, device=self.device)
+        """Ids of the tokens whose bytes start with `heal` (cached per engine)."""
+        allowed = self._healing_cache.get(heal)
+        if allowed is None:
+            ids = [i for i, b in enumerate(self.tokenizer.token_bytes)
+                   if b.startswith(heal) and i not in self.tokenizer.special_ids]
+            allowed = torch.tensor(ids, device=self.device)
+            if len(self._healing_cache) > 1024:
+                self._healing_cache.clear()
+            self._healing_cache[heal] = allowed
+        return allowed
 
     # ------------------------------------------------------------------ completion
 
