@@ -110,6 +110,26 @@ def stop_at_block_close(text: str, ctx: Context) -> str:
     return text
 
 
+def trim_to_indentation_scope(text: str, ctx: Context) -> str:
+    """In block mode, end where a line dedents out of the block being written (a closer such as `fi`
+    or a branch such as `else` may sit lower; anything else there is code outside the block)."""
+    if ctx.mode != "block":
+        return text
+    lines = text.split("\n")
+    cursor_line = ctx.line_prefix + lines[0]
+    if cursor_line.strip() and not BLOCK_OPENER.search(cursor_line):
+        scope = indent_of(cursor_line)
+    else:
+        body = [l for l in lines[1:] if l.strip()]
+        scope = indent_of(body[0]) if body else 0
+    for i in range(1, len(lines)):
+        line = lines[i]
+        if line.strip() and indent_of(line) < scope and not CLOSER_LINE.match(line) \
+                and not line.lstrip().startswith(("else", "elif")):
+            return "\n".join(lines[:i]).rstrip()
+    return text
+
+
 def bash_parses(text: str) -> bool:
     with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False, encoding="utf-8", errors="replace") as f:
         f.write(text)
@@ -145,6 +165,7 @@ STEPS = [
     drop_repetitive_loops,
     drop_lines_repeating_the_suffix,
     stop_at_block_close,
+    trim_to_indentation_scope,
     drop_overlap_with_rest_of_line,
     drop_trailing_whitespace,
     keep_buffer_parseable,

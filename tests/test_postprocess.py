@@ -1,6 +1,7 @@
 """Each post-processing step on hand-written cases."""
 from codellm.postprocess import (Context, drop_lines_repeating_the_suffix, drop_overlap_with_rest_of_line,
-                                 drop_repetitive_loops, keep_buffer_parseable, postprocess, stop_at_block_close)
+                                 drop_repetitive_loops, keep_buffer_parseable, postprocess, stop_at_block_close,
+                                 trim_to_indentation_scope)
 
 IF_OPEN = 'if [ -z "$1" ]; then'
 
@@ -63,3 +64,11 @@ def test_plain_words_skip_the_parse_check_but_words_after_a_keyword_do_not():
     assert keep_buffer_parseable(" x", ctx) == ""  # "fi x" would break the script
     ctx = Context("#!/bin/sh\ncp -r /tmp/a", "\n", "line")
     assert keep_buffer_parseable("bc /tmp/b", ctx) == "bc /tmp/b"
+
+
+def test_code_after_the_block_is_trimmed():
+    ctx = Context("for f in *; do\n    ", "\n", "block")
+    assert trim_to_indentation_scope('echo "$f"\n    rm "$f"\necho after', ctx) == 'echo "$f"\n    rm "$f"'
+    ctx = Context("if [ -f x ]; then", "\n", "block")
+    text = "\n    cat x\nelse\n    touch x\nfi"
+    assert trim_to_indentation_scope(text, ctx) == text  # else and fi belong to the block
