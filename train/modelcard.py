@@ -88,6 +88,8 @@ def render(bundle_path: Path, command: str, bench_text: str | None, curves: list
                 f"{lat.get('p50')} ms, p95 {lat.get('p95')} ms.", ""]
     if bench_text:
         out += [f"`codellm bench --model {bundle_path}`:", "", "```", bench_text.strip(), "```", ""]
+    out += ["---", "", "Written by `python -m codellm.train.modelcard` from the bundle's data card; the evaluation "
+            "figures are stored there by `codellm-train eval`.", ""]
     return "\n".join(out)
 
 
