@@ -83,14 +83,12 @@ class ModelHolder:
         thread.start()
 
     def _watch_loop(self, path: Path, stop: threading.Event) -> None:
-        """Watch the bundle's parent, so that a bundle directory replaced by rename is seen too."""
+        """Watch the bundle folder and its parent's entries (not recursively: the parent may be a home
+        directory). A bundle replaced by rename is a new folder, so the watch is then set up again."""
         try:
             from watchfiles import watch
         except ImportError:
             log.warning("watchfiles not installed: the model is not reloaded on change")
-            return
-        parent = path.parent
-        if not parent.is_dir():
             return
         prefix = str(path)
 
@@ -98,15 +96,25 @@ class ModelHolder:
             return changed == prefix or changed.startswith(prefix + "/") or \
                 Path(changed).name.startswith(f".{path.name}.")
 
-        try:
-            for _changes in watch(parent, watch_filter=relevant, stop_event=stop, debounce=400, step=100,
-                                  recursive=True, raise_interrupt=False):
-                if stop.is_set():
+        while not stop.is_set():
+            if not path.parent.is_dir():
+                return
+            watched = [path.parent] + ([path] if path.is_dir() else [])
+            inode = path.stat().st_ino if path.is_dir() else None
+            try:
+                for _changes in watch(*watched, watch_filter=relevant, stop_event=stop, debounce=400, step=100,
+                                      recursive=False, raise_interrupt=False):
+                    if stop.is_set():
+                        return
+                    if path.is_dir():
+                        self.reload()
+                    if (path.stat().st_ino if path.is_dir() else None) != inode:
+                        break  # the folder was replaced: watch the new one
+                else:
                     return
-                if path.is_dir():
-                    self.reload()
-        except Exception as exc:  # the watcher must never take the server down
-            log.warning("model watcher stopped: %s", exc)
+            except Exception as exc:  # the watcher must never take the server down
+                log.warning("model watcher stopped: %s", exc)
+                return
 
     def stop(self) -> None:
         if self._watch_stop:
