@@ -24,20 +24,23 @@ def tokens_per_second(step, tokens: int, steps: int) -> float:
     return tokens / statistics.median(times)
 
 
-def ours(cfg: ModelConfig, batch: int, precision: str, steps: int) -> float:
+def ours(cfg: ModelConfig, batch: int, precision: str, steps: int, compile: bool = False) -> float:
     model = GPT(cfg).train()
     opt = make_optimizer(model, TrainConfig())
+    forward = torch.compile(model) if compile else model
     x = torch.randint(0, cfg.vocab_size, (batch, cfg.context_length))
     device = torch.device("cpu")
 
     def step():
         with autocast(device, precision):
-            loss = loss_fn(model(x), x)
+            loss = loss_fn(forward(x), x)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
 
+    if compile:
+        step()  # compiling happens on the first call; not timed
     return tokens_per_second(step, batch * cfg.context_length, steps)
 
 
@@ -82,3 +85,7 @@ def main(args) -> None:
             ratio = f"{mine / hf[0]:5.2f}x" if hf else ""
             print(f"{preset:8s} {cfg.num_params() / 1e6:7.2f}M {precision:>9s} {mine:14,.0f} {hf_text} {ratio:>6s}",
                   flush=True)
+            if args.compile:
+                compiled = ours(cfg, args.batch_size, precision, args.steps, compile=True)
+                ratio = f"{compiled / hf[0]:5.2f}x" if hf else ""
+                print(f"{preset + '+compile':16s} {precision:>9s} {compiled:14,.0f} {hf_text} {ratio:>6s}", flush=True)

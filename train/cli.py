@@ -170,6 +170,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--context-length", type=int, default=256)
     p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
     p.set_defaults(func=lambda a: __import__("codellm.train.bench", fromlist=["main"]).main(a))
 
     args = parser.parse_args(argv)
