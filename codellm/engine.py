@@ -103,9 +103,11 @@ class Engine:
 
     def complete_detailed(self, prefix: str, suffix: str = "", mode: str = "line", max_new_tokens: int | None = None,
                           deadline: float | None = None, should_stop: Callable[[], bool] | None = None,
-                          fmt: str | None = None, clean: bool = True) -> Completion:
+                          fmt: str | None = None, clean: bool = True, allow_empty: bool = False) -> Completion:
         """deadline: time.monotonic() value after which decoding stops; should_stop: polled between steps;
-        clean: apply the shell-aware post-processing (codellm.postprocess) to the raw model text."""
+        clean: apply the shell-aware post-processing (codellm.postprocess) to the raw model text;
+        allow_empty: let the model answer nothing (by default the first token may not end the answer:
+        in line mode neither end of text nor a newline, in block mode not end of text)."""
         if mode == "auto":
             mode = choose_mode(prefix, suffix)
         if mode not in ("line", "block"):
@@ -128,8 +130,8 @@ class Engine:
                     masked = torch.full_like(logits, NEG_INF)
                     masked[allowed] = logits[allowed]
                     logits = masked
-                elif len(out) <= len(heal):  # nothing inserted yet: the answer may not be empty
-                    logits[self._empty_answer_ids] = NEG_INF
+                elif len(out) <= len(heal) and not allow_empty:  # nothing inserted yet
+                    logits[self._empty_answer_ids if mode == "line" else self.tokenizer.eot_id] = NEG_INF
                 token = int(torch.argmax(logits))
                 if token == self.tokenizer.eot_id:
                     stop = "eot"

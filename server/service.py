@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import statistics
 import threading
 import time
@@ -24,6 +25,7 @@ log = logging.getLogger("codellm.server")
 CACHE_ENTRIES = 512
 PROMPT_TAIL_CHARS = 16384  # what the engine is given of a long prefix; cut at a stable point
 CLOSING_ONLY = set(" \t)]}\"';")  # after the cursor these still allow an automatic suggestion
+WORD_CHAR = re.compile(r"[\w.$/-]")
 
 
 @dataclass
@@ -151,9 +153,14 @@ class CompletionService:
         if automatic and self.text_follows_cursor(suffix):
             return Suggestion("", "skipped")
         mode = self.mode_for(prefix, suffix)
-        cached = self._from_cache(uri, prefix, suffix, mode)
+        # typing on: at the end of a word an answer is wanted; after a space or the end of a statement
+        # the model may judge the line complete and suggest nothing
+        allow_empty = automatic and mode == "line" and not WORD_CHAR.match(prefix[-1:])
+        cache_mode = mode + ("|may-be-empty" if allow_empty else "")
+        cached = self._from_cache(uri, prefix, suffix, cache_mode)
         if cached:
             self.counts["cache_hits"] += 1
+            cached.mode = mode
             return self._done(cached, start)
         if self.holder.engine is None:
             return Suggestion("", "no-model")
@@ -161,7 +168,8 @@ class CompletionService:
         loop = asyncio.get_running_loop()
         try:
             suggestion = await loop.run_in_executor(
-                self.executor, self._run_model, uri, request_id, prefix, suffix, mode, cancelled)
+                self.executor, self._run_model, uri, request_id, prefix, suffix, mode, cancelled, allow_empty,
+                cache_mode)
         except asyncio.CancelledError:
             cancelled.set()
             raise
@@ -178,7 +186,7 @@ class CompletionService:
         return suggestion
 
     def _run_model(self, uri: str, request_id: int, prefix: str, suffix: str, mode: str,
-                   cancelled: threading.Event) -> Suggestion:
+                   cancelled: threading.Event, allow_empty: bool = False, cache_mode: str = "") -> Suggestion:
         """Runs on the model thread; stops between decode steps once a newer request arrives."""
         def superseded() -> bool:
             return cancelled.is_set() or self.latest.get(uri) != request_id
@@ -191,14 +199,14 @@ class CompletionService:
             engine.cached = []
         result = engine.complete_detailed(clean_text(stable_tail(prefix)), clean_text(suffix[:8192]), mode,
                                           max_new_tokens=self.settings.max_tokens, deadline=deadline,
-                                          should_stop=superseded, clean=False)
+                                          should_stop=superseded, clean=False, allow_empty=allow_empty)
         if result.stop_reason == "cancelled":
             return Suggestion("", "superseded", mode)
         self.counts["model"] += 1
         self.counts["prompt_tokens"] += result.prompt_tokens
         self.counts["reused_tokens"] += result.reused_tokens
         text = postprocess(result.text, Context(prefix, suffix, mode))
-        self._remember(uri, prefix, suffix, mode, text)
+        self._remember(uri, prefix, suffix, cache_mode or mode, text)
         return Suggestion(text, "model", mode)
 
     def forget(self, uri: str) -> None:

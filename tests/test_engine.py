@@ -93,3 +93,14 @@ def test_engine_on_explicit_cpu(bundle_path):
     assert engine.device.type == "cpu"
     with pytest.raises(ValueError):
         engine.complete("x", mode="paragraph")
+
+
+def test_block_mode_may_start_with_a_newline_and_allow_empty_lets_the_model_stop(engine):
+    eot = engine.tokenizer.eot_id
+    r = engine.complete_detailed("if true; then", "\nfi\n", mode="block", max_new_tokens=1, clean=False)
+    assert r.stop_reason != "eot"  # never empty by default ...
+    # ... but a newline may come first in block mode: the mask bans end of text only
+    line_ban = set(engine._empty_answer_ids.tolist())
+    assert eot in line_ban and any(engine.tokenizer.token_bytes[i].startswith(b"\n") for i in line_ban)
+    r = engine.complete_detailed("echo done;", "\n", mode="line", allow_empty=True, clean=False)
+    assert isinstance(r.text, str)
