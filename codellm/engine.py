@@ -11,18 +11,19 @@ import torch
 
 from .bundle import Bundle, load_bundle
 from .device import choose_device, set_threads
-from .postprocess import Context, postprocess
+from .postprocess import Context, postprocess, repetition_cut
 from .prompt import build_prompt
 from .shellmode import choose_mode
 
 NEG_INF = float("-inf")
 MAX_TOKENS = {"line": 48, "block": 160}
+MAX_LINE_BYTES = 240  # a suggested line longer than this is a runaway, not shell
 
 
 @dataclass
 class Completion:
     text: str  # what to insert at the cursor
-    stop_reason: str  # "eot" | "newline" | "max_tokens" | "deadline" | "cancelled" | "context"
+    stop_reason: str  # "eot" | "newline" | "max_tokens" | "deadline" | "cancelled" | "context" | "repetition"
     mode: str
     prompt_tokens: int
     reused_tokens: int  # prompt tokens whose keys/values came from the cache
@@ -140,6 +141,9 @@ class Engine:
                 if mode == "line" and b"\n" in out[len(heal):]:
                     stop = "newline"
                     break
+                if runaway(out):
+                    stop = "repetition"
+                    break
                 if should_stop and should_stop():
                     stop = "cancelled"
                     break
@@ -192,6 +196,17 @@ class Engine:
                 else:
                     logits = self._step(token)
         return self.tokenizer.decode(new)
+
+
+def runaway(out: bytearray) -> bool:
+    """A line past MAX_LINE_BYTES, or text ending in a loop: decoding further only costs time."""
+    line = out[out.rfind(b"\n") + 1:]
+    if len(line) > MAX_LINE_BYTES:
+        return True
+    if len(out) < 12 or out[-1:] not in (b" ", b"\n", b";", b"]", b")", b'"'):
+        return False  # check at natural boundaries only
+    tail = out[-200:].decode("utf-8", errors="ignore")
+    return repetition_cut(tail) is not None
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

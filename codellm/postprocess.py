@@ -73,17 +73,34 @@ def drop_lines_repeating_the_suffix(text: str, ctx: Context) -> str:
     return text
 
 
+REPEATED_CHUNK = re.compile(r"([^\n]{3,60}?)\1{2,}")
+
+
+RULE_CHARS = set("-=#*~_.+/ \t")  # `# -----` and `=====` lines repeat on purpose
+
+
+def repetition_cut(text: str) -> int | None:
+    """Where to cut a loop: the end of the first copy of a chunk (3-60 characters, not a rule drawn
+    with - = # * and the like) that then repeats twice more in a row."""
+    for match in REPEATED_CHUNK.finditer(text):
+        unit = match.group(1)
+        if not set(unit) <= RULE_CHARS:
+            return match.start() + len(unit)
+    return None
+
+
 def drop_repetitive_loops(text: str, ctx: Context) -> str:
-    """A small model can loop: keep the first occurrence of a line repeated three times in a row, and cut
-    a line that repeats one short pattern many times."""
+    """A small model can loop: keep the first copy of a line repeated three times in a row, and of a
+    chunk repeated three times within a line."""
     lines = text.split("\n")
     for i in range(2, len(lines)):
         if lines[i].strip() and lines[i] == lines[i - 1] == lines[i - 2]:
-            return "\n".join(lines[:i - 1])
-    match = re.search(r"(.{2,12}?)\1{4,}", text)
-    if match:
-        return text[:match.start() + len(match.group(1))].rstrip()
-    return text
+            text = "\n".join(lines[:i - 1])
+            break
+    cut = repetition_cut(text)
+    if cut is None:
+        return text
+    return re.sub(r"\s*(&&|\|\||\|)?\s*$", "", text[:cut])  # no dangling && or |
 
 
 def stop_at_block_close(text: str, ctx: Context) -> str:
@@ -93,6 +110,9 @@ def stop_at_block_close(text: str, ctx: Context) -> str:
         return text
     lines = text.split("\n")
     cursor_line = ctx.line_prefix + lines[0]
+    upcoming = ctx.next_lines[0].strip() if ctx.next_lines else ""
+    if not ctx.line_prefix.strip() and CLOSER_LINE.match(cursor_line):  # the suggestion starts by closing
+        return "" if upcoming.split()[:1] == cursor_line.strip().split()[:1] else lines[0]
     limit = indent_of(cursor_line)
     opens_block = bool(BLOCK_OPENER.search(cursor_line))
     for i in range(1, len(lines)):
@@ -103,7 +123,6 @@ def stop_at_block_close(text: str, ctx: Context) -> str:
         ends_case_item = line.strip().startswith(";;")  # sits at the depth of the item's body
         if depth > limit or (depth == limit and not opens_block and not ends_case_item):
             continue  # closes a block the completion itself opened
-        upcoming = ctx.next_lines[0].strip() if ctx.next_lines else ""
         if upcoming.split()[:1] == line.strip().split()[:1]:
             return "\n".join(lines[:i]).rstrip()
         return "\n".join(lines[:i + 1])

@@ -72,3 +72,17 @@ def test_code_after_the_block_is_trimmed():
     ctx = Context("if [ -f x ]; then", "\n", "block")
     text = "\n    cat x\nelse\n    touch x\nfi"
     assert trim_to_indentation_scope(text, ctx) == text  # else and fi belong to the block
+
+
+def test_loops_within_a_line_are_cut_but_rules_are_not():
+    looped = '\tif [ -z "$1" ] && [ -z "$1" ] && [ -z "$1" ] && [ -z "$1" ]'
+    assert drop_repetitive_loops(looped, Context("", "", "block")) == '\tif [ -z "$1" ]'
+    rule = "# ------------------------------------------"
+    assert drop_repetitive_loops(rule, Context("", "", "line")) == rule
+
+
+def test_a_suggestion_that_starts_by_closing_the_block_ends_there():
+    ctx = Context('if [ ! -d "$d" ]; then\n    exit 1\n', "\nmkdir -p x\n", "block")
+    assert stop_at_block_close("fi\n\nif [ -d x ]; then", ctx) == "fi"
+    ctx = Context('if [ ! -d "$d" ]; then\n    exit 1\n', "\nfi\n", "block")
+    assert stop_at_block_close("fi\necho", ctx) == ""
