@@ -64,7 +64,6 @@ class CodellmServer(LanguageServer):
         return bool(SHEBANG.match(text[:200]))
 
 
-
 def cursor_split(doc, position: types.Position) -> tuple[str, str] | None:
     """(prefix, suffix) around a client position; None for a position outside the document."""
     source = doc.source
