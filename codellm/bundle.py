@@ -62,6 +62,8 @@ def save_bundle(path: str | Path, model: GPT, tokenizer: Tokenizer, card: dict |
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "codellm_format": str(FORMAT_VERSION)})
         (tmp / CARD_FILE).write_bytes(msgpack.packb(card or {}, use_bin_type=True))
         os.chmod(tmp, 0o755)
+        for name in BUNDLE_FILES:
+            os.chmod(tmp / name, 0o644)
         if path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)

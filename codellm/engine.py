@@ -11,7 +11,7 @@ import torch
 
 from .bundle import Bundle, load_bundle
 from .device import choose_device, set_threads
-from .postprocess import Context, postprocess, repetition_cut
+from .postprocess import BLANK_LINE_AFTER_CONTENT, Context, postprocess, repetition_cut
 from .prompt import build_prompt
 from .shellmode import choose_mode
 
@@ -23,7 +23,7 @@ MAX_LINE_BYTES = 240  # a suggested line longer than this is a runaway, not shel
 @dataclass
 class Completion:
     text: str  # what to insert at the cursor
-    stop_reason: str  # "eot" | "newline" | "max_tokens" | "deadline" | "cancelled" | "context" | "repetition"
+    stop_reason: str  # "eot" | "newline" | "max_tokens" | "deadline" | "cancelled" | "context" | "repetition" | "blank line"
     mode: str
     prompt_tokens: int
     reused_tokens: int  # prompt tokens whose keys/values came from the cache
@@ -85,11 +85,12 @@ class Engine:
         return logits
 
     def _healing_allowed(self, heal: bytes) -> torch.Tensor:
-        """Ids of the tokens whose bytes start with `heal` (cached per engine)."""
+        """Ids of the tokens that agree with the backed-off bytes `heal`: those that start with them,
+        and those that are a start of them (the text's own tokens are always among these)."""
         allowed = self._healing_cache.get(heal)
         if allowed is None:
             ids = [i for i, b in enumerate(self.tokenizer.token_bytes)
-                   if b.startswith(heal) and i not in self.tokenizer.special_ids]
+                   if b and (b.startswith(heal) or heal.startswith(b)) and i not in self.tokenizer.special_ids]
             allowed = torch.tensor(ids, device=self.device)
             if len(self._healing_cache) > 1024:
                 self._healing_cache.clear()
@@ -143,6 +144,9 @@ class Engine:
                     break
                 if runaway(out):
                     stop = "repetition"
+                    break
+                if mode == "block" and BLANK_LINE_AFTER_CONTENT.search(out[len(heal):].decode("utf-8", "ignore")):
+                    stop = "blank line"
                     break
                 if should_stop and should_stop():
                     stop = "cancelled"

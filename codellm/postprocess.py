@@ -90,17 +90,28 @@ def repetition_cut(text: str) -> int | None:
 
 
 def drop_repetitive_loops(text: str, ctx: Context) -> str:
-    """A small model can loop: keep the first copy of a line repeated three times in a row, and of a
-    chunk repeated three times within a line."""
+    """A small model can loop: keep the first copy of a statement line written twice in a row, and of
+    a chunk repeated three times within a line."""
     lines = text.split("\n")
-    for i in range(2, len(lines)):
-        if lines[i].strip() and lines[i] == lines[i - 1] == lines[i - 2]:
-            text = "\n".join(lines[:i - 1])
+    for i in range(1, len(lines)):
+        if len(lines[i].strip()) >= 8 and lines[i].strip() == lines[i - 1].strip():
+            text = "\n".join(lines[:i])
             break
     cut = repetition_cut(text)
     if cut is None:
         return text
     return re.sub(r"\s*(&&|\|\||\|)?\s*$", "", text[:cut])  # no dangling && or |
+
+
+BLANK_LINE_AFTER_CONTENT = re.compile(r"\S[^\n]*\n[ \t]*\n")
+
+
+def stop_at_blank_line(text: str, ctx: Context) -> str:
+    """A block suggestion is one paragraph: end it at the first blank line after some content."""
+    if ctx.mode != "block":
+        return text
+    match = BLANK_LINE_AFTER_CONTENT.search(text)
+    return text[:match.start() + text[match.start():].index("\n")] if match else text
 
 
 def stop_at_block_close(text: str, ctx: Context) -> str:
@@ -182,6 +193,7 @@ def keep_buffer_parseable(text: str, ctx: Context) -> str:
 
 STEPS = [
     drop_repetitive_loops,
+    stop_at_blank_line,
     drop_lines_repeating_the_suffix,
     stop_at_block_close,
     trim_to_indentation_scope,

@@ -58,13 +58,20 @@ def suffix_window(suffix: str, max_chars: int) -> str:
 
 
 def heal_split(tok: Tokenizer, ids: list[int]) -> tuple[list[int], bytes]:
-    """Back off the last token when the text ends mid-word, so the model may pick a longer token."""
-    if not ids:
+    """Back off the end of the text when it may be a partial token ("token healing"): the last token,
+    and a lone run of spaces before it (BPE merges a space into the word after it: "    ech" ends
+    in " " + "ech", while "    echo" ends in " echo"). The completion must then start with the
+    backed-off bytes, so the model may pick the longer token a person is typing (or, after a newline
+    and indentation, the usual split of "\n    echo" into "\n   " + " echo")."""
+    if not ids or ids[-1] in tok.special_ids:
         return ids, b""
     last = tok.token_bytes[ids[-1]]
-    if ids[-1] in tok.special_ids or not last.strip() or b"\n" in last or last[-1:].isspace():
-        return ids, b""
-    return ids[:-1], last
+    n = 1
+    if len(ids) >= 2 and ids[-2] not in tok.special_ids and last[:1] not in (b" ", b"\t"):
+        before = tok.token_bytes[ids[-2]]
+        if before and not before.strip(b" \t"):
+            n = 2
+    return ids[:-n], b"".join(tok.token_bytes[i] for i in ids[-n:])
 
 
 def build_prompt(tok: Tokenizer, prefix: str, suffix: str = "", fmt: str = "spm", budget: int = 512,

@@ -1,6 +1,7 @@
 """Each post-processing step on hand-written cases."""
 from codellm.postprocess import (Context, drop_lines_repeating_the_suffix, drop_overlap_with_rest_of_line,
-                                 drop_repetitive_loops, keep_buffer_parseable, postprocess, stop_at_block_close,
+                                 drop_repetitive_loops, keep_buffer_parseable, postprocess, stop_at_blank_line,
+                                 stop_at_block_close,
                                  trim_to_indentation_scope)
 
 IF_OPEN = 'if [ -z "$1" ]; then'
@@ -44,7 +45,8 @@ def test_lines_already_below_the_cursor_are_not_repeated():
 
 
 def test_repetitive_loops_are_cut():
-    assert drop_repetitive_loops("echo a\necho a\necho a\necho a", Context("", "", "block")) == "echo a"
+    assert drop_repetitive_loops('echo "a b"\necho "a b"\necho "a b"', Context("", "", "block")) == 'echo "a b"'
+    assert drop_repetitive_loops("shift\nshift", Context("", "", "block")) == "shift\nshift"
     assert drop_repetitive_loops("x=$((x+1)))))))))))))))", Context("", "", "line")).count(")") < 6
 
 
@@ -86,3 +88,9 @@ def test_a_suggestion_that_starts_by_closing_the_block_ends_there():
     assert stop_at_block_close("fi\n\nif [ -d x ]; then", ctx) == "fi"
     ctx = Context('if [ ! -d "$d" ]; then\n    exit 1\n', "\nfi\n", "block")
     assert stop_at_block_close("fi\necho", ctx) == ""
+
+
+def test_block_suggestions_end_at_a_blank_line():
+    ctx = Context("x=1\n", "\n", "block")
+    assert stop_at_blank_line("\necho a\necho b\n\n# Copyright", ctx) == "\necho a\necho b"
+    assert stop_at_blank_line("echo a", Context("x", "", "line")) == "echo a"

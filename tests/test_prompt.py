@@ -51,9 +51,17 @@ def test_spm_prompt_grows_only_at_its_end_while_typing(tokenizer):
 def test_heal_split_backs_off_a_partial_word(tokenizer):
     ids = tokenizer.encode("for f in *.txt; do\n    ech")
     kept, heal = heal_split(tokenizer, ids)
-    assert heal and b"ech".endswith(heal) or heal.endswith(b"ech")
+    assert heal.endswith(b"ech")
     assert tokenizer.decode_bytes(kept) + heal == "for f in *.txt; do\n    ech".encode()
-    assert heal_split(tokenizer, tokenizer.encode("done\n")) == (tokenizer.encode("done\n"), b"")
+    kept, heal = heal_split(tokenizer, tokenizer.encode("done\n"))
+    assert tokenizer.decode_bytes(kept) + heal == b"done\n" and heal.endswith(b"\n")
+
+
+def test_heal_split_takes_the_space_that_would_merge_with_the_word(tokenizer):
+    T = tokenizer
+    space, word = T.hf.token_to_id("Ġ"), T.encode("ech")
+    kept, heal = heal_split(T, T.encode("x\n") + [space] + word)
+    assert heal == b" ech" and kept == T.encode("x\n")
 
 
 def test_fim_training_examples_reassemble_the_document(tokenizer):

@@ -239,7 +239,8 @@ def print_table(r: dict) -> None:
                  for k in ("all", "line_start", "mid_line")]
         label = {"fim": "model (with suffix)", "no_suffix": "model (no suffix)", "baseline": "repeat previous line"}[name]
         print(f"{label:22s} {cells[0]:>14s} {cells[1]:>18s} {cells[2]:>16s}")
-    print(f"completions keeping a parseable file parseable: {lc['syntax_kept_parseable']}%   "
+    print(f"files that parse again with the predicted line in place (of those that parse): "
+          f"{lc['syntax_kept_parseable']}%   "
           f"latency p50 {lc['latency_ms'].get('p50')} ms, p95 {lc['latency_ms'].get('p95')} ms")
     ws = r.get("whole_scripts")
     if ws:

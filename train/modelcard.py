@@ -77,7 +77,8 @@ def render(bundle_path: Path, command: str, bench_text: str | None, curves: list
         n = lc["fim"]["all"]["n"]
         out += [f"Line completion (CodeXGLUE protocol, {n} cut points, greedy): exact match % / edit similarity",
                 "", _fmt_table(rows, ["", "all", "line start", "mid-line"]), "",
-                f"Completions that keep a parseable file parseable (`bash -n`): {lc['syntax_kept_parseable']}%.", ""]
+                f"Held-out files that still parse (`bash -n`) with the predicted line in place of the real one, "
+                f"among those that parse: {lc['syntax_kept_parseable']}%.", ""]
         ws = ev.get("whole_scripts")
         if ws:
             out += [f"Whole scripts generated from {ws['n']} one-line descriptions (temperature 0.6): "
