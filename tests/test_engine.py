@@ -27,8 +27,11 @@ def test_token_healing_continues_the_partial_word(engine):
     assert prompt.heal  # the partial word was backed off ...
     allowed = engine._healing_allowed(prompt.heal)
     table = engine.tokenizer.token_bytes
-    assert all(table[i].startswith(prompt.heal) for i in allowed.tolist())
-    assert engine.tokenizer.encode(prefix)[-1] in allowed.tolist()  # ... and the original token stays possible
+    # every allowed token agrees with the backed-off bytes: it extends them or is a start of them
+    assert all(table[i].startswith(prompt.heal) or prompt.heal.startswith(table[i]) for i in allowed.tolist())
+    original = engine.tokenizer.encode(prefix)
+    assert original[-1] in allowed.tolist() or original[-2] in allowed.tolist()  # the text's own split stays possible
+    assert any(len(table[i]) > len(prompt.heal) for i in allowed.tolist())  # and longer tokens are offered
 
 
 def test_completion_text_is_what_follows_the_prefix(engine):
