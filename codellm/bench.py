@@ -63,6 +63,47 @@ def hf_llama_generate_time(cfg: ModelConfig, prompt: torch.Tensor, repeats: int)
     return median_time(run, max(3, repeats // 3)), n_params
 
 
+TYPING_SCRIPT = """#!/bin/bash
+# Rotate the application logs and keep a week of them.
+set -euo pipefail
+
+LOG_DIR=/var/log/app
+KEEP_DAYS=7
+
+rotate() {
+    local file="$1"
+    if [ -s "$file" ]; then
+        mv "$file" "$file.$(date +%Y%m%d)"
+        gzip -9 "$file.$(date +%Y%m%d)"
+    fi
+}
+
+for log in "$LOG_DIR"/*.log; do
+    rotate "$log"
+done
+
+find "$LOG_DIR" -name '*.gz' -mtime +"$KEEP_DAYS" -delete
+echo "rotated logs in $LOG_DIR"
+"""
+
+
+def typing_comparison(engine: Engine, fmt: str) -> tuple[float, float]:
+    """Type a line of a script one character at a time, completing after each keystroke (the real
+    suffix after the cursor); returns (median ms per completion, share of prompt tokens reused)."""
+    lines = TYPING_SCRIPT.split("\n")
+    k = lines.index("for log in \"$LOG_DIR\"/*.log; do") + 1
+    before, typed = "\n".join(lines[:k]) + "\n", lines[k]
+    after = "\n" + "\n".join(lines[k + 1:])
+    engine.cached = []
+    times, reused, total = [], 0, 0
+    for i in range(1, len(typed) + 1):
+        r = engine.complete_detailed(before + typed[:i], after, "line", max_new_tokens=8, fmt=fmt, clean=False)
+        times.append(r.seconds)
+        reused += r.reused_tokens
+        total += r.prompt_tokens
+    return 1000 * statistics.median(times), reused / max(1, total)
+
+
 def main(args) -> None:
     device = choose_device(args.device)
     if args.model:
@@ -105,6 +146,11 @@ def main(args) -> None:
     print(f"  {NEW_TOKENS}-token completion, fresh  {fresh * 1000:8.1f} ms")
     print(f"  {NEW_TOKENS}-token completion, 1-token edit (KV reuse) {edit * 1000:8.1f} ms  "
           f"({fresh / edit:.1f}x faster than fresh)")
+    if args.model:
+        for fmt in ("spm", "psm"):
+            ms, reuse = typing_comparison(engine, fmt)
+            print(f"  typing a line, 8-token completion per keystroke, {fmt.upper()} prompts: median {ms:6.1f} ms, "
+                  f"KV reuse {reuse:.0%}")
     if not args.no_hf and device.type == "cpu":
         result = hf_llama_generate_time(cfg, torch.tensor([prompt]), args.repeats)
         if result is None:

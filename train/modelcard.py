@@ -15,7 +15,7 @@ def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join(lines)
 
 
-def render(bundle_path: Path, command: str, bench_text: str | None, curves: list[str]) -> str:
+def render(bundle_path: Path, command: str, bench_text: str | None, curves: list[str], notes: str | None = None) -> str:
     bundle = load_bundle(bundle_path)
     card, cfg = bundle.card, bundle.config
     stages = card.get("stages", {})
@@ -89,6 +89,8 @@ def render(bundle_path: Path, command: str, bench_text: str | None, curves: list
                 f"{lat.get('p50')} ms, p95 {lat.get('p95')} ms.", ""]
     if bench_text:
         out += [f"`codellm bench --model {bundle_path}`:", "", "```", bench_text.strip(), "```", ""]
+    if notes:
+        out += ["## Observations", "", notes.strip(), ""]
     out += ["---", "", "Written by `python -m codellm.train.modelcard` from the bundle's data card; the evaluation "
             "figures are stored there by `codellm-train eval`.", ""]
     return "\n".join(out)
@@ -101,9 +103,11 @@ def main(argv=None) -> None:
     parser.add_argument("--command", required=True, help="the command that trained the bundle")
     parser.add_argument("--bench", type=Path, default=None, help="saved output of `codellm bench --model BUNDLE`")
     parser.add_argument("--curve", action="append", default=[], help="loss-curve image paths, relative to --out")
+    parser.add_argument("--notes", type=Path, default=None, help="a Markdown file of observations to include")
     args = parser.parse_args(argv)
     bench = args.bench.read_text() if args.bench else None
-    args.out.write_text(render(args.bundle, args.command, bench, args.curve))
+    notes = args.notes.read_text() if args.notes else None
+    args.out.write_text(render(args.bundle, args.command, bench, args.curve, notes))
     print(f"wrote {args.out}")
 
 
