@@ -3,11 +3,10 @@ LlamaForCausalLM of the same size, batch and sequence length, in the same run (m
 from __future__ import annotations
 
 import platform
-import statistics
-import time
 
 import torch
 
+from codellm.bench import median_time
 from codellm.config import ModelConfig
 from codellm.model import GPT
 
@@ -15,13 +14,7 @@ from .loop import TrainConfig, autocast, loss_fn, make_optimizer, use_bf16
 
 
 def tokens_per_second(step, tokens: int, steps: int) -> float:
-    step()  # warm-up
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return tokens / statistics.median(times)
+    return tokens / median_time(step, steps)
 
 
 def ours(cfg: ModelConfig, batch: int, precision: str, steps: int, compile: bool = False) -> float:
