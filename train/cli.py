@@ -61,17 +61,35 @@ def train_config(args) -> TrainConfig:
                        eval_every=args.eval_every, compile=args.compile, precision=args.precision, stop_after=args.stop_after)
 
 
+def first_process_then_all(work):
+    """Under torchrun, files are made once: process 0 runs `work`, the others wait for it."""
+    rank, world = distributed()
+    result = work() if rank == 0 else None
+    if world > 1:
+        import torch.distributed
+        torch.distributed.barrier()
+    return result
+
+
 def ensure_corpus(args, default_dir: Path) -> Path:
     from .recipe import build_corpus, SHELL_FILE
 
     corpus = args.corpus or default_dir
     if args.recipe or args.code_data or args.language_data:
         if not (args.resume and (corpus / SHELL_FILE).exists()):
-            build_corpus(corpus, args.recipe, args.code_data, args.language_data, args.packages,
-                         args.cache, args.english_mb)
+            first_process_then_all(lambda: build_corpus(corpus, args.recipe, args.code_data, args.language_data,
+                                                        args.packages, args.cache, args.english_mb))
     elif not (corpus / SHELL_FILE).exists():
         raise ValueError(f"{corpus}: no corpus here; give --recipe default, --code-data or --language-data")
     return corpus
+
+
+def trained_tokenizer(corpus: Path, path: Path):
+    """Train the tokenizer once (process 0) and load it in every process."""
+    from codellm.tokenizer import Tokenizer
+    from .stages import train_tokenizer
+    first_process_then_all(lambda: train_tokenizer(corpus, path))
+    return Tokenizer.load(path)
 
 
 def cmd_corpus(args):
@@ -92,19 +110,18 @@ def cmd_stage(args, stage: str):
     corpus = ensure_corpus(args, work / "corpus")
     tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
     if tok is None and not args.from_bundle:
-        from .stages import train_tokenizer
-        tok = train_tokenizer(corpus, work / "tokenizer.json")
+        tok = trained_tokenizer(corpus, work / "tokenizer.json")
     run_stage(stage, corpus, args.out, train_config(args), tok, args.from_bundle, args.model_size,
               args.context_length, args.fim_rate, args.device, args.resume, threads=args.threads)
 
 
 def cmd_all(args):
     from codellm.tokenizer import Tokenizer
-    from .stages import run_stage, train_tokenizer
+    from .stages import run_stage
     work = args.out.with_name(args.out.name + ".work")
     corpus = ensure_corpus(args, work / "corpus")
     tok_path = work / "tokenizer.json"
-    tok = Tokenizer.load(tok_path) if args.resume and tok_path.exists() else train_tokenizer(corpus, tok_path)
+    tok = Tokenizer.load(tok_path) if args.resume and tok_path.exists() else trained_tokenizer(corpus, tok_path)
     stage1 = work / "stage1"
     cfg1, cfg2 = train_config(args), train_config(args)
     if args.time_budget:
