@@ -137,10 +137,8 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", dtype: tor
         card = msgpack.unpackb((path / CARD_FILE).read_bytes(), raw=False)
     except (msgpack.UnpackException, ValueError) as exc:
         raise BundleError(f"{path / CARD_FILE}: corrupt data card ({exc})") from None
-    with torch.device("meta"):
-        model = GPT(config)
-    state = _read_weights(path, model)
     model = GPT(config)
+    state = _read_weights(path, model)
     model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
     model.to(device=device, dtype=dtype).eval()
     return Bundle(config, tokenizer, model, card if isinstance(card, dict) else {}, raw.get("prompt_format", "spm"), path)
