@@ -1,7 +1,7 @@
 """`codellm bench`: engine speed on this machine, beside HF transformers' generate on a same-size Llama.
 
-Reports medians of repeated runs: 512-token prefill, decode ms/token, a 16-token completion after a
-fresh 512-token prompt, and the same completion after a one-token edit at the end of the prompt
+Reports medians of repeated runs: 512-token prefill, decode ms/token (64 steps after a cached
+256-token prompt), a 16-token completion after a fresh 512-token prompt, and the same completion after a one-token edit at the end of the prompt
 (what a keystroke does to an SPM prompt), which reuses the KV cache.
 """
 from __future__ import annotations
@@ -15,12 +15,13 @@ import torch
 from .bundle import Bundle, load_bundle
 from .config import ModelConfig
 from .device import choose_device
-from .engine import Engine
+from .engine import PRECISIONS, Engine
 from .model import GPT
 from .tokenizer import Tokenizer
 
 PROMPT_TOKENS = 512
 NEW_TOKENS = 16
+DECODE_TOKENS = 64  # steady-state decode speed is timed over this many steps
 
 
 def median_time(fn, repeats: int) -> float:
@@ -104,18 +105,9 @@ def typing_comparison(engine: Engine, fmt: str) -> tuple[float, float]:
     return 1000 * statistics.median(times), reused / max(1, total)
 
 
-def main(args) -> None:
-    device = choose_device(args.device)
-    if args.model:
-        bundle = load_bundle(args.model, device=device)
-    else:
-        bundle = random_bundle(args.preset, context_length=PROMPT_TOKENS + 4 * NEW_TOKENS)
-    engine = Engine(bundle, device)
-    cfg = bundle.config
-    n_prompt = min(PROMPT_TOKENS, cfg.context_length - NEW_TOKENS - 1)
-    gen = torch.Generator().manual_seed(0)
-    prompt = torch.randint(4, cfg.vocab_size, (n_prompt,), generator=gen).tolist()
-    edited = prompt[:-1] + [(prompt[-1] + 1) % cfg.vocab_size or 4]
+def engine_times(engine: Engine, prompt: list[int], repeats: int) -> dict:
+    """Seconds: fresh prefill, fresh 16-token completion, and the completion after a one-token edit."""
+    edited = prompt[:-1] + [(prompt[-1] + 1) % engine.config.vocab_size or 4]
 
     def fresh_prefill():
         engine.cached = []
@@ -131,23 +123,52 @@ def main(args) -> None:
         engine.greedy_ids(edited, NEW_TOKENS)
         return time.perf_counter() - start
 
-    prefill = median_time(fresh_prefill, args.repeats)
-    fresh = median_time(fresh_completion, args.repeats)
-    decode_ms = (fresh - prefill) / (NEW_TOKENS - 1) * 1000
+    def decode_steps():  # the prompt's first half is cached: one step for its last token, then DECODE_TOKENS
+        engine.greedy_ids(half, DECODE_TOKENS + 1)
+
+    half = prompt[:len(prompt) // 2]
+    prefill = median_time(fresh_prefill, repeats)
+    fresh = median_time(fresh_completion, repeats)
     edited_completion()
-    edit = statistics.median(edited_completion() for _ in range(args.repeats))
-    threads = torch.get_num_threads()
-    print(f"machine: {platform.processor() or platform.machine()}, {threads} threads, device {device}, "
-          f"torch {torch.__version__}")
+    edit = statistics.median(edited_completion() for _ in range(repeats))
+    engine.cached = []
+    engine.greedy_ids(half, 1)
+    decode = median_time(decode_steps, repeats) / (DECODE_TOKENS + 1)
+    return {"prefill": prefill, "fresh": fresh, "edit": edit, "decode": decode}
+
+
+def main(args) -> None:
+    device = choose_device(args.device)
+    if args.model:
+        bundle = load_bundle(args.model, device=device)
+    else:
+        bundle = random_bundle(args.preset, context_length=PROMPT_TOKENS + 4 * NEW_TOKENS)
+    cfg = bundle.config
+    n_prompt = min(PROMPT_TOKENS, cfg.context_length - NEW_TOKENS - 1)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(4, cfg.vocab_size, (n_prompt,), generator=gen).tolist()
+    engines, times = {}, {}
+    for precision in PRECISIONS:  # one after the other: engines of one bundle share its KV cache
+        engines[precision] = engine = Engine(bundle, device, precision=precision)
+        times[precision] = engine_times(engine, prompt, args.repeats)
+    engine = engines["auto"]
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"device {device}, torch {torch.__version__}")
     print(f"model: {'bundle ' + str(args.model) if args.model else 'preset ' + args.preset + ' (random weights)'}, "
           f"{bundle.model.num_params() / 1e6:.2f}M parameters; medians of {args.repeats} runs")
-    print(f"  prefill {n_prompt} tokens          {prefill * 1000:8.1f} ms")
-    print(f"  decode                       {decode_ms:8.2f} ms/token")
-    print(f"  {NEW_TOKENS}-token completion, fresh  {fresh * 1000:8.1f} ms")
-    print(f"  {NEW_TOKENS}-token completion, 1-token edit (KV reuse) {edit * 1000:8.1f} ms  "
-          f"({fresh / edit:.1f}x faster than fresh)")
+    print(f"precision auto = {'bf16' if engine.bf16_prefill else 'fp32'} prompt reading, "
+          f"{'int8' if engine.decoder.int8 else 'fp32'} decode weights; fp32 = float32 throughout")
+    print(f"  {'':44}{'auto':>10}{'fp32':>10}")
+    rows = [(f"prefill {n_prompt} tokens (ms)", "prefill", 1000), (f"decode, {DECODE_TOKENS} steps (ms/token)", "decode", 1000),
+            (f"{NEW_TOKENS}-token completion, fresh prompt (ms)", "fresh", 1000),
+            (f"{NEW_TOKENS}-token completion after a 1-token edit (ms)", "edit", 1000)]
+    for label, key, scale in rows:
+        print(f"  {label:44}" + "".join(f"{times[p][key] * scale:10.2f}" for p in PRECISIONS))
+    fresh = times["auto"]["fresh"]
+    print(f"  KV reuse after a 1-token edit: {fresh / times['auto']['edit']:.1f}x faster than a fresh prompt")
     if args.model:
         for fmt in ("spm", "psm"):
+            engine.cached = []
             ms, reuse = typing_comparison(engine, fmt)
             print(f"  typing a line, 8-token completion per keystroke, {fmt.upper()} prompts: median {ms:6.1f} ms, "
                   f"KV reuse {reuse:.0%}")
@@ -158,4 +179,5 @@ def main(args) -> None:
         else:
             hf_time, hf_params = result
             print(f"  HF LlamaForCausalLM.generate ({hf_params / 1e6:.2f}M parameters), same prompt and "
-                  f"{NEW_TOKENS} tokens: {hf_time * 1000:8.1f} ms  -> codellm is {hf_time / fresh:.1f}x faster")
+                  f"{NEW_TOKENS} tokens: {hf_time * 1000:8.1f} ms  -> codellm is {hf_time / fresh:.1f}x faster "
+                  f"(auto), {hf_time / times['fp32']['fresh']:.1f}x (fp32)")

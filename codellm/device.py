@@ -45,3 +45,13 @@ def set_threads(threads: int | None = None) -> int:
     n = threads or int(os.environ.get("CODELLM_THREADS", 0)) or physical_cores()
     torch.set_num_threads(n)
     return n
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 matrix hardware (AMX or AVX-512 BF16) makes bf16 matrix products about twice as fast on CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return " amx_bf16" in flags or " avx512_bf16" in flags

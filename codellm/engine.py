@@ -10,7 +10,8 @@ from typing import Callable
 import torch
 
 from .bundle import Bundle, load_bundle
-from .device import choose_device, set_threads
+from .decode import Decoder, int8_matmul_available
+from .device import choose_device, cpu_has_bf16, set_threads
 from .postprocess import BLANK_LINE_AFTER_CONTENT, Context, postprocess, repetition_cut
 from .prompt import build_prompt
 from .shellmode import choose_mode
@@ -39,10 +40,21 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     return i
 
 
-class Engine:
-    """Keeps one model resident on its device; requests are serialized onto it by a lock."""
+PRECISIONS = ("auto", "fp32")
 
-    def __init__(self, bundle: Bundle, device: torch.device | str | None = None, threads: int | None = None):
+
+class Engine:
+    """Keeps one model resident on its device; requests are serialized onto it by a lock.
+
+    precision "fp32" computes everything in float32. "auto" trades a little exactness for speed where the
+    hardware rewards it: on CPUs with bf16 matrix units, prompts are read with bf16 matrix products (the
+    model trains under bf16 autocast, so this is the arithmetic it learned with), and on CPU each decode
+    step multiplies by int8 copies of the weights (codellm.decode)."""
+
+    def __init__(self, bundle: Bundle, device: torch.device | str | None = None, threads: int | None = None,
+                 precision: str = "auto"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
         self.device = choose_device(str(device) if device else None)
         if self.device.type == "cpu":
             self.threads = set_threads(threads)
@@ -51,6 +63,10 @@ class Engine:
         self.config = bundle.config
         self.model = bundle.model.to(self.device).eval()
         self.model.setup_cache(1)
+        fast_cpu = precision == "auto" and self.device.type == "cpu"
+        self.bf16_prefill = fast_cpu and cpu_has_bf16()
+        self.decoder = Decoder(self.model, int8=fast_cpu and int8_matmul_available(self.device))
+        self.precision = precision
         self.prompt_format = bundle.prompt_format
         self.lock = threading.Lock()
         self.cached: list[int] = []  # token ids whose keys/values sit in the cache, at positions 0..n-1
@@ -74,13 +90,16 @@ class Engine:
         reused = min(common_prefix_len(self.cached, ids), len(ids) - 1)
         self.cached = self.cached[:reused]  # invalid past here until rewritten below
         x = torch.tensor([ids[reused:]], device=self.device)
-        logits = self.model(x, start=reused, last_only=True)[0, -1]
+        if len(ids) - reused == 1:
+            logits = self.decoder.step(ids[-1], reused)
+        else:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16_prefill):
+                logits = self.model(x, start=reused, last_only=True)[0, -1].float()
         self.cached = list(ids)
         return logits, reused
 
     def _step(self, token: int) -> torch.Tensor:
-        x = torch.tensor([[token]], device=self.device)
-        logits = self.model(x, start=len(self.cached), last_only=True)[0, -1]
+        logits = self.decoder.step(token, len(self.cached))
         self.cached.append(token)
         return logits
 
@@ -188,6 +207,7 @@ class Engine:
         ctx = self.config.context_length
         new: list[int] = []
         with self.lock, torch.inference_mode():
+            self.cached = []  # read the prompt afresh: with precision "auto" a seed then always gives one text
             logits, _ = self._forward_from_cache(ids[-(ctx - 1):])
             for _ in range(max_new_tokens):
                 logits[self._special_ids] = NEG_INF
@@ -231,10 +251,11 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: f
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
-def load(path: str | None = None, device: str | None = None, threads: int | None = None) -> Engine:
+def load(path: str | None = None, device: str | None = None, threads: int | None = None,
+         precision: str = "auto") -> Engine:
     """Load a bundle (None = the default bundle shipped in the package) into a resident engine."""
     from .defaults import default_bundle_path
 
     bundle_path = path or default_bundle_path()
     dev = choose_device(device)
-    return Engine(load_bundle(bundle_path, device=dev), dev, threads)
+    return Engine(load_bundle(bundle_path, device=dev), dev, threads, precision)

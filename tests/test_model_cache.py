@@ -1,7 +1,9 @@
 """The KV cache gives the same logits as a full forward pass."""
+import pytest
 import torch
 
 from codellm.bundle import Bundle
+from codellm.decode import Decoder, int8_matmul_available
 from codellm.engine import Engine
 
 from conftest import make_model
@@ -24,9 +26,9 @@ def test_incremental_forward_matches_full(tokenizer):
     torch.testing.assert_close(torch.cat(parts, 1), full, **TOL)
 
 
-def make_engine(tokenizer):
-    model = make_model(tokenizer)
-    return Engine(Bundle(model.cfg, tokenizer, model), "cpu", threads=1), model
+def make_engine(tokenizer, precision="fp32", **overrides):
+    model = make_model(tokenizer, **overrides)
+    return Engine(Bundle(model.cfg, tokenizer, model), "cpu", threads=1, precision=precision), model
 
 
 def test_engine_reuses_cache_for_fresh_extended_and_diverging_prompts(tokenizer):
@@ -55,3 +57,51 @@ def test_greedy_decode_with_cache_matches_recomputing_everything(tokenizer):
         slow.append(int(torch.argmax(full_last_logits(model, ids))))
         ids.append(slow[-1])
     assert fast == slow
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_decoder_steps_match_the_full_forward(tokenizer, qk_norm):
+    """The folded one-token decoder computes the model's logits and writes the same keys and values."""
+    model = make_model(tokenizer, qk_norm=qk_norm)
+    decoder = Decoder(model)
+    ids = torch.randint(4, tokenizer.vocab_size, (1, 30), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        full = model(ids)[0]
+        model.setup_cache()
+        model(ids[:, :20], start=0)
+        for pos in range(20, 30):
+            torch.testing.assert_close(decoder.step(int(ids[0, pos]), pos), full[pos], **TOL)
+        keys = model.blocks[-1].attn.cache.k[:, :, :30].clone()
+        model.setup_cache()
+        model(ids, start=0)
+        torch.testing.assert_close(keys, model.blocks[-1].attn.cache.k[:, :, :30], **TOL)
+
+
+def test_int8_decoder_stays_close_to_the_model(tokenizer):
+    if not int8_matmul_available(torch.device("cpu")):
+        pytest.skip("this torch build has no int8 weight matmul on CPU")
+    model = make_model(tokenizer)
+    decoder = Decoder(model, int8=True)
+    ids = torch.randint(4, tokenizer.vocab_size, (1, 30), generator=torch.Generator().manual_seed(4))
+    with torch.inference_mode():
+        full = model(ids)[0]
+        model.setup_cache()
+        model(ids[:, :20], start=0)
+        for pos in range(20, 30):
+            got = decoder.step(int(ids[0, pos]), pos)
+            error = (got - full[pos]).norm() / full[pos].norm()
+            assert error < 0.05, f"position {pos}: relative error {error:.3f}"
+
+
+def test_fast_engine_agrees_with_the_exact_one(tokenizer):
+    """precision 'auto' (bf16 prompt reading where the CPU has bf16 units, int8 decode steps) only
+    perturbs the logits slightly."""
+    fast, model = make_engine(tokenizer, precision="auto")
+    exact, _ = make_engine(tokenizer, precision="fp32")
+    prompt = tokenizer.encode("#!/bin/bash\nfor f in *.txt; do\n  echo")
+    with torch.inference_mode():
+        for engine in (fast, exact):
+            engine.greedy_ids(prompt, 1)
+        steps = [(fast._step(t), exact._step(t)) for t in prompt[-8:]]
+    for got, want in steps:
+        assert (got - want).norm() / want.norm() < 0.05

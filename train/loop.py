@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from codellm.device import cpu_has_bf16
 from codellm.model import GPT
 from codellm.tokenizer import Tokenizer
 
@@ -115,16 +116,6 @@ def evaluate_loss(model: GPT, inputs: torch.Tensor, targets: torch.Tensor, batch
         count += n
     model.train()
     return (total / max(count, 1)), count
-
-
-def cpu_has_bf16() -> bool:
-    """bf16 matrix hardware (AMX or AVX-512 BF16) makes bf16 autocast about twice as fast on CPU."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return " amx_bf16" in flags or " avx512_bf16" in flags
 
 
 def use_bf16(device: torch.device, precision: str) -> bool:
