@@ -12,7 +12,7 @@ import torch
 from .bundle import Bundle, load_bundle
 from .decode import Decoder, int8_matmul_available
 from .device import choose_device, cpu_has_bf16, set_threads
-from .postprocess import BLANK_LINE_AFTER_CONTENT, Context, postprocess, repetition_cut
+from .postprocess import BLANK_LINE_AFTER_CONTENT, Context, first_repeated_line, postprocess
 from .prompt import build_prompt
 from .shellmode import choose_mode
 
@@ -24,7 +24,8 @@ MAX_LINE_BYTES = 240  # a suggested line longer than this is a runaway, not shel
 @dataclass
 class Completion:
     text: str  # what to insert at the cursor
-    stop_reason: str  # "eot" | "newline" | "max_tokens" | "deadline" | "cancelled" | "context" | "repetition" | "blank line"
+    stop_reason: str  # "eot" | "newline" | "max_tokens" | "deadline" | "time budget" | "cancelled" | "context"
+    # | "repetition" | "blank line"
     mode: str
     prompt_tokens: int
     reused_tokens: int  # prompt tokens whose keys/values came from the cache
@@ -124,8 +125,11 @@ class Engine:
 
     def complete_detailed(self, prefix: str, suffix: str = "", mode: str = "line", max_new_tokens: int | None = None,
                           deadline: float | None = None, should_stop: Callable[[], bool] | None = None,
-                          fmt: str | None = None, clean: bool = True, allow_empty: bool = False) -> Completion:
+                          fmt: str | None = None, clean: bool = True, allow_empty: bool = False,
+                          whole_lines_after: float | None = None) -> Completion:
         """deadline: time.monotonic() value after which decoding stops; should_stop: polled between steps;
+        whole_lines_after: time.monotonic() value after which a block completion ends at its last whole
+        line (or at the end of its first line, if that is not finished yet);
         clean: apply the shell-aware post-processing (codellm.postprocess) to the raw model text;
         allow_empty: let the model answer nothing (by default the first token may not end the answer:
         in line mode neither end of text nor a newline, in block mode not end of text)."""
@@ -161,7 +165,7 @@ class Engine:
                 if mode == "line" and b"\n" in out[len(heal):]:
                     stop = "newline"
                     break
-                if runaway(out):
+                if runaway(out, token_bytes[token]):
                     stop = "repetition"
                     break
                 if mode == "block" and BLANK_LINE_AFTER_CONTENT.search(out[len(heal):].decode("utf-8", "ignore")):
@@ -173,6 +177,10 @@ class Engine:
                 if deadline and time.monotonic() > deadline:
                     stop = "deadline"
                     break
+                if mode == "block" and whole_lines_after and b"\n" in out[len(heal):] \
+                        and time.monotonic() > whole_lines_after:
+                    stop = "time budget"
+                    break
                 if len(self.cached) >= self.config.context_length:
                     stop = "context"
                     break
@@ -180,6 +188,8 @@ class Engine:
         inserted = bytes(out[len(heal):]) if out.startswith(heal) else b""
         if mode == "line":
             inserted = inserted.split(b"\n", 1)[0]
+        elif stop == "time budget":
+            inserted = inserted[:inserted.rfind(b"\n")]  # the unfinished last line goes
         text = inserted.decode("utf-8", errors="ignore").rstrip("\r")
         if clean and stop != "cancelled":
             text = postprocess(text, Context(prefix, suffix, mode))
@@ -222,15 +232,33 @@ class Engine:
         return self.tokenizer.decode(new)
 
 
-def runaway(out: bytearray) -> bool:
-    """A line past MAX_LINE_BYTES, or text ending in a loop: decoding further only costs time."""
-    line = out[out.rfind(b"\n") + 1:]
+def runaway(out: bytearray, token: bytes) -> bool:
+    """A line past MAX_LINE_BYTES, or text ending in a loop: decoding further only costs time.
+    `token`: the bytes just added to `out`."""
+    line_start = out.rfind(b"\n") + 1
+    line = out[line_start:]
     if len(line) > MAX_LINE_BYTES:
         return True
-    if len(out) < 12 or out[-1:] not in (b" ", b"\n", b";", b"]", b")", b'"'):
-        return False  # check at natural boundaries only
-    tail = out[-200:].decode("utf-8", errors="ignore")
-    return repetition_cut(tail) is not None
+    if b"\n" in token:  # a line just ended: are it and the few before it a copy of the lines above?
+        lines = out[:line_start - 1].split(b"\n")
+        return first_repeated_line(lines[-12:]) is not None
+    return ends_in_loop(bytes(line))
+
+
+RULE_BYTES = set(b"-=#*~_.+/ \t")
+
+
+def ends_in_loop(line: bytes) -> bool:
+    """The line ends with a unit of up to 60 bytes repeated over max(3 units, 16 bytes), the unit not
+    a rule drawn with - = # and the like."""
+    for period in range(1, min(60, len(line) // 3) + 1):
+        span = max(3 * period, 16)
+        if span > len(line):
+            break
+        tail = line[-span:]
+        if tail[period:] == tail[:-period] and not set(tail[-period:]) <= RULE_BYTES:
+            return True
+    return False
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

@@ -89,14 +89,25 @@ def repetition_cut(text: str) -> int | None:
     return None
 
 
-def drop_repetitive_loops(text: str, ctx: Context) -> str:
-    """A small model can loop: keep the first copy of a statement line written twice in a row, and of
-    a chunk repeated three times within a line."""
-    lines = text.split("\n")
+def first_repeated_line(lines: list) -> int | None:
+    """Index of the line that starts a second copy, in a row, of the 1-6 lines before it (with at
+    least 8 characters of content: `fi` after `fi` is no loop). Works on str or bytes lines."""
+    stripped = [line.strip() for line in lines]
     for i in range(1, len(lines)):
-        if len(lines[i].strip()) >= 8 and lines[i].strip() == lines[i - 1].strip():
-            text = "\n".join(lines[:i])
-            break
+        for k in range(1, 7):
+            if i >= k and i + k <= len(lines) and stripped[i - k:i] == stripped[i:i + k] \
+                    and sum(len(line) for line in stripped[i:i + k]) >= 8:
+                return i
+    return None
+
+
+def drop_repetitive_loops(text: str, ctx: Context) -> str:
+    """A small model can loop: keep the first copy of 1-6 statement lines written twice in a row, and
+    of a chunk repeated three times within a line."""
+    lines = text.split("\n")
+    repeat = first_repeated_line(lines)
+    if repeat is not None:
+        text = "\n".join(lines[:repeat])
     cut = repetition_cut(text)
     if cut is None:
         return text

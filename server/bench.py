@@ -82,11 +82,14 @@ def main(argv=None) -> None:
     parser.add_argument("--scripts-dir", type=Path, default=None, help="a folder of .sh files instead")
     parser.add_argument("--scripts", type=int, default=8)
     parser.add_argument("--keystrokes", type=int, default=600)
+    parser.add_argument("--server-log", default=None,
+                        help="the servers' log file: one line per completion with its source, mode and time")
     args = parser.parse_args(argv)
     scripts = load_scripts(args.corpus, args.scripts_dir, args.scripts)
     if not scripts:
         sys.exit("no scripts to type: give --corpus with a held-out split or --scripts-dir")
-    server_args = ["--model", args.model] if args.model else []
+    server_args = (["--model", args.model] if args.model else []) + \
+        (["--log-file", args.server_log] if args.server_log else [])
     print(f"machine: {platform.machine()}, typing {args.keystrokes} keystrokes over {len(scripts)} held-out "
           f"scripts, one inline completion request after each")
     for label, options in (("KV reuse on", {"kvReuse": True}), ("KV reuse off", {"kvReuse": False})):

@@ -12,7 +12,6 @@ import statistics
 import threading
 import time
 from collections import OrderedDict, deque
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 
 from codellm.postprocess import Context, postprocess
@@ -37,10 +36,12 @@ class Settings:
     multiline: str = "auto"  # auto | always | never
     completion_items: str = "auto"  # popup items: auto (when the client has no inline completion) | always | never
     timeout_ms: int = 2000  # decoding stops after this long
+    multiline_ms: int = 40  # a multi-line suggestion ends at the last whole line decoded by this time
     kv_reuse: bool = True  # keep the KV cache between requests (off only to measure what it saves)
 
     ALIASES = {"modelPath": "model_path", "model": "model_path", "maxTokens": "max_tokens",
                "completionItems": "completion_items", "timeoutMs": "timeout_ms", "multiLine": "multiline",
+               "multilineMs": "multiline_ms",
                "kvReuse": "kv_reuse"}
 
     def update(self, options: dict | None) -> list[str]:
@@ -89,7 +90,7 @@ class CompletionService:
     def __init__(self, holder: ModelHolder, settings: Settings):
         self.holder = holder
         self.settings = settings
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codellm-model")
+        self.executor = holder.executor  # the model runs on the holder's torch thread
         self.latest: dict[str, int] = {}
         self._ids = 0
         self._ids_lock = threading.Lock()
@@ -194,15 +195,19 @@ class CompletionService:
         engine = self.holder.engine
         if superseded() or engine is None:
             return Suggestion("", "superseded", mode)
-        deadline = time.monotonic() + self.settings.timeout_ms / 1000
+        now = time.monotonic()
+        deadline = now + self.settings.timeout_ms / 1000
         if not self.settings.kv_reuse:
             engine.cached = []
         result = engine.complete_detailed(clean_text(stable_tail(prefix)), clean_text(suffix[:8192]), mode,
                                           max_new_tokens=self.settings.max_tokens, deadline=deadline,
-                                          should_stop=superseded, clean=False, allow_empty=allow_empty)
+                                          should_stop=superseded, clean=False, allow_empty=allow_empty,
+                                          whole_lines_after=now + self.settings.multiline_ms / 1000)
         if result.stop_reason == "cancelled":
             return Suggestion("", "superseded", mode)
         self.counts["model"] += 1
+        log.info("model %s: prompt %d tokens (%d reused), %d new, stop %s, %.1f ms", mode, result.prompt_tokens,
+                 result.reused_tokens, result.new_tokens, result.stop_reason, result.seconds * 1000)
         self.counts["prompt_tokens"] += result.prompt_tokens
         self.counts["reused_tokens"] += result.reused_tokens
         text = postprocess(result.text, Context(prefix, suffix, mode))

@@ -43,3 +43,13 @@ def test_closes_an_open_if(engine):
 def test_completes_a_partial_word(engine):
     text = engine.complete('#!/bin/sh\nfor f in *.log; do\n    ech', '\ndone\n', mode="line")
     assert text.startswith("o ") or text.startswith("o\t"), text
+
+
+def test_a_block_past_its_time_budget_ends_at_a_whole_line(engine):
+    import time
+    prefix = "#!/bin/bash\nusage() {\n"
+    full = engine.complete_detailed(prefix, "", mode="block", clean=False)
+    quick = engine.complete_detailed(prefix, "", mode="block", clean=False, whole_lines_after=time.monotonic())
+    assert quick.stop_reason == "time budget", quick
+    assert quick.text and "\n" not in quick.text  # the first line always finishes; nothing after it
+    assert full.text.startswith(quick.text + "\n")

@@ -106,3 +106,14 @@ def test_block_mode_may_start_with_a_newline_and_allow_empty_lets_the_model_stop
     assert eot in line_ban and any(engine.tokenizer.token_bytes[i].startswith(b"\n") for i in line_ban)
     r = engine.complete_detailed("echo done;", "\n", mode="line", allow_empty=True, clean=False)
     assert isinstance(r.text, str)
+
+
+def test_runaway_output_is_recognised_as_it_is_written():
+    from codellm.engine import ends_in_loop, runaway
+    assert ends_in_loop(b"printf '%s" + b"\\t" * 8)
+    assert ends_in_loop(b"sed -e 's/" + b"\\./" * 6)
+    assert not ends_in_loop(b'echo "copied $src to $dst"')
+    assert not ends_in_loop(b"# " + b"-" * 40)  # a rule, drawn on purpose
+    looped = bytearray(b'  [ -n "$p" ] && echo "no $p"\n  [ -n "$p" ] && echo "no $p"\n  ')
+    assert runaway(looped, b"\n  ")  # the newline arrives merged with the next indentation
+    assert not runaway(bytearray(b"    fi\n  done\n"), b"\n")

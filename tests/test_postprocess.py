@@ -50,6 +50,15 @@ def test_repetitive_loops_are_cut():
     assert drop_repetitive_loops("x=$((x+1)))))))))))))))", Context("", "", "line")).count(")") < 6
 
 
+def test_loops_of_several_lines_are_cut_at_the_first_copy():
+    nested = "# Terminate\nif [ -n x ]; then\n  # Terminate\n  if [ -n x ]; then\n    # Terminate"
+    assert drop_repetitive_loops(nested, Context("", "", "block")) == "# Terminate\nif [ -n x ]; then"
+    branches = "  --a)\n\tDATE=1\n\tshift\n\t;;\n  --a)\n\tDATE=1\n\tshift\n\t;;"
+    assert drop_repetitive_loops(branches, Context("", "", "block")) == "  --a)\n\tDATE=1\n\tshift\n\t;;"
+    closing = "    fi\n  done\nfi\ndone"
+    assert drop_repetitive_loops(closing, Context("", "", "block")) == closing
+
+
 def test_a_parseable_buffer_stays_parseable():
     ctx = Context("#!/bin/sh\nfor f in a b; do\n", "\n    true\ndone\n", "block")
     assert keep_buffer_parseable('    echo "$f"\n    echo "unterminated', ctx) == '    echo "$f"'

@@ -103,28 +103,31 @@ def test_completion_item_shape(bundle_path):
 
 @pytest.fixture(scope="module")
 def slow_bundle(tmp_path_factory, tokenizer):
-    """A random model large enough that a 400-token answer takes a while."""
+    """A random model with a long context: reading LONG_DOCUMENT takes most of a second. (Its answers
+    are short: random weights loop at once, and loops end a suggestion.)"""
     path = tmp_path_factory.mktemp("slow") / "bundle"
-    save_bundle(path, make_model(tokenizer, n_layer=8, d_model=256, n_head=4, context_length=1024), tokenizer)
+    save_bundle(path, make_model(tokenizer, n_layer=8, d_model=256, n_head=4, context_length=8192), tokenizer)
     return path
 
 
-SLOW = {"maxTokens": 900, "timeoutMs": 60000, "multiline": "always"}
+SLOW = {"maxTokens": 900, "timeoutMs": 60000, "multiline": "always", "multilineMs": 60000}
+LONG_DOCUMENT = "#!/bin/sh\n" + "".join(f"echo step {i}\n" for i in range(700))
+END = LONG_DOCUMENT.count("\n")  # the empty last line, where the cursor is: all the text is prefix
 
 
 def test_cancel_answers_32800_and_the_next_request_works(slow_bundle):
     async def main():
         async with Session("--model", str(slow_bundle), init_options=SLOW) as s:
-            s.open(URI, "#!/bin/sh\n\n")
+            s.open(URI, LONG_DOCUMENT)
             msg_id = new_id()
-            pending = asyncio.ensure_future(s.inline(URI, 1, 0, msg_id=msg_id))
+            pending = asyncio.ensure_future(s.inline(URI, END, 0, msg_id=msg_id))
             await asyncio.sleep(0.3)
             s.cancel(msg_id)
             with pytest.raises(JsonRpcRequestCancelled) as err:
                 await pending
             assert err.value.code == -32800
-            s.edit(URI, 1, 0, "ec")
-            result = await s.inline(URI, 1, 2)
+            s.edit(URI, END, 0, "ec")
+            result = await s.inline(URI, END, 2)
             assert result.items is not None
             status = await s.status()
             assert status.requests == 2
@@ -134,15 +137,15 @@ def test_cancel_answers_32800_and_the_next_request_works(slow_bundle):
 def test_a_superseded_request_stops_and_the_newest_is_answered(slow_bundle):
     async def main():
         async with Session("--model", str(slow_bundle), init_options=SLOW) as s:
-            s.open(URI, "#!/bin/sh\n\n")
-            old = asyncio.ensure_future(s.inline(URI, 1, 0))
+            s.open(URI, LONG_DOCUMENT)
+            old = asyncio.ensure_future(s.inline(URI, END, 0))
             await asyncio.sleep(0.3)
-            s.edit(URI, 1, 0, "x=1")
+            s.edit(URI, END, 0, "x=1")
             s.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
                 settings={"codellm": {"maxTokens": 4}}))
-            newest = await s.inline(URI, 1, 3)
+            newest = await s.inline(URI, END, 3)
             stale = await old
-            assert list(stale.items) == []  # stopped between decode steps, not run to its 900 tokens
+            assert list(stale.items) == []  # stopped after reading its prompt: the newer request won
             assert newest.items is not None
             status = await s.status()
             assert status.superseded == 1 and status.model_runs == 1
