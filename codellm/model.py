@@ -79,14 +79,27 @@ class Attention(nn.Module):
         q, k = apply_rope(qk, cos, sin).unbind(0)
         if start is not None:
             k, v = self.cache.update(start, k, v)
-        if torch.is_autocast_enabled(x.device.type):  # CPU autocast leaves attention in fp32: bf16 is ~2x faster
-            dtype = torch.get_autocast_dtype(x.device.type)
-            q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if start is not None and T == 1:  # one query: three plain ops beat the fused kernel's setup cost on CPU
             y = torch.softmax((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5, dim=-1) @ v
         else:  # mask None: the sequence starts at position 0, plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
+
+
+class ReluSquared(torch.autograd.Function):
+    """relu(x)² with a one-operation backward (2·relu(x)·grad): the autograd of relu().square() takes
+    several passes over the largest activations of a block."""
+
+    @staticmethod
+    def forward(ctx, x):
+        r = torch.relu(x)
+        ctx.save_for_backward(r)
+        return r.square()
+
+    @staticmethod
+    def backward(ctx, grad):
+        (r,) = ctx.saved_tensors
+        return grad * r * 2
 
 
 class MLP(nn.Module):
@@ -96,7 +109,7 @@ class MLP(nn.Module):
         self.down = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x):
-        return self.down(F.relu(self.up(x)).square())
+        return self.down(ReluSquared.apply(self.up(x)))
 
 
 class Block(nn.Module):
@@ -143,9 +156,12 @@ class GPT(nn.Module):
         for block in self.blocks:
             block.attn.cache = KVCache(batch, self.cfg.n_head, max_len, self.cfg.head_dim, p.dtype, p.device)
 
-    def forward(self, idx: torch.Tensor, start: int | None = None, last_only: bool = False) -> torch.Tensor:
+    def forward(self, idx: torch.Tensor, start: int | None = None, last_only: bool = False,
+                hidden: bool = False) -> torch.Tensor:
         """idx: (B, T) token ids. start=None: training over the whole sequence. start=int: the ids sit at
-        positions start..start+T-1 and attend to the cache. last_only: logits of the last position only."""
+        positions start..start+T-1 and attend to the cache. last_only: logits of the last position only.
+        hidden: return the final normalised hidden states instead of the logits (the training loss
+        multiplies them by `lm_head` itself, a piece at a time)."""
         T = idx.shape[1]
         offset = start or 0
         if offset + T > self.cfg.context_length:
@@ -159,7 +175,7 @@ class GPT(nn.Module):
         for block in self.blocks:
             x = block(x, cos, sin, start, mask)
         x = self.norm(x[:, -1:] if last_only else x)
-        return self.lm_head(x)
+        return x if hidden else self.lm_head(x)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

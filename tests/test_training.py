@@ -168,3 +168,12 @@ def test_fine_tune_on_your_own_scripts(bundle_path, data_dir, tmp_path):
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert list(codellm.load(str(tmp_path / "again")).bundle.card["stages"]) == ["code", "code-2"]
+
+
+def test_compile_is_automatic_only_for_long_runs():
+    from codellm.train.loop import COMPILE_AUTO_MIN_SECONDS, TrainConfig, compile_wanted
+    assert not compile_wanted(TrainConfig(compile="auto", max_steps=50))
+    assert not compile_wanted(TrainConfig(compile="auto", time_budget=60))
+    assert compile_wanted(TrainConfig(compile="auto", time_budget=COMPILE_AUTO_MIN_SECONDS))
+    assert compile_wanted(TrainConfig(compile="on", max_steps=5))
+    assert not compile_wanted(TrainConfig(compile="off", time_budget=7200))

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from .loop import TrainConfig, distributed
+from .loop import COMPILE_AUTO_MIN_SECONDS, TrainConfig, distributed
 
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
@@ -28,7 +28,9 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=1337)
     g.add_argument("--checkpoint-every", type=int, default=100)
     g.add_argument("--eval-every", type=int, default=200)
-    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="torch.compile the model: about 30 s of compiling, then faster steps; auto: on for a "
+                        f"--time-budget of {COMPILE_AUTO_MIN_SECONDS // 60} minutes or more (off if compiling fails)")
     g.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                    help="auto: bf16 autocast on CUDA and on CPUs with bf16 hardware (AMX, AVX-512 BF16)")
     g.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)

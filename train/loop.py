@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import random
 import sys
@@ -15,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from codellm.device import cpu_has_bf16
 from codellm.model import GPT
@@ -23,6 +21,7 @@ from codellm.tokenizer import Tokenizer
 
 from .checkpoint import load_checkpoint, read_checkpoint_state, save_checkpoint
 from .data import IGNORE, Mixture, build_epoch
+from .loss import next_token_loss
 
 
 @dataclass
@@ -44,7 +43,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     log_every: int = 10
     seed: int = 1337
-    compile: bool = False
+    compile: str = "off"  # on | off | auto: on for time budgets of COMPILE_AUTO_MIN_SECONDS or more
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with bf16 hardware, else fp32; or fp32, bf16
     stop_after: int | None = None  # stop (as if killed) after this step; for tests of resume
 
@@ -60,6 +59,15 @@ class StageResult:
     train_loss: float
     val_loss: float | None
     history: list = field(default_factory=list)
+
+
+COMPILE_AUTO_MIN_SECONDS = 600
+
+
+def compile_wanted(cfg: TrainConfig) -> bool:
+    if cfg.compile == "auto":
+        return bool(cfg.time_budget and cfg.time_budget >= COMPILE_AUTO_MIN_SECONDS)
+    return cfg.compile in ("on", True)
 
 
 def distributed() -> tuple[int, int]:
@@ -95,11 +103,6 @@ def make_optimizer(model: GPT, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=cfg.betas, fused=fused or None)
 
 
-def loss_fn(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.view(-1), ignore_index=IGNORE,
-                           reduction=reduction)
-
-
 @torch.no_grad()
 def evaluate_loss(model: GPT, inputs: torch.Tensor, targets: torch.Tensor, batch: int = 8,
                   precision: str = "auto") -> tuple[float, int]:
@@ -110,9 +113,8 @@ def evaluate_loss(model: GPT, inputs: torch.Tensor, targets: torch.Tensor, batch
     for i in range(0, len(inputs), batch):
         x, y = inputs[i:i + batch].to(device), targets[i:i + batch].to(device)
         with autocast(device, precision):
-            logits = model(x)
+            total += float(next_token_loss(model, x, y, reduction="sum"))
         n = int((y != IGNORE).sum())
-        total += float(loss_fn(logits, y)) * n
         count += n
     model.train()
     return (total / max(count, 1)), count
@@ -150,6 +152,16 @@ class Progress:
     def close(self):
         if self.enabled and self.tty:
             print(file=sys.stderr)
+
+
+def micro_step(model: GPT, train_model, forward, x, y, sync: bool, device, precision: str, scale: float):
+    """Forward and backward of one micro-batch; returns its summed loss. `forward` is `train_model` or a
+    compiled version of it; gradients wait for `sync` when several processes train."""
+    with contextlib.nullcontext() if sync else train_model.no_sync():
+        with autocast(device, precision):
+            loss_sum = next_token_loss(model, x, y, reduction="sum", forward=forward)
+        (loss_sum * scale).backward()  # scale: processes / target tokens, as DDP averages gradients
+    return loss_sum.detach()
 
 
 def train_stage(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, cfg: TrainConfig, run_dir: Path,
@@ -190,7 +202,7 @@ def train_stage(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, c
     train_model = model
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(model)
-    forward = torch.compile(train_model) if cfg.compile else train_model
+    forward = torch.compile(train_model) if compile_wanted(cfg) else train_model
     if not state["max_steps"] and not cfg.time_budget:
         raise ValueError("give --max-steps, --num-epochs or --time-budget")
     progress = Progress(state["max_steps"], cfg.time_budget, is_main)
@@ -219,9 +231,15 @@ def train_stage(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, c
             x = inputs[b0 + m * micro: b0 + (m + 1) * micro].to(device)
             y = targets[b0 + m * micro: b0 + (m + 1) * micro].to(device)
             sync = m == cfg.grad_accum - 1 or world == 1
-            with (contextlib.nullcontext() if sync else train_model.no_sync()), autocast(device, cfg.precision):
-                loss_sum = loss_fn(forward(x), y, reduction="sum")
-            (loss_sum * (world / denom)).backward()  # DDP averages gradients over processes
+            try:
+                loss_sum = micro_step(model, train_model, forward, x, y, sync, device, cfg.precision, world / denom)
+            except Exception as exc:  # noqa: BLE001 - torch.compile can fail in many ways; train on without it
+                if forward is train_model:
+                    raise
+                log(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+                    "training without it")
+                forward = train_model
+                loss_sum = micro_step(model, train_model, forward, x, y, sync, device, cfg.precision, world / denom)
             step_loss += float(loss_sum.detach()) / denom
         if world > 1:
             t = torch.tensor([step_loss], device=device)
