@@ -2,6 +2,7 @@
 token healing, sampled generation, and stop rules (end of text, newline, token budget, deadline)."""
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass
@@ -48,9 +49,9 @@ class Engine:
     """Keeps one model resident on its device; requests are serialized onto it by a lock.
 
     precision "fp32" computes everything in float32. "auto" trades a little exactness for speed where the
-    hardware rewards it: on CPUs with bf16 matrix units, prompts are read with bf16 matrix products (the
-    model trains under bf16 autocast, so this is the arithmetic it learned with), and on CPU each decode
-    step multiplies by int8 copies of the weights (codellm.decode)."""
+    hardware rewards it: on CPUs with bf16 matrix units a bf16 copy of the model reads prompts (the model
+    trains under bf16 autocast), and on CPU each decode step multiplies by int8 copies of the weights
+    (codellm.decode). The KV cache stays float32."""
 
     def __init__(self, bundle: Bundle, device: torch.device | str | None = None, threads: int | None = None,
                  precision: str = "auto"):
@@ -63,9 +64,14 @@ class Engine:
         self.tokenizer = bundle.tokenizer
         self.config = bundle.config
         self.model = bundle.model.to(self.device).eval()
-        self.model.setup_cache(1)
         fast_cpu = precision == "auto" and self.device.type == "cpu"
         self.bf16_prefill = fast_cpu and cpu_has_bf16()
+        self.prompt_model = self.model
+        if self.bf16_prefill:  # a bf16 copy reads prompts; it writes into the float32 model's KV cache
+            self.prompt_model = copy.deepcopy(self.model).to(torch.bfloat16)
+        self.model.setup_cache(1)
+        for fast, exact in zip(self.prompt_model.blocks, self.model.blocks):
+            fast.attn.cache = exact.attn.cache
         self.decoder = Decoder(self.model, int8=fast_cpu and int8_matmul_available(self.device))
         self.precision = precision
         self.prompt_format = bundle.prompt_format
@@ -90,13 +96,10 @@ class Engine:
         """Logits after `ids`, computing only what the cache lacks. Returns (logits, reused count)."""
         reused = min(common_prefix_len(self.cached, ids), len(ids) - 1)
         self.cached = self.cached[:reused]  # invalid past here until rewritten below
-        x = torch.tensor([ids[reused:]], device=self.device)
-        if len(ids) - reused == 1:
-            logits = self.decoder.step(ids[-1], reused)
-        else:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16_prefill):
-                logits = self.model(x, start=reused, last_only=True)[0, -1].float()
-        self.cached = list(ids)
+        if len(ids) - reused > 1:  # the prompt model reads what is new but the last token ...
+            self.prompt_model(torch.tensor([ids[reused:-1]], device=self.device), start=reused, last_only=True)
+        logits = self.decoder.step(ids[-1], len(ids) - 1)  # ... whose logits always come from the decoder:
+        self.cached = list(ids)  # with precision "auto" a text then gets one answer, whatever was cached
         return logits, reused
 
     def _step(self, token: int) -> torch.Tensor:

@@ -22,11 +22,12 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v for positions start.. and return the cache up to the last written position."""
+        """Write k/v for positions start.. and return the cache up to the last written position, in the
+        dtype of k/v (a bf16 copy of the model can share a float32 cache)."""
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype)
 
 
 class RMSNorm(nn.Module):
