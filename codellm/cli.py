@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .bundle import BundleError
+from .engine import PRECISION_HELP, PRECISIONS
 
 
 def parse_location(spec: str) -> tuple[str, int, int]:
@@ -39,7 +40,7 @@ def read_text(file: str) -> str:
 
 def cmd_generate(args):
     from . import load
-    engine = load(args.model, args.device)
+    engine = load(args.model, args.device, precision=args.precision)
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     text = engine.generate(prompt, args.max_length, args.temperature, args.top_k, args.top_p, args.seed)
     sys.stdout.write(prompt + text + ("\n" if not text.endswith("\n") else ""))
@@ -49,7 +50,7 @@ def cmd_complete(args):
     from . import load
     file, line, col = parse_location(args.location)
     prefix, suffix = split_at(read_text(file), line, col)
-    engine = load(args.model, args.device)
+    engine = load(args.model, args.device, precision=args.precision)
     result = engine.complete_detailed(prefix, suffix, args.mode)
     sys.stdout.write(result.text + "\n")
     if args.verbose:
@@ -160,6 +161,8 @@ def main(argv=None):
     for p in sub.choices.values():
         p.add_argument("--model", default=None, help="model bundle directory (default: the shipped one)")
         p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+    for name in ("generate", "complete"):
+        sub.choices[name].add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
 
     argv = list(sys.argv[1:] if argv is None else argv)
     stdin_locations = [a for a in argv if re.fullmatch(r"-:\d+:\d+", a)]

@@ -7,6 +7,8 @@ import logging
 import socket
 import sys
 
+from codellm.engine import PRECISION_HELP, PRECISIONS
+
 
 class NoDocumentText(logging.Filter):
     """pygls logs whole messages (buffer contents) when something fails: keep only a short head."""
@@ -45,6 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="model bundle directory (default: the shipped model)")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
     parser.add_argument("--log-file", default=None, help="write the log here (no document text is logged)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -56,6 +59,7 @@ def main(argv=None) -> int:
 
     from .lsp import create_server
     ls = create_server()
+    ls.holder.precision = args.precision
     ls.settings.update({"model_path": args.model, "device": args.device, "threads": args.threads})
     if args.tcp is not None:
         ls.start_tcp(args.host, args.tcp)

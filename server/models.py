@@ -31,6 +31,7 @@ class ModelHolder:
         self.path: Path | None = None
         self.device: str | None = None
         self.threads: int | None = None
+        self.precision = "auto"  # codellm.engine.PRECISIONS
         self.load_error: str | None = None
         self.version = 0  # bumped on every model change; results of an older model are not reused
         self._watch_stop: threading.Event | None = None
@@ -74,7 +75,7 @@ class ModelHolder:
 
     def _build(self) -> tuple:
         bundle = load_bundle(self.path, device=choose_device(self.device))
-        return bundle, Engine(bundle, self.device, self.threads)
+        return bundle, Engine(bundle, self.device, self.threads, self.precision)
 
     def _fail(self, message: str) -> None:
         if HOW_TO_GET_A_MODEL not in message:
