@@ -19,6 +19,9 @@ from .shellmode import choose_mode
 
 NEG_INF = float("-inf")
 MAX_TOKENS = {"line": 48, "block": 160}
+# room kept for the answer when the prompt is windowed: the same for line and block requests, so that
+# both see one window and share the KV cache (a block answer may then stop short of 160 in a full window)
+ANSWER_RESERVE = 96
 MAX_LINE_BYTES = 240  # a suggested line longer than this is a runaway, not shell
 
 
@@ -142,11 +145,12 @@ class Engine:
             mode = choose_mode(prefix, suffix)
         if mode not in ("line", "block"):
             raise ValueError(f"mode must be 'line', 'block' or 'auto', not {mode!r}")
-        max_new = max_new_tokens or MAX_TOKENS[mode]
-        max_new = max(1, min(max_new, self.config.context_length // 2))
+        context = self.config.context_length
+        reserve = min(context // 2, max(ANSWER_RESERVE, max_new_tokens or 0))
         fmt = fmt or (self.prompt_format if suffix.strip() else "plain")
         start_time = time.perf_counter()
-        prompt = build_prompt(self.tokenizer, prefix, suffix, fmt, budget=self.config.context_length - max_new)
+        prompt = build_prompt(self.tokenizer, prefix, suffix, fmt, budget=context - reserve)
+        max_new = max(1, min(max_new_tokens or MAX_TOKENS[mode], context - len(prompt.ids)))
         token_bytes = self.tokenizer.token_bytes
         heal = prompt.heal
         out = bytearray()
@@ -254,10 +258,10 @@ RULE_BYTES = set(b"-=#*~_.+/ \t")
 
 
 def ends_in_loop(line: bytes) -> bool:
-    """The line ends with a unit of up to 60 bytes repeated over max(3 units, 16 bytes), the unit not
-    a rule drawn with - = # and the like."""
-    for period in range(1, min(60, len(line) // 3) + 1):
-        span = max(3 * period, 16)
+    """The line ends with a unit repeated over max(3 units, 16 bytes), or a unit of 16-60 bytes twice
+    (as postprocess.REPEATED_CHUNK), the unit not a rule drawn with - = # and the like."""
+    for period in range(1, min(60, len(line) // 2) + 1):
+        span = max(3 * period, 16) if period < 16 else 2 * period
         if span > len(line):
             break
         tail = line[-span:]

@@ -73,17 +73,18 @@ def drop_lines_repeating_the_suffix(text: str, ctx: Context) -> str:
     return text
 
 
-REPEATED_CHUNK = re.compile(r"([^\n]{3,60}?)\1{2,}")
+# a loop: a chunk of 3-15 characters three times in a row, or of 16-60 characters twice
+REPEATED_CHUNK = re.compile(r"([^\n]{3,15}?)\1{2,}|([^\n]{16,60}?)\2")
 
 
 RULE_CHARS = set("-=#*~_.+/ \t")  # `# -----` and `=====` lines repeat on purpose
 
 
 def repetition_cut(text: str) -> int | None:
-    """Where to cut a loop: the end of the first copy of a chunk (3-60 characters, not a rule drawn
-    with - = # * and the like) that then repeats twice more in a row."""
+    """Where to cut a loop: the end of the first copy of a chunk (not a rule drawn with - = # * and
+    the like) repeated as REPEATED_CHUNK says."""
     for match in REPEATED_CHUNK.finditer(text):
-        unit = match.group(1)
+        unit = match.group(1) or match.group(2)
         if not set(unit) <= RULE_CHARS:
             return match.start() + len(unit)
     return None
