@@ -59,16 +59,23 @@ def test_greedy_decode_with_cache_matches_recomputing_everything(tokenizer):
     assert fast == slow
 
 
+def prompt_read_to_20_of_30(model, tokenizer, seed: int):
+    """30 random ids, the full forward's logits for them, and the KV cache holding the first 20."""
+    ids = torch.randint(4, tokenizer.vocab_size, (1, 30), generator=torch.Generator().manual_seed(seed))
+    with torch.inference_mode():
+        full = model(ids)[0]
+        model.setup_cache()
+        model(ids[:, :20], start=0)
+    return ids, full
+
+
 @pytest.mark.parametrize("qk_norm", [True, False])
 def test_decoder_steps_match_the_full_forward(tokenizer, qk_norm):
     """The folded one-token decoder computes the model's logits and writes the same keys and values."""
     model = make_model(tokenizer, qk_norm=qk_norm)
     decoder = Decoder(model)
-    ids = torch.randint(4, tokenizer.vocab_size, (1, 30), generator=torch.Generator().manual_seed(3))
+    ids, full = prompt_read_to_20_of_30(model, tokenizer, seed=3)
     with torch.inference_mode():
-        full = model(ids)[0]
-        model.setup_cache()
-        model(ids[:, :20], start=0)
         for pos in range(20, 30):
             torch.testing.assert_close(decoder.step(int(ids[0, pos]), pos), full[pos], **TOL)
         keys = model.blocks[-1].attn.cache.k[:, :, :30].clone()
@@ -82,11 +89,8 @@ def test_int8_decoder_stays_close_to_the_model(tokenizer):
         pytest.skip("this torch build has no int8 weight matmul on CPU")
     model = make_model(tokenizer)
     decoder = Decoder(model, int8=True)
-    ids = torch.randint(4, tokenizer.vocab_size, (1, 30), generator=torch.Generator().manual_seed(4))
+    ids, full = prompt_read_to_20_of_30(model, tokenizer, seed=4)
     with torch.inference_mode():
-        full = model(ids)[0]
-        model.setup_cache()
-        model(ids[:, :20], start=0)
         for pos in range(20, 30):
             got = decoder.step(int(ids[0, pos]), pos)
             error = (got - full[pos]).norm() / full[pos].norm()
