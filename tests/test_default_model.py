@@ -18,7 +18,7 @@ def test_default_bundle_is_shipped_and_valid():
     assert bundle.model.num_params() > 1_000_000
     assert sum(p.stat().st_size for p in PACKAGED_BUNDLE.iterdir()) < 25 * 1024 * 1024
     stages = bundle.card["stages"]
-    assert set(stages) == {"language", "code"} and stages["code"]["files"]
+    assert {"language", "code"} <= set(stages) and stages["code"]["files"]
     assert "eval" in bundle.card
 
 
@@ -47,7 +47,7 @@ def test_completes_a_partial_word(engine):
 
 def test_a_block_past_its_time_budget_ends_at_a_whole_line(engine):
     import time
-    prefix = "#!/bin/bash\nusage() {\n"
+    prefix = "#!/bin/bash\nfor f in *.txt; do\n"
     full = engine.complete_detailed(prefix, "", mode="block", clean=False)
     quick = engine.complete_detailed(prefix, "", mode="block", clean=False, whole_lines_after=time.monotonic())
     assert quick.stop_reason == "time budget", quick
