@@ -1,8 +1,9 @@
 """`codellm bench`: engine speed on this machine, beside HF transformers' generate on a same-size Llama.
 
-Reports medians of repeated runs: 512-token prefill, decode ms/token (64 steps after a cached
-256-token prompt), a 16-token completion after a fresh 512-token prompt, and the same completion after a one-token edit at the end of the prompt
-(what a keystroke does to an SPM prompt), which reuses the KV cache.
+Reports medians of repeated runs, for each engine precision: 512-token prefill, decode ms/token (64 steps
+after a cached 256-token prompt), a 16-token completion after a fresh 512-token prompt, and the same
+completion after a one-token edit at the end of the prompt (what a keystroke does to an SPM prompt),
+which reuses the KV cache.
 """
 from __future__ import annotations
 
@@ -159,11 +160,11 @@ def main(args) -> None:
     print(f"precision auto = {'bf16' if engine.bf16_prefill else 'fp32'} prompt reading, "
           f"{'int8' if engine.decoder.int8 else 'fp32'} decode weights; fp32 = float32 throughout")
     print(f"  {'':44}{'auto':>10}{'fp32':>10}")
-    rows = [(f"prefill {n_prompt} tokens (ms)", "prefill", 1000), (f"decode, {DECODE_TOKENS} steps (ms/token)", "decode", 1000),
-            (f"{NEW_TOKENS}-token completion, fresh prompt (ms)", "fresh", 1000),
-            (f"{NEW_TOKENS}-token completion after a 1-token edit (ms)", "edit", 1000)]
-    for label, key, scale in rows:
-        print(f"  {label:44}" + "".join(f"{times[p][key] * scale:10.2f}" for p in PRECISIONS))
+    rows = [(f"prefill {n_prompt} tokens (ms)", "prefill"), (f"decode, {DECODE_TOKENS} steps (ms/token)", "decode"),
+            (f"{NEW_TOKENS}-token completion, fresh prompt (ms)", "fresh"),
+            (f"{NEW_TOKENS}-token completion after a 1-token edit (ms)", "edit")]
+    for label, key in rows:
+        print(f"  {label:44}" + "".join(f"{times[p][key] * 1000:10.2f}" for p in PRECISIONS))
     fresh = times["auto"]["fresh"]
     print(f"  KV reuse after a 1-token edit: {fresh / times['auto']['edit']:.1f}x faster than a fresh prompt")
     if args.model:

@@ -13,7 +13,7 @@ import torch
 from .bundle import Bundle, load_bundle
 from .decode import Decoder, int8_matmul_available
 from .device import choose_device, cpu_has_bf16, set_threads
-from .postprocess import BLANK_LINE_AFTER_CONTENT, Context, first_repeated_line, postprocess
+from .postprocess import BLANK_LINE_AFTER_CONTENT, Context, ends_in_loop, first_repeated_line, postprocess
 from .prompt import build_prompt
 from .shellmode import choose_mode
 
@@ -102,7 +102,8 @@ class Engine:
         reused = min(common_prefix_len(self.cached, ids), len(ids) - 1)
         self.cached = self.cached[:reused]  # invalid past here until rewritten below
         if len(ids) - reused > 1:  # the prompt model reads what is new but the last token ...
-            self.prompt_model(torch.tensor([ids[reused:-1]], device=self.device), start=reused, last_only=True)
+            self.prompt_model(torch.tensor([ids[reused:-1]], device=self.device), start=reused, last_only=True,
+                              hidden=True)  # only its keys and values are wanted
         logits = self.decoder.step(ids[-1], len(ids) - 1)  # ... whose logits always come from the decoder:
         self.cached = list(ids)  # with precision "auto" a text then gets one answer, whatever was cached
         return logits, reused
@@ -252,22 +253,6 @@ def runaway(out: bytearray, token: bytes) -> bool:
         lines = out[:line_start - 1].split(b"\n")
         return first_repeated_line(lines[-12:]) is not None
     return ends_in_loop(bytes(line))
-
-
-RULE_BYTES = set(b"-=#*~_.+/ \t")
-
-
-def ends_in_loop(line: bytes) -> bool:
-    """The line ends with a unit repeated over max(3 units, 16 bytes), or a unit of 16-60 bytes twice
-    (as postprocess.REPEATED_CHUNK), the unit not a rule drawn with - = # and the like."""
-    for period in range(1, min(60, len(line) // 2) + 1):
-        span = max(3 * period, 16) if period < 16 else 2 * period
-        if span > len(line):
-            break
-        tail = line[-span:]
-        if tail[period:] == tail[:-period] and not set(tail[-period:]) <= RULE_BYTES:
-            return True
-    return False
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

@@ -73,11 +73,27 @@ def drop_lines_repeating_the_suffix(text: str, ctx: Context) -> str:
     return text
 
 
-# a loop: a chunk of 3-15 characters three times in a row, or of 16-60 characters twice
-REPEATED_CHUNK = re.compile(r"([^\n]{3,15}?)\1{2,}|([^\n]{16,60}?)\2")
+# a loop: a chunk of up to SHORT_UNIT characters three times in a row, or a longer one (up to LONG_UNIT)
+# twice; `ends_in_loop` checks the same while text is being written
+SHORT_UNIT, LONG_UNIT = 15, 60
+REPEATED_CHUNK = re.compile(rf"([^\n]{{3,{SHORT_UNIT}}}?)\1{{2,}}|([^\n]{{{SHORT_UNIT + 1},{LONG_UNIT}}}?)\2")
 
 
 RULE_CHARS = set("-=#*~_.+/ \t")  # `# -----` and `=====` lines repeat on purpose
+RULE_BYTES = {ord(c) for c in RULE_CHARS}
+
+
+def ends_in_loop(line: bytes) -> bool:
+    """The line ends in a loop as REPEATED_CHUNK defines it (a short unit over at least 16 bytes):
+    cheap enough to ask after every decoded token."""
+    for period in range(1, min(LONG_UNIT, len(line) // 2) + 1):
+        span = max(3 * period, 16) if period <= SHORT_UNIT else 2 * period
+        if span > len(line):
+            break
+        tail = line[-span:]
+        if tail[period:] == tail[:-period] and not set(tail[-period:]) <= RULE_BYTES:
+            return True
+    return False
 
 
 def repetition_cut(text: str) -> int | None:

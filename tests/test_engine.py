@@ -109,7 +109,8 @@ def test_block_mode_may_start_with_a_newline_and_allow_empty_lets_the_model_stop
 
 
 def test_runaway_output_is_recognised_as_it_is_written():
-    from codellm.engine import ends_in_loop, runaway
+    from codellm.engine import runaway
+    from codellm.postprocess import ends_in_loop
     assert ends_in_loop(b"printf '%s" + b"\\t" * 8)
     assert ends_in_loop(b"sed -e 's/" + b"\\./" * 6)
     assert not ends_in_loop(b'echo "copied $src to $dst"')
