@@ -1,21 +1,26 @@
-"""One-token decode step for inference, written for few kernel launches and few bytes of weights.
+"""Decode steps for inference, written for few kernel launches and few bytes of weights.
 
-A decode step moves one token through the model: every tensor is tiny, so the time goes into launching
-operations and into reading the weights, not into arithmetic. `Decoder` computes what
-`GPT.forward(token, start=pos)` computes with about a fifth of the operations, from weights prepared once:
+A decode step moves one token (or a few, to check a guessed continuation) through the model: every
+tensor is tiny, so the time goes into launching operations and reading weights, not into arithmetic.
+`Decoder` computes what `GPT.forward(tokens, start=pos)` computes with a fraction of the operations, from
+weights prepared once:
 
 - each RMSNorm's weight is folded into the matrix that reads its output; the norm itself becomes one
-  scalar per row, applied after the matrix product;
+  scalar per row;
 - the QK-norm weights and the attention scale are folded into per-position rotary tables;
-- residual additions ride on `addmm`;
 - optionally (`int8=True`) the matrices are stored as int8 with one scale per output row and multiplied
   with bf16 activations: a quarter of the bytes to read per token. The residual stream, norms, attention
   and KV cache stay fp32.
 
+The step is one TorchScript function (`decode_tokens`), so that the Python interpreter is out of the loop
+between its ~200 operations; where scripting is unavailable it runs as plain Python, with the same result.
 It reads and writes the model's own KV cache, so prefill (`GPT.forward`) and decode steps mix freely.
-Rebuild it after the model's weights change.
+Rebuild the decoder after the model's weights change.
 """
 from __future__ import annotations
+
+import warnings
+from typing import List
 
 import torch
 
@@ -33,88 +38,132 @@ def int8_matmul_available(device: torch.device) -> bool:
         return False
 
 
+def project(x: torch.Tensor, row_scale: torch.Tensor, matrices: List[torch.Tensor], scales: List[torch.Tensor],
+            i: int) -> torch.Tensor:
+    """(x * row_scale) @ matrix i; `scales` is empty for float matrices (in, out) and holds the per-row
+    scales of int8 matrices (out, in)."""
+    if len(scales) == 0:
+        return torch.mm(x * row_scale, matrices[i])
+    return torch._weight_int8pack_mm((x * row_scale).to(torch.bfloat16), matrices[i], scales[i])
+
+
+def norm_scale(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """(T, 1): 1 / sqrt(sum(x²) + eps) per row (the folded weights carry the norm's sqrt(d_model))."""
+    T, C = x.shape
+    return torch.baddbmm(eps, x.view(T, 1, C), x.view(T, C, 1)).rsqrt_().view(T, 1)
+
+
+def decode_tokens(x: torch.Tensor, pos: int, matrices: List[torch.Tensor], scales: List[torch.Tensor],
+                  rotary: List[torch.Tensor], caches: List[torch.Tensor], causal: torch.Tensor,
+                  norm_eps: torch.Tensor, head_eps: torch.Tensor, n_head: int, qk_norm: bool) -> torch.Tensor:
+    """Logits (T, vocab) for the embedded tokens x (T, d_model) at positions pos..pos+T-1.
+
+    Per layer l: matrices[4l:4l+4] = qkv, proj, up, down; rotary[2l:2l+2] = cos, sin tables (context, 2, 1,
+    head_dim); caches[2l:2l+2] = keys, values (n_head, context, head_dim). The last matrix is the lm_head."""
+    T, C = x.shape
+    H = n_head
+    D = C // H
+    end = pos + T
+    one = torch.ones(1, 1, dtype=x.dtype, device=x.device)
+    for layer in range(len(caches) // 2):
+        qkv = project(x, norm_scale(x, norm_eps), matrices, scales, 4 * layer).float().view(T, 3, H, D)
+        qk, v = qkv[:, :2], qkv[:, 2]
+        swapped = qk.reshape(T, 2, H, 2, D // 2).flip(3).view(T, 2, H, D)
+        qk = torch.addcmul(qk * rotary[2 * layer][pos:end], swapped, rotary[2 * layer + 1][pos:end])
+        if qk_norm:  # rope(u * r) = rope(u) * r: the norm's scalar goes on after the rotation
+            r = torch.baddbmm(head_eps, qkv[:, :2].reshape(T * 2 * H, 1, D), qkv[:, :2].reshape(T * 2 * H, D, 1))
+            qk = qk * r.rsqrt_().view(T, 2, H, 1)
+        keys, values = caches[2 * layer], caches[2 * layer + 1]
+        keys[:, pos:end] = qk[:, 1].transpose(0, 1)
+        values[:, pos:end] = v.transpose(0, 1)
+        scores = torch.baddbmm(causal[pos:end, :end], qk[:, 0].transpose(0, 1), keys[:, :end].transpose(1, 2))
+        y = torch.bmm(torch.softmax(scores, dim=-1), values[:, :end]).transpose(0, 1).reshape(T, C)
+        x = x + project(y, one, matrices, scales, 4 * layer + 1)
+        hidden = project(x, norm_scale(x, norm_eps), matrices, scales, 4 * layer + 2).relu_().square_()
+        x = x + project(hidden, one, matrices, scales, 4 * layer + 3)
+    return project(x, norm_scale(x, norm_eps), matrices, scales, len(matrices) - 1).float()
+
+
+_scripted = None
+
+
+def compiled_decode_tokens():
+    """`decode_tokens` compiled by TorchScript, or the Python function where that is unavailable."""
+    global _scripted
+    if _scripted is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                _scripted = torch.jit.script(decode_tokens)
+        except Exception:  # noqa: BLE001 - any failure to compile leaves the same code running as Python
+            _scripted = decode_tokens
+    return _scripted
+
+
 class Decoder:
-    def __init__(self, model: GPT, int8: bool = False):
+    def __init__(self, model: GPT, int8: bool = False, script: bool = True):
         cfg = model.cfg
         self.model = model
         self.int8 = int8
-        self.eps = cfg.norm_eps
-        self.d_model, self.n_head, self.head_dim = cfg.d_model, cfg.n_head, cfg.head_dim
         root_c = cfg.d_model ** 0.5
+        self.matrices: list[torch.Tensor] = []
+        self.scales: list[torch.Tensor] = []
+        self.rotary: list[torch.Tensor] = []
         with torch.no_grad():
             self.embed = model.embed.weight.detach()
-            self.layers = []
             for block in model.blocks:
                 attn, mlp = block.attn, block.mlp
-                self.layers.append((
-                    self._matrix(attn.qkv.weight, block.attn_norm.weight * root_c),
-                    *self._rotary_tables(model, attn),
-                    self._matrix(attn.proj.weight),
-                    self._matrix(mlp.up.weight, block.mlp_norm.weight * root_c),
-                    self._matrix(mlp.down.weight),
-                ))
-            self.lm_head = self._matrix(model.lm_head.weight, model.norm.weight * root_c)
+                self._add_matrix(attn.qkv.weight, block.attn_norm.weight * root_c)
+                self._add_matrix(attn.proj.weight)
+                self._add_matrix(mlp.up.weight, block.mlp_norm.weight * root_c)
+                self._add_matrix(mlp.down.weight)
+                self.rotary += self._rotary_tables(model, attn)
+            self._add_matrix(model.lm_head.weight, model.norm.weight * root_c)
+        device = self.embed.device
+        context = cfg.context_length
+        self.causal = torch.full((context, context), float("-inf"), device=device).triu_(1)
+        self.norm_eps = torch.full((1, 1, 1), cfg.d_model * cfg.norm_eps, device=device)
+        self.head_eps = torch.full((1, 1, 1), cfg.head_dim * cfg.norm_eps, device=device)
+        self.run_layers = compiled_decode_tokens() if script else decode_tokens
 
-    def _matrix(self, weight: torch.Tensor, input_scale: torch.Tensor | None = None):
-        """`weight` (out, in), with `input_scale` folded into its columns, ready for `_project`."""
+    def _add_matrix(self, weight: torch.Tensor, input_scale: torch.Tensor | None = None):
+        """`weight` (out, in), with `input_scale` folded into its columns, stored for `project`."""
         weight = weight.detach().float()
         if input_scale is not None:
             weight = weight * input_scale.detach().float()
         if not self.int8:
-            return weight.t().contiguous()  # (in, out) for mm / addmm
+            self.matrices.append(weight.t().contiguous())  # (in, out) for mm
+            return
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
-        quantized = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        return quantized, scale.to(torch.bfloat16)
+        self.matrices.append(torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous())
+        self.scales.append(scale.to(torch.bfloat16))
 
-    def _project(self, x: torch.Tensor, matrix) -> torch.Tensor:
-        if self.int8:
-            return torch._weight_int8pack_mm(x.to(torch.bfloat16), *matrix)
-        return torch.mm(x, matrix)
-
-    def _add_projection(self, x: torch.Tensor, y: torch.Tensor, matrix) -> torch.Tensor:
-        """x + y @ matrix"""
-        if self.int8:
-            return x + self._project(y, matrix)
-        return torch.addmm(x, y, matrix)
-
-    def _rotary_tables(self, model: GPT, attn) -> tuple[torch.Tensor, torch.Tensor]:
+    def _rotary_tables(self, model: GPT, attn) -> list[torch.Tensor]:
         """Per position, for q and k stacked: cos and signed-sin tables with the QK-norm weights (and for
-        q the attention scale) folded in, so that rope(qk_norm(x)) = u * cos + swap_halves(u) * sin where
-        u = x / sqrt(sum(x²) + D·eps). Shapes (context, 2, 1, head_dim)."""
-        D = self.head_dim
+        q the attention scale) folded in, so that rope(qk_norm(x)) = rope'(x) * r where
+        rope'(x) = x * cos + swap_halves(x) * sin and r = 1 / sqrt(sum(x²) + D·eps).
+        Shapes (context, 2, 1, head_dim)."""
+        D = model.cfg.head_dim
         cos, sin = model.rope_cos[:, None, None, :], model.rope_sin[:, None, None, :]
         ones = torch.ones(D, device=cos.device)
         if isinstance(attn.q_norm, RMSNorm):
             weight = torch.stack((attn.q_norm.weight.detach().float() * D ** -0.5,
                                   attn.k_norm.weight.detach().float())) * D ** 0.5
-        else:  # no QK-norm: u is the raw q/k (the normalisation in `step` is skipped)
+        else:  # no QK-norm: q and k are used as they come
             weight = torch.stack((ones * D ** -0.5, ones))
         swapped = weight.roll(D // 2, dims=-1)
-        return (cos * weight[None, :, None, :]).contiguous(), (sin * swapped[None, :, None, :]).contiguous()
+        return [(cos * weight[None, :, None, :]).contiguous(), (sin * swapped[None, :, None, :]).contiguous()]
 
-    def _norm_scale(self, x: torch.Tensor) -> torch.Tensor:
-        """1 / (sqrt(d_model) * rms(x)) for a (1, d_model) row: the folded weights carry sqrt(d_model)."""
-        return torch.mm(x, x.t()).add_(self.d_model * self.eps).rsqrt_()
+    def run(self, tokens: list[int], pos: int) -> torch.Tensor:
+        """Logits (len(tokens), vocab) for `tokens` at positions pos, pos+1, ...; keys/values of positions
+        < pos come from the cache, and those of `tokens` are written to it."""
+        caches = []
+        for block in self.model.blocks:
+            caches += [block.attn.cache.k[0], block.attn.cache.v[0]]
+        x = self.embed[torch.tensor(tokens, device=self.embed.device)]
+        return self.run_layers(x, pos, self.matrices, self.scales, self.rotary, caches, self.causal,
+                               self.norm_eps, self.head_eps, self.model.cfg.n_head, self.model.cfg.qk_norm)
 
     def step(self, token: int, pos: int) -> torch.Tensor:
-        """Logits (vocab,) for `token` at position `pos`; keys/values of positions < pos come from the cache."""
-        H, D = self.n_head, self.head_dim
-        qk_norm = self.model.cfg.qk_norm
-        x = self.embed[token:token + 1]
-        for (w_qkv, cos, sin, w_proj, w_up, w_down), block in zip(self.layers, self.model.blocks):
-            qkv = (self._project(x, w_qkv) * self._norm_scale(x)).view(3, H, D)
-            qk, v = qkv[:2], qkv[2]
-            if qk_norm:
-                qk = qk * torch.rsqrt(qk.square().sum(-1, keepdim=True).add_(D * self.eps))
-            qk = torch.addcmul(qk * cos[pos], qk.view(2, H, 2, D // 2).flip(2).view(2, H, D), sin[pos])
-            cache = block.attn.cache
-            keys, values = cache.k[0], cache.v[0]  # (H, context, D)
-            keys.select(1, pos).copy_(qk[1])
-            values.select(1, pos).copy_(v)
-            keys, values = keys[:, :pos + 1], values[:, :pos + 1]
-            scores = torch.bmm(qk[0].view(H, 1, D), keys.transpose(1, 2))
-            y = torch.bmm(torch.softmax(scores, dim=-1), values)
-            x = self._add_projection(x, y.view(1, H * D), w_proj)
-            hidden = (self._project(x, w_up) * self._norm_scale(x)).relu_().square_()
-            x = self._add_projection(x, hidden, w_down)
-        return (self._project(x, self.lm_head) * self._norm_scale(x))[0]
+        """Logits (vocab,) for `token` at position `pos`."""
+        return self.run([token], pos)[0]

@@ -70,10 +70,12 @@ def prompt_read_to_20_of_30(model, tokenizer, seed: int):
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])
-def test_decoder_steps_match_the_full_forward(tokenizer, qk_norm):
-    """The folded one-token decoder computes the model's logits and writes the same keys and values."""
+@pytest.mark.parametrize("script", [True, False])
+def test_decoder_steps_match_the_full_forward(tokenizer, qk_norm, script):
+    """The folded one-token decoder, compiled or as Python, computes the model's logits and writes the
+    same keys and values."""
     model = make_model(tokenizer, qk_norm=qk_norm)
-    decoder = Decoder(model)
+    decoder = Decoder(model, script=script)
     ids, full = prompt_read_to_20_of_30(model, tokenizer, seed=3)
     with torch.inference_mode():
         for pos in range(20, 30):
@@ -82,6 +84,20 @@ def test_decoder_steps_match_the_full_forward(tokenizer, qk_norm):
         model.setup_cache()
         model(ids, start=0)
         torch.testing.assert_close(keys, model.blocks[-1].attn.cache.k[:, :, :30], **TOL)
+
+
+def test_decoder_reads_several_tokens_at_once(tokenizer):
+    """Several tokens in one call (each attending to the cache and to those before it) give the logits
+    the full forward gives, and leave the cache as one-token steps do."""
+    model = make_model(tokenizer)
+    decoder = Decoder(model)
+    ids, full = prompt_read_to_20_of_30(model, tokenizer, seed=5)
+    with torch.inference_mode():
+        torch.testing.assert_close(decoder.run(ids[0, 20:25].tolist(), 20), full[20:25], **TOL)
+        torch.testing.assert_close(decoder.run(ids[0, 25:30].tolist(), 25), full[25:30], **TOL)
+        keys = model.blocks[0].attn.cache.k[:, :, :30].clone()
+        model(ids, start=0)
+        torch.testing.assert_close(keys, model.blocks[0].attn.cache.k[:, :, :30], **TOL)
 
 
 def test_int8_decoder_stays_close_to_the_model(tokenizer):
