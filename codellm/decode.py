@@ -23,6 +23,7 @@ import warnings
 from typing import List
 
 import torch
+import torch.nn.functional as F
 
 from .model import GPT, RMSNorm
 
@@ -101,13 +102,21 @@ def compiled_decode_tokens():
 
 
 class Decoder:
-    def __init__(self, model: GPT, int8: bool = False, script: bool = True):
+    """Decode steps (`run`, `step`) and prompt reading (`read`) over folded weights.
+
+    int8: decode steps multiply by int8 weights (CPU). prompt_dtype: the dtype of the matrices that read
+    prompts (bf16 where the CPU has bf16 matrix units); activations between them stay float32."""
+
+    def __init__(self, model: GPT, int8: bool = False, script: bool = True,
+                 prompt_dtype: torch.dtype = torch.float32):
         cfg = model.cfg
         self.model = model
         self.int8 = int8
+        self.prompt_dtype = prompt_dtype
         root_c = cfg.d_model ** 0.5
         self.matrices: list[torch.Tensor] = []
         self.scales: list[torch.Tensor] = []
+        self.prompt_matrices: list[torch.Tensor] = []
         self.rotary: list[torch.Tensor] = []
         with torch.no_grad():
             self.embed = model.embed.weight.detach()
@@ -131,8 +140,9 @@ class Decoder:
         weight = weight.detach().float()
         if input_scale is not None:
             weight = weight * input_scale.detach().float()
+        self.prompt_matrices.append(weight.t().contiguous().to(self.prompt_dtype))  # (in, out) for mm
         if not self.int8:
-            self.matrices.append(weight.t().contiguous())  # (in, out) for mm
+            self.matrices.append(weight.t().contiguous())
             return
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.matrices.append(torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous())
@@ -167,3 +177,42 @@ class Decoder:
     def step(self, token: int, pos: int) -> torch.Tensor:
         """Logits (vocab,) for `token` at position `pos`."""
         return self.run([token], pos)[0]
+
+    def read(self, tokens: list[int], pos: int) -> None:
+        """Write the keys and values of `tokens` at positions pos, pos+1, ... to the cache (a prompt read
+        before its last token goes through `step`). Nothing after the last layer's keys and values is
+        computed: the logits of these positions are not wanted."""
+        C, H, D = self.model.cfg.d_model, self.model.cfg.n_head, self.model.cfg.head_dim
+        T, end = len(tokens), pos + len(tokens)
+        dtype, eps = self.prompt_dtype, self.model.cfg.norm_eps
+        x = self.embed[torch.tensor(tokens, device=self.embed.device)]
+        for layer, block in enumerate(self.model.blocks):
+            w_qkv, w_proj, w_up, w_down = self.prompt_matrices[4 * layer:4 * layer + 4]
+            qkv = torch.mm(self._normalized(x, C * eps, dtype), w_qkv).view(T, 3, H, D)
+            qk, v = qkv[:, :2].float(), qkv[:, 2].float()
+            swapped = qk.view(T, 2, H, 2, D // 2).flip(3).view(T, 2, H, D)
+            rotated = torch.addcmul(qk * self.rotary[2 * layer][pos:end], swapped, self.rotary[2 * layer + 1][pos:end])
+            if self.model.cfg.qk_norm:
+                rotated.mul_(self._normalized(qk, D * eps, None))
+            cache = block.attn.cache
+            cache.k[0, :, pos:end] = rotated[:, 1].transpose(0, 1)
+            cache.v[0, :, pos:end] = v.transpose(0, 1)
+            if layer == len(self.model.blocks) - 1:
+                break  # the last layer's keys and values are all that is wanted of it
+            q = rotated[:, 0].transpose(0, 1)[None].to(dtype)
+            if pos == 0:
+                keys, values = rotated[:, 1].transpose(0, 1)[None].to(dtype), v.transpose(0, 1)[None].to(dtype)
+                y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=1.0)
+            else:
+                keys, values = cache.k[:, :, :end].to(dtype), cache.v[:, :, :end].to(dtype)
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.causal[pos:end, :end].to(dtype),
+                                                   scale=1.0)
+            x = x + torch.mm(y[0].transpose(0, 1).reshape(T, C), w_proj)
+            hidden = torch.mm(self._normalized(x, C * eps, dtype), w_up).relu_().square_()
+            x = x + torch.mm(hidden, w_down)
+
+    @staticmethod
+    def _normalized(x: torch.Tensor, eps: float, dtype: torch.dtype | None) -> torch.Tensor:
+        """x / sqrt(sum(x²) + eps) over the last dimension, cast to `dtype`; dtype None: the scale alone."""
+        scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(eps).rsqrt_()
+        return scale if dtype is None else (x * scale).to(dtype)

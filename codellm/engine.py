@@ -2,7 +2,6 @@
 token healing, sampled generation, and stop rules (end of text, newline, token budget, deadline)."""
 from __future__ import annotations
 
-import copy
 import threading
 import time
 from dataclasses import dataclass
@@ -54,9 +53,9 @@ class Engine:
     """Keeps one model resident on its device; requests are serialized onto it by a lock.
 
     precision "fp32" computes everything in float32. "auto" trades a little exactness for speed where the
-    hardware rewards it: on CPUs with bf16 matrix units a bf16 copy of the model reads prompts (the model
-    trains under bf16 autocast), and on CPU each decode step multiplies by int8 copies of the weights
-    (codellm.decode). The KV cache stays float32."""
+    hardware rewards it: on CPUs with bf16 matrix units prompts are read with bf16 copies of the weights (the
+    model trains under bf16 autocast), and on CPU each decode step multiplies by int8 copies of the weights
+    (codellm.decode). Activations between the matrices and the KV cache stay float32."""
 
     def __init__(self, bundle: Bundle, device: torch.device | str | None = None, threads: int | None = None,
                  precision: str = "auto"):
@@ -71,13 +70,9 @@ class Engine:
         self.model = bundle.model.to(self.device).eval()
         fast_cpu = precision == "auto" and self.device.type == "cpu"
         self.bf16_prefill = fast_cpu and cpu_has_bf16()
-        self.prompt_model = self.model
-        if self.bf16_prefill:  # a bf16 copy reads prompts; it writes into the float32 model's KV cache
-            self.prompt_model = copy.deepcopy(self.model).to(torch.bfloat16)
         self.model.setup_cache(1)
-        for fast, exact in zip(self.prompt_model.blocks, self.model.blocks):
-            fast.attn.cache = exact.attn.cache
-        self.decoder = Decoder(self.model, int8=fast_cpu and int8_matmul_available(self.device))
+        self.decoder = Decoder(self.model, int8=fast_cpu and int8_matmul_available(self.device),
+                               prompt_dtype=torch.bfloat16 if self.bf16_prefill else torch.float32)
         self.precision = precision
         self.prompt_format = bundle.prompt_format
         self.lock = threading.Lock()
@@ -101,10 +96,9 @@ class Engine:
         """Logits after `ids`, computing only what the cache lacks. Returns (logits, reused count)."""
         reused = min(common_prefix_len(self.cached, ids), len(ids) - 1)
         self.cached = self.cached[:reused]  # invalid past here until rewritten below
-        if len(ids) - reused > 1:  # the prompt model reads what is new but the last token ...
-            self.prompt_model(torch.tensor([ids[reused:-1]], device=self.device), start=reused, last_only=True,
-                              hidden=True)  # only its keys and values are wanted
-        logits = self.decoder.step(ids[-1], len(ids) - 1)  # ... whose logits always come from the decoder:
+        if len(ids) - reused > 1:  # what is new is read into the cache but for the last token ...
+            self.decoder.read(ids[reused:-1], reused)
+        logits = self.decoder.step(ids[-1], len(ids) - 1)  # ... whose logits always come from a decode step:
         self.cached = list(ids)  # with precision "auto" a text then gets one answer, whatever was cached
         return logits, reused
 

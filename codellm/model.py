@@ -1,7 +1,8 @@
 """A small decoder-only transformer: pre-norm RMSNorm, rotary positions, QK-norm, ReLU² MLP, no biases.
 
-One `forward(idx, input_pos)` serves training (input_pos=None: full causal attention, no cache) and
-inference (input_pos given: keys/values are written to the KV cache set up by `setup_cache`).
+One `forward(idx, start)` serves training (start=None: full causal attention, no cache) and, as the
+reference the fast inference path (codellm.decode) is tested against, cached inference (start given:
+keys/values are written to the KV cache set up by `setup_cache`).
 """
 from __future__ import annotations
 
@@ -22,12 +23,11 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v for positions start.. and return the cache up to the last written position, in the
-        dtype of k/v (a bf16 copy of the model can share a float32 cache)."""
+        """Write k/v for positions start.. and return the cache up to the last written position."""
         end = start + k.shape[2]
         self.k[:, :, start:end] = k
         self.v[:, :, start:end] = v
-        return self.k[:, :, :end].to(k.dtype), self.v[:, :, :end].to(v.dtype)
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class RMSNorm(nn.Module):

@@ -100,6 +100,23 @@ def test_decoder_reads_several_tokens_at_once(tokenizer):
         torch.testing.assert_close(keys, model.blocks[0].attn.cache.k[:, :, :30], **TOL)
 
 
+@pytest.mark.parametrize("qk_norm", [True, False])
+def test_decoder_reads_prompts_into_the_cache(tokenizer, qk_norm):
+    """`read` writes the keys and values the full forward computes, from position 0 and after cached ones."""
+    model = make_model(tokenizer, qk_norm=qk_norm)
+    decoder = Decoder(model)
+    ids, full = prompt_read_to_20_of_30(model, tokenizer, seed=6)
+    with torch.inference_mode():
+        want = [(b.attn.cache.k[:, :, :20].clone(), b.attn.cache.v[:, :, :20].clone()) for b in model.blocks]
+        model.setup_cache()
+        decoder.read(ids[0, :12].tolist(), 0)
+        decoder.read(ids[0, 12:20].tolist(), 12)
+        for block, (keys, values) in zip(model.blocks, want):
+            torch.testing.assert_close(block.attn.cache.k[:, :, :20], keys, **TOL)
+            torch.testing.assert_close(block.attn.cache.v[:, :, :20], values, **TOL)
+        torch.testing.assert_close(decoder.step(int(ids[0, 20]), 20), full[20], **TOL)
+
+
 def test_int8_decoder_stays_close_to_the_model(tokenizer):
     if not int8_matmul_available(torch.device("cpu")):
         pytest.skip("this torch build has no int8 weight matmul on CPU")
