@@ -11,6 +11,7 @@ import torch
 
 from .bundle import Bundle, load_bundle
 from .decode import Decoder, int8_matmul_available
+from .lookahead import GUESS_TOKENS, PromptLookup
 from .device import choose_device, cpu_has_bf16, set_threads
 from .postprocess import BLANK_LINE_AFTER_CONTENT, Context, ends_in_loop, first_repeated_line, postprocess
 from .prompt import build_prompt
@@ -34,6 +35,7 @@ class Completion:
     reused_tokens: int  # prompt tokens whose keys/values came from the cache
     new_tokens: int
     seconds: float
+    model_calls: int = 0  # decode calls; fewer than new_tokens when guessed tokens were confirmed
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -74,6 +76,7 @@ class Engine:
         self.decoder = Decoder(self.model, int8=fast_cpu and int8_matmul_available(self.device),
                                prompt_dtype=torch.bfloat16 if self.bf16_prefill else torch.float32)
         self.precision = precision
+        self.guess_tokens = GUESS_TOKENS  # 0: decode one token per call (codellm.lookahead)
         self.prompt_format = bundle.prompt_format
         self.lock = threading.Lock()
         self.cached: list[int] = []  # token ids whose keys/values sit in the cache, at positions 0..n-1
@@ -106,6 +109,12 @@ class Engine:
         logits = self.decoder.step(token, len(self.cached))
         self.cached.append(token)
         return logits
+
+    def _step_with_guess(self, token: int, guess: list[int]) -> list[torch.Tensor]:
+        """Logits after `token` and after each guessed token that follows it, from one decode call."""
+        rows = self.decoder.run([token, *guess], len(self.cached))
+        self.cached += [token, *guess]
+        return list(rows)
 
     def _healing_allowed(self, heal: bytes) -> torch.Tensor:
         """Ids of the tokens that agree with the backed-off bytes `heal`: those that start with them,
@@ -149,7 +158,10 @@ class Engine:
         token_bytes = self.tokenizer.token_bytes
         heal = prompt.heal
         out = bytearray()
-        stop, reused, n_new = "max_tokens", 0, 0
+        stop, reused, n_new, calls = "max_tokens", 0, 0, 1
+        lookup = PromptLookup(prompt.ids) if self.guess_tokens else None
+        guessed: list[int] = []  # tokens after the last one chosen whose logits are in `ready`
+        ready: list[torch.Tensor] = []
         with self.lock, torch.inference_mode():
             logits, reused = self._forward_from_cache(prompt.ids)
             for n_new in range(1, max_new + 1):
@@ -165,6 +177,8 @@ class Engine:
                 if token == self.tokenizer.eot_id:
                     stop = "eot"
                     break
+                if lookup is not None:
+                    lookup.append(token)
                 out += token_bytes[token]
                 if mode == "line" and b"\n" in out[len(heal):]:
                     stop = "newline"
@@ -185,10 +199,23 @@ class Engine:
                         and time.monotonic() > whole_lines_after:
                     stop = "time budget"
                     break
+                if guessed and guessed[0] == token:  # the guess was right: the next logits are ready
+                    guessed.pop(0)
+                    logits = ready.pop(0)
+                    continue
+                if guessed:  # a wrong guess: its keys and values get overwritten
+                    del self.cached[len(self.cached) - len(guessed):]
+                    guessed, ready = [], []
                 if len(self.cached) >= self.config.context_length:
                     stop = "context"
                     break
-                logits = self._step(token)
+                calls += 1
+                if lookup is None:
+                    logits = self._step(token)
+                    continue
+                room = min(max_new - n_new, self.config.context_length - len(self.cached)) - 1
+                guessed = lookup.guess(min(self.guess_tokens, room))
+                logits, *ready = self._step_with_guess(token, guessed)
         inserted = bytes(out[len(heal):]) if out.startswith(heal) else b""
         if mode == "line":
             inserted = inserted.split(b"\n", 1)[0]
@@ -197,7 +224,7 @@ class Engine:
         text = inserted.decode("utf-8", errors="ignore").rstrip("\r")
         if clean and stop != "cancelled":
             text = postprocess(text, Context(prefix, suffix, mode))
-        return Completion(text, stop, mode, len(prompt.ids), reused, n_new, time.perf_counter() - start_time)
+        return Completion(text, stop, mode, len(prompt.ids), reused, n_new, time.perf_counter() - start_time, calls)
 
     def greedy_ids(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation of raw ids with no stop rule but the budget (benchmarks, tests)."""

@@ -206,8 +206,9 @@ class CompletionService:
         if result.stop_reason == "cancelled":
             return Suggestion("", "superseded", mode)
         self.counts["model"] += 1
-        log.info("model %s: prompt %d tokens (%d reused), %d new, stop %s, %.1f ms", mode, result.prompt_tokens,
-                 result.reused_tokens, result.new_tokens, result.stop_reason, result.seconds * 1000)
+        log.info("model %s: prompt %d tokens (%d reused), %d new in %d calls, stop %s, %.1f ms", mode,
+                 result.prompt_tokens, result.reused_tokens, result.new_tokens, result.model_calls,
+                 result.stop_reason, result.seconds * 1000)
         self.counts["prompt_tokens"] += result.prompt_tokens
         self.counts["reused_tokens"] += result.reused_tokens
         text = postprocess(result.text, Context(prefix, suffix, mode))
