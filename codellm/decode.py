@@ -86,6 +86,7 @@ def decode_tokens(x: torch.Tensor, pos: int, matrices: List[torch.Tensor], scale
 
 
 _scripted = None
+FEW_TOKENS = 8  # up to this many tokens, a decode call reads them faster than the prompt path
 
 
 def compiled_decode_tokens():
@@ -181,7 +182,11 @@ class Decoder:
     def read(self, tokens: list[int], pos: int) -> None:
         """Write the keys and values of `tokens` at positions pos, pos+1, ... to the cache (a prompt read
         before its last token goes through `step`). Nothing after the last layer's keys and values is
-        computed: the logits of these positions are not wanted."""
+        computed: the logits of these positions are not wanted. A few tokens go through decode steps, which
+        cost less than the prompt path's set-up for them."""
+        if len(tokens) <= FEW_TOKENS:
+            self.run(tokens, pos)
+            return
         C, H, D = self.model.cfg.d_model, self.model.cfg.n_head, self.model.cfg.head_dim
         T, end = len(tokens), pos + len(tokens)
         dtype, eps = self.prompt_dtype, self.model.cfg.norm_eps

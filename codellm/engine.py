@@ -75,6 +75,9 @@ class Engine:
         self.model.setup_cache(1)
         self.decoder = Decoder(self.model, int8=fast_cpu and int8_matmul_available(self.device),
                                prompt_dtype=torch.bfloat16 if self.bf16_prefill else torch.float32)
+        with torch.inference_mode():  # TorchScript optimises the decode step on its first calls: not on a keystroke
+            for _ in range(2):
+                self.decoder.step(self.tokenizer.eot_id, 0)
         self.precision = precision
         self.guess_tokens = GUESS_TOKENS  # 0: decode one token per call (codellm.lookahead)
         self.prompt_format = bundle.prompt_format
