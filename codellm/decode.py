@@ -20,7 +20,7 @@ Rebuild the decoder after the model's weights change.
 from __future__ import annotations
 
 import warnings
-from typing import List
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -39,13 +39,15 @@ def int8_matmul_available(device: torch.device) -> bool:
         return False
 
 
-def project(x: torch.Tensor, row_scale: torch.Tensor, matrices: List[torch.Tensor], scales: List[torch.Tensor],
-            i: int) -> torch.Tensor:
+def project(x: torch.Tensor, row_scale: Optional[torch.Tensor], matrices: List[torch.Tensor],
+            scales: List[torch.Tensor], i: int) -> torch.Tensor:
     """(x * row_scale) @ matrix i; `scales` is empty for float matrices (in, out) and holds the per-row
     scales of int8 matrices (out, in)."""
+    if row_scale is not None:
+        x = x * row_scale
     if len(scales) == 0:
-        return torch.mm(x * row_scale, matrices[i])
-    return torch._weight_int8pack_mm((x * row_scale).to(torch.bfloat16), matrices[i], scales[i])
+        return torch.mm(x, matrices[i])
+    return torch._weight_int8pack_mm(x.to(torch.bfloat16), matrices[i], scales[i])
 
 
 def norm_scale(x: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
@@ -65,7 +67,6 @@ def decode_tokens(x: torch.Tensor, pos: int, matrices: List[torch.Tensor], scale
     H = n_head
     D = C // H
     end = pos + T
-    one = torch.ones(1, 1, dtype=x.dtype, device=x.device)
     for layer in range(len(caches) // 2):
         qkv = project(x, norm_scale(x, norm_eps), matrices, scales, 4 * layer).float().view(T, 3, H, D)
         qk, v = qkv[:, :2], qkv[:, 2]
@@ -79,9 +80,9 @@ def decode_tokens(x: torch.Tensor, pos: int, matrices: List[torch.Tensor], scale
         values[:, pos:end] = v.transpose(0, 1)
         scores = torch.baddbmm(causal[pos:end, :end], qk[:, 0].transpose(0, 1), keys[:, :end].transpose(1, 2))
         y = torch.bmm(torch.softmax(scores, dim=-1), values[:, :end]).transpose(0, 1).reshape(T, C)
-        x = x + project(y, one, matrices, scales, 4 * layer + 1)
+        x = x + project(y, None, matrices, scales, 4 * layer + 1)
         hidden = project(x, norm_scale(x, norm_eps), matrices, scales, 4 * layer + 2).relu_().square_()
-        x = x + project(hidden, one, matrices, scales, 4 * layer + 3)
+        x = x + project(hidden, None, matrices, scales, 4 * layer + 3)
     return project(x, norm_scale(x, norm_eps), matrices, scales, len(matrices) - 1).float()
 
 
