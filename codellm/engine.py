@@ -102,10 +102,10 @@ class Engine:
         """Logits after `ids`, computing only what the cache lacks. Returns (logits, reused count)."""
         reused = min(common_prefix_len(self.cached, ids), len(ids) - 1)
         self.cached = self.cached[:reused]  # invalid past here until rewritten below
-        if len(ids) - reused > 1:  # what is new is read into the cache but for the last token ...
+        if len(ids) - reused > 1:  # what is new is read into the cache but for the last token, ...
             self.decoder.read(ids[reused:-1], reused)
-        logits = self.decoder.step(ids[-1], len(ids) - 1)  # ... whose logits always come from a decode step:
-        self.cached = list(ids)  # with precision "auto" a text then gets one answer, whatever was cached
+        logits = self.decoder.step(ids[-1], len(ids) - 1)  # ... whose logits always come from a decode step
+        self.cached = list(ids)
         return logits, reused
 
     def _step(self, token: int) -> torch.Tensor:
