@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from codellm.bundle import Bundle
-from codellm.decode import Decoder, int8_matmul_available
+from codellm.decode import FEW_TOKENS, Decoder, int8_matmul_available
 from codellm.engine import Engine
 
 from conftest import make_model
@@ -102,15 +102,17 @@ def test_decoder_reads_several_tokens_at_once(tokenizer):
 
 @pytest.mark.parametrize("qk_norm", [True, False])
 def test_decoder_reads_prompts_into_the_cache(tokenizer, qk_norm):
-    """`read` writes the keys and values the full forward computes, from position 0 and after cached ones."""
+    """`read` writes the keys and values the full forward computes, from position 0 and after cached ones
+    (more tokens than FEW_TOKENS, so that the prompt path is the one tested)."""
+    assert FEW_TOKENS < 10
     model = make_model(tokenizer, qk_norm=qk_norm)
     decoder = Decoder(model)
     ids, full = prompt_read_to_20_of_30(model, tokenizer, seed=6)
     with torch.inference_mode():
         want = [(b.attn.cache.k[:, :, :20].clone(), b.attn.cache.v[:, :, :20].clone()) for b in model.blocks]
         model.setup_cache()
-        decoder.read(ids[0, :12].tolist(), 0)
-        decoder.read(ids[0, 12:20].tolist(), 12)
+        decoder.read(ids[0, :10].tolist(), 0)  # from position 0: plain causal attention
+        decoder.read(ids[0, 10:20].tolist(), 10)  # after cached positions: masked attention
         for block, (keys, values) in zip(model.blocks, want):
             torch.testing.assert_close(block.attn.cache.k[:, :, :20], keys, **TOL)
             torch.testing.assert_close(block.attn.cache.v[:, :, :20], values, **TOL)
