@@ -130,6 +130,7 @@ class Decoder:
                 self._add_matrix(mlp.down.weight)
                 self.rotary += self._rotary_tables(model, attn)
             self._add_matrix(model.lm_head.weight, model.norm.weight * root_c)
+        self.prompt_rotary = [table.to(prompt_dtype) for table in self.rotary]
         device = self.embed.device
         context = cfg.context_length
         self.causal = torch.full((context, context), float("-inf"), device=device).triu_(1)
@@ -195,19 +196,20 @@ class Decoder:
         for layer, block in enumerate(self.model.blocks):
             w_qkv, w_proj, w_up, w_down = self.prompt_matrices[4 * layer:4 * layer + 4]
             qkv = torch.mm(self._normalized(x, C * eps, dtype), w_qkv).view(T, 3, H, D)
-            qk, v = qkv[:, :2].float(), qkv[:, 2].float()
-            swapped = qk.view(T, 2, H, 2, D // 2).flip(3).view(T, 2, H, D)
-            rotated = torch.addcmul(qk * self.rotary[2 * layer][pos:end], swapped, self.rotary[2 * layer + 1][pos:end])
+            qk, v = qkv[:, :2], qkv[:, 2]  # rotated in the matrices' dtype: bf16 halves the bytes to move
+            swapped = torch.cat((qk[..., D // 2:], qk[..., :D // 2]), dim=-1)
+            cos, sin = self.prompt_rotary[2 * layer][pos:end], self.prompt_rotary[2 * layer + 1][pos:end]
+            rotated = torch.addcmul(qk * cos, swapped, sin)
             if self.model.cfg.qk_norm:
-                rotated.mul_(self._normalized(qk, D * eps, None))
+                rotated.mul_(self._normalized(qk.float(), D * eps, None).to(dtype))
             cache = block.attn.cache
             cache.k[0, :, pos:end] = rotated[:, 1].transpose(0, 1)
             cache.v[0, :, pos:end] = v.transpose(0, 1)
             if layer == len(self.model.blocks) - 1:
                 break  # the last layer's keys and values are all that is wanted of it
-            q = rotated[:, 0].transpose(0, 1)[None].to(dtype)
+            q = rotated[:, 0].transpose(0, 1)[None]
             if pos == 0:
-                keys, values = rotated[:, 1].transpose(0, 1)[None].to(dtype), v.transpose(0, 1)[None].to(dtype)
+                keys, values = rotated[:, 1].transpose(0, 1)[None], v.transpose(0, 1)[None]
                 y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=1.0)
             else:
                 keys, values = cache.k[:, :, :end].to(dtype), cache.v[:, :, :end].to(dtype)
