@@ -1,4 +1,5 @@
-"""Decode steps for inference, written for few kernel launches and few bytes of weights.
+"""Inference over folded weights: decode steps written for few kernel launches and few bytes of weights,
+and prompt reading that computes only the keys and values the cache needs.
 
 A decode step moves one token (or a few, to check a guessed continuation) through the model: every
 tensor is tiny, so the time goes into launching operations and reading weights, not into arithmetic.
@@ -14,8 +15,9 @@ weights prepared once:
 
 The step is one TorchScript function (`decode_tokens`), so that the Python interpreter is out of the loop
 between its ~200 operations; where scripting is unavailable it runs as plain Python, with the same result.
-It reads and writes the model's own KV cache, so prefill (`GPT.forward`) and decode steps mix freely.
-Rebuild the decoder after the model's weights change.
+Prompts (`Decoder.read`) go through the same folded matrices, in bf16 where the CPU has bf16 units.
+Everything reads and writes the model's own KV cache, in the layout `GPT.forward` uses, so `GPT.forward`
+can serve as the reference in tests. Rebuild the decoder after the model's weights change.
 """
 from __future__ import annotations
 
