@@ -19,14 +19,19 @@ def render(bundle_path: Path, command: str, bench_text: str | None, curves: list
     bundle = load_bundle(bundle_path)
     card, cfg = bundle.card, bundle.config
     stages = card.get("stages", {})
+    shell_stages = [name for name in stages if name.startswith("code")]
     out = [f"# codellm model card: `{bundle_path}`", ""]
+    trained = ("English, then shell scripts with fill-in-the-middle" if "language" in stages
+               else "shell scripts with fill-in-the-middle")
+    if len(shell_stages) > 1:
+        trained += f" ({len(shell_stages)} shell stages)"
     out += [f"A {bundle.model.num_params() / 1e6:.2f}M-parameter decoder-only transformer (preset `{cfg.preset}`: "
             f"{cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, context {cfg.context_length} tokens, "
-            f"byte-level BPE vocabulary of {cfg.vocab_size}), trained from scratch in two stages: English, then "
-            f"shell scripts with fill-in-the-middle. Prompt format at serving time: {bundle.prompt_format.upper()}.", ""]
+            f"byte-level BPE vocabulary of {cfg.vocab_size}), trained from scratch on {trained}. "
+            f"Prompt format at serving time: {bundle.prompt_format.upper()}.", ""]
     out += ["Reproduce it with:", "", "```bash", command, "```", ""]
 
-    code = stages.get("code", {})
+    code = stages.get(shell_stages[-1], {}) if shell_stages else {}  # the corpus of the last shell stage
     summary = code.get("corpus_summary", {})
     if summary:
         eng, sh = summary.get("english", {}), summary.get("shell", {})
@@ -45,8 +50,7 @@ def render(bundle_path: Path, command: str, bench_text: str | None, curves: list
 
     out += ["## Training", ""]
     rows = []
-    for name in ("language", "code"):
-        st = stages.get(name)
+    for name, st in stages.items():
         if st:
             rows.append([name, f"{st['tokens'] / 1e6:.1f}M", st["steps"], f"{st['seconds'] / 60:.0f} min",
                          st["device"], f"{st['train_loss']:.3f}",
