@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 
 from .bundle import Bundle, load_bundle
-from .decode import Decoder, int8_matmul_available
+from .decode import Decoder, decode_tokens, int8_matmul_available
 from .lookahead import GUESS_TOKENS, PromptLookup
 from .device import choose_device, cpu_has_bf16, set_threads
 from .postprocess import BLANK_LINE_AFTER_CONTENT, Context, ends_in_loop, first_repeated_line, postprocess
@@ -76,7 +76,11 @@ class Engine:
         self.decoder = Decoder(self.model, int8=fast_cpu and int8_matmul_available(self.device),
                                prompt_dtype=torch.bfloat16 if self.bf16_prefill else torch.float32)
         with torch.inference_mode():  # TorchScript optimises the decode step on its first calls: not on a keystroke
-            for _ in range(2):
+            try:
+                for _ in range(2):
+                    self.decoder.step(self.tokenizer.eot_id, 0)
+            except RuntimeError:  # a device the compiled step fails on: the same code runs as Python
+                self.decoder.run_layers = decode_tokens
                 self.decoder.step(self.tokenizer.eot_id, 0)
         self.precision = precision
         self.guess_tokens = GUESS_TOKENS  # 0: decode one token per call (codellm.lookahead)

@@ -118,3 +118,25 @@ def test_runaway_output_is_recognised_as_it_is_written():
     looped = bytearray(b'  [ -n "$p" ] && echo "no $p"\n  [ -n "$p" ] && echo "no $p"\n  ')
     assert runaway(looped, b"\n  ")  # the newline arrives merged with the next indentation
     assert not runaway(bytearray(b"    fi\n  done\n"), b"\n")
+
+
+def test_engine_falls_back_to_python_when_the_compiled_step_fails(tokenizer, monkeypatch):
+    """Where the TorchScript step cannot run (a device it fails on), the engine runs the same step as
+    Python and still completes."""
+    import codellm.decode
+
+    def failing_step(*args):
+        raise RuntimeError("not supported on this device")
+
+    from codellm.bundle import Bundle
+    from conftest import make_model
+
+    model = make_model(tokenizer)
+    prefix = "#!/bin/bash\nfor f in *.txt; do\n"
+    compiled = Engine(Bundle(model.cfg, tokenizer, model), "cpu", threads=1, precision="fp32")
+    want = compiled.complete_detailed(prefix, "", mode="line", clean=False)
+    monkeypatch.setattr(codellm.decode, "compiled_decode_tokens", lambda: failing_step)
+    engine = Engine(Bundle(model.cfg, tokenizer, model), "cpu", threads=1, precision="fp32")
+    assert engine.decoder.run_layers is codellm.decode.decode_tokens
+    got = engine.complete_detailed(prefix, "", mode="line", clean=False)
+    assert got.new_tokens > 0 and got.text == want.text
