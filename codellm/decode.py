@@ -75,8 +75,7 @@ def decode_tokens(x: torch.Tensor, pos: int, matrices: List[torch.Tensor], scale
         swapped = qk.reshape(T, 2, H, 2, D // 2).flip(3).view(T, 2, H, D)
         qk = torch.addcmul(qk * rotary[2 * layer][pos:end], swapped, rotary[2 * layer + 1][pos:end])
         if qk_norm:  # rope(u * r) = rope(u) * r: the norm's scalar goes on after the rotation
-            r = torch.baddbmm(head_eps, qkv[:, :2].reshape(T * 2 * H, 1, D), qkv[:, :2].reshape(T * 2 * H, D, 1))
-            qk = qk * r.rsqrt_().view(T, 2, H, 1)
+            qk = qk * norm_scale(qkv[:, :2].reshape(T * 2 * H, D), head_eps).view(T, 2, H, 1)
         keys, values = caches[2 * layer], caches[2 * layer + 1]
         keys[:, pos:end] = qk[:, 1].transpose(0, 1)
         values[:, pos:end] = v.transpose(0, 1)
@@ -145,9 +144,10 @@ class Decoder:
         weight = weight.detach().float()
         if input_scale is not None:
             weight = weight * input_scale.detach().float()
-        self.prompt_matrices.append(weight.t().contiguous().to(self.prompt_dtype))  # (in, out) for mm
+        transposed = weight.t().contiguous()  # (in, out) for mm
+        self.prompt_matrices.append(transposed.to(self.prompt_dtype))  # the same tensor in float32
         if not self.int8:
-            self.matrices.append(weight.t().contiguous())
+            self.matrices.append(transposed)
             return
         scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127
         self.matrices.append(torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous())
@@ -193,17 +193,18 @@ class Decoder:
             return
         C, H, D = self.model.cfg.d_model, self.model.cfg.n_head, self.model.cfg.head_dim
         T, end = len(tokens), pos + len(tokens)
-        dtype, eps = self.prompt_dtype, self.model.cfg.norm_eps
+        dtype = self.prompt_dtype
         x = self.embed[torch.tensor(tokens, device=self.embed.device)]
         for layer, block in enumerate(self.model.blocks):
             w_qkv, w_proj, w_up, w_down = self.prompt_matrices[4 * layer:4 * layer + 4]
-            qkv = torch.mm(self._normalized(x, C * eps, dtype), w_qkv).view(T, 3, H, D)
+            qkv = torch.mm((x * norm_scale(x, self.norm_eps)).to(dtype), w_qkv).view(T, 3, H, D)
             qk, v = qkv[:, :2], qkv[:, 2]  # rotated in the matrices' dtype: bf16 halves the bytes to move
             swapped = torch.cat((qk[..., D // 2:], qk[..., :D // 2]), dim=-1)
             cos, sin = self.prompt_rotary[2 * layer][pos:end], self.prompt_rotary[2 * layer + 1][pos:end]
             rotated = torch.addcmul(qk * cos, swapped, sin)
             if self.model.cfg.qk_norm:
-                rotated.mul_(self._normalized(qk.float(), D * eps, None).to(dtype))
+                r = norm_scale(qk.float().reshape(T * 2 * H, D), self.head_eps)
+                rotated.mul_(r.view(T, 2, H, 1).to(dtype))
             cache = block.attn.cache
             cache.k[0, :, pos:end] = rotated[:, 1].transpose(0, 1)
             cache.v[0, :, pos:end] = v.transpose(0, 1)
@@ -218,11 +219,5 @@ class Decoder:
                 y = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.causal[pos:end, :end].to(dtype),
                                                    scale=1.0)
             x = x + torch.mm(y[0].transpose(0, 1).reshape(T, C), w_proj)
-            hidden = torch.mm(self._normalized(x, C * eps, dtype), w_up).relu_().square_()
+            hidden = torch.mm((x * norm_scale(x, self.norm_eps)).to(dtype), w_up).relu_().square_()
             x = x + torch.mm(hidden, w_down)
-
-    @staticmethod
-    def _normalized(x: torch.Tensor, eps: float, dtype: torch.dtype | None) -> torch.Tensor:
-        """x / sqrt(sum(x²) + eps) over the last dimension, cast to `dtype`; dtype None: the scale alone."""
-        scale = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(eps).rsqrt_()
-        return scale if dtype is None else (x * scale).to(dtype)
