@@ -217,11 +217,8 @@ class Engine:
                     stop = "context"
                     break
                 calls += 1
-                if lookup is None:
-                    logits = self._step(token)
-                    continue
                 room = min(max_new - n_new, self.config.context_length - len(self.cached)) - 1
-                guessed = lookup.guess(min(self.guess_tokens, room))
+                guessed = lookup.guess(min(self.guess_tokens, room)) if lookup is not None else []
                 logits, *ready = self._step_with_guess(token, guessed)
         inserted = bytes(out[len(heal):]) if out.startswith(heal) else b""
         if mode == "line":
