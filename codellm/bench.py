@@ -159,6 +159,7 @@ def main(args) -> None:
           f"{bundle.model.num_params() / 1e6:.2f}M parameters; medians of {args.repeats} runs")
     print(f"precision auto = {'bf16' if engine.bf16_prefill else 'fp32'} prompt reading, "
           f"{'int8' if engine.decoder.int8 else 'fp32'} decode weights; fp32 = float32 throughout")
+    print(f"decode steps run as: auto {engine.decoder.step_name}, fp32 {engines['fp32'].decoder.step_name}")
     print(f"  {'':44}{'auto':>10}{'fp32':>10}")
     rows = [(f"prefill {n_prompt} tokens (ms)", "prefill"), (f"decode, {DECODE_TOKENS} steps (ms/token)", "decode"),
             (f"{NEW_TOKENS}-token completion, fresh prompt (ms)", "fresh"),

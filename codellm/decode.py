@@ -15,6 +15,7 @@ weights prepared once:
 
 The step is one TorchScript function (`decode_tokens`), so that the Python interpreter is out of the loop
 between its ~200 operations; where scripting is unavailable it runs as plain Python, with the same result.
+With int8 weights on CPU, the step runs as one C call where that is built (codellm.kernel).
 Prompts (`Decoder.read`) go through the same folded matrices, in bf16 where the CPU has bf16 units.
 Everything reads and writes the model's own KV cache, in the layout `GPT.forward` uses, so `GPT.forward`
 can serve as the reference in tests. Rebuild the decoder after the model's weights change.
@@ -27,6 +28,7 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+from . import kernel
 from .model import GPT, RMSNorm
 
 
@@ -108,10 +110,11 @@ class Decoder:
     """Decode steps (`run`, `step`) and prompt reading (`read`) over folded weights.
 
     int8: decode steps multiply by int8 weights (CPU). prompt_dtype: the dtype of the matrices that read
-    prompts (bf16 where the CPU has bf16 matrix units); activations between them stay float32."""
+    prompts (bf16 where the CPU has bf16 matrix units); activations between them stay float32.
+    use_kernel: with int8 weights on CPU, decode steps run as one C call where that is built."""
 
     def __init__(self, model: GPT, int8: bool = False, script: bool = True,
-                 prompt_dtype: torch.dtype = torch.float32):
+                 prompt_dtype: torch.dtype = torch.float32, use_kernel: bool = True):
         cfg = model.cfg
         self.model = model
         self.int8 = int8
@@ -138,6 +141,12 @@ class Decoder:
         self.norm_eps = torch.full((1, 1, 1), cfg.d_model * cfg.norm_eps, device=device)
         self.head_eps = torch.full((1, 1, 1), cfg.head_dim * cfg.norm_eps, device=device)
         self.run_layers = compiled_decode_tokens() if script else decode_tokens
+        self.c_step = None
+        if use_kernel and int8 and device.type == "cpu" and kernel.available():
+            try:
+                self.c_step = kernel.KernelStep(self)
+            except ValueError:  # a model shape the C step does not take: the PyTorch step serves
+                pass
 
     def _add_matrix(self, weight: torch.Tensor, input_scale: torch.Tensor | None = None):
         """`weight` (out, in), with `input_scale` folded into its columns, stored for `project`."""
@@ -172,12 +181,21 @@ class Decoder:
     def run(self, tokens: list[int], pos: int) -> torch.Tensor:
         """Logits (len(tokens), vocab) for `tokens` at positions pos, pos+1, ...; keys/values of positions
         < pos come from the cache, and those of `tokens` are written to it."""
+        if self.c_step is not None and len(tokens) <= kernel.MAX_TOKENS:
+            return self.c_step.run(tokens, pos)
         caches = []
         for block in self.model.blocks:
             caches += [block.attn.cache.k[0], block.attn.cache.v[0]]
         x = self.embed[torch.tensor(tokens, device=self.embed.device)]
         return self.run_layers(x, pos, self.matrices, self.scales, self.rotary, caches, self.causal,
                                self.norm_eps, self.head_eps, self.model.cfg.n_head, self.model.cfg.qk_norm)
+
+    @property
+    def step_name(self) -> str:
+        """How decode steps run here: "C (<vector instructions>)", "TorchScript" or "Python"."""
+        if self.c_step is not None:
+            return f"C ({kernel.instructions()})"
+        return "Python" if self.run_layers is decode_tokens else "TorchScript"
 
     def step(self, token: int, pos: int) -> torch.Tensor:
         """Logits (vocab,) for `token` at position `pos`."""

@@ -67,8 +67,8 @@ class ModelHolder:
             self.engine = engine
             self.version += 1
             self.load_error = None
-            log.info("model loaded from %s (%.2fM parameters, %s)", self.path, bundle.model.num_params() / 1e6,
-                     engine.device)
+            log.info("model loaded from %s (%.2fM parameters, %s, decode steps: %s)", self.path,
+                     bundle.model.num_params() / 1e6, engine.device, engine.decoder.step_name)
             if not initial:
                 self.notify(f"codellm: switched to the new model in {self.path}", False)
             return True

@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from codellm import kernel
 from codellm.bundle import Bundle
 from codellm.decode import FEW_TOKENS, Decoder, int8_matmul_available
 from codellm.engine import Engine
@@ -119,11 +120,13 @@ def test_decoder_reads_prompts_into_the_cache(tokenizer, qk_norm):
         torch.testing.assert_close(decoder.step(int(ids[0, 20]), 20), full[20], **TOL)
 
 
-def test_int8_decoder_stays_close_to_the_model(tokenizer):
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["c-step", "pytorch-step"])
+def test_int8_decoder_stays_close_to_the_model(tokenizer, use_kernel):
     if not int8_matmul_available(torch.device("cpu")):
         pytest.skip("this torch build has no int8 weight matmul on CPU")
     model = make_model(tokenizer)
-    decoder = Decoder(model, int8=True)
+    decoder = Decoder(model, int8=True, use_kernel=use_kernel)
+    assert (decoder.c_step is not None) == (use_kernel and kernel.available())
     ids, full = prompt_read_to_20_of_30(model, tokenizer, seed=4)
     with torch.inference_mode():
         for pos in range(20, 30):

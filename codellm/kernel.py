@@ -1,0 +1,82 @@
+"""The decode step as one C call on CPU (codellm/_decode_kernel.c), for decoders with int8 weights.
+
+The PyTorch step (codellm.decode.decode_tokens) launches ~200 operations on tensors of a few hundred
+numbers; on CPU that costs more than its arithmetic. The C step computes the same thing from the same
+folded weights, tables and KV cache in one call: about a third of the time per token. It is built when
+codellm is installed where a C compiler with OpenMP is found (setup.py); without it, decoding runs
+through PyTorch as before.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from . import _decode_kernel
+except ImportError:  # not built: no C compiler at install time, or a platform it does not build on
+    _decode_kernel = None
+
+MAX_TOKENS = 16  # tokens per call (the C side's limit)
+BLOCK = 16  # matrix rows per packed block (the C side's layout)
+
+
+def available() -> bool:
+    return _decode_kernel is not None
+
+
+def instructions() -> str:
+    """The vector instructions the C step's int8 products use on this CPU, or why there is no C step."""
+    return _decode_kernel.instructions() if _decode_kernel else "not built"
+
+
+def pack_rows(weight: torch.Tensor) -> torch.Tensor:
+    """int8 (rows, in) -> (blocks, in, BLOCK): the weights of BLOCK consecutive rows side by side for each
+    input, rows padded with zeros to a multiple of BLOCK."""
+    rows, columns = weight.shape
+    padding = -rows % BLOCK
+    if padding:
+        weight = torch.cat((weight, weight.new_zeros(padding, columns)))
+    return weight.view(-1, BLOCK, columns).transpose(1, 2).contiguous()
+
+
+class KernelStep:
+    """`run(tokens, pos)` for a `codellm.decode.Decoder` with int8 weights on CPU. Holds the packed weights
+    and the tensors whose addresses the C side uses, so that they live as long as it does."""
+
+    def __init__(self, decoder):
+        if _decode_kernel is None:
+            raise RuntimeError("the C decode step is not built (a C compiler with OpenMP is needed at install)")
+        model, cfg = decoder.model, decoder.model.cfg
+        self.model = model
+        self.vocab_size = cfg.vocab_size
+        self.embed = decoder.embed.float().contiguous()
+        self.matrices = [(pack_rows(weight), scale.float().contiguous())
+                         for weight, scale in zip(decoder.matrices, decoder.scales)]
+        self.rotary = [table.contiguous() for table in decoder.rotary]
+        self._sizes = (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.mlp_ratio * cfg.d_model, cfg.vocab_size,
+                       cfg.context_length, int(cfg.qk_norm))
+        self._eps = (cfg.d_model * cfg.norm_eps, cfg.head_dim * cfg.norm_eps)
+        self.caches: list[torch.Tensor] = []
+        self._model = None
+
+    def _bind_cache(self):
+        """Point the C side at the model's current KV cache (`GPT.setup_cache` makes a new one)."""
+        self.caches = []
+        for block in self.model.blocks:
+            cache = block.attn.cache
+            if cache.k.dtype != torch.float32 or cache.k.device.type != "cpu" or cache.k.shape[0] != 1:
+                raise ValueError("the C decode step needs a float32 CPU KV cache of batch 1")
+            self.caches += [cache.k[0], cache.v[0]]
+        shapes = [(weight.data_ptr(), scale.data_ptr(), scale.numel(), weight.shape[1])
+                  for weight, scale in self.matrices]
+        self._model = _decode_kernel.new_model(
+            self._sizes, self._eps, self.embed.data_ptr(), shapes, [t.data_ptr() for t in self.rotary],
+            [c.data_ptr() for c in self.caches])
+
+    def run(self, tokens: list[int], pos: int) -> torch.Tensor:
+        """Logits (len(tokens), vocab) for `tokens` at positions pos, pos+1, ...; keys/values of positions
+        < pos come from the cache, and those of `tokens` are written to it."""
+        if not self.caches or self.model.blocks[0].attn.cache.k.data_ptr() != self.caches[0].data_ptr():
+            self._bind_cache()
+        logits = torch.empty(len(tokens), self.vocab_size)
+        _decode_kernel.decode(self._model, tokens, pos, logits.data_ptr())
+        return logits
