@@ -90,7 +90,7 @@ def decode_tokens(x: torch.Tensor, pos: int, matrices: List[torch.Tensor], scale
 
 
 _scripted = None
-FEW_TOKENS = 8  # up to this many tokens, a decode call reads them faster than the prompt path
+FEW_TOKENS = 8  # up to this many tokens, a decode call reads them faster than the prompt path (PyTorch step)
 
 
 def compiled_decode_tokens():
@@ -147,6 +147,8 @@ class Decoder:
                 self.c_step = kernel.KernelStep(self)
             except ValueError:  # a model shape the C step does not take: the PyTorch step serves
                 pass
+        # up to this many tokens, prompts are read by a decode call (the C step: all it takes in one call)
+        self.few_tokens = kernel.MAX_TOKENS if self.c_step is not None else FEW_TOKENS
 
     def _add_matrix(self, weight: torch.Tensor, input_scale: torch.Tensor | None = None):
         """`weight` (out, in), with `input_scale` folded into its columns, stored for `project`."""
@@ -206,7 +208,7 @@ class Decoder:
         before its last token goes through `step`). Nothing after the last layer's keys and values is
         computed: the logits of these positions are not wanted. A few tokens go through decode steps, which
         cost less than the prompt path's set-up for them."""
-        if len(tokens) <= FEW_TOKENS:
+        if len(tokens) <= self.few_tokens:
             self.run(tokens, pos)
             return
         C, H, D = self.model.cfg.d_model, self.model.cfg.n_head, self.model.cfg.head_dim
