@@ -353,6 +353,14 @@ static PyObject *new_model(PyObject *self, PyObject *args) {
             goto done;
         mat->weight = PyLong_AsVoidPtr(weight);
         mat->scale = PyLong_AsVoidPtr(scale);
+        const int layer_rows[4] = {3 * shape.d_model, shape.d_model, shape.d_ff, shape.d_model};
+        const int layer_in[4] = {shape.d_model, shape.d_model, shape.d_model, shape.d_ff};
+        const int last = i == n_matrices - 1;
+        if (mat->rows != (last ? shape.vocab : layer_rows[i % 4]) || mat->in != (last ? shape.d_model : layer_in[i % 4])) {
+            PyErr_Format(PyExc_ValueError, "decode kernel: matrix %zd is %d x %d, not the model's shape", i, mat->rows,
+                         mat->in);
+            goto done;
+        }
     }
     for (Py_ssize_t i = 0; i < 2 * shape.n_layer; i++) {
         m->rotary[i] = address(rots, i);

@@ -52,6 +52,9 @@ class KernelStep:
         self.matrices = [(pack_rows(weight), scale.float().contiguous())
                          for weight, scale in zip(decoder.matrices, decoder.scales)]
         self.rotary = [table.contiguous() for table in decoder.rotary]
+        C, D = cfg.d_model, cfg.head_dim
+        if self.embed.shape != (cfg.vocab_size, C) or any(t.shape != (cfg.context_length, 2, 1, D) for t in self.rotary):
+            raise ValueError("the C decode step needs the embedding and rotary tables in the decoder's layout")
         self._sizes = (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.mlp_ratio * cfg.d_model, cfg.vocab_size,
                        cfg.context_length, int(cfg.qk_norm))
         self._eps = (cfg.d_model * cfg.norm_eps, cfg.head_dim * cfg.norm_eps)
@@ -60,17 +63,23 @@ class KernelStep:
 
     def _bind_cache(self):
         """Point the C side at the model's current KV cache (`GPT.setup_cache` makes a new one)."""
-        self.caches = []
+        caches = []
+        cfg = self.model.cfg
         for block in self.model.blocks:
             cache = block.attn.cache
-            if cache.k.dtype != torch.float32 or cache.k.device.type != "cpu" or cache.k.shape[0] != 1:
-                raise ValueError("the C decode step needs a float32 CPU KV cache of batch 1")
-            self.caches += [cache.k[0], cache.v[0]]
+            keys, values = cache.k[0], cache.v[0]
+            for c in (keys, values):
+                if c.dtype != torch.float32 or c.device.type != "cpu" or cache.k.shape[0] != 1 \
+                        or c.shape != (cfg.n_head, cfg.context_length, cfg.head_dim) or not c.is_contiguous():
+                    raise ValueError("the C decode step needs a contiguous float32 CPU KV cache of batch 1 "
+                                     "and the model's context length")
+            caches += [keys, values]
         shapes = [(weight.data_ptr(), scale.data_ptr(), scale.numel(), weight.shape[1])
                   for weight, scale in self.matrices]
         self._model = _decode_kernel.new_model(
             self._sizes, self._eps, self.embed.data_ptr(), shapes, [t.data_ptr() for t in self.rotary],
-            [c.data_ptr() for c in self.caches])
+            [c.data_ptr() for c in caches])
+        self.caches = caches
 
     def run(self, tokens: list[int], pos: int) -> torch.Tensor:
         """Logits (len(tokens), vocab) for `tokens` at positions pos, pos+1, ...; keys/values of positions

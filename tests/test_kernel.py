@@ -138,3 +138,17 @@ def test_engine_decodes_with_the_c_step_under_auto_precision_on_cpu(tokenizer):
     assert Engine(bundle, "cpu", threads=1, precision="fp32").decoder.step_name == "TorchScript"
     answer = fast.complete_detailed("#!/bin/bash\nfor f in *.txt; do\n", "", mode="line", clean=False)
     assert answer.new_tokens > 0
+
+
+@needs_kernel
+def test_c_step_refuses_a_kv_cache_or_matrices_of_another_shape(tokenizer):
+    model = make_model(tokenizer)
+    decoder = Decoder(model, int8=True)
+    model.setup_cache(max_len=model.cfg.context_length // 2)
+    with pytest.raises(ValueError, match="KV cache"):
+        decoder.run([5], 0)
+    model.setup_cache()
+    step = decoder.c_step
+    step.matrices[1] = step.matrices[2]  # the MLP's up matrix where the attention output's should be
+    with pytest.raises(ValueError, match="matrix 1 is"):
+        step.run([5], 0)
