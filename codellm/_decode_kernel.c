@@ -104,24 +104,33 @@ __attribute__((target("avx512f"))) static void block_sums_avx512(const int8_t *p
 __attribute__((target("avx2,fma"))) static void block_sums_avx2(const int8_t *packed, int K, int first, int count,
                                                                const float *const *x, int n, float *sums,
                                                                int stride) {
+    const float *x0 = x[0], *x1 = x[n > 1], *x2 = x[n > 2 ? 2 : 0], *x3 = x[n > 3 ? 3 : 0];
 #define COLUMN(k) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(w + (k) * BLOCK))))
     for (int b = first; b < first + count; b++)
         for (int half = 0; half < BLOCK; half += 8) {
             const int8_t *w = packed + (size_t)b * K * BLOCK + half;
-            for (int t = 0; t < n; t++) {
-                const float *xt = x[t];
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                int k = 0;
+            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            int k = 0;
+            if (n == 1) {
                 for (; k + 4 <= K; k += 4) {
-                    a0 = _mm256_fmadd_ps(COLUMN(k), _mm256_set1_ps(xt[k]), a0);
-                    a1 = _mm256_fmadd_ps(COLUMN(k + 1), _mm256_set1_ps(xt[k + 1]), a1);
-                    a2 = _mm256_fmadd_ps(COLUMN(k + 2), _mm256_set1_ps(xt[k + 2]), a2);
-                    a3 = _mm256_fmadd_ps(COLUMN(k + 3), _mm256_set1_ps(xt[k + 3]), a3);
+                    a0 = _mm256_fmadd_ps(COLUMN(k), _mm256_set1_ps(x0[k]), a0);
+                    a1 = _mm256_fmadd_ps(COLUMN(k + 1), _mm256_set1_ps(x0[k + 1]), a1);
+                    a2 = _mm256_fmadd_ps(COLUMN(k + 2), _mm256_set1_ps(x0[k + 2]), a2);
+                    a3 = _mm256_fmadd_ps(COLUMN(k + 3), _mm256_set1_ps(x0[k + 3]), a3);
                 }
-                for (; k < K; k++) a0 = _mm256_fmadd_ps(COLUMN(k), _mm256_set1_ps(xt[k]), a0);
+                for (; k < K; k++) a0 = _mm256_fmadd_ps(COLUMN(k), _mm256_set1_ps(x0[k]), a0);
                 a0 = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
-                _mm256_storeu_ps(sums + (size_t)t * stride + b * BLOCK + half, a0);
+            } else {
+                for (; k < K; k++) {
+                    const __m256 column = COLUMN(k);
+                    a0 = _mm256_fmadd_ps(column, _mm256_set1_ps(x0[k]), a0);
+                    a1 = _mm256_fmadd_ps(column, _mm256_set1_ps(x1[k]), a1);
+                    a2 = _mm256_fmadd_ps(column, _mm256_set1_ps(x2[k]), a2);
+                    a3 = _mm256_fmadd_ps(column, _mm256_set1_ps(x3[k]), a3);
+                }
             }
+            const __m256 acc[4] = {a0, a1, a2, a3};
+            for (int t = 0; t < n; t++) _mm256_storeu_ps(sums + (size_t)t * stride + b * BLOCK + half, acc[t]);
         }
 #undef COLUMN
 }

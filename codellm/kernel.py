@@ -17,10 +17,18 @@ except ImportError:  # not built: no C compiler at install time, or a platform i
 
 MAX_TOKENS = 16  # tokens per call (the C side's limit)
 BLOCK = 16  # matrix rows per packed block (the C side's layout)
+# the variant of the int8 products picked for this CPU when the module loaded
+LOADED_INSTRUCTIONS = _decode_kernel.instructions() if _decode_kernel else None
+
+
+def built() -> bool:
+    return _decode_kernel is not None
 
 
 def available() -> bool:
-    return _decode_kernel is not None
+    """Whether decode steps run as C here: built, and this CPU has AVX2 or AVX-512 (the plain C version,
+    kept as the reference the vector ones are tested against, is slower than the PyTorch step)."""
+    return built() and LOADED_INSTRUCTIONS != "plain C"
 
 
 def instructions() -> str:
@@ -43,7 +51,7 @@ class KernelStep:
     and the tensors whose addresses the C side uses, so that they live as long as it does."""
 
     def __init__(self, decoder):
-        if _decode_kernel is None:
+        if not built():
             raise RuntimeError("the C decode step is not built (a C compiler with OpenMP is needed at install)")
         model, cfg = decoder.model, decoder.model.cfg
         self.model = model
