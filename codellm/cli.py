@@ -59,6 +59,7 @@ def cmd_complete(args):
 
 
 def cmd_info(args):
+    from . import kernel
     from .bundle import load_bundle
     from .config import PRESETS, ModelConfig
     from .defaults import default_bundle_path
@@ -80,6 +81,7 @@ def cmd_info(args):
     for stage, info in bundle.card.get("stages", {}).items():
         print(f"  stage {stage}: {info.get('tokens', 0) / 1e6:.1f}M tokens, {info.get('steps')} steps, "
               f"val loss {info.get('val_loss')}")
+    print(f"decode steps on CPU: {kernel.cpu_decoding()}")
 
 
 def cmd_tokenize(args):

@@ -36,6 +36,14 @@ def instructions() -> str:
     return _decode_kernel.instructions() if _decode_kernel else "not built"
 
 
+def cpu_decoding() -> str:
+    """How `precision="auto"` decodes on this CPU, in words."""
+    if available():
+        return f"C step ({LOADED_INSTRUCTIONS})"
+    why = "needs AVX2 or AVX-512" if built() else "not built: no C compiler with OpenMP at install"
+    return f"PyTorch (C step {why})"
+
+
 def pack_rows(weight: torch.Tensor) -> torch.Tensor:
     """int8 (rows, in) -> (blocks, in, BLOCK): the weights of BLOCK consecutive rows side by side for each
     input, rows padded with zeros to a multiple of BLOCK."""

@@ -51,6 +51,7 @@ def test_info_prints_parameter_counts(bundle_path):
     for preset in ("tiny", "small", "medium"):
         assert preset in r.stdout
     assert "parameters" in r.stdout
+    assert "decode steps on CPU: " in r.stdout
 
 
 def test_corrupt_model_is_a_clear_error(tmp_path):
