@@ -38,16 +38,15 @@ def build_corpus(out: Path, recipe: str | None = None, code_data: list[Path] = (
     def shell_stream():
         if recipe == "default":
             specs = read_package_list(package_list)
-            fetched = fetch_packages([s for s in specs if s.kind in ("binary", "source")],
-                                     Path(cache or out / "cache"), log)
+            fetched = fetch_packages([s for s in specs if s.kind != "doc"], Path(cache or out / "cache"), log)
             for spec in specs:
-                if spec.kind == "doc" or spec.name not in fetched:
+                if spec.kind == "doc" or spec.source not in fetched:
                     continue
-                folder = fetched[spec.name]
+                folder = fetched[spec.source]
                 licence = package_licence(folder, spec.name)
-                split = "val" if spec.heldout else "train"
-                yield from tally(shell_records_from_tree(folder, f"debian:{spec.name}", licence, split,
-                                                         shell_seen, shell_counts), f"debian:{spec.name}", licence)
+                split = spec.split
+                yield from tally(shell_records_from_tree(folder, spec.source, licence, split,
+                                                         shell_seen, shell_counts), spec.source, licence)
             for root in MACHINE_SHELL_DIRS:
                 if Path(root).is_dir():
                     yield from tally(shell_records_from_tree(Path(root), f"machine:{root}", "", "train",
@@ -62,8 +61,8 @@ def build_corpus(out: Path, recipe: str | None = None, code_data: list[Path] = (
             fetched = fetch_packages([s for s in specs if s.kind == "doc"], Path(cache or out / "cache"), log)
             per_doc = budget // 4
             for spec in specs:
-                if spec.kind == "doc" and spec.name in fetched:
-                    folder = fetched[spec.name]
+                if spec.kind == "doc" and spec.source in fetched:
+                    folder = fetched[spec.source]
                     licence = package_licence(folder, spec.name)
                     yield from tally(english_records_from_docs(folder, f"debian:{spec.name}", licence,
                                                                english_seen, english_counts, per_doc),

@@ -6,23 +6,47 @@ sources list adds a deb-src line. Packages that fail to download are skipped and
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import re
 import shutil
 import subprocess
+import sys
+import tarfile
+import zipfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from importlib import resources
+
+
+KINDS = ("binary", "source", "doc", "npm", "pypi")
 
 
 @dataclass(frozen=True)
 class PackageSpec:
-    kind: str  # "binary" | "source" | "doc"
+    kind: str  # "binary" | "source" | "doc" (Debian) | "npm" | "pypi"
     name: str
     heldout: bool = False
 
+    @property
+    def source(self) -> str:
+        """The record source name: "debian:NAME" (binary or doc), "debian-src:NAME", "npm:NAME", "pypi:NAME"."""
+        prefix = {"binary": "debian", "doc": "debian", "source": "debian-src"}.get(self.kind, self.kind)
+        return f"{prefix}:{self.name}"
+
+    @property
+    def split(self) -> str:
+        """"train", or the held-out split: "val" (Debian packages) or "val_user" (npm and PyPI packages)."""
+        if not self.heldout:
+            return "train"
+        return "val_user" if self.kind in ("npm", "pypi") else "val"
+
 
 def read_package_list(path: Path | None = None) -> list[PackageSpec]:
+    """Parse a package list: one `KIND NAME [heldout]` a line, `#` comments.
+
+    Raises ValueError naming the line for an unknown kind or a missing name."""
     text = Path(path).read_text() if path else resources.files("codellm.train").joinpath("packages.txt").read_text()
     specs = []
     for line in text.splitlines():
@@ -30,9 +54,11 @@ def read_package_list(path: Path | None = None) -> list[PackageSpec]:
         if not line:
             continue
         parts = line.split()
-        if parts[0] not in ("binary", "source", "doc") or len(parts) < 2:
+        if parts[0] not in KINDS or len(parts) < 2:
             raise ValueError(f"bad line in package list: {line!r}")
-        specs.append(PackageSpec(parts[0], parts[1], "heldout" in parts[2:]))
+        spec = PackageSpec(parts[0], parts[1], "heldout" in parts[2:])
+        if spec not in specs:
+            specs.append(spec)
     return specs
 
 
@@ -44,6 +70,9 @@ def _run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 1800
 def _private_apt_config(cache: Path) -> dict:
     """An APT_CONFIG that adds deb-src lines without touching /etc/apt."""
     root = cache / "apt"
+    conf = root / "apt.conf"
+    if conf.exists():
+        return dict(os.environ, APT_CONFIG=str(conf))
     lists = root / "lists"
     (lists / "partial").mkdir(parents=True, exist_ok=True)
     sources = []
@@ -58,80 +87,186 @@ def _private_apt_config(cache: Path) -> dict:
         for suite in suite_line.split():
             lines.append(f"deb-src [trusted=yes] {uri} {suite} main")
     (root / "sources.list").write_text("\n".join(lines) + "\n")
-    conf = root / "apt.conf"
-    conf.write_text(
+    (root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    conf.with_suffix(".tmp").write_text(
         f'Dir::State::Lists "{lists}";\n'
         f'Dir::Etc::SourceList "{root / "sources.list"}";\n'
         f'Dir::Etc::SourceParts "{root / "none"}";\n'
         f'Dir::Cache "{root / "cache"}";\n'
     )
-    (root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, APT_CONFIG=str(conf))
-    return env
+    conf.with_suffix(".tmp").replace(conf)
+    return dict(os.environ, APT_CONFIG=str(conf))
 
 
-def fetch_packages(specs: list[PackageSpec], cache: Path, log=print) -> dict[str, Path]:
-    """Download and unpack each package once; returns {package name: unpacked folder}. Skips failures."""
+TARBALL = re.compile(r"\.(tar(\.(gz|xz|bz2|lzma))?|tgz)$")
+# files kept from an archive besides shell scripts: where its licence is stated
+LICENCE_FILES = ("debian/copyright", "package.json", "PKG-INFO")
+
+
+def _archive_member_wanted(name: str, head: bytes) -> bool:
+    from .corpus import is_shell_file
+
+    return is_shell_file(PurePosixPath(name), head) or name.endswith(LICENCE_FILES)
+
+
+def _safe_member_path(dest: Path, name: str) -> Path | None:
+    parts = [p for p in PurePosixPath(name).parts if p not in ("", ".", "/")]
+    if not parts or ".." in parts:
+        return None
+    return dest.joinpath(*parts)
+
+
+def extract_shell_members(archive: Path, dest: Path, max_bytes: int = 1_000_000) -> int:
+    """Write the shell scripts (and licence files) of a tar or zip archive under dest; returns how many.
+
+    Only regular files up to max_bytes are read; names with `..` or absolute paths are skipped, so
+    nothing is written outside dest. Raises tarfile.TarError / zipfile.BadZipFile for a broken archive."""
+    written = 0
+
+    def keep(name: str, data: bytes) -> None:
+        nonlocal written
+        target = _safe_member_path(dest, name)
+        if target is None:
+            return
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        written += 1
+
+    if zipfile.is_zipfile(archive):
+        with zipfile.ZipFile(archive) as zf:
+            for info in zf.infolist():
+                if info.is_dir() or info.file_size > max_bytes:
+                    continue
+                data = zf.read(info)
+                if _archive_member_wanted(info.filename, data[:4096]):
+                    keep(info.filename, data)
+        return written
+    with tarfile.open(archive, "r:*") as tf:
+        for member in tf:
+            if not member.isreg() or member.size > max_bytes:
+                continue
+            f = tf.extractfile(member)
+            data = f.read() if f else b""
+            if _archive_member_wanted(member.name, data[:4096]):
+                keep(member.name, data)
+    return written
+
+
+def _fetch_debian_binary(spec: PackageSpec, work: Path, dest: Path, cache: Path) -> bool:
+    return _run(["apt-get", "download", spec.name], work) and all(
+        _run(["dpkg-deb", "-x", str(deb), str(dest)], work) for deb in work.glob("*.deb"))
+
+
+def _fetch_debian_source(spec: PackageSpec, work: Path, dest: Path, cache: Path) -> bool:
+    env = _private_apt_config(cache)
+    if not _run(["apt-get", "source", "--download-only", spec.name], work, env):
+        return False
+    archives = [p for p in work.iterdir() if TARBALL.search(p.name)]
+    for archive in archives:
+        extract_shell_members(archive, dest / "src")
+    return bool(archives)
+
+
+def _fetch_npm(spec: PackageSpec, work: Path, dest: Path, cache: Path) -> bool:
+    if not _run(["npm", "pack", "--silent", "--ignore-scripts", spec.name], work, timeout=300):
+        return False
+    archives = list(work.glob("*.tgz"))
+    for archive in archives:
+        extract_shell_members(archive, dest)
+    return bool(archives)
+
+
+def _fetch_pypi(spec: PackageSpec, work: Path, dest: Path, cache: Path) -> bool:
+    # source distributions only: wheels rarely carry the build and CI scripts
+    if not _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                 "--no-build-isolation", "-d", str(work), spec.name], work, timeout=600):
+        return False
+    archives = [p for p in work.iterdir() if p.suffix in (".gz", ".zip", ".bz2", ".xz")]
+    for archive in archives:
+        extract_shell_members(archive, dest)
+    return bool(archives)
+
+
+FETCHERS = {"binary": _fetch_debian_binary, "doc": _fetch_debian_binary, "source": _fetch_debian_source,
+            "npm": _fetch_npm, "pypi": _fetch_pypi}
+
+
+def _fetch_one(spec: PackageSpec, cache: Path, log) -> Path | None:
+    """Download and unpack one package into cache/unpacked/KIND/NAME (marked .done); None on failure."""
+    dest = cache / "unpacked" / spec.kind / spec.name
+    if (dest / ".done").exists():
+        return dest
+    work = cache / "download" / spec.kind / spec.name
+    shutil.rmtree(work, ignore_errors=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    work.mkdir(parents=True)
+    dest.mkdir(parents=True)
+    try:
+        ok = FETCHERS[spec.kind](spec, work, dest, cache)
+    except (subprocess.TimeoutExpired, OSError, tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
+        log(f"  {spec.kind} {spec.name}: {exc}")
+        ok = False
+    shutil.rmtree(work, ignore_errors=True)
+    if not ok:
+        shutil.rmtree(dest, ignore_errors=True)
+        return None
+    (dest / ".done").touch()
+    return dest
+
+
+def fetch_packages(specs: list[PackageSpec], cache: Path, log=print, workers: int = 4) -> dict[str, Path]:
+    """Download and unpack each package once; returns {source name: unpacked folder}. Skips failures.
+
+    Downloads are the slow part: they run `workers` at a time, each package is kept in `cache`
+    once unpacked (a `.done` marker), so an interrupted build resumes where it stopped."""
+    from tqdm import tqdm
+
     cache = Path(cache).resolve()
     cache.mkdir(parents=True, exist_ok=True)
+    if any(s.kind == "source" for s in specs):
+        env = _private_apt_config(cache)  # one index update before the parallel downloads
+        if not any((cache / "apt" / "lists").glob("*Sources*")):
+            _run(["apt-get", "update", "-q"], cache, env)
     out: dict[str, Path] = {}
     failed: list[str] = []
-    src_env = None
-    for spec in specs:
-        dest = cache / "unpacked" / spec.kind / spec.name
-        done_marker = dest / ".done"
-        if done_marker.exists():
-            out[spec.name] = dest
-            continue
-        work = cache / "download" / spec.kind / spec.name
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.rmtree(dest, ignore_errors=True)
-        work.mkdir(parents=True)
-        dest.mkdir(parents=True)
-        ok = False
-        try:
-            if spec.kind in ("binary", "doc"):
-                ok = _run(["apt-get", "download", spec.name], work) and all(
-                    _run(["dpkg-deb", "-x", str(deb), str(dest)], work) for deb in work.glob("*.deb")
-                )
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = {pool.submit(_fetch_one, spec, cache, log): spec for spec in specs}
+        bar = tqdm(as_completed(futures), total=len(futures), desc="packages", unit="pkg",
+                   disable=len(specs) < 2, mininterval=5)
+        for future in bar:
+            spec = futures[future]
+            folder = future.result()
+            if folder is None:
+                failed.append(spec.source)
             else:
-                if src_env is None:
-                    src_env = _private_apt_config(cache)
-                    _run(["apt-get", "update", "-q"], cache, src_env)
-                ok = _run(["apt-get", "source", "--download-only", spec.name], work, src_env)
-                dscs = list(work.glob("*.dsc"))
-                ok = ok and bool(dscs) and _run(
-                    ["dpkg-source", "--no-check", "--skip-patches", "-x", str(dscs[0]), str(dest / "src")], work
-                )
-        except (subprocess.TimeoutExpired, OSError) as exc:
-            log(f"  {spec.name}: {exc}")
-            ok = False
-        shutil.rmtree(work, ignore_errors=True)
-        if ok:
-            done_marker.touch()
-            out[spec.name] = dest
-            log(f"  fetched {spec.kind} {spec.name}")
-        else:
-            failed.append(spec.name)
-            shutil.rmtree(dest, ignore_errors=True)
-            log(f"  skipped {spec.kind} {spec.name}: download or unpack failed")
+                out[spec.source] = folder
     if failed:
-        log(f"skipped {len(failed)} package(s): {', '.join(failed)}")
+        log(f"skipped {len(failed)} package(s) that failed to download or unpack: {', '.join(sorted(failed))}")
     return out
 
 
 def package_licence(unpacked: Path, name: str) -> str:
-    """The licence a package's Debian copyright file names first, or ''."""
-    candidates = list(unpacked.glob(f"usr/share/doc/{name}/copyright")) + list(unpacked.glob("src/debian/copyright"))
-    for path in candidates:
+    """The licence a package names first (Debian copyright file, package.json or PKG-INFO), or ''."""
+    for path in list(unpacked.glob(f"usr/share/doc/{name}/copyright")) + list(unpacked.glob("src/debian/copyright")):
         try:
             text = path.read_text(errors="replace")
         except OSError:
             continue
         match = re.search(r"^License:\s*(\S.*)$", text, re.M)
-        if match:
-            return match.group(1).strip()
-        return "see copyright file"
+        return match.group(1).strip() if match else "see copyright file"
+    for path in sorted(unpacked.glob("*/package.json"), key=lambda p: len(p.parts)):
+        try:
+            licence = json.loads(path.read_text(errors="replace")).get("license", "")
+        except (OSError, ValueError, AttributeError):
+            continue
+        return licence if isinstance(licence, str) else ""
+    for path in sorted(unpacked.glob("*/PKG-INFO"), key=lambda p: len(p.parts)):
+        try:
+            text = path.read_text(errors="replace")
+        except OSError:
+            continue
+        match = re.search(r"^License(?:-Expression)?:\s*(\S.*)$", text, re.M)
+        return match.group(1).strip()[:80] if match else ""
     return ""
 
 
