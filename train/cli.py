@@ -77,6 +77,9 @@ def ensure_corpus(args, default_dir: Path) -> Path:
     from .recipe import build_corpus, SHELL_FILE
 
     corpus = args.corpus or default_dir
+    if corpus.is_file():  # a one-file pack (`codellm-train pack`): unpacked beside the run
+        from .packed import unpack_corpus
+        return first_process_then_all(lambda: unpack_corpus(corpus, default_dir)) or default_dir
     if args.recipe or args.code_data or args.language_data:
         if not (args.resume and (corpus / SHELL_FILE).exists()):
             first_process_then_all(lambda: build_corpus(corpus, args.recipe, args.code_data, args.language_data,
@@ -98,6 +101,11 @@ def cmd_corpus(args):
     from .recipe import build_corpus
     build_corpus(args.corpus, args.recipe, args.code_data, args.language_data, args.packages, args.cache,
                  args.english_mb)
+
+
+def cmd_pack(args):
+    from .packed import pack_corpus
+    pack_corpus(args.corpus, args.out, args.max_mb)
 
 
 def cmd_tokenizer(args):
@@ -154,6 +162,12 @@ def main(argv=None):
     add_corpus_flags(p, "data/corpus")
     p.set_defaults(func=cmd_corpus)
 
+    p = sub.add_parser("pack", help="pack a corpus folder into one file (to train elsewhere, e.g. on a GPU)")
+    p.add_argument("--corpus", type=Path, required=True, help="a corpus folder built by `codellm-train corpus`")
+    p.add_argument("--out", type=Path, required=True, help="the pack file to write")
+    p.add_argument("--max-mb", type=float, default=60.0, help="refuse to write a pack larger than this")
+    p.set_defaults(func=cmd_pack)
+
     p = sub.add_parser("tokenizer", help="train the BPE tokenizer on a corpus")
     p.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     p.add_argument("--out", type=Path, required=True)
@@ -174,12 +188,13 @@ def main(argv=None):
     p.add_argument("--language-share", type=float, default=0.15, help="share of the budget for stage 1")
     p.set_defaults(func=cmd_all)
 
-    p = sub.add_parser("eval", help="held-out loss, line completion, whole-script syntax")
-    p.add_argument("bundle", type=Path)
+    p = sub.add_parser("eval", help="held-out loss, line completion, comment to command, whole-script syntax")
+    p.add_argument("bundle", type=Path, nargs="+", help="one or more bundles, measured side by side")
     p.add_argument("--corpus", type=Path, default=Path("data/corpus"))
-    p.add_argument("--out", type=Path, default=None, help="JSON results (default: <bundle>/../<name>-eval.json)")
+    p.add_argument("--out", type=Path, default=None, help="JSON results (default: <first bundle>/../<name>-eval.json)")
     p.add_argument("--samples", type=int, default=400, help="line-completion cut points")
     p.add_argument("--scripts", type=int, default=20, help="generated whole scripts")
+    p.add_argument("--pairs", type=int, default=300, help="held-out comment-to-command pairs per split")
     p.add_argument("--no-card", action="store_true", help="do not write the results into the bundle's data card")
     p.add_argument("--device", default=None)
     p.set_defaults(func=lambda a: __import__("codellm.train.evaluate", fromlist=["main"]).main(a))

@@ -25,7 +25,8 @@ from codellm.device import choose_device
 from codellm.engine import Engine
 
 from .corpus import read_records
-from .recipe import ENGLISH_FILE, SHELL_FILE
+from .pairs import command_name
+from .recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
 
 SCRIPT_PROMPTS = [
     "Back up the home directory to a dated tar archive",
@@ -204,48 +205,108 @@ def whole_scripts(engine: Engine, n: int, seed: int = 0) -> dict:
     }
 
 
-def evaluate(bundle_path: Path, corpus: Path, samples: int = 400, scripts: int = 20, device: str | None = None) -> dict:
+HELDOUT_SPLITS = {"val": "Debian packages", "val_user": "npm/PyPI packages"}
+
+
+def heldout_texts(corpus: Path, name: str, split: str) -> list[str]:
+    path = corpus / name
+    return [r["text"] for r in read_records(path) if r.get("split") == split] if path.exists() else []
+
+
+def comment_to_command(engine: Engine, pairs: list[str], n: int = 300, seed: int = 0) -> dict | None:
+    """After `#!/bin/bash\n# <description>\n`, the greedy first line: the share that is a command (not a
+    comment, not empty) and the share whose command name (pairs.command_name) is the held-out one's."""
+    if not pairs:
+        return None
+    picked = random.Random(seed).sample(pairs, min(n, len(pairs)))
+    command, right_name = 0, 0
+    for doc in picked:
+        prompt, target = doc.rstrip("\n").rsplit("\n", 1)
+        guess = engine.complete(prompt + "\n", "", mode="line").split("\n", 1)[0]
+        is_command = bool(guess.strip()) and not guess.lstrip().startswith("#")
+        command += is_command
+        right_name += is_command and command_name(guess) == command_name(target)
+    return {"n": len(picked), "command_share": round(100 * command / len(picked), 1),
+            "right_command_share": round(100 * right_name / len(picked), 1)}
+
+
+def evaluate(bundle_path: Path, corpus: Path, samples: int = 400, scripts: int = 20, device: str | None = None,
+             pairs: int = 300) -> dict:
+    """Every figure of one bundle, per held-out split: loss and bits per byte, line completion, the
+    comment-to-command shares; plus English loss and generated whole scripts.
+
+    Raises ValueError when the corpus has no held-out shell files."""
     engine = Engine(load_bundle(bundle_path, device=choose_device(device)), device)
-    val_shell = [r["text"] for r in read_records(corpus / SHELL_FILE) if r.get("split") == "val"] \
-        if (corpus / SHELL_FILE).exists() else []
-    val_english = [r["text"] for r in read_records(corpus / ENGLISH_FILE) if r.get("split") == "val"] \
-        if (corpus / ENGLISH_FILE).exists() else []
-    if not val_shell:
-        raise ValueError(f"{corpus}: no held-out shell files (split 'val') to evaluate on")
+    splits = {split: heldout_texts(corpus, SHELL_FILE, split) for split in HELDOUT_SPLITS}
+    splits = {split: texts for split, texts in splits.items() if texts}
+    if not splits:
+        raise ValueError(f"{corpus}: no held-out shell files (split 'val' or 'val_user') to evaluate on")
     start = time.time()
-    results = {
-        "bundle": str(bundle_path),
-        "heldout_files": len(val_shell),
-        "shell_loss": heldout_loss(engine, val_shell),
-        "english_loss": heldout_loss(engine, val_english, max_tokens=30000),
-        "line_completion": line_completion(engine, val_shell, samples),
-        "whole_scripts": whole_scripts(engine, scripts) if scripts else None,
-    }
+    results = {"bundle": str(bundle_path), "splits": {}}
+    for split, texts in splits.items():
+        results["splits"][split] = {
+            "heldout_files": len(texts),
+            "shell_loss": heldout_loss(engine, texts),
+            "line_completion": line_completion(engine, texts, samples),
+            "comment_to_command": comment_to_command(engine, heldout_texts(corpus, PAIRS_FILE, split), pairs),
+        }
+    results["english_loss"] = heldout_loss(engine, heldout_texts(corpus, ENGLISH_FILE, "val"), max_tokens=30000)
+    results["whole_scripts"] = whole_scripts(engine, scripts) if scripts else None
     results["seconds"] = round(time.time() - start, 1)
     return results
 
 
-def print_table(r: dict) -> None:
-    print(f"held-out shell files: {r['heldout_files']}")
-    for name in ("shell_loss", "english_loss"):
-        if r[name]:
-            v = r[name]
-            print(f"{name:14s} loss {v['loss']:.3f}  perplexity {v['perplexity']:.1f}  bits/byte {v['bits_per_byte']:.3f}"
-                  f"  ({v['tokens']} tokens)")
+def _cells(r: dict) -> list[tuple[str, str]]:
+    """(label, value) rows of one bundle's results on one split."""
+    rows = []
+    for name in ("shell_loss",):
+        v = r[name]
+        rows.append(("shell loss / bits per byte", f"{v['loss']:.3f} / {v['bits_per_byte']:.3f}" if v else "-"))
     lc = r["line_completion"]
-    print(f"{'line completion':22s} {'all EM/ES':>14s} {'line start EM/ES':>18s} {'mid-line EM/ES':>16s}")
-    for name in ("fim", "no_suffix", "baseline"):
-        cells = [f"{lc[name][k]['em']:5.1f} / {lc[name][k]['es']:4.1f}" if k in lc[name] else "-"
-                 for k in ("all", "line_start", "mid_line")]
-        label = {"fim": "model (with suffix)", "no_suffix": "model (no suffix)", "baseline": "repeat previous line"}[name]
-        print(f"{label:22s} {cells[0]:>14s} {cells[1]:>18s} {cells[2]:>16s}")
-    print(f"files that parse again with the predicted line in place (of those that parse): "
-          f"{lc['syntax_kept_parseable']}%   "
-          f"latency p50 {lc['latency_ms'].get('p50')} ms, p95 {lc['latency_ms'].get('p95')} ms")
-    ws = r.get("whole_scripts")
-    if ws:
-        print(f"generated scripts: {ws['n']}, bash -n pass {ws['bash_n_pass']}%, shellcheck -S error pass "
-              f"{ws['shellcheck_pass']}%, ended by the model {ws['ended_by_model']}%")
+    for name, label in (("fim", "with suffix"), ("no_suffix", "no suffix"), ("baseline", "repeat prev. line")):
+        for kind in ("all", "line_start", "mid_line"):
+            v = lc[name].get(kind)
+            rows.append((f"line EM/ES {label}, {kind.replace('_', ' ')}", f"{v['em']:.1f} / {v['es']:.1f}" if v else "-"))
+    rows.append(("buffers still parsing %", f"{lc['syntax_kept_parseable']}"))
+    c2c = r.get("comment_to_command")
+    rows.append(("comment -> command % / right name %",
+                 f"{c2c['command_share']} / {c2c['right_command_share']} (n={c2c['n']})" if c2c else "-"))
+    return rows
+
+
+def print_table(all_results: list[dict]) -> None:
+    """One table per held-out split, a column per bundle, so bundles compare in one run."""
+    names = [Path(r["bundle"]).name or r["bundle"] for r in all_results]
+    width = max(18, *(len(n) + 2 for n in names))
+    for split, label in HELDOUT_SPLITS.items():
+        present = [r["splits"].get(split) for r in all_results]
+        if not any(present):
+            continue
+        files = next(p["heldout_files"] for p in present if p)
+        print(f"\n== held-out split {split} ({label}, {files} files)")
+        print(f"{'':40s}" + "".join(f"{n:>{width}s}" for n in names))
+        columns = [dict(_cells(p)) if p else {} for p in present]
+        for key in dict(_cells(next(p for p in present if p))):
+            print(f"{key:40s}" + "".join(f"{c.get(key, '-'):>{width}s}" for c in columns))
+    print("\n== every split")
+    rows = {
+        "English loss / bits per byte": [f"{r['english_loss']['loss']:.3f} / {r['english_loss']['bits_per_byte']:.3f}"
+                                         if r["english_loss"] else "-" for r in all_results],
+        "whole scripts bash -n %": [f"{r['whole_scripts']['bash_n_pass']}" if r["whole_scripts"] else "-"
+                                    for r in all_results],
+        "whole scripts shellcheck-clean %": [f"{r['whole_scripts']['shellcheck_pass']}" if r["whole_scripts"] else "-"
+                                             for r in all_results],
+    }
+    print(f"{'':40s}" + "".join(f"{n:>{width}s}" for n in names))
+    for key, values in rows.items():
+        print(f"{key:40s}" + "".join(f"{v:>{width}s}" for v in values))
+
+
+def better_on_every_split(new: dict, old: dict) -> bool:
+    """True when `new` has a lower held-out shell loss than `old` on every split both were measured on."""
+    shared = set(new["splits"]) & set(old["splits"])
+    return bool(shared) and all(new["splits"][s]["shell_loss"]["loss"] < old["splits"][s]["shell_loss"]["loss"]
+                                for s in shared)
 
 
 def write_into_card(bundle_path: Path, results: dict) -> None:
@@ -258,11 +319,18 @@ def write_into_card(bundle_path: Path, results: dict) -> None:
 
 
 def main(args) -> None:
-    torch.manual_seed(0)
-    results = evaluate(args.bundle, args.corpus, args.samples, args.scripts, args.device)
+    results = []
+    for bundle in args.bundle:
+        torch.manual_seed(0)
+        results.append(evaluate(bundle, args.corpus, args.samples, args.scripts, args.device, args.pairs))
     print_table(results)
-    out = args.out or args.bundle.with_name(args.bundle.name + "-eval.json")
-    out.write_text(json.dumps(results, indent=2))
+    out = args.out or args.bundle[0].with_name(args.bundle[0].name + "-eval.json")
+    out.write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
     print(f"results written to {out}")
+    if len(results) > 1:
+        verdict = better_on_every_split(results[0], results[1])
+        print(f"{args.bundle[0]} has a lower held-out shell loss than {args.bundle[1]} on every split: "
+              f"{'yes' if verdict else 'no'}")
     if not args.no_card:
-        write_into_card(args.bundle, results)
+        for bundle, result in zip(args.bundle, results):
+            write_into_card(bundle, result)

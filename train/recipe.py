@@ -6,13 +6,17 @@ import time
 from pathlib import Path
 
 from .corpus import (Counts, code_data_records, english_records_from_docs, english_records_from_machine,
-                     language_data_records, read_records, shell_records_from_tree, write_records)
+                     language_data_records, read_records, record, sha256, shell_records_from_tree, write_records)
+from .curate import (HELDOUT_JACCARD, NEAR_DUPLICATE_JACCARD, NUM_PERM, SHINGLE_WORDS, SOURCE_CAP,
+                     cap_per_source, drop_near_duplicates, strip_licence_comments)
+from .pairs import pairs_from_manual, pairs_from_script
 from .sources import fetch_packages, package_licence, read_package_list
 
 MACHINE_SHELL_DIRS = ["/usr/bin", "/usr/sbin", "/usr/lib", "/usr/libexec", "/usr/share", "/etc"]
 ENGLISH_FILE = "english.msgpack"
 SHELL_FILE = "shell.msgpack"
 SUMMARY_FILE = "summary.json"
+PAIRS_FILE = "pairs.msgpack"
 
 
 def build_corpus(out: Path, recipe: str | None = None, code_data: list[Path] = (), language_data: list[Path] = (),
@@ -76,22 +80,106 @@ def build_corpus(out: Path, recipe: str | None = None, code_data: list[Path] = (
     if recipe not in (None, "default"):
         raise ValueError(f"unknown recipe {recipe!r} (known: default)")
     log("building shell corpus")
-    n_shell = write_records(out / SHELL_FILE, shell_stream())
+    shell, curation = curate_shell(list(shell_stream()), log)
+    recount_sources(sources, shell)
+    n_shell = write_records(out / SHELL_FILE, iter(shell))
     log("building English corpus")
     n_english = write_records(out / ENGLISH_FILE, english_stream())
+    n_pairs, pair_counts = write_pairs(out, shell, log)
     summary = {
         "english": english_counts.as_dict(),
         "shell": shell_counts.as_dict(),
-        "shell_val_files": sum(1 for r in read_records(out / SHELL_FILE) if r["split"] == "val"),
+        "shell_curation": curation,
+        "shell_val_files": sum(1 for r in shell if r["split"] == "val"),
+        "shell_val_user_files": sum(1 for r in shell if r["split"] == "val_user"),
+        "pairs": pair_counts,
         "sources": sources,
         "seconds": round(time.time() - start, 1),
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     log(f"English: {n_english} documents, {english_counts.kept_bytes / 1e6:.1f} MB; "
-        f"shell: {n_shell} files, {shell_counts.kept_bytes / 1e6:.1f} MB "
-        f"({summary['shell_val_files']} held out); skipped: shell {dict(shell_counts.skipped)}, "
-        f"English {dict(english_counts.skipped)}")
+        f"shell: {n_shell} files, {curation['bytes_after'] / 1e6:.1f} MB after curation "
+        f"({summary['shell_val_files']} + {summary['shell_val_user_files']} held out) from "
+        f"{sum(1 for v in sources.values() if v['files'])} sources; comment-to-command pairs: {n_pairs}; "
+        f"skipped: shell {dict(shell_counts.skipped)}, English {dict(english_counts.skipped)}")
     if n_shell == 0 and n_english == 0:
         raise ValueError("no usable text found: every input was empty, binary, non-UTF-8 or a duplicate "
                          f"(skipped: {dict(shell_counts.skipped) or dict(english_counts.skipped)})")
     return summary
+
+
+def curate_shell(records: list[dict], log=print) -> tuple[list[dict], dict]:
+    """Licence comments stripped, near-duplicates dropped, each source capped (see curate.py)."""
+    before = sum(len(r["text"].encode()) for r in records)
+    stripped, seen = [], set()
+    for rec in records:
+        text = strip_licence_comments(rec["text"])
+        if text.strip() and sha256(text) not in seen:
+            seen.add(sha256(text))
+            stripped.append({**rec, "text": text, "sha256": sha256(text)})
+    after_strip = sum(len(r["text"].encode()) for r in stripped)
+    deduped, dropped = drop_near_duplicates(stripped, log)
+    capped, capped_bytes = cap_per_source(deduped)
+    after = sum(len(r["text"].encode()) for r in capped)
+    curation = {
+        "files_before": len(records), "bytes_before": before,
+        "licence_bytes_stripped": before - after_strip,
+        "files_dropped_exact_after_strip": len(records) - len(stripped),
+        "near_duplicates_dropped": dict(dropped),
+        "near_duplicate_rule": f"MinHash {NUM_PERM} permutations over word {SHINGLE_WORDS}-grams, Jaccard >= "
+                               f"{NEAR_DUPLICATE_JACCARD} (>= {HELDOUT_JACCARD} to a held-out file)",
+        "source_cap": SOURCE_CAP, "bytes_dropped_by_cap": capped_bytes,
+        "files_after": len(capped), "bytes_after": after,
+        "train_bytes": sum(len(r["text"].encode()) for r in capped if r["split"] == "train"),
+    }
+    log(f"curation: {before / 1e6:.1f} MB -> licence comments stripped {after_strip / 1e6:.1f} MB -> "
+        f"near-duplicates dropped {sum(len(r['text'].encode()) for r in deduped) / 1e6:.1f} MB -> "
+        f"per-source cap {after / 1e6:.1f} MB ({len(capped_bytes)} sources capped)")
+    return capped, curation
+
+
+def recount_sources(sources: dict[str, dict], records: list[dict]) -> None:
+    """Files and bytes per source as written (after curation)."""
+    for entry in sources.values():
+        entry["files"], entry["bytes"] = 0, 0
+    for rec in records:
+        entry = sources.setdefault(rec["source"], {"files": 0, "bytes": 0, "licence": rec.get("licence", "")})
+        entry["files"] += 1
+        entry["bytes"] += len(rec["text"].encode())
+        entry["split"] = rec["split"]
+
+
+def command_names() -> set[str]:
+    """Executables on this machine's PATH folders: what a manual's example line may start with."""
+    names: set[str] = set()
+    for folder in ("/usr/bin", "/usr/sbin", "/bin", "/sbin", "/usr/local/bin"):
+        if Path(folder).is_dir():
+            names.update(p.name for p in Path(folder).iterdir())
+    return names
+
+
+def write_pairs(out: Path, shell: list[dict], log=print) -> tuple[int, dict]:
+    """out/pairs.msgpack: comment-to-command pairs from the English corpus's manuals and from the shell
+    corpus's comment-then-code spans, split like their sources. A training pair whose text equals a
+    held-out pair's is dropped."""
+    names = command_names()
+    by_split: dict[str, dict[str, dict]] = {"train": {}, "val": {}, "val_user": {}}
+
+    def add(pairs, source, path, split):
+        for pair in pairs:
+            doc = pair.document()
+            by_split.setdefault(split, {}).setdefault(sha256(doc), record(doc, source, path, "", split))
+
+    english = out / ENGLISH_FILE
+    for rec in read_records(english) if english.exists() else []:
+        man_page = "/man/" in rec["path"]
+        add(pairs_from_manual(rec["text"], names, man_page), rec["source"], rec["path"], rec["split"])
+    for rec in shell:
+        add(pairs_from_script(rec["text"]), rec["source"], rec["path"], rec["split"])
+    heldout = {d for split, docs in by_split.items() if split != "train" for d in docs}
+    train = [r for d, r in by_split["train"].items() if d not in heldout]
+    records = train + [r for split, docs in by_split.items() if split != "train" for r in docs.values()]
+    n = write_records(out / PAIRS_FILE, iter(records))
+    counts = {split: sum(1 for r in records if r["split"] == split) for split in by_split}
+    log(f"comment-to-command pairs: {counts}")
+    return n, counts

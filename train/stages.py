@@ -17,7 +17,7 @@ from codellm.tokenizer import Tokenizer
 from .corpus import read_records
 from .data import Mixture, load_texts
 from .loop import StageResult, TrainConfig, distributed, train_stage
-from .recipe import ENGLISH_FILE, SHELL_FILE, SUMMARY_FILE
+from .recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE, SUMMARY_FILE
 
 ENGLISH_SHARE_IN_CODE_STAGE = 0.05
 
@@ -69,6 +69,17 @@ def data_card(corpus: Path, stage: str, result: StageResult, cfg: TrainConfig, p
     return card
 
 
+def with_context_length(model: GPT, context_length: int) -> GPT:
+    """The same weights with a longer context: rotary positions need no new parameters, so a model
+    trained on short windows continues training on longer ones. Raises ValueError for a shorter one."""
+    if context_length < model.cfg.context_length:
+        raise ValueError(f"--context-length {context_length} is shorter than the bundle's "
+                         f"{model.cfg.context_length}; a context can only grow")
+    longer = GPT(ModelConfig.from_dict({**model.cfg.to_dict(), "context_length": context_length}))
+    longer.load_state_dict(model.state_dict())
+    return longer
+
+
 def init_model(model_size: str | None, from_bundle: Path | None, tok: Tokenizer, context_length: int | None,
                device: torch.device) -> tuple[GPT, dict]:
     if from_bundle:
@@ -77,7 +88,7 @@ def init_model(model_size: str | None, from_bundle: Path | None, tok: Tokenizer,
             raise ValueError(f"{from_bundle}: its tokenizer differs from the one given")
         model = bundle.model
         if context_length and context_length != model.cfg.context_length:
-            raise ValueError("--context-length cannot change when starting from a bundle")
+            model = with_context_length(model, context_length)
         return model.to(device), bundle.card
     overrides = {"vocab_size": tok.vocab_size}
     if context_length:
@@ -104,7 +115,9 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
         val = Mixture(load_texts(corpus / ENGLISH_FILE, "val"))
     else:
         english = load_texts(corpus / ENGLISH_FILE, "train")
-        mix = Mixture(load_texts(corpus / SHELL_FILE, "train"), fim_rate, english, ENGLISH_SHARE_IN_CODE_STAGE)
+        # comment-to-command pairs (pairs.py) are short scripts of their own beside the shell files
+        shell = load_texts(corpus / SHELL_FILE, "train") + load_texts(corpus / PAIRS_FILE, "train")
+        mix = Mixture(shell, fim_rate, english, ENGLISH_SHARE_IN_CODE_STAGE)
         val = Mixture(load_texts(corpus / SHELL_FILE, "val"), fim_rate)
     if not mix.texts:
         raise ValueError(f"{corpus}: no {'English' if stage == 'language' else 'shell'} training text")

@@ -1,0 +1,163 @@
+"""Corpus curation: near-duplicates, held-out near-copies, the per-source cap, licence comments,
+comment-to-command pairs, and the one-file corpus pack that a GPU run trains from."""
+import hashlib
+import random
+import subprocess
+import sys
+
+import codellm
+from codellm.train.corpus import read_records, record
+from codellm.train.curate import cap_per_source, drop_near_duplicates, strip_licence_comments
+from codellm.train.pairs import Pair, command_name, pairs_from_manual, pairs_from_script
+from codellm.train.recipe import PAIRS_FILE, SHELL_FILE, curate_shell, write_pairs
+
+TRAIN = [sys.executable, "-m", "codellm.train.cli"]
+
+
+def script(seed: int, lines: int = 60) -> str:
+    """A distinct, plausible shell script (its words differ from every other seed's)."""
+    rng = random.Random(seed)
+    words = [f"w{seed}_{k}" for k in range(40)]
+    body = [f'{rng.choice(["cp", "mv", "echo", "grep -q", "rm -f"])} "{rng.choice(words)}" {rng.choice(words)}'
+            for _ in range(lines)]
+    return "#!/bin/sh\nset -e\n" + "\n".join(body) + "\n"
+
+
+def near_copy(text: str) -> str:
+    """The same script with two lines edited, as a vendored copy often is."""
+    lines = text.split("\n")
+    lines[5] = 'echo "patched here"'
+    lines[20] = lines[20] + " || true"
+    return "\n".join(lines)
+
+
+def rec(text: str, source: str, split: str = "train") -> dict:
+    return record(text, source, f"{source}.sh", "", split)
+
+
+def test_a_near_copy_is_dropped_and_distinct_files_stay():
+    original, other = script(1), script(2)
+    kept, dropped = drop_near_duplicates([rec(original, "a"), rec(near_copy(original), "b"), rec(other, "c")],
+                                         log=lambda *_: None)
+    assert [r["source"] for r in kept] == ["a", "c"]
+    assert dropped["near-duplicate"] == 1
+
+
+def test_held_out_files_and_their_near_copies_never_reach_training():
+    heldout = script(3)
+    records = [rec(near_copy(heldout), "vendored"), rec(script(4), "other"), rec(heldout, "pkg", "val"),
+               rec(script(5), "npm-pkg", "val_user")]
+    kept, _ = curate_shell(records, log=lambda *_: None)
+    train_texts = [r["text"] for r in kept if r["split"] == "train"]
+    assert near_copy(heldout) not in train_texts and heldout not in train_texts
+    assert script(4) in train_texts
+    assert sorted(r["split"] for r in kept if r["split"] != "train") == ["val", "val_user"]
+
+
+def test_the_per_source_cap_holds():
+    rng = random.Random(0)
+    records = [rec(f"echo big {k} " + "x" * rng.randint(200, 3000), "huge") for k in range(300)]
+    for s in range(70):
+        records += [rec(f"echo {s} {k} " + "y" * rng.randint(100, 2000), f"small{s}") for k in range(3)]
+    records.append(rec("echo held out " * 5000, "heldout", "val"))
+    kept, dropped = cap_per_source(records, share=0.02)
+    train = [r for r in kept if r["split"] == "train"]
+    total = sum(len(r["text"].encode()) for r in train)
+    per_source = {}
+    for r in train:
+        per_source[r["source"]] = per_source.get(r["source"], 0) + len(r["text"].encode())
+    assert max(per_source.values()) <= 0.02 * total
+    assert "huge" in dropped and per_source["huge"] > 0
+    assert any(r["source"] == "heldout" for r in kept)  # held-out files are never capped
+
+
+def test_one_source_is_not_capped_away():
+    records = [rec(script(k), "user:scripts") for k in range(5)]
+    assert cap_per_source(records)[0] == records
+
+
+def test_licence_comments_go_and_the_rest_stays():
+    text = ("#!/bin/sh\n# deploy.sh - push the site\n#\n# Copyright (C) 2019 Jane Doe\n#\n"
+            "# This program is free software; you can redistribute it and/or modify\n"
+            "# it under the terms of the GNU General Public License.\n#\nset -e\n"
+            "# check the licence file is shipped\ncp LICENSE dist/\n")
+    out = strip_licence_comments(text)
+    assert out == ("#!/bin/sh\n# deploy.sh - push the site\nset -e\n# check the licence file is shipped\n"
+                   "cp LICENSE dist/\n")
+    assert strip_licence_comments("# SPDX-License-Identifier: MIT\necho hi\n") == "echo hi\n"
+
+
+MAN_EXAMPLES = """NAME
+       find - search for files
+
+EXAMPLES
+       •      Search for files in your home directory which have been
+              modified in the last twenty-four hours.
+
+                  $ find $HOME -mtime 0
+
+       Print the names of files ending in .conf under /etc:
+
+              find /etc -name '*.conf'
+
+SEE ALSO
+       locate(1)
+"""
+
+
+def test_pairs_come_from_man_page_examples_and_script_comments():
+    pairs = pairs_from_manual(MAN_EXAMPLES, {"find"})
+    assert pairs == [Pair("Search for files in your home directory which have been modified in the last "
+                          "twenty-four hours", "find $HOME -mtime 0"),
+                     Pair("Print the names of files ending in .conf under /etc", "find /etc -name '*.conf'")]
+    assert pairs_from_manual(MAN_EXAMPLES.replace("EXAMPLES", "OPTIONS"), {"find"}) == []
+    shell = ("#!/bin/sh\n# Remove the build folder before starting\nrm -rf build\n"
+             "# a\n# long\n# block\nmake\n# Run the tests quietly\n# and then\nmake check\n")
+    assert pairs_from_script(shell) == [Pair("Remove the build folder before starting", "rm -rf build")]
+    assert pairs[0].document() == ("#!/bin/bash\n# Search for files in your home directory which have been "
+                                   "modified in the last twenty-four hours\nfind $HOME -mtime 0\n")
+    assert command_name("sudo LANG=C apt-get install -y curl") == "apt-get"
+    assert command_name("# a comment") == ""
+
+
+def test_a_pair_held_out_is_never_a_training_pair(tmp_path):
+    doc = "#!/bin/sh\n# Create the cache folder for the build\nmkdir -p cache\n"
+    shell = [rec(doc + "echo train\n", "trainpkg"), rec(doc + "echo heldout\n", "heldpkg", "val"),
+             rec("#!/bin/sh\n# Show where the files went\nls -l out\n", "trainpkg2")]
+    write_pairs(tmp_path, shell, log=lambda *_: None)
+    pairs = list(read_records(tmp_path / PAIRS_FILE))
+    train = [p["text"] for p in pairs if p["split"] == "train"]
+    assert any("mkdir -p cache" in p["text"] for p in pairs if p["split"] == "val")
+    assert train == ["#!/bin/bash\n# Show where the files went\nls -l out\n"]
+
+
+def test_a_packed_corpus_trains_a_few_steps_on_cpu(bundle_path, tmp_path):
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    for k in range(12):
+        (scripts / f"s{k}.sh").write_text(script(k, lines=30))
+    corpus, pack = tmp_path / "corpus", tmp_path / "corpus.pack"
+    r = subprocess.run(TRAIN + ["corpus", "--code-data", str(scripts), "--corpus", str(corpus)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    r = subprocess.run(TRAIN + ["pack", "--corpus", str(corpus), "--out", str(pack)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert 0 < pack.stat().st_size < (corpus / SHELL_FILE).stat().st_size
+    out = tmp_path / "from-pack"
+    r = subprocess.run(TRAIN + ["code", "--from", str(bundle_path), "--corpus", str(pack), "--out", str(out),
+                                "--batch-size", "4", "--precision", "fp32", "--max-steps", "3"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    card = codellm.load(str(out), device="cpu").bundle.card
+    assert card["stages"]["code"]["steps"] == 3
+    shas = {hashlib.sha256(script(k, lines=30).encode()).hexdigest() for k in range(12)}
+    assert {f[2].hex() for f in card["stages"]["code"]["files"]} == shas
+
+
+def test_a_damaged_pack_is_a_clear_error(bundle_path, tmp_path):
+    pack = tmp_path / "bad.pack"
+    pack.write_bytes(b"\x93not a pack")
+    r = subprocess.run(TRAIN + ["code", "--from", str(bundle_path), "--corpus", str(pack), "--out",
+                                str(tmp_path / "m"), "--max-steps", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not a readable corpus pack" in r.stderr
