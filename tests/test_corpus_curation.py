@@ -7,6 +7,7 @@ import sys
 
 import codellm
 from codellm.train.corpus import read_records, record
+from codellm.train.datacard import stage_files
 from codellm.train.curate import cap_per_source, drop_near_duplicates, strip_licence_comments
 from codellm.train.pairs import Pair, command_name, pairs_from_manual, pairs_from_script
 from codellm.train.recipe import PAIRS_FILE, SHELL_FILE, curate_shell, write_pairs
@@ -152,7 +153,7 @@ def test_a_packed_corpus_trains_a_few_steps_on_cpu(bundle_path, tmp_path):
     card = codellm.load(str(out), device="cpu").bundle.card
     assert card["stages"]["code"]["steps"] == 3
     shas = {hashlib.sha256(script(k, lines=30).encode()).hexdigest() for k in range(12)}
-    assert {f[2].hex() for f in card["stages"]["code"]["files"]} == shas
+    assert {digest.hex() for _, digest in stage_files(card, "code")} == shas
 
 
 def test_a_damaged_pack_is_a_clear_error(bundle_path, tmp_path):
@@ -161,3 +162,16 @@ def test_a_damaged_pack_is_a_clear_error(bundle_path, tmp_path):
     r = subprocess.run(TRAIN + ["code", "--from", str(bundle_path), "--corpus", str(pack), "--out",
                                 str(tmp_path / "m"), "--max-steps", "1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not a readable corpus pack" in r.stderr
+
+
+def test_the_card_keeps_every_file_hash_once_per_corpus():
+    from codellm.train.datacard import compact
+    shas = [hashlib.sha256(str(k).encode()).digest() for k in range(5)]
+    old = {"stages": {name: {"files": [["debian:a", "x.sh", shas[0]], ["debian:b", "y.sh", shas[1]]]}
+                      for name in ("language", "code")},
+           }
+    old["stages"]["code-2"] = {"files": [["npm:c", "z.sh", d] for d in shas[2:]]}
+    card = compact(old)
+    assert len(card["corpora"]) == 2  # two stages on the same corpus share one list
+    assert sorted(stage_files(card, "code")) == [("debian:a", shas[0]), ("debian:b", shas[1])]
+    assert sorted(stage_files(card, "code-2")) == sorted(("npm:c", d) for d in shas[2:])

@@ -6,6 +6,7 @@ import pytest
 import codellm
 from codellm.bundle import load_bundle
 from codellm.defaults import PACKAGED_BUNDLE
+from codellm.train.datacard import stage_files
 
 
 @pytest.fixture(scope="module")
@@ -18,7 +19,7 @@ def test_default_bundle_is_shipped_and_valid():
     assert bundle.model.num_params() > 1_000_000
     assert sum(p.stat().st_size for p in PACKAGED_BUNDLE.iterdir()) < 25 * 1024 * 1024
     stages = bundle.card["stages"]
-    assert {"language", "code"} <= set(stages) and stages["code"]["files"]
+    assert {"language", "code"} <= set(stages) and stage_files(bundle.card, "code")
     assert "eval" in bundle.card
 
 

@@ -11,6 +11,7 @@ import pytest
 import codellm
 from codellm.train.checkpoint import CHECKPOINT_FILE, read_checkpoint_state
 from codellm.train.corpus import Counts, code_data_records
+from codellm.train.datacard import stage_files
 from codellm.train.recipe import build_corpus
 
 from conftest import ENGLISH_SAMPLES, SHELL_SAMPLES
@@ -55,7 +56,8 @@ def test_train_all_end_to_end(data_dir, tmp_path):
     assert isinstance(engine.complete("for f in *.txt; do\n", "\ndone\n", mode="block"), str)
     card = engine.bundle.card
     assert set(card["stages"]) == {"language", "code"}
-    assert card["stages"]["code"]["files"] and len(card["stages"]["code"]["files"][0][2]) == 32  # sha256
+    files = stage_files(card, "code")
+    assert files and len(files[0][1]) == 32  # sha256
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(data_dir, tmp_path):

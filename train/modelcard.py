@@ -42,6 +42,7 @@ def render(bundle_path: Path, command: str, bench_text: str | None, curves: list
                 f"de-duplication; {summary.get('shell_val_files', 0)} files from whole packages held out for "
                 "evaluation and never trained on.",
                 f"- Skipped shell files: {', '.join(f'{k} {v}' for k, v in sh.get('skipped', {}).items())}.",
+                *_curation_lines(summary),
                 "- Every training file's sha256, source and path is listed in the bundle's `data.msgpack`.", ""]
         sources = sorted(code.get("sources", {}).items(), key=lambda kv: -kv[1]["bytes"])
         rows = [[name, v["files"], f"{v['bytes'] / 1e6:.2f}", v.get("licence") or "-"] for name, v in sources[:25]]
@@ -61,15 +62,43 @@ def render(bundle_path: Path, command: str, bench_text: str | None, curves: list
 
     ev = card.get("eval")
     if ev:
-        out += ["## Held-out evaluation", "", f"From `codellm-train eval {bundle_path}` on the "
-                f"{ev['heldout_files']} held-out shell files.", ""]
-        rows = []
-        for name, label in (("shell_loss", "shell"), ("english_loss", "English")):
-            v = ev.get(name)
-            if v:
-                rows.append([label, v["loss"], v["perplexity"], v["bits_per_byte"], v["tokens"]])
+        out += _eval_section(ev, bundle_path)
+    if bench_text:
+        out += [f"`codellm bench --model {bundle_path}`:", "", "```", bench_text.strip(), "```", ""]
+    if notes:
+        out += ["## Observations", "", notes.strip(), ""]
+    out += ["---", "", "Written by `python -m codellm.train.modelcard` from the bundle's data card; the evaluation "
+            "figures are stored there by `codellm-train eval`.", ""]
+    return "\n".join(out)
+
+
+def _curation_lines(summary: dict) -> list[str]:
+    cur = summary.get("shell_curation")
+    if not cur:
+        return []
+    return [f"- Curation: {cur['bytes_before'] / 1e6:.1f} MB read; licence comments stripped "
+            f"({cur['licence_bytes_stripped'] / 1e6:.1f} MB); near-duplicates dropped "
+            f"({', '.join(f'{k} {v}' for k, v in cur['near_duplicates_dropped'].items()) or 'none'}; "
+            f"{cur['near_duplicate_rule']}); no source above {cur['source_cap']:.0%} of the training bytes "
+            f"({len(cur['bytes_dropped_by_cap'])} sources capped); {cur['train_bytes'] / 1e6:.1f} MB of shell "
+            f"for training, {summary.get('shell_val_files', 0)} + {summary.get('shell_val_user_files', 0)} "
+            "held-out files (Debian, npm/PyPI).",
+            f"- Comment-to-command pairs: {summary.get('pairs', {})}."]
+
+
+SPLIT_LABELS = {"val": "Debian packages", "val_user": "npm and PyPI packages"}
+
+
+def _eval_section(ev: dict, bundle_path: Path) -> list[str]:
+    """The held-out figures, one block per split (older cards hold one split at the top level)."""
+    splits = ev.get("splits") or {"val": ev}
+    out = ["## Held-out evaluation", "", f"From `codellm-train eval {bundle_path}`.", ""]
+    for split, r in splits.items():
+        lc = r["line_completion"]
+        out += [f"### {SPLIT_LABELS.get(split, split)} (`{split}`, {r['heldout_files']} files)", ""]
+        rows = [[label, v["loss"], v["perplexity"], v["bits_per_byte"], v["tokens"]]
+                for label, v in (("shell", r.get("shell_loss")), ("English", ev.get("english_loss"))) if v]
         out += [_fmt_table(rows, ["text", "loss (nats/token)", "perplexity", "bits per byte", "tokens"]), ""]
-        lc = ev["line_completion"]
         rows = []
         for key, label in (("fim", "model, with the suffix (FIM)"), ("no_suffix", "model, prefix only"),
                            ("baseline", "repeat previous line")):
@@ -78,26 +107,24 @@ def render(bundle_path: Path, command: str, bench_text: str | None, curves: list
                 c = lc[key].get(kind)
                 cells.append(f"{c['em']} / {c['es']}" if c else "-")
             rows.append(cells)
-        n = lc["fim"]["all"]["n"]
-        out += [f"Line completion (CodeXGLUE protocol, {n} cut points, greedy): exact match % / edit similarity",
-                "", _fmt_table(rows, ["", "all", "line start", "mid-line"]), "",
+        out += [f"Line completion (CodeXGLUE protocol, {lc['fim']['all']['n']} cut points, greedy): exact match % / "
+                "edit similarity", "", _fmt_table(rows, ["", "all", "line start", "mid-line"]), "",
                 f"Held-out files that still parse (`bash -n`) with the predicted line in place of the real one, "
                 f"among those that parse: {lc['syntax_kept_parseable']}%.", ""]
-        ws = ev.get("whole_scripts")
-        if ws:
-            out += [f"Whole scripts generated from {ws['n']} one-line descriptions (temperature 0.6): "
-                    f"{ws['bash_n_pass']}% pass `bash -n`, {ws['shellcheck_pass']}% have no `shellcheck -S error` "
-                    f"finding; {ws['ended_by_model']}% ended by the model within 400 tokens.", ""]
-        lat = lc.get("latency_ms", {})
-        out += ["## Speed", "", f"Line completion latency during the evaluation (engine only, CPU): p50 "
-                f"{lat.get('p50')} ms, p95 {lat.get('p95')} ms.", ""]
-    if bench_text:
-        out += [f"`codellm bench --model {bundle_path}`:", "", "```", bench_text.strip(), "```", ""]
-    if notes:
-        out += ["## Observations", "", notes.strip(), ""]
-    out += ["---", "", "Written by `python -m codellm.train.modelcard` from the bundle's data card; the evaluation "
-            "figures are stored there by `codellm-train eval`.", ""]
-    return "\n".join(out)
+        c2c = r.get("comment_to_command")
+        if c2c:
+            out += [f"After `#!/bin/bash` and a held-out description comment ({c2c['n']} pairs), the first greedy "
+                    f"line is a command in {c2c['command_share']}% of cases, running the right command in "
+                    f"{c2c['right_command_share']}%.", ""]
+    ws = ev.get("whole_scripts")
+    if ws:
+        out += [f"Whole scripts generated from {ws['n']} one-line descriptions (temperature 0.6): "
+                f"{ws['bash_n_pass']}% pass `bash -n`, {ws['shellcheck_pass']}% have no `shellcheck -S error` "
+                f"finding; {ws['ended_by_model']}% ended by the model within 400 tokens.", ""]
+    lat = next(iter(splits.values()))["line_completion"].get("latency_ms", {})
+    out += ["## Speed", "", f"Line completion latency during the evaluation (engine only, CPU): p50 "
+            f"{lat.get('p50')} ms, p95 {lat.get('p95')} ms.", ""]
+    return out
 
 
 def main(argv=None) -> None:

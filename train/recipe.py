@@ -109,11 +109,13 @@ def build_corpus(out: Path, recipe: str | None = None, code_data: list[Path] = (
 
 
 def curate_shell(records: list[dict], log=print) -> tuple[list[dict], dict]:
-    """Licence comments stripped, near-duplicates dropped, each source capped (see curate.py)."""
+    """Licence comments stripped from training files, near-duplicates dropped, each source capped
+    (see curate.py). Returns (records, what each pass removed)."""
     before = sum(len(r["text"].encode()) for r in records)
     stripped, seen = [], set()
     for rec in records:
-        text = strip_licence_comments(rec["text"])
+        # held-out files stay as people write them: the evaluation sees licence headers too
+        text = strip_licence_comments(rec["text"]) if rec["split"] == "train" else rec["text"]
         if text.strip() and sha256(text) not in seen:
             seen.add(sha256(text))
             stripped.append({**rec, "text": text, "sha256": sha256(text)})

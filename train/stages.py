@@ -1,7 +1,6 @@
 """The pipeline steps behind `codellm-train`: tokenizer, stage 1 (language), stage 2 (code), all."""
 from __future__ import annotations
 
-import json
 import random
 import time
 from pathlib import Path
@@ -14,10 +13,10 @@ from codellm.device import choose_device, set_threads
 from codellm.model import GPT
 from codellm.tokenizer import Tokenizer
 
-from .corpus import read_records
 from .data import Mixture, load_texts
-from .loop import StageResult, TrainConfig, distributed, train_stage
-from .recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE, SUMMARY_FILE
+from .datacard import data_card
+from .loop import TrainConfig, distributed, train_stage
+from .recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
 
 ENGLISH_SHARE_IN_CODE_STAGE = 0.05
 
@@ -42,31 +41,6 @@ def train_tokenizer(corpus: Path, out: Path, vocab_size: int = 8192, max_mb: flo
     log(f"tokenizer: {tok.vocab_size} tokens from {sum(map(len, picked)) / 1e6:.1f} MB in {time.time() - start:.0f}s; "
         f"{len(sample.encode()) / max(1, len(tok.encode(sample))):.2f} bytes/token on held-out shell")
     return tok
-
-
-def data_card(corpus: Path, stage: str, result: StageResult, cfg: TrainConfig, previous: dict | None) -> dict:
-    """What the model learned from, for users who ask: sources, licences, per-file sha256, figures."""
-    summary = json.loads((corpus / SUMMARY_FILE).read_text()) if (corpus / SUMMARY_FILE).exists() else {}
-    files = []
-    for name in (SHELL_FILE, ENGLISH_FILE):
-        if (corpus / name).exists():
-            files += [[r["source"], r["path"], bytes.fromhex(r["sha256"])]
-                      for r in read_records(corpus / name) if r.get("split", "train") == "train"]
-    card = dict(previous or {})
-    stages = card.setdefault("stages", {})
-    key, n = stage, 2
-    while key in stages:  # fine-tuning adds a stage; the base model's stages stay on record
-        key, n = f"{stage}-{n}", n + 1
-    stages[key] = {
-        "corpus_summary": {k: v for k, v in summary.items() if k != "sources"},
-        "sources": summary.get("sources", {}),
-        "files": files,
-        "steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 1),
-        "device": str(choose_device(None)) if not torch.cuda.is_available() else torch.cuda.get_device_name(),
-        "train_loss": result.train_loss, "val_loss": result.val_loss,
-        "train_config": cfg.to_dict(),
-    }
-    return card
 
 
 def with_context_length(model: GPT, context_length: int) -> GPT:
