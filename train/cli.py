@@ -45,6 +45,8 @@ def add_corpus_flags(p: argparse.ArgumentParser, corpus_default: str | None) -> 
     p.add_argument("--packages", type=Path, default=None, help="package list for the default recipe")
     p.add_argument("--cache", type=Path, default=None, help="download cache (default: <corpus>/cache)")
     p.add_argument("--english-mb", type=float, default=40.0, help="cap on English text from the recipe")
+    p.add_argument("--retry-failed", action="store_true",
+                   help="ask again for packages whose download failed in an earlier build")
     p.add_argument("--corpus", type=Path, default=Path(corpus_default) if corpus_default else None,
                    help="corpus folder (built here when data flags are given)")
 
@@ -100,7 +102,7 @@ def trained_tokenizer(corpus: Path, path: Path):
 def cmd_corpus(args):
     from .recipe import build_corpus
     build_corpus(args.corpus, args.recipe, args.code_data, args.language_data, args.packages, args.cache,
-                 args.english_mb)
+                 args.english_mb, retry_failed=args.retry_failed)
 
 
 def cmd_pack(args):

@@ -21,7 +21,7 @@ PAIRS_FILE = "pairs.msgpack"
 
 def build_corpus(out: Path, recipe: str | None = None, code_data: list[Path] = (), language_data: list[Path] = (),
                  package_list: Path | None = None, cache: Path | None = None, english_mb: float = 40.0,
-                 log=print) -> dict:
+                 log=print, retry_failed: bool = False) -> dict:
     """Write out/english.msgpack, out/shell.msgpack and out/summary.json; returns the summary."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -42,7 +42,8 @@ def build_corpus(out: Path, recipe: str | None = None, code_data: list[Path] = (
     def shell_stream():
         if recipe == "default":
             specs = read_package_list(package_list)
-            fetched = fetch_packages([s for s in specs if s.kind != "doc"], Path(cache or out / "cache"), log)
+            fetched = fetch_packages([s for s in specs if s.kind != "doc"], Path(cache or out / "cache"), log,
+                                     retry_failed=retry_failed)
             for spec in specs:
                 if spec.kind == "doc" or spec.source not in fetched:
                     continue

@@ -159,9 +159,15 @@ def _fetch_debian_binary(spec: PackageSpec, work: Path, dest: Path, cache: Path)
 
 def _fetch_debian_source(spec: PackageSpec, work: Path, dest: Path, cache: Path) -> bool:
     env = _private_apt_config(cache)
-    if not _run(["apt-get", "source", "--download-only", spec.name], work, env):
-        return False
-    archives = [p for p in work.iterdir() if TARBALL.search(p.name)]
+    # the newest version may come from a suite whose files the mirror lacks (security updates): then
+    # the version of each suite is asked for in turn. The exit status is not trusted either: the
+    # upstream tarball, where the scripts are, may arrive while the Debian tarball does not.
+    suites = re.findall(r"^deb-src \S+ \S+ (\S+)", (cache / "apt" / "sources.list").read_text(), re.M)
+    for target in [spec.name] + [f"{spec.name}/{suite}" for suite in suites]:
+        _run(["apt-get", "source", "--download-only", target], work, env)
+        archives = [p for p in work.iterdir() if TARBALL.search(p.name)]
+        if any(".orig." in p.name or ".debian." not in p.name for p in archives):
+            break
     for archive in archives:
         extract_shell_members(archive, dest / "src")
     return bool(archives)
@@ -191,11 +197,15 @@ FETCHERS = {"binary": _fetch_debian_binary, "doc": _fetch_debian_binary, "source
             "npm": _fetch_npm, "pypi": _fetch_pypi}
 
 
-def _fetch_one(spec: PackageSpec, cache: Path, log) -> Path | None:
-    """Download and unpack one package into cache/unpacked/KIND/NAME (marked .done); None on failure."""
+def _fetch_one(spec: PackageSpec, cache: Path, log, retry_failed: bool = False) -> Path | None:
+    """Download and unpack one package into cache/unpacked/KIND/NAME (marked .done); None on failure,
+    remembered in cache/failed/KIND/NAME so that a rebuild does not ask again unless retry_failed."""
     dest = cache / "unpacked" / spec.kind / spec.name
+    failed = cache / "failed" / spec.kind / spec.name
     if (dest / ".done").exists():
         return dest
+    if failed.exists() and not retry_failed:
+        return None
     work = cache / "download" / spec.kind / spec.name
     shutil.rmtree(work, ignore_errors=True)
     shutil.rmtree(dest, ignore_errors=True)
@@ -209,16 +219,21 @@ def _fetch_one(spec: PackageSpec, cache: Path, log) -> Path | None:
     shutil.rmtree(work, ignore_errors=True)
     if not ok:
         shutil.rmtree(dest, ignore_errors=True)
+        failed.parent.mkdir(parents=True, exist_ok=True)
+        failed.touch()
         return None
+    failed.unlink(missing_ok=True)
     (dest / ".done").touch()
     return dest
 
 
-def fetch_packages(specs: list[PackageSpec], cache: Path, log=print, workers: int = 4) -> dict[str, Path]:
+def fetch_packages(specs: list[PackageSpec], cache: Path, log=print, workers: int = 4,
+                   retry_failed: bool = False) -> dict[str, Path]:
     """Download and unpack each package once; returns {source name: unpacked folder}. Skips failures.
 
     Downloads are the slow part: they run `workers` at a time, each package is kept in `cache`
-    once unpacked (a `.done` marker), so an interrupted build resumes where it stopped."""
+    once unpacked (a `.done` marker), so an interrupted build resumes where it stopped; packages that
+    failed before are skipped unless retry_failed."""
     from tqdm import tqdm
 
     cache = Path(cache).resolve()
@@ -230,7 +245,7 @@ def fetch_packages(specs: list[PackageSpec], cache: Path, log=print, workers: in
     out: dict[str, Path] = {}
     failed: list[str] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(_fetch_one, spec, cache, log): spec for spec in specs}
+        futures = {pool.submit(_fetch_one, spec, cache, log, retry_failed): spec for spec in specs}
         bar = tqdm(as_completed(futures), total=len(futures), desc="packages", unit="pkg",
                    disable=len(specs) < 2, mininterval=5)
         for future in bar:
