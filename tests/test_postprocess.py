@@ -66,8 +66,20 @@ def test_a_parseable_buffer_stays_parseable():
 
 
 def test_an_unparseable_buffer_is_left_alone():
-    ctx = Context("if true; then\n", "\n", "block")  # no fi: the buffer does not parse to begin with
+    ctx = Context("x=$(( 1 +\nif true; then\n", "\n", "block")  # broken above the cursor, closed or not
     assert keep_buffer_parseable("echo 'x", ctx) == "echo 'x"
+
+
+def test_a_block_being_written_is_checked_with_its_closer():
+    ctx = Context("if true; then\n", "\n", "block")  # no fi yet: parses once closed
+    assert keep_buffer_parseable("echo 'x", ctx) == ""
+    assert keep_buffer_parseable("    echo x\n    echo 'y", ctx) == "    echo x"
+    ctx = Context("#!/bin/sh\nfor f in *; do\n    ", "\n", "line")
+    assert keep_buffer_parseable("if [[ $f == *\\ $f", ctx) == ""  # bash -n says so, with exit status 0
+    assert keep_buffer_parseable('if [ -f "$f" ]; then', ctx) == 'if [ -f "$f" ]; then'
+    ctx = Context("#!/bin/sh\nfor f in *; do\n    if [ -f ", "\ndone\n", "line")  # the suffix closes the loop
+    assert keep_buffer_parseable('"$f" ]; then', ctx) == '"$f" ]; then'
+    assert keep_buffer_parseable('"$f" ]; then )', ctx) == ""
 
 
 def test_plain_words_skip_the_parse_check_but_words_after_a_keyword_do_not():
