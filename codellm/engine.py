@@ -24,7 +24,8 @@ MAX_TOKENS = {"line": 48, "block": 160}
 ANSWER_RESERVE = 96
 MAX_LINE_BYTES = 240  # a suggested line longer than this is a runaway, not shell
 # whitespace before any content: past two line ends or this many bytes, the next token must be a real one
-MAX_LEADING_BLANK_BYTES = 24
+MAX_LEADING_BLANK_BYTES = 16
+MAX_BLANK_RUN = 32  # a line ending in this many spaces or tabs after its content is a runaway
 
 
 @dataclass
@@ -188,6 +189,8 @@ class Engine:
                     logits[self._empty_answer_ids if mode == "line" else self.tokenizer.eot_id] = NEG_INF
                 elif blank_run_too_long(out[len(heal):]):  # blank lines and spaces only so far: write something
                     logits[self._blank_ids] = NEG_INF
+                    if not allow_empty:
+                        logits[self.tokenizer.eot_id] = NEG_INF
                 token = int(torch.argmax(logits))
                 if token == self.tokenizer.eot_id:
                     stop = "eot"
@@ -288,11 +291,13 @@ def blank_run_too_long(new: bytes | bytearray) -> bool:
 
 
 def runaway(out: bytearray, token: bytes) -> bool:
-    """A line past MAX_LINE_BYTES, or text ending in a loop: decoding further only costs time.
-    `token`: the bytes just added to `out`."""
+    """A line past MAX_LINE_BYTES, a run of MAX_BLANK_RUN spaces after its content, or text ending in a
+    loop: decoding further only costs time. `token`: the bytes just added to `out`."""
     line_start = out.rfind(b"\n") + 1
     line = out[line_start:]
     if len(line) > MAX_LINE_BYTES:
+        return True
+    if len(line) - len(line.rstrip(b" \t")) >= MAX_BLANK_RUN and line.strip():
         return True
     if b"\n" in token:  # a line just ended: are it and the few before it a copy of the lines above?
         lines = out[:line_start - 1].split(b"\n")

@@ -370,6 +370,12 @@ def blocks_the_suffix_closes(ctx: Context) -> int | None:
     return None
 
 
+def in_case_patterns(ctx: Context) -> bool:
+    """The cursor is among a case statement's items, where plain words are patterns that need a `)`."""
+    window = scan_window(ctx)
+    return "case" in window and open_blocks(window)[-1:] == ["in"]
+
+
 def keep_buffer_parseable(text: str, ctx: Context) -> str:
     """Never turn a buffer that parses into one that does not when a shorter cut (whole lines, then
     the first line alone) parses. Blocks being written are closed for the check (an `if` whose body is
@@ -377,7 +383,8 @@ def keep_buffer_parseable(text: str, ctx: Context) -> str:
     if not ctx.parse_check or not text or len(ctx.prefix) + len(ctx.suffix) > MAX_PARSE_CHARS:
         return text
     around = ctx.line_prefix.split(" ")[-1] + text + ctx.rest_of_line.split(" ")[0]
-    if PLAIN_TEXT.fullmatch(text) and PLAIN_TEXT.fullmatch(around) and not RESERVED.search(around):
+    if PLAIN_TEXT.fullmatch(text) and PLAIN_TEXT.fullmatch(around) and not RESERVED.search(around) \
+            and not in_case_patterns(ctx):
         return text  # plain words away from any keyword: saves a bash process on most mid-line completions
     if bash_parses(ctx.prefix + text + ctx.suffix):
         return text
