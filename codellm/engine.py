@@ -14,7 +14,7 @@ from .decode import Decoder, decode_tokens, int8_matmul_available
 from .lookahead import GUESS_TOKENS, PromptLookup
 from .device import choose_device, cpu_has_bf16, set_threads
 from .postprocess import BLANK_LINE_AFTER_CONTENT, Context, ends_in_loop, first_repeated_line, postprocess
-from .prompt import build_prompt
+from .prompt import build_prompt, join_line_endings, split_line_endings
 from .shellmode import choose_mode
 
 NEG_INF = float("-inf")
@@ -23,6 +23,9 @@ MAX_TOKENS = {"line": 48, "block": 160}
 # both see one window and share the KV cache (a block answer may then stop short of 160 in a full window)
 ANSWER_RESERVE = 96
 MAX_LINE_BYTES = 240  # a suggested line longer than this is a runaway, not shell
+# whitespace before any content: past two line ends or this many bytes, the next token must be a real one
+MAX_LEADING_BLANK_BYTES = 16
+MAX_BLANK_RUN = 32  # a line ending in this many spaces or tabs after its content is a runaway
 
 
 @dataclass
@@ -93,6 +96,8 @@ class Engine:
         self._empty_answer_ids = torch.tensor(
             [i for i, b in enumerate(token_bytes) if b.lstrip(b" \t").startswith((b"\n", b"\r"))]
             + [self.tokenizer.eot_id], device=self.device)
+        self._blank_ids = torch.tensor(  # tokens made only of whitespace
+            [i for i, b in enumerate(token_bytes) if b and not b.strip()], device=self.device)
         self._special_ids = torch.tensor(sorted(self.tokenizer.special_ids - {self.tokenizer.eot_id}),
                                          device=self.device)
 
@@ -148,10 +153,12 @@ class Engine:
                           whole_lines_after: float | None = None) -> Completion:
         """deadline: time.monotonic() value after which decoding stops; should_stop: polled between steps;
         whole_lines_after: time.monotonic() value after which a block completion ends at its last whole
-        line (or at the end of its first line, if that is not finished yet);
+        line (or, if no line with content is finished yet, at the end of the first one);
         clean: apply the shell-aware post-processing (codellm.postprocess) to the raw model text;
         allow_empty: let the model answer nothing (by default the first token may not end the answer:
-        in line mode neither end of text nor a newline, in block mode not end of text)."""
+        in line mode neither end of text nor a newline, in block mode not end of text).
+        Text with CRLF line endings is read as LF text; the answer comes back with CRLF."""
+        prefix, suffix, newline = split_line_endings(prefix, suffix)
         if mode == "auto":
             mode = choose_mode(prefix, suffix)
         if mode not in ("line", "block"):
@@ -180,6 +187,10 @@ class Engine:
                     logits = masked
                 elif len(out) <= len(heal) and not allow_empty:  # nothing inserted yet
                     logits[self._empty_answer_ids if mode == "line" else self.tokenizer.eot_id] = NEG_INF
+                elif blank_run_too_long(out[len(heal):]):  # blank lines and spaces only so far: write something
+                    logits[self._blank_ids] = NEG_INF
+                    if not allow_empty:
+                        logits[self.tokenizer.eot_id] = NEG_INF
                 token = int(torch.argmax(logits))
                 if token == self.tokenizer.eot_id:
                     stop = "eot"
@@ -202,7 +213,7 @@ class Engine:
                 if deadline and time.monotonic() > deadline:
                     stop = "deadline"
                     break
-                if mode == "block" and whole_lines_after and b"\n" in out[len(heal):] \
+                if mode == "block" and whole_lines_after and has_whole_line(out[len(heal):]) \
                         and time.monotonic() > whole_lines_after:
                     stop = "time budget"
                     break
@@ -228,6 +239,7 @@ class Engine:
         text = inserted.decode("utf-8", errors="ignore").rstrip("\r")
         if clean and stop != "cancelled":
             text = postprocess(text, Context(prefix, suffix, mode))
+        text = join_line_endings(text, newline)
         return Completion(text, stop, mode, len(prompt.ids), reused, n_new, time.perf_counter() - start_time, calls)
 
     def greedy_ids(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -267,12 +279,25 @@ class Engine:
         return self.tokenizer.decode(new)
 
 
+def has_whole_line(new: bytes | bytearray) -> bool:
+    """Some line with content has been finished (ended by a newline)."""
+    end = new.rfind(b"\n")
+    return end > 0 and bool(new[:end].strip())
+
+
+def blank_run_too_long(new: bytes | bytearray) -> bool:
+    """Only whitespace decoded so far, and already a blank line or MAX_LEADING_BLANK_BYTES of it."""
+    return bool(new) and not new.strip() and (new.count(b"\n") >= 2 or len(new) >= MAX_LEADING_BLANK_BYTES)
+
+
 def runaway(out: bytearray, token: bytes) -> bool:
-    """A line past MAX_LINE_BYTES, or text ending in a loop: decoding further only costs time.
-    `token`: the bytes just added to `out`."""
+    """A line past MAX_LINE_BYTES, a run of MAX_BLANK_RUN spaces after its content, or text ending in a
+    loop: decoding further only costs time. `token`: the bytes just added to `out`."""
     line_start = out.rfind(b"\n") + 1
     line = out[line_start:]
     if len(line) > MAX_LINE_BYTES:
+        return True
+    if len(line) - len(line.rstrip(b" \t")) >= MAX_BLANK_RUN and line.strip():
         return True
     if b"\n" in token:  # a line just ended: are it and the few before it a copy of the lines above?
         lines = out[:line_start - 1].split(b"\n")

@@ -8,9 +8,10 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from dataclasses import dataclass, field
 
-from .shellmode import BLOCK_OPENER
+from .shellmode import closing_text, code_of_line, open_blocks, opens_block
 
 CLOSERS = ("fi", "done", "esac", "}", ";;")
 CLOSER_LINE = re.compile(r"^\s*(fi|done|esac|\}|;;)\s*(;.*|[|&<>].*|#.*)?$")
@@ -26,6 +27,7 @@ class Context:
     suffix: str
     mode: str  # "line" | "block"
     parse_check: bool = True
+    scan_chars: int = 8000  # how much of the prefix is read to find the blocks open at the cursor
     notes: list = field(default_factory=list)  # which steps changed the text, for logs and tests
 
     @property
@@ -40,6 +42,12 @@ class Context:
     def next_lines(self) -> list[str]:
         """Lines after the cursor's line that have content."""
         return [l for l in self.suffix.split("\n")[1:] if l.strip()]
+
+    @property
+    def line_above(self) -> str:
+        """The last line with content before the cursor's line ("" if none)."""
+        lines = self.prefix.split("\n")[:-1]
+        return next((l for l in reversed(lines[-200:]) if l.strip()), "")
 
 
 def indent_of(line: str) -> int:
@@ -71,6 +79,121 @@ def drop_lines_repeating_the_suffix(text: str, ctx: Context) -> str:
         if lines[i].strip() and lines[i].strip() == upcoming[0]:
             return "\n".join(lines[:i])
     return text
+
+
+def first_content_line(lines: list[str]) -> int | None:
+    return next((i for i, line in enumerate(lines) if line.strip()), None)
+
+
+def drop_a_copy_of_the_line_above(text: str, ctx: Context) -> str:
+    """A suggestion whose first line with content repeats the line above it (the line just typed,
+    such as `log_dir=/var/log/myapp` again) is cut there. Block closers may repeat (`fi` after `fi`)."""
+    lines = text.split("\n")
+    k = first_content_line(lines)
+    if k is None:
+        return text
+    if k == 0:
+        line, above = ctx.line_prefix + lines[0] + (ctx.rest_of_line if len(lines) == 1 else ""), ctx.line_above
+    else:
+        line, above = lines[k], ctx.line_prefix + lines[0]
+        if not above.strip():
+            above = ctx.line_above
+    if line.strip() == above.strip() and not CLOSER_LINE.match(line):
+        return "\n".join(lines[:k])
+    return text
+
+
+def drop_a_copy_of_the_next_line(text: str, ctx: Context) -> str:
+    """A suggestion whose first line is the next line with content below the cursor (`    usage` above
+    an existing `    usage`) is cut there; drop_lines_repeating_the_suffix looks at the lines after it."""
+    lines = text.split("\n")
+    if not lines[0].strip() or not ctx.next_lines:
+        return text
+    line = ctx.line_prefix + lines[0] + (ctx.rest_of_line if len(lines) == 1 else "")
+    if line.strip() == ctx.next_lines[0].strip() and not CLOSER_LINE.match(line):
+        return ""
+    return text
+
+
+def start_at_the_first_real_line(text: str, ctx: Context) -> str:
+    """On a blank line, a block answer that begins by leaving it blank ("\n    echo x") begins instead
+    with its first line with content, written on the cursor's line."""
+    if ctx.mode != "block" or ctx.line_prefix.strip() or ctx.rest_of_line.strip():
+        return text
+    lines = text.split("\n")
+    k = first_content_line(lines)
+    return "\n".join(lines[k:]) if k else text
+
+
+def indent_unit(ctx: Context) -> str | None:
+    """One level of the file's indentation: a tab when its indented lines mostly start with one, else
+    its most common step in spaces; None when nothing around the cursor is indented."""
+    lines = ctx.prefix.split("\n")[-300:] + ctx.suffix.split("\n")[1:100]
+    tabs = spaces = 0
+    steps: Counter = Counter()
+    previous = None
+    for line in lines:
+        if not line.strip():
+            continue
+        lead = line[:len(line) - len(line.lstrip())]
+        tabs += lead.startswith("\t")
+        spaces += lead.startswith(" ")
+        if "\t" not in lead:
+            if previous is not None and 0 < len(lead) - previous <= 8:
+                steps[len(lead) - previous] += 1
+            previous = len(lead)
+    if not tabs and not spaces:
+        return None
+    if tabs > spaces:
+        return "\t"
+    return " " * (steps.most_common(1)[0][0] if steps else 4)
+
+
+CONTINUED = re.compile(r"(\\|\||&&|\(|,|\[|=)\s*$")  # the line goes on below, where it may sit anywhere
+
+
+def block_level(ctx: Context, unit_width: int, width) -> int | None:
+    """How deep the cursor's line sits, in columns: one level below a line that opens a block (or a
+    case pattern), else level with the line above; None where that cannot be told (a continued line)."""
+    above = code_of_line(ctx.line_above).rstrip()
+    if CONTINUED.search(above):
+        return None
+    depth = width(above[:len(above) - len(above.lstrip())])
+    opens = opens_block(above) or (above.endswith(")") and not above.lstrip().startswith("("))
+    return depth + (unit_width if opens else 0)
+
+
+def fit_indentation_to_the_block(text: str, ctx: Context) -> str:
+    """With indentation already typed, the first line does not add more than the block needs (4 spaces
+    typed + 8 suggested would leave the line 12 deep); the lines after it, when written at its depth,
+    move with it; leading tabs and spaces follow the file's use."""
+    unit = indent_unit(ctx)
+    if unit is None:
+        return text
+    tab = 4 if unit == "\t" else len(unit)
+
+    def width(ws: str) -> int:
+        return len(ws.expandtabs(tab))
+
+    def render(columns: int) -> str:
+        return "\t" * (columns // 4) + " " * (columns % 4) if unit == "\t" else " " * columns
+
+    lines = text.split("\n")
+    leads = [line[:len(line) - len(line.lstrip())] for line in lines]
+    shift = 0  # columns taken off the lines after the first
+    if not ctx.line_prefix.strip() and lines[0].strip():
+        typed, lead = width(ctx.line_prefix), width(leads[0])
+        level = block_level(ctx, tab, width)
+        if level is not None and typed + lead > max(level, typed):
+            keep = max(0, level - typed)
+            if all(width(leads[i]) >= typed + lead for i in range(1, len(lines)) if lines[i].strip()):
+                shift = lead - keep
+            lead = keep
+        lines[0] = render(lead) + lines[0].lstrip()
+    for i in range(1, len(lines)):
+        if lines[i].strip():
+            lines[i] = render(max(0, width(leads[i]) - shift)) + lines[i].lstrip()
+    return "\n".join(lines)
 
 
 # a loop: a chunk of up to SHORT_UNIT characters three times in a row, or a longer one (up to LONG_UNIT)
@@ -128,7 +251,24 @@ def drop_repetitive_loops(text: str, ctx: Context) -> str:
     cut = repetition_cut(text)
     if cut is None:
         return text
-    return re.sub(r"\s*(&&|\|\||\|)?\s*$", "", text[:cut])  # no dangling && or |
+    text = re.sub(r"\s*(&&|\|\||\|)?\s*$", "", text[:cut])  # no dangling && or |
+    return text + open_quote(text.rsplit("\n", 1)[-1])  # a loop inside a string ends the string
+
+
+def open_quote(line: str) -> str:
+    """The quote character left open at the end of the line ("" if none)."""
+    quote = ""
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if c == "\\" and quote != "'":
+            i += 1
+        elif quote and c == quote:
+            quote = ""
+        elif not quote and c in "'\"":
+            quote = c
+        i += 1
+    return quote
 
 
 BLANK_LINE_AFTER_CONTENT = re.compile(r"\S[^\n]*\n[ \t]*\n")
@@ -153,14 +293,14 @@ def stop_at_block_close(text: str, ctx: Context) -> str:
     if not ctx.line_prefix.strip() and CLOSER_LINE.match(cursor_line):  # the suggestion starts by closing
         return "" if upcoming.split()[:1] == cursor_line.strip().split()[:1] else lines[0]
     limit = indent_of(cursor_line)
-    opens_block = bool(BLOCK_OPENER.search(cursor_line))
+    opens = opens_block(cursor_line)
     for i in range(1, len(lines)):
         line = lines[i]
         if not CLOSER_LINE.match(line):
             continue
         depth = indent_of(line)
         ends_case_item = line.strip().startswith(";;")  # sits at the depth of the item's body
-        if depth > limit or (depth == limit and not opens_block and not ends_case_item):
+        if depth > limit or (depth == limit and not opens and not ends_case_item):
             continue  # closes a block the completion itself opened
         if upcoming.split()[:1] == line.strip().split()[:1]:
             return "\n".join(lines[:i]).rstrip()
@@ -175,7 +315,7 @@ def trim_to_indentation_scope(text: str, ctx: Context) -> str:
         return text
     lines = text.split("\n")
     cursor_line = ctx.line_prefix + lines[0]
-    if cursor_line.strip() and not BLOCK_OPENER.search(cursor_line):
+    if cursor_line.strip() and not opens_block(cursor_line):
         scope = indent_of(cursor_line)
     else:
         body = [l for l in lines[1:] if l.strip()]
@@ -189,30 +329,72 @@ def trim_to_indentation_scope(text: str, ctx: Context) -> str:
 
 
 def bash_parses(text: str) -> bool:
+    """`bash -n` finds no syntax error. (It reports some, such as a broken `[[ ]]`, with exit status 0.)"""
     with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False, encoding="utf-8", errors="replace") as f:
         f.write(text)
     try:
-        return subprocess.run(["bash", "-n", f.name], capture_output=True, timeout=5).returncode == 0
+        run = subprocess.run(["bash", "-n", f.name], capture_output=True, timeout=5)
+        return run.returncode == 0 and b"syntax error" not in run.stderr
     except (subprocess.TimeoutExpired, OSError):
         return True  # cannot judge: do not cut
     finally:
         os.unlink(f.name)
 
 
+def scan_window(ctx: Context) -> str:
+    """The end of the prefix, from a line start, that is read for the blocks open at the cursor."""
+    if len(ctx.prefix) <= ctx.scan_chars:
+        return ctx.prefix
+    return ctx.prefix[ctx.prefix.find("\n", len(ctx.prefix) - ctx.scan_chars) + 1:]
+
+
+MAX_CLOSED_BLOCKS = 4  # blocks open at the cursor that the parse check may close itself
+
+
+def closed_buffer(ctx: Context, text: str, suffix_closes: int) -> str:
+    """The buffer with `text` at the cursor, and after the cursor's line the closers (with a `:` body)
+    of the blocks still open there but for the outermost `suffix_closes`, which the suffix closes."""
+    rest, newline, after = ctx.suffix.partition("\n")
+    blocks = open_blocks(scan_window(ctx) + text + rest)
+    return ctx.prefix + text + rest + closing_text(blocks[suffix_closes:]) + newline + after
+
+
+def blocks_the_suffix_closes(ctx: Context) -> int | None:
+    """How many of the blocks open at the cursor the suffix closes: the most for which the buffer without
+    a suggestion parses once the others are closed (None: it parses no way, so nothing can be judged)."""
+    rest = ctx.suffix.partition("\n")[0]
+    open_here = len(open_blocks(scan_window(ctx) + rest))
+    for closed in range(0, min(open_here, MAX_CLOSED_BLOCKS) + 1):
+        if bash_parses(closed_buffer(ctx, "", open_here - closed)):
+            return open_here - closed
+    return None
+
+
+def in_case_patterns(ctx: Context) -> bool:
+    """The cursor is among a case statement's items, where plain words are patterns that need a `)`."""
+    window = scan_window(ctx)
+    return "case" in window and open_blocks(window)[-1:] == ["in"]
+
+
 def keep_buffer_parseable(text: str, ctx: Context) -> str:
     """Never turn a buffer that parses into one that does not when a shorter cut (whole lines, then
-    the first line alone) parses."""
+    the first line alone) parses. Blocks being written are closed for the check (an `if` whose body is
+    still empty does not parse), so that it also works while a new block is written."""
     if not ctx.parse_check or not text or len(ctx.prefix) + len(ctx.suffix) > MAX_PARSE_CHARS:
         return text
     around = ctx.line_prefix.split(" ")[-1] + text + ctx.rest_of_line.split(" ")[0]
-    if PLAIN_TEXT.fullmatch(text) and PLAIN_TEXT.fullmatch(around) and not RESERVED.search(around):
+    if PLAIN_TEXT.fullmatch(text) and PLAIN_TEXT.fullmatch(around) and not RESERVED.search(around) \
+            and not in_case_patterns(ctx):
         return text  # plain words away from any keyword: saves a bash process on most mid-line completions
-    if bash_parses(ctx.prefix + text + ctx.suffix) or not bash_parses(ctx.prefix + ctx.suffix):
+    if bash_parses(ctx.prefix + text + ctx.suffix):
+        return text
+    suffix_closes = blocks_the_suffix_closes(ctx)
+    if suffix_closes is None or bash_parses(closed_buffer(ctx, text, suffix_closes)):
         return text
     lines = text.split("\n")
     for n in range(len(lines) - 1, 0, -1):
         cut = "\n".join(lines[:n])
-        if bash_parses(ctx.prefix + cut + ctx.suffix):
+        if bash_parses(closed_buffer(ctx, cut, suffix_closes)):
             ctx.notes.append("keep_buffer_parseable")
             return cut
     ctx.notes.append("keep_buffer_parseable")
@@ -221,7 +403,11 @@ def keep_buffer_parseable(text: str, ctx: Context) -> str:
 
 STEPS = [
     drop_repetitive_loops,
+    start_at_the_first_real_line,
     stop_at_blank_line,
+    fit_indentation_to_the_block,
+    drop_a_copy_of_the_line_above,
+    drop_a_copy_of_the_next_line,
     drop_lines_repeating_the_suffix,
     stop_at_block_close,
     trim_to_indentation_scope,

@@ -99,6 +99,27 @@ def build_prompt(tok: Tokenizer, prefix: str, suffix: str = "", fmt: str = "spm"
     return Prompt(assemble(tok, fmt, prefix_ids, suffix_ids), heal_bytes, start)
 
 
+# ------------------------------------------------------------------ line endings
+
+def split_line_endings(prefix: str, suffix: str) -> tuple[str, str, str]:
+    """(prefix, suffix, newline): the text around the cursor with LF line endings, which is what the
+    model was trained on, and the document's own line ending ("\r\n" when most of its lines end so),
+    in which an answer is given back (join_line_endings). A cursor between a `\r` and its `\n` counts
+    as before the `\r`."""
+    crlf = prefix.count("\r\n") + suffix.count("\r\n") + (prefix.endswith("\r") and suffix.startswith("\n"))
+    if not crlf:
+        return prefix, suffix, "\n"
+    newline = "\r\n" if 2 * crlf > prefix.count("\n") + suffix.count("\n") else "\n"
+    if prefix.endswith("\r") and suffix.startswith("\n"):
+        prefix = prefix[:-1]
+    return prefix.replace("\r\n", "\n"), suffix.replace("\r\n", "\n"), newline
+
+
+def join_line_endings(text: str, newline: str) -> str:
+    """An answer written with LF line endings, in the document's line ending."""
+    return text.replace("\n", newline) if newline != "\n" else text
+
+
 # ------------------------------------------------------------------ training examples
 
 def fim_split_points(text: str, rng: random.Random, line_span_rate: float = 0.3) -> tuple[int, int]:

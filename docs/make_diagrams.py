@@ -164,7 +164,7 @@ def generation() -> str:
 
 def server_flow() -> str:
     from codellm.postprocess import STEPS
-    svg = Svg(1000, 360, "A keystroke becomes a suggestion (server/)")
+    svg = Svg(1000, max(360, 190 + 18 * len(STEPS)), "A keystroke becomes a suggestion (server/)")
     flow(svg, [(["editor", "didChange +", "inlineCompletion"], "io"), (["lsp.py", "prefix / suffix", "at the cursor"], "step"),
                (["service.py", "cache, typed-ahead,", "newest wins"], "step"), (["engine", "off the event loop", "stops if superseded"], "model"),
                (["post-process", f"{len(STEPS)} small steps,", "listed below"], "step")], w=160, gap=32)

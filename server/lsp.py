@@ -18,7 +18,7 @@ log = logging.getLogger("codellm.server")
 
 SHELL_LANGUAGES = {"shellscript", "sh", "bash", "zsh", "ksh", "dash"}
 SHELL_SUFFIXES = (".sh", ".bash", ".zsh", ".ksh", ".bats", ".command")
-SHEBANG = re.compile(r"^#!\s*\S*?/(?:env\s+(?:-\S+\s+)*)?(sh|bash|dash|ksh|zsh|mksh|ash)\b")
+SHEBANG = re.compile(r"^#!\s*\S*?/(?:env\s+(?:-\S+\s+)*|busybox\s+)?(sh|bash|dash|ksh|zsh|mksh|ash|bats)\b")
 WORD_BEFORE_CURSOR = re.compile(r"[A-Za-z0-9_\-]*$")
 STATUS_METHOD = "codellm/status"
 

@@ -15,6 +15,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, fields
 
 from codellm.postprocess import Context, postprocess
+from codellm.prompt import join_line_endings, split_line_endings
 from codellm.shellmode import choose_mode
 
 from .models import ModelHolder
@@ -147,7 +148,14 @@ class CompletionService:
             return self._ids
 
     async def suggest(self, uri: str, prefix: str, suffix: str, automatic: bool = True) -> Suggestion:
-        """The suggestion at a cursor. Raises asyncio.CancelledError if the request is cancelled."""
+        """The suggestion at a cursor, in the document's line endings (the work is done on LF text).
+        Raises asyncio.CancelledError if the request is cancelled."""
+        prefix, suffix, newline = split_line_endings(prefix, suffix)
+        suggestion = await self._suggest(uri, prefix, suffix, automatic)
+        suggestion.text = join_line_endings(suggestion.text, newline)
+        return suggestion
+
+    async def _suggest(self, uri: str, prefix: str, suffix: str, automatic: bool) -> Suggestion:
         start = time.perf_counter()
         self.counts["requests"] += 1
         request_id = self.next_request_id(uri)
@@ -212,7 +220,8 @@ class CompletionService:
         self.counts["prompt_tokens"] += result.prompt_tokens
         self.counts["reused_tokens"] += result.reused_tokens
         text = postprocess(result.text, Context(prefix, suffix, mode))
-        self._remember(uri, prefix, suffix, cache_mode or mode, text)
+        if text or result.stop_reason not in ("time budget", "deadline"):  # out of time is no answer to keep
+            self._remember(uri, prefix, suffix, cache_mode or mode, text)
         return Suggestion(text, "model", mode)
 
     def forget(self, uri: str) -> None:

@@ -6,7 +6,7 @@ import pytest
 import codellm
 from codellm.bundle import BundleError, load_bundle
 from codellm.engine import Engine
-from codellm.shellmode import choose_mode
+from codellm.shellmode import choose_mode, closing_text, open_blocks
 
 
 @pytest.fixture
@@ -76,6 +76,16 @@ def test_choose_mode():
     assert choose_mode("echo he", " world\n") == "line"  # text after the cursor
     assert choose_mode("echo hello", "\n") == "line"
     assert choose_mode("x=1\n    ", "") == "block"  # empty line
+    assert choose_mode("# the user logs in", "\n") == "line"  # a comment opens no block
+    assert choose_mode('echo "x"  # then we do', "\n") == "line"
+    assert choose_mode('for f in "#"; do', "\n") == "block"
+
+
+def test_open_blocks_and_what_closes_them():
+    assert open_blocks("for f in *; do\n    if [ -f x ]") == ["do", "if"]
+    assert open_blocks('case "$1" in\n  a) echo if ;;\nesac\nmain() {\n  # for the record, do\n') == ["{"]
+    assert open_blocks("while true; do :; done; echo fi") == []
+    assert closing_text(["do", "if"]) == "\nthen :\nfi\n:\ndone"
 
 
 def test_load_without_a_model_says_how_to_get_one(monkeypatch, tmp_path):

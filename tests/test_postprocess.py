@@ -1,5 +1,7 @@
 """Each post-processing step on hand-written cases."""
-from codellm.postprocess import (Context, drop_lines_repeating_the_suffix, drop_overlap_with_rest_of_line,
+from codellm.postprocess import (Context, drop_a_copy_of_the_line_above, drop_a_copy_of_the_next_line,
+                                 drop_lines_repeating_the_suffix, drop_overlap_with_rest_of_line,
+                                 fit_indentation_to_the_block, start_at_the_first_real_line,
                                  drop_repetitive_loops, keep_buffer_parseable, postprocess, stop_at_blank_line,
                                  stop_at_block_close,
                                  trim_to_indentation_scope)
@@ -66,8 +68,20 @@ def test_a_parseable_buffer_stays_parseable():
 
 
 def test_an_unparseable_buffer_is_left_alone():
-    ctx = Context("if true; then\n", "\n", "block")  # no fi: the buffer does not parse to begin with
+    ctx = Context("x=$(( 1 +\nif true; then\n", "\n", "block")  # broken above the cursor, closed or not
     assert keep_buffer_parseable("echo 'x", ctx) == "echo 'x"
+
+
+def test_a_block_being_written_is_checked_with_its_closer():
+    ctx = Context("if true; then\n", "\n", "block")  # no fi yet: parses once closed
+    assert keep_buffer_parseable("echo 'x", ctx) == ""
+    assert keep_buffer_parseable("    echo x\n    echo 'y", ctx) == "    echo x"
+    ctx = Context("#!/bin/sh\nfor f in *; do\n    ", "\n", "line")
+    assert keep_buffer_parseable("if [[ $f == *\\ $f", ctx) == ""  # bash -n says so, with exit status 0
+    assert keep_buffer_parseable('if [ -f "$f" ]; then', ctx) == 'if [ -f "$f" ]; then'
+    ctx = Context("#!/bin/sh\nfor f in *; do\n    if [ -f ", "\ndone\n", "line")  # the suffix closes the loop
+    assert keep_buffer_parseable('"$f" ]; then', ctx) == '"$f" ]; then'
+    assert keep_buffer_parseable('"$f" ]; then )', ctx) == ""
 
 
 def test_plain_words_skip_the_parse_check_but_words_after_a_keyword_do_not():
@@ -103,3 +117,32 @@ def test_block_suggestions_end_at_a_blank_line():
     ctx = Context("x=1\n", "\n", "block")
     assert stop_at_blank_line("\necho a\necho b\n\n# Copyright", ctx) == "\necho a\necho b"
     assert stop_at_blank_line("echo a", Context("x", "", "line")) == "echo a"
+
+
+def test_a_first_line_repeating_the_lines_around_the_cursor_is_cut():
+    ctx = Context('if [ -z "$1" ]; then\n', "\n    usage\nfi\n", "block")
+    assert drop_a_copy_of_the_next_line("    usage", ctx) == ""
+    assert drop_a_copy_of_the_next_line("    echo hi\n    usage", ctx) == "    echo hi\n    usage"
+    ctx = Context("log_dir=/var/log/myapp\nlog_", "\n", "line")
+    assert drop_a_copy_of_the_line_above("dir=/var/log/myapp", ctx) == ""
+    assert drop_a_copy_of_the_line_above("dir=/var/log/other", ctx) == "dir=/var/log/other"
+    ctx = Context("log_dir=/var/log/myapp", "\n", "block")
+    assert drop_a_copy_of_the_line_above("\nlog_dir=/var/log/myapp", ctx) == ""
+    ctx = Context("    fi\n", "\n", "block")
+    assert drop_a_copy_of_the_line_above("fi", ctx) == "fi"  # closers may follow each other
+
+
+def test_indentation_fits_the_block_and_the_file():
+    ctx = Context("for f in *; do\n  gzip x\n  ", "\ndone\n", "block")
+    text = "  if [ -f x ]; then\n      rm x\n    fi"  # all of it a level too deep
+    assert fit_indentation_to_the_block(text, ctx) == "if [ -f x ]; then\n    rm x\n  fi"
+    ctx = Context("main() {\n\tfor f in *; do\n\t\techo\n\t\t", "\n", "block")
+    assert fit_indentation_to_the_block("    rm x\n        ls", ctx) == "rm x\n\t\tls"
+    ctx = Context("x=1\nfoo \\\n", "\n", "block")  # a continued line may sit anywhere
+    assert fit_indentation_to_the_block("        --all", ctx) == "        --all"
+
+
+def test_a_block_answer_on_a_blank_line_starts_at_its_first_real_line():
+    ctx = Context("for f in *; do\n    ", "\ndone\n", "block")
+    assert start_at_the_first_real_line("\n\n    rm x\n    ls", ctx) == "    rm x\n    ls"
+    assert start_at_the_first_real_line("\n    rm x", Context("then", "\n", "block")) == "\n    rm x"

@@ -1,7 +1,8 @@
 """The prompt format module: FIM layouts, windowing that stays put while typing, training examples."""
 import random
 
-from codellm.prompt import assemble, build_prompt, fim_training_ids, heal_split, window_start
+from codellm.prompt import (assemble, build_prompt, fim_training_ids, heal_split, join_line_endings,
+                            split_line_endings, window_start)
 
 SCRIPT = "".join(f"echo line {i} with some words\n" for i in range(400))
 
@@ -86,3 +87,10 @@ def test_fim_training_examples_reassemble_the_document(tokenizer):
             assert T.decode(body) == text
             seen.add("plain")
     assert seen == {"spm", "psm", "plain"}
+
+
+def test_crlf_text_is_read_as_lf_and_answered_in_crlf():
+    assert split_line_endings("a\r\nb", "\r\nc\r\n") == ("a\nb", "\nc\n", "\r\n")
+    assert split_line_endings("a\r", "\nb\r\n") == ("a", "\nb\n", "\r\n")  # the cursor sat before the \r
+    assert split_line_endings("a\nb\nc", "\nd\r\n")[2] == "\n"  # mostly LF: LF
+    assert join_line_endings("\n    echo\nfi", "\r\n") == "\r\n    echo\r\nfi"
