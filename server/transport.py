@@ -34,9 +34,9 @@ MAX_HEADER = 8192
 MAX_CANDIDATES = 64  # places where a body may end, tried after a broken frame
 TOKEN_ENV = "CODELLM_TOKEN"
 
-# where a header block may start: a header line at the start of a line, or `Content-Length:` anywhere
-# (after a body that was too long, the next header follows its last brace directly)
-HEADER_START = re.compile(rb"(?im)^[A-Za-z][A-Za-z0-9-]{0,63}[ \t]*:|content-length[ \t]*:")
+# where a header block may start: a header line at the start of a line, or `Content-...:` anywhere
+# (after a body whose length was wrong, the next header follows its last brace directly)
+HEADER_START = re.compile(rb"(?im)^[A-Za-z][A-Za-z0-9-]{0,63}[ \t]*:|content-[a-z]{1,32}[ \t]*:")
 HEADER_END = re.compile(rb"\r?\n\r?\n")
 CONTENT_LENGTH = re.compile(rb"(?im)^content-length[ \t]*:[ \t]*(\d{1,12})[ \t]*\r?$")
 
@@ -45,6 +45,9 @@ PARSE_ERROR, INVALID_REQUEST, NOT_INITIALIZED, REQUEST_FAILED = -32700, -32600, 
 
 class BadFrame:
     """A frame whose body is not JSON (or not UTF-8)."""
+
+
+WAIT = object()  # the framer needs more bytes (a body may be JSON null, so None is a message)
 
 
 class Framer:
@@ -59,7 +62,7 @@ class Framer:
         out = []
         while True:
             item = self._next()
-            if item is None:
+            if item is WAIT:
                 return out
             out.append(item)
 
@@ -77,7 +80,7 @@ class Framer:
             if cut:
                 log.warning("dropped %d bytes that were not part of a message", cut)
                 self._consume(cut)
-            return None
+            return WAIT
         if start.start():
             log.warning("dropped %d bytes that were not part of a message", start.start())
             self._consume(start.start())
@@ -87,10 +90,10 @@ class Framer:
             if len(buf) > MAX_HEADER:  # a header block without end: drop its first line and resync
                 self._consume(max(1, buf.find(b"\n") + 1))
                 return self._next()
-            return None
+            return WAIT
         h = end.end()
         lengths = CONTENT_LENGTH.findall(buf, 0, end.start() + 2)
-        n = int(lengths[0]) if len(lengths) == 1 and int(lengths[0]) <= MAX_BODY else None
+        n = int(lengths[0]) if len(lengths) == 1 and 0 < int(lengths[0]) <= MAX_BODY else None
         if n is not None and len(buf) - h >= n:
             message = parse(bytes(buf[h:h + n]))
             if message is not BadFrame:
@@ -99,36 +102,51 @@ class Framer:
         return self._recover(h, n)
 
     def _recover(self, h: int, n: int | None):
-        """The declared length is wrong (or not there): the body ends where it parses as JSON, before the
-        next header start; failing that, the frame is answered as unparseable."""
+        """The declared length is wrong (or not there): the body is the JSON value that starts after the
+        header; failing that, the frame is answered as unparseable and reading goes on at the next header."""
         buf = self.buf
         complete = n is not None and len(buf) - h >= n
-        first = None
-        tried = 0
-        for m in HEADER_START.finditer(buf, max(h, self.scan_from)):
-            q = m.start()
-            first = q if first is None else first
-            if tried < MAX_CANDIDATES:
-                tried += 1
-                message = parse(bytes(buf[h:q]))
-                if message is not BadFrame:
-                    self._consume(q)
-                    return message
-        if first is not None and (complete or n is None):
-            self._consume(min(first, h + n) if complete else first)
+        starts = [m.start() for m in HEADER_START.finditer(buf, max(h, self.scan_from))]
+        if n is not None and not complete:
+            # still arriving, or the length is too long: then the next header follows the JSON value
+            end = json_end(buf, h) if starts else None
+            if end is None:
+                self.scan_from = max(h, len(buf) - 64)
+                return WAIT
+            message = parse(bytes(buf[h:end]))
+            self._consume(end)
+            return message
+        end = json_end(buf, h)
+        if end is not None:
+            message = parse(bytes(buf[h:end]))
+            self._consume(end)
+            return message
+        if starts:
+            self._consume(starts[0] if n is None else min(starts[0], h + n))
             return BadFrame
-        whole = parse(bytes(buf[h:])) if (complete or n is None) and buf.rstrip()[-1:] in (b"}", b"]") else BadFrame
-        if whole is not BadFrame:
-            self._consume(len(buf))
-            return whole
-        if complete:  # the whole declared body is here and nothing makes it JSON
-            self._consume(h + n)
-            return BadFrame
-        if len(buf) - h > MAX_BODY:
-            self._consume(len(buf))
-            return BadFrame
-        self.scan_from = max(h, len(buf) - 64)  # later bytes: look only at what is new
+        text = bytes(buf[h:h + 64]).lstrip()
+        if (not text or text[:1] in b"{[") and len(buf) - h <= MAX_BODY:  # may be a JSON value still arriving
+            self.scan_from = max(h, len(buf) - 64)
+            return WAIT
+        self._consume(h + n if complete else len(buf))
+        return BadFrame
+
+
+DECODER = json.JSONDecoder()
+
+
+def json_end(buf: bytearray, h: int) -> int | None:
+    """Where the JSON value starting at buf[h] (after blanks) ends, or None if there is none (yet).
+    Read as latin-1, one character per byte, so the offset is in bytes."""
+    text = bytes(buf[h:]).decode("latin-1")
+    start = len(text) - len(text.lstrip())
+    if start == len(text) or text[start] not in "{[":
         return None
+    try:
+        _, end = DECODER.raw_decode(text, start)
+    except (ValueError, RecursionError):
+        return None
+    return h + end
 
 
 def parse(body: bytes):
@@ -172,7 +190,13 @@ class Connection:
                           "error": {"code": code, "message": message}}))
 
     def feed(self, data: bytes) -> None:
-        for message in self.framer.feed(data):
+        try:
+            messages = self.framer.feed(data)
+        except Exception as exc:  # noqa: BLE001 - a framing fault loses this buffer, never the server
+            log.warning("dropped unreadable input: %s", type(exc).__name__)
+            self.framer = Framer()
+            return
+        for message in messages:
             try:
                 self.handle(message)
             except (SystemExit, KeyboardInterrupt):
