@@ -350,18 +350,20 @@ def serve_tcp(ls, host: str, port: int, token: str, announce=None) -> None:
             if conn.owner:
                 log.info("the editor disconnected; shutting down")
                 ls.shutdown()
+                finished.set()
+
+    finished = None
 
     async def main():
+        nonlocal finished
+        finished = asyncio.Event()
         server = await asyncio.start_server(on_connect, host, port)
         ls._server = server
         bound = server.sockets[0].getsockname()
         if announce:
             announce(bound[0], bound[1])
         async with server:
-            try:
-                await server.serve_forever()
-            except asyncio.CancelledError:
-                pass
+            await finished.wait()
 
     try:
         asyncio.run(main())
