@@ -8,14 +8,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgpack
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load, save_file
 
 from .config import ModelConfig
 from .model import GPT
@@ -41,14 +43,44 @@ class Bundle:
     path: Path | None = None
 
 
+def is_bundle_dir(path: Path) -> bool:
+    """A folder holding nothing but a bundle's files (and the hidden temporaries save_bundle leaves):
+    what save_bundle may replace without being asked to."""
+    try:
+        entries = [e for e in os.listdir(path) if not e.startswith(".")]
+    except OSError:
+        return False
+    return bool(entries) and set(entries) <= set(BUNDLE_FILES) and CONFIG_FILE in entries
+
+
+def check_bundle_target(path: str | Path, overwrite: bool = False) -> None:
+    """Raise BundleError if writing a bundle to `path` would replace something that is not a bundle:
+    a file, or a non-empty folder with other files in it, unless `overwrite` (then only the bundle's
+    own files in it are replaced; everything else stays)."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir():
+        raise BundleError(f"{path}: exists and is not a folder; refusing to replace it with a model bundle")
+    if overwrite or not os.listdir(path) or is_bundle_dir(path):
+        return
+    raise BundleError(f"{path}: this folder is not empty and is not a model bundle; refusing to write a bundle "
+                      "over it (choose a new folder, or give --overwrite to replace only the bundle's files "
+                      "in it, keeping everything else)")
+
+
 def save_bundle(path: str | Path, model: GPT, tokenizer: Tokenizer, card: dict | None = None,
-                storage_dtype: str = "float16", prompt_format: str = "spm") -> Path:
-    """Write a bundle atomically: files go to a temporary sibling directory that then replaces `path`."""
+                storage_dtype: str = "float16", prompt_format: str = "spm", overwrite: bool = False) -> Path:
+    """Write a bundle atomically: files go to a temporary sibling directory that then replaces `path`.
+
+    An existing `path` is replaced only if it is empty or a bundle (see check_bundle_target). With
+    `overwrite`, a folder holding other files keeps them: each of the bundle's files is renamed into it."""
     path = Path(path)
     if storage_dtype not in STORAGE_DTYPES:
         raise ValueError(f"storage dtype must be one of {list(STORAGE_DTYPES)}")
     if tokenizer.vocab_size != model.cfg.vocab_size:
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, model expects {model.cfg.vocab_size}")
+    check_bundle_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -64,7 +96,10 @@ def save_bundle(path: str | Path, model: GPT, tokenizer: Tokenizer, card: dict |
         os.chmod(tmp, 0o755)
         for name in BUNDLE_FILES:
             os.chmod(tmp / name, 0o644)
-        if path.exists():
+        if path.is_dir() and os.listdir(path) and not is_bundle_dir(path):  # --overwrite: keep the rest
+            for name in BUNDLE_FILES:
+                os.replace(tmp / name, path / name)
+        elif path.exists():
             old = path.with_name(f".{path.name}.old")
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
@@ -77,68 +112,202 @@ def save_bundle(path: str | Path, model: GPT, tokenizer: Tokenizer, card: dict |
     return path
 
 
-def _read_config(path: Path) -> tuple[ModelConfig, dict]:
+# what a bundle's small files may weigh; the weights are checked against config.json instead
+SIZE_LIMITS = {CONFIG_FILE: 1 << 20, TOKENIZER_FILE: 256 << 20, CARD_FILE: 1 << 30}
+WEIGHT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}  # safetensors names of the float dtypes
+MAX_HEADER = 100 << 20
+STABLE_TRIES, STABLE_WAIT = 25, 0.2  # a bundle being copied is read again, for up to 5 s
+
+
+class _Changed(Exception):
+    """The bundle changed while it was read (a copy or a swap in progress): read it again."""
+
+
+def _parse_config(data: bytes, file: Path) -> tuple[ModelConfig, dict]:
     try:
-        raw = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BundleError(f"{path / CONFIG_FILE}: not valid JSON ({exc})") from None
+        raw = json.loads(data.decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise BundleError(f"{file}: not valid JSON ({exc})") from None
     if not isinstance(raw, dict):
-        raise BundleError(f"{path / CONFIG_FILE}: expected a JSON object")
+        raise BundleError(f"{file}: expected a JSON object")
     version = raw.get("format_version")
     if version != FORMAT_VERSION:
-        raise BundleError(f"{path / CONFIG_FILE}: unknown format version {version!r} "
-                          f"(this codellm reads version {FORMAT_VERSION})")
-    if raw.get("storage_dtype", "float32") not in STORAGE_DTYPES or raw.get("prompt_format", "spm") not in ("spm", "psm"):
-        raise BundleError(f"{path / CONFIG_FILE}: unknown storage_dtype or prompt_format")
+        raise BundleError(f"{file}: unknown format version {version!r} (this codellm reads version {FORMAT_VERSION})")
+    if raw.get("storage_dtype", "float32") not in STORAGE_DTYPES:
+        raise BundleError(f"{file}: storage_dtype must be one of {list(STORAGE_DTYPES)}, got {raw.get('storage_dtype')!r}")
+    if raw.get("prompt_format", "spm") not in ("spm", "psm"):
+        raise BundleError(f"{file}: prompt_format must be 'spm' or 'psm', got {raw.get('prompt_format')!r}")
+    if "model" not in raw:
+        raise BundleError(f"{file}: no 'model' section")
     try:
         return ModelConfig.from_dict(raw["model"]), raw
-    except (KeyError, TypeError, ValueError) as exc:
-        raise BundleError(f"{path / CONFIG_FILE}: bad model configuration ({exc})") from None
+    except (TypeError, ValueError) as exc:
+        raise BundleError(f"{file}: {exc}") from None
 
 
-def _read_weights(path: Path, model: GPT) -> dict[str, torch.Tensor]:
-    file = path / WEIGHTS_FILE
-    with open(file, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"\x80\x02" or head[:1] == b"\x80" or head[:2] == b"PK":
+def _expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the tensors a bundle must hold, from a model built without memory."""
+    with torch.device("meta"):
+        model = GPT(config)
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()
+            if not (config.tie_embeddings and k == "lm_head.weight")}
+
+
+def _check_weights_header(f, size: int, file: Path, config: ModelConfig) -> int:
+    """Check the safetensors header (names, shapes, dtypes, offsets) against config.json before any
+    tensor is read; returns the header length."""
+    head = f.read(8)
+    if head[:1] == b"\x80" or head[:2] == b"PK":
         raise BundleError(f"{file}: this is a pickle/zip checkpoint, not safetensors; refusing to load it")
+    if len(head) < 8:
+        raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt (no header)")
+    n = int.from_bytes(head, "little")
+    if not 2 <= n <= min(MAX_HEADER, size - 8):
+        raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt (header size {n})")
     try:
-        state = load_file(str(file))
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt ({exc})") from None
-    expected = {k: v.shape for k, v in model.state_dict().items()
-                if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+        header = json.loads(f.read(n).decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt (bad header)") from None
+    if not isinstance(header, dict):
+        raise BundleError(f"{file}: not a readable safetensors file (bad header)")
+    header.pop("__metadata__", None)
+    expected = _expected_tensors(config)
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
     if missing or unexpected:
         raise BundleError(f"{file}: tensors do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    end = 0
     for name, shape in expected.items():
-        if state[name].shape != shape:
-            raise BundleError(f"{file}: tensor {name} has shape {tuple(state[name].shape)}, "
-                              f"config.json implies {tuple(shape)}")
-    return state
+        info = header[name]
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if dtype not in WEIGHT_DTYPES:
+            raise BundleError(f"{file}: tensor {name} has dtype {dtype!r}; weights must be floating point "
+                              f"({', '.join(WEIGHT_DTYPES)})")
+        if tuple(info.get("shape") or ()) != shape:
+            raise BundleError(f"{file}: tensor {name} has shape {tuple(info.get('shape') or ())}, "
+                              f"config.json implies {shape}")
+        offsets = info.get("data_offsets")
+        numel = 1
+        for dim in shape:
+            numel *= dim
+        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+                or offsets[1] - offsets[0] != numel * WEIGHT_DTYPES[dtype] or offsets[0] < 0):
+            raise BundleError(f"{file}: tensor {name} has bad data offsets {offsets!r}")
+        end = max(end, offsets[1])
+    if size != 8 + n + end:
+        raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt "
+                          f"({size} bytes, its header describes {8 + n + end})")
+    return n
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_snapshot(path: Path, device, dtype) -> Bundle:
+    """One attempt at reading every file of the bundle from the same directory (opened once, so a
+    folder renamed over `path` meanwhile is not mixed in). Raises _Changed if anything changed."""
+    try:
+        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except (FileNotFoundError, NotADirectoryError):
+        raise BundleError(f"{path}: model bundle not found (expected a directory with {', '.join(BUNDLE_FILES)})") from None
+    seen: dict[str, tuple] = {}
+
+    def still_the_same() -> bool:
+        try:
+            if _identity(os.stat(path))[:2] != _identity(os.fstat(dfd))[:2]:
+                return False
+            return all(_identity(os.stat(name, dir_fd=dfd)) == key for name, key in seen.items())
+        except OSError:
+            return False
+
+    def open_member(name: str):
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=dfd)  # a FIFO must not block
+        except FileNotFoundError:
+            if not still_the_same():
+                raise _Changed() from None
+            raise BundleError(f"{path / name}: missing file; the bundle is incomplete") from None
+        f = os.fdopen(fd, "rb")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            f.close()
+            raise BundleError(f"{path / name}: not a regular file")
+        seen[name] = _identity(st)
+        return f, st.st_size
+
+    def read_small(name: str) -> bytes:
+        f, size = open_member(name)
+        with f:
+            if size > SIZE_LIMITS[name]:
+                raise BundleError(f"{path / name}: {size} bytes, more than a bundle's {name} may have "
+                                  f"({SIZE_LIMITS[name]})")
+            return f.read(SIZE_LIMITS[name] + 1)
+
+    try:
+        for name in BUNDLE_FILES:
+            if not _exists_at(dfd, name):
+                if not still_the_same():
+                    raise _Changed()
+                raise BundleError(f"{path / name}: missing file; the bundle is incomplete")
+        config, raw = _parse_config(read_small(CONFIG_FILE), path / CONFIG_FILE)
+        try:
+            tokenizer = Tokenizer.from_str(read_small(TOKENIZER_FILE).decode("utf-8"))
+        except BundleError:
+            raise
+        except Exception as exc:  # the tokenizers library raises plain Exception subclasses
+            raise BundleError(f"{path / TOKENIZER_FILE}: not a valid tokenizer ({exc})") from None
+        if tokenizer.vocab_size != config.vocab_size:
+            raise BundleError(f"{path / TOKENIZER_FILE}: vocabulary has {tokenizer.vocab_size} tokens but "
+                              f"config.json says vocab_size {config.vocab_size}")
+        try:
+            card = msgpack.unpackb(read_small(CARD_FILE), raw=False)
+        except (msgpack.UnpackException, ValueError, TypeError) as exc:
+            raise BundleError(f"{path / CARD_FILE}: corrupt data card ({exc})") from None
+        file = path / WEIGHTS_FILE
+        f, size = open_member(WEIGHTS_FILE)
+        with f:
+            _check_weights_header(f, size, file, config)
+            f.seek(0)
+            data = f.read()
+        if not still_the_same():
+            raise _Changed()
+        try:
+            state = safetensors_load(data)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt ({exc})") from None
+        del data
+        for name, tensor in state.items():
+            if not bool(torch.isfinite(tensor).all()):
+                raise BundleError(f"{file}: tensor {name} holds NaN or infinite values")
+        model = GPT(config)
+        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+        model.to(device=device, dtype=dtype).eval()
+        return Bundle(config, tokenizer, model, card if isinstance(card, dict) else {},
+                      raw.get("prompt_format", "spm"), path)
+    except BundleError:
+        if not still_the_same():
+            raise _Changed() from None
+        raise
+    finally:
+        os.close(dfd)
+
+
+def _exists_at(dfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
 
 
 def load_bundle(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Bundle:
+    """Read and check a bundle: config.json first (every field's type and range), then the weights'
+    header against it, before anything is allocated. A bundle that changes while it is read (being
+    copied, or a folder renamed over `path`) is read again once it holds still."""
     path = Path(path).expanduser()
-    if not path.is_dir():
-        raise BundleError(f"{path}: model bundle not found (expected a directory with {', '.join(BUNDLE_FILES)})")
-    for name in BUNDLE_FILES:
-        if not (path / name).is_file():
-            raise BundleError(f"{path / name}: missing file; the bundle is incomplete")
-    config, raw = _read_config(path)
-    try:
-        tokenizer = Tokenizer.load(path / TOKENIZER_FILE)
-    except Exception as exc:  # the tokenizers library raises plain Exception subclasses
-        raise BundleError(f"{path / TOKENIZER_FILE}: not a valid tokenizer ({exc})") from None
-    if tokenizer.vocab_size != config.vocab_size:
-        raise BundleError(f"{path / TOKENIZER_FILE}: vocabulary has {tokenizer.vocab_size} tokens but "
-                          f"config.json says vocab_size {config.vocab_size}")
-    try:
-        card = msgpack.unpackb((path / CARD_FILE).read_bytes(), raw=False)
-    except (msgpack.UnpackException, ValueError) as exc:
-        raise BundleError(f"{path / CARD_FILE}: corrupt data card ({exc})") from None
-    model = GPT(config)
-    state = _read_weights(path, model)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-    model.to(device=device, dtype=dtype).eval()
-    return Bundle(config, tokenizer, model, card if isinstance(card, dict) else {}, raw.get("prompt_format", "spm"), path)
+    for attempt in range(STABLE_TRIES):
+        try:
+            return _read_snapshot(path, device, dtype)
+        except _Changed:
+            time.sleep(STABLE_WAIT)
+    raise BundleError(f"{path}: the bundle kept changing while it was read; try again once it is written")

@@ -35,11 +35,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown config keys: {sorted(unknown)}")
-        return cls(**data)
+        """A configuration read from a file: every field's type and range is checked first (sizes against
+        the largest preset, with headroom), so nothing is allocated for a corrupt or hostile file."""
+        return cls(**check_config_dict(data))
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "ModelConfig":
@@ -63,3 +61,65 @@ PRESETS: dict[str, dict] = {
     "small": dict(n_layer=14, n_head=8, d_model=512, context_length=1024),
     "medium": dict(n_layer=12, n_head=16, d_model=1024, context_length=2048),
 }
+
+
+def _largest(field: str) -> int:
+    return max(p[field] for p in PRESETS.values())
+
+
+# Sanity bounds for configurations read from files: well above every preset, far below what would
+# exhaust memory. context_length allows models with much longer contexts than today's presets.
+LIMITS: dict[str, tuple[int, int]] = {
+    "vocab_size": (2, 1 << 18),
+    "n_layer": (1, 8 * _largest("n_layer")),
+    "n_head": (1, 8 * _largest("n_head")),
+    "d_model": (2, 8 * _largest("d_model")),
+    "context_length": (1, max(32768, 16 * _largest("context_length"))),
+    "mlp_ratio": (1, 16),
+}
+MAX_PARAMETERS = 4_000_000_000
+MAX_KV_ELEMENTS = 1 << 31  # n_layer * context_length * d_model: the KV cache an engine preallocates
+
+
+def check_config_dict(data) -> dict:
+    """The fields of a model configuration, checked; ValueError names the first bad field."""
+    if not isinstance(data, dict):
+        raise ValueError(f"'model' must be an object, got {type(data).__name__}")
+    known = {f.name for f in fields(ModelConfig)}
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown config keys: {sorted(map(str, unknown))}")
+    out = dict(data)
+    for name, (low, high) in LIMITS.items():
+        if name not in data:
+            continue
+        value = data[name]
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"model.{name} must be an integer from {low} to {high}, got {value!r}")
+    for name, low, high in (("rope_base", 1.0, 1e12), ("norm_eps", 1e-12, 0.1)):
+        if name in data:
+            value = data[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+                raise ValueError(f"model.{name} must be a number from {low:g} to {high:g}, got {value!r}")
+            out[name] = float(value)
+    for name in ("qk_norm", "tie_embeddings"):
+        if name in data and not isinstance(data[name], bool):
+            raise ValueError(f"model.{name} must be true or false, got {data[name]!r}")
+    if "preset" in data and not (isinstance(data["preset"], str) and len(data["preset"]) <= 64):
+        raise ValueError(f"model.preset must be a short string, got {data['preset']!r}")
+    defaults = ModelConfig.__dataclass_fields__
+    get = lambda name: out.get(name, defaults[name].default)  # noqa: E731
+    if get("d_model") % get("n_head"):
+        raise ValueError(f"model.d_model {get('d_model')} is not divisible by model.n_head {get('n_head')}")
+    if (get("d_model") // get("n_head")) % 2:
+        raise ValueError(f"model.d_model / model.n_head must be even for rotary embeddings, "
+                         f"got {get('d_model') // get('n_head')}")
+    d, hidden, layers = get("d_model"), get("mlp_ratio") * get("d_model"), get("n_layer")
+    params = get("vocab_size") * d * (1 if get("tie_embeddings") else 2) + layers * (4 * d * d + 2 * d * hidden)
+    if params > MAX_PARAMETERS:
+        raise ValueError(f"model sizes give {params / 1e9:.1f}B parameters, more than the {MAX_PARAMETERS / 1e9:g}B "
+                         "a codellm model may have (check model.n_layer, model.d_model, model.vocab_size)")
+    if layers * get("context_length") * d > MAX_KV_ELEMENTS:
+        raise ValueError(f"model.context_length {get('context_length')} with {layers} layers of width {d} needs a "
+                         "KV cache larger than a codellm model may have")
+    return out

@@ -4,19 +4,32 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import os
 import socket
 import sys
 
 from codellm.engine import PRECISION_HELP, PRECISIONS
 
+TOKEN_ENV = "CODELLM_TOKEN"
+
 
 class NoDocumentText(logging.Filter):
-    """pygls logs whole messages (buffer contents) when something fails: keep only a short head."""
+    """Other libraries' log lines carry whole messages (buffer contents) in their arguments and
+    tracebacks: keep their wording, never their values. codellm's own lines never hold document text."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if len(message) > 300:
-            record.msg, record.args = message[:300] + " …(cut)", ()
+        if record.name == "codellm" or record.name.startswith("codellm."):
+            return True
+        template = str(record.msg).split("\n", 1)[0]
+        if record.args:
+            try:
+                n = len(record.args) if isinstance(record.args, tuple) else 1
+                template = template % (("…",) * n)
+            except (TypeError, ValueError):
+                template = template.split("%", 1)[0] + "…"
+        if record.exc_info and record.exc_info[0] is not None:
+            template += f" ({record.exc_info[0].__name__})"
+        record.msg, record.args, record.exc_info, record.exc_text, record.stack_info = template, (), None, None, None
         return True
 
 
@@ -48,12 +61,15 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for the model")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    parser.add_argument("--token", default=None,
+                        help=f"with --tcp: the token an editor must send as initializationOptions.token "
+                             f"(default: ${TOKEN_ENV}, else a new one, printed at start; the variable keeps it out of `ps`)")
     parser.add_argument("--log-file", default=None, help="write the log here (no document text is logged)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     if args.tcp is not None and not is_loopback(args.host):
         print(f"codellm-serve: refusing to listen on {args.host}: only loopback addresses (127.0.0.1, ::1) "
-              "are allowed, since the server reads your files", file=sys.stderr)
+              "are allowed, since it serves your documents", file=sys.stderr)
         return 2
     setup_logging(args.log_file, args.verbose)
 
@@ -61,10 +77,17 @@ def main(argv=None) -> int:
     ls = create_server()
     ls.holder.precision = args.precision
     ls.settings.update({"model_path": args.model, "device": args.device, "threads": args.threads})
+    from .transport import serve_stdio, serve_tcp, server_token
     if args.tcp is not None:
-        ls.start_tcp(args.host, args.tcp)
+        token = args.token or server_token()
+        told = "token given" if args.token or os.environ.get(TOKEN_ENV) else f"token {token}"
+
+        def announce(host, port):
+            print(f"codellm-serve: listening on {host}:{port}; {told}", file=sys.stderr, flush=True)
+
+        serve_tcp(ls, args.host, args.tcp, token, announce)
     else:
-        ls.start_io()
+        serve_stdio(ls)
     return 0
 
 

@@ -1,8 +1,11 @@
 """LSP handlers: one decorated function per method, each reading the document and calling the service."""
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
+import threading
+from urllib.parse import unquote
 
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException
@@ -46,17 +49,37 @@ class CodellmServer(LanguageServer):
         self.holder = ModelHolder(self.tell_user)
         self.service = CompletionService(self.holder, self.settings)
         self.languages: dict[str, str] = {}  # uri -> languageId
+        self.owner_connection = None  # the connection this server answers (server.transport)
+        self.loop = None
+        self.loop_thread = None
 
     def tell_user(self, message: str, is_error: bool) -> None:
+        """A window/showMessage; callable from any thread (the model watcher's included)."""
+        loop = self.loop
+        if loop is not None and loop.is_running() and threading.get_ident() != self.loop_thread:
+            loop.call_soon_threadsafe(self.tell_user, message, is_error)
+            return
         try:
+            if self.protocol.writer is None:
+                raise ConnectionError("no client yet")
             self.window_show_message(types.ShowMessageParams(
                 type=types.MessageType.Warning if is_error else types.MessageType.Info, message=message))
         except Exception:  # no client connected yet (start-up) or the connection is gone
             log.info("%s", message)
 
     def report_server_error(self, error: Exception, source) -> None:
-        """Malformed messages are logged, not shown: a pop-up per bad message helps nobody."""
-        log.warning("bad message or handler error: %s", str(error)[:300])
+        """Malformed messages are logged, not shown: a pop-up per bad message helps nobody. Only the kind
+        of error is logged: its text may quote the message, and so the document."""
+        code = getattr(error, "code", None)
+        log.warning("bad message or handler error: %s%s", type(error).__name__, f" {code}" if code else "")
+
+    def open_document(self, uri: str):
+        """The text the editor sent for `uri`, or None: a document that was not opened is never read
+        from disk (pygls' get_text_document would)."""
+        if not isinstance(uri, str):
+            return None
+        documents = self.workspace.text_documents
+        return documents.get(unquote(uri)) or documents.get(uri)
 
     def is_shell(self, uri: str, text: str) -> bool:
         if self.languages.get(uri) in SHELL_LANGUAGES or uri.endswith(SHELL_SUFFIXES):
@@ -87,7 +110,10 @@ def create_server() -> CodellmServer:
 
     @ls.feature(types.INITIALIZE)
     def initialize(params: types.InitializeParams):
+        ls.loop, ls.loop_thread = asyncio.get_running_loop(), threading.get_ident()
         ls.settings.update(params.initialization_options or {})
+        for problem in ls.settings.problems:
+            ls.tell_user(problem, True)
         caps = params.capabilities.text_document
         has_inline = caps is not None and caps.inline_completion is not None
         items = ls.settings.completion_items
@@ -109,6 +135,8 @@ def create_server() -> CodellmServer:
         if isinstance(settings, dict) and isinstance(settings.get("codellm"), dict):
             settings = settings["codellm"]
         changed = ls.settings.update(settings)
+        for problem in ls.settings.problems:
+            ls.tell_user(problem, True)
         if {"model_path", "device", "threads"} & set(changed):
             ls.holder.configure(ls.settings.model_path, ls.settings.device, ls.settings.threads)
         if changed:
@@ -125,7 +153,9 @@ def create_server() -> CodellmServer:
         ls.service.forget(params.text_document.uri)
 
     async def suggestion_at(uri: str, position: types.Position, automatic: bool):
-        doc = ls.workspace.get_text_document(uri)
+        doc = ls.open_document(uri)
+        if doc is None:
+            return None
         split = cursor_split(doc, position)
         if split is None or not ls.is_shell(uri, doc.source):
             return None

@@ -3,12 +3,13 @@ valid bundle appears; an invalid or half-written one is rejected and the old mod
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from codellm.bundle import BundleError, load_bundle
+from codellm.bundle import BUNDLE_FILES, BundleError, load_bundle
 from codellm.defaults import HOW_TO_GET_A_MODEL, default_bundle_path
 from codellm.device import choose_device
 from codellm.engine import Engine
@@ -34,6 +35,7 @@ class ModelHolder:
         self.precision = "auto"  # codellm.engine.PRECISIONS
         self.load_error: str | None = None
         self.version = 0  # bumped on every model change; results of an older model are not reused
+        self.stamp: tuple | None = None  # bundle_stamp of what is loaded
         self._watch_stop: threading.Event | None = None
         self._load_lock = threading.Lock()
         self.quiet = False
@@ -44,8 +46,9 @@ class ModelHolder:
         quiet: record a failure without telling the user yet (before the client is initialized)."""
         self.quiet = quiet
         try:
-            resolved = Path(path).expanduser().resolve() if path else default_bundle_path()
-        except BundleError as exc:
+            # absolute, not resolved: a --model that is a symlink is followed to wherever it points later
+            resolved = Path(os.path.abspath(Path(path).expanduser())) if path else default_bundle_path()
+        except (BundleError, OSError, ValueError) as exc:
             self._fail(str(exc))
             return
         if resolved == self.path and device == self.device and threads == self.threads and self.engine:
@@ -55,15 +58,25 @@ class ModelHolder:
         self._watch(resolved)
 
     def reload(self, initial: bool = False) -> bool:
+        """Load the bundle at self.path. A hot swap (not `initial`) of files that did not change, or while
+        the folder is missing (between the two renames of a swap), does nothing."""
         with self._load_lock:
+            stamp = bundle_stamp(self.path)
+            if not initial and self.engine is not None and (stamp is None or stamp == self.stamp):
+                return False
             try:
                 bundle, engine = self.executor.submit(self._build).result()
-            except (BundleError, ValueError, OSError) as exc:
-                if initial or self.engine is None:
-                    self._fail(str(exc))
+            except Exception as exc:  # noqa: BLE001 - whatever a bundle does, the old model keeps serving
+                message = str(exc) if isinstance(exc, (BundleError, ValueError, OSError)) else \
+                    f"{type(exc).__name__}: {exc}"
+                if not initial and self.engine is not None and bundle_stamp(self.path) is None:
+                    log.info("model folder gone while loading (a swap in progress?); waiting for it")
+                elif initial or self.engine is None:
+                    self._fail(message)
                 else:
-                    self.notify(f"codellm: new model rejected, still serving the previous one: {exc}", True)
+                    self.notify(f"codellm: new model rejected, still serving the previous one: {message}", True)
                 return False
+            self.stamp = stamp
             self.engine = engine
             self.version += 1
             self.load_error = None
@@ -94,40 +107,73 @@ class ModelHolder:
         thread.start()
 
     def _watch_loop(self, path: Path, stop: threading.Event) -> None:
-        """Watch the bundle folder and its parent's entries (not recursively: the parent may be a home
-        directory). A bundle replaced by rename is a new folder, so the watch is then set up again."""
+        """Watch the bundle folder, its parent's entries and, for a symlink, the folder it points to (not
+        recursively: a parent may be a home directory). A bundle replaced by rename, or a symlink pointed
+        elsewhere, is a new folder: the watch is then set up again. Nothing stops this loop but `stop`."""
         try:
             from watchfiles import watch
         except ImportError:
             log.warning("watchfiles not installed: the model is not reloaded on change")
             return
-        prefix = str(path)
-
-        def relevant(_change, changed: str) -> bool:
-            return changed == prefix or changed.startswith(prefix + "/") or \
-                Path(changed).name.startswith(f".{path.name}.")
-
         while not stop.is_set():
-            if not path.parent.is_dir():
-                return
-            watched = [path.parent] + ([path] if path.is_dir() else [])
-            inode = path.stat().st_ino if path.is_dir() else None
             try:
-                for _changes in watch(*watched, watch_filter=relevant, stop_event=stop, debounce=400, step=100,
-                                      recursive=False, raise_interrupt=False):
+                identity = folder_identity(path)
+                target = path.resolve()
+                watched = {p for p in (path.parent, target.parent) if p.is_dir()}
+                watched |= {target} if target.is_dir() else set()
+                if not watched:
+                    stop.wait(1.0)
+                    continue
+                names = {path.name, target.name}
+                tops = (str(path) + "/", str(target) + "/")
+
+                def relevant(_change, changed: str) -> bool:
+                    name = os.path.basename(changed)
+                    return name in names or changed.startswith(tops) or \
+                        any(name.startswith(f".{n}.") for n in names)
+
+                for _changes in watch(*sorted(watched), watch_filter=relevant, stop_event=stop, debounce=400,
+                                      step=100, recursive=False, raise_interrupt=False):
                     if stop.is_set():
                         return
                     if path.is_dir():
                         self.reload()
-                    if (path.stat().st_ino if path.is_dir() else None) != inode:
-                        break  # the folder was replaced: watch the new one
+                    if folder_identity(path) != identity:
+                        break  # the folder was replaced or the link repointed: watch the new one
                 else:
-                    return
-            except Exception as exc:  # the watcher must never take the server down
-                log.warning("model watcher stopped: %s", exc)
-                return
+                    if not stop.is_set():
+                        stop.wait(0.5)  # the watch ended (a watched folder went away): set it up again
+            except Exception as exc:  # noqa: BLE001 - the watcher must never stop for good
+                log.warning("model watcher: %s (%s); watching again", type(exc).__name__, exc)
+                stop.wait(1.0)
 
     def stop(self) -> None:
         if self._watch_stop:
             self._watch_stop.set()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def folder_identity(path: Path) -> tuple | None:
+    """Which folder `path` names now (following symlinks), or None."""
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino, str(path.resolve()))
+    except OSError:
+        return None
+
+
+def bundle_stamp(path: Path | None) -> tuple | None:
+    """What changes when any file of the bundle at `path` does; None where there is no folder."""
+    if path is None:
+        return None
+    folder = folder_identity(path)
+    if folder is None:
+        return None
+    stamps = []
+    for name in BUNDLE_FILES:
+        try:
+            st = os.stat(path / name)
+            stamps.append((st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            stamps.append(None)
+    return (folder, tuple(stamps))

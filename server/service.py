@@ -13,6 +13,7 @@ import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, fields
+from typing import ClassVar
 
 from codellm.postprocess import Context, postprocess
 from codellm.prompt import join_line_endings, split_line_endings
@@ -39,6 +40,7 @@ class Settings:
     timeout_ms: int = 2000  # decoding stops after this long
     multiline_ms: int = 40  # a multi-line suggestion ends at the last whole line decoded by this time
     kv_reuse: bool = True  # keep the KV cache between requests (off only to measure what it saves)
+    problems: ClassVar[list[str]] = []  # what the last update could not apply, one line per setting
 
     ALIASES = {"modelPath": "model_path", "model": "model_path", "maxTokens": "max_tokens",
                "completionItems": "completion_items", "timeoutMs": "timeout_ms", "multiLine": "multiline",
@@ -46,21 +48,85 @@ class Settings:
                "kvReuse": "kv_reuse"}
 
     def update(self, options: dict | None) -> list[str]:
-        """Apply a dict of options (camelCase or snake_case); returns the names that changed."""
-        changed = []
+        """Apply a dict of options (camelCase or snake_case); returns the names that changed. A value
+        that cannot be read keeps the previous one and is listed in `self.problems` (cleared by each
+        call), one line per setting, for the user."""
+        changed: list[str] = []
+        self.problems = []
         if not isinstance(options, dict):
             return changed
         known = {f.name for f in fields(self)}
         for key, value in options.items():
             name = self.ALIASES.get(key, key)
-            if value is None and name in ("model_path", "device", "threads"):
-                continue  # unset in the editor: keep what the command line gave
-            if name in known and getattr(self, name) != value:
-                if name == "multiline" and value not in ("auto", "always", "never"):
-                    continue
+            if name not in known:
+                continue  # other tools' settings, or the TCP token
+            if value is None and name in ("model_path", "device", "threads", "max_tokens"):
+                if name != "max_tokens":
+                    continue  # unset in the editor: keep what the command line gave
+            try:
+                value = SETTING_RULES[name](value)
+            except ValueError as exc:
+                self.problems.append(f"codellm: setting {key} {exc}; keeping {getattr(self, name)!r}")
+                continue
+            if getattr(self, name) != value:
                 setattr(self, name, value)
                 changed.append(name)
         return changed
+
+
+def _integer(low: int, high: int, allow_none: bool = False):
+    def convert(value):
+        if value is None and allow_none:
+            return None
+        if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
+            value = int(value)
+        elif isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"must be a whole number from {low} to {high}, got {value!r}")
+        return value
+    return convert
+
+
+def _choice(*options: str):
+    def convert(value):
+        if isinstance(value, str) and value.strip().lower() in options:
+            return value.strip().lower()
+        raise ValueError(f"must be one of {', '.join(options)}, got {value!r}")
+    return convert
+
+
+def _flag(value):
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ValueError(f"must be true or false, got {value!r}")
+
+
+def _path(value):
+    if isinstance(value, str) and value.strip() and "\0" not in value:
+        return value
+    raise ValueError(f"must be a folder path (a string), got {value!r}")
+
+
+def _device(value):
+    if isinstance(value, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value.strip().lower()):
+        return value.strip().lower()
+    raise ValueError(f"must be auto, cpu, cuda or mps, got {value!r}")
+
+
+SETTING_RULES = {
+    "model_path": _path,
+    "device": _device,
+    "threads": _integer(1, 1024),
+    "max_tokens": _integer(1, 65536, allow_none=True),
+    "multiline": _choice("auto", "always", "never"),
+    "completion_items": _choice("auto", "always", "never"),
+    "timeout_ms": _integer(1, 600_000),
+    "multiline_ms": _integer(0, 600_000),
+    "kv_reuse": _flag,
+}
 
 
 def stable_tail(prefix: str, keep: int = PROMPT_TAIL_CHARS) -> str:

@@ -1,5 +1,5 @@
-"""1,000+ malformed and random messages and edits over raw stdio; the server must keep answering
-correctly with bounded memory."""
+"""10,000 malformed and random messages, edits and broken frames over raw stdio to one server process;
+it must answer every request, correctly, with bounded memory."""
 import json
 import queue
 import random
@@ -72,9 +72,32 @@ def pos(line, char):
     return {"line": line, "character": char}
 
 
+BROKEN_HEADERS = {  # a frame whose Content-Length is wrong, for each way it can be wrong
+    "too short": lambda n: b"Content-Length: %d\r\n\r\n" % (n - 7),
+    "too long": lambda n: b"Content-Length: %d\r\n\r\n" % (n + 40),
+    "zero": lambda n: b"Content-Length: 0\r\n\r\n",
+    "negative": lambda n: b"Content-Length: -%d\r\n\r\n" % n,
+    "missing": lambda n: b"Content-Type: application/vscode-jsonrpc; charset=utf-8\r\n\r\n",
+    "misspelt": lambda n: b"Content-Lenght: %d\r\n\r\n" % n,
+    "not a number": lambda n: b"Content-Length: twelve\r\n\r\n",
+    "huge": lambda n: b"Content-Length: 99999999999999999\r\n\r\n",
+}
+
+
+def send_broken(server: RawServer, kind: str, method: str = "codellm/status") -> int:
+    """A request in a frame with a broken header; returns its id."""
+    server.next_id += 1
+    body = json.dumps({"jsonrpc": "2.0", "id": server.next_id, "method": method}).encode()
+    server.proc.stdin.write(BROKEN_HEADERS[kind](len(body)) + body)
+    server.proc.stdin.flush()
+    return server.next_id
+
+
 def random_message(rng: random.Random, server: RawServer, version: list):
-    kind = rng.randrange(10)
-    if kind == 0:
+    kind = rng.randrange(11)
+    if kind == 10:
+        send_broken(server, rng.choice(sorted(BROKEN_HEADERS)))
+    elif kind == 0:
         server.send_bytes(bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200))))  # not JSON, not UTF-8
     elif kind == 1:
         server.send_bytes(rng.choice([b"[]", b"42", b'"x"', b"{}", b'{"jsonrpc": "2.0"}', b"null",
@@ -121,7 +144,7 @@ def test_fuzz_then_correct_answers_with_bounded_memory(bundle_path):
                                                               "version": 1, "text": big}}, request=False)
         rng = random.Random(1234)
         version = [1]
-        for i in range(1100):
+        for i in range(10_000):
             random_message(rng, server, version)
             if i == 100:
                 server.wait_for(server.send("codellm/status", None))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import os
 import sys
 from pathlib import Path
 
@@ -23,6 +25,9 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--context-length", type=int, default=None)
     g.add_argument("--fim-rate", type=float, default=0.5)
     g.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    g.add_argument("--overwrite", action="store_true",
+                   help="write the bundle into --out even if that folder holds other files (only the bundle's "
+                        "own files in it are replaced; without this, such a folder is refused)")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     g.add_argument("--threads", type=int, default=None)
     g.add_argument("--seed", type=int, default=1337)
@@ -75,15 +80,22 @@ def first_process_then_all(work):
     return result
 
 
+def check_out(args) -> None:
+    """Refuse, before any work, an --out that is a file or a folder of someone's files."""
+    from codellm.bundle import check_bundle_target
+    check_bundle_target(args.out, args.overwrite)
+
+
 def ensure_corpus(args, default_dir: Path) -> Path:
-    from .recipe import build_corpus, SHELL_FILE
+    from .recipe import build_corpus, SHELL_FILE, SUMMARY_FILE
 
     corpus = args.corpus or default_dir
     if corpus.is_file():  # a one-file pack (`codellm-train pack`): unpacked beside the run
         from .packed import unpack_corpus
         return first_process_then_all(lambda: unpack_corpus(corpus, default_dir)) or default_dir
     if args.recipe or args.code_data or args.language_data:
-        if not (args.resume and (corpus / SHELL_FILE).exists()):
+        # the summary is written last: a corpus without it was cut short by a kill and is built again
+        if not (args.resume and (corpus / SUMMARY_FILE).exists()):
             first_process_then_all(lambda: build_corpus(corpus, args.recipe, args.code_data, args.language_data,
                                                         args.packages, args.cache, args.english_mb))
     elif not (corpus / SHELL_FILE).exists():
@@ -91,11 +103,18 @@ def ensure_corpus(args, default_dir: Path) -> Path:
     return corpus
 
 
-def trained_tokenizer(corpus: Path, path: Path):
-    """Train the tokenizer once (process 0) and load it in every process."""
+def trained_tokenizer(corpus: Path, path: Path, resume: bool = False):
+    """Train the tokenizer once (process 0) and load it in every process; on --resume, a tokenizer
+    that a finished earlier run wrote is used again (one cut short by a kill is trained again)."""
     from codellm.tokenizer import Tokenizer
     from .stages import train_tokenizer
-    first_process_then_all(lambda: train_tokenizer(corpus, path))
+    if resume and path.exists():
+        try:
+            return Tokenizer.load(path)
+        except Exception:  # noqa: BLE001 - the tokenizers library raises plain exceptions
+            pass
+    tmp = path.with_name(f".{path.name}.tmp")
+    first_process_then_all(lambda: (train_tokenizer(corpus, tmp), os.replace(tmp, path)))
     return Tokenizer.load(path)
 
 
@@ -118,22 +137,25 @@ def cmd_tokenizer(args):
 def cmd_stage(args, stage: str):
     from codellm.tokenizer import Tokenizer
     from .stages import run_stage
+    check_out(args)
     work = args.out.with_name(args.out.name + ".work")
     corpus = ensure_corpus(args, work / "corpus")
     tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
     if tok is None and not args.from_bundle:
-        tok = trained_tokenizer(corpus, work / "tokenizer.json")
+        tok = trained_tokenizer(corpus, work / "tokenizer.json", args.resume)
     run_stage(stage, corpus, args.out, train_config(args), tok, args.from_bundle, args.model_size,
-              args.context_length, args.fim_rate, args.device, args.resume, threads=args.threads)
+              args.context_length, args.fim_rate, args.device, args.resume, threads=args.threads,
+              overwrite=args.overwrite)
 
 
 def cmd_all(args):
     from codellm.tokenizer import Tokenizer
     from .stages import run_stage
+    check_out(args)
     work = args.out.with_name(args.out.name + ".work")
     corpus = ensure_corpus(args, work / "corpus")
     tok_path = work / "tokenizer.json"
-    tok = Tokenizer.load(tok_path) if args.resume and tok_path.exists() else trained_tokenizer(corpus, tok_path)
+    tok = trained_tokenizer(corpus, tok_path, args.resume)
     stage1 = work / "stage1"
     cfg1, cfg2 = train_config(args), train_config(args)
     if args.time_budget:
@@ -153,7 +175,7 @@ def cmd_all(args):
     if not all((stage1 / f).exists() for f in BUNDLE_FILES):
         raise SystemExit("stage 1 stopped before writing its bundle")
     run_stage("code", corpus, args.out, cfg2, tok, stage1, None, None, args.fim_rate, args.device, args.resume,
-              threads=args.threads)
+              threads=args.threads, overwrite=args.overwrite)
 
 
 def main(argv=None):
@@ -215,6 +237,17 @@ def main(argv=None):
     except (ValueError, FileNotFoundError) as exc:
         print(f"codellm-train: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - a full disk, from Python or from the safetensors writer
+        full = getattr(exc, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or "No space left on device" in str(exc)
+        if full:
+            where = getattr(exc, "filename", None)
+            print(f"codellm-train: error: no space left on the disk{f' writing {where}' if where else ''}; "
+                  "free some space and run the same command again with --resume", file=sys.stderr)
+            return 1
+        if isinstance(exc, OSError):
+            print(f"codellm-train: error: {exc}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

@@ -190,6 +190,8 @@ def train_stage(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, c
         run_dir.mkdir(parents=True, exist_ok=True)
         if not resume and metrics.exists():
             metrics.unlink()
+        elif metrics.exists():
+            keep_metrics_until(metrics, state["step"])
 
     inputs, targets = build_epoch(tok, mix, ctx, cfg.seed, state["epoch"])
     batches_per_epoch = max(1, len(inputs) // cfg.batch_size)
@@ -284,6 +286,23 @@ def train_stage(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, c
     if is_main:
         plot_losses(state["history"], run_dir / "loss.png")
     return StageResult(state["step"], state["tokens"], state["elapsed"], last_loss, val_loss, state["history"])
+
+
+def keep_metrics_until(metrics: Path, step: int) -> None:
+    """On resume: drop the lines logged after the checkpoint (they are logged again) and any line a kill
+    cut short, so metrics.jsonl keeps one line per step. Rewritten atomically."""
+    kept: dict[int, str] = {}
+    with open(metrics, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept[record["step"]] = line if line.endswith("\n") else line + "\n"
+    tmp = metrics.with_name(f".{metrics.name}.tmp")
+    tmp.write_text("".join(kept[k] for k in sorted(kept)), encoding="utf-8")
+    os.replace(tmp, metrics)
 
 
 def plot_losses(history: list[dict], path: Path, title: str | None = None) -> bool:

@@ -73,7 +73,7 @@ def init_model(model_size: str | None, from_bundle: Path | None, tok: Tokenizer,
 def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: Tokenizer | None = None,
               from_bundle: Path | None = None, model_size: str | None = None, context_length: int | None = None,
               fim_rate: float = 0.5, device: str | None = None, resume: bool = False, run_dir: Path | None = None,
-              threads: int | None = None, log=print) -> Path:
+              threads: int | None = None, log=print, overwrite: bool = False) -> Path:
     """Train one stage and save a bundle at `out`. stage: "language" (English, plain) or "code" (shell, FIM)."""
     dev = choose_device(device)
     if dev.type == "cpu":
@@ -103,7 +103,7 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
     rank, _ = distributed()
     if rank == 0 and not (cfg.stop_after and result.steps < (cfg.max_steps or 0)):
         card = data_card(corpus, stage, result, cfg, card)
-        save_bundle(out, model, tokenizer, card)
+        save_bundle(out, model, tokenizer, card, overwrite=overwrite)
         log(f"stage {stage}: {result.steps} steps, {result.tokens / 1e6:.2f}M tokens, {result.seconds:.0f}s, "
             f"train loss {result.train_loss:.3f}" + (f", val loss {result.val_loss:.3f}" if result.val_loss else "")
             + f"; bundle written to {out}")

@@ -1,0 +1,290 @@
+"""codellm-serve against careless clients and hostile input, through real clients: broken frames,
+protocol misuse, documents never opened, a second TCP connection, bad settings, logs."""
+import asyncio
+import json
+import os
+import queue
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from lsprotocol import types
+
+import codellm
+
+from lsp_session import Session
+from test_server_fuzz import BROKEN_HEADERS, RawServer, send_broken
+
+SCRIPT = "#!/bin/bash\nfor f in *.txt; do\n    echo"
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 240))
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return int(next(l for l in f if l.startswith("VmRSS")).split()[1]) / 1024
+
+
+class Answers:
+    """Every message a RawServer received, by id."""
+
+    def __init__(self, server: RawServer):
+        self.server, self.by_id = server, {}
+
+    def get(self, msg_id, timeout=30):
+        deadline = time.monotonic() + timeout
+        while msg_id not in self.by_id and time.monotonic() < deadline:
+            try:
+                msg = self.server.responses.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if "method" not in msg:
+                self.by_id[msg.get("id")] = msg
+        if msg_id not in self.by_id:
+            raise AssertionError(f"no answer to {msg_id}; got {sorted(map(str, self.by_id))}")
+        return self.by_id[msg_id]
+
+
+def initialize(server: RawServer, answers: Answers, options=None):
+    msg_id = server.send("initialize", {"processId": None, "rootUri": None, "capabilities": {
+        "textDocument": {"inlineCompletion": {}}}, "initializationOptions": options})
+    assert "capabilities" in answers.get(msg_id)["result"]
+    server.send("initialized", {}, request=False)
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN_HEADERS))
+def test_a_broken_frame_is_recovered_and_later_requests_answered(bundle_path, kind):
+    server = RawServer("--model", str(bundle_path))
+    answers = Answers(server)
+    try:
+        initialize(server, answers)
+        broken = send_broken(server, kind)
+        after = server.send("codellm/status")
+        assert "result" in answers.get(after)  # the server still hears
+        assert "result" in answers.get(broken)  # and read the broken frame's request from its JSON
+        assert server.proc.poll() is None
+    finally:
+        server.proc.kill()
+        server.proc.wait()
+
+
+def test_protocol_errors_are_answered_and_never_end_the_server(bundle_path):
+    server = RawServer("--model", str(bundle_path))
+    answers = Answers(server)
+    try:
+        early = server.send("codellm/status")
+        assert answers.get(early)["error"]["code"] == -32002  # before initialize
+        initialize(server, answers)
+        server.send_bytes(b'{"jsonrpc": "2.0", "id": 500, "method": "codellm/status"')  # cut short
+        server.send_bytes(b"\xff\xfe not json")
+        assert answers.get(None)["error"]["code"] == -32700
+        server.send_bytes(b'{"id": 501, "method": "codellm/status"}')  # no jsonrpc
+        server.send_bytes(b'{"jsonrpc": "2.0", "id": 502}')  # no method
+        assert answers.get(501)["error"]["code"] == -32600
+        assert answers.get(502)["error"]["code"] == -32600
+        ok = server.send("codellm/status")
+        assert "result" in answers.get(ok)
+        assert "result" in answers.get(server.send("shutdown"))
+        late = server.send("codellm/status")
+        assert answers.get(late)["error"]["code"] == -32600  # after shutdown: an error, not silence
+        server.send("exit", request=False)
+        assert server.proc.wait(30) == 0
+    finally:
+        server.proc.kill()
+        server.proc.wait()
+
+
+def test_documents_never_opened_are_never_read(bundle_path, tmp_path):
+    on_disk = tmp_path / "secret.sh"
+    on_disk.write_text("#!/bin/sh\nPASSWORD=hunter2\necho $PASS")
+    fifo = tmp_path / "x.sh"
+    os.mkfifo(fifo)
+
+    async def main():
+        async with Session("--model", str(bundle_path), init_options={"completionItems": "always"}) as s:
+            before = rss_mb(s.pid)
+            for uri in ("file:///dev/zero", fifo.as_uri(), on_disk.as_uri()):
+                result = await s.inline(uri, 2, 11)
+                assert list(result.items) == []
+                result = await s.completion(uri, 0, 0)
+                assert list(result.items) == []
+            assert rss_mb(s.pid) - before < 200  # /dev/zero was not read
+            s.open("file:///tmp/work/open.sh", SCRIPT)  # an opened one is still served
+            got = await s.inline("file:///tmp/work/open.sh", 2, 8)
+            want = codellm.load(str(bundle_path), device="cpu").complete(SCRIPT, "", "line")
+            assert [i.insert_text for i in got.items] == ([want] if want else [])
+    run(main())
+
+
+class TcpClient:
+    def __init__(self, port: int):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.received: list[dict] = []
+        self.raw = bytearray()
+        self.closed = threading.Event()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        buf = b""
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                self.raw += data
+                buf += data
+                while b"\r\n\r\n" in buf:
+                    head, rest = buf.split(b"\r\n\r\n", 1)
+                    n = int(re.search(rb"Content-Length: (\d+)", head).group(1))
+                    if len(rest) < n:
+                        break
+                    self.received.append(json.loads(rest[:n]))
+                    buf = rest[n:]
+        except OSError:
+            pass
+        self.closed.set()
+
+    def close(self):
+        self.sock.shutdown(socket.SHUT_RDWR)  # (a bare close would not end the recv of the reader thread)
+        self.sock.close()
+
+    def send(self, msg: dict):
+        body = json.dumps(msg).encode()
+        self.sock.sendall(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    def answer(self, msg_id, timeout=30):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for m in self.received:
+                if m.get("id") == msg_id and "method" not in m:
+                    return m
+            time.sleep(0.02)
+        raise AssertionError(f"no answer to {msg_id}")
+
+    def initialize(self, msg_id, token):
+        self.send({"jsonrpc": "2.0", "id": msg_id, "method": "initialize", "params": {
+            "processId": None, "rootUri": None, "capabilities": {"textDocument": {"inlineCompletion": {}}},
+            "initializationOptions": {"token": token} if token else None}})
+        return self.answer(msg_id)
+
+
+def test_tcp_serves_one_client_with_the_token_and_survives_others(bundle_path):
+    secret = "SECRET_DOCUMENT_TEXT_4711"
+    text = f"#!/bin/bash\n# {secret}\nfor f in *.txt; do\n    echo"
+    proc = subprocess.Popen([sys.executable, "-m", "codellm.server.cli", "--model", str(bundle_path), "--tcp", "0"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        port, token = re.search(r"listening on 127\.0\.0\.1:(\d+); token (\S+)", line).groups()
+        port = int(port)
+        intruder = TcpClient(port)
+        assert intruder.initialize(1, None)["error"]["code"] == -32803  # no token
+        assert intruder.initialize(2, "guess")["error"]["code"] == -32803  # wrong token
+        intruder.send({"jsonrpc": "2.0", "id": 3, "method": "codellm/status"})
+        assert intruder.answer(3)["error"]["code"] == -32002
+
+        editor = TcpClient(port)
+        assert "capabilities" in editor.initialize(1, token)["result"]
+        editor.send({"jsonrpc": "2.0", "method": "initialized", "params": {}})
+        editor.send({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
+            "uri": "file:///tmp/w/a.sh", "languageId": "shellscript", "version": 1, "text": text}}})
+        second = TcpClient(port)  # even with the token, a second editor is refused while one is served
+        assert "already connected" in second.initialize(1, token)["error"]["message"]
+        inline = {"textDocument": {"uri": "file:///tmp/w/a.sh"}, "position": {"line": 3, "character": 8},
+                  "context": {"triggerKind": 1}}
+        editor.send({"jsonrpc": "2.0", "id": 2, "method": "textDocument/inlineCompletion", "params": inline})
+        want = codellm.load(str(bundle_path), device="cpu").complete(text, "", "line")
+        got = editor.answer(2)["result"]["items"]
+        assert [i["insertText"] for i in got] == ([want] if want else [])
+
+        for other in (intruder, second):  # nothing meant for the editor reached the others
+            assert secret.encode() not in other.raw
+            assert all("error" in m for m in other.received)
+            other.close()
+        time.sleep(0.3)
+        editor.send({"jsonrpc": "2.0", "id": 3, "method": "codellm/status"})
+        assert editor.answer(3)["result"]["requests"] == 1  # the others' disconnects ended nothing
+        assert proc.poll() is None
+        editor.close()
+        assert proc.wait(30) == 0  # the editor's own disconnect ends the server, as over stdio
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_tcp_token_from_the_environment(bundle_path):
+    env = dict(os.environ, CODELLM_TOKEN="from-env-123")
+    proc = subprocess.Popen([sys.executable, "-m", "codellm.server.cli", "--model", str(bundle_path), "--tcp", "0"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    try:
+        line = proc.stderr.readline()
+        assert "from-env-123" not in line
+        port = int(re.search(r":(\d+);", line).group(1))
+        assert "result" in TcpClient(port).initialize(1, "from-env-123")
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_settings_are_converted_or_rejected_by_name(bundle_path):
+    options = {"maxTokens": "64", "timeoutMs": "500", "multilineMs": None, "threads": "2"}
+
+    async def main():
+        async with Session("--model", str(bundle_path), init_options=options) as s:
+            status = await s.status()
+            assert (status.settings.max_tokens, status.settings.timeout_ms, status.settings.threads) == (64, 500, 2)
+            assert status.settings.multiline_ms == 40  # null: kept
+            assert "multilineMs" in await s.wait_for_message("multilineMs")
+            s.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+                settings={"codellm": {"timeoutMs": -5, "modelPath": 42, "multiline": "sometimes"}}))
+            for name in ("timeoutMs", "modelPath", "multiline"):
+                await s.wait_for_message(f"setting {name}")
+            status = await s.status()
+            assert status.settings.timeout_ms == 500 and status.settings.multiline == "auto"
+            assert status.model_error is None
+            s.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+                settings={"codellm": {"timeoutMs": "60000", "maxTokens": None}}))
+            s.open("file:///tmp/work/a.sh", SCRIPT)
+            got = await s.inline("file:///tmp/work/a.sh", 2, 8)  # completions still work
+            want = codellm.load(str(bundle_path), device="cpu").complete(SCRIPT, "", "line")
+            assert [i.insert_text for i in got.items] == ([want] if want else [])
+    run(main())
+
+
+def test_no_document_text_in_the_log(bundle_path, tmp_path):
+    secret = "SECRET_4711_DO_NOT_LOG"
+    log = tmp_path / "server.log"
+    server = RawServer("--model", str(bundle_path), "--log-file", str(log), "-v")
+    answers = Answers(server)
+    try:
+        initialize(server, answers)
+        doc = f"#!/bin/sh\necho {secret}\n"
+        # invalid notifications and requests that carry document text
+        server.send("textDocument/didChange", {"textDocument": {"uri": "file:///never.sh", "version": 2},
+                                               "contentChanges": [{"text": doc}]}, request=False)
+        server.send("textDocument/didOpen", {"textDocument": {"uri": 5, "text": doc}}, request=False)
+        server.send("textDocument/didOpen", {"textDocument": {"uri": "file:///a.sh", "languageId": "sh",
+                                                              "version": "x", "text": doc}}, request=False)
+        bad = server.send("textDocument/inlineCompletion", {"textDocument": {"uri": doc}, "position": doc})
+        assert "error" in answers.get(bad)
+        server.send_bytes(f'{{"jsonrpc": "2.0", "method": "x", "params": "{secret}"'.encode())
+        server.send("textDocument/didOpen", {"textDocument": {"uri": "file:///b.sh", "languageId": "shellscript",
+                                                              "version": 1, "text": doc}}, request=False)
+        ok = server.send("textDocument/inlineCompletion", {"textDocument": {"uri": "file:///b.sh"},
+                                                           "position": {"line": 2, "character": 0},
+                                                           "context": {"triggerKind": 1}})
+        assert "result" in answers.get(ok)
+        assert "result" in answers.get(server.send("codellm/status"))
+    finally:
+        server.proc.kill()
+        server.proc.wait()
+    text = log.read_text()
+    assert "completion" in text  # the log is written
+    assert secret not in text

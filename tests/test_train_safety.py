@@ -1,0 +1,118 @@
+"""codellm-train never deletes what the user owns, resumes from a kill at any point, keeps metrics one
+line per step, and says in one line when the disk is full."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+import codellm
+
+from conftest import ENGLISH_SAMPLES, SHELL_SAMPLES
+
+TRAIN = [sys.executable, "-m", "codellm.train.cli"]
+SMALL = ["--model-size", "test", "--context-length", "64", "--batch-size", "4", "--precision", "fp32",
+         "--warmup-steps", "2"]
+
+
+def scripts(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(6):
+        for j, sample in enumerate(SHELL_SAMPLES):
+            (folder / f"s{i}_{j}.sh").write_text(sample.replace("FILE", f"FILE{i}"))
+    return folder
+
+
+def train(*args, timeout=300):
+    return subprocess.run(TRAIN + list(args), capture_output=True, text=True, timeout=timeout)
+
+
+def test_out_holding_the_users_files_is_refused_then_overwritten_only_where_asked(tmp_path):
+    mine = scripts(tmp_path / "mine")
+    (mine / "notes.txt").write_text("my notes")
+    before = sorted(p.name for p in mine.iterdir())
+    r = train("code", "--code-data", str(mine), "--out", str(mine), "--max-steps", "2", *SMALL)
+    assert r.returncode == 2 and "not empty" in r.stderr and "--overwrite" in r.stderr
+    assert sorted(p.name for p in mine.iterdir()) == before  # nothing touched
+    assert "Traceback" not in r.stderr
+
+    afile = tmp_path / "file.txt"
+    afile.write_text("keep")
+    r = train("code", "--code-data", str(mine), "--out", str(afile), "--max-steps", "2", *SMALL)
+    assert r.returncode == 2 and afile.read_text() == "keep"
+
+    r = train("code", "--code-data", str(mine), "--out", str(mine), "--max-steps", "2", "--overwrite", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (mine / "notes.txt").read_text() == "my notes"  # the user's files stay
+    assert set(before) <= {p.name for p in mine.iterdir()}
+    assert isinstance(codellm.load(str(mine), device="cpu").complete("echo ", "", "line"), str)
+    # a bundle this command wrote is replaced without --overwrite
+    out = tmp_path / "model"
+    for _ in range(2):
+        r = train("code", "--code-data", str(mine), "--out", str(out), "--max-steps", "2", *SMALL)
+        assert r.returncode == 0, r.stderr[-3000:]
+
+
+def test_kill_during_the_english_corpus_step_then_resume(tmp_path):
+    code = scripts(tmp_path / "scripts")
+    english = tmp_path / "english.txt"
+    os.mkfifo(english)  # reading it waits for a writer: the run is held inside the English step
+    out = tmp_path / "model"
+    command = ["all", "--code-data", str(code), "--language-data", str(english), "--out", str(out),
+               "--max-steps", "4", *SMALL]
+    proc = subprocess.Popen(TRAIN + command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    corpus = tmp_path / "model.work" / "corpus"
+    deadline = time.monotonic() + 120
+    while not (corpus / "shell.msgpack").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (corpus / "english.msgpack").exists()
+
+    def feed():  # the same command again, the English text arriving this time
+        with open(english, "w") as f:
+            f.write("<|endoftext|>".join(ENGLISH_SAMPLES * 10))
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    r = train(*command, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert isinstance(codellm.load(str(out), device="cpu").complete("echo ", "", "line"), str)
+
+
+def test_metrics_keep_one_line_per_step_after_a_resume(tmp_path):
+    code = scripts(tmp_path / "scripts")
+    out = tmp_path / "model"
+    common = ["code", "--code-data", str(code), "--out", str(out), "--max-steps", "16", "--checkpoint-every", "5",
+              *SMALL]
+    r = train(*common, "--stop-after", "8")  # stops as a kill would: logged to step 8, checkpoint at 5
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = train(*common, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = (tmp_path / "model.code-run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, 17))
+
+
+def test_a_full_disk_is_one_clear_line(tmp_path):
+    """A 1 MB tmpfs holds the run: the checkpoint (written by the safetensors library) fills it."""
+    code = scripts(tmp_path / "scripts")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        r = train("code", "--code-data", str(code), "--corpus", str(tmp_path / "corpus"), "--out",
+                  str(disk / "model"), "--max-steps", "3", "--checkpoint-every", "1", *SMALL)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("codellm-train: error: no space left") and "--resume" in last
