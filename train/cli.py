@@ -149,7 +149,6 @@ def cmd_stage(args, stage: str):
 
 
 def cmd_all(args):
-    from codellm.tokenizer import Tokenizer
     from .stages import run_stage
     check_out(args)
     work = args.out.with_name(args.out.name + ".work")

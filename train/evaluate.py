@@ -79,7 +79,9 @@ def bash_parses(text: str) -> bool:
     with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as f:
         f.write(text)
     try:
-        return subprocess.run(["bash", "-n", f.name], capture_output=True, timeout=10).returncode == 0
+        # bash reports some syntax errors (a broken `[[ ]]`) with exit status 0
+        run = subprocess.run(["bash", "-n", f.name], capture_output=True, timeout=10)
+        return run.returncode == 0 and b"syntax error" not in run.stderr
     except subprocess.TimeoutExpired:
         return False
     finally:
