@@ -33,8 +33,8 @@ POLICIES = ("whole", "word")
 NEXT_WORD = re.compile(r"\s*(\w+|[^\w\s]+)")
 REQUEST_TIMEOUT = 60
 # thresholds (cutConfidence, minConfidence) the curve is drawn over
-CUTS = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5)
-MINIMUMS = (0.0, 0.1, 0.2, 0.3, 0.5)
+CUTS = (0.0, 0.2, 0.3, 0.4, 0.5)
+MINIMUMS = (0.0, 0.2, 0.35, 0.5)
 
 
 @dataclass
@@ -44,8 +44,8 @@ class Region:
     after: str  # starts with the newline that ends the region's last line
 
 
-def pick_regions(texts: list[str], characters: int, seed: int = 0, lines: int = 6,
-                 max_chars: int = 300) -> list[Region]:
+def pick_regions(texts: list[str], characters: int, seed: int = 0, lines: int = 4,
+                 max_chars: int = 200) -> list[Region]:
     """Regions of up to `lines` whole lines (at most `max_chars`), one per script, from scripts in a seeded
     order, until they hold `characters` characters in all."""
     order = list(range(len(texts)))

@@ -347,7 +347,7 @@ class CompletionService:
             "shown": self.counts["shown"],
             "cut_unsure": self.counts["cut"],
             "hidden_unsure": self.counts["hidden"],
-            "confidence": {"p50": round(conf[len(conf) // 2], 3) if conf else None,
-                           "mean": round(statistics.fmean(conf), 3) if conf else None},
+            "confidence": {"p50": float(f"{conf[len(conf) // 2]:.3g}") if conf else None,
+                           "mean": float(f"{statistics.fmean(conf):.3g}") if conf else None},
             "settings": {f.name: getattr(self.settings, f.name) for f in fields(self.settings)},
         }
