@@ -67,7 +67,8 @@ class Settings:
             name = self.ALIASES.get(key, key)
             if name not in known:
                 continue  # other tools' settings, or the TCP token
-            if value is None and name in ("model_path", "device", "threads", "max_tokens"):
+            if value is None and name in ("model_path", "device", "threads", "max_tokens", "min_confidence",
+                                          "cut_confidence"):
                 if name != "max_tokens":
                     continue  # unset in the editor: keep what the command line gave
             try:
