@@ -33,8 +33,8 @@ POLICIES = ("whole", "word")
 NEXT_WORD = re.compile(r"\s*(\w+|[^\w\s]+)")
 REQUEST_TIMEOUT = 60
 # thresholds (cutConfidence, minConfidence) the curve is drawn over
-CUTS = (0.0, 0.2, 0.3, 0.4, 0.5)
-MINIMUMS = (0.0, 0.2, 0.35, 0.5)
+CUTS = (0.0, 0.3, 0.5, 0.6, 0.7)
+MINIMUMS = (0.0, 0.2, 0.4)
 
 
 @dataclass

@@ -28,8 +28,8 @@ PROMPT_TAIL_CHARS = 16384  # what the engine is given of a long prefix; cut at a
 CLOSING_ONLY = set(" \t)]}\"';")  # after the cursor these still allow an automatic suggestion
 WORD_CHAR = re.compile(r"[\w.$/-]")
 # chosen on held-out scripts with the keystroke evaluation (codellm.server.keystrokes; MODEL.md)
-DEFAULT_CUT_CONFIDENCE = 0.3
-DEFAULT_MIN_CONFIDENCE = 0.3
+DEFAULT_CUT_CONFIDENCE = 0.5
+DEFAULT_MIN_CONFIDENCE = 0.2
 
 
 @dataclass
