@@ -268,10 +268,12 @@ def keystroke_curve(bundle_path: Path, splits: dict[str, list[str]], characters:
 
 def _keystroke_cells(k: dict | None) -> list[tuple[str, str]]:
     rows = []
-    for name, label in (("off_whole", "off"), ("defaults_whole", "defaults"), ("off_word", "off +word"),
-                        ("defaults_word", "defaults +word")):
+    """Keystrokes saved %, suggestions shown per 100 keystrokes, shown ones taken whole %: thresholds off
+    and at their defaults, taking whole suggestions, or also the next word (+word)."""
+    for name, label in (("off_whole", "off"), ("defaults_whole", "defaults"), ("off_word", "off+word"),
+                        ("defaults_word", "defaults+word")):
         v = (k or {}).get(name)
-        rows.append((f"keys saved/shown per 100/taken, {label}",
+        rows.append((f"keys saved/shown/taken, {label}",
                      f"{v['keystrokes_saved']} / {v['shown_per_100']} / {v['taken_of_shown']}" if v else "-"))
     return rows
 
