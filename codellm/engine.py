@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -32,13 +32,32 @@ MAX_BLANK_RUN = 32  # a line ending in this many spaces or tabs after its conten
 class Completion:
     text: str  # what to insert at the cursor
     stop_reason: str  # "eot" | "newline" | "max_tokens" | "deadline" | "time budget" | "cancelled" | "context"
-    # | "repetition" | "blank line"
+    # | "repetition" | "blank line" | "unsure"
     mode: str
     prompt_tokens: int
     reused_tokens: int  # prompt tokens whose keys/values came from the cache
     new_tokens: int
     seconds: float
     model_calls: int = 0  # decode calls; fewer than new_tokens when guessed tokens were confirmed
+    # each chosen token's place in `text` (character offsets) and the probability the model gave it among
+    # the tokens it was allowed to pick (token healing and the first-token rules narrow that set). Tokens
+    # that only re-type the backed-off part of a word sit at (0, 0); a line end after the text at its end.
+    token_probs: list[tuple[int, int, float]] = field(default_factory=list)  # (start, end, probability)
+
+    @property
+    def confidence(self) -> float:
+        """The product of the chosen tokens' probabilities: the model's own odds that all of it is right."""
+        return self.confidence_of(len(self.text))
+
+    def confidence_of(self, chars: int) -> float:
+        """The confidence of the first `chars` characters of the text: the product over the tokens that
+        start before that point, and those that only re-typed the backed-off part of a word (a cleaned-up
+        or shortened text keeps the odds of what is left of it)."""
+        product = 1.0
+        for start, end, p in self.token_probs:
+            if start < chars or end == 0:
+                product *= p
+        return product
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -150,13 +169,15 @@ class Engine:
     def complete_detailed(self, prefix: str, suffix: str = "", mode: str = "line", max_new_tokens: int | None = None,
                           deadline: float | None = None, should_stop: Callable[[], bool] | None = None,
                           fmt: str | None = None, clean: bool = True, allow_empty: bool = False,
-                          whole_lines_after: float | None = None) -> Completion:
+                          whole_lines_after: float | None = None, cut: float = 0.0) -> Completion:
         """deadline: time.monotonic() value after which decoding stops; should_stop: polled between steps;
         whole_lines_after: time.monotonic() value after which a block completion ends at its last whole
         line (or, if no line with content is finished yet, at the end of the first one);
         clean: apply the shell-aware post-processing (codellm.postprocess) to the raw model text;
         allow_empty: let the model answer nothing (by default the first token may not end the answer:
-        in line mode neither end of text nor a newline, in block mode not end of text).
+        in line mode neither end of text nor a newline, in block mode not end of text);
+        cut: decoding stops before the first token whose probability is below it (stop reason "unsure"),
+        so the answer is the part the model is sure of; the probabilities are in Completion.token_probs.
         Text with CRLF line endings is read as LF text; the answer comes back with CRLF."""
         prefix, suffix, newline = split_line_endings(prefix, suffix)
         if mode == "auto":
@@ -176,6 +197,7 @@ class Engine:
         lookup = PromptLookup(prompt.ids) if self.guess_tokens else None
         guessed: list[int] = []  # tokens after the last one chosen whose logits are in `ready`
         ready: list[torch.Tensor] = []
+        probs: list[tuple[int, float]] = []  # (bytes of `out` before the token, its probability)
         with self.lock, torch.inference_mode():
             logits, reused = self._forward_from_cache(prompt.ids)
             for n_new in range(1, max_new + 1):
@@ -195,6 +217,11 @@ class Engine:
                 if token == self.tokenizer.eot_id:
                     stop = "eot"
                     break
+                p = chosen_probability(logits, token)
+                if p < cut:
+                    stop = "unsure"
+                    break
+                probs.append((len(out), p))
                 if lookup is not None:
                     lookup.append(token)
                 out += token_bytes[token]
@@ -237,10 +264,12 @@ class Engine:
         elif stop == "time budget":
             inserted = inserted[:inserted.rfind(b"\n")]  # the unfinished last line goes
         text = inserted.decode("utf-8", errors="ignore").rstrip("\r")
+        token_probs = token_offsets(probs, bytes(out), len(heal), inserted, len(text))
         if clean and stop != "cancelled":
             text = postprocess(text, Context(prefix, suffix, mode))
         text = join_line_endings(text, newline)
-        return Completion(text, stop, mode, len(prompt.ids), reused, n_new, time.perf_counter() - start_time, calls)
+        return Completion(text, stop, mode, len(prompt.ids), reused, n_new, time.perf_counter() - start_time, calls,
+                          token_probs)
 
     def greedy_ids(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation of raw ids with no stop rule but the budget (benchmarks, tests)."""
@@ -277,6 +306,23 @@ class Engine:
                 else:
                     logits = self._step(token)
         return self.tokenizer.decode(new)
+
+
+def chosen_probability(logits: torch.Tensor, token: int) -> float:
+    """The probability of `token` under the (masked) logits it was picked from."""
+    return float(torch.exp(logits[token].float() - torch.logsumexp(logits.float(), dim=-1)))
+
+
+def token_offsets(probs: list[tuple[int, float]], out: bytes, heal: int, inserted: bytes,
+                  chars: int) -> list[tuple[int, int, float]]:
+    """(start, end, probability) per chosen token in characters of the inserted text, from (bytes of the
+    decoded output before the token, probability) pairs; clamped to the `chars` characters kept."""
+    def offset(n_bytes: int) -> int:
+        n = min(max(0, n_bytes - heal), len(inserted))
+        return min(chars, len(inserted[:n].decode("utf-8", errors="ignore")))
+
+    ends = [b for b, _ in probs[1:]] + [len(out)]
+    return [(offset(b), offset(e), p) for (b, p), e in zip(probs, ends)]
 
 
 def has_whole_line(new: bytes | bytearray) -> bool:

@@ -3,6 +3,11 @@ asking for an inline completion after each, as an editor does; reports end-to-en
 KV reuse and cache hits, with KV reuse on and off side by side.
 
 Scripts come from the held-out split of a corpus (never trained on) or from a folder.
+
+`--typing` measures instead what the suggestions are worth (codellm.server.keystrokes): held-out regions
+typed character by character, a suggestion taken with one keystroke when it is what comes next; keystrokes
+saved, suggestions shown per 100 keystrokes and the share taken, with the confidence thresholds off and at
+their defaults, and with `--curve PNG` over a grid of thresholds.
 """
 from __future__ import annotations
 
@@ -15,17 +20,28 @@ import sys
 import time
 from pathlib import Path
 
+import msgpack
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
+
+from . import keystrokes
+from .service import Settings
+
+
+SHELL_FILE = "shell.msgpack"  # the corpus's shell records (codellm.train.recipe; the server does not import train)
+
+
+def heldout_scripts(corpus: Path, split: str = "val") -> list[str]:
+    """The texts of a corpus's held-out split, read from its msgpack stream of records."""
+    with open(corpus / SHELL_FILE, "rb") as f:
+        return [r["text"] for r in msgpack.Unpacker(f, raw=False, max_buffer_size=64 * 1024 * 1024)
+                if isinstance(r, dict) and r.get("split") == split]
 
 
 def load_scripts(corpus: Path | None, folder: Path | None, count: int) -> list[str]:
     if folder:
         return [p.read_text(errors="replace") for p in sorted(folder.glob("*.sh"))][:count]
-    from codellm.train.corpus import read_records
-    from codellm.train.recipe import SHELL_FILE
-    texts = [r["text"] for r in read_records(corpus / SHELL_FILE) if r.get("split") == "val"]
-    texts = [t for t in texts if 20 < t.count("\n") < 3000]
+    texts = [t for t in heldout_scripts(corpus) if 20 < t.count("\n") < 3000]
     random.Random(0).shuffle(texts)
     return texts[:count]
 
@@ -81,10 +97,22 @@ def main(argv=None) -> None:
     parser.add_argument("--corpus", type=Path, default=Path("data/corpus"), help="corpus with a held-out split")
     parser.add_argument("--scripts-dir", type=Path, default=None, help="a folder of .sh files instead")
     parser.add_argument("--scripts", type=int, default=8)
-    parser.add_argument("--keystrokes", type=int, default=600)
+    parser.add_argument("--keystrokes", type=int, default=600,
+                        help="keystrokes typed (with --typing: characters of regions per split)")
     parser.add_argument("--server-log", default=None,
                         help="the servers' log file: one line per completion with its source, mode and time")
+    parser.add_argument("--typing", action="store_true",
+                        help="the keystroke evaluation: keystrokes saved and suggestions taken, per held-out split")
+    parser.add_argument("--splits", default="val,val_user", help="with --typing: the held-out splits to type")
+    parser.add_argument("--curve", type=Path, default=None,
+                        help="with --typing: also sweep the thresholds and draw taken-of-shown against "
+                             "keystrokes saved into this PNG")
+    parser.add_argument("--threads", type=int, default=None, help="the server's CPU threads")
+    parser.add_argument("--json", type=Path, default=None, help="with --typing: write every figure here")
     args = parser.parse_args(argv)
+    if args.typing:
+        typing_main(args)
+        return
     scripts = load_scripts(args.corpus, args.scripts_dir, args.scripts)
     if not scripts:
         sys.exit("no scripts to type: give --corpus with a held-out split or --scripts-dir")
@@ -97,6 +125,41 @@ def main(argv=None) -> None:
         print(f"  {label:13s} end-to-end p50 {r['p50']:6.1f} ms  p95 {r['p95']:6.1f} ms  mean {r['mean']:6.1f} ms  "
               f"| KV reuse {r['kv_reuse']:.1%}  cache hits {r['cache_hits']:.1%}  model runs {r['model_runs']}"
               f"  of {r['requests']} requests")
+
+
+def typing_main(args) -> None:
+    import json
+    server_args = (["--model", args.model] if args.model else []) + \
+        (["--threads", str(args.threads)] if args.threads else []) + \
+        (["--log-file", args.server_log] if args.server_log else [])
+    defaults = keystrokes.thresholds(Settings().cut_confidence, Settings().min_confidence)
+    off = keystrokes.thresholds(0.0, 0.0)
+    results, curves = {}, {}
+    for split in args.splits.split(","):
+        if args.scripts_dir:
+            texts = [p.read_text(errors="replace") for p in sorted(args.scripts_dir.glob("*.sh"))]
+        else:
+            texts = heldout_scripts(args.corpus, split)
+        regions = keystrokes.pick_regions(texts, args.keystrokes)
+        if not regions:
+            sys.exit(f"no regions to type in split {split}: give --corpus with held-out splits or --scripts-dir")
+        print(f"== {split}: {len(regions)} regions, {sum(len(r.text) for r in regions)} characters")
+        rows = keystrokes.run_measure(server_args, regions, [off, defaults])
+        for row in rows:
+            label = "thresholds off" if row["settings"] == off else f"defaults {defaults}"
+            print(keystrokes.format_row(label, row))
+        results[split] = rows
+        if args.curve:
+            curves[split] = keystrokes.run_measure(server_args, regions, keystrokes.curve_settings(), ("whole",))
+            for row in curves[split]:
+                print(keystrokes.format_row(str(row["settings"]), row))
+        if args.scripts_dir:
+            break
+    if args.curve:
+        keystrokes.plot_curve(curves, args.curve, defaults)
+        print(f"curve written to {args.curve}")
+    if args.json:
+        args.json.write_text(json.dumps({"typed": results, "curve": curves}, indent=2))
 
 
 if __name__ == "__main__":

@@ -64,6 +64,12 @@ def main(argv=None) -> int:
     parser.add_argument("--token", default=None,
                         help=f"with --tcp: the token an editor must send as initializationOptions.token "
                              f"(default: ${TOKEN_ENV}, else a new one, printed at start; the variable keeps it out of `ps`)")
+    parser.add_argument("--min-confidence", type=float, default=None, metavar="P",
+                        help="show no suggestion the model gives lower odds than P of being right, 0-1 "
+                             "(the setting minConfidence)")
+    parser.add_argument("--cut-confidence", type=float, default=None, metavar="P",
+                        help="end a suggestion before the first token the model gives less than P, 0-1 "
+                             "(the setting cutConfidence)")
     parser.add_argument("--log-file", default=None, help="write the log here (no document text is logged)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
@@ -76,7 +82,10 @@ def main(argv=None) -> int:
     from .lsp import create_server
     ls = create_server()
     ls.holder.precision = args.precision
-    ls.settings.update({"model_path": args.model, "device": args.device, "threads": args.threads})
+    ls.settings.update({"model_path": args.model, "device": args.device, "threads": args.threads,
+                        "min_confidence": args.min_confidence, "cut_confidence": args.cut_confidence})
+    for problem in ls.settings.problems:
+        parser.error(problem)
     from .transport import serve_stdio, serve_tcp, server_token
     if args.tcp is not None:
         token = args.token or server_token()

@@ -27,6 +27,9 @@ CACHE_ENTRIES = 512
 PROMPT_TAIL_CHARS = 16384  # what the engine is given of a long prefix; cut at a stable point
 CLOSING_ONLY = set(" \t)]}\"';")  # after the cursor these still allow an automatic suggestion
 WORD_CHAR = re.compile(r"[\w.$/-]")
+# chosen on held-out scripts with the keystroke evaluation (codellm.server.keystrokes; MODEL.md)
+DEFAULT_CUT_CONFIDENCE = 0.5
+DEFAULT_MIN_CONFIDENCE = 0.2
 
 
 @dataclass
@@ -40,12 +43,16 @@ class Settings:
     timeout_ms: int = 2000  # decoding stops after this long
     multiline_ms: int = 40  # a multi-line suggestion ends at the last whole line decoded by this time
     kv_reuse: bool = True  # keep the KV cache between requests (off only to measure what it saves)
+    # a suggestion ends before the first token the model gives less than this probability (0: never)
+    cut_confidence: float = DEFAULT_CUT_CONFIDENCE
+    # a suggestion whose confidence (the product of its tokens' probabilities) is below this is not shown
+    min_confidence: float = DEFAULT_MIN_CONFIDENCE
     problems: ClassVar[list[str]] = []  # what the last update could not apply, one line per setting
 
     ALIASES = {"modelPath": "model_path", "model": "model_path", "maxTokens": "max_tokens",
                "completionItems": "completion_items", "timeoutMs": "timeout_ms", "multiLine": "multiline",
-               "multilineMs": "multiline_ms",
-               "kvReuse": "kv_reuse"}
+               "multilineMs": "multiline_ms", "minConfidence": "min_confidence",
+               "cutConfidence": "cut_confidence", "kvReuse": "kv_reuse"}
 
     def update(self, options: dict | None) -> list[str]:
         """Apply a dict of options (camelCase or snake_case); returns the names that changed. A value
@@ -60,7 +67,8 @@ class Settings:
             name = self.ALIASES.get(key, key)
             if name not in known:
                 continue  # other tools' settings, or the TCP token
-            if value is None and name in ("model_path", "device", "threads", "max_tokens"):
+            if value is None and name in ("model_path", "device", "threads", "max_tokens", "min_confidence",
+                                          "cut_confidence"):
                 if name != "max_tokens":
                     continue  # unset in the editor: keep what the command line gave
             try:
@@ -86,6 +94,17 @@ def _integer(low: int, high: int, allow_none: bool = False):
             raise ValueError(f"must be a whole number from {low} to {high}, got {value!r}")
         return value
     return convert
+
+
+def _fraction(value):
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise ValueError(f"must be a number from 0 to 1, got {value!r}")
+    return float(value)
 
 
 def _choice(*options: str):
@@ -126,6 +145,8 @@ SETTING_RULES = {
     "timeout_ms": _integer(1, 600_000),
     "multiline_ms": _integer(0, 600_000),
     "kv_reuse": _flag,
+    "cut_confidence": _fraction,
+    "min_confidence": _fraction,
 }
 
 
@@ -151,6 +172,7 @@ class Suggestion:
     source: str  # "model" | "cache" | "typed-ahead" | "skipped" | "no-model" | "superseded"
     mode: str = "line"
     seconds: float = 0.0
+    confidence: float | None = None  # of the model's answer (the product of its tokens' probabilities)
 
 
 class CompletionService:
@@ -164,8 +186,9 @@ class CompletionService:
         self.cache: OrderedDict[tuple, str] = OrderedDict()
         self.recent: dict[str, tuple] = {}  # uri -> (model version, prefix, suffix, mode, text)
         self.latencies: deque[float] = deque(maxlen=1000)
+        self.confidences: deque[float] = deque(maxlen=1000)  # of the model's non-empty answers
         self.counts = {"requests": 0, "model": 0, "cache_hits": 0, "superseded": 0, "prompt_tokens": 0,
-                       "reused_tokens": 0}
+                       "reused_tokens": 0, "shown": 0, "cut": 0, "hidden": 0}
 
     # ------------------------------------------------------------------ policy
 
@@ -256,8 +279,10 @@ class CompletionService:
     def _done(self, suggestion: Suggestion, start: float) -> Suggestion:
         suggestion.seconds = time.perf_counter() - start
         self.latencies.append(suggestion.seconds)
-        log.info("completion %s %s %.1f ms, %d chars", suggestion.source, suggestion.mode,
-                 suggestion.seconds * 1000, len(suggestion.text))
+        self.counts["shown"] += bool(suggestion.text)
+        log.info("completion %s %s %.1f ms, %d chars, confidence %s", suggestion.source, suggestion.mode,
+                 suggestion.seconds * 1000, len(suggestion.text),
+                 "-" if suggestion.confidence is None else f"{suggestion.confidence:.3f}")
         return suggestion
 
     def _run_model(self, uri: str, request_id: int, prefix: str, suffix: str, mode: str,
@@ -276,19 +301,27 @@ class CompletionService:
         result = engine.complete_detailed(clean_text(stable_tail(prefix)), clean_text(suffix[:8192]), mode,
                                           max_new_tokens=self.settings.max_tokens, deadline=deadline,
                                           should_stop=superseded, clean=False, allow_empty=allow_empty,
-                                          whole_lines_after=now + self.settings.multiline_ms / 1000)
+                                          whole_lines_after=now + self.settings.multiline_ms / 1000,
+                                          cut=self.settings.cut_confidence)
         if result.stop_reason == "cancelled":
             return Suggestion("", "superseded", mode)
         self.counts["model"] += 1
-        log.info("model %s: prompt %d tokens (%d reused), %d new in %d calls, stop %s, %.1f ms", mode,
-                 result.prompt_tokens, result.reused_tokens, result.new_tokens, result.model_calls,
-                 result.stop_reason, result.seconds * 1000)
         self.counts["prompt_tokens"] += result.prompt_tokens
         self.counts["reused_tokens"] += result.reused_tokens
+        self.counts["cut"] += result.stop_reason == "unsure"
         text = postprocess(result.text, Context(prefix, suffix, mode))
+        confidence = result.confidence_of(len(text))
+        if text:
+            self.confidences.append(confidence)
+        log.info("model %s: prompt %d tokens (%d reused), %d new in %d calls, stop %s, confidence %.3f, %.1f ms",
+                 mode, result.prompt_tokens, result.reused_tokens, result.new_tokens, result.model_calls,
+                 result.stop_reason, confidence, result.seconds * 1000)
+        if text and confidence < self.settings.min_confidence:  # unsure: show nothing
+            self.counts["hidden"] += 1
+            text = ""
         if text or result.stop_reason not in ("time budget", "deadline"):  # out of time is no answer to keep
             self._remember(uri, prefix, suffix, cache_mode or mode, text)
-        return Suggestion(text, "model", mode)
+        return Suggestion(text, "model", mode, confidence=confidence)
 
     def forget(self, uri: str) -> None:
         self.recent.pop(uri, None)
@@ -297,6 +330,7 @@ class CompletionService:
     def status(self) -> dict:
         engine = self.holder.engine
         lat = sorted(self.latencies)
+        conf = sorted(self.confidences)
         served = max(1, self.counts["requests"])
         return {
             "model": str(self.holder.path) if self.holder.path else None,
@@ -311,5 +345,10 @@ class CompletionService:
                            "mean": round(1000 * statistics.fmean(lat), 1) if lat else None},
             "kv_reuse_ratio": round(self.counts["reused_tokens"] / max(1, self.counts["prompt_tokens"]), 3),
             "cache_hit_rate": round(self.counts["cache_hits"] / served, 3),
+            "shown": self.counts["shown"],
+            "cut_unsure": self.counts["cut"],
+            "hidden_unsure": self.counts["hidden"],
+            "confidence": {"p50": float(f"{conf[len(conf) // 2]:.3g}") if conf else None,
+                           "mean": float(f"{statistics.fmean(conf):.3g}") if conf else None},
             "settings": {f.name: getattr(self.settings, f.name) for f in fields(self.settings)},
         }

@@ -9,6 +9,8 @@ from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
 TIMEOUT = 30
+# the test models are random and unsure of everything: by default a session shows whatever they suggest
+SHOW_EVERYTHING = ("--min-confidence", "0", "--cut-confidence", "0")
 
 
 def client_capabilities(inline: bool = True, snippets: bool = True) -> types.ClientCapabilities:
@@ -21,8 +23,8 @@ def client_capabilities(inline: bool = True, snippets: bool = True) -> types.Cli
 
 class Session:
     def __init__(self, *server_args: str, init_options: dict | None = None, inline: bool = True,
-                 snippets: bool = True):
-        self.args = server_args
+                 snippets: bool = True, confidence_defaults: bool = False):
+        self.args = server_args if confidence_defaults else (*server_args, *SHOW_EVERYTHING)
         self.init_options = init_options
         self.caps = client_capabilities(inline, snippets)
         self.client = LanguageClient("codellm-tests", "1")

@@ -159,7 +159,7 @@ def test_a_block_opening_line_gets_its_first_body_line_however_short_the_time_bu
 
 def test_an_answer_cut_short_by_the_time_limit_is_not_cached():
     async def main():
-        async with Session(init_options={"timeoutMs": 0}) as s:  # decoding stops after its first token
+        async with Session(init_options={"timeoutMs": 1}) as s:  # decoding stops after its first token
             text = USAGE + OPENERS[0]
             first = await answer(s, "file:///w/late.sh", text)
             again = await answer(s, "file:///w/late.sh", text)

@@ -41,7 +41,7 @@ def nvim_session(bundle_path, tmp_path, with_bashls: str | None):
         f'vim.opt.rtp:prepend("{NEOVIM}")\n'
         'vim.o.completeopt = "menuone,noinsert"\n'
         f'require("codellm").setup({{ cmd = {{ "{sys.executable}", "-m", "codellm.server.cli", "--model", '
-        f'"{bundle_path}" }} }})\n' + extra)
+        f'"{bundle_path}" }}, min_confidence = 0, cut_confidence = 0 }})\n' + extra)
     return pynvim.attach("child", argv=["nvim", "--embed", "--headless", "-u", str(init), "-i", "NONE", "-n"])
 
 

@@ -131,7 +131,7 @@ def random_message(rng: random.Random, server: RawServer, version: list):
 
 
 def test_fuzz_then_correct_answers_with_bounded_memory(bundle_path):
-    server = RawServer("--model", str(bundle_path))
+    server = RawServer("--model", str(bundle_path), "--min-confidence", "0", "--cut-confidence", "0")
     try:
         init = server.send("initialize", {"processId": None, "rootUri": None, "capabilities": {
             "textDocument": {"inlineCompletion": {}, "completion": {}}}})

@@ -177,7 +177,8 @@ class TcpClient:
 def test_tcp_serves_one_client_with_the_token_and_survives_others(bundle_path):
     secret = "SECRET_DOCUMENT_TEXT_4711"
     text = f"#!/bin/bash\n# {secret}\nfor f in *.txt; do\n    echo"
-    proc = subprocess.Popen([sys.executable, "-m", "codellm.server.cli", "--model", str(bundle_path), "--tcp", "0"],
+    proc = subprocess.Popen([sys.executable, "-m", "codellm.server.cli", "--model", str(bundle_path), "--tcp", "0",
+                             "--min-confidence", "0", "--cut-confidence", "0"],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         line = proc.stderr.readline()

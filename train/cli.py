@@ -218,6 +218,11 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=400, help="line-completion cut points")
     p.add_argument("--scripts", type=int, default=20, help="generated whole scripts")
     p.add_argument("--pairs", type=int, default=300, help="held-out comment-to-command pairs per split")
+    p.add_argument("--keystrokes", type=int, default=300,
+                   help="characters of held-out regions per split typed into a real server, keystroke by "
+                        "keystroke (0: skip the keystroke evaluation)")
+    p.add_argument("--keystroke-curve", type=Path, default=None, metavar="PNG",
+                   help="also sweep the confidence thresholds and draw taken-of-shown against keystrokes saved")
     p.add_argument("--no-card", action="store_true", help="do not write the results into the bundle's data card")
     p.add_argument("--device", default=None)
     p.set_defaults(func=lambda a: __import__("codellm.train.evaluate", fromlist=["main"]).main(a))

@@ -232,10 +232,59 @@ def comment_to_command(engine: Engine, pairs: list[str], n: int = 300, seed: int
             "right_command_share": round(100 * right_name / len(picked), 1)}
 
 
+# ------------------------------------------------------------------ keystroke evaluation (a real server typing)
+
+def keystroke_figures(bundle_path: Path, texts: list[str], characters: int, device: str | None = None) -> dict:
+    """Held-out regions typed into a real `codellm-serve` (codellm.server.keystrokes), with the confidence
+    thresholds off and at the server's defaults, taking whole suggestions or also next words."""
+    from codellm.server import keystrokes
+    from codellm.server.service import Settings
+
+    regions = keystrokes.pick_regions(texts, characters)
+    defaults = keystrokes.thresholds(Settings().cut_confidence, Settings().min_confidence)
+    rows = keystrokes.run_measure(keystroke_server_args(bundle_path, device), regions,
+                                  [keystrokes.thresholds(0.0, 0.0), defaults])
+    return {"regions": len(regions), "defaults": defaults,
+            **{f"{'off' if r['settings'] != defaults else 'defaults'}_{r['policy']}": r for r in rows}}
+
+
+def keystroke_server_args(bundle_path: Path, device: str | None) -> list[str]:
+    return ["--model", str(bundle_path), "--threads", "1"] + (["--device", device] if device else [])
+
+
+def keystroke_curve(bundle_path: Path, splits: dict[str, list[str]], characters: int, path: Path,
+                    device: str | None = None) -> dict:
+    """Keystrokes saved and suggestions taken over a grid of thresholds, per split, drawn into `path`."""
+    from codellm.server import keystrokes
+    from codellm.server.service import Settings
+
+    curves = {split: keystrokes.run_measure(keystroke_server_args(bundle_path, device),
+                                            keystrokes.pick_regions(texts, characters),
+                                            keystrokes.curve_settings(), ("whole",))
+              for split, texts in splits.items()}
+    keystrokes.plot_curve(curves, path, keystrokes.thresholds(Settings().cut_confidence, Settings().min_confidence))
+    return curves
+
+
+def _keystroke_cells(k: dict | None) -> list[tuple[str, str]]:
+    rows = []
+    """Keystrokes saved %, suggestions shown per 100 keystrokes, shown ones taken whole %: thresholds off
+    and at their defaults, taking whole suggestions, or also the next word (+word)."""
+    for name, label in (("off_whole", "off"), ("defaults_whole", "defaults"), ("off_word", "off+word"),
+                        ("defaults_word", "defaults+word")):
+        v = (k or {}).get(name)
+        rows.append((f"keys saved/shown/taken, {label}",
+                     f"{v['keystrokes_saved']} / {v['shown_per_100']} / {v['taken_of_shown']}" if v else "-"))
+    return rows
+
+
+# ------------------------------------------------------------------ every figure
+
 def evaluate(bundle_path: Path, corpus: Path, samples: int = 400, scripts: int = 20, device: str | None = None,
-             pairs: int = 300) -> dict:
+             pairs: int = 300, keystrokes: int = 0, keystroke_curve_png: Path | None = None) -> dict:
     """Every figure of one bundle, per held-out split: loss and bits per byte, line completion, the
-    comment-to-command shares; plus English loss and generated whole scripts.
+    comment-to-command shares, and with keystrokes > 0 the keystroke evaluation over that many characters of
+    held-out regions; plus English loss and generated whole scripts.
 
     Raises ValueError when the corpus has no held-out shell files."""
     engine = Engine(load_bundle(bundle_path, device=choose_device(device)), device)
@@ -252,6 +301,10 @@ def evaluate(bundle_path: Path, corpus: Path, samples: int = 400, scripts: int =
             "line_completion": line_completion(engine, texts, samples),
             "comment_to_command": comment_to_command(engine, heldout_texts(corpus, PAIRS_FILE, split), pairs),
         }
+        if keystrokes:
+            results["splits"][split]["keystrokes"] = keystroke_figures(bundle_path, texts, keystrokes, device)
+    if keystrokes and keystroke_curve_png:
+        results["keystroke_curve"] = keystroke_curve(bundle_path, splits, keystrokes, keystroke_curve_png, device)
     results["english_loss"] = heldout_loss(engine, heldout_texts(corpus, ENGLISH_FILE, "val"), max_tokens=30000)
     results["whole_scripts"] = whole_scripts(engine, scripts) if scripts else None
     results["seconds"] = round(time.time() - start, 1)
@@ -273,6 +326,8 @@ def _cells(r: dict) -> list[tuple[str, str]]:
     c2c = r.get("comment_to_command")
     rows.append(("comment -> command % / right name %",
                  f"{c2c['command_share']} / {c2c['right_command_share']} (n={c2c['n']})" if c2c else "-"))
+    if "keystrokes" in r:
+        rows += _keystroke_cells(r["keystrokes"])
     return rows
 
 
@@ -324,7 +379,11 @@ def main(args) -> None:
     results = []
     for bundle in args.bundle:
         torch.manual_seed(0)
-        results.append(evaluate(bundle, args.corpus, args.samples, args.scripts, args.device, args.pairs))
+        curve = getattr(args, "keystroke_curve", None)
+        if curve and len(args.bundle) > 1:
+            curve = curve.with_name(f"{curve.stem}-{bundle.name}{curve.suffix}")
+        results.append(evaluate(bundle, args.corpus, args.samples, args.scripts, args.device, args.pairs,
+                                getattr(args, "keystrokes", 0), curve))
     print_table(results)
     out = args.out or args.bundle[0].with_name(args.bundle[0].name + "-eval.json")
     out.write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))

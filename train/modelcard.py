@@ -4,6 +4,7 @@ every figure in it comes from a command."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from codellm.bundle import load_bundle
@@ -127,6 +128,15 @@ def _eval_section(ev: dict, bundle_path: Path) -> list[str]:
     return out
 
 
+KEPT = re.compile(r"<!-- kept: .*? -->.*?<!-- end kept -->", re.S)
+
+
+def kept_sections(text: str) -> str:
+    """Parts of an existing card between `<!-- kept: NAME -->` and `<!-- end kept -->` (figures measured
+    by other commands, such as the keystroke evaluation), which a rewrite keeps."""
+    return "\n\n".join(KEPT.findall(text))
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m codellm.train.modelcard")
     parser.add_argument("bundle", type=Path)
@@ -138,7 +148,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     bench = args.bench.read_text() if args.bench else None
     notes = args.notes.read_text() if args.notes else None
-    args.out.write_text(render(args.bundle, args.command, bench, args.curve, notes))
+    kept = kept_sections(args.out.read_text()) if args.out.exists() else ""
+    text = render(args.bundle, args.command, bench, args.curve, notes)
+    if kept:  # sections written by hand stay, above the footer
+        footer = text.rindex("\n---\n")
+        text = text[:footer] + "\n" + kept + "\n" + text[footer:]
+    args.out.write_text(text)
     print(f"wrote {args.out}")
 
 

@@ -5,11 +5,15 @@
 function initializationOptions(config) {
   const device = config.get("device", "auto");
   const maxTokens = config.get("maxTokens", null);
+  const minConfidence = config.get("minConfidence", null);
+  const cutConfidence = config.get("cutConfidence", null);
   return {
     modelPath: config.get("modelPath", "") || null,
     device: device === "auto" ? null : device,
     multiline: config.get("multiline", "auto"),
     maxTokens: typeof maxTokens === "number" ? maxTokens : null,
+    minConfidence: typeof minConfidence === "number" ? minConfidence : null,
+    cutConfidence: typeof cutConfidence === "number" ? cutConfidence : null,
   };
 }
 

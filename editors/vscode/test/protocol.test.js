@@ -20,6 +20,8 @@ test("inline completion through the extension's options", { timeout: 120000 }, a
     serverArgs: ["-m", "codellm.server.cli"],
     modelPath: bundle,
     multiline: "never",
+    minConfidence: 0,  // a test model is unsure of everything: show what it has
+    cutConfidence: 0,
   });
   const { command, args } = serverCommand(config);
   const server = spawn(command, args, { stdio: ["pipe", "pipe", "inherit"] });
@@ -55,6 +57,7 @@ test("inline completion through the extension's options", { timeout: 120000 }, a
     const status = await connection.sendRequest("codellm/status", null);
     assert.strictEqual(status.model, require("node:path").resolve(bundle));
     assert.strictEqual(status.settings.multiline, "never");
+    assert.strictEqual(status.settings.min_confidence, 0);
     await connection.sendRequest("shutdown", null);
     await connection.sendNotification("exit", null);
   } finally {

@@ -10,6 +10,8 @@ M.defaults = {
   threads = nil,                      -- CPU threads for the model
   multiline = "auto",                 -- "auto" | "always" | "never"
   max_tokens = nil,                   -- longest suggestion, in tokens
+  min_confidence = nil,               -- 0-1: hide suggestions the model is less sure of (nil: server default)
+  cut_confidence = nil,               -- 0-1: end a suggestion before a token less sure than this
   filetypes = { "sh", "bash", "zsh" },
   autotrigger = true,                 -- ask while typing (0.11 popup); false: only on <C-x><C-o>
 }
@@ -21,6 +23,8 @@ function M.init_options(config)
     threads = config.threads,
     multiline = config.multiline,
     maxTokens = config.max_tokens,
+    minConfidence = config.min_confidence,
+    cutConfidence = config.cut_confidence,
   }
 end
 

@@ -1,0 +1,168 @@
+"""A confidence for every suggestion, the cut where it drops, hiding unsure suggestions, and the
+keystroke evaluation's counting."""
+import asyncio
+import math
+
+import pytest
+import torch
+
+import codellm
+from codellm.server.keystrokes import Region, Typist, next_word, pick_regions, type_region
+from codellm.server.service import Settings
+
+from lsp_session import Session
+
+NEG_INF = float("-inf")
+
+
+@pytest.fixture
+def engine(bundle_path):
+    return codellm.load(str(bundle_path), device="cpu")
+
+
+class ScriptedDecoder:
+    """Stands in for the model: after each token fed, the logits given in `script` (token -> row)."""
+
+    def __init__(self, script: dict[int, torch.Tensor], first: torch.Tensor):
+        self.script, self.first = script, first
+
+    def run(self, tokens, pos):
+        return torch.stack([self.script.get(t, self.first) for t in tokens])
+
+    def step(self, token, pos):
+        return self.run([token], pos)[0]
+
+    def read(self, tokens, pos):
+        pass
+
+
+def row(vocab: int, token: int, p: float, rest: list[int]) -> torch.Tensor:
+    """Logits giving `token` probability p and the tokens in `rest` the remainder, evenly."""
+    logits = torch.full((vocab,), NEG_INF)
+    logits[rest] = math.log((1 - p) / len(rest))
+    logits[token] = math.log(p)
+    return logits
+
+
+def test_the_cut_stops_before_a_low_probability_token(engine, tokenizer):
+    ids = tokenizer.encode("echo hello world")
+    assert len(set(ids)) >= 3
+    a, b, c = ids[:3]
+    eot, vocab = tokenizer.eot_id, tokenizer.vocab_size
+    # the remainder goes to tokens no stop rule masks (specials, line ends), so the probabilities are exact
+    rest = [i for i, t in enumerate(tokenizer.token_bytes) if i not in ids and i not in tokenizer.special_ids
+            and t and not t.lstrip(b" \t").startswith((b"\n", b"\r"))]
+    engine.decoder = ScriptedDecoder({a: row(vocab, b, 0.8, rest), b: row(vocab, c, 0.1, rest),
+                                      c: row(vocab, eot, 0.9, rest)}, first=row(vocab, a, 0.9, rest))
+    engine.guess_tokens = 0
+    engine.cached = []
+    whole = engine.complete_detailed("", "", "line", clean=False)
+    assert whole.text == tokenizer.decode([a, b, c]) and whole.stop_reason == "eot"
+    assert whole.confidence == pytest.approx(0.9 * 0.8 * 0.1, rel=1e-4)
+    cut = engine.complete_detailed("", "", "line", clean=False, cut=0.5)
+    assert cut.text == tokenizer.decode([a, b]) and cut.stop_reason == "unsure"
+    assert cut.confidence == pytest.approx(0.72, rel=1e-4)
+    assert [p for _, _, p in cut.token_probs] == pytest.approx([0.9, 0.8], rel=1e-4)
+    first = len(tokenizer.decode([a]))
+    assert cut.confidence_of(first) == pytest.approx(0.9, rel=1e-4)  # a shortened text keeps its own odds
+    assert engine.complete_detailed("", "", "line", clean=False, cut=0.95).text == ""
+
+
+def test_confidence_is_the_same_with_guessed_tokens_and_counts_the_healed_word(engine):
+    prefix = "for f in *.txt; do\n    cp \"$f\" /tmp/backup/\ndone\nfor f in *.txt; do\n    cp \"$f\" /tm"
+    guessing = engine.complete_detailed(prefix, "", "block", clean=False)
+    engine.guess_tokens = 0
+    engine.cached = []
+    stepping = engine.complete_detailed(prefix, "", "block", clean=False)
+    assert guessing.text == stepping.text
+    assert [p for *_, p in guessing.token_probs] == pytest.approx([p for *_, p in stepping.token_probs], abs=1e-3)
+    assert 0 < guessing.confidence <= 1
+    # the token that re-types the backed-off "tm" is chosen, and counted, before any inserted text
+    assert guessing.token_probs[0][0] == 0
+
+
+def test_settings_take_the_thresholds_and_refuse_nonsense():
+    settings = Settings()
+    assert settings.update({"minConfidence": 0.25, "cutConfidence": "0.4"}) == ["min_confidence", "cut_confidence"]
+    assert (settings.min_confidence, settings.cut_confidence) == (0.25, 0.4)
+    settings.update({"minConfidence": 2})
+    assert settings.min_confidence == 0.25 and settings.problems
+
+
+def test_a_suggestion_under_min_confidence_is_not_shown_by_the_real_server(bundle_path):
+    uri = "file:///tmp/work/unsure.sh"
+    text = "#!/bin/bash\nset -e\nmkdir -p /tmp/backup\ncp "
+
+    async def ask(options):
+        async with Session("--model", str(bundle_path), init_options=options) as s:
+            s.open(uri, text)
+            items = (await s.inline(uri, 3, 3)).items
+            return items, await s.status()
+
+    async def main():
+        shown, status = await ask({"cutConfidence": 0, "minConfidence": 0, "maxTokens": 3})
+        assert shown and shown[0].insert_text
+        confidence = status.confidence.p50
+        assert 0 < confidence < 1 and status.hidden_unsure == 0 and status.shown == 1
+        hidden, status = await ask({"cutConfidence": 0, "minConfidence": min(1.0, confidence * 1.01),
+                                    "maxTokens": 3})
+        assert not hidden and status.hidden_unsure == 1 and status.shown == 0
+
+    asyncio.run(asyncio.wait_for(main(), 240))
+
+
+def scripted(answers: dict[str, str]):
+    """An `ask` that types into a string and answers from `answers` by what has been typed."""
+    typed = []
+
+    async def ask(inserted):
+        typed.append(inserted)
+        return answers.get("".join(typed), "")
+    return ask
+
+
+def test_typing_counts_keystrokes_exactly_on_a_hand_made_case():
+    text = "echo hello world\n"  # 17 characters
+    answers = {"": "ech", "ech": "o hi", "echo": " hi", "echo ": "hello world"}
+    tally = asyncio.run(type_region(text, scripted(answers), "whole"))
+    # Tab "ech", type "o" (" hi" stays on screen: not a new suggestion), type " ", Tab "hello world", type "\n"
+    assert (tally.characters, tally.keystrokes, tally.requests) == (17, 5, 5)
+    assert (tally.shown, tally.taken, tally.answers) == (3, 2, 4)
+    assert tally.figures()["keystrokes_saved"] == round(100 * (1 - 5 / 17), 1)
+    assert tally.figures()["taken_of_shown"] == round(100 * 2 / 3, 1)
+
+
+def test_typing_with_next_word_acceptance():
+    text = "ls -la /tmp\n"  # 12 characters
+    answers = {"": "ls -la /var", "ls": " -la /var", "ls -": "la /var", "ls -la": " /var"}
+    assert [next_word(s) for s in ("ls -la", " -la", "\n    echo x", "   ")] == ["ls", " -", "\n    echo", "   "]
+    whole = asyncio.run(type_region(text, scripted(answers), "whole"))
+    # typed one by one, the scripted answers come and go: each that returns is a new suggestion shown
+    assert (whole.keystrokes, whole.shown, whole.taken) == (12, 4, 0)
+    word = asyncio.run(type_region(text, scripted(answers), "word"))
+    # "ls", " -", "la", " /" taken a word at a time; "var" is wrong: t, m, p, newline typed
+    assert (word.keystrokes, word.words, word.shown, word.used, word.taken) == (8, 4, 1, 1, 0)
+
+
+def test_regions_are_whole_lines_from_the_scripts():
+    script = "".join(f"echo line {i}\n" for i in range(30))
+    regions = pick_regions([script, script], 40)
+    assert regions and all(r.before + r.text + r.after == script for r in regions)
+    assert all(r.before.endswith("\n") and r.after.startswith("\n") for r in regions)
+
+
+def test_typing_into_the_real_server(bundle_path):
+    script = "#!/bin/bash\nset -e\n" + "".join(f"cp \"$f\" /tmp/backup/{i}\n" for i in range(12))
+    region = Region("\n".join(script.split("\n")[:4]) + "\n", "\n".join(script.split("\n")[4:6]),
+                    "\n" + "\n".join(script.split("\n")[6:]))
+
+    async def main():
+        async with Typist(["--model", str(bundle_path)], {"cutConfidence": 0, "minConfidence": 0}) as typist:
+            tally = await typist.type_regions([region], "whole")
+            status = await typist.status()
+        return tally, status
+
+    tally, status = asyncio.run(asyncio.wait_for(main(), 240))
+    assert tally.characters == len(region.text)
+    assert tally.requests == tally.keystrokes <= tally.characters == len(region.text)
+    assert status.requests == tally.requests
