@@ -140,6 +140,7 @@ def create_server() -> CodellmServer:
         if {"model_path", "device", "threads"} & set(changed):
             ls.holder.configure(ls.settings.model_path, ls.settings.device, ls.settings.threads)
         if changed:
+            log.info("settings changed: %s", ", ".join(sorted(changed)))
             ls.service.cache.clear()
             ls.service.recent.clear()
 
