@@ -51,6 +51,7 @@ USER_SETTINGS = {
     "workbench.tips.enabled": False,
     "workbench.enableExperiments": False,
     "workbench.secondarySideBar.defaultVisibility": "hidden",
+    "workbench.editor.useModal": "off",  # settings.json in a tab, closed by nothing but the test's end
     "chat.disableAIFeatures": True,
     "telemetry.telemetryLevel": "off",
     "extensions.autoCheckUpdates": False,
@@ -271,4 +272,6 @@ def test_vscode_shows_accepts_and_saves_a_suggestion(tmp_path, processes):
         report = "\n".join(f"--- {name}\n{(tmp_path / name).read_text()[-3000:]}" if (tmp_path / name).exists()
                            else f"--- {name}: none" for name in ("drive.log", "codellm-serve.log", "code-server.log"))
         pytest.fail(f"saved {saved!r}, wanted {want!r}; screenshots in {FAILURES}\n{report}", pytrace=False)
+    edited = json.loads(settings_file.read_text())
+    assert edited["codellm.multiline"] == "never" and edited["codellm.serverCommand"] == command[0], edited
     print(f"VS Code end-to-end: {time.time() - start_time:.1f} s")

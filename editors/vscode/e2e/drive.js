@@ -69,15 +69,22 @@ async function changeSettings(page, changes) {
   const before = fs.readFileSync(plan.userSettings, "utf8");
   const settings = { ...JSON.parse(before), ...changes };
   await command(page, "Preferences: Open User Settings (JSON)");
-  // a tab, or (newer VS Code) a modal editor: either way the focused editor shows the file
+  // in a tab (workbench.editor.useModal is off)
+  await page.locator('.tab.active[aria-label*="settings.json"]').waitFor({ timeout: 20000 });
   await page.locator(".monaco-editor.focused .view-lines", { hasText: "codellm.serverCommand" })
     .waitFor({ timeout: 20000 });
   await page.keyboard.press("Control+A");
-  await page.keyboard.insertText(JSON.stringify(settings));
-  await page.keyboard.press("Control+S");
-  await until("settings.json to be saved", () => fs.readFileSync(plan.userSettings, "utf8") !== before, 20000);
+  const want = JSON.stringify(settings);
+  await page.keyboard.insertText(want);
+  // saved once the file holds all of it (a save can land before the editor has taken the whole edit)
+  let saves = 0;
+  await until("settings.json to be saved", async () => {
+    if (fs.readFileSync(plan.userSettings, "utf8") === want) return true;
+    if (saves++ % 20 === 0) await page.keyboard.press("Control+S");
+    return false;
+  }, 20000);
+  await page.locator(".tab.active.dirty").waitFor({ state: "detached", timeout: 20000 });
   log(`settings changed in the editor: ${JSON.stringify(changes)}`);
-  await page.keyboard.press("Escape");
 }
 
 async function step(page, s, index) {
@@ -101,6 +108,7 @@ async function step(page, s, index) {
   await until("the ghost text to go", async () => (await page.locator(GHOST).count()) === 0, 20000);
   await page.keyboard.press("Control+S");
   await until(`${s.file} to be saved`, () => fs.readFileSync(file, "utf8") !== before, 20000);
+  await page.locator(".tab.active.dirty").waitFor({ state: "detached", timeout: 20000 });
   log(`saved ${s.file}`);
   await page.screenshot({ path: path.join(plan.shots, `step${index + 1}.png`) });
 }
