@@ -126,6 +126,7 @@ def create_server() -> CodellmServer:
     @ls.feature(types.INITIALIZED)
     def initialized(params):
         ls.holder.quiet = False
+        log.info("editor initialized")
         if ls.holder.engine is None and ls.holder.load_error:
             ls.tell_user(f"codellm: {ls.holder.load_error}", True)
 

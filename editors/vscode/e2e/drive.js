@@ -90,18 +90,32 @@ async function changeSettings(page, changes) {
 async function step(page, s, index) {
   const file = path.join(plan.workspace, s.file);
   const before = fs.readFileSync(file, "utf8");
-  const seen = count(serverLog(), s.waitLog || "model loaded from");
+  // text typed before the server has its model, or before the editor has finished starting it, gets
+  // no suggestion until the next edit
+  const needles = s.waitLog ? [s.waitLog] : ["model loaded from", "editor initialized"];
+  const seen = needles.map((needle) => count(serverLog(), needle));
   if (s.settings) await changeSettings(page, s.settings);
   await openFile(page, s.file);
   log(`opened ${s.file}`);
-  // text typed before the server has its model gets no suggestion until the next edit
-  const needle = s.waitLog || "model loaded from";
-  await until(`"${needle}" in the server log`, () => count(serverLog(), needle) > (s.waitLog ? seen : 0), 60000);
-  log(`server ready (${needle})`);
+  await until(`${needles.join(" and ")} in the server log`,
+    () => needles.every((needle, i) => count(serverLog(), needle) > seen[i]), 60000);
+  log(`server ready (${needles.join(", ")})`);
   await page.keyboard.press("Control+End");
   // one edit, so the editor asks once, at the final position
   await page.keyboard.insertText(s.text);
-  await page.locator(GHOST).first().waitFor({ state: "visible", timeout: 60000 });
+  for (let attempt = 1; ; attempt++) {
+    try {
+      await page.locator(GHOST).first().waitFor({ state: "visible", timeout: 20000 });
+      break;
+    } catch (error) {
+      if (attempt === 3) throw error;
+      // the editor may have registered the server's provider just after the edit: edit again, ending
+      // at the same place (a character typed and deleted, so nothing is served as typed ahead)
+      log("no ghost text yet; typing a character and deleting it");
+      await page.keyboard.insertText("x");
+      await page.keyboard.press("Backspace");
+    }
+  }
   const ghost = await page.locator(GHOST).allTextContents();
   log(`ghost text shown: ${JSON.stringify(ghost.join("⏎"))}`);
   await page.keyboard.press("Tab");
