@@ -52,7 +52,8 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line `codellm-serve` accepts (editor configs are checked against it in tests)."""
     parser = argparse.ArgumentParser(prog="codellm-serve", description="codellm Language Server (stdio by default).")
     parser.add_argument("--stdio", action="store_true", help="talk over stdin/stdout (the default)")
     parser.add_argument("--tcp", type=int, metavar="PORT", help="listen on PORT instead of stdio")
@@ -72,7 +73,11 @@ def main(argv=None) -> int:
                              "(the setting cutConfidence)")
     parser.add_argument("--log-file", default=None, help="write the log here (no document text is logged)")
     parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     if args.tcp is not None and not is_loopback(args.host):
         print(f"codellm-serve: refusing to listen on {args.host}: only loopback addresses (127.0.0.1, ::1) "
               "are allowed, since it serves your documents", file=sys.stderr)

@@ -126,6 +126,7 @@ def create_server() -> CodellmServer:
     @ls.feature(types.INITIALIZED)
     def initialized(params):
         ls.holder.quiet = False
+        log.info("editor initialized")
         if ls.holder.engine is None and ls.holder.load_error:
             ls.tell_user(f"codellm: {ls.holder.load_error}", True)
 
@@ -140,6 +141,7 @@ def create_server() -> CodellmServer:
         if {"model_path", "device", "threads"} & set(changed):
             ls.holder.configure(ls.settings.model_path, ls.settings.device, ls.settings.threads)
         if changed:
+            log.info("settings changed: %s", ", ".join(sorted(changed)))
             ls.service.cache.clear()
             ls.service.recent.clear()
 

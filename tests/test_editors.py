@@ -1,6 +1,8 @@
 """Editor integrations: a real Neovim, the VS Code extension's protocol and packaging, Helix's config."""
+import asyncio
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -124,6 +126,91 @@ def test_vscode_package_json_is_a_valid_extension_manifest():
     assert "codellm.restart" in commands and "codellm.restart" in (VSCODE / "extension.js").read_text()
 
 
+SERVER_ONLY = {"kvReuse"}  # a switch for measuring what the KV cache saves, not for users
+EDITOR_ONLY = {"serverCommand", "serverArgs"}  # how the extension starts the server
+
+
+def camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def schema_accepts(spec: dict, value) -> bool:
+    """The parts of JSON schema VS Code checks a setting's value against that these settings use."""
+    kinds = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
+    ok = {"null": value is None, "string": isinstance(value, str), "boolean": isinstance(value, bool),
+          "integer": isinstance(value, int) and not isinstance(value, bool),
+          "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "array": isinstance(value, list)}
+    if not any(ok[k] for k in kinds):
+        return False
+    if "enum" in spec and value not in spec["enum"]:
+        return False
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return spec.get("minimum", value) <= value <= spec.get("maximum", value)
+    return True
+
+
+def extension_options(values: dict) -> dict:
+    """What options.js sends for these settings (unset ones take the manifest's defaults, as in VS Code)."""
+    if not shutil.which("node"):
+        pytest.skip("node not found")
+    script = ("const o = require('./options'); const v = JSON.parse(process.argv[1]);"
+              "console.log(JSON.stringify(o.initializationOptions({ get: (k, d) => (k in v ? v[k] : d) }))); ")
+    r = subprocess.run(["node", "-e", script, json.dumps(values)], cwd=VSCODE, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_vscode_settings_are_the_servers_with_matching_types():
+    from dataclasses import fields
+
+    from codellm.server.service import SETTING_RULES, Settings
+
+    props = json.loads((VSCODE / "package.json").read_text())["contributes"]["configuration"]["properties"]
+    exposed = {name.removeprefix("codellm.") for name in props} - EDITOR_ONLY
+    names = {camel(f.name): f.name for f in fields(Settings)}
+    assert all(Settings.ALIASES.get(c, c) == n for c, n in names.items()), "the server reads these names"
+    assert exposed == set(names) - SERVER_ONLY
+    for setting in exposed:
+        spec, rule = props[f"codellm.{setting}"], SETTING_RULES[names[setting]]
+        assert schema_accepts(spec, spec["default"]), setting
+        for value in spec.get("enum", []):  # every choice the editor offers, the server takes
+            if not (setting == "device" and value == "auto"):
+                rule(value)
+        kinds = spec["type"] if isinstance(spec["type"], list) else [spec["type"]]
+        if "integer" in kinds:  # the same range on both sides
+            low, high = spec["minimum"], spec["maximum"]
+            assert rule(low) == low and rule(high) == high, setting
+            for outside in (low - 1, high + 1):
+                with pytest.raises(ValueError):
+                    rule(outside)
+            assert not schema_accepts(spec, low - 1) and not schema_accepts(spec, 1.5)
+
+    # what the extension sends: every setting, under the server's names, taken without complaint
+    defaults = extension_options({})
+    assert set(defaults) == exposed
+    settings = Settings()
+    assert settings.update(defaults) == [] and settings.problems == [], "editor defaults are the server's"
+    chosen = {"modelPath": "/home/me/models/my-scripts", "device": "cpu", "threads": 2, "maxTokens": 64,
+              "multiline": "never", "multilineMs": 100, "timeoutMs": 500, "completionItems": "always"}
+    assert set(chosen) == exposed
+    for setting, value in chosen.items():
+        assert schema_accepts(props[f"codellm.{setting}"], value), setting
+    sent = extension_options(chosen)
+    settings = Settings()
+    settings.update(sent)
+    assert settings.problems == []
+    assert {c: getattr(settings, n) for c, n in names.items() if c in chosen} == chosen
+
+
+def test_vscode_manifest_names_no_made_up_repository():
+    manifest = json.loads((VSCODE / "package.json").read_text())
+    assert "repository" not in manifest or "invalid" not in json.dumps(manifest["repository"])
+    assert "--allow-missing-repository" in manifest["scripts"]["package"]
+
+
 def node_modules_ready() -> bool:
     return shutil.which("node") is not None and (VSCODE / "node_modules" / "vscode-jsonrpc").is_dir()
 
@@ -142,13 +229,13 @@ def test_vsix_packages_with_its_dependencies(tmp_path):
     if not node_modules_ready() or not vsce.exists():
         pytest.skip("@vscode/vsce not installed (npm ci in editors/vscode)")
     out = tmp_path / "codellm.vsix"
-    r = subprocess.run([str(vsce), "package", "--out", str(out)], cwd=VSCODE, capture_output=True, text=True,
+    r = subprocess.run([str(vsce), "package", "--allow-missing-repository", "--out", str(out)], cwd=VSCODE, capture_output=True, text=True,
                        timeout=180)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     names = zipfile.ZipFile(out).namelist()
     assert "extension/extension.js" in names and "extension/options.js" in names
     assert "extension/node_modules/vscode-languageclient/package.json" in names
-    assert not any(n.startswith("extension/test/") for n in names)
+    assert not any(n.startswith(("extension/test/", "extension/e2e/", "extension/.e2e/")) for n in names)
 
 
 # ---------------------------------------------------------------------------------------------- Helix
@@ -188,3 +275,47 @@ def test_helix_languages_toml_follows_helix_rules():
     codellm_entry = next(e for e in entries if isinstance(e, dict) and e["name"] == "codellm")
     assert codellm_entry["only-features"] == ["completion"]
     assert servers["codellm"]["command"] == "codellm-serve"
+
+
+def helix_args_examples() -> list[list[str]]:
+    """`args` lists for codellm in languages.toml (commented examples too) and in the Helix README."""
+    texts = [HELIX.read_text(), (HELIX.parent / "README.md").read_text()]
+    found = [json.loads(m.group(1)) for text in texts for m in re.finditer(r"args\s*=\s*(\[[^\]]*\])", text)]
+    return [a for a in found if a != ["start"]]
+
+
+def test_helix_command_and_features_are_what_codellm_serve_offers(bundle_path):
+    from lsp_session import Session
+
+    from codellm.server.cli import build_parser
+    from codellm.server.service import Settings
+
+    config = tomllib.loads(HELIX.read_text())
+    server = config["language-server"]["codellm"]
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts.get(server["command"]) == "codellm.server.cli:main", "the command pip installs"
+    examples = helix_args_examples()
+    assert examples, "the README and languages.toml show args for a model and a log file"
+    for args in [server.get("args", [])] + examples:
+        build_parser().parse_args(args)  # exits (fails the test) on anything codellm-serve refuses
+    settings = Settings()
+    settings.update(server.get("config", {}))
+    assert settings.problems == [], "Helix sends `config` as initializationOptions"
+
+    entry = next(e for e in config["language"][0]["language-servers"] if isinstance(e, dict))
+    provider_of = {"completion": "completion_provider", "hover": "hover_provider", "format": "document_formatting_provider",
+                   "goto-definition": "definition_provider", "diagnostics": "diagnostic_provider",
+                   "signature-help": "signature_help_provider", "code-action": "code_action_provider",
+                   "document-symbols": "document_symbol_provider", "rename-symbol": "rename_provider"}
+
+    async def main():
+        # Helix: no inline completion in its capabilities, `config` as initializationOptions
+        async with Session(*server.get("args", []), "--model", str(bundle_path), inline=False,
+                           init_options=server.get("config")) as s:
+            return s.init.capabilities, list(s.messages)
+
+    caps, messages = asyncio.run(asyncio.wait_for(main(), 120))
+    assert messages == []
+    offered = {feature for feature, attr in provider_of.items() if getattr(caps, attr, None)}
+    assert set(entry["only-features"]) <= offered, "only-features names what the server gives Helix"
+    assert offered == {"completion"}, "and codellm gives nothing that only-features leaves out"

@@ -3,7 +3,7 @@
 "use strict";
 const vscode = require("vscode");
 const { LanguageClient } = require("vscode-languageclient/node");
-const { initializationOptions, serverCommand } = require("./options");
+const { initializationOptions, serverCommand, RESTART_SETTINGS } = require("./options");
 
 let client;
 
@@ -17,25 +17,29 @@ async function start() {
     {
       documentSelector: [{ language: "shellscript" }],
       initializationOptions: initializationOptions(config),
-      synchronize: { configurationSection: "codellm" },
     },
   );
   await client.start();
 }
 
+async function restart() {
+  if (client) await client.stop();
+  await start();
+}
+
 async function activate(context) {
   context.subscriptions.push(
     vscode.workspace.onDidChangeConfiguration(async (event) => {
-      // settings the server reads at start-up need a restart; the rest arrive as didChangeConfiguration
-      if (event.affectsConfiguration("codellm.serverCommand") || event.affectsConfiguration("codellm.serverArgs")) {
-        if (client) await client.stop();
-        await start();
+      if (!event.affectsConfiguration("codellm")) return;
+      if (RESTART_SETTINGS.some((name) => event.affectsConfiguration(`codellm.${name}`))) {
+        await restart();
+      } else if (client && client.isRunning()) {
+        // the server's own names and values, as at start-up (an empty model path stays unset)
+        const settings = initializationOptions(vscode.workspace.getConfiguration("codellm"));
+        await client.sendNotification("workspace/didChangeConfiguration", { settings: { codellm: settings } });
       }
     }),
-    vscode.commands.registerCommand("codellm.restart", async () => {
-      if (client) await client.stop();
-      await start();
-    }),
+    vscode.commands.registerCommand("codellm.restart", restart),
   );
   await start();
 }

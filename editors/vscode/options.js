@@ -1,19 +1,32 @@
-// Initialization options sent to codellm-serve, from the extension's settings. Kept free of the
+// What the extension sends to codellm-serve, from its settings: the initialization options, and the
+// same object again as `workspace/didChangeConfiguration` when a setting changes. Kept free of the
 // `vscode` module so that tests can use exactly what the extension sends.
 "use strict";
 
+// settings the server reads only when it starts: changing one restarts it
+const RESTART_SETTINGS = ["serverCommand", "serverArgs", "completionItems"];
+
+function integerOrNull(value) {
+  return Number.isInteger(value) ? value : null;
+}
+
+function numberOrNull(value) {
+  return typeof value === "number" && Number.isFinite(value) ? value : null;
+}
+
 function initializationOptions(config) {
   const device = config.get("device", "auto");
-  const maxTokens = config.get("maxTokens", null);
-  const minConfidence = config.get("minConfidence", null);
-  const cutConfidence = config.get("cutConfidence", null);
   return {
     modelPath: config.get("modelPath", "") || null,
     device: device === "auto" ? null : device,
+    threads: integerOrNull(config.get("threads", null)),
     multiline: config.get("multiline", "auto"),
-    maxTokens: typeof maxTokens === "number" ? maxTokens : null,
-    minConfidence: typeof minConfidence === "number" ? minConfidence : null,
-    cutConfidence: typeof cutConfidence === "number" ? cutConfidence : null,
+    maxTokens: integerOrNull(config.get("maxTokens", null)),
+    multilineMs: config.get("multilineMs", 40),
+    timeoutMs: config.get("timeoutMs", 2000),
+    completionItems: config.get("completionItems", "auto"),
+    minConfidence: numberOrNull(config.get("minConfidence", null)),
+    cutConfidence: numberOrNull(config.get("cutConfidence", null)),
   };
 }
 
@@ -21,4 +34,4 @@ function serverCommand(config) {
   return { command: config.get("serverCommand", "codellm-serve"), args: config.get("serverArgs", []) };
 }
 
-module.exports = { initializationOptions, serverCommand };
+module.exports = { initializationOptions, serverCommand, RESTART_SETTINGS };
