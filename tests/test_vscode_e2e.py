@@ -47,6 +47,9 @@ USER_SETTINGS = {
     # decoding bounded by tokens, not by the clock: the same suggestion on a loaded machine
     "codellm.timeoutMs": 600000,
     "codellm.multilineMs": 600000,
+    # every suggestion shown: this tests the editor's plumbing, not which suggestions the model is sure of
+    "codellm.minConfidence": 0,
+    "codellm.cutConfidence": 0,
     "workbench.startupEditor": "none",
     "workbench.tips.enabled": False,
     "workbench.enableExperiments": False,
@@ -157,7 +160,8 @@ def expected_suggestions(workspace: Path) -> list[dict]:
     async def run():
         settings = Settings()
         settings.update({"device": "cpu", "timeoutMs": USER_SETTINGS["codellm.timeoutMs"],
-                         "multilineMs": USER_SETTINGS["codellm.multilineMs"]})
+                         "multilineMs": USER_SETTINGS["codellm.multilineMs"],
+                         "minConfidence": 0, "cutConfidence": 0})
         holder = ModelHolder(lambda message, is_error: None)
         holder.configure(None, "cpu", None)
         assert holder.engine is not None, holder.load_error
