@@ -117,9 +117,10 @@ def curate_shell(records: list[dict], log=print) -> tuple[list[dict], dict]:
     for rec in records:
         # held-out files stay as people write them: the evaluation sees licence headers too
         text = strip_licence_comments(rec["text"]) if rec["split"] == "train" else rec["text"]
-        if text.strip() and sha256(text) not in seen:
-            seen.add(sha256(text))
-            stripped.append({**rec, "text": text, "sha256": sha256(text)})
+        digest = sha256(text)
+        if text.strip() and digest not in seen:
+            seen.add(digest)
+            stripped.append({**rec, "text": text, "sha256": digest})
     after_strip = sum(len(r["text"].encode()) for r in stripped)
     deduped, dropped = drop_near_duplicates(stripped, log)
     capped, capped_bytes = cap_per_source(deduped)
