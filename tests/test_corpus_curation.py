@@ -9,7 +9,7 @@ import codellm
 from codellm.train.corpus import read_records, record
 from codellm.train.datacard import stage_files
 from codellm.train.curate import cap_per_source, drop_near_duplicates, strip_licence_comments
-from codellm.train.pairs import Pair, command_name, pairs_from_manual, pairs_from_script
+from codellm.train.pairs import Pair, command_name, opens_block, pair_scripts, pairs_from_manual, pairs_from_script
 from codellm.train.recipe import PAIRS_FILE, SHELL_FILE, curate_shell, write_pairs
 
 TRAIN = [sys.executable, "-m", "codellm.train.cli"]
@@ -126,6 +126,23 @@ def test_pairs_come_from_man_page_examples_and_script_comments():
                                    "modified in the last twenty-four hours\nfind $HOME -mtime 0\n")
     assert command_name("sudo LANG=C apt-get install -y curl") == "apt-get"
     assert command_name("# a comment") == ""
+
+
+def test_pairs_train_as_scripts_of_steps_that_go_on_after_each_command():
+    steps = [Pair(f"Step number {k} of the job", f"echo step{k}") for k in range(10)]
+    records = [{"text": p.document(), "source": "pkg"} for p in steps]
+    records.append({"text": Pair("Loop over the text files", "for f in *.txt; do").document(), "source": "pkg"})
+    records.append({"text": Pair("Print the date in UTC", "date -u").document(), "source": "other"})
+    docs = pair_scripts(records, per_script=4)
+    # one source's pairs stay together, several per script; a command is followed by the next step
+    assert docs[0] == ("#!/bin/bash\n\n# Step number 0 of the job\necho step0\n\n# Step number 1 of the job\n"
+                       "echo step1\n\n# Step number 2 of the job\necho step2\n\n# Step number 3 of the job\n"
+                       "echo step3\n")
+    assert len(docs) == 4 and docs[-1] == "#!/bin/bash\n\n# Print the date in UTC\ndate -u\n"
+    # a command whose body is not in the pair never ends a training document
+    assert not any("for f in" in d for d in docs)
+    assert all(opens_block(c) for c in ("for f in *.txt; do", "if true; then", "ls |", "cat <<EOF", "f()"))
+    assert not any(opens_block(c) for c in ("x=$(date)", "echo done", "make install"))
 
 
 def test_a_pair_held_out_is_never_a_training_pair(tmp_path):

@@ -21,6 +21,9 @@ _WORD = re.compile(r"[A-Za-z]{2,}")
 _BULLET = re.compile(r"^\s*(?:[•*o·-]|\d+[.)])\s+")
 _COMMAND_START = re.compile(r"^[A-Za-z_./][\w.+/-]*")
 _PROSE_COMMENT = re.compile(r"^\s*#\s+([A-Za-z][^#]*)$")
+# a line that leaves a compound command or a pipeline open: its body follows on later lines
+_OPENS_BLOCK = re.compile(r"(?:^|[\s;])(?:do|then|else|in)$|[{(|&\\]$|\w\s*\(\)$|<<-?\s*['\"]?\w+['\"]?")
+PAIRS_PER_SCRIPT = 8
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,28 @@ def pairs_from_script(text: str) -> list[Pair]:
         command = lines[k + 1].strip()
         description = _first_sentence(_clean_description(match.group(1)))
         if (command and not command.startswith("#") and _is_prose(description) and len(command) <= MAX_COMMAND
-                and command_name(command) and not command.endswith("\\")
+                and command_name(command) and not opens_block(command)
                 and command not in ("fi", "done", "esac", "}", ";;", "else")):
             pairs.append(Pair(description, command))
     return pairs
+
+
+def opens_block(command: str) -> bool:
+    """Whether a command line leaves a block, pipeline or continuation open (`for f in *; do`, `a |`)."""
+    return bool(_OPENS_BLOCK.search(command.rstrip()))
+
+
+def pair_scripts(records: list[dict], per_script: int = PAIRS_PER_SCRIPT) -> list[str]:
+    """Training documents from pair records (dicts with "text" as Pair.document() writes it and "source"):
+    the pairs of one source, in order, per_script at a time, as one script of commented steps
+    (`# description\ncommand` blocks separated by blank lines). One document per pair would end right after
+    its command, and a model trained on that learns to stop after one line. Pairs whose command leaves a
+    block open are skipped: their body is not in the pair."""
+    by_source: dict[str, list[str]] = {}
+    for rec in records:
+        step = rec["text"].removeprefix(SHEBANG).strip("\n")
+        command = step.rsplit("\n", 1)[-1]
+        if not opens_block(command):
+            by_source.setdefault(rec.get("source", ""), []).append(step)
+    return [SHEBANG + "\n" + "\n\n".join(steps[k:k + per_script]) + "\n"
+            for steps in by_source.values() for k in range(0, len(steps), per_script)]

@@ -13,7 +13,9 @@ from codellm.device import choose_device, set_threads
 from codellm.model import GPT
 from codellm.tokenizer import Tokenizer
 
+from .corpus import read_records
 from .data import Mixture, load_texts
+from .pairs import pair_scripts
 from .datacard import data_card
 from .loop import TrainConfig, distributed, train_stage
 from .recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
@@ -89,8 +91,10 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
         val = Mixture(load_texts(corpus / ENGLISH_FILE, "val"))
     else:
         english = load_texts(corpus / ENGLISH_FILE, "train")
-        # comment-to-command pairs (pairs.py) are short scripts of their own beside the shell files
-        shell = load_texts(corpus / SHELL_FILE, "train") + load_texts(corpus / PAIRS_FILE, "train")
+        # comment-to-command pairs (pairs.py) become scripts of commented steps beside the shell files
+        pairs = [r for r in read_records(corpus / PAIRS_FILE) if r.get("split", "train") == "train"] \
+            if (corpus / PAIRS_FILE).exists() else []
+        shell = load_texts(corpus / SHELL_FILE, "train") + pair_scripts(pairs)
         mix = Mixture(shell, fim_rate, english, ENGLISH_SHARE_IN_CODE_STAGE)
         val = Mixture(load_texts(corpus / SHELL_FILE, "val"), fim_rate)
     if not mix.texts:
