@@ -218,6 +218,8 @@ def main(argv=None):
     p.add_argument("--samples", type=int, default=400, help="line-completion cut points")
     p.add_argument("--scripts", type=int, default=20, help="generated whole scripts")
     p.add_argument("--pairs", type=int, default=300, help="held-out comment-to-command pairs per split")
+    p.add_argument("--blocks", type=int, default=100,
+                   help="held-out block openers per split completed in block mode (body present, bash -n)")
     p.add_argument("--keystrokes", type=int, default=300,
                    help="characters of held-out regions per split typed into a real server, keystroke by "
                         "keystroke (0: skip the keystroke evaluation)")

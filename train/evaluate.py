@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import tempfile
@@ -22,6 +23,7 @@ import torch
 
 from codellm.bundle import CARD_FILE, load_bundle
 from codellm.device import choose_device
+from codellm import shellmode
 from codellm.engine import Engine
 
 from .corpus import read_records
@@ -232,6 +234,37 @@ def comment_to_command(engine: Engine, pairs: list[str], n: int = 300, seed: int
             "right_command_share": round(100 * right_name / len(picked), 1)}
 
 
+def block_openers(files: list[str], n: int, rng: random.Random) -> list[str]:
+    """Prefixes of held-out files that end right after a line opening a block (`for ...; do`, `if ...;
+    then`, `name() {`) which is the only block open there, so the completion alone must close it."""
+    found = []
+    for text in files:
+        lines = text.split("\n")
+        for k, line in enumerate(lines[:-1]):
+            if shellmode.opens_block(line) and len(line.strip()) > 2:
+                prefix = "\n".join(lines[:k + 1]) + "\n"
+                if len(shellmode.open_blocks(prefix)) == 1 and not shellmode.open_blocks(prefix[:-len(line) - 1]):
+                    found.append(prefix)
+    return rng.sample(found, min(n, len(found)))
+
+
+def block_completion(engine: Engine, files: list[str], n: int = 100, seed: int = 0) -> dict | None:
+    """Block-mode completions typed at the end of a held-out file cut right after a block opener: the share
+    with a body (a command line before the block's closer) and the share where prefix + completion passes
+    `bash -n` (the block is closed and what is inside parses)."""
+    prefixes = block_openers(files, n, random.Random(seed))
+    if not prefixes:
+        return None
+    body, parses = 0, 0
+    for prefix in prefixes:
+        guess = engine.complete(prefix, "", mode="block")
+        lines = [ln.strip() for ln in guess.split("\n") if ln.strip() and not ln.strip().startswith("#")]
+        body += bool(lines) and not re.match(r"(fi|done|esac|\}|;;)\b", lines[0])
+        parses += bash_parses(prefix + guess + "\n")
+    return {"n": len(prefixes), "with_body": round(100 * body / len(prefixes), 1),
+            "bash_n_pass": round(100 * parses / len(prefixes), 1)}
+
+
 # ------------------------------------------------------------------ keystroke evaluation (a real server typing)
 
 def keystroke_figures(bundle_path: Path, texts: list[str], characters: int, device: str | None = None) -> dict:
@@ -281,7 +314,8 @@ def _keystroke_cells(k: dict | None) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------ every figure
 
 def evaluate(bundle_path: Path, corpus: Path, samples: int = 400, scripts: int = 20, device: str | None = None,
-             pairs: int = 300, keystrokes: int = 0, keystroke_curve_png: Path | None = None) -> dict:
+             pairs: int = 300, keystrokes: int = 0, keystroke_curve_png: Path | None = None,
+             blocks: int = 100) -> dict:
     """Every figure of one bundle, per held-out split: loss and bits per byte, line completion, the
     comment-to-command shares, and with keystrokes > 0 the keystroke evaluation over that many characters of
     held-out regions; plus English loss and generated whole scripts.
@@ -300,6 +334,7 @@ def evaluate(bundle_path: Path, corpus: Path, samples: int = 400, scripts: int =
             "shell_loss": heldout_loss(engine, texts),
             "line_completion": line_completion(engine, texts, samples),
             "comment_to_command": comment_to_command(engine, heldout_texts(corpus, PAIRS_FILE, split), pairs),
+            "block_completion": block_completion(engine, texts, blocks),
         }
         if keystrokes:
             results["splits"][split]["keystrokes"] = keystroke_figures(bundle_path, texts, keystrokes, device)
@@ -326,6 +361,9 @@ def _cells(r: dict) -> list[tuple[str, str]]:
     c2c = r.get("comment_to_command")
     rows.append(("comment -> command % / right name %",
                  f"{c2c['command_share']} / {c2c['right_command_share']} (n={c2c['n']})" if c2c else "-"))
+    blk = r.get("block_completion")
+    rows.append(("block after opener: body % / bash -n %",
+                 f"{blk['with_body']} / {blk['bash_n_pass']} (n={blk['n']})" if blk else "-"))
     if "keystrokes" in r:
         rows += _keystroke_cells(r["keystrokes"])
     return rows
@@ -383,7 +421,7 @@ def main(args) -> None:
         if curve and len(args.bundle) > 1:
             curve = curve.with_name(f"{curve.stem}-{bundle.name}{curve.suffix}")
         results.append(evaluate(bundle, args.corpus, args.samples, args.scripts, args.device, args.pairs,
-                                getattr(args, "keystrokes", 0), curve))
+                                getattr(args, "keystrokes", 0), curve, getattr(args, "blocks", 100)))
     print_table(results)
     out = args.out or args.bundle[0].with_name(args.bundle[0].name + "-eval.json")
     out.write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))

@@ -1,0 +1,57 @@
+"""`codellm-train eval`: two bundles side by side on a small corpus with both held-out splits, every figure
+per split, and the block-completion figure built from held-out block openers."""
+import json
+import random
+import subprocess
+import sys
+
+from codellm.train.corpus import record, write_records
+from codellm.train.evaluate import block_openers
+from codellm.train.recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
+
+from conftest import ENGLISH_SAMPLES, SHELL_SAMPLES
+
+HELDOUT = ('#!/bin/sh\nset -e\nfor f in "$@"; do\n    gzip -9 "$f"\ndone\n'
+           'if [ -d /tmp/out ]; then\n    rm -rf /tmp/out\nfi\nlog() {\n    echo "$*" >&2\n}\n')
+
+
+def small_corpus(folder):
+    shell = [record(t, f"pkg{k}", f"s{k}.sh") for k, t in enumerate(SHELL_SAMPLES)]
+    shell += [record(HELDOUT, "heldpkg", "h.sh", split="val"),
+              record(HELDOUT.replace("gzip", "xz"), "userpkg", "u.sh", split="val_user")]
+    write_records(folder / SHELL_FILE, shell)
+    write_records(folder / ENGLISH_FILE, [record(t, "en", f"e{k}.txt", split=split)
+                                          for k, t in enumerate(ENGLISH_SAMPLES) for split in ("train", "val")])
+    pair = "#!/bin/bash\n# Compress every log file in the folder\ngzip *.log\n"
+    write_records(folder / PAIRS_FILE, [record(pair, "heldpkg", "h.sh", split="val"),
+                                        record(pair, "userpkg", "u.sh", split="val_user")])
+
+
+def test_block_openers_are_the_only_open_block():
+    prefixes = block_openers([HELDOUT], 10, random.Random(0))
+    assert sorted(p.rstrip("\n").rsplit("\n", 1)[-1] for p in prefixes) == [
+        'for f in "$@"; do', "if [ -d /tmp/out ]; then", "log() {"]
+
+
+def test_two_bundles_compare_on_every_split(bundle_path, tmp_path):
+    small_corpus(tmp_path)
+    out = tmp_path / "eval.json"
+    run = subprocess.run([sys.executable, "-m", "codellm.train.cli", "eval", str(bundle_path), str(bundle_path),
+                          "--corpus", str(tmp_path), "--samples", "4", "--pairs", "2", "--blocks", "3",
+                          "--scripts", "0", "--keystrokes", "0", "--no-card", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    results = json.loads(out.read_text())
+    assert len(results) == 2
+    for split in ("val", "val_user"):  # the same bundle twice gives the same figures (latency aside)
+        for name in ("shell_loss", "comment_to_command", "block_completion"):
+            assert results[0]["splits"][split][name] == results[1]["splits"][split][name]
+    for split in ("val", "val_user"):
+        figures = results[0]["splits"][split]
+        assert figures["heldout_files"] == 1 and figures["shell_loss"]["loss"] > 0
+        assert figures["comment_to_command"]["n"] == 1
+        assert figures["block_completion"]["n"] == 3
+        assert 0 <= figures["block_completion"]["bash_n_pass"] <= 100
+    assert "block after opener" in run.stdout and "held-out split val_user" in run.stdout
+    # the same bundle twice is not better than itself
+    assert "on every split: no" in run.stdout
