@@ -14,7 +14,7 @@ from pygls.protocol import LanguageServerProtocol
 
 from codellm import __version__
 
-from .models import ModelHolder
+from .model_holder import ModelHolder
 from .service import CompletionService, Settings
 
 log = logging.getLogger("codellm.server")

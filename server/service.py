@@ -19,7 +19,7 @@ from codellm.postprocess import Context, postprocess
 from codellm.prompt import join_line_endings, split_line_endings
 from codellm.shellmode import choose_mode
 
-from .models import ModelHolder
+from .model_holder import ModelHolder
 
 log = logging.getLogger("codellm.server")
 

@@ -175,7 +175,7 @@ def write_pairs(out: Path, shell: list[dict], log=print) -> tuple[int, dict]:
             by_split.setdefault(split, {}).setdefault(sha256(doc), record(doc, source, path, "", split))
 
     english = out / ENGLISH_FILE
-    for rec in read_records(english) if english.exists() else []:
+    for rec in read_records(english):
         man_page = "/man/" in rec["path"]
         add(pairs_from_manual(rec["text"], names, man_page), rec["source"], rec["path"], rec["split"])
     for rec in shell:
