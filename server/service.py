@@ -327,6 +327,11 @@ class CompletionService:
         self.recent.pop(uri, None)
         self.latest.pop(uri, None)
 
+    def clear(self) -> None:
+        """Drop every remembered suggestion: after a settings change they may no longer be what it gives."""
+        self.cache.clear()
+        self.recent.clear()
+
     def status(self) -> dict:
         engine = self.holder.engine
         lat = sorted(self.latencies)
