@@ -77,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.tcp is not None and not is_loopback(args.host):
         print(f"codellm-serve: refusing to listen on {args.host}: only loopback addresses (127.0.0.1, ::1) "
               "are allowed, since it serves your documents", file=sys.stderr)

@@ -14,7 +14,7 @@ with one keystroke when it is what comes next.
 Figures: keystrokes saved (1 - keystrokes / characters), suggestions shown per 100 keystrokes, and the
 share of shown suggestions taken whole (for `word`, also the share of which some part was taken).
 
-Used by `python -m codellm.server.bench --typing` and `codellm-train eval --keystrokes N`.
+Used by `python -m codellm.train.server_bench --typing` and `codellm-train eval --keystrokes N`.
 """
 from __future__ import annotations
 

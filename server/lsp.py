@@ -1,4 +1,5 @@
-"""LSP handlers: one decorated function per method, each reading the document and calling the service."""
+"""LSP handlers: one module-level function per method, each reading the document and calling the service;
+`create_server` registers them (the completion features at initialize, as the client's capabilities ask)."""
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +15,7 @@ from pygls.protocol import LanguageServerProtocol
 
 from codellm import __version__
 
-from .models import ModelHolder
+from .model_holder import ModelHolder
 from .service import CompletionService, Settings
 
 log = logging.getLogger("codellm.server")
@@ -105,95 +106,114 @@ def cursor_split(doc, position: types.Position) -> tuple[str, str] | None:
     return source[:offset], source[offset:]
 
 
+# ------------------------------------------------------------------ handlers (one per LSP method)
+
+def initialize(ls: CodellmServer, params: types.InitializeParams):
+    ls.loop, ls.loop_thread = asyncio.get_running_loop(), threading.get_ident()
+    ls.settings.update(params.initialization_options or {})
+    for problem in ls.settings.problems:
+        ls.tell_user(problem, True)
+    offer_completions(ls, params.capabilities.text_document)
+    ls.holder.configure(ls.settings.model_path, ls.settings.device, ls.settings.threads, quiet=True)
+
+
+def offer_completions(ls: CodellmServer, caps: types.TextDocumentClientCapabilities | None) -> None:
+    """Register inline completion for a client that has it, popup items for one that has not (the
+    completionItems setting can ask for both or for inline only). Done in the initialize handler: pygls
+    computes the capabilities it advertises from the features registered once that handler returns (and
+    the transport refuses a second initialize)."""
+    has_inline = caps is not None and caps.inline_completion is not None
+    items = ls.settings.completion_items
+    if has_inline or items == "never":
+        ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())(inline_completion)
+    if items == "always" or (items == "auto" and not has_inline):
+        options = types.CompletionOptions(trigger_characters=[" ", "\n"], resolve_provider=False)
+        ls.feature(types.TEXT_DOCUMENT_COMPLETION, options)(completion)
+
+
+def initialized(ls: CodellmServer, params):
+    ls.holder.quiet = False
+    log.info("editor initialized")
+    if ls.holder.engine is None and ls.holder.load_error:
+        ls.tell_user(f"codellm: {ls.holder.load_error}", True)
+
+
+def did_change_configuration(ls: CodellmServer, params: types.DidChangeConfigurationParams):
+    settings = params.settings
+    if isinstance(settings, dict) and isinstance(settings.get("codellm"), dict):
+        settings = settings["codellm"]
+    changed = ls.settings.update(settings)
+    for problem in ls.settings.problems:
+        ls.tell_user(problem, True)
+    if {"model_path", "device", "threads"} & set(changed):
+        ls.holder.configure(ls.settings.model_path, ls.settings.device, ls.settings.threads)
+    if changed:
+        log.info("settings changed: %s", ", ".join(sorted(changed)))
+        ls.service.clear()
+
+
+def did_open(ls: CodellmServer, params: types.DidOpenTextDocumentParams):
+    ls.languages[params.text_document.uri] = params.text_document.language_id
+
+
+def did_close(ls: CodellmServer, params: types.DidCloseTextDocumentParams):
+    ls.languages.pop(params.text_document.uri, None)
+    ls.service.forget(params.text_document.uri)
+
+
+async def suggestion_at(ls: CodellmServer, uri: str, position: types.Position, automatic: bool):
+    """(prefix, Suggestion) at a position of an open shell document; None for any other document or
+    a position outside it."""
+    doc = ls.open_document(uri)
+    if doc is None:
+        return None
+    split = cursor_split(doc, position)
+    if split is None or not ls.is_shell(uri, doc.source):
+        return None
+    prefix, suffix = split
+    return prefix, await ls.service.suggest(uri, prefix, suffix, automatic)
+
+
+async def inline_completion(ls: CodellmServer, params: types.InlineCompletionParams):
+    automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
+    found = await suggestion_at(ls, params.text_document.uri, params.position, automatic)
+    if not found or not found[1].text:
+        return types.InlineCompletionList(items=[])
+    _, suggestion = found
+    cursor = params.position
+    return types.InlineCompletionList(items=[types.InlineCompletionItem(
+        insert_text=suggestion.text, range=types.Range(start=cursor, end=cursor))])
+
+
+async def completion(ls: CodellmServer, params: types.CompletionParams):
+    automatic = params.context is None or params.context.trigger_kind != types.CompletionTriggerKind.Invoked
+    found = await suggestion_at(ls, params.text_document.uri, params.position, automatic)
+    if not found or not found[1].text:
+        return types.CompletionList(is_incomplete=True, items=[])
+    prefix, suggestion = found
+    return types.CompletionList(is_incomplete=True, items=[completion_item(ls, prefix, suggestion.text,
+                                                                           params.position)])
+
+
+def status(ls: CodellmServer, params=None):
+    return ls.service.status()
+
+
+def shutdown(ls: CodellmServer, params=None):
+    ls.holder.stop()
+
+
+HANDLERS = {types.INITIALIZE: initialize, types.INITIALIZED: initialized,
+            types.WORKSPACE_DID_CHANGE_CONFIGURATION: did_change_configuration,
+            types.TEXT_DOCUMENT_DID_OPEN: did_open, types.TEXT_DOCUMENT_DID_CLOSE: did_close,
+            STATUS_METHOD: status, types.SHUTDOWN: shutdown}  # the completion features: offer_completions
+
+
 def create_server() -> CodellmServer:
+    """A server with its handlers registered (the completion features follow at initialize)."""
     ls = CodellmServer()
-
-    @ls.feature(types.INITIALIZE)
-    def initialize(params: types.InitializeParams):
-        ls.loop, ls.loop_thread = asyncio.get_running_loop(), threading.get_ident()
-        ls.settings.update(params.initialization_options or {})
-        for problem in ls.settings.problems:
-            ls.tell_user(problem, True)
-        caps = params.capabilities.text_document
-        has_inline = caps is not None and caps.inline_completion is not None
-        items = ls.settings.completion_items
-        if items == "never" or (items == "auto" and has_inline):
-            ls.protocol.fm.features.pop(types.TEXT_DOCUMENT_COMPLETION, None)
-        if not has_inline and items != "never":
-            ls.protocol.fm.features.pop(types.TEXT_DOCUMENT_INLINE_COMPLETION, None)
-        ls.holder.configure(ls.settings.model_path, ls.settings.device, ls.settings.threads, quiet=True)
-
-    @ls.feature(types.INITIALIZED)
-    def initialized(params):
-        ls.holder.quiet = False
-        log.info("editor initialized")
-        if ls.holder.engine is None and ls.holder.load_error:
-            ls.tell_user(f"codellm: {ls.holder.load_error}", True)
-
-    @ls.feature(types.WORKSPACE_DID_CHANGE_CONFIGURATION)
-    def did_change_configuration(params: types.DidChangeConfigurationParams):
-        settings = params.settings
-        if isinstance(settings, dict) and isinstance(settings.get("codellm"), dict):
-            settings = settings["codellm"]
-        changed = ls.settings.update(settings)
-        for problem in ls.settings.problems:
-            ls.tell_user(problem, True)
-        if {"model_path", "device", "threads"} & set(changed):
-            ls.holder.configure(ls.settings.model_path, ls.settings.device, ls.settings.threads)
-        if changed:
-            log.info("settings changed: %s", ", ".join(sorted(changed)))
-            ls.service.cache.clear()
-            ls.service.recent.clear()
-
-    @ls.feature(types.TEXT_DOCUMENT_DID_OPEN)
-    def did_open(params: types.DidOpenTextDocumentParams):
-        ls.languages[params.text_document.uri] = params.text_document.language_id
-
-    @ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)
-    def did_close(params: types.DidCloseTextDocumentParams):
-        ls.languages.pop(params.text_document.uri, None)
-        ls.service.forget(params.text_document.uri)
-
-    async def suggestion_at(uri: str, position: types.Position, automatic: bool):
-        doc = ls.open_document(uri)
-        if doc is None:
-            return None
-        split = cursor_split(doc, position)
-        if split is None or not ls.is_shell(uri, doc.source):
-            return None
-        prefix, suffix = split
-        return prefix, await ls.service.suggest(uri, prefix, suffix, automatic)
-
-    @ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
-    async def inline_completion(params: types.InlineCompletionParams):
-        automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
-        found = await suggestion_at(params.text_document.uri, params.position, automatic)
-        if not found or not found[1].text:
-            return types.InlineCompletionList(items=[])
-        _, suggestion = found
-        cursor = params.position
-        return types.InlineCompletionList(items=[types.InlineCompletionItem(
-            insert_text=suggestion.text, range=types.Range(start=cursor, end=cursor))])
-
-    @ls.feature(types.TEXT_DOCUMENT_COMPLETION,
-                types.CompletionOptions(trigger_characters=[" ", "\n"], resolve_provider=False))
-    async def completion(params: types.CompletionParams):
-        automatic = params.context is None or params.context.trigger_kind != types.CompletionTriggerKind.Invoked
-        found = await suggestion_at(params.text_document.uri, params.position, automatic)
-        if not found or not found[1].text:
-            return types.CompletionList(is_incomplete=True, items=[])
-        prefix, suggestion = found
-        return types.CompletionList(is_incomplete=True, items=[completion_item(ls, prefix, suggestion.text,
-                                                                               params.position)])
-
-    @ls.feature(STATUS_METHOD)
-    def status(params=None):
-        return ls.service.status()
-
-    @ls.feature(types.SHUTDOWN)
-    def shutdown(params=None):
-        ls.holder.stop()
-
+    for method, handler in HANDLERS.items():
+        ls.feature(method)(handler)
     return ls
 
 

@@ -19,7 +19,7 @@ from codellm.postprocess import Context, postprocess
 from codellm.prompt import join_line_endings, split_line_endings
 from codellm.shellmode import choose_mode
 
-from .models import ModelHolder
+from .model_holder import ModelHolder
 
 log = logging.getLogger("codellm.server")
 
@@ -326,6 +326,11 @@ class CompletionService:
     def forget(self, uri: str) -> None:
         self.recent.pop(uri, None)
         self.latest.pop(uri, None)
+
+    def clear(self) -> None:
+        """Drop every remembered suggestion: after a settings change they may no longer be what it gives."""
+        self.cache.clear()
+        self.recent.clear()
 
     def status(self) -> dict:
         engine = self.holder.engine

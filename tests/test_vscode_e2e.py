@@ -154,7 +154,7 @@ class Processes:
 def expected_suggestions(workspace: Path) -> list[dict]:
     """What codellm-serve's completion service suggests at each step, with the editor's settings and in
     the same order (a fresh service, so the result cache cannot differ)."""
-    from codellm.server.models import ModelHolder
+    from codellm.server.model_holder import ModelHolder
     from codellm.server.service import CompletionService, Settings
 
     async def run():

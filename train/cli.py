@@ -134,7 +134,8 @@ def cmd_tokenizer(args):
     train_tokenizer(args.corpus, args.out, args.vocab_size)
 
 
-def cmd_stage(args, stage: str):
+def cmd_stage(args):
+    """`codellm-train language` or `code` (args.stage)."""
     from codellm.tokenizer import Tokenizer
     from .stages import run_stage
     check_out(args)
@@ -143,7 +144,7 @@ def cmd_stage(args, stage: str):
     tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
     if tok is None and not args.from_bundle:
         tok = trained_tokenizer(corpus, work / "tokenizer.json", args.resume)
-    run_stage(stage, corpus, args.out, train_config(args), tok, args.from_bundle, args.model_size,
+    run_stage(args.stage, corpus, args.out, train_config(args), tok, args.from_bundle, args.model_size,
               args.context_length, args.fim_rate, args.device, args.resume, threads=args.threads,
               overwrite=args.overwrite)
 
@@ -177,7 +178,18 @@ def cmd_all(args):
               threads=args.threads, overwrite=args.overwrite)
 
 
-def main(argv=None):
+def cmd_eval(args):
+    from .evaluate import main as evaluate
+    evaluate(args)
+
+
+def cmd_bench(args):
+    from .bench import main as bench
+    bench(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `codellm-train`: one subcommand per step, each naming its function in `func`."""
     parser = argparse.ArgumentParser(prog="codellm-train", description="Build corpora and train codellm models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -203,7 +215,7 @@ def main(argv=None):
         add_training_flags(p)
         p.add_argument("--tokenizer", type=Path, default=None)
         p.add_argument("--from", dest="from_bundle", type=Path, default=None, help="start from this bundle")
-        p.set_defaults(func=lambda a, s=stage: cmd_stage(a, s))
+        p.set_defaults(func=cmd_stage, stage=stage)
 
     p = sub.add_parser("all", help="corpus -> tokenizer -> stage 1 -> stage 2")
     add_corpus_flags(p, None)
@@ -211,6 +223,12 @@ def main(argv=None):
     p.add_argument("--language-share", type=float, default=0.15, help="share of the budget for stage 1")
     p.set_defaults(func=cmd_all)
 
+    add_eval_parser(sub)
+    add_bench_parser(sub)
+    return parser
+
+
+def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="held-out loss, line completion, comment to command, whole-script syntax")
     p.add_argument("bundle", type=Path, nargs="+", help="one or more bundles, measured side by side")
     p.add_argument("--corpus", type=Path, default=Path("data/corpus"))
@@ -227,17 +245,21 @@ def main(argv=None):
                    help="also sweep the confidence thresholds and draw taken-of-shown against keystrokes saved")
     p.add_argument("--no-card", action="store_true", help="do not write the results into the bundle's data card")
     p.add_argument("--device", default=None)
-    p.set_defaults(func=lambda a: __import__("codellm.train.evaluate", fromlist=["main"]).main(a))
+    p.set_defaults(func=cmd_eval)
 
+
+def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="training tokens/s per preset, beside HF transformers")
     p.add_argument("--presets", default="nano", help="comma-separated presets")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--context-length", type=int, default=256)
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
-    p.set_defaults(func=lambda a: __import__("codellm.train.bench", fromlist=["main"]).main(a))
+    p.set_defaults(func=cmd_bench)
 
-    args = parser.parse_args(argv)
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as exc:

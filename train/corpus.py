@@ -81,9 +81,22 @@ def write_records(path: Path, records: Iterable[dict]) -> int:
     return n
 
 
-def read_records(path: Path) -> Iterator[dict]:
+def read_records(path: Path, split: str | None = None) -> Iterator[dict]:
+    """The records of a corpus file (a msgpack stream), only those of `split` when one is given (a record
+    without a split is training data); nothing for a file that does not exist. Every reader of a corpus,
+    training, evaluation and the server bench, reads through here."""
+    path = Path(path)
+    if not path.exists():
+        return
     with open(path, "rb") as f:
-        yield from msgpack.Unpacker(f, raw=False, max_buffer_size=64 * 1024 * 1024)
+        for r in msgpack.Unpacker(f, raw=False, max_buffer_size=64 * 1024 * 1024):
+            if isinstance(r, dict) and (split is None or r.get("split", "train") == split):
+                yield r
+
+
+def read_texts(path: Path, split: str | None = None) -> list[str]:
+    """The texts of a corpus file's records (of one split when given); [] for a file that does not exist."""
+    return [r["text"] for r in read_records(path, split)]
 
 
 # ---------------------------------------------------------------- shell detection

@@ -7,23 +7,14 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from codellm.prompt import fim_training_ids
 from codellm.tokenizer import Tokenizer
 
-from .corpus import read_records
-
 IGNORE = -1
 CHARS_PER_TOKEN = 3.0  # chunk length in characters per token of context (shell ~3.2 bytes/token)
-
-
-def load_texts(path: Path, split: str | None = None) -> list[str]:
-    if not Path(path).exists():
-        return []
-    return [r["text"] for r in read_records(Path(path)) if split is None or r.get("split", "train") == split]
 
 
 def chunk_text(text: str, max_chars: int) -> list[str]:

@@ -25,10 +25,8 @@ def corpus_files(corpus: Path) -> dict[str, bytes]:
     """{source: concatenated sha256 digests} of the corpus's training files (shell, English, pairs)."""
     grouped: dict[str, list[bytes]] = {}
     for name in (SHELL_FILE, ENGLISH_FILE, PAIRS_FILE):
-        if (corpus / name).exists():
-            for r in read_records(corpus / name):
-                if r.get("split", "train") == "train":
-                    grouped.setdefault(r["source"], []).append(bytes.fromhex(r["sha256"]))
+        for r in read_records(corpus / name, "train"):
+            grouped.setdefault(r["source"], []).append(bytes.fromhex(r["sha256"]))
     return {source: b"".join(sorted(digests)) for source, digests in sorted(grouped.items())}
 
 

@@ -26,7 +26,7 @@ from codellm.device import choose_device
 from codellm import shellmode
 from codellm.engine import Engine
 
-from .corpus import read_records
+from .corpus import read_texts
 from .pairs import command_name
 from .recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
 
@@ -212,11 +212,6 @@ def whole_scripts(engine: Engine, n: int, seed: int = 0) -> dict:
 HELDOUT_SPLITS = {"val": "Debian packages", "val_user": "npm/PyPI packages"}
 
 
-def heldout_texts(corpus: Path, name: str, split: str) -> list[str]:
-    path = corpus / name
-    return [r["text"] for r in read_records(path) if r.get("split") == split] if path.exists() else []
-
-
 def comment_to_command(engine: Engine, pairs: list[str], n: int = 300, seed: int = 0) -> dict | None:
     """After `#!/bin/bash\n# <description>\n`, the greedy first line: the share that is a command (not a
     comment, not empty) and the share whose command name (pairs.command_name) is the held-out one's."""
@@ -322,7 +317,7 @@ def evaluate(bundle_path: Path, corpus: Path, samples: int = 400, scripts: int =
 
     Raises ValueError when the corpus has no held-out shell files."""
     engine = Engine(load_bundle(bundle_path, device=choose_device(device)), device)
-    splits = {split: heldout_texts(corpus, SHELL_FILE, split) for split in HELDOUT_SPLITS}
+    splits = {split: read_texts(corpus / SHELL_FILE, split) for split in HELDOUT_SPLITS}
     splits = {split: texts for split, texts in splits.items() if texts}
     if not splits:
         raise ValueError(f"{corpus}: no held-out shell files (split 'val' or 'val_user') to evaluate on")
@@ -333,14 +328,14 @@ def evaluate(bundle_path: Path, corpus: Path, samples: int = 400, scripts: int =
             "heldout_files": len(texts),
             "shell_loss": heldout_loss(engine, texts),
             "line_completion": line_completion(engine, texts, samples),
-            "comment_to_command": comment_to_command(engine, heldout_texts(corpus, PAIRS_FILE, split), pairs),
+            "comment_to_command": comment_to_command(engine, read_texts(corpus / PAIRS_FILE, split), pairs),
             "block_completion": block_completion(engine, texts, blocks),
         }
         if keystrokes:
             results["splits"][split]["keystrokes"] = keystroke_figures(bundle_path, texts, keystrokes, device)
     if keystrokes and keystroke_curve_png:
         results["keystroke_curve"] = keystroke_curve(bundle_path, splits, keystrokes, keystroke_curve_png, device)
-    results["english_loss"] = heldout_loss(engine, heldout_texts(corpus, ENGLISH_FILE, "val"), max_tokens=30000)
+    results["english_loss"] = heldout_loss(engine, read_texts(corpus / ENGLISH_FILE, "val"), max_tokens=30000)
     results["whole_scripts"] = whole_scripts(engine, scripts) if scripts else None
     results["seconds"] = round(time.time() - start, 1)
     return results

@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -164,22 +165,109 @@ def micro_step(model: GPT, train_model, forward, x, y, sync: bool, device, preci
     return loss_sum.detach()
 
 
+@dataclass
+class StageRun:
+    """What one stage's loop works with and advances: made by `set_up`, a step at a time by `train_step`
+    and `log_step`."""
+    model: GPT
+    tok: Tokenizer
+    mix: Mixture
+    cfg: TrainConfig
+    run_dir: Path
+    device: torch.device
+    rank: int
+    world: int
+    optimizer: torch.optim.Optimizer
+    state: dict  # step, epoch, batch_in_epoch, tokens, elapsed, max_steps, history: what a checkpoint keeps
+    inputs: torch.Tensor | None = None  # the epoch's windows
+    targets: torch.Tensor | None = None
+    batches_per_epoch: int = 1
+    val_data: tuple | None = None
+    train_model: torch.nn.Module | None = None  # the model, or its DDP wrapper
+    forward: Callable | None = None  # train_model, or a compiled version of it
+    progress: Progress | None = None
+    started: float = 0.0  # when training would have started had it never stopped (resume keeps elapsed)
+    window_start: float = 0.0  # tokens/s is measured over the steps since the last log line
+    window_tokens: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def local_batch(self) -> int:
+        return self.cfg.batch_size // self.world
+
+    @property
+    def micro(self) -> int:
+        return self.local_batch // self.cfg.grad_accum
+
+    @property
+    def metrics(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def read_epoch(self) -> None:
+        """Build the windows of the state's epoch (the same for a given seed and epoch)."""
+        self.inputs, self.targets = build_epoch(self.tok, self.mix, self.model.cfg.context_length, self.cfg.seed,
+                                                self.state["epoch"])
+        self.batches_per_epoch = max(1, len(self.inputs) // self.cfg.batch_size)
+
+
 def train_stage(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, cfg: TrainConfig, run_dir: Path,
                 device: torch.device, resume: bool = False, log=print) -> StageResult:
     """Train `model` in place on `mix`; checkpoints, metrics.jsonl and loss.png go to run_dir."""
+    run = set_up(model, tok, mix, val, cfg, run_dir, device, resume, log)
+    last_loss, val_loss = float("nan"), None
+    done = progress_of(run.state, cfg) >= 1.0
+    while not done:
+        last_loss, lr = train_step(run, log)
+        done = is_done(run)
+        evaluated = log_step(run, last_loss, lr, done)
+        val_loss = evaluated if evaluated is not None else val_loss
+        if cfg.stop_after and run.state["step"] >= cfg.stop_after:
+            break
+    run.progress.close()
+    if run.is_main:
+        plot_losses(run.state["history"], run_dir / "loss.png")
+    state = run.state
+    return StageResult(state["step"], state["tokens"], state["elapsed"], last_loss, val_loss, state["history"])
+
+
+def set_up(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, cfg: TrainConfig, run_dir: Path,
+           device: torch.device, resume: bool, log) -> StageRun:
+    """Seeds, optimizer, the state (a checkpoint's on resume), the first epoch, validation windows and the
+    model to step (DDP and torch.compile where asked)."""
     rank, world = distributed()
-    is_main = rank == 0
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} does not split over {world} processes")
-    local_batch = cfg.batch_size // world
-    if local_batch % cfg.grad_accum:
-        raise ValueError(f"per-process batch {local_batch} is not divisible by grad_accum {cfg.grad_accum}")
-    micro = local_batch // cfg.grad_accum
-    ctx = model.cfg.context_length
+    if (cfg.batch_size // world) % cfg.grad_accum:
+        raise ValueError(f"per-process batch {cfg.batch_size // world} is not divisible by grad_accum {cfg.grad_accum}")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
+    state = start_state(model, optimizer, cfg, run_dir, resume, rank == 0, log)
+    run = StageRun(model, tok, mix, cfg, run_dir, device, rank, world, optimizer, state)
+    run.read_epoch()
+    if state["max_steps"] is None and cfg.num_epochs:
+        state["max_steps"] = max(1, int(cfg.num_epochs * run.batches_per_epoch))
+    ctx = model.cfg.context_length
+    val_data = build_epoch(tok, val, ctx, cfg.seed, 0) if val and val.texts else None
+    if val_data is not None:
+        run.val_data = (val_data[0][:cfg.eval_windows], val_data[1][:cfg.eval_windows])
+    run.train_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+    run.forward = torch.compile(run.train_model) if compile_wanted(cfg) else run.train_model
+    if not state["max_steps"] and not cfg.time_budget:
+        raise ValueError("give --max-steps, --num-epochs or --time-budget")
+    run.progress = Progress(state["max_steps"], cfg.time_budget, run.is_main)
+    run.window_start, run.window_tokens = time.time(), 0
+    run.started = time.time() - state["elapsed"]
+    return run
+
+
+def start_state(model: GPT, optimizer, cfg: TrainConfig, run_dir: Path, resume: bool, is_main: bool,
+                log) -> dict:
+    """A new run's state, or on resume the last checkpoint's (with metrics.jsonl cut back to it)."""
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "elapsed": 0.0, "max_steps": cfg.max_steps,
              "history": []}
     if resume and read_checkpoint_state(run_dir) is not None:
@@ -192,100 +280,95 @@ def train_stage(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, c
             metrics.unlink()
         elif metrics.exists():
             keep_metrics_until(metrics, state["step"])
+    return state
 
-    inputs, targets = build_epoch(tok, mix, ctx, cfg.seed, state["epoch"])
-    batches_per_epoch = max(1, len(inputs) // cfg.batch_size)
-    if state["max_steps"] is None and cfg.num_epochs:
-        state["max_steps"] = max(1, int(cfg.num_epochs * batches_per_epoch))
-    val_data = build_epoch(tok, val, ctx, cfg.seed, 0) if val and val.texts else None
-    if val_data is not None:
-        val_data = (val_data[0][:cfg.eval_windows], val_data[1][:cfg.eval_windows])
 
-    train_model = model
+def train_step(run: StageRun, log) -> tuple[float, float]:
+    """One optimizer step over the next batch (its micro-batches, this process's share); returns the
+    step's mean loss per target token, over all processes, and the learning rate it used."""
+    cfg, state, world = run.cfg, run.state, run.world
+    if state["batch_in_epoch"] >= run.batches_per_epoch:
+        state["epoch"] += 1
+        state["batch_in_epoch"] = 0
+        run.read_epoch()
+    g0 = state["batch_in_epoch"] * cfg.batch_size
+    b0 = g0 + run.rank * run.local_batch
+    # every process holds the whole epoch, so each can divide by the global count of target tokens:
+    # summed over processes and micro-batches, the gradient is exactly the single-process one
+    denom = max(1, int((run.targets[g0:g0 + cfg.batch_size] != IGNORE).sum()))
+    step_loss = 0.0
+    lr = lr_at(state["step"], progress_of(state, cfg), cfg)
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    micro = run.micro
+    for m in range(cfg.grad_accum):
+        x = run.inputs[b0 + m * micro: b0 + (m + 1) * micro].to(run.device)
+        y = run.targets[b0 + m * micro: b0 + (m + 1) * micro].to(run.device)
+        sync = m == cfg.grad_accum - 1 or world == 1
+        step_loss += float(micro_step_or_uncompiled(run, x, y, sync, world / denom, log).detach()) / denom
     if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(model)
-    forward = torch.compile(train_model) if compile_wanted(cfg) else train_model
-    if not state["max_steps"] and not cfg.time_budget:
-        raise ValueError("give --max-steps, --num-epochs or --time-budget")
-    progress = Progress(state["max_steps"], cfg.time_budget, is_main)
-    window_start, window_tokens = time.time(), 0
-    started = time.time() - state["elapsed"]
-    last_loss = float("nan")
-    val_loss = None
+        t = torch.tensor([step_loss], device=run.device)
+        torch.distributed.all_reduce(t)
+        step_loss = float(t)
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    state["step"] += 1
+    state["batch_in_epoch"] += 1
+    step_tokens = cfg.batch_size * run.model.cfg.context_length
+    state["tokens"] += step_tokens
+    run.window_tokens += step_tokens
+    state["elapsed"] = time.time() - run.started
+    return step_loss, lr
 
-    done = progress_of(state, cfg) >= 1.0
-    while not done:
-        if state["batch_in_epoch"] >= batches_per_epoch:
-            state["epoch"] += 1
-            state["batch_in_epoch"] = 0
-            inputs, targets = build_epoch(tok, mix, ctx, cfg.seed, state["epoch"])
-            batches_per_epoch = max(1, len(inputs) // cfg.batch_size)
-        g0 = state["batch_in_epoch"] * cfg.batch_size
-        b0 = g0 + rank * local_batch
-        # every process holds the whole epoch, so each can divide by the global count of target tokens:
-        # summed over processes and micro-batches, the gradient is exactly the single-process one
-        denom = max(1, int((targets[g0:g0 + cfg.batch_size] != IGNORE).sum()))
-        step_loss = 0.0
-        lr = lr_at(state["step"], progress_of(state, cfg), cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        for m in range(cfg.grad_accum):
-            x = inputs[b0 + m * micro: b0 + (m + 1) * micro].to(device)
-            y = targets[b0 + m * micro: b0 + (m + 1) * micro].to(device)
-            sync = m == cfg.grad_accum - 1 or world == 1
-            try:
-                loss_sum = micro_step(model, train_model, forward, x, y, sync, device, cfg.precision, world / denom)
-            except Exception as exc:  # noqa: BLE001 - torch.compile can fail in many ways; train on without it
-                if forward is train_model:
-                    raise
-                log(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
-                    "training without it")
-                forward = train_model
-                loss_sum = micro_step(model, train_model, forward, x, y, sync, device, cfg.precision, world / denom)
-            step_loss += float(loss_sum.detach()) / denom
-        if world > 1:
-            t = torch.tensor([step_loss], device=device)
-            torch.distributed.all_reduce(t)
-            step_loss = float(t)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        state["step"] += 1
-        state["batch_in_epoch"] += 1
-        step_tokens = cfg.batch_size * ctx
-        state["tokens"] += step_tokens
-        window_tokens += step_tokens
-        last_loss = step_loss
-        elapsed = time.time() - started
-        state["elapsed"] = elapsed
-        done = progress_of(state, cfg) >= 1.0
-        if world > 1:  # elapsed time differs between processes: rank 0 decides when to stop
-            flag = torch.tensor([float(done)], device=device)
-            torch.distributed.broadcast(flag, 0)
-            done = bool(flag.item())
-        record = {"step": state["step"], "loss": round(step_loss, 5), "lr": lr, "tokens": state["tokens"],
-                  "elapsed": round(elapsed, 2)}
-        if state["step"] % cfg.log_every == 0 or done:
-            rate = window_tokens / max(1e-9, time.time() - window_start)
-            record["tokens_per_s"] = round(rate)
-            progress.update(state["step"], step_loss, rate, progress_of(state, cfg), elapsed, lr)
-            window_start, window_tokens = time.time(), 0
-        if val_data is not None and (state["step"] % cfg.eval_every == 0 or done):
-            val_loss, _ = evaluate_loss(model, *val_data, precision=cfg.precision)
-            record["val_loss"] = round(val_loss, 5)
-        state["history"].append({k: record[k] for k in ("step", "loss", "tokens") if k in record}
-                                | ({"val_loss": record["val_loss"]} if "val_loss" in record else {}))
-        if is_main:
-            with open(metrics, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        if is_main and (state["step"] % cfg.checkpoint_every == 0 or done):
-            save_checkpoint(run_dir, model, optimizer, state)
-        if cfg.stop_after and state["step"] >= cfg.stop_after:
-            break
-    progress.close()
-    if is_main:
-        plot_losses(state["history"], run_dir / "loss.png")
-    return StageResult(state["step"], state["tokens"], state["elapsed"], last_loss, val_loss, state["history"])
+
+def micro_step_or_uncompiled(run: StageRun, x, y, sync: bool, scale: float, log) -> torch.Tensor:
+    """micro_step with the run's forward; where torch.compile fails, the run goes on without it."""
+    try:
+        return micro_step(run.model, run.train_model, run.forward, x, y, sync, run.device, run.cfg.precision, scale)
+    except Exception as exc:  # noqa: BLE001 - torch.compile can fail in many ways; train on without it
+        if run.forward is run.train_model:
+            raise
+        log(f"torch.compile failed ({type(exc).__name__}: {str(exc).splitlines()[0][:200]}); "
+            "training without it")
+        run.forward = run.train_model
+        return micro_step(run.model, run.train_model, run.forward, x, y, sync, run.device, run.cfg.precision, scale)
+
+
+def is_done(run: StageRun) -> bool:
+    """Whether the run has reached its steps or its time budget; with several processes, rank 0 decides
+    (elapsed time differs between them)."""
+    done = progress_of(run.state, run.cfg) >= 1.0
+    if run.world > 1:
+        flag = torch.tensor([float(done)], device=run.device)
+        torch.distributed.broadcast(flag, 0)
+        done = bool(flag.item())
+    return done
+
+
+def log_step(run: StageRun, step_loss: float, lr: float, done: bool) -> float | None:
+    """After a step: the status line, validation loss, metrics.jsonl, the history and a checkpoint, each
+    when due. Returns the validation loss when it was measured."""
+    cfg, state = run.cfg, run.state
+    record = {"step": state["step"], "loss": round(step_loss, 5), "lr": lr, "tokens": state["tokens"],
+              "elapsed": round(state["elapsed"], 2)}
+    if state["step"] % cfg.log_every == 0 or done:
+        rate = run.window_tokens / max(1e-9, time.time() - run.window_start)
+        record["tokens_per_s"] = round(rate)
+        run.progress.update(state["step"], step_loss, rate, progress_of(state, cfg), state["elapsed"], lr)
+        run.window_start, run.window_tokens = time.time(), 0
+    val_loss = None
+    if run.val_data is not None and (state["step"] % cfg.eval_every == 0 or done):
+        val_loss, _ = evaluate_loss(run.model, *run.val_data, precision=cfg.precision)
+        record["val_loss"] = round(val_loss, 5)
+    state["history"].append({k: record[k] for k in ("step", "loss", "tokens") if k in record}
+                            | ({"val_loss": record["val_loss"]} if "val_loss" in record else {}))
+    if run.is_main:
+        with open(run.metrics, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    if run.is_main and (state["step"] % cfg.checkpoint_every == 0 or done):
+        save_checkpoint(run.run_dir, run.model, run.optimizer, state)
+    return val_loss
 
 
 def keep_metrics_until(metrics: Path, step: int) -> None:

@@ -17,10 +17,33 @@ def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def render(bundle_path: Path, command: str, bench_text: str | None, curves: list[str], notes: str | None = None) -> str:
+    """The model card's Markdown: the model, its data, its training, the evaluation stored in the card,
+    the bench output and notes when given."""
     bundle = load_bundle(bundle_path)
-    card, cfg = bundle.card, bundle.config
-    stages = card.get("stages", {})
-    shell_stages = [name for name in stages if name.startswith("code")]
+    stages = bundle.card.get("stages", {})
+    out = _model_section(bundle, bundle_path, command, stages)
+    out += _data_section(stages)
+    out += _training_section(stages, curves)
+    ev = bundle.card.get("eval")
+    if ev:
+        out += _eval_section(ev, bundle_path)
+    if bench_text:
+        out += [f"`codellm bench --model {bundle_path}`:", "", "```", bench_text.strip(), "```", ""]
+    if notes:
+        out += ["## Observations", "", notes.strip(), ""]
+    out += ["---", "", "Written by `python -m codellm.train.modelcard` from the bundle's data card; the evaluation "
+            "figures are stored there by `codellm-train eval`.", ""]
+    return "\n".join(out)
+
+
+def _shell_stages(stages: dict) -> list[str]:
+    return [name for name in stages if name.startswith("code")]
+
+
+def _model_section(bundle, bundle_path: Path, command: str, stages: dict) -> list[str]:
+    """The title, what the model is and what it was trained on, and the command that trained it."""
+    cfg = bundle.config
+    shell_stages = _shell_stages(stages)
     out = [f"# codellm model card: `{bundle_path}`", ""]
     trained = ("English, then shell scripts with fill-in-the-middle" if "language" in stages
                else "shell scripts with fill-in-the-middle")
@@ -31,26 +54,36 @@ def render(bundle_path: Path, command: str, bench_text: str | None, curves: list
             f"byte-level BPE vocabulary of {cfg.vocab_size}), trained from scratch on {trained}. "
             f"Prompt format at serving time: {bundle.prompt_format.upper()}.", ""]
     out += ["Reproduce it with:", "", "```bash", command, "```", ""]
+    return out
 
-    code = stages.get(shell_stages[-1], {}) if shell_stages else {}  # the corpus of the last shell stage
+
+def _data_section(stages: dict) -> list[str]:
+    """The corpus of the last shell stage: sizes, curation and the largest sources; none without a summary."""
+    shell_stages = _shell_stages(stages)
+    code = stages.get(shell_stages[-1], {}) if shell_stages else {}
     summary = code.get("corpus_summary", {})
-    if summary:
-        eng, sh = summary.get("english", {}), summary.get("shell", {})
-        out += ["## Data", "",
-                f"- English: {eng.get('files', 0)} documents, {eng.get('bytes', 0) / 1e6:.1f} MB "
-                "(man pages, GNU info manuals, Debian documentation packages).",
-                f"- Shell: {sh.get('files', 0)} files, {sh.get('bytes', 0) / 1e6:.1f} MB after filtering and exact "
-                f"de-duplication; {summary.get('shell_val_files', 0)} files from whole packages held out for "
-                "evaluation and never trained on.",
-                f"- Skipped shell files: {', '.join(f'{k} {v}' for k, v in sh.get('skipped', {}).items())}.",
-                *_curation_lines(summary),
-                "- Every training file's sha256, source and path is listed in the bundle's `data.msgpack`.", ""]
-        sources = sorted(code.get("sources", {}).items(), key=lambda kv: -kv[1]["bytes"])
-        rows = [[name, v["files"], f"{v['bytes'] / 1e6:.2f}", v.get("licence") or "-"] for name, v in sources[:25]]
-        out += [_fmt_table(rows, ["source", "files", "MB", "licence"]), "",
-                f"({len(sources)} sources in all; the full list is in the data card.)", ""]
+    if not summary:
+        return []
+    eng, sh = summary.get("english", {}), summary.get("shell", {})
+    out = ["## Data", "",
+           f"- English: {eng.get('files', 0)} documents, {eng.get('bytes', 0) / 1e6:.1f} MB "
+           "(man pages, GNU info manuals, Debian documentation packages).",
+           f"- Shell: {sh.get('files', 0)} files, {sh.get('bytes', 0) / 1e6:.1f} MB after filtering and exact "
+           f"de-duplication; {summary.get('shell_val_files', 0)} files from whole packages held out for "
+           "evaluation and never trained on.",
+           f"- Skipped shell files: {', '.join(f'{k} {v}' for k, v in sh.get('skipped', {}).items())}.",
+           *_curation_lines(summary),
+           "- Every training file's sha256, source and path is listed in the bundle's `data.msgpack`.", ""]
+    sources = sorted(code.get("sources", {}).items(), key=lambda kv: -kv[1]["bytes"])
+    rows = [[name, v["files"], f"{v['bytes'] / 1e6:.2f}", v.get("licence") or "-"] for name, v in sources[:25]]
+    out += [_fmt_table(rows, ["source", "files", "MB", "licence"]), "",
+            f"({len(sources)} sources in all; the full list is in the data card.)", ""]
+    return out
 
-    out += ["## Training", ""]
+
+def _training_section(stages: dict, curves: list[str]) -> list[str]:
+    """One table row per stage, then the loss curves."""
+    out = ["## Training", ""]
     rows = []
     for name, st in stages.items():
         if st:
@@ -60,17 +93,7 @@ def render(bundle_path: Path, command: str, bench_text: str | None, curves: list
     out += [_fmt_table(rows, ["stage", "tokens seen", "steps", "wall time", "device", "final train loss",
                               "held-out loss"]), ""]
     out += ["Loss curves:", ""] + [f"![{c}]({c})" for c in curves] + [""]
-
-    ev = card.get("eval")
-    if ev:
-        out += _eval_section(ev, bundle_path)
-    if bench_text:
-        out += [f"`codellm bench --model {bundle_path}`:", "", "```", bench_text.strip(), "```", ""]
-    if notes:
-        out += ["## Observations", "", notes.strip(), ""]
-    out += ["---", "", "Written by `python -m codellm.train.modelcard` from the bundle's data card; the evaluation "
-            "figures are stored there by `codellm-train eval`.", ""]
-    return "\n".join(out)
+    return out
 
 
 def _curation_lines(summary: dict) -> list[str]:
@@ -95,28 +118,7 @@ def _eval_section(ev: dict, bundle_path: Path) -> list[str]:
     splits = ev.get("splits") or {"val": ev}
     out = ["## Held-out evaluation", "", f"From `codellm-train eval {bundle_path}`.", ""]
     for split, r in splits.items():
-        lc = r["line_completion"]
-        out += [f"### {SPLIT_LABELS.get(split, split)} (`{split}`, {r['heldout_files']} files)", ""]
-        rows = [[label, v["loss"], v["perplexity"], v["bits_per_byte"], v["tokens"]]
-                for label, v in (("shell", r.get("shell_loss")), ("English", ev.get("english_loss"))) if v]
-        out += [_fmt_table(rows, ["text", "loss (nats/token)", "perplexity", "bits per byte", "tokens"]), ""]
-        rows = []
-        for key, label in (("fim", "model, with the suffix (FIM)"), ("no_suffix", "model, prefix only"),
-                           ("baseline", "repeat previous line")):
-            cells = [label]
-            for kind in ("all", "line_start", "mid_line"):
-                c = lc[key].get(kind)
-                cells.append(f"{c['em']} / {c['es']}" if c else "-")
-            rows.append(cells)
-        out += [f"Line completion (CodeXGLUE protocol, {lc['fim']['all']['n']} cut points, greedy): exact match % / "
-                "edit similarity", "", _fmt_table(rows, ["", "all", "line start", "mid-line"]), "",
-                f"Held-out files that still parse (`bash -n`) with the predicted line in place of the real one, "
-                f"among those that parse: {lc['syntax_kept_parseable']}%.", ""]
-        c2c = r.get("comment_to_command")
-        if c2c:
-            out += [f"After `#!/bin/bash` and a held-out description comment ({c2c['n']} pairs), the first greedy "
-                    f"line is a command in {c2c['command_share']}% of cases, running the right command in "
-                    f"{c2c['right_command_share']}%.", ""]
+        out += _split_section(split, r, ev)
     ws = ev.get("whole_scripts")
     if ws:
         out += [f"Whole scripts generated from {ws['n']} one-line descriptions (temperature 0.6): "
@@ -125,6 +127,33 @@ def _eval_section(ev: dict, bundle_path: Path) -> list[str]:
     lat = next(iter(splits.values()))["line_completion"].get("latency_ms", {})
     out += ["## Speed", "", f"Line completion latency during the evaluation (engine only, CPU): p50 "
             f"{lat.get('p50')} ms, p95 {lat.get('p95')} ms.", ""]
+    return out
+
+
+def _split_section(split: str, r: dict, ev: dict) -> list[str]:
+    """One held-out split's figures: loss, line completion, comment to command."""
+    lc = r["line_completion"]
+    out = [f"### {SPLIT_LABELS.get(split, split)} (`{split}`, {r['heldout_files']} files)", ""]
+    rows = [[label, v["loss"], v["perplexity"], v["bits_per_byte"], v["tokens"]]
+            for label, v in (("shell", r.get("shell_loss")), ("English", ev.get("english_loss"))) if v]
+    out += [_fmt_table(rows, ["text", "loss (nats/token)", "perplexity", "bits per byte", "tokens"]), ""]
+    rows = []
+    for key, label in (("fim", "model, with the suffix (FIM)"), ("no_suffix", "model, prefix only"),
+                       ("baseline", "repeat previous line")):
+        cells = [label]
+        for kind in ("all", "line_start", "mid_line"):
+            c = lc[key].get(kind)
+            cells.append(f"{c['em']} / {c['es']}" if c else "-")
+        rows.append(cells)
+    out += [f"Line completion (CodeXGLUE protocol, {lc['fim']['all']['n']} cut points, greedy): exact match % / "
+            "edit similarity", "", _fmt_table(rows, ["", "all", "line start", "mid-line"]), "",
+            f"Held-out files that still parse (`bash -n`) with the predicted line in place of the real one, "
+            f"among those that parse: {lc['syntax_kept_parseable']}%.", ""]
+    c2c = r.get("comment_to_command")
+    if c2c:
+        out += [f"After `#!/bin/bash` and a held-out description comment ({c2c['n']} pairs), the first greedy "
+                f"line is a command in {c2c['command_share']}% of cases, running the right command in "
+                f"{c2c['right_command_share']}%.", ""]
     return out
 
 

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterable, Iterator
 
 from .corpus import (Counts, code_data_records, english_records_from_docs, english_records_from_machine,
                      language_data_records, read_records, record, sha256, shell_records_from_tree, write_records)
@@ -26,87 +28,122 @@ def build_corpus(out: Path, recipe: str | None = None, code_data: list[Path] = (
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    english_counts, shell_counts = Counts(), Counts()
-    english_seen: set[str] = set()
-    shell_seen: set[str] = set()
-    sources: dict[str, dict] = {}
-
-    def tally(records, name, licence=""):
-        for rec in records:
-            entry = sources.setdefault(rec["source"] if not name else name,
-                                       {"files": 0, "bytes": 0, "licence": licence or rec["licence"]})
-            entry["files"] += 1
-            entry["bytes"] += len(rec["text"].encode())
-            yield rec
-
-    def shell_stream():
-        if recipe == "default":
-            specs = read_package_list(package_list)
-            fetched = fetch_packages([s for s in specs if s.kind != "doc"], Path(cache or out / "cache"), log,
-                                     retry_failed=retry_failed)
-            for spec in specs:
-                if spec.kind == "doc" or spec.source not in fetched:
-                    continue
-                folder = fetched[spec.source]
-                licence = package_licence(folder, spec.name)
-                split = spec.split
-                yield from tally(shell_records_from_tree(folder, spec.source, licence, split,
-                                                         shell_seen, shell_counts), spec.source, licence)
-            for root in MACHINE_SHELL_DIRS:
-                if Path(root).is_dir():
-                    yield from tally(shell_records_from_tree(Path(root), f"machine:{root}", "", "train",
-                                                             shell_seen, shell_counts), f"machine:{root}")
-        for path in code_data:
-            yield from tally(code_data_records(Path(path), shell_seen, shell_counts), None)
-
-    def english_stream():
-        budget = int(english_mb * 1e6)
-        if recipe == "default":
-            specs = read_package_list(package_list)
-            fetched = fetch_packages([s for s in specs if s.kind == "doc"], Path(cache or out / "cache"), log)
-            per_doc = budget // 4
-            for spec in specs:
-                if spec.kind == "doc" and spec.source in fetched:
-                    folder = fetched[spec.source]
-                    licence = package_licence(folder, spec.name)
-                    yield from tally(english_records_from_docs(folder, f"debian:{spec.name}", licence,
-                                                               english_seen, english_counts, per_doc),
-                                     f"debian:{spec.name}", licence)
-            left = budget - english_counts.kept_bytes
-            if left > 0:
-                yield from tally(english_records_from_machine(english_seen, english_counts, left, log), None)
-        for path in language_data:
-            yield from tally(language_data_records(Path(path), english_seen, english_counts), None)
-
+    build = CorpusBuild(out, recipe, code_data, language_data, package_list, cache, english_mb, log, retry_failed)
     if recipe not in (None, "default"):
         raise ValueError(f"unknown recipe {recipe!r} (known: default)")
     log("building shell corpus")
-    shell, curation = curate_shell(list(shell_stream()), log)
-    recount_sources(sources, shell)
+    shell, curation = curate_shell(list(build.shell_records()), log)
+    recount_sources(build.sources, shell)
     n_shell = write_records(out / SHELL_FILE, iter(shell))
     log("building English corpus")
-    n_english = write_records(out / ENGLISH_FILE, english_stream())
+    n_english = write_records(out / ENGLISH_FILE, build.english_records())
     n_pairs, pair_counts = write_pairs(out, shell, log)
     summary = {
-        "english": english_counts.as_dict(),
-        "shell": shell_counts.as_dict(),
+        "english": build.english_counts.as_dict(),
+        "shell": build.shell_counts.as_dict(),
         "shell_curation": curation,
         "shell_val_files": sum(1 for r in shell if r["split"] == "val"),
         "shell_val_user_files": sum(1 for r in shell if r["split"] == "val_user"),
         "pairs": pair_counts,
-        "sources": sources,
+        "sources": build.sources,
         "seconds": round(time.time() - start, 1),
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-    log(f"English: {n_english} documents, {english_counts.kept_bytes / 1e6:.1f} MB; "
-        f"shell: {n_shell} files, {curation['bytes_after'] / 1e6:.1f} MB after curation "
-        f"({summary['shell_val_files']} + {summary['shell_val_user_files']} held out) from "
-        f"{sum(1 for v in sources.values() if v['files'])} sources; comment-to-command pairs: {n_pairs}; "
-        f"skipped: shell {dict(shell_counts.skipped)}, English {dict(english_counts.skipped)}")
+    report_build(build, summary, n_shell, n_english, n_pairs)
+    return summary
+
+
+def report_build(build: CorpusBuild, summary: dict, n_shell: int, n_english: int, n_pairs: int) -> None:
+    """Log what a build wrote; raise ValueError when it found no usable text at all."""
+    shell_counts, english_counts = build.shell_counts, build.english_counts
+    build.log(f"English: {n_english} documents, {english_counts.kept_bytes / 1e6:.1f} MB; "
+              f"shell: {n_shell} files, {summary['shell_curation']['bytes_after'] / 1e6:.1f} MB after curation "
+              f"({summary['shell_val_files']} + {summary['shell_val_user_files']} held out) from "
+              f"{sum(1 for v in build.sources.values() if v['files'])} sources; comment-to-command pairs: "
+              f"{n_pairs}; skipped: shell {dict(shell_counts.skipped)}, English {dict(english_counts.skipped)}")
     if n_shell == 0 and n_english == 0:
         raise ValueError("no usable text found: every input was empty, binary, non-UTF-8 or a duplicate "
                          f"(skipped: {dict(shell_counts.skipped) or dict(english_counts.skipped)})")
-    return summary
+
+
+@dataclass
+class CorpusBuild:
+    """One corpus build: its inputs, and as its record streams are read, what each kept and skipped, the
+    texts seen (exact duplicates are dropped) and the files and bytes per source."""
+    out: Path
+    recipe: str | None
+    code_data: list[Path]
+    language_data: list[Path]
+    package_list: Path | None
+    cache: Path | None
+    english_mb: float
+    log: Callable
+    retry_failed: bool
+    english_counts: Counts = field(default_factory=Counts)
+    shell_counts: Counts = field(default_factory=Counts)
+    english_seen: set[str] = field(default_factory=set)
+    shell_seen: set[str] = field(default_factory=set)
+    sources: dict[str, dict] = field(default_factory=dict)
+
+    def tally(self, records: Iterable[dict], name: str | None, licence: str = "") -> Iterator[dict]:
+        """Pass records through, counting files and bytes under `name` (None: each record's own source)."""
+        for rec in records:
+            entry = self.sources.setdefault(rec["source"] if not name else name,
+                                            {"files": 0, "bytes": 0, "licence": licence or rec["licence"]})
+            entry["files"] += 1
+            entry["bytes"] += len(rec["text"].encode())
+            yield rec
+
+    def fetched(self, docs: bool) -> tuple[list, dict]:
+        """The recipe's package specs and the folders of those fetched: the doc packages, or the others."""
+        specs = read_package_list(self.package_list)
+        wanted = [s for s in specs if (s.kind == "doc") == docs]
+        # --retry-failed asks again for the shell packages only
+        return specs, fetch_packages(wanted, Path(self.cache or self.out / "cache"), self.log,
+                                     retry_failed=self.retry_failed and not docs)
+
+    def shell_records(self) -> Iterator[dict]:
+        """The recipe's packages and this machine's shell files, then the user's --code-data."""
+        if self.recipe == "default":
+            yield from self.recipe_shell_records()
+        for path in self.code_data:
+            yield from self.tally(code_data_records(Path(path), self.shell_seen, self.shell_counts), None)
+
+    def recipe_shell_records(self) -> Iterator[dict]:
+        specs, fetched = self.fetched(docs=False)
+        for spec in specs:
+            if spec.kind == "doc" or spec.source not in fetched:
+                continue
+            folder = fetched[spec.source]
+            licence = package_licence(folder, spec.name)
+            yield from self.tally(shell_records_from_tree(folder, spec.source, licence, spec.split,
+                                                          self.shell_seen, self.shell_counts), spec.source, licence)
+        for root in MACHINE_SHELL_DIRS:
+            if Path(root).is_dir():
+                yield from self.tally(shell_records_from_tree(Path(root), f"machine:{root}", "", "train",
+                                                              self.shell_seen, self.shell_counts), f"machine:{root}")
+
+    def english_records(self) -> Iterator[dict]:
+        """The recipe's Debian docs (up to a quarter of the budget each) and this machine's manuals up to
+        --english-mb, then the user's --language-data."""
+        if self.recipe == "default":
+            yield from self.recipe_english_records(int(self.english_mb * 1e6))
+        for path in self.language_data:
+            yield from self.tally(language_data_records(Path(path), self.english_seen, self.english_counts), None)
+
+    def recipe_english_records(self, budget: int) -> Iterator[dict]:
+        specs, fetched = self.fetched(docs=True)
+        for spec in specs:
+            if spec.kind == "doc" and spec.source in fetched:
+                folder = fetched[spec.source]
+                licence = package_licence(folder, spec.name)
+                yield from self.tally(english_records_from_docs(folder, f"debian:{spec.name}", licence,
+                                                                self.english_seen, self.english_counts, budget // 4),
+                                      f"debian:{spec.name}", licence)
+        left = budget - self.english_counts.kept_bytes
+        if left > 0:
+            yield from self.tally(english_records_from_machine(self.english_seen, self.english_counts, left,
+                                                               self.log), None)
 
 
 def curate_shell(records: list[dict], log=print) -> tuple[list[dict], dict]:
@@ -175,7 +212,7 @@ def write_pairs(out: Path, shell: list[dict], log=print) -> tuple[int, dict]:
             by_split.setdefault(split, {}).setdefault(sha256(doc), record(doc, source, path, "", split))
 
     english = out / ENGLISH_FILE
-    for rec in read_records(english) if english.exists() else []:
+    for rec in read_records(english):
         man_page = "/man/" in rec["path"]
         add(pairs_from_manual(rec["text"], names, man_page), rec["source"], rec["path"], rec["split"])
     for rec in shell:

@@ -13,8 +13,8 @@ from codellm.device import choose_device, set_threads
 from codellm.model import GPT
 from codellm.tokenizer import Tokenizer
 
-from .corpus import read_records
-from .data import Mixture, load_texts
+from .corpus import read_records, read_texts
+from .data import Mixture
 from .pairs import pair_scripts
 from .datacard import data_card
 from .loop import TrainConfig, distributed, train_stage
@@ -25,7 +25,7 @@ ENGLISH_SHARE_IN_CODE_STAGE = 0.05
 
 def train_tokenizer(corpus: Path, out: Path, vocab_size: int = 8192, max_mb: float = 60.0, log=print) -> Tokenizer:
     """BPE on the mixed corpus (shell and English, training split only), sampling up to max_mb."""
-    texts = load_texts(corpus / SHELL_FILE, "train") + load_texts(corpus / ENGLISH_FILE, "train")
+    texts = read_texts(corpus / SHELL_FILE, "train") + read_texts(corpus / ENGLISH_FILE, "train")
     if not texts:
         raise ValueError(f"{corpus}: no training text to learn a tokenizer from")
     random.Random(0).shuffle(texts)
@@ -39,7 +39,7 @@ def train_tokenizer(corpus: Path, out: Path, vocab_size: int = 8192, max_mb: flo
     tok = Tokenizer.train(picked, vocab_size=vocab_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     tok.save(out)
-    sample = "".join(load_texts(corpus / SHELL_FILE, "val")[:50]) or "".join(picked[:20])
+    sample = "".join(read_texts(corpus / SHELL_FILE, "val")[:50]) or "".join(picked[:20])
     log(f"tokenizer: {tok.vocab_size} tokens from {sum(map(len, picked)) / 1e6:.1f} MB in {time.time() - start:.0f}s; "
         f"{len(sample.encode()) / max(1, len(tok.encode(sample))):.2f} bytes/token on held-out shell")
     return tok
@@ -87,16 +87,15 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
     torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights
     model, card = init_model(model_size, from_bundle, tokenizer, context_length, dev)
     if stage == "language":
-        mix = Mixture(load_texts(corpus / ENGLISH_FILE, "train"))
-        val = Mixture(load_texts(corpus / ENGLISH_FILE, "val"))
+        mix = Mixture(read_texts(corpus / ENGLISH_FILE, "train"))
+        val = Mixture(read_texts(corpus / ENGLISH_FILE, "val"))
     else:
-        english = load_texts(corpus / ENGLISH_FILE, "train")
+        english = read_texts(corpus / ENGLISH_FILE, "train")
         # comment-to-command pairs (pairs.py) become scripts of commented steps beside the shell files
-        pairs = [r for r in read_records(corpus / PAIRS_FILE) if r.get("split", "train") == "train"] \
-            if (corpus / PAIRS_FILE).exists() else []
-        shell = load_texts(corpus / SHELL_FILE, "train") + pair_scripts(pairs)
+        pairs = list(read_records(corpus / PAIRS_FILE, "train"))
+        shell = read_texts(corpus / SHELL_FILE, "train") + pair_scripts(pairs)
         mix = Mixture(shell, fim_rate, english, ENGLISH_SHARE_IN_CODE_STAGE)
-        val = Mixture(load_texts(corpus / SHELL_FILE, "val"), fim_rate)
+        val = Mixture(read_texts(corpus / SHELL_FILE, "val"), fim_rate)
     if not mix.texts:
         raise ValueError(f"{corpus}: no {'English' if stage == 'language' else 'shell'} training text")
     run_dir = run_dir or out.with_name(out.name + f".{stage}-run")

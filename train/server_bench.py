@@ -1,4 +1,4 @@
-"""`python -m codellm.server.bench`: type shell scripts into a real stdio server keystroke by keystroke,
+"""`python -m codellm.train.server_bench`: type shell scripts into a real stdio server keystroke by keystroke,
 asking for an inline completion after each, as an editor does; reports end-to-end latency (p50/p95),
 KV reuse and cache hits, with KV reuse on and off side by side.
 
@@ -20,22 +20,19 @@ import sys
 import time
 from pathlib import Path
 
-import msgpack
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
-from . import keystrokes
-from .service import Settings
+from codellm.server import keystrokes
+from codellm.server.service import Settings
 
-
-SHELL_FILE = "shell.msgpack"  # the corpus's shell records (codellm.train.recipe; the server does not import train)
+from .corpus import read_texts
+from .recipe import SHELL_FILE
 
 
 def heldout_scripts(corpus: Path, split: str = "val") -> list[str]:
-    """The texts of a corpus's held-out split, read from its msgpack stream of records."""
-    with open(corpus / SHELL_FILE, "rb") as f:
-        return [r["text"] for r in msgpack.Unpacker(f, raw=False, max_buffer_size=64 * 1024 * 1024)
-                if isinstance(r, dict) and r.get("split") == split]
+    """The texts of a corpus's held-out split."""
+    return read_texts(corpus / SHELL_FILE, split)
 
 
 def load_scripts(corpus: Path | None, folder: Path | None, count: int) -> list[str]:
@@ -92,7 +89,7 @@ async def type_scripts(server_args: list[str], scripts: list[str], keystrokes: i
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m codellm.server.bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m codellm.train.server_bench", description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="bundle (default: the shipped model)")
     parser.add_argument("--corpus", type=Path, default=Path("data/corpus"), help="corpus with a held-out split")
     parser.add_argument("--scripts-dir", type=Path, default=None, help="a folder of .sh files instead")
