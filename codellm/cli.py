@@ -6,8 +6,12 @@ import re
 import sys
 from pathlib import Path
 
-from .bundle import BundleError
-from .engine import PRECISION_HELP, PRECISIONS
+from .threads import prefer_passive_waits
+
+prefer_passive_waits()  # before torch loads (it loads the OpenMP runtime): see codellm.threads
+
+from .bundle import BundleError  # noqa: E402
+from .engine import PRECISION_HELP, PRECISIONS  # noqa: E402
 
 
 def parse_location(spec: str) -> tuple[str, int, int]:

@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 
 from .bundle import Bundle, load_bundle
+from .config import PRECISION_HELP, PRECISIONS  # noqa: F401 - the command lines read them from here too
 from .decode import Decoder, decode_tokens, int8_matmul_available
 from .lookahead import GUESS_TOKENS, PromptLookup
 from .device import choose_device, cpu_has_bf16, set_threads
@@ -69,9 +70,6 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     return i
 
 
-PRECISIONS = ("auto", "fp32")
-PRECISION_HELP = ("auto: bf16 prompt reading on CPUs with bf16 units and int8 weights for CPU decode steps "
-                  "(faster, same accuracy in our evaluation); fp32: float32 throughout")
 
 
 class Engine:

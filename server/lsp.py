@@ -43,10 +43,10 @@ class CodellmProtocol(LanguageServerProtocol):
 
 
 class CodellmServer(LanguageServer):
-    def __init__(self):
+    def __init__(self, early=None):
         super().__init__("codellm", __version__, protocol_cls=CodellmProtocol)
         self.settings = Settings()
-        self.holder = ModelHolder(self.tell_user)
+        self.holder = ModelHolder(self.tell_user, early)
         self.service = CompletionService(self.holder, self.settings)
         self.languages: dict[str, str] = {}  # uri -> languageId
         self.owner_connection = None  # the connection this server answers (server.transport)
@@ -105,8 +105,9 @@ def cursor_split(doc, position: types.Position) -> tuple[str, str] | None:
     return source[:offset], source[offset:]
 
 
-def create_server() -> CodellmServer:
-    ls = CodellmServer()
+def create_server(early=None) -> CodellmServer:
+    """early: a codellm.server.models.EarlyLoad the model holder takes its model thread and model from."""
+    ls = CodellmServer(early)
 
     @ls.feature(types.INITIALIZE)
     def initialize(params: types.InitializeParams):
