@@ -88,7 +88,8 @@ async def type_scripts(server_args: list[str], scripts: list[str], keystrokes: i
     return {"requests": len(latencies), "p50": 1000 * latencies[len(latencies) // 2],
             "p95": 1000 * latencies[int(len(latencies) * 0.95)], "mean": 1000 * statistics.fmean(latencies),
             "kv_reuse": status.kv_reuse_ratio, "cache_hits": status.cache_hit_rate, "model_runs": status.model_runs,
-            "server_p50": status.latency_ms.p50, "deadline_hits": getattr(status, "deadline_hits", None)}
+            "server_p50": status.latency_ms.p50, "deadline_hits": getattr(status, "deadline_hits", None),
+            "over_1s": sum(t > 1.0 for t in latencies)}
 
 
 def load_main(args, scripts, server_args) -> None:
@@ -104,7 +105,7 @@ def load_main(args, scripts, server_args) -> None:
                 r = asyncio.run(type_scripts(server_args + extra, scripts, args.keystrokes, {"kvReuse": True}))
             name = f"{'default' if threads is None else f'{threads} thread' + 's' * (threads > 1)}, {label(n)}"
             print(f"  {name:20s} end-to-end p50 {r['p50']:6.1f} ms  p95 {r['p95']:6.1f} ms  mean {r['mean']:6.1f} ms"
-                  f"  | deadline hits {r['deadline_hits']}  KV reuse {r['kv_reuse']:.1%}  model runs "
+                  f"  | deadline hits {r['deadline_hits']}  answers over 1 s {r['over_1s']}  KV reuse {r['kv_reuse']:.1%}  model runs "
                   f"{r['model_runs']} of {r['requests']} requests", flush=True)
 
 
