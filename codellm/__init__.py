@@ -5,11 +5,22 @@
     engine.complete(prefix, suffix="", mode="line")
     engine.generate(prompt, max_new_tokens=200, temperature=0.8, top_k=50, top_p=0.95, seed=None)
 """
-from .bundle import Bundle, BundleError, load_bundle, save_bundle
-from .config import PRESETS, ModelConfig
-from .engine import Completion, Engine, load
-from .model import GPT
-from .tokenizer import Tokenizer
+import importlib
+
+# the names below load on first use (PEP 562), so that `import codellm` and its light modules (the
+# server's start, the command line's help) do not wait for torch
+_LAZY = {"Bundle": "bundle", "BundleError": "bundle", "load_bundle": "bundle", "save_bundle": "bundle",
+         "PRESETS": "config", "ModelConfig": "config", "Completion": "engine", "Engine": "engine",
+         "load": "engine", "GPT": "model", "Tokenizer": "tokenizer"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __version__ = "0.1.0"
 __all__ = ["load", "Engine", "Completion", "Bundle", "BundleError", "load_bundle", "save_bundle", "ModelConfig",

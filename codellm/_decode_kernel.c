@@ -173,11 +173,12 @@ static int choose_block_sums(const char *name) {
     return -1;
 }
 
-/* out (T, rows) = x (T, in) @ W^T, scaled per row; accumulate: out += instead of out =. Each thread takes
- * a run of blocks; sums (4, rows rounded up to BLOCK) is scratch. */
-static void multiply(const Matrix *m, const float *x, int T, float *out, int accumulate, float *sums) {
+/* out (T, rows) = x (T, in) @ W^T, scaled per row; accumulate: out += instead of out =. Each of `team`
+ * threads takes a run of blocks (team 1: no OpenMP team at all); sums (4, rows rounded up to BLOCK) is
+ * scratch. */
+static void multiply(const Matrix *m, const float *x, int T, float *out, int accumulate, float *sums, int team) {
     const int blocks = (m->rows + BLOCK - 1) / BLOCK, stride = blocks * BLOCK;
-#pragma omp parallel
+#pragma omp parallel num_threads(team) if (team > 1)
     {
 #ifdef _OPENMP
         const int threads = omp_get_num_threads(), me = omp_get_thread_num();
@@ -249,8 +250,14 @@ static void attend(const float *q, const float *keys, const float *values, int n
     }
 }
 
-/* Logits (T, vocab) for tokens at positions pos..pos+T-1; writes their keys and values to the cache. */
-static void decode(const Model *m, const long *tokens, int T, int pos, float *logits) {
+/* Logits (T, vocab) for tokens at positions pos..pos+T-1; writes their keys and values to the cache.
+ * threads: the OpenMP team's size (0: the calling thread's default, as PyTorch set it). */
+static void decode(const Model *m, const long *tokens, int T, int pos, float *logits, int threads) {
+#ifdef _OPENMP
+    const int team = threads > 0 ? threads : omp_get_max_threads();
+#else
+    const int team = 1;
+#endif
     const int C = m->d_model, H = m->n_head, D = C / H, F = m->d_ff;
     float *x = m->work;                      /* (T, C) residual stream */
     float *normed = x + MAX_TOKENS * C;      /* (T, C) */
@@ -265,7 +272,7 @@ static void decode(const Model *m, const long *tokens, int T, int pos, float *lo
         const float *cos = m->rotary[2 * layer], *sin = m->rotary[2 * layer + 1];
         float *keys = m->caches[2 * layer], *values = m->caches[2 * layer + 1];
         normalise(x, T, C, m->norm_eps, normed);
-        multiply(&w[0], normed, T, qkv, 0, sums);
+        multiply(&w[0], normed, T, qkv, 0, sums, team);
         for (int t = 0; t < T; t++) {
             const size_t p = pos + t, table = p * 2 * D;
             float *row = qkv + (size_t)t * 3 * C;
@@ -278,21 +285,21 @@ static void decode(const Model *m, const long *tokens, int T, int pos, float *lo
             }
         }
         /* after all writes: token t sees itself and the tokens before it */
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(static) num_threads(team) if (team > 1)
         for (int task = 0; task < T * H; task++) {
             const int t = task / H, h = task % H;
             const size_t head = (size_t)h * m->context * D;
             attend(qkv + (size_t)t * 3 * C + h * D, keys + head, values + head, pos + t + 1, D,
                    scores + (size_t)task * m->context, y + (size_t)t * C + h * D);
         }
-        multiply(&w[1], y, T, x, 1, sums);
+        multiply(&w[1], y, T, x, 1, sums, team);
         normalise(x, T, C, m->norm_eps, normed);
-        multiply(&w[2], normed, T, hidden, 0, sums);
+        multiply(&w[2], normed, T, hidden, 0, sums, team);
         for (size_t i = 0; i < (size_t)T * F; i++) hidden[i] = hidden[i] > 0 ? hidden[i] * hidden[i] : 0;
-        multiply(&w[3], hidden, T, x, 1, sums);
+        multiply(&w[3], hidden, T, x, 1, sums, team);
     }
     normalise(x, T, C, m->norm_eps, normed);
-    multiply(&m->matrices[4 * m->n_layer], normed, T, logits, 0, sums);
+    multiply(&m->matrices[4 * m->n_layer], normed, T, logits, 0, sums, team);
 }
 
 /* ------------------------------------------------------------------------------------------ Python */
@@ -384,12 +391,13 @@ done:
     return capsule;
 }
 
-/* decode(model, tokens, pos, logits): tokens a sequence of 1..16 ids, logits the address of a float32
- * (len(tokens), vocab) buffer. Runs without the GIL. */
+/* decode(model, tokens, pos, logits[, threads]): tokens a sequence of 1..16 ids, logits the address of a
+ * float32 (len(tokens), vocab) buffer, threads the OpenMP team's size (0, the default: the calling
+ * thread's). Runs without the GIL. */
 static PyObject *decode_tokens(PyObject *self, PyObject *args) {
     PyObject *capsule, *tokens_obj, *logits_obj;
-    int pos;
-    if (!PyArg_ParseTuple(args, "OOiO", &capsule, &tokens_obj, &pos, &logits_obj)) return NULL;
+    int pos, threads = 0;
+    if (!PyArg_ParseTuple(args, "OOiO|i", &capsule, &tokens_obj, &pos, &logits_obj, &threads)) return NULL;
     Model *m = PyCapsule_GetPointer(capsule, CAPSULE_NAME);
     float *logits = PyLong_AsVoidPtr(logits_obj);
     PyObject *seq = m && !PyErr_Occurred() ? PySequence_Fast(tokens_obj, "tokens must be a sequence") : NULL;
@@ -408,7 +416,7 @@ static PyObject *decode_tokens(PyObject *self, PyObject *args) {
         return NULL;
     }
     Py_BEGIN_ALLOW_THREADS
-    decode(m, tokens, (int)T, pos, logits);
+    decode(m, tokens, (int)T, pos, logits, threads < 0 ? 0 : threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }

@@ -3,7 +3,10 @@
 Reports medians of repeated runs, for each engine precision: 512-token prefill, decode ms/token (64 steps
 after a cached 256-token prompt), a 16-token completion after a fresh 512-token prompt, and the same
 completion after a one-token edit at the end of the prompt (what a keystroke does to an SPM prompt),
-which reuses the KV cache.
+which reuses the KV cache. Without a bundle, also the prefill of 1024- and 2048-token prompts.
+
+`--background N` measures again with N busy processes on the machine (codellm.loadgen), started and
+ended by the bench, and shows idle and loaded figures side by side for 1 and 2 threads.
 """
 from __future__ import annotations
 
@@ -17,10 +20,12 @@ from .bundle import Bundle, load_bundle
 from .config import ModelConfig
 from .device import choose_device
 from .engine import PRECISIONS, Engine
+from .loadgen import BackgroundLoad, label
 from .model import GPT
 from .tokenizer import Tokenizer
 
 PROMPT_TOKENS = 512
+LONG_PROMPTS = (1024, 2048)  # prefill only, with a random model of a long enough context
 NEW_TOKENS = 16
 DECODE_TOKENS = 64  # steady-state decode speed is timed over this many steps
 
@@ -138,16 +143,49 @@ def engine_times(engine: Engine, prompt: list[int], repeats: int) -> dict:
     return {"prefill": prefill, "fresh": fresh, "edit": edit, "decode": decode}
 
 
+def prefill_time(engine: Engine, n: int, repeats: int) -> float:
+    gen = torch.Generator().manual_seed(n)
+    prompt = torch.randint(4, engine.config.vocab_size, (n,), generator=gen).tolist()
+
+    def fresh_prefill():
+        engine.cached = []
+        engine.greedy_ids(prompt, 1)
+
+    return median_time(fresh_prefill, repeats)
+
+
+def load_comparison(bundle: Bundle, device, prompt: list[int], args) -> None:
+    """Idle and with args.background busy processes, for 1 and 2 threads, side by side (precision auto)."""
+    keys = [("prefill", f"prefill {len(prompt)} tokens (ms)"), ("decode", "decode (ms/token)"),
+            ("fresh", f"{NEW_TOKENS}-token completion, fresh (ms)"), ("edit", f"{NEW_TOKENS}-token, 1-token edit (ms)")]
+    loads = (0, args.background)
+    columns = [(t, n) for t in (1, 2) for n in loads]
+    results = {}
+    for threads in (1, 2):
+        engine = Engine(bundle, device, threads=threads, precision="auto")
+        for n in loads:
+            with BackgroundLoad(n):
+                results[threads, n] = engine_times(engine, prompt, args.repeats)
+    print(f"load: idle vs {args.background} busy background processes (precision auto, medians of {args.repeats})")
+    print(f"  {'':40}" + "".join(f"{f'{t}T ' + label(n):>14}" for t, n in columns) + "  loaded/idle 1T, 2T")
+    for key, name in keys:
+        ratios = "  ".join(f"{results[t, args.background][key] / results[t, 0][key]:5.2f}x" for t in (1, 2))
+        print(f"  {name:40}" + "".join(f"{results[c][key] * 1000:14.2f}" for c in columns) + f"  {ratios}")
+
+
 def main(args) -> None:
     device = choose_device(args.device)
     if args.model:
         bundle = load_bundle(args.model, device=device)
     else:
-        bundle = random_bundle(args.preset, context_length=PROMPT_TOKENS + 4 * NEW_TOKENS)
+        bundle = random_bundle(args.preset, context_length=max(LONG_PROMPTS) + 4 * NEW_TOKENS)
     cfg = bundle.config
     n_prompt = min(PROMPT_TOKENS, cfg.context_length - NEW_TOKENS - 1)
     gen = torch.Generator().manual_seed(0)
     prompt = torch.randint(4, cfg.vocab_size, (n_prompt,), generator=gen).tolist()
+    if getattr(args, "background", 0):
+        load_comparison(bundle, device, prompt, args)
+        return
     engines, times = {}, {}
     for precision in PRECISIONS:  # one after the other: engines of one bundle share its KV cache
         engines[precision] = engine = Engine(bundle, device, precision=precision)
@@ -166,6 +204,11 @@ def main(args) -> None:
             (f"{NEW_TOKENS}-token completion after a 1-token edit (ms)", "edit")]
     for label, key in rows:
         print(f"  {label:44}" + "".join(f"{times[p][key] * 1000:10.2f}" for p in PRECISIONS))
+    for n in LONG_PROMPTS:
+        if n + 1 <= cfg.context_length:
+            ms = [prefill_time(engines[p], n, max(3, args.repeats // 3)) * 1000 for p in PRECISIONS]
+            print(f"  {f'prefill {n} tokens (ms)':44}" + "".join(f"{m:10.2f}" for m in ms))
+    engine = engines["auto"]
     fresh = times["auto"]["fresh"]
     print(f"  KV reuse after a 1-token edit: {fresh / times['auto']['edit']:.1f}x faster than a fresh prompt")
     if args.model:

@@ -11,6 +11,7 @@ import shutil
 import stat
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -145,9 +146,30 @@ def _parse_config(data: bytes, file: Path) -> tuple[ModelConfig, dict]:
         raise BundleError(f"{file}: {exc}") from None
 
 
+@contextmanager
+def _shapes_only():
+    """Building a model on the meta device sets no values: torch.nn.init's functions and the rotary tables
+    are skipped. On the meta device they run as Python decompositions whose first use imports
+    torch._dynamo: seconds at a server's start, for values a meta tensor does not hold."""
+    from . import model as model_module
+
+    names = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_", "trunc_normal_", "xavier_uniform_")
+    saved = {name: getattr(torch.nn.init, name) for name in names}
+    rope_tables = model_module.rope_tables
+    try:
+        for name in names:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        model_module.rope_tables = lambda head_dim, max_len, base: (torch.empty(max_len, head_dim),) * 2
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
+        model_module.rope_tables = rope_tables
+
+
 def _expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the tensors a bundle must hold, from a model built without memory."""
-    with torch.device("meta"):
+    with torch.device("meta"), _shapes_only():
         model = GPT(config)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()
             if not (config.tie_embeddings and k == "lm_head.weight")}

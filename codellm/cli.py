@@ -6,8 +6,12 @@ import re
 import sys
 from pathlib import Path
 
-from .bundle import BundleError
-from .engine import PRECISION_HELP, PRECISIONS
+from .threads import prefer_passive_waits
+
+prefer_passive_waits()  # before torch loads (it loads the OpenMP runtime): see codellm.threads
+
+from .bundle import BundleError  # noqa: E402
+from .engine import PRECISION_HELP, PRECISIONS  # noqa: E402
 
 
 def parse_location(spec: str) -> tuple[str, int, int]:
@@ -146,6 +150,9 @@ def main(argv=None):
     p.add_argument("--preset", default="nano")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
+    p.add_argument("--background", type=int, default=0, metavar="N",
+                   help="also measure with N busy processes running (started and ended by the bench): "
+                        "idle and loaded side by side, for 1 and 2 threads")
     p.set_defaults(func=lambda a: __import__("codellm.bench", fromlist=["main"]).main(a))
 
     p = sub.add_parser("tokenize", help="show how text splits into tokens")

@@ -3,6 +3,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+# the engine's precisions (codellm.engine.Engine); here, where the command lines read them without torch
+PRECISIONS = ("auto", "fp32")
+PRECISION_HELP = ("auto: bf16 prompt reading on CPUs with bf16 units and int8 weights for CPU decode steps "
+                  "(faster, same accuracy in our evaluation); fp32: float32 throughout")
+
 DEFAULT_VOCAB = 8192
 
 

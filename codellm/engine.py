@@ -10,10 +10,12 @@ from typing import Callable
 import torch
 
 from .bundle import Bundle, load_bundle
+from .config import PRECISION_HELP, PRECISIONS  # noqa: F401 - the command lines read them from here too
 from .decode import Decoder, decode_tokens, int8_matmul_available
 from .lookahead import GUESS_TOKENS, PromptLookup
 from .device import choose_device, cpu_has_bf16, set_threads
-from .postprocess import BLANK_LINE_AFTER_CONTENT, Context, ends_in_loop, first_repeated_line, postprocess
+from .postprocess import (BLANK_LINE_AFTER_CONTENT, Context, ends_in_loop, first_repeated_line, postprocess,
+                          safe_cut)
 from .prompt import build_prompt, join_line_endings, split_line_endings
 from .shellmode import choose_mode
 
@@ -68,9 +70,6 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     return i
 
 
-PRECISIONS = ("auto", "fp32")
-PRECISION_HELP = ("auto: bf16 prompt reading on CPUs with bf16 units and int8 weights for CPU decode steps "
-                  "(faster, same accuracy in our evaluation); fp32: float32 throughout")
 
 
 class Engine:
@@ -264,6 +263,8 @@ class Engine:
         elif stop == "time budget":
             inserted = inserted[:inserted.rfind(b"\n")]  # the unfinished last line goes
         text = inserted.decode("utf-8", errors="ignore").rstrip("\r")
+        if stop == "deadline":  # out of time mid-line: up to the last whole word with quotes closed, or nothing
+            text = safe_cut(text, prefix.rsplit("\n", 1)[-1])
         token_probs = token_offsets(probs, bytes(out), len(heal), inserted, len(text))
         if clean and stop != "cancelled":
             text = postprocess(text, Context(prefix, suffix, mode))

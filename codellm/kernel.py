@@ -16,6 +16,10 @@ except ImportError:  # not built: no C compiler at install time, or a platform i
     _decode_kernel = None
 
 MAX_TOKENS = 16  # tokens per call (the C side's limit)
+# Decode steps of a model with fewer weights than this run on one thread, with no OpenMP team: the
+# matrices of a step are too small for the split to pay (measured with `codellm bench --background`),
+# and a team whose threads wait for each other falls apart when another process holds a core.
+ONE_THREAD_BELOW = 16_000_000
 BLOCK = 16  # matrix rows per packed block (the C side's layout)
 # the variant of the int8 products picked for this CPU when the module loaded
 LOADED_INSTRUCTIONS = _decode_kernel.instructions() if _decode_kernel else None
@@ -76,6 +80,8 @@ class KernelStep:
         self._eps = (cfg.d_model * cfg.norm_eps, cfg.head_dim * cfg.norm_eps)
         self.caches: list[torch.Tensor] = []
         self._model = None
+        # the OpenMP team of a decode call: 1 for small models, else 0 (the threads PyTorch was given)
+        self.threads = 1 if sum(weight.numel() for weight, _ in self.matrices) < ONE_THREAD_BELOW else 0
 
     def _bind_cache(self):
         """Point the C side at the model's current KV cache (`GPT.setup_cache` makes a new one)."""
@@ -103,5 +109,5 @@ class KernelStep:
         if not self.caches or self.model.blocks[0].attn.cache.k.data_ptr() != self.caches[0].data_ptr():
             self._bind_cache()
         logits = torch.empty(len(tokens), self.vocab_size)
-        _decode_kernel.decode(self._model, tokens, pos, logits.data_ptr())
+        _decode_kernel.decode(self._model, tokens, pos, logits.data_ptr(), self.threads)
         return logits

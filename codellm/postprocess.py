@@ -271,6 +271,71 @@ def open_quote(line: str) -> str:
     return quote
 
 
+def _scan_openers(text: str, stack: list, base: int) -> tuple[list, list[tuple[int, list]]]:
+    """Scan shell text from the state `stack`: the quotes and expansions still open (' " ` $( ${ and a
+    plain parenthesis, as (kind, position) pairs). Returns the state at the end and, for each offset i
+    where text[:i] ends a whole word (text[i] is an unescaped space, tab or line end), (i, the state
+    there). `base` is added to positions, so that openers of different texts never compare equal."""
+    stack = list(stack)
+    cuts = []
+    comment = False
+    i = 0
+    while i < len(text):
+        c = text[i]
+        top = stack[-1][0] if stack else ""
+        if c == "\n":
+            comment = False
+        if c in " \t\n":
+            cuts.append((i, list(stack)))
+        if comment:
+            pass
+        elif top == "'":
+            if c == "'":
+                stack.pop()
+        elif c == "\\":
+            i += 1  # the next character is escaped: a space after it ends no word
+        elif top == '"':
+            if c == '"':
+                stack.pop()
+            elif c == "`":
+                stack.append((c, base + i))
+            elif c == "$" and text[i + 1:i + 2] in ("(", "{"):
+                stack.append(("$" + text[i + 1], base + i))
+                i += 1
+        elif c == "`" and top == "`":
+            stack.pop()
+        elif c in "'\"`":
+            stack.append((c, base + i))
+        elif c == "$" and text[i + 1:i + 2] in ("(", "{"):
+            stack.append(("$" + text[i + 1], base + i))
+            i += 1
+        elif c == "(":
+            stack.append(("(", base + i))
+        elif c == ")" and top in ("$(", "("):
+            stack.pop()
+        elif c == "}" and top == "${":
+            stack.pop()
+        elif c == "#" and (i == 0 or text[i - 1] in " \t\n;") and top != "${":
+            comment = True  # to the end of the line: quotes in a comment (don't) open nothing
+        i += 1
+    return stack, cuts
+
+
+def safe_cut(text: str, line_prefix: str = "") -> str:
+    """The longest start of a suggestion `text` that is safe to show when decoding stopped in the middle
+    of it (the deadline): it ends with a whole word (an unescaped space, tab or line end followed it in
+    `text`) and leaves open no quote, backquote, $( ${ or ( that the suggestion itself opened; "" if there
+    is none. `line_prefix`: the cursor's line before the cursor (what is open there may stay open, or be
+    closed by the suggestion)."""
+    start, _ = _scan_openers(line_prefix, [], -len(line_prefix) - 1)
+    _, cuts = _scan_openers(text, start, 0)
+    best = 0
+    for i, state in cuts:
+        if state == start[:len(state)]:
+            best = i
+    return text[:best].rstrip(" \t\n")
+
+
 BLANK_LINE_AFTER_CONTENT = re.compile(r"\S[^\n]*\n[ \t]*\n")
 
 

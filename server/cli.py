@@ -8,7 +8,9 @@ import os
 import socket
 import sys
 
-from codellm.engine import PRECISION_HELP, PRECISIONS
+from codellm.threads import prefer_passive_waits
+
+prefer_passive_waits()  # before torch loads (it loads the OpenMP runtime): see codellm.threads
 
 TOKEN_ENV = "CODELLM_TOKEN"
 
@@ -54,6 +56,8 @@ def is_loopback(host: str) -> bool:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line `codellm-serve` accepts (editor configs are checked against it in tests)."""
+    from codellm.config import PRECISION_HELP, PRECISIONS
+
     parser = argparse.ArgumentParser(prog="codellm-serve", description="codellm Language Server (stdio by default).")
     parser.add_argument("--stdio", action="store_true", help="talk over stdin/stdout (the default)")
     parser.add_argument("--tcp", type=int, metavar="PORT", help="listen on PORT instead of stdio")
@@ -85,8 +89,12 @@ def main(argv=None) -> int:
         return 2
     setup_logging(args.log_file, args.verbose)
 
+    # the model loads (torch included) on the model thread while the LSP library loads here and the
+    # editor starts: the first suggestion waits for neither
+    from .model_holder import EarlyLoad
+    early = EarlyLoad(args.model, args.device, args.threads, args.precision)
     from .lsp import create_server
-    ls = create_server()
+    ls = create_server(early)
     ls.holder.precision = args.precision
     ls.settings.update({"model_path": args.model, "device": args.device, "threads": args.threads,
                         "min_confidence": args.min_confidence, "cut_confidence": args.cut_confidence})

@@ -44,10 +44,10 @@ class CodellmProtocol(LanguageServerProtocol):
 
 
 class CodellmServer(LanguageServer):
-    def __init__(self):
+    def __init__(self, early=None):
         super().__init__("codellm", __version__, protocol_cls=CodellmProtocol)
         self.settings = Settings()
-        self.holder = ModelHolder(self.tell_user)
+        self.holder = ModelHolder(self.tell_user, early)
         self.service = CompletionService(self.holder, self.settings)
         self.languages: dict[str, str] = {}  # uri -> languageId
         self.owner_connection = None  # the connection this server answers (server.transport)
@@ -209,9 +209,10 @@ HANDLERS = {types.INITIALIZE: initialize, types.INITIALIZED: initialized,
             STATUS_METHOD: status, types.SHUTDOWN: shutdown}  # the completion features: offer_completions
 
 
-def create_server() -> CodellmServer:
-    """A server with its handlers registered (the completion features follow at initialize)."""
-    ls = CodellmServer()
+def create_server(early=None) -> CodellmServer:
+    """A server with its handlers registered (the completion features follow at initialize). early: a
+    codellm.server.model_holder.EarlyLoad the model holder takes its model thread and model from."""
+    ls = CodellmServer(early)
     for method, handler in HANDLERS.items():
         ls.feature(method)(handler)
     return ls

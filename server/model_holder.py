@@ -9,12 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable
 
-from codellm.bundle import BUNDLE_FILES, BundleError, load_bundle
-from codellm.defaults import HOW_TO_GET_A_MODEL, default_bundle_path
-from codellm.device import choose_device
-from codellm.engine import Engine
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from codellm.engine import Engine
+# codellm.bundle, .defaults, .device and .engine import torch: they are imported where used, so that the
+# server's start can load the model on the model thread while the rest of it loads (EarlyLoad)
 
 log = logging.getLogger("codellm.server")
+WARM_UP = "#!/bin/sh\n# copy the logs to the backup folder, then compress them\nset -eu\nfor f in /var/log/*.log; do\n    cp "
 
 
 class ModelHolder:
@@ -26,7 +29,7 @@ class ModelHolder:
     run parallel CPU kernels, each keeps its own OpenMP worker team and the teams contend for the cores
     (a completion was measured 3-4x slower that way)."""
 
-    def __init__(self, notify: Callable[[str, bool], None]):
+    def __init__(self, notify: Callable[[str, bool], None], early: "EarlyLoad | None" = None):
         self.notify = notify  # (message, is_error) -> shown to the user
         self.engine: Engine | None = None
         self.path: Path | None = None
@@ -39,15 +42,18 @@ class ModelHolder:
         self._watch_stop: threading.Event | None = None
         self._load_lock = threading.Lock()
         self.quiet = False
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codellm-model")
+        # a load started with the process, before the editor's settings came (codellm.server.cli)
+        self.early = early
+        self.executor = early.executor if early else new_model_thread()
 
     def configure(self, path: str | None, device: str | None, threads: int | None, quiet: bool = False) -> None:
         """Load the model at `path` (None: $CODELLM_MODEL or the packaged default) and watch it.
         quiet: record a failure without telling the user yet (before the client is initialized)."""
+        from codellm.bundle import BundleError
+
         self.quiet = quiet
         try:
-            # absolute, not resolved: a --model that is a symlink is followed to wherever it points later
-            resolved = Path(os.path.abspath(Path(path).expanduser())) if path else default_bundle_path()
+            resolved = resolve_model_path(path)
         except (BundleError, OSError, ValueError) as exc:
             self._fail(str(exc))
             return
@@ -61,6 +67,8 @@ class ModelHolder:
         """Load the bundle at self.path. A hot swap (not `initial`) of files that did not change, or while
         the folder is missing (between the two renames of a swap), does nothing."""
         with self._load_lock:
+            from codellm.bundle import BundleError
+
             stamp = bundle_stamp(self.path)
             if not initial and self.engine is not None and (stamp is None or stamp == self.stamp):
                 return False
@@ -87,10 +95,19 @@ class ModelHolder:
             return True
 
     def _build(self) -> tuple:
-        bundle = load_bundle(self.path, device=choose_device(self.device))
-        return bundle, Engine(bundle, self.device, self.threads, self.precision)
+        early, self.early = self.early, None
+        if early is not None:
+            try:
+                settings, bundle, engine = early.future.result()  # done: it ran on this thread before
+                if settings == (self.path, self.device, self.threads, self.precision):
+                    return bundle, engine
+            except Exception:  # noqa: BLE001 - loaded again below, and the error reported from there
+                pass
+        return build_engine(self.path, self.device, self.threads, self.precision)
 
     def _fail(self, message: str) -> None:
+        from codellm.defaults import HOW_TO_GET_A_MODEL
+
         if HOW_TO_GET_A_MODEL not in message:
             message = f"{message}. {HOW_TO_GET_A_MODEL[0].upper()}{HOW_TO_GET_A_MODEL[1:]}"
         self.load_error = message
@@ -153,6 +170,48 @@ class ModelHolder:
         self.executor.shutdown(wait=False, cancel_futures=True)
 
 
+def new_model_thread() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="codellm-model")
+
+
+def resolve_model_path(path: str | None) -> Path:
+    """The bundle folder a model setting names: absolute, not resolved (a --model that is a symlink is
+    followed to wherever it points later); None: $CODELLM_MODEL or the packaged default."""
+    from codellm.defaults import default_bundle_path
+
+    return Path(os.path.abspath(Path(path).expanduser())) if path else default_bundle_path()
+
+
+def build_engine(path: Path, device: str | None, threads: int | None, precision: str) -> tuple:
+    from codellm.bundle import load_bundle
+    from codellm.device import choose_device
+    from codellm.engine import Engine
+
+    bundle = load_bundle(path, device=choose_device(device))
+    engine = Engine(bundle, device, threads, precision)
+    try:  # the first prompt read and steps of a process cost more (allocations, kernels' set-up): not on a keystroke
+        engine.complete_detailed(WARM_UP, "\n", "line", max_new_tokens=4, clean=False)
+    except Exception as exc:  # noqa: BLE001 - a request would meet the same error and report it
+        log.info("warm-up failed: %s", type(exc).__name__)
+    return bundle, engine
+
+
+class EarlyLoad:
+    """The model loaded on the model thread from the moment the server starts, with the command line's
+    settings, while the rest of the server loads and the editor starts and initialises: the client's
+    `initialize` then finds it loaded (or loading) instead of starting the load. Not used if the editor's
+    settings name another model; a failure is reported by the load `initialize` starts."""
+
+    def __init__(self, path: str | None, device: str | None, threads: int | None, precision: str):
+        self.executor = new_model_thread()
+        self.future = self.executor.submit(self._load, path, device, threads, precision)
+
+    @staticmethod
+    def _load(path, device, threads, precision) -> tuple:
+        resolved = resolve_model_path(path)
+        return (resolved, device, threads, precision), *build_engine(resolved, device, threads, precision)
+
+
 def folder_identity(path: Path) -> tuple | None:
     """Which folder `path` names now (following symlinks), or None."""
     try:
@@ -164,6 +223,8 @@ def folder_identity(path: Path) -> tuple | None:
 
 def bundle_stamp(path: Path | None) -> tuple | None:
     """What changes when any file of the bundle at `path` does; None where there is no folder."""
+    from codellm.bundle import BUNDLE_FILES
+
     if path is None:
         return None
     folder = folder_identity(path)

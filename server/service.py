@@ -188,7 +188,8 @@ class CompletionService:
         self.latencies: deque[float] = deque(maxlen=1000)
         self.confidences: deque[float] = deque(maxlen=1000)  # of the model's non-empty answers
         self.counts = {"requests": 0, "model": 0, "cache_hits": 0, "superseded": 0, "prompt_tokens": 0,
-                       "reused_tokens": 0, "shown": 0, "cut": 0, "hidden": 0}
+                       "reused_tokens": 0, "shown": 0, "cut": 0, "hidden": 0,
+                       "deadline": 0}
 
     # ------------------------------------------------------------------ policy
 
@@ -309,6 +310,7 @@ class CompletionService:
         self.counts["prompt_tokens"] += result.prompt_tokens
         self.counts["reused_tokens"] += result.reused_tokens
         self.counts["cut"] += result.stop_reason == "unsure"
+        self.counts["deadline"] += result.stop_reason == "deadline"
         text = postprocess(result.text, Context(prefix, suffix, mode))
         confidence = result.confidence_of(len(text))
         if text:
@@ -352,6 +354,7 @@ class CompletionService:
             "cache_hit_rate": round(self.counts["cache_hits"] / served, 3),
             "shown": self.counts["shown"],
             "cut_unsure": self.counts["cut"],
+            "deadline_hits": self.counts["deadline"],
             "hidden_unsure": self.counts["hidden"],
             "confidence": {"p50": float(f"{conf[len(conf) // 2]:.3g}") if conf else None,
                            "mean": float(f"{statistics.fmean(conf):.3g}") if conf else None},

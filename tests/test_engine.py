@@ -150,3 +150,29 @@ def test_engine_falls_back_to_python_when_the_compiled_step_fails(tokenizer, mon
     assert engine.decoder.run_layers is codellm.decode.decode_tokens
     got = engine.complete_detailed(prefix, "", mode="line", clean=False)
     assert got.new_tokens > 0 and got.text == want.text
+
+
+def test_a_deadline_mid_line_answers_up_to_a_safe_cut_and_the_next_keystroke_reuses_the_cache(engine, monkeypatch):
+    from codellm.postprocess import open_quote
+
+    prefix, suffix = '#!/bin/bash\nset -e\nname="backup"\necho "', "\n"
+    engine.cached = []  # every run below reads the prompt afresh: the same numbers, the same greedy tokens
+    full = engine.complete_detailed(prefix, suffix, mode="line", max_new_tokens=24, clean=False).text
+    clock = iter(range(10**6))
+    monkeypatch.setattr("codellm.engine.time.monotonic", lambda: next(clock))
+    stopped = 0
+    for k in range(1, 25):  # the deadline passes after about k tokens
+        start = next(clock)
+        engine.cached = []
+        r = engine.complete_detailed(prefix, suffix, mode="line", max_new_tokens=24, clean=False,
+                                     deadline=start + k)
+        if r.stop_reason != "deadline":
+            continue
+        stopped += 1
+        assert full.startswith(r.text)
+        if r.text:  # a whole word of what the model would have written, and no quote it opened left open
+            assert full[len(r.text):][:1] in (" ", "\t")
+            assert open_quote('echo "' + r.text) in ("", '"')
+        again = engine.complete_detailed(prefix + "x", suffix, mode="line", max_new_tokens=1, clean=False)
+        assert again.reused_tokens >= again.prompt_tokens - 3  # the keys and values written so far serve on
+    assert stopped

@@ -66,12 +66,15 @@ SHAPES = [dict(), dict(qk_norm=False), dict(d_model=40, n_head=2)]  # d_model 40
 
 @needs_kernel
 @pytest.mark.parametrize("shape", SHAPES, ids=["default", "no-qk-norm", "odd-sizes"])
-def test_c_step_matches_the_pytorch_step(tokenizer, instructions, shape):
+@pytest.mark.parametrize("threads", [1, 2, 0], ids=["one-thread", "team-of-2", "pytorch-threads"])
+def test_c_step_matches_the_pytorch_step(tokenizer, instructions, shape, threads):
     """Logits and the keys/values written agree for one token at a time and for several at once (each
-    attending to the ones before it), up to the 16 a call takes."""
+    attending to the ones before it), up to the 16 a call takes; with no OpenMP team and with one."""
     model = make_model(tokenizer, **shape)
     c_decoder = Decoder(model, int8=True)
     assert c_decoder.c_step is not None
+    assert c_decoder.c_step.threads == 1  # a small model's steps run on one thread by default
+    c_decoder.c_step.threads = threads
     reference = torch_step_on_the_same_weights(c_decoder)
     ids = torch.randint(4, tokenizer.vocab_size, (60,), generator=torch.Generator().manual_seed(7)).tolist()
     runs = [(20, 1), (21, 1), (22, 4), (26, 3), (29, 16), (45, 2)]

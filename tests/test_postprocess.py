@@ -146,3 +146,56 @@ def test_a_block_answer_on_a_blank_line_starts_at_its_first_real_line():
     ctx = Context("for f in *; do\n    ", "\ndone\n", "block")
     assert start_at_the_first_real_line("\n\n    rm x\n    ls", ctx) == "    rm x\n    ls"
     assert start_at_the_first_real_line("\n    rm x", Context("then", "\n", "block")) == "\n    rm x"
+
+
+# ------------------------------------------------------------------ the cut when the deadline ends decoding
+
+from codellm.postprocess import open_quote, safe_cut  # noqa: E402
+
+
+def test_safe_cut_keeps_whole_words_only():
+    assert safe_cut("hello wor", "echo ") == "hello"
+    assert safe_cut("tar -czf backup.tar.g", "") == "tar -czf"
+    assert safe_cut("abc", "ls ") == ""  # no word is known to be finished
+    assert safe_cut("foo\\ bar baz", "ls ") == "foo\\ bar"  # an escaped space ends no word
+
+
+def test_safe_cut_never_leaves_a_quote_or_expansion_it_opened():
+    assert safe_cut('"hello wo', "echo ") == ""
+    assert safe_cut('"hello world" && ech', "echo ") == '"hello world" &&'
+    assert safe_cut("'a b' \"c d", "printf ") == "'a b'"
+    assert safe_cut("$(date +%Y) foo", "x=") == "$(date +%Y)"
+    assert safe_cut("$(date +%Y", "x=") == ""
+    assert safe_cut("${HOME:-/tmp} /var", "cp ") == "${HOME:-/tmp}"
+    assert safe_cut("`uname -s` x", "os=") == "`uname -s`"
+
+
+def test_safe_cut_may_close_what_the_line_left_open():
+    assert safe_cut('lo world" && ls -l', 'echo "hel') == 'lo world" && ls'
+    assert safe_cut("-l) | wc -l", "x=$(ls ") == "-l) | wc"
+    assert safe_cut("world more", 'echo "hello ') == "world"  # still inside the user's own quote
+
+
+def test_safe_cut_ignores_quotes_in_comments():
+    assert safe_cut("# don't do it now", "") == "# don't do it"
+
+
+def test_safe_cut_of_a_block_keeps_whole_lines():
+    assert safe_cut('\n    echo "done"\n    rm -rf "$tm', "") == '\n    echo "done"\n    rm -rf'
+
+
+LINES = ['echo "hello world" && ls -l "$dir"', "grep -q 'x y' file || exit 1", 'x=$(date "+%Y %m") y=${z:-a b}',
+         "for f in \"$@\"; do echo \"$f\"; done", "printf '%s\\n' \"a b\" `pwd` c", "# it's a comment, isn't it"]
+
+
+def test_no_cut_point_leaves_an_open_quote_or_half_a_word():
+    for line in LINES:
+        for split in range(len(line)):  # the cursor at every place, the deadline after every character
+            prefix, rest = line[:split], line[split:]
+            for end in range(1, len(rest) + 1):
+                cut = safe_cut(rest[:end], prefix)
+                assert rest.startswith(cut)
+                if cut:
+                    assert rest[len(cut)] in " \t\n", (prefix, rest[:end], cut)  # a whole word
+                    if "#" not in prefix + cut:
+                        assert open_quote(prefix + cut) in ("", open_quote(prefix)), (prefix, rest[:end], cut)

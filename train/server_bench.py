@@ -85,7 +85,25 @@ async def type_scripts(server_args: list[str], scripts: list[str], keystrokes: i
     return {"requests": len(latencies), "p50": 1000 * latencies[len(latencies) // 2],
             "p95": 1000 * latencies[int(len(latencies) * 0.95)], "mean": 1000 * statistics.fmean(latencies),
             "kv_reuse": status.kv_reuse_ratio, "cache_hits": status.cache_hit_rate, "model_runs": status.model_runs,
-            "server_p50": status.latency_ms.p50}
+            "server_p50": status.latency_ms.p50, "deadline_hits": getattr(status, "deadline_hits", None),
+            "over_1s": sum(t > 1.0 for t in latencies)}
+
+
+def load_main(args, scripts, server_args) -> None:
+    """--background N: idle and loaded side by side, for 1 and 2 threads and the default (KV reuse on)."""
+    from codellm.loadgen import BackgroundLoad, label
+
+    print(f"machine: {platform.machine()}, typing {args.keystrokes} keystrokes over {len(scripts)} held-out "
+          f"scripts; idle vs {args.background} busy background processes")
+    for threads in (None, 1, 2):
+        for n in (0, args.background):
+            extra = ["--threads", str(threads)] if threads else []
+            with BackgroundLoad(n):
+                r = asyncio.run(type_scripts(server_args + extra, scripts, args.keystrokes, {"kvReuse": True}))
+            name = f"{'default' if threads is None else f'{threads} thread' + 's' * (threads > 1)}, {label(n)}"
+            print(f"  {name:20s} end-to-end p50 {r['p50']:6.1f} ms  p95 {r['p95']:6.1f} ms  mean {r['mean']:6.1f} ms"
+                  f"  | deadline hits {r['deadline_hits']}  answers over 1 s {r['over_1s']}  KV reuse {r['kv_reuse']:.1%}  model runs "
+                  f"{r['model_runs']} of {r['requests']} requests", flush=True)
 
 
 def main(argv=None) -> None:
@@ -105,6 +123,9 @@ def main(argv=None) -> None:
                         help="with --typing: also sweep the thresholds and draw taken-of-shown against "
                              "keystrokes saved into this PNG")
     parser.add_argument("--threads", type=int, default=None, help="the server's CPU threads")
+    parser.add_argument("--background", type=int, default=0, metavar="N",
+                        help="type with the server idle and with N busy processes running (started and ended "
+                             "by the bench), side by side, for the default thread count, 1 and 2 threads")
     parser.add_argument("--json", type=Path, default=None, help="with --typing: write every figure here")
     args = parser.parse_args(argv)
     if args.typing:
@@ -115,6 +136,10 @@ def main(argv=None) -> None:
         sys.exit("no scripts to type: give --corpus with a held-out split or --scripts-dir")
     server_args = (["--model", args.model] if args.model else []) + \
         (["--log-file", args.server_log] if args.server_log else [])
+    if args.background:
+        load_main(args, scripts, server_args)
+        return
+    server_args += ["--threads", str(args.threads)] if args.threads else []
     print(f"machine: {platform.machine()}, typing {args.keystrokes} keystrokes over {len(scripts)} held-out "
           f"scripts, one inline completion request after each")
     for label, options in (("KV reuse on", {"kvReuse": True}), ("KV reuse off", {"kvReuse": False})):

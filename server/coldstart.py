@@ -1,0 +1,68 @@
+"""`python -m codellm.server.coldstart`: how long an editor waits, from starting `codellm-serve` over stdio,
+for its first suggestion. A real LSP client starts the server, initialises, opens a script and asks for
+an inline completion at once; reported per run: the `initialize` answer and the first suggestion, in
+seconds since the server process was started, and the medians."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import time
+
+from lsprotocol import types
+from pygls.lsp.client import LanguageClient
+
+SCRIPT = "#!/bin/bash\n# archive the reports of the day\nset -euo pipefail\n\nSRC=/srv/reports\nDEST=/backup\n\n"
+TYPED = "tar -czf \"$DEST/reports-$(date +%F).tar.gz\" "
+
+
+async def first_suggestion(server_args: list[str]) -> dict:
+    client = LanguageClient("codellm-coldstart", "1")
+    start = time.perf_counter()
+    await client.start_io(sys.executable, "-m", "codellm.server.cli", *server_args)
+    caps = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
+        inline_completion=types.InlineCompletionClientCapabilities()))
+    await asyncio.wait_for(client.initialize_async(types.InitializeParams(capabilities=caps)), 120)
+    initialized = time.perf_counter() - start
+    client.initialized(types.InitializedParams())
+    uri = "file:///coldstart/archive.sh"
+    text = SCRIPT + TYPED
+    client.text_document_did_open(types.DidOpenTextDocumentParams(text_document=types.TextDocumentItem(
+        uri=uri, language_id="shellscript", version=1, text=text)))
+    lines = text.split("\n")
+    result = await asyncio.wait_for(client.text_document_inline_completion_async(types.InlineCompletionParams(
+        text_document=types.TextDocumentIdentifier(uri=uri),
+        position=types.Position(line=len(lines) - 1, character=len(lines[-1])),
+        context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Invoked))), 120)
+    answered = time.perf_counter() - start
+    items = result.items if result and not isinstance(result, list) else (result or [])
+    await client.shutdown_async(None)
+    client.exit(None)
+    await client.stop()
+    return {"initialize": initialized, "first": answered, "text": items[0].insert_text if items else ""}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m codellm.server.coldstart", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=None, help="bundle (default: the shipped model)")
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--background", type=int, default=0, metavar="N",
+                        help="with N busy processes running (codellm.loadgen)")
+    args = parser.parse_args(argv)
+    from codellm.loadgen import BackgroundLoad
+
+    server_args = (["--model", args.model] if args.model else []) + ["--min-confidence", "0", "--cut-confidence", "0"]
+    runs = []
+    with BackgroundLoad(args.background):
+        for _ in range(args.runs):
+            r = asyncio.run(first_suggestion(server_args))
+            runs.append(r)
+            print(f"  initialize answered {r['initialize']:5.2f} s, first suggestion {r['first']:5.2f} s "
+                  f"({r['text'][:40]!r})", flush=True)
+    print(f"median of {len(runs)}: initialize {statistics.median(r['initialize'] for r in runs):.2f} s, "
+          f"first suggestion {statistics.median(r['first'] for r in runs):.2f} s after the server was started")
+
+
+if __name__ == "__main__":
+    main()
