@@ -13,6 +13,7 @@ from .bundle import Bundle, load_bundle
 from .decode import Decoder, decode_tokens, int8_matmul_available
 from .lookahead import GUESS_TOKENS, PromptLookup
 from .device import choose_device, cpu_has_bf16, set_threads
+from .kvcache import KVCache
 from .postprocess import BLANK_LINE_AFTER_CONTENT, Context, ends_in_loop, first_repeated_line, postprocess
 from .prompt import build_prompt, join_line_endings, split_line_endings
 from .shellmode import choose_mode
@@ -60,14 +61,6 @@ class Completion:
         return product
 
 
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 PRECISIONS = ("auto", "fp32")
 PRECISION_HELP = ("auto: bf16 prompt reading on CPUs with bf16 units and int8 weights for CPU decode steps "
                   "(faster, same accuracy in our evaluation); fp32: float32 throughout")
@@ -94,21 +87,20 @@ class Engine:
         self.model = bundle.model.to(self.device).eval()
         fast_cpu = precision == "auto" and self.device.type == "cpu"
         self.bf16_prefill = fast_cpu and cpu_has_bf16()
-        self.model.setup_cache(1)
+        self.cache = KVCache.for_model(self.model)  # the one sequence served: prompt and answer so far
         self.decoder = Decoder(self.model, int8=fast_cpu and int8_matmul_available(self.device),
                                prompt_dtype=torch.bfloat16 if self.bf16_prefill else torch.float32)
         with torch.inference_mode():  # TorchScript optimises the decode step on its first calls: not on a keystroke
             try:
                 for _ in range(2):
-                    self.decoder.step(self.tokenizer.eot_id, 0)
+                    self.decoder.step(self.tokenizer.eot_id, 0, self.cache)
             except RuntimeError:  # a device the compiled step fails on: the same code runs as Python
                 self.decoder.run_layers = decode_tokens
-                self.decoder.step(self.tokenizer.eot_id, 0)
+                self.decoder.step(self.tokenizer.eot_id, 0, self.cache)
         self.precision = precision
         self.guess_tokens = GUESS_TOKENS  # 0: decode one token per call (codellm.lookahead)
         self.prompt_format = bundle.prompt_format
         self.lock = threading.Lock()
-        self.cached: list[int] = []  # token ids whose keys/values sit in the cache, at positions 0..n-1
         self._healing_cache: dict[bytes, torch.Tensor] = {}
         token_bytes = self.tokenizer.token_bytes
         # tokens that would end a line or the text before anything was inserted
@@ -126,25 +118,27 @@ class Engine:
 
     # ------------------------------------------------------------------ model steps
 
-    def _forward_from_cache(self, ids: list[int]) -> tuple[torch.Tensor, int]:
-        """Logits after `ids`, computing only what the cache lacks. Returns (logits, reused count)."""
-        reused = min(common_prefix_len(self.cached, ids), len(ids) - 1)
-        self.cached = self.cached[:reused]  # invalid past here until rewritten below
+    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Logits (vocab,) after the prompt `ids` (at least one token), computing only what the KV cache
+        lacks; returns (logits, how many tokens' keys/values were reused)."""
+        cache = self.cache
+        reused = cache.reuse(ids[:-1])  # the last token is always stepped: its logits are wanted
         if len(ids) - reused > 1:  # what is new is read into the cache but for the last token, ...
-            self.decoder.read(ids[reused:-1], reused)
-        logits = self.decoder.step(ids[-1], len(ids) - 1)  # ... whose logits always come from a decode step
-        self.cached = list(ids)
-        return logits, reused
+            self.decoder.read(ids[reused:-1], reused, cache)
+            cache.append(ids[reused:-1])
+        return self.decode_one_token(ids[-1]), reused  # ... whose logits always come from a decode step
 
-    def _step(self, token: int) -> torch.Tensor:
-        logits = self.decoder.step(token, len(self.cached))
-        self.cached.append(token)
+    def decode_one_token(self, token: int) -> torch.Tensor:
+        """Logits (vocab,) after `token`, appended to the KV cache."""
+        logits = self.decoder.step(token, self.cache.position, self.cache)
+        self.cache.append([token])
         return logits
 
-    def _step_with_guess(self, token: int, guess: list[int]) -> list[torch.Tensor]:
-        """Logits after `token` and after each guessed token that follows it, from one decode call."""
-        rows = self.decoder.run([token, *guess], len(self.cached))
-        self.cached += [token, *guess]
+    def decode_with_guess(self, token: int, guess: list[int]) -> list[torch.Tensor]:
+        """Logits (vocab,) after `token` and after each guessed token that follows it, from one decode
+        call; all are appended to the KV cache (a wrong guess is truncated by the caller)."""
+        rows = self.decoder.run([token, *guess], self.cache.position, self.cache)
+        self.cache.append([token, *guess])
         return list(rows)
 
     def _healing_allowed(self, heal: bytes) -> torch.Tensor:
@@ -199,7 +193,7 @@ class Engine:
         ready: list[torch.Tensor] = []
         probs: list[tuple[int, float]] = []  # (bytes of `out` before the token, its probability)
         with self.lock, torch.inference_mode():
-            logits, reused = self._forward_from_cache(prompt.ids)
+            logits, reused = self.prefill(prompt.ids)
             for n_new in range(1, max_new + 1):
                 logits[self._special_ids] = NEG_INF
                 if heal and len(out) < len(heal):
@@ -249,15 +243,15 @@ class Engine:
                     logits = ready.pop(0)
                     continue
                 if guessed:  # a wrong guess: its keys and values get overwritten
-                    del self.cached[len(self.cached) - len(guessed):]
+                    self.cache.truncate(self.cache.position - len(guessed))
                     guessed, ready = [], []
-                if len(self.cached) >= self.config.context_length:
+                if self.cache.position >= self.config.context_length:
                     stop = "context"
                     break
                 calls += 1
-                room = min(max_new - n_new, self.config.context_length - len(self.cached)) - 1
+                room = min(max_new - n_new, self.config.context_length - self.cache.position) - 1
                 guessed = lookup.guess(min(self.guess_tokens, room)) if lookup is not None else []
-                logits, *ready = self._step_with_guess(token, guessed)
+                logits, *ready = self.decode_with_guess(token, guessed)
         inserted = bytes(out[len(heal):]) if out.startswith(heal) else b""
         if mode == "line":
             inserted = inserted.split(b"\n", 1)[0]
@@ -275,11 +269,11 @@ class Engine:
         """Greedy continuation of raw ids with no stop rule but the budget (benchmarks, tests)."""
         new: list[int] = []
         with self.lock, torch.inference_mode():
-            logits, _ = self._forward_from_cache(list(prompt_ids))
+            logits, _ = self.prefill(list(prompt_ids))
             for _ in range(max_new_tokens):
                 new.append(int(torch.argmax(logits)))
                 if len(new) < max_new_tokens:
-                    logits = self._step(new[-1])
+                    logits = self.decode_one_token(new[-1])
         return new
 
     # ------------------------------------------------------------------ free generation
@@ -293,18 +287,18 @@ class Engine:
         ctx = self.config.context_length
         new: list[int] = []
         with self.lock, torch.inference_mode():
-            self.cached = []  # read the prompt afresh: with precision "auto" a seed then always gives one text
-            logits, _ = self._forward_from_cache(ids[-(ctx - 1):])
+            self.cache.reset()  # read the prompt afresh: with precision "auto" a seed then always gives one text
+            logits, _ = self.prefill(ids[-(ctx - 1):])
             for _ in range(max_new_tokens):
                 logits[self._special_ids] = NEG_INF
                 token = sample(logits, temperature, top_k, top_p, generator)
                 if token == self.tokenizer.eot_id:
                     break
                 new.append(token)
-                if len(self.cached) >= ctx:  # context full: continue from the last half
-                    logits, _ = self._forward_from_cache((ids + new)[-(ctx // 2):])
+                if self.cache.position >= ctx:  # context full: continue from the last half
+                    logits, _ = self.prefill((ids + new)[-(ctx // 2):])
                 else:
-                    logits = self._step(token)
+                    logits = self.decode_one_token(token)
         return self.tokenizer.decode(new)
 
 

@@ -297,7 +297,7 @@ class CompletionService:
         now = time.monotonic()
         deadline = now + self.settings.timeout_ms / 1000
         if not self.settings.kv_reuse:
-            engine.cached = []
+            engine.cache.reset()
         result = engine.complete_detailed(clean_text(stable_tail(prefix)), clean_text(suffix[:8192]), mode,
                                           max_new_tokens=self.settings.max_tokens, deadline=deadline,
                                           should_stop=superseded, clean=False, allow_empty=allow_empty,
