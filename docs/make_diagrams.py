@@ -81,7 +81,7 @@ def tokenization() -> str:
     try:
         from codellm.bundle import load_bundle
         from codellm.defaults import PACKAGED_BUNDLE
-        from codellm.inspect import token_pieces
+        from codellm.tokenizer import token_pieces
         pieces = token_pieces(load_bundle(PACKAGED_BUNDLE).tokenizer, example)
     except Exception:  # no shipped model in this checkout
         pieces = []
@@ -128,7 +128,7 @@ def attention() -> str:
                (["weights @ v", "-> output proj"], "step")], w=150, gap=28)
     svg.text(30, 190, "Row i of the weights says how much position i reads from each earlier position (rows sum to 1).")
     svg.text(30, 215, "Training: one causal SDPA call over the sequence. Serving: new queries against the KV cache.")
-    svg.text(30, 250, "codellm/model.py: Attention.forward; codellm/inspect.py: attention_maps")
+    svg.text(30, 250, "codellm/model.py: Attention.forward; codellm/attention.py: attention_maps")
     svg.text(30, 270, 'try: codellm attention --prompt "for f in *; do\\n  echo $f\\ndone" --out attn.png')
     return svg.render()
 

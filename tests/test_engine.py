@@ -6,7 +6,7 @@ import pytest
 import codellm
 from codellm.bundle import BundleError, load_bundle
 from codellm.engine import Engine
-from codellm.shellmode import choose_mode, closing_text, open_blocks
+from codellm.shell import choose_mode, closing_text, open_blocks
 
 
 @pytest.fixture

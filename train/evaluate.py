@@ -23,6 +23,7 @@ import torch
 from codellm.bundle import CARD_FILE, load_bundle
 from codellm.device import choose_device
 from codellm.engine import Engine
+from codellm.shell import bash_parses
 
 from .corpus import read_records
 from .pairs import command_name
@@ -73,19 +74,6 @@ def edit_similarity(pred: str, target: str) -> float:
 
 def exact_match(pred: str, target: str) -> bool:
     return pred.split() == target.split()
-
-
-def bash_parses(text: str) -> bool:
-    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as f:
-        f.write(text)
-    try:
-        # bash reports some syntax errors (a broken `[[ ]]`) with exit status 0
-        run = subprocess.run(["bash", "-n", f.name], capture_output=True, timeout=10)
-        return run.returncode == 0 and b"syntax error" not in run.stderr
-    except subprocess.TimeoutExpired:
-        return False
-    finally:
-        os.unlink(f.name)
 
 
 def shellcheck_errors(text: str) -> bool | None:
