@@ -101,7 +101,7 @@ def typing_comparison(engine: Engine, fmt: str) -> tuple[float, float]:
     k = lines.index("for log in \"$LOG_DIR\"/*.log; do") + 1
     before, typed = "\n".join(lines[:k]) + "\n", lines[k]
     after = "\n" + "\n".join(lines[k + 1:])
-    engine.cached = []
+    engine.cache.reset()
     times, reused, total = [], 0, 0
     for i in range(1, len(typed) + 1):
         r = engine.complete_detailed(before + typed[:i], after, "line", max_new_tokens=8, fmt=fmt, clean=False)
@@ -116,11 +116,11 @@ def engine_times(engine: Engine, prompt: list[int], repeats: int) -> dict:
     edited = prompt[:-1] + [(prompt[-1] + 1) % engine.config.vocab_size or 4]
 
     def fresh_prefill():
-        engine.cached = []
+        engine.cache.reset()
         engine.greedy_ids(prompt, 1)
 
     def fresh_completion():
-        engine.cached = []
+        engine.cache.reset()
         engine.greedy_ids(prompt, NEW_TOKENS)
 
     def edited_completion():
@@ -137,7 +137,7 @@ def engine_times(engine: Engine, prompt: list[int], repeats: int) -> dict:
     fresh = median_time(fresh_completion, repeats)
     edited_completion()
     edit = statistics.median(edited_completion() for _ in range(repeats))
-    engine.cached = []
+    engine.cache.reset()
     engine.greedy_ids(half, 1)
     decode = median_time(decode_steps, repeats) / (DECODE_TOKENS + 1)
     return {"prefill": prefill, "fresh": fresh, "edit": edit, "decode": decode}
@@ -148,7 +148,7 @@ def prefill_time(engine: Engine, n: int, repeats: int) -> float:
     prompt = torch.randint(4, engine.config.vocab_size, (n,), generator=gen).tolist()
 
     def fresh_prefill():
-        engine.cached = []
+        engine.cache.reset()
         engine.greedy_ids(prompt, 1)
 
     return median_time(fresh_prefill, repeats)
@@ -213,7 +213,7 @@ def main(args) -> None:
     print(f"  KV reuse after a 1-token edit: {fresh / times['auto']['edit']:.1f}x faster than a fresh prompt")
     if args.model:
         for fmt in ("spm", "psm"):
-            engine.cached = []
+            engine.cache.reset()
             ms, reuse = typing_comparison(engine, fmt)
             print(f"  typing a line, 8-token completion per keystroke, {fmt.upper()} prompts: median {ms:6.1f} ms, "
                   f"KV reuse {reuse:.0%}")

@@ -22,6 +22,7 @@ from safetensors.torch import load as safetensors_load, save_file
 
 from .config import ModelConfig
 from .model import GPT
+from .prompt import DEFAULT_FORMAT, FIM_FORMATS
 from .tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -40,7 +41,7 @@ class Bundle:
     tokenizer: Tokenizer
     model: GPT
     card: dict = field(default_factory=dict)
-    prompt_format: str = "spm"
+    prompt_format: str = DEFAULT_FORMAT
     path: Path | None = None
 
 
@@ -71,7 +72,7 @@ def check_bundle_target(path: str | Path, overwrite: bool = False) -> None:
 
 
 def save_bundle(path: str | Path, model: GPT, tokenizer: Tokenizer, card: dict | None = None,
-                storage_dtype: str = "float16", prompt_format: str = "spm", overwrite: bool = False) -> Path:
+                storage_dtype: str = "float16", prompt_format: str = DEFAULT_FORMAT, overwrite: bool = False) -> Path:
     """Write a bundle atomically: files go to a temporary sibling directory that then replaces `path`.
 
     An existing `path` is replaced only if it is empty or a bundle (see check_bundle_target). With
@@ -136,8 +137,9 @@ def _parse_config(data: bytes, file: Path) -> tuple[ModelConfig, dict]:
         raise BundleError(f"{file}: unknown format version {version!r} (this codellm reads version {FORMAT_VERSION})")
     if raw.get("storage_dtype", "float32") not in STORAGE_DTYPES:
         raise BundleError(f"{file}: storage_dtype must be one of {list(STORAGE_DTYPES)}, got {raw.get('storage_dtype')!r}")
-    if raw.get("prompt_format", "spm") not in ("spm", "psm"):
-        raise BundleError(f"{file}: prompt_format must be 'spm' or 'psm', got {raw.get('prompt_format')!r}")
+    if raw.get("prompt_format", DEFAULT_FORMAT) not in FIM_FORMATS:
+        raise BundleError(f"{file}: prompt_format must be {' or '.join(map(repr, FIM_FORMATS))}, "
+                          f"got {raw.get('prompt_format')!r}")
     if "model" not in raw:
         raise BundleError(f"{file}: no 'model' section")
     try:
@@ -225,93 +227,122 @@ def _identity(st: os.stat_result) -> tuple:
     return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
-def _read_snapshot(path: Path, device, dtype) -> Bundle:
-    """One attempt at reading every file of the bundle from the same directory (opened once, so a
-    folder renamed over `path` meanwhile is not mixed in). Raises _Changed if anything changed."""
-    try:
-        dfd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except (FileNotFoundError, NotADirectoryError):
-        raise BundleError(f"{path}: model bundle not found (expected a directory with {', '.join(BUNDLE_FILES)})") from None
-    seen: dict[str, tuple] = {}
+class _Directory:
+    """A bundle directory opened once, so that a folder renamed over `path` meanwhile is not mixed in;
+    remembers the identity of each file read, to tell whether anything changed since."""
 
-    def still_the_same() -> bool:
+    def __init__(self, path: Path):
+        self.path = path
         try:
-            if _identity(os.stat(path))[:2] != _identity(os.fstat(dfd))[:2]:
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise BundleError(f"{path}: model bundle not found (expected a directory with "
+                              f"{', '.join(BUNDLE_FILES)})") from None
+        self.seen: dict[str, tuple] = {}
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def still_the_same(self) -> bool:
+        try:
+            if _identity(os.stat(self.path))[:2] != _identity(os.fstat(self.fd))[:2]:
                 return False
-            return all(_identity(os.stat(name, dir_fd=dfd)) == key for name, key in seen.items())
+            return all(_identity(os.stat(name, dir_fd=self.fd)) == key for name, key in self.seen.items())
         except OSError:
             return False
 
-    def open_member(name: str):
+    def check_complete(self) -> None:
+        """Raises BundleError for a missing file (_Changed if the bundle changed meanwhile)."""
+        for name in BUNDLE_FILES:
+            if not _exists_at(self.fd, name):
+                if not self.still_the_same():
+                    raise _Changed()
+                raise BundleError(f"{self.path / name}: missing file; the bundle is incomplete")
+
+    def open_member(self, name: str):
+        """(binary file, size) of a regular file of the bundle."""
         try:
-            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=dfd)  # a FIFO must not block
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=self.fd)  # a FIFO must not block
         except FileNotFoundError:
-            if not still_the_same():
+            if not self.still_the_same():
                 raise _Changed() from None
-            raise BundleError(f"{path / name}: missing file; the bundle is incomplete") from None
+            raise BundleError(f"{self.path / name}: missing file; the bundle is incomplete") from None
         f = os.fdopen(fd, "rb")
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             f.close()
-            raise BundleError(f"{path / name}: not a regular file")
-        seen[name] = _identity(st)
+            raise BundleError(f"{self.path / name}: not a regular file")
+        self.seen[name] = _identity(st)
         return f, st.st_size
 
-    def read_small(name: str) -> bytes:
-        f, size = open_member(name)
+    def read_small(self, name: str) -> bytes:
+        f, size = self.open_member(name)
         with f:
             if size > SIZE_LIMITS[name]:
-                raise BundleError(f"{path / name}: {size} bytes, more than a bundle's {name} may have "
+                raise BundleError(f"{self.path / name}: {size} bytes, more than a bundle's {name} may have "
                                   f"({SIZE_LIMITS[name]})")
             return f.read(SIZE_LIMITS[name] + 1)
 
-    try:
-        for name in BUNDLE_FILES:
-            if not _exists_at(dfd, name):
-                if not still_the_same():
-                    raise _Changed()
-                raise BundleError(f"{path / name}: missing file; the bundle is incomplete")
-        config, raw = _parse_config(read_small(CONFIG_FILE), path / CONFIG_FILE)
-        try:
-            tokenizer = Tokenizer.from_str(read_small(TOKENIZER_FILE).decode("utf-8"))
-        except BundleError:
-            raise
-        except Exception as exc:  # the tokenizers library raises plain Exception subclasses
-            raise BundleError(f"{path / TOKENIZER_FILE}: not a valid tokenizer ({exc})") from None
-        if tokenizer.vocab_size != config.vocab_size:
-            raise BundleError(f"{path / TOKENIZER_FILE}: vocabulary has {tokenizer.vocab_size} tokens but "
-                              f"config.json says vocab_size {config.vocab_size}")
-        try:
-            card = msgpack.unpackb(read_small(CARD_FILE), raw=False)
-        except (msgpack.UnpackException, ValueError, TypeError) as exc:
-            raise BundleError(f"{path / CARD_FILE}: corrupt data card ({exc})") from None
-        file = path / WEIGHTS_FILE
-        f, size = open_member(WEIGHTS_FILE)
+    def read_weights(self, config: ModelConfig) -> bytes:
+        """The weights file, once its header agrees with `config`. Raises _Changed if any file read so
+        far changed meanwhile."""
+        f, size = self.open_member(WEIGHTS_FILE)
         with f:
-            _check_weights_header(f, size, file, config)
+            _check_weights_header(f, size, self.path / WEIGHTS_FILE, config)
             f.seek(0)
             data = f.read()
-        if not still_the_same():
+        if not self.still_the_same():
             raise _Changed()
+        return data
+
+
+def _read_snapshot(path: Path, device, dtype) -> Bundle:
+    """One attempt at reading every file of the bundle from the same directory. Raises _Changed if
+    anything changed."""
+    directory = _Directory(path)
+    try:
+        directory.check_complete()
+        config, raw = _parse_config(directory.read_small(CONFIG_FILE), path / CONFIG_FILE)
+        tokenizer = _parse_tokenizer(directory.read_small(TOKENIZER_FILE), path / TOKENIZER_FILE, config)
         try:
-            state = safetensors_load(data)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt ({exc})") from None
-        del data
-        for name, tensor in state.items():
-            if not bool(torch.isfinite(tensor).all()):
-                raise BundleError(f"{file}: tensor {name} holds NaN or infinite values")
+            card = msgpack.unpackb(directory.read_small(CARD_FILE), raw=False)
+        except (msgpack.UnpackException, ValueError, TypeError) as exc:
+            raise BundleError(f"{path / CARD_FILE}: corrupt data card ({exc})") from None
+        state = _load_weights(directory.read_weights(config), path / WEIGHTS_FILE)  # the bytes go after it
         model = GPT(config)
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
         model.to(device=device, dtype=dtype).eval()
         return Bundle(config, tokenizer, model, card if isinstance(card, dict) else {},
-                      raw.get("prompt_format", "spm"), path)
+                      raw.get("prompt_format", DEFAULT_FORMAT), path)
     except BundleError:
-        if not still_the_same():
+        if not directory.still_the_same():
             raise _Changed() from None
         raise
     finally:
-        os.close(dfd)
+        directory.close()
+
+
+def _parse_tokenizer(data: bytes, file: Path, config: ModelConfig) -> Tokenizer:
+    try:
+        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
+    except Exception as exc:  # the tokenizers library raises plain Exception subclasses
+        raise BundleError(f"{file}: not a valid tokenizer ({exc})") from None
+    if tokenizer.vocab_size != config.vocab_size:
+        raise BundleError(f"{file}: vocabulary has {tokenizer.vocab_size} tokens but "
+                          f"config.json says vocab_size {config.vocab_size}")
+    return tokenizer
+
+
+def _load_weights(data: bytes, file: Path) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors bytes; raises BundleError for unreadable or non-finite ones."""
+    try:
+        state = safetensors_load(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt ({exc})") from None
+    for name, tensor in state.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise BundleError(f"{file}: tensor {name} holds NaN or infinite values")
+    return state
 
 
 def _exists_at(dfd: int, name: str) -> bool:

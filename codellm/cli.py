@@ -88,10 +88,15 @@ def cmd_info(args):
     print(f"decode steps on CPU: {kernel.cpu_decoding()}")
 
 
+def cmd_bench(args):
+    from . import bench
+    bench.main(args)
+
+
 def cmd_tokenize(args):
     from .bundle import load_bundle
     from .defaults import default_bundle_path
-    from .inspect import token_pieces
+    from .tokenizer import token_pieces
     path = Path(args.text)
     text = read_text(args.text) if args.text == "-" or (len(args.text) < 4096 and path.is_file()) else args.text
     tok = load_bundle(args.model or default_bundle_path()).tokenizer
@@ -112,7 +117,8 @@ def cmd_tokenize(args):
 def cmd_attention(args):
     from .bundle import load_bundle
     from .defaults import default_bundle_path
-    from .inspect import attention_maps, plot_attention, token_pieces
+    from .attention import attention_maps, plot_attention
+    from .tokenizer import token_pieces
     bundle = load_bundle(args.model or default_bundle_path())
     prompt = args.prompt.replace("\\n", "\n")
     pieces = token_pieces(bundle.tokenizer, prompt)[: bundle.config.context_length]
@@ -153,7 +159,7 @@ def main(argv=None):
     p.add_argument("--background", type=int, default=0, metavar="N",
                    help="also measure with N busy processes running (started and ended by the bench): "
                         "idle and loaded side by side, for 1 and 2 threads")
-    p.set_defaults(func=lambda a: __import__("codellm.bench", fromlist=["main"]).main(a))
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tokenize", help="show how text splits into tokens")
     p.add_argument("text", help="text, a file name, or - for stdin")

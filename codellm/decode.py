@@ -3,7 +3,7 @@ and prompt reading that computes only the keys and values the cache needs.
 
 A decode step moves one token (or a few, to check a guessed continuation) through the model: every
 tensor is tiny, so the time goes into launching operations and reading weights, not into arithmetic.
-`Decoder` computes what `GPT.forward(tokens, start=pos)` computes with a fraction of the operations, from
+`Decoder` computes what `GPT.forward(tokens, cache, start=pos)` computes with a fraction of the operations, from
 weights prepared once:
 
 - each RMSNorm's weight is folded into the matrix that reads its output; the norm itself becomes one
@@ -17,8 +17,8 @@ The step is one TorchScript function (`decode_tokens`), so that the Python inter
 between its ~200 operations; where scripting is unavailable it runs as plain Python, with the same result.
 With int8 weights on CPU, the step runs as one C call where that is built (codellm.kernel).
 Prompts (`Decoder.read`) go through the same folded matrices, in bf16 where the CPU has bf16 units.
-Everything reads and writes the model's own KV cache, in the layout `GPT.forward` uses, so `GPT.forward`
-can serve as the reference in tests. Rebuild the decoder after the model's weights change.
+Everything reads and writes the KVCache (codellm.kvcache) it is given, in the layout `GPT.forward` uses,
+so `GPT.forward` can serve as the reference in tests. Rebuild the decoder after the model's weights change.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import kernel
+from .kvcache import KVCache
 from .model import GPT, RMSNorm
 
 
@@ -180,16 +181,14 @@ class Decoder:
         swapped = weight.roll(D // 2, dims=-1)
         return [(cos * weight[None, :, None, :]).contiguous(), (sin * swapped[None, :, None, :]).contiguous()]
 
-    def run(self, tokens: list[int], pos: int) -> torch.Tensor:
+    def run(self, tokens: list[int], pos: int, cache: KVCache) -> torch.Tensor:
         """Logits (len(tokens), vocab) for `tokens` at positions pos, pos+1, ...; keys/values of positions
-        < pos come from the cache, and those of `tokens` are written to it."""
+        < pos come from `cache`, and those of `tokens` are written to it (its ids are the caller's to
+        record)."""
         if self.c_step is not None and len(tokens) <= kernel.MAX_TOKENS:
-            return self.c_step.run(tokens, pos)
-        caches = []
-        for block in self.model.blocks:
-            caches += [block.attn.cache.k[0], block.attn.cache.v[0]]
+            return self.c_step.run(tokens, pos, cache)
         x = self.embed[torch.tensor(tokens, device=self.embed.device)]
-        return self.run_layers(x, pos, self.matrices, self.scales, self.rotary, caches, self.causal,
+        return self.run_layers(x, pos, self.matrices, self.scales, self.rotary, cache.layers, self.causal,
                                self.norm_eps, self.head_eps, self.model.cfg.n_head, self.model.cfg.qk_norm)
 
     @property
@@ -199,23 +198,23 @@ class Decoder:
             return f"C ({kernel.instructions()})"
         return "Python" if self.run_layers is decode_tokens else "TorchScript"
 
-    def step(self, token: int, pos: int) -> torch.Tensor:
+    def step(self, token: int, pos: int, cache: KVCache) -> torch.Tensor:
         """Logits (vocab,) for `token` at position `pos`."""
-        return self.run([token], pos)[0]
+        return self.run([token], pos, cache)[0]
 
-    def read(self, tokens: list[int], pos: int) -> None:
-        """Write the keys and values of `tokens` at positions pos, pos+1, ... to the cache (a prompt read
+    def read(self, tokens: list[int], pos: int, cache: KVCache) -> None:
+        """Write the keys and values of `tokens` at positions pos, pos+1, ... to `cache` (a prompt read
         before its last token goes through `step`). Nothing after the last layer's keys and values is
         computed: the logits of these positions are not wanted. A few tokens go through decode steps, which
         cost less than the prompt path's set-up for them."""
         if len(tokens) <= self.few_tokens:
-            self.run(tokens, pos)
+            self.run(tokens, pos, cache)
             return
         C, H, D = self.model.cfg.d_model, self.model.cfg.n_head, self.model.cfg.head_dim
         T, end = len(tokens), pos + len(tokens)
         dtype = self.prompt_dtype
         x = self.embed[torch.tensor(tokens, device=self.embed.device)]
-        for layer, block in enumerate(self.model.blocks):
+        for layer in range(len(self.model.blocks)):
             w_qkv, w_proj, w_up, w_down = self.prompt_matrices[4 * layer:4 * layer + 4]
             qkv = torch.mm((x * norm_scale(x, self.norm_eps)).to(dtype), w_qkv).view(T, 3, H, D)
             qk, v = qkv[:, :2], qkv[:, 2]  # rotated in the matrices' dtype: bf16 halves the bytes to move
@@ -225,9 +224,8 @@ class Decoder:
             if self.model.cfg.qk_norm:
                 r = norm_scale(qk.float().reshape(T * 2 * H, D), self.head_eps)
                 rotated.mul_(r.view(T, 2, H, 1).to(dtype))
-            cache = block.attn.cache
-            cache.k[0, :, pos:end] = rotated[:, 1].transpose(0, 1)
-            cache.v[0, :, pos:end] = v.transpose(0, 1)
+            cache.k[layer, 0, :, pos:end] = rotated[:, 1].transpose(0, 1)
+            cache.v[layer, 0, :, pos:end] = v.transpose(0, 1)
             if layer == len(self.model.blocks) - 1:
                 break  # the last layer's keys and values are all that is wanted of it
             q = rotated[:, 0].transpose(0, 1)[None]
@@ -235,7 +233,7 @@ class Decoder:
                 keys, values = rotated[:, 1].transpose(0, 1)[None], v.transpose(0, 1)[None]
                 y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=1.0)
             else:
-                keys, values = cache.k[:, :, :end].to(dtype), cache.v[:, :, :end].to(dtype)
+                keys, values = cache.k[layer, :, :, :end].to(dtype), cache.v[layer, :, :, :end].to(dtype)
                 y = F.scaled_dot_product_attention(q, keys, values, attn_mask=self.causal[pos:end, :end].to(dtype),
                                                    scale=1.0)
             x = x + torch.mm(y[0].transpose(0, 1).reshape(T, C), w_proj)

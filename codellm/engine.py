@@ -5,7 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 
@@ -14,27 +14,32 @@ from .config import PRECISION_HELP, PRECISIONS  # noqa: F401 - the command lines
 from .decode import Decoder, decode_tokens, int8_matmul_available
 from .lookahead import GUESS_TOKENS, PromptLookup
 from .device import choose_device, cpu_has_bf16, set_threads
+from .kvcache import KVCache
 from .postprocess import (BLANK_LINE_AFTER_CONTENT, Context, ends_in_loop, first_repeated_line, postprocess,
                           safe_cut)
-from .prompt import build_prompt, join_line_endings, split_line_endings
-from .shellmode import choose_mode
+from .prompt import (Prompt, build_prompt, choose_format, file_start, join_line_endings, prompt_budget,
+                     split_line_endings)
+from .shell import resolve_mode
 
 NEG_INF = float("-inf")
 MAX_TOKENS = {"line": 48, "block": 160}
-# room kept for the answer when the prompt is windowed: the same for line and block requests, so that
-# both see one window and share the KV cache (a block answer may then stop short of 160 in a full window)
-ANSWER_RESERVE = 96
 MAX_LINE_BYTES = 240  # a suggested line longer than this is a runaway, not shell
 # whitespace before any content: past two line ends or this many bytes, the next token must be a real one
 MAX_LEADING_BLANK_BYTES = 16
 MAX_BLANK_RUN = 32  # a line ending in this many spaces or tabs after its content is a runaway
 
 
+# why decoding ended: end of text; a line end in line mode; the token budget; the deadline; the time for a
+# multi-line answer (it ends at its last whole line); should_stop said so; the context is full; a runaway
+# line or a loop; a blank line after content in block mode; a token below the `cut` probability
+StopReason = Literal["eot", "newline", "max_tokens", "deadline", "time budget", "cancelled", "context",
+                     "repetition", "blank line", "unsure"]
+
+
 @dataclass
 class Completion:
     text: str  # what to insert at the cursor
-    stop_reason: str  # "eot" | "newline" | "max_tokens" | "deadline" | "time budget" | "cancelled" | "context"
-    # | "repetition" | "blank line" | "unsure"
+    stop_reason: StopReason
     mode: str
     prompt_tokens: int
     reused_tokens: int  # prompt tokens whose keys/values came from the cache
@@ -62,16 +67,6 @@ class Completion:
         return product
 
 
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
-
-
 class Engine:
     """Keeps one model resident on its device; requests are serialized onto it by a lock.
 
@@ -93,21 +88,20 @@ class Engine:
         self.model = bundle.model.to(self.device).eval()
         fast_cpu = precision == "auto" and self.device.type == "cpu"
         self.bf16_prefill = fast_cpu and cpu_has_bf16()
-        self.model.setup_cache(1)
+        self.cache = KVCache.for_model(self.model)  # the one sequence served: prompt and answer so far
         self.decoder = Decoder(self.model, int8=fast_cpu and int8_matmul_available(self.device),
                                prompt_dtype=torch.bfloat16 if self.bf16_prefill else torch.float32)
         with torch.inference_mode():  # TorchScript optimises the decode step on its first calls: not on a keystroke
             try:
                 for _ in range(2):
-                    self.decoder.step(self.tokenizer.eot_id, 0)
+                    self.decoder.step(self.tokenizer.eot_id, 0, self.cache)
             except RuntimeError:  # a device the compiled step fails on: the same code runs as Python
                 self.decoder.run_layers = decode_tokens
-                self.decoder.step(self.tokenizer.eot_id, 0)
+                self.decoder.step(self.tokenizer.eot_id, 0, self.cache)
         self.precision = precision
         self.guess_tokens = GUESS_TOKENS  # 0: decode one token per call (codellm.lookahead)
         self.prompt_format = bundle.prompt_format
         self.lock = threading.Lock()
-        self.cached: list[int] = []  # token ids whose keys/values sit in the cache, at positions 0..n-1
         self._healing_cache: dict[bytes, torch.Tensor] = {}
         token_bytes = self.tokenizer.token_bytes
         # tokens that would end a line or the text before anything was inserted
@@ -125,25 +119,27 @@ class Engine:
 
     # ------------------------------------------------------------------ model steps
 
-    def _forward_from_cache(self, ids: list[int]) -> tuple[torch.Tensor, int]:
-        """Logits after `ids`, computing only what the cache lacks. Returns (logits, reused count)."""
-        reused = min(common_prefix_len(self.cached, ids), len(ids) - 1)
-        self.cached = self.cached[:reused]  # invalid past here until rewritten below
+    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+        """Logits (vocab,) after the prompt `ids` (at least one token), computing only what the KV cache
+        lacks; returns (logits, how many tokens' keys/values were reused)."""
+        cache = self.cache
+        reused = cache.reuse(ids[:-1])  # the last token is always stepped: its logits are wanted
         if len(ids) - reused > 1:  # what is new is read into the cache but for the last token, ...
-            self.decoder.read(ids[reused:-1], reused)
-        logits = self.decoder.step(ids[-1], len(ids) - 1)  # ... whose logits always come from a decode step
-        self.cached = list(ids)
-        return logits, reused
+            self.decoder.read(ids[reused:-1], reused, cache)
+            cache.append(ids[reused:-1])
+        return self.decode_one_token(ids[-1]), reused  # ... whose logits always come from a decode step
 
-    def _step(self, token: int) -> torch.Tensor:
-        logits = self.decoder.step(token, len(self.cached))
-        self.cached.append(token)
+    def decode_one_token(self, token: int) -> torch.Tensor:
+        """Logits (vocab,) after `token`, appended to the KV cache."""
+        logits = self.decoder.step(token, self.cache.position, self.cache)
+        self.cache.append([token])
         return logits
 
-    def _step_with_guess(self, token: int, guess: list[int]) -> list[torch.Tensor]:
-        """Logits after `token` and after each guessed token that follows it, from one decode call."""
-        rows = self.decoder.run([token, *guess], len(self.cached))
-        self.cached += [token, *guess]
+    def decode_with_guess(self, token: int, guess: list[int]) -> list[torch.Tensor]:
+        """Logits (vocab,) after `token` and after each guessed token that follows it, from one decode
+        call; all are appended to the KV cache (a wrong guess is truncated by the caller)."""
+        rows = self.decoder.run([token, *guess], self.cache.position, self.cache)
+        self.cache.append([token, *guess])
         return list(rows)
 
     def _healing_allowed(self, heal: bytes) -> torch.Tensor:
@@ -169,118 +165,111 @@ class Engine:
                           deadline: float | None = None, should_stop: Callable[[], bool] | None = None,
                           fmt: str | None = None, clean: bool = True, allow_empty: bool = False,
                           whole_lines_after: float | None = None, cut: float = 0.0) -> Completion:
-        """deadline: time.monotonic() value after which decoding stops; should_stop: polled between steps;
-        whole_lines_after: time.monotonic() value after which a block completion ends at its last whole
-        line (or, if no line with content is finished yet, at the end of the first one);
-        clean: apply the shell-aware post-processing (codellm.postprocess) to the raw model text;
-        allow_empty: let the model answer nothing (by default the first token may not end the answer:
-        in line mode neither end of text nor a newline, in block mode not end of text);
-        cut: decoding stops before the first token whose probability is below it (stop reason "unsure"),
-        so the answer is the part the model is sure of; the probabilities are in Completion.token_probs.
+        """The completion at a cursor between prefix and suffix, with how and why decoding ended.
+
+        mode: "line" | "block" | "auto" (codellm.shell.resolve_mode; ValueError otherwise);
+        max_new_tokens: the token budget (default MAX_TOKENS[mode]); fmt: the prompt format (default
+        codellm.prompt.choose_format); deadline: time.monotonic() value after which decoding stops;
+        should_stop: polled between steps; whole_lines_after: time.monotonic() value after which a block
+        completion ends at its last whole line (or, if no line with content is finished yet, at the end of
+        the first one); clean: apply the shell-aware post-processing (codellm.postprocess) to the raw model
+        text; allow_empty: let the model answer nothing (by default the first token may not end the answer:
+        in line mode neither end of text nor a newline, in block mode not end of text); cut: decoding stops
+        before the first token whose probability is below it (stop reason "unsure"), so the answer is the
+        part the model is sure of; the probabilities are in Completion.token_probs.
         Text with CRLF line endings is read as LF text; the answer comes back with CRLF."""
         prefix, suffix, newline = split_line_endings(prefix, suffix)
-        if mode == "auto":
-            mode = choose_mode(prefix, suffix)
-        if mode not in ("line", "block"):
-            raise ValueError(f"mode must be 'line', 'block' or 'auto', not {mode!r}")
+        mode = resolve_mode(mode, prefix, suffix)
         context = self.config.context_length
-        reserve = min(context // 2, max(ANSWER_RESERVE, max_new_tokens or 0))
-        fmt = fmt or (self.prompt_format if suffix.strip() else "plain")
+        fmt = fmt or choose_format(suffix, self.prompt_format)
         start_time = time.perf_counter()
-        prompt = build_prompt(self.tokenizer, prefix, suffix, fmt, budget=context - reserve)
+        prompt = build_prompt(self.tokenizer, prefix, suffix, fmt, budget=prompt_budget(context, max_new_tokens))
         max_new = max(1, min(max_new_tokens or MAX_TOKENS[mode], context - len(prompt.ids)))
+        rules = StopRules(mode, len(prompt.heal), deadline, should_stop, whole_lines_after, cut)
+        with self.lock, torch.inference_mode():
+            decoded = self.decode_n_tokens(prompt, max_new, rules, allow_empty)
+        text, token_probs = answer_text(decoded, prompt.heal, mode)
+        if decoded.stop == "deadline":  # out of time mid-line: up to the last whole word with quotes closed, or nothing
+            text = safe_cut(text, prefix.rsplit("\n", 1)[-1])
+        if clean and decoded.stop != "cancelled":
+            text = postprocess(text, Context(prefix, suffix, mode))
+        return Completion(join_line_endings(text, newline), decoded.stop, mode, len(prompt.ids), decoded.reused,
+                          decoded.new_tokens, time.perf_counter() - start_time, decoded.model_calls, token_probs)
+
+    def decode_n_tokens(self, prompt: Prompt, max_new: int, rules: StopRules, allow_empty: bool) -> Decoded:
+        """Greedy decoding after `prompt` (prefilled first) until a stop rule holds or `max_new` tokens;
+        guessed continuations (codellm.lookahead) are checked several tokens per decode call."""
         token_bytes = self.tokenizer.token_bytes
-        heal = prompt.heal
-        out = bytearray()
-        stop, reused, n_new, calls = "max_tokens", 0, 0, 1
+        decoded = Decoded()
+        out = decoded.out
         lookup = PromptLookup(prompt.ids) if self.guess_tokens else None
         guessed: list[int] = []  # tokens after the last one chosen whose logits are in `ready`
         ready: list[torch.Tensor] = []
-        probs: list[tuple[int, float]] = []  # (bytes of `out` before the token, its probability)
-        with self.lock, torch.inference_mode():
-            logits, reused = self._forward_from_cache(prompt.ids)
-            for n_new in range(1, max_new + 1):
-                logits[self._special_ids] = NEG_INF
-                if heal and len(out) < len(heal):
-                    allowed = self._healing_allowed(bytes(heal[len(out):]))
-                    masked = torch.full_like(logits, NEG_INF)
-                    masked[allowed] = logits[allowed]
-                    logits = masked
-                elif len(out) <= len(heal) and not allow_empty:  # nothing inserted yet
-                    logits[self._empty_answer_ids if mode == "line" else self.tokenizer.eot_id] = NEG_INF
-                elif blank_run_too_long(out[len(heal):]):  # blank lines and spaces only so far: write something
-                    logits[self._blank_ids] = NEG_INF
-                    if not allow_empty:
-                        logits[self.tokenizer.eot_id] = NEG_INF
-                token = int(torch.argmax(logits))
-                if token == self.tokenizer.eot_id:
-                    stop = "eot"
-                    break
-                p = chosen_probability(logits, token)
-                if p < cut:
-                    stop = "unsure"
-                    break
-                probs.append((len(out), p))
-                if lookup is not None:
-                    lookup.append(token)
-                out += token_bytes[token]
-                if mode == "line" and b"\n" in out[len(heal):]:
-                    stop = "newline"
-                    break
-                if runaway(out, token_bytes[token]):
-                    stop = "repetition"
-                    break
-                if mode == "block" and BLANK_LINE_AFTER_CONTENT.search(out[len(heal):].decode("utf-8", "ignore")):
-                    stop = "blank line"
-                    break
-                if should_stop and should_stop():
-                    stop = "cancelled"
-                    break
-                if deadline and time.monotonic() > deadline:
-                    stop = "deadline"
-                    break
-                if mode == "block" and whole_lines_after and has_whole_line(out[len(heal):]) \
-                        and time.monotonic() > whole_lines_after:
-                    stop = "time budget"
-                    break
-                if guessed and guessed[0] == token:  # the guess was right: the next logits are ready
-                    guessed.pop(0)
-                    logits = ready.pop(0)
-                    continue
-                if guessed:  # a wrong guess: its keys and values get overwritten
-                    del self.cached[len(self.cached) - len(guessed):]
-                    guessed, ready = [], []
-                if len(self.cached) >= self.config.context_length:
-                    stop = "context"
-                    break
-                calls += 1
-                room = min(max_new - n_new, self.config.context_length - len(self.cached)) - 1
-                guessed = lookup.guess(min(self.guess_tokens, room)) if lookup is not None else []
-                logits, *ready = self._step_with_guess(token, guessed)
-        inserted = bytes(out[len(heal):]) if out.startswith(heal) else b""
-        if mode == "line":
-            inserted = inserted.split(b"\n", 1)[0]
-        elif stop == "time budget":
-            inserted = inserted[:inserted.rfind(b"\n")]  # the unfinished last line goes
-        text = inserted.decode("utf-8", errors="ignore").rstrip("\r")
-        if stop == "deadline":  # out of time mid-line: up to the last whole word with quotes closed, or nothing
-            text = safe_cut(text, prefix.rsplit("\n", 1)[-1])
-        token_probs = token_offsets(probs, bytes(out), len(heal), inserted, len(text))
-        if clean and stop != "cancelled":
-            text = postprocess(text, Context(prefix, suffix, mode))
-        text = join_line_endings(text, newline)
-        return Completion(text, stop, mode, len(prompt.ids), reused, n_new, time.perf_counter() - start_time, calls,
-                          token_probs)
+        logits, decoded.reused = self.prefill(prompt.ids)
+        for n_new in range(1, max_new + 1):
+            decoded.new_tokens = n_new
+            logits = self._mask_logits(logits, out, prompt.heal, rules.mode, allow_empty)
+            token = int(torch.argmax(logits))
+            if token == self.tokenizer.eot_id:
+                decoded.stop = "eot"
+                break
+            p = chosen_probability(logits, token)
+            if p < rules.cut:
+                decoded.stop = "unsure"
+                break
+            decoded.probs.append((len(out), p))
+            if lookup is not None:
+                lookup.append(token)
+            out += token_bytes[token]
+            decoded.stop = stop_reason(out, token_bytes[token], rules)
+            if decoded.stop:
+                break
+            if guessed and guessed[0] == token:  # the guess was right: the next logits are ready
+                guessed.pop(0)
+                logits = ready.pop(0)
+                continue
+            if guessed:  # a wrong guess: its keys and values get overwritten
+                self.cache.truncate(self.cache.position - len(guessed))
+                guessed, ready = [], []
+            if self.cache.position >= self.config.context_length:
+                decoded.stop = "context"
+                break
+            decoded.model_calls += 1
+            room = min(max_new - n_new, self.config.context_length - self.cache.position) - 1
+            guessed = lookup.guess(min(self.guess_tokens, room)) if lookup is not None else []
+            logits, *ready = self.decode_with_guess(token, guessed)
+        decoded.stop = decoded.stop or "max_tokens"
+        return decoded
+
+    def _mask_logits(self, logits: torch.Tensor, out: bytearray, heal: bytes, mode: str,
+                     allow_empty: bool) -> torch.Tensor:
+        """The logits with the tokens the next pick may not be set to -inf: special tokens; while the
+        backed-off bytes `heal` are re-typed, tokens that disagree with them; before anything is inserted
+        (unless allow_empty), tokens that would end the answer; after a run of blank output, blank
+        tokens. May modify `logits` in place."""
+        logits[self._special_ids] = NEG_INF
+        if heal and len(out) < len(heal):
+            allowed = self._healing_allowed(bytes(heal[len(out):]))
+            masked = torch.full_like(logits, NEG_INF)
+            masked[allowed] = logits[allowed]
+            return masked
+        if len(out) <= len(heal) and not allow_empty:  # nothing inserted yet
+            logits[self._empty_answer_ids if mode == "line" else self.tokenizer.eot_id] = NEG_INF
+        elif blank_run_too_long(out[len(heal):]):  # blank lines and spaces only so far: write something
+            logits[self._blank_ids] = NEG_INF
+            if not allow_empty:
+                logits[self.tokenizer.eot_id] = NEG_INF
+        return logits
 
     def greedy_ids(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation of raw ids with no stop rule but the budget (benchmarks, tests)."""
         new: list[int] = []
         with self.lock, torch.inference_mode():
-            logits, _ = self._forward_from_cache(list(prompt_ids))
+            logits, _ = self.prefill(list(prompt_ids))
             for _ in range(max_new_tokens):
                 new.append(int(torch.argmax(logits)))
                 if len(new) < max_new_tokens:
-                    logits = self._step(new[-1])
+                    logits = self.decode_one_token(new[-1])
         return new
 
     # ------------------------------------------------------------------ free generation
@@ -290,23 +279,78 @@ class Engine:
         """Continue `prompt` left to right; returns only the new text. temperature 0 = greedy."""
         generator = torch.Generator(device="cpu")
         generator.manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
-        ids = [self.tokenizer.eot_id, *self.tokenizer.encode(prompt)]  # a document starts after <endoftext>
+        ids = file_start(self.tokenizer, self.tokenizer.encode(prompt))
         ctx = self.config.context_length
         new: list[int] = []
         with self.lock, torch.inference_mode():
-            self.cached = []  # read the prompt afresh: with precision "auto" a seed then always gives one text
-            logits, _ = self._forward_from_cache(ids[-(ctx - 1):])
+            self.cache.reset()  # read the prompt afresh: with precision "auto" a seed then always gives one text
+            logits, _ = self.prefill(ids[-(ctx - 1):])
             for _ in range(max_new_tokens):
                 logits[self._special_ids] = NEG_INF
                 token = sample(logits, temperature, top_k, top_p, generator)
                 if token == self.tokenizer.eot_id:
                     break
                 new.append(token)
-                if len(self.cached) >= ctx:  # context full: continue from the last half
-                    logits, _ = self._forward_from_cache((ids + new)[-(ctx // 2):])
+                if self.cache.position >= ctx:  # context full: continue from the last half
+                    logits, _ = self.prefill((ids + new)[-(ctx // 2):])
                 else:
-                    logits = self._step(token)
+                    logits = self.decode_one_token(token)
         return self.tokenizer.decode(new)
+
+
+@dataclass
+class StopRules:
+    """When a completion's decoding stops, besides end of text, the token budget and the context."""
+    mode: str  # "line" | "block"
+    heal: int  # bytes at the start of the output that only re-type the backed-off end of the prefix
+    deadline: float | None = None  # time.monotonic() value
+    should_stop: Callable[[], bool] | None = None
+    whole_lines_after: float | None = None  # time.monotonic() value; block mode
+    cut: float = 0.0  # stop before a token of lower probability
+
+
+@dataclass
+class Decoded:
+    """What decode_n_tokens produced: the output bytes (including the re-typed heal bytes), per chosen
+    token (bytes of `out` before it, its probability), why it stopped, and the counts for Completion."""
+    out: bytearray = field(default_factory=bytearray)
+    probs: list[tuple[int, float]] = field(default_factory=list)
+    stop: StopReason | None = None
+    reused: int = 0
+    new_tokens: int = 0
+    model_calls: int = 1  # the prefill's last token is the first
+
+
+def stop_reason(out: bytearray, token: bytes, rules: StopRules) -> StopReason | None:
+    """Why decoding stops after `token` was appended to `out`, or None to go on."""
+    new = out[rules.heal:]
+    if rules.mode == "line" and b"\n" in new:
+        return "newline"
+    if runaway(out, token):
+        return "repetition"
+    if rules.mode == "block" and BLANK_LINE_AFTER_CONTENT.search(new.decode("utf-8", "ignore")):
+        return "blank line"
+    if rules.should_stop and rules.should_stop():
+        return "cancelled"
+    if rules.deadline and time.monotonic() > rules.deadline:
+        return "deadline"
+    if rules.mode == "block" and rules.whole_lines_after and has_whole_line(new) \
+            and time.monotonic() > rules.whole_lines_after:
+        return "time budget"
+    return None
+
+
+def answer_text(decoded: Decoded, heal: bytes, mode: str) -> tuple[str, list[tuple[int, int, float]]]:
+    """The text to insert from the decoded output (the re-typed heal bytes dropped; in line mode the first
+    line; after "time budget" the whole lines) and its tokens' (start, end, probability)."""
+    out = bytes(decoded.out)
+    inserted = out[len(heal):] if out.startswith(heal) else b""
+    if mode == "line":
+        inserted = inserted.split(b"\n", 1)[0]
+    elif decoded.stop == "time budget":
+        inserted = inserted[:inserted.rfind(b"\n")]  # the unfinished last line goes
+    text = inserted.decode("utf-8", errors="ignore").rstrip("\r")
+    return text, token_offsets(decoded.probs, out, len(heal), inserted, len(text))
 
 
 def chosen_probability(logits: torch.Tensor, token: int) -> float:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .kvcache import KVCache
+
 try:
     from . import _decode_kernel
 except ImportError:  # not built: no C compiler at install time, or a platform it does not build on
@@ -59,7 +61,7 @@ def pack_rows(weight: torch.Tensor) -> torch.Tensor:
 
 
 class KernelStep:
-    """`run(tokens, pos)` for a `codellm.decode.Decoder` with int8 weights on CPU. Holds the packed weights
+    """`run(tokens, pos, cache)` for a `codellm.decode.Decoder` with int8 weights on CPU. Holds the packed weights
     and the tensors whose addresses the C side uses, so that they live as long as it does."""
 
     def __init__(self, decoder):
@@ -83,19 +85,15 @@ class KernelStep:
         # the OpenMP team of a decode call: 1 for small models, else 0 (the threads PyTorch was given)
         self.threads = 1 if sum(weight.numel() for weight, _ in self.matrices) < ONE_THREAD_BELOW else 0
 
-    def _bind_cache(self):
-        """Point the C side at the model's current KV cache (`GPT.setup_cache` makes a new one)."""
-        caches = []
+    def _bind_cache(self, cache: KVCache):
+        """Point the C side at the storage of `cache` (the one it last ran on, until another comes)."""
         cfg = self.model.cfg
-        for block in self.model.blocks:
-            cache = block.attn.cache
-            keys, values = cache.k[0], cache.v[0]
-            for c in (keys, values):
-                if c.dtype != torch.float32 or c.device.type != "cpu" or cache.k.shape[0] != 1 \
-                        or c.shape != (cfg.n_head, cfg.context_length, cfg.head_dim) or not c.is_contiguous():
-                    raise ValueError("the C decode step needs a contiguous float32 CPU KV cache of batch 1 "
-                                     "and the model's context length")
-            caches += [keys, values]
+        want = (cfg.n_layer, 1, cfg.n_head, cfg.context_length, cfg.head_dim)
+        for c in (cache.k, cache.v):
+            if c.dtype != torch.float32 or c.device.type != "cpu" or c.shape != want or not c.is_contiguous():
+                raise ValueError("the C decode step needs a contiguous float32 CPU KV cache of batch 1 "
+                                 "and the model's context length")
+        caches = cache.layers
         shapes = [(weight.data_ptr(), scale.data_ptr(), scale.numel(), weight.shape[1])
                   for weight, scale in self.matrices]
         self._model = _decode_kernel.new_model(
@@ -103,11 +101,12 @@ class KernelStep:
             [c.data_ptr() for c in caches])
         self.caches = caches
 
-    def run(self, tokens: list[int], pos: int) -> torch.Tensor:
+    def run(self, tokens: list[int], pos: int, cache: KVCache) -> torch.Tensor:
         """Logits (len(tokens), vocab) for `tokens` at positions pos, pos+1, ...; keys/values of positions
-        < pos come from the cache, and those of `tokens` are written to it."""
-        if not self.caches or self.model.blocks[0].attn.cache.k.data_ptr() != self.caches[0].data_ptr():
-            self._bind_cache()
+        < pos come from `cache`, and those of `tokens` are written to it. Raises ValueError for a cache
+        of another layout, tokens outside the vocabulary or positions outside the context."""
+        if not self.caches or cache.k.data_ptr() != self.caches[0].data_ptr():
+            self._bind_cache(cache)
         logits = torch.empty(len(tokens), self.vocab_size)
         _decode_kernel.decode(self._model, tokens, pos, logits.data_ptr(), self.threads)
         return logits

@@ -1,8 +1,8 @@
 """A small decoder-only transformer: pre-norm RMSNorm, rotary positions, QK-norm, ReLU² MLP, no biases.
 
-One `forward(idx, start)` serves training (start=None: full causal attention, no cache) and, as the
-reference the fast inference path (codellm.decode) is tested against, cached inference (start given:
-keys/values are written to the KV cache set up by `setup_cache`).
+One `forward(idx, cache, start)` serves training (no cache: full causal attention) and, as the reference
+the fast inference path (codellm.decode) is tested against, cached inference (keys/values are written to
+a codellm.kvcache.KVCache at positions start..).
 """
 from __future__ import annotations
 
@@ -13,21 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import ModelConfig
-
-
-class KVCache(nn.Module):
-    def __init__(self, batch: int, n_head: int, max_len: int, head_dim: int, dtype, device):
-        super().__init__()
-        shape = (batch, n_head, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k/v for positions start.. and return the cache up to the last written position."""
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+from .kvcache import KVCache
 
 
 class RMSNorm(nn.Module):
@@ -61,16 +47,16 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
+        self.layer = layer  # where its keys and values go in a KVCache
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
-        self.cache: KVCache | None = None
 
-    def forward(self, x, cos, sin, start: int | None, mask):
+    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int):
         B, T, C = x.shape
         qkv = self.qkv(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
         qk, v = qkv[:2], qkv[2]
@@ -78,9 +64,9 @@ class Attention(nn.Module):
             weight = torch.stack((self.q_norm.weight, self.k_norm.weight)).view(2, 1, 1, 1, self.head_dim)
             qk = rms_normalize(qk, weight, self.q_norm.eps)
         q, k = apply_rope(qk, cos, sin).unbind(0)
-        if start is not None:
-            k, v = self.cache.update(start, k, v)
-        if start is not None and T == 1:  # one query: three plain ops beat the fused kernel's setup cost on CPU
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)
+        if cache is not None and T == 1:  # one query: three plain ops beat the fused kernel's setup cost on CPU
             y = torch.softmax((q @ k.transpose(-2, -1)) * self.head_dim ** -0.5, dim=-1) @ v
         else:  # mask None: the sequence starts at position 0, plain causal attention
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
@@ -114,15 +100,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, start, mask):
-        x = x + self.attn(self.attn_norm(x), cos, sin, start, mask)
+    def forward(self, x, cos, sin, mask, cache, start):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -131,7 +117,7 @@ class GPT(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -151,20 +137,15 @@ class GPT(nn.Module):
             else:
                 nn.init.normal_(p, std=0.02 if name.startswith("embed") else std)
 
-    def setup_cache(self, batch: int = 1, max_len: int | None = None):
-        max_len = max_len or self.cfg.context_length
-        p = self.embed.weight
-        for block in self.blocks:
-            block.attn.cache = KVCache(batch, self.cfg.n_head, max_len, self.cfg.head_dim, p.dtype, p.device)
-
-    def forward(self, idx: torch.Tensor, start: int | None = None, last_only: bool = False,
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None, start: int = 0,
                 hidden: bool = False) -> torch.Tensor:
-        """idx: (B, T) token ids. start=None: training over the whole sequence. start=int: the ids sit at
-        positions start..start+T-1 and attend to the cache. last_only: logits of the last position only.
-        hidden: return the final normalised hidden states instead of the logits (the training loss
-        multiplies them by `lm_head` itself, a piece at a time)."""
+        """Logits (B, T, vocab) for token ids idx (B, T). cache None: training over the whole sequence.
+        With a cache (of batch B): the ids sit at positions start..start+T-1, their keys and values are
+        written to the cache and they attend to those of the positions before. hidden: return the final
+        normalised hidden states (B, T, d_model) instead of the logits (the training loss multiplies them
+        by `lm_head` itself, a piece at a time). Raises ValueError past the context length."""
         T = idx.shape[1]
-        offset = start or 0
+        offset = start if cache is not None else 0
         if offset + T > self.cfg.context_length:
             raise ValueError(f"sequence of {offset + T} tokens exceeds the context length {self.cfg.context_length}")
         cos, sin = self.rope_cos[offset:offset + T], self.rope_sin[offset:offset + T]
@@ -174,8 +155,8 @@ class GPT(nn.Module):
             mask = key_pos[None, :] <= (offset + torch.arange(T, device=idx.device))[:, None]
         x = self.embed(idx)
         for block in self.blocks:
-            x = block(x, cos, sin, start, mask)
-        x = self.norm(x[:, -1:] if last_only else x)
+            x = block(x, cos, sin, mask, cache, offset)
+        x = self.norm(x)
         return x if hidden else self.lm_head(x)
 
     def num_params(self) -> int:

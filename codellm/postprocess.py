@@ -4,16 +4,12 @@ Every step takes (text, ctx) and returns the text to keep; `postprocess` runs th
 """
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .shellmode import closing_text, code_of_line, open_blocks, opens_block
+from .shell import bash_parses, closing_text, code_of_line, open_blocks, opens_block
 
-CLOSERS = ("fi", "done", "esac", "}", ";;")
 CLOSER_LINE = re.compile(r"^\s*(fi|done|esac|\}|;;)\s*(;.*|[|&<>].*|#.*)?$")
 MAX_PARSE_CHARS = 200_000  # larger buffers skip the bash -n check (it grows with the file)
 # text made only of these, with no reserved word, cannot change how a script parses
@@ -391,19 +387,6 @@ def trim_to_indentation_scope(text: str, ctx: Context) -> str:
                 and not line.lstrip().startswith(("else", "elif")):
             return "\n".join(lines[:i]).rstrip()
     return text
-
-
-def bash_parses(text: str) -> bool:
-    """`bash -n` finds no syntax error. (It reports some, such as a broken `[[ ]]`, with exit status 0.)"""
-    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False, encoding="utf-8", errors="replace") as f:
-        f.write(text)
-    try:
-        run = subprocess.run(["bash", "-n", f.name], capture_output=True, timeout=5)
-        return run.returncode == 0 and b"syntax error" not in run.stderr
-    except (subprocess.TimeoutExpired, OSError):
-        return True  # cannot judge: do not cut
-    finally:
-        os.unlink(f.name)
 
 
 def scan_window(ctx: Context) -> str:

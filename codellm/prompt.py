@@ -4,8 +4,11 @@ PSM: <fim_prefix> prefix <fim_suffix> suffix <fim_middle> middle <endoftext>
 SPM: <fim_prefix> <fim_suffix> suffix <fim_middle> prefix middle <endoftext>
 
 With SPM the prompt only grows at its end while a person types, so its KV cache is reused between
-keystrokes. Long prefixes are windowed with a start that stays put and jumps in line-aligned steps
-of half the window, so that the window does not shift on every keystroke.
+keystrokes. The prompt window lives here, for the engine, the CLI and the server alike: of a long buffer
+only a stable tail of the prefix and the head of the suffix are read; the prefix window's start stays put
+and jumps in line-aligned steps of half the window, so that it does not shift on every keystroke; room is
+kept for the answer (ANSWER_RESERVE). With a blank suffix the prompt is plain text, and a prefix that
+reaches the start of the file follows <endoftext>, as a training document does.
 """
 from __future__ import annotations
 
@@ -15,6 +18,13 @@ from dataclasses import dataclass
 from .tokenizer import Tokenizer
 
 FORMATS = ("spm", "psm", "plain")
+FIM_FORMATS = ("spm", "psm")  # what a model bundle may be trained for (bundle.py checks its config)
+DEFAULT_FORMAT = "spm"  # keeps the prompt's start fixed while a person types (module docstring)
+# room kept for the answer when the prompt is windowed: the same for line and block requests, so that
+# both see one window and share the KV cache (a block answer may then stop short of 160 in a full window)
+ANSWER_RESERVE = 96
+BUFFER_TAIL_CHARS = 16384  # of a long prefix, at most this much is read; cut at a stable point
+SUFFIX_CHARS = 8192  # of a long suffix, at most this much is read
 CHARS_PER_TOKEN_GUESS = 2.5  # conservative for shell text (measured ~3.2): windows are cut in characters first
 SUFFIX_SHARE = 0.25  # at most this share of the prompt budget goes to the suffix
 
@@ -23,7 +33,31 @@ SUFFIX_SHARE = 0.25  # at most this share of the prompt budget goes to the suffi
 class Prompt:
     ids: list[int]  # what the model reads
     heal: bytes = b""  # bytes backed off from the end of the prefix; the completion must start with them
-    prefix_chars_dropped: int = 0  # characters of the prefix left outside the window
+
+
+def choose_format(suffix: str, trained: str) -> str:
+    """The format of a serving prompt: the model's FIM format `trained`, or "plain" when the suffix is
+    blank as far as it is read (there is nothing to fill in before, and plain text is what the model saw
+    most)."""
+    return trained if suffix[:SUFFIX_CHARS].strip() else "plain"
+
+
+def prompt_budget(context_length: int, max_new_tokens: int | None = None) -> int:
+    """Tokens a prompt may take: the context less the room kept for the answer (ANSWER_RESERVE, or
+    max_new_tokens if larger, but at most half the context)."""
+    return context_length - min(context_length // 2, max(ANSWER_RESERVE, max_new_tokens or 0))
+
+
+def file_start(tok: Tokenizer, ids: list[int]) -> list[int]:
+    """`ids` of text that starts a file, after <endoftext>: how a document starts in training."""
+    return [tok.eot_id, *ids]
+
+
+def stable_tail_start(prefix: str, keep: int = BUFFER_TAIL_CHARS) -> int:
+    """Where the part of a long prefix that is read starts: 0 for a prefix of up to `keep` characters,
+    else a multiple of `keep // 2`, so that the cut stays put while a person types."""
+    step = keep // 2
+    return max(0, len(prefix) - keep) // step * step
 
 
 def assemble(tok: Tokenizer, fmt: str, prefix_ids: list[int], suffix_ids: list[int]) -> list[int]:
@@ -76,27 +110,30 @@ def heal_split(tok: Tokenizer, ids: list[int]) -> tuple[list[int], bytes]:
 
 def build_prompt(tok: Tokenizer, prefix: str, suffix: str = "", fmt: str = "spm", budget: int = 512,
                  heal: bool = True) -> Prompt:
-    """A serving prompt of at most `budget` tokens for a cursor between prefix and suffix."""
+    """A serving prompt of at most `budget` tokens for a cursor between prefix and suffix (of any length:
+    only a stable tail of the prefix and the head of the suffix are read)."""
     if fmt == "plain":
         suffix = ""
     suffix_ids: list[int] = []
     if suffix:
         suffix_budget = int(budget * SUFFIX_SHARE)
-        suffix_ids = tok.encode(suffix_window(suffix, int(suffix_budget * CHARS_PER_TOKEN_GUESS)))[:suffix_budget]
+        suffix_chars = int(suffix_budget * CHARS_PER_TOKEN_GUESS)
+        suffix_ids = tok.encode(suffix_window(suffix[:SUFFIX_CHARS], suffix_chars))[:suffix_budget]
     overhead = len(assemble(tok, fmt, [], suffix_ids)) + (fmt == "plain")
     prefix_budget = max(1, budget - overhead)
-    start = window_start(prefix, int(prefix_budget * CHARS_PER_TOKEN_GUESS))
+    tail = stable_tail_start(prefix)
+    start = tail + window_start(prefix[tail:], int(prefix_budget * CHARS_PER_TOKEN_GUESS))
     prefix_ids = tok.encode(prefix[start:])
     while len(prefix_ids) > prefix_budget:  # denser text than guessed: drop whole lines from the front
         cut = prefix.find("\n", start + 1)
         start = cut + 1 if 0 < cut < len(prefix) - 1 else start + max(1, len(prefix) - start) // 4
         prefix_ids = tok.encode(prefix[start:])
     if fmt == "plain" and start == 0:
-        prefix_ids = [tok.eot_id, *prefix_ids]  # the file starts here, as a document does after <endoftext>
+        prefix_ids = file_start(tok, prefix_ids)
     heal_bytes = b""
     if heal:
         prefix_ids, heal_bytes = heal_split(tok, prefix_ids)
-    return Prompt(assemble(tok, fmt, prefix_ids, suffix_ids), heal_bytes, start)
+    return Prompt(assemble(tok, fmt, prefix_ids, suffix_ids), heal_bytes)
 
 
 # ------------------------------------------------------------------ line endings

@@ -101,9 +101,25 @@ class Tokenizer:
             self._token_bytes = table
         return self._token_bytes
 
-    def pieces(self, text: str) -> list[tuple[int, str]]:
-        """(id, text of the token) pairs; pieces that split a UTF-8 character show replacement marks."""
-        return [(i, self.token_bytes[i].decode("utf-8", errors="replace")) for i in self.encode(text)]
-
     def to_str(self) -> str:
         return self.hf.to_str()
+
+
+def token_pieces(tok: Tokenizer, text: str) -> list[tuple[int, str]]:
+    """(id, text) per token, where the texts join back to `text` exactly: a character split over
+    several byte-level tokens is given to the token that completes it."""
+    pieces, pending = [], b""
+    for i in tok.encode(text):
+        pending += tok.token_bytes[i]
+        complete = len(pending)
+        while complete:
+            try:
+                piece = pending[:complete].decode("utf-8")
+                break
+            except UnicodeDecodeError:
+                complete -= 1
+        else:
+            piece = ""
+        pieces.append((i, piece))
+        pending = pending[complete:]
+    return pieces

@@ -81,7 +81,7 @@ def tokenization() -> str:
     try:
         from codellm.bundle import load_bundle
         from codellm.defaults import PACKAGED_BUNDLE
-        from codellm.inspect import token_pieces
+        from codellm.tokenizer import token_pieces
         pieces = token_pieces(load_bundle(PACKAGED_BUNDLE).tokenizer, example)
     except Exception:  # no shipped model in this checkout
         pieces = []
@@ -117,7 +117,7 @@ def architecture() -> str:
     svg.text(20, 540, f"attention: {cfg.n_head} heads of {cfg.head_dim}, rotary positions, QK-norm, no biases")
     svg.text(20, 560, f"MLP: {cfg.d_model} -> {cfg.mlp_ratio * cfg.d_model} -> {cfg.d_model} with ReLU squared")
     svg.text(20, 580, f"context {cfg.context_length} tokens; output projections start at zero")
-    svg.text(20, 605, "codellm/model.py: GPT, Block, Attention, MLP, RMSNorm, KVCache")
+    svg.text(20, 605, "codellm/model.py: GPT, Block, Attention, MLP, RMSNorm; codellm/kvcache.py: KVCache")
     return svg.render()
 
 
@@ -128,7 +128,7 @@ def attention() -> str:
                (["weights @ v", "-> output proj"], "step")], w=150, gap=28)
     svg.text(30, 190, "Row i of the weights says how much position i reads from each earlier position (rows sum to 1).")
     svg.text(30, 215, "Training: one causal SDPA call over the sequence. Serving: new queries against the KV cache.")
-    svg.text(30, 250, "codellm/model.py: Attention.forward; codellm/inspect.py: attention_maps")
+    svg.text(30, 250, "codellm/model.py: Attention.forward; codellm/attention.py: attention_maps")
     svg.text(30, 270, 'try: codellm attention --prompt "for f in *; do\\n  echo $f\\ndone" --out attn.png')
     return svg.render()
 
@@ -149,7 +149,7 @@ def training_loop() -> str:
 
 def generation() -> str:
     from codellm.engine import MAX_TOKENS
-    svg = Svg(1000, 320, "Completion with a KV cache (codellm/engine.py)")
+    svg = Svg(1000, 320, "Completion with a KV cache (codellm/engine.py, codellm/kvcache.py)")
     flow(svg, [(["prefix + suffix"], "data"), (["prompt", "SPM: suffix first,", "prefix last"], "step"),
                (["prefill", "only tokens not", "already cached"], "model"), (["decode", "one token per step", "greedy"], "model"),
                (["stop", "newline / end /", "budget / deadline"], "io")], w=160, gap=32)

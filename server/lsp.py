@@ -14,15 +14,13 @@ from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 
 from codellm import __version__
+from codellm.shell import is_shell_file
 
 from .model_holder import ModelHolder
 from .service import CompletionService, Settings
 
 log = logging.getLogger("codellm.server")
 
-SHELL_LANGUAGES = {"shellscript", "sh", "bash", "zsh", "ksh", "dash"}
-SHELL_SUFFIXES = (".sh", ".bash", ".zsh", ".ksh", ".bats", ".command")
-SHEBANG = re.compile(r"^#!\s*\S*?/(?:env\s+(?:-\S+\s+)*|busybox\s+)?(sh|bash|dash|ksh|zsh|mksh|ash|bats)\b")
 WORD_BEFORE_CURSOR = re.compile(r"[A-Za-z0-9_\-]*$")
 STATUS_METHOD = "codellm/status"
 
@@ -83,9 +81,7 @@ class CodellmServer(LanguageServer):
         return documents.get(unquote(uri)) or documents.get(uri)
 
     def is_shell(self, uri: str, text: str) -> bool:
-        if self.languages.get(uri) in SHELL_LANGUAGES or uri.endswith(SHELL_SUFFIXES):
-            return True
-        return bool(SHEBANG.match(text[:200]))
+        return is_shell_file(uri, text, self.languages.get(uri))
 
 
 def cursor_split(doc, position: types.Position) -> tuple[str, str] | None:

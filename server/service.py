@@ -17,15 +17,13 @@ from typing import ClassVar
 
 from codellm.postprocess import Context, postprocess
 from codellm.prompt import join_line_endings, split_line_endings
-from codellm.shellmode import choose_mode
+from codellm.shell import choose_mode, text_follows_cursor
 
 from .model_holder import ModelHolder
 
 log = logging.getLogger("codellm.server")
 
 CACHE_ENTRIES = 512
-PROMPT_TAIL_CHARS = 16384  # what the engine is given of a long prefix; cut at a stable point
-CLOSING_ONLY = set(" \t)]}\"';")  # after the cursor these still allow an automatic suggestion
 WORD_CHAR = re.compile(r"[\w.$/-]")
 # chosen on held-out scripts with the keystroke evaluation (codellm.server.keystrokes; MODEL.md)
 DEFAULT_CUT_CONFIDENCE = 0.5
@@ -150,13 +148,6 @@ SETTING_RULES = {
 }
 
 
-def stable_tail(prefix: str, keep: int = PROMPT_TAIL_CHARS) -> str:
-    """The end of a long prefix, cut at a multiple of `keep // 2` so the cut stays put while typing."""
-    step = keep // 2
-    start = max(0, len(prefix) - keep) // step * step
-    return prefix[start:]
-
-
 def clean_text(text: str) -> str:
     """Text the tokenizer can take: lone surrogates (from bad escapes in JSON) become U+FFFD."""
     try:
@@ -190,19 +181,6 @@ class CompletionService:
         self.counts = {"requests": 0, "model": 0, "cache_hits": 0, "superseded": 0, "prompt_tokens": 0,
                        "reused_tokens": 0, "shown": 0, "cut": 0, "hidden": 0,
                        "deadline": 0}
-
-    # ------------------------------------------------------------------ policy
-
-    def mode_for(self, prefix: str, suffix: str) -> str:
-        if self.settings.multiline == "never":
-            return "line"
-        if self.settings.multiline == "always":
-            return "line" if suffix.split("\n", 1)[0].strip() else "block"
-        return choose_mode(prefix, suffix)
-
-    @staticmethod
-    def text_follows_cursor(suffix: str) -> bool:
-        return any(c not in CLOSING_ONLY for c in suffix.split("\n", 1)[0])
 
     # ------------------------------------------------------------------ cache
 
@@ -249,9 +227,9 @@ class CompletionService:
         start = time.perf_counter()
         self.counts["requests"] += 1
         request_id = self.next_request_id(uri)
-        if automatic and self.text_follows_cursor(suffix):
+        if automatic and text_follows_cursor(suffix):
             return Suggestion("", "skipped")
-        mode = self.mode_for(prefix, suffix)
+        mode = choose_mode(prefix, suffix, self.settings.multiline)
         # typing on: at the end of a word an answer is wanted; after a space or the end of a statement
         # the model may judge the line complete and suggest nothing
         allow_empty = automatic and mode == "line" and not WORD_CHAR.match(prefix[-1:])
@@ -298,8 +276,9 @@ class CompletionService:
         now = time.monotonic()
         deadline = now + self.settings.timeout_ms / 1000
         if not self.settings.kv_reuse:
-            engine.cached = []
-        result = engine.complete_detailed(clean_text(stable_tail(prefix)), clean_text(suffix[:8192]), mode,
+            engine.cache.reset()
+        # the engine reads a stable tail of a long prefix and the head of the suffix (codellm.prompt)
+        result = engine.complete_detailed(clean_text(prefix), clean_text(suffix), mode,
                                           max_new_tokens=self.settings.max_tokens, deadline=deadline,
                                           should_stop=superseded, clean=False, allow_empty=allow_empty,
                                           whole_lines_after=now + self.settings.multiline_ms / 1000,

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from codellm.postprocess import bash_parses
-from codellm.shellmode import closing_text, open_blocks
+from codellm.shell import bash_parses
+from codellm.shell import closing_text, open_blocks
 
 from lsp_session import Session
 

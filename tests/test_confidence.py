@@ -26,13 +26,13 @@ class ScriptedDecoder:
     def __init__(self, script: dict[int, torch.Tensor], first: torch.Tensor):
         self.script, self.first = script, first
 
-    def run(self, tokens, pos):
+    def run(self, tokens, pos, cache):
         return torch.stack([self.script.get(t, self.first) for t in tokens])
 
-    def step(self, token, pos):
-        return self.run([token], pos)[0]
+    def step(self, token, pos, cache):
+        return self.run([token], pos, cache)[0]
 
-    def read(self, tokens, pos):
+    def read(self, tokens, pos, cache):
         pass
 
 
@@ -55,7 +55,7 @@ def test_the_cut_stops_before_a_low_probability_token(engine, tokenizer):
     engine.decoder = ScriptedDecoder({a: row(vocab, b, 0.8, rest), b: row(vocab, c, 0.1, rest),
                                       c: row(vocab, eot, 0.9, rest)}, first=row(vocab, a, 0.9, rest))
     engine.guess_tokens = 0
-    engine.cached = []
+    engine.cache.reset()
     whole = engine.complete_detailed("", "", "line", clean=False)
     assert whole.text == tokenizer.decode([a, b, c]) and whole.stop_reason == "eot"
     assert whole.confidence == pytest.approx(0.9 * 0.8 * 0.1, rel=1e-4)
@@ -72,7 +72,7 @@ def test_confidence_is_the_same_with_guessed_tokens_and_counts_the_healed_word(e
     prefix = "for f in *.txt; do\n    cp \"$f\" /tmp/backup/\ndone\nfor f in *.txt; do\n    cp \"$f\" /tm"
     guessing = engine.complete_detailed(prefix, "", "block", clean=False)
     engine.guess_tokens = 0
-    engine.cached = []
+    engine.cache.reset()
     stepping = engine.complete_detailed(prefix, "", "block", clean=False)
     assert guessing.text == stepping.text
     assert [p for *_, p in guessing.token_probs] == pytest.approx([p for *_, p in stepping.token_probs], abs=1e-3)

@@ -6,7 +6,7 @@ import pytest
 import codellm
 from codellm.bundle import BundleError, load_bundle
 from codellm.engine import Engine
-from codellm.shellmode import choose_mode, closing_text, open_blocks
+from codellm.shell import choose_mode, closing_text, open_blocks
 
 
 @pytest.fixture
@@ -156,14 +156,14 @@ def test_a_deadline_mid_line_answers_up_to_a_safe_cut_and_the_next_keystroke_reu
     from codellm.postprocess import open_quote
 
     prefix, suffix = '#!/bin/bash\nset -e\nname="backup"\necho "', "\n"
-    engine.cached = []  # every run below reads the prompt afresh: the same numbers, the same greedy tokens
+    engine.cache.reset()  # every run below reads the prompt afresh: the same numbers, the same greedy tokens
     full = engine.complete_detailed(prefix, suffix, mode="line", max_new_tokens=24, clean=False).text
     clock = iter(range(10**6))
     monkeypatch.setattr("codellm.engine.time.monotonic", lambda: next(clock))
     stopped = 0
     for k in range(1, 25):  # the deadline passes after about k tokens
         start = next(clock)
-        engine.cached = []
+        engine.cache.reset()
         r = engine.complete_detailed(prefix, suffix, mode="line", max_new_tokens=24, clean=False,
                                      deadline=start + k)
         if r.stop_reason != "deadline":

@@ -7,6 +7,7 @@ import torch
 
 from codellm import kernel
 from codellm.decode import Decoder
+from codellm.kvcache import KVCache
 
 from conftest import make_model
 
@@ -55,10 +56,12 @@ def torch_step_on_the_same_weights(decoder: Decoder) -> Decoder:
     return reference
 
 
-def read_prompt(model, ids):
+def read_prompt(model, ids) -> KVCache:
+    """A new KV cache holding the keys and values of `ids`, as the model computes them."""
+    cache = KVCache.for_model(model)
     with torch.inference_mode():
-        model.setup_cache()
-        model(torch.tensor([ids]), start=0)
+        model(torch.tensor([ids]), cache, 0)
+    return cache
 
 
 SHAPES = [dict(), dict(qk_norm=False), dict(d_model=40, n_head=2)]  # d_model 40: rows and inputs with remainders
@@ -80,10 +83,11 @@ def test_c_step_matches_the_pytorch_step(tokenizer, instructions, shape, threads
     runs = [(20, 1), (21, 1), (22, 4), (26, 3), (29, 16), (45, 2)]
     results = {}
     for name, decoder in (("c", c_decoder), ("torch", reference)):
-        read_prompt(model, ids[:20])
+        cache = read_prompt(model, ids[:20])
         with torch.inference_mode():
-            logits = [decoder.run(ids[pos:pos + n], pos) for pos, n in runs]
-        caches = [(b.attn.cache.k[0, :, :47].clone(), b.attn.cache.v[0, :, :47].clone()) for b in model.blocks]
+            logits = [decoder.run(ids[pos:pos + n], pos, cache) for pos, n in runs]
+        caches = [(cache.k[layer][0, :, :47].clone(), cache.v[layer][0, :, :47].clone())
+                  for layer in range(len(model.blocks))]
         results[name] = logits, caches
     for got, want in zip(results["c"][0], results["torch"][0]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -93,31 +97,31 @@ def test_c_step_matches_the_pytorch_step(tokenizer, instructions, shape, threads
 
 @needs_kernel
 def test_c_step_follows_a_new_kv_cache(tokenizer):
-    """GPT.setup_cache makes new cache tensors: the C step writes to and reads from those."""
+    """A new KVCache has new tensors: the C step writes to and reads from those."""
     model = make_model(tokenizer)
     decoder = Decoder(model, int8=True)
     reference = torch_step_on_the_same_weights(decoder)
     ids = tokenizer.encode("#!/bin/bash\nfor f in *.log; do\n  gzip \"$f\"\ndone\n")
-    read_prompt(model, ids[:-1])
+    cache = read_prompt(model, ids[:-1])
     with torch.inference_mode():
-        decoder.step(ids[-1], len(ids) - 1)
-        read_prompt(model, ids[:-1])  # a new cache, as when the engine starts over
-        got = decoder.step(ids[-1], len(ids) - 1)
-        want = reference.step(ids[-1], len(ids) - 1)
+        decoder.step(ids[-1], len(ids) - 1, cache)
+        cache = read_prompt(model, ids[:-1])  # a new cache, as when the engine starts over
+        got = decoder.step(ids[-1], len(ids) - 1, cache)
+        want = reference.step(ids[-1], len(ids) - 1, cache)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @needs_kernel
 def test_c_step_refuses_what_it_cannot_compute(tokenizer):
     model = make_model(tokenizer)
-    model.setup_cache()
+    cache = KVCache.for_model(model)
     step = Decoder(model, int8=True).c_step
     context, vocab = model.cfg.context_length, model.cfg.vocab_size
     for tokens, pos in [([], 0), ([vocab], 0), ([-1], 0), ([5] * 17, 0), ([5, 6], context - 1), ([5], -1)]:
         with pytest.raises(ValueError, match="decode kernel"):
-            step.run(tokens, pos)
+            step.run(tokens, pos, cache)
     with pytest.raises(TypeError):
-        step.run(["echo"], 0)
+        step.run(["echo"], 0, cache)
 
 
 @needs_kernel
@@ -125,9 +129,9 @@ def test_decoder_takes_more_tokens_than_a_c_call_through_pytorch(tokenizer):
     model = make_model(tokenizer)
     decoder = Decoder(model, int8=True)
     ids = list(range(4, 4 + kernel.MAX_TOKENS + 4))
-    model.setup_cache()
+    cache = KVCache.for_model(model)
     with torch.inference_mode():
-        assert decoder.run(ids, 0).shape == (len(ids), model.cfg.vocab_size)
+        assert decoder.run(ids, 0, cache).shape == (len(ids), model.cfg.vocab_size)
 
 
 @needs_kernel
@@ -148,11 +152,9 @@ def test_engine_decodes_with_the_c_step_under_auto_precision_on_cpu(tokenizer):
 def test_c_step_refuses_a_kv_cache_or_matrices_of_another_shape(tokenizer):
     model = make_model(tokenizer)
     decoder = Decoder(model, int8=True)
-    model.setup_cache(max_len=model.cfg.context_length // 2)
     with pytest.raises(ValueError, match="KV cache"):
-        decoder.run([5], 0)
-    model.setup_cache()
+        decoder.run([5], 0, KVCache.for_model(model, max_len=model.cfg.context_length // 2))
     step = decoder.c_step
     step.matrices[1] = step.matrices[2]  # the MLP's up matrix where the attention output's should be
     with pytest.raises(ValueError, match="matrix 1 is"):
-        step.run([5], 0)
+        step.run([5], 0, KVCache.for_model(model))

@@ -42,7 +42,7 @@ def test_checked_guesses_give_the_same_answer_in_fewer_calls(exact_engine, mode)
     answers = {}
     for guess_tokens in (0, 3):
         exact_engine.guess_tokens = guess_tokens
-        exact_engine.cached = []
+        exact_engine.cache.reset()
         answers[guess_tokens] = exact_engine.complete_detailed(REPETITIVE, "", mode, clean=False)
     exact_engine.guess_tokens = 3
     one_by_one, guessed = answers[0], answers[3]

@@ -6,6 +6,7 @@ from codellm import kernel
 from codellm.bundle import Bundle
 from codellm.decode import FEW_TOKENS, Decoder, int8_matmul_available
 from codellm.engine import Engine
+from codellm.kvcache import KVCache
 
 from conftest import make_model
 
@@ -22,8 +23,8 @@ def test_incremental_forward_matches_full(tokenizer):
     ids = torch.randint(4, tokenizer.vocab_size, (1, 40))
     with torch.no_grad():
         full = model(ids)
-        model.setup_cache()
-        parts = [model(ids[:, :23], start=0), model(ids[:, 23:24], start=23), model(ids[:, 24:], start=24)]
+        cache = KVCache.for_model(model)
+        parts = [model(ids[:, :23], cache, 0), model(ids[:, 23:24], cache, 23), model(ids[:, 24:], cache, 24)]
     torch.testing.assert_close(torch.cat(parts, 1), full, **TOL)
 
 
@@ -44,7 +45,7 @@ def test_engine_reuses_cache_for_fresh_extended_and_diverging_prompts(tokenizer)
     ]
     with torch.inference_mode():
         for ids, expect_reused in cases:
-            logits, reused = engine._forward_from_cache(ids)
+            logits, reused = engine.prefill(ids)
             assert reused == expect_reused
             torch.testing.assert_close(logits, full_last_logits(model, ids), **TOL)
 
@@ -61,13 +62,13 @@ def test_greedy_decode_with_cache_matches_recomputing_everything(tokenizer):
 
 
 def prompt_read_to_20_of_30(model, tokenizer, seed: int):
-    """30 random ids, the full forward's logits for them, and the KV cache holding the first 20."""
+    """30 random ids, the full forward's logits for them, and a KV cache holding the first 20."""
     ids = torch.randint(4, tokenizer.vocab_size, (1, 30), generator=torch.Generator().manual_seed(seed))
+    cache = KVCache.for_model(model)
     with torch.inference_mode():
         full = model(ids)[0]
-        model.setup_cache()
-        model(ids[:, :20], start=0)
-    return ids, full
+        model(ids[:, :20], cache, 0)
+    return ids, full, cache
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])
@@ -77,14 +78,14 @@ def test_decoder_steps_match_the_full_forward(tokenizer, qk_norm, script):
     same keys and values."""
     model = make_model(tokenizer, qk_norm=qk_norm)
     decoder = Decoder(model, script=script)
-    ids, full = prompt_read_to_20_of_30(model, tokenizer, seed=3)
+    ids, full, cache = prompt_read_to_20_of_30(model, tokenizer, seed=3)
     with torch.inference_mode():
         for pos in range(20, 30):
-            torch.testing.assert_close(decoder.step(int(ids[0, pos]), pos), full[pos], **TOL)
-        keys = model.blocks[-1].attn.cache.k[:, :, :30].clone()
-        model.setup_cache()
-        model(ids, start=0)
-        torch.testing.assert_close(keys, model.blocks[-1].attn.cache.k[:, :, :30], **TOL)
+            torch.testing.assert_close(decoder.step(int(ids[0, pos]), pos, cache), full[pos], **TOL)
+        keys = cache.k[-1][:, :, :30].clone()
+        cache = KVCache.for_model(model)
+        model(ids, cache, 0)
+        torch.testing.assert_close(keys, cache.k[-1][:, :, :30], **TOL)
 
 
 def test_decoder_reads_several_tokens_at_once(tokenizer):
@@ -92,13 +93,13 @@ def test_decoder_reads_several_tokens_at_once(tokenizer):
     the full forward gives, and leave the cache as one-token steps do."""
     model = make_model(tokenizer)
     decoder = Decoder(model)
-    ids, full = prompt_read_to_20_of_30(model, tokenizer, seed=5)
+    ids, full, cache = prompt_read_to_20_of_30(model, tokenizer, seed=5)
     with torch.inference_mode():
-        torch.testing.assert_close(decoder.run(ids[0, 20:25].tolist(), 20), full[20:25], **TOL)
-        torch.testing.assert_close(decoder.run(ids[0, 25:30].tolist(), 25), full[25:30], **TOL)
-        keys = model.blocks[0].attn.cache.k[:, :, :30].clone()
-        model(ids, start=0)
-        torch.testing.assert_close(keys, model.blocks[0].attn.cache.k[:, :, :30], **TOL)
+        torch.testing.assert_close(decoder.run(ids[0, 20:25].tolist(), 20, cache), full[20:25], **TOL)
+        torch.testing.assert_close(decoder.run(ids[0, 25:30].tolist(), 25, cache), full[25:30], **TOL)
+        keys = cache.k[0][:, :, :30].clone()
+        model(ids, cache, 0)
+        torch.testing.assert_close(keys, cache.k[0][:, :, :30], **TOL)
 
 
 @pytest.mark.parametrize("qk_norm", [True, False])
@@ -108,16 +109,16 @@ def test_decoder_reads_prompts_into_the_cache(tokenizer, qk_norm):
     assert FEW_TOKENS < 10
     model = make_model(tokenizer, qk_norm=qk_norm)
     decoder = Decoder(model)
-    ids, full = prompt_read_to_20_of_30(model, tokenizer, seed=6)
+    ids, full, reference = prompt_read_to_20_of_30(model, tokenizer, seed=6)
     with torch.inference_mode():
-        want = [(b.attn.cache.k[:, :, :20].clone(), b.attn.cache.v[:, :, :20].clone()) for b in model.blocks]
-        model.setup_cache()
-        decoder.read(ids[0, :10].tolist(), 0)  # from position 0: plain causal attention
-        decoder.read(ids[0, 10:20].tolist(), 10)  # after cached positions: masked attention
-        for block, (keys, values) in zip(model.blocks, want):
-            torch.testing.assert_close(block.attn.cache.k[:, :, :20], keys, **TOL)
-            torch.testing.assert_close(block.attn.cache.v[:, :, :20], values, **TOL)
-        torch.testing.assert_close(decoder.step(int(ids[0, 20]), 20), full[20], **TOL)
+        want = [(reference.k[layer][:, :, :20], reference.v[layer][:, :, :20]) for layer in range(len(model.blocks))]
+        cache = KVCache.for_model(model)
+        decoder.read(ids[0, :10].tolist(), 0, cache)  # from position 0: plain causal attention
+        decoder.read(ids[0, 10:20].tolist(), 10, cache)  # after cached positions: masked attention
+        for layer, (keys, values) in enumerate(want):
+            torch.testing.assert_close(cache.k[layer][:, :, :20], keys, **TOL)
+            torch.testing.assert_close(cache.v[layer][:, :, :20], values, **TOL)
+        torch.testing.assert_close(decoder.step(int(ids[0, 20]), 20, cache), full[20], **TOL)
 
 
 @pytest.mark.parametrize("use_kernel", [True, False], ids=["c-step", "pytorch-step"])
@@ -127,10 +128,10 @@ def test_int8_decoder_stays_close_to_the_model(tokenizer, use_kernel):
     model = make_model(tokenizer)
     decoder = Decoder(model, int8=True, use_kernel=use_kernel)
     assert (decoder.c_step is not None) == (use_kernel and kernel.available())
-    ids, full = prompt_read_to_20_of_30(model, tokenizer, seed=4)
+    ids, full, cache = prompt_read_to_20_of_30(model, tokenizer, seed=4)
     with torch.inference_mode():
         for pos in range(20, 30):
-            got = decoder.step(int(ids[0, pos]), pos)
+            got = decoder.step(int(ids[0, pos]), pos, cache)
             error = (got - full[pos]).norm() / full[pos].norm()
             assert error < 0.05, f"position {pos}: relative error {error:.3f}"
 
@@ -144,6 +145,6 @@ def test_fast_engine_agrees_with_the_exact_one(tokenizer):
     with torch.inference_mode():
         for engine in (fast, exact):
             engine.greedy_ids(prompt, 1)
-        steps = [(fast._step(t), exact._step(t)) for t in prompt[-8:]]
+        steps = [(fast.decode_one_token(t), exact.decode_one_token(t)) for t in prompt[-8:]]
     for got, want in steps:
         assert (got - want).norm() / want.norm() < 0.05

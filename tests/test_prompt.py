@@ -1,8 +1,9 @@
 """The prompt format module: FIM layouts, windowing that stays put while typing, training examples."""
 import random
 
-from codellm.prompt import (assemble, build_prompt, fim_training_ids, heal_split, join_line_endings,
-                            split_line_endings, window_start)
+from codellm.prompt import (ANSWER_RESERVE, SUFFIX_CHARS, assemble, build_prompt, choose_format, fim_training_ids,
+                            heal_split, join_line_endings, prompt_budget, split_line_endings, stable_tail_start,
+                            window_start)
 
 SCRIPT = "".join(f"echo line {i} with some words\n" for i in range(400))
 
@@ -94,3 +95,16 @@ def test_crlf_text_is_read_as_lf_and_answered_in_crlf():
     assert split_line_endings("a\r", "\nb\r\n") == ("a", "\nb\n", "\r\n")  # the cursor sat before the \r
     assert split_line_endings("a\nb\nc", "\nd\r\n")[2] == "\n"  # mostly LF: LF
     assert join_line_endings("\n    echo\nfi", "\r\n") == "\r\n    echo\r\nfi"
+
+
+def test_a_long_buffer_is_read_from_a_stable_tail_and_the_head_of_its_suffix(tokenizer):
+    text = SCRIPT * (1 + 40000 // len(SCRIPT))
+    starts = {stable_tail_start(text[:n]) for n in range(25000, 32000, 500)}
+    assert starts == {8192}  # the cut stays put while a person types
+    prefix, suffix = text[:30000], text[30000:]
+    for fmt in ("spm", "plain"):
+        whole = build_prompt(tokenizer, prefix, suffix, fmt, budget=300)
+        tail = stable_tail_start(prefix)
+        assert whole == build_prompt(tokenizer, prefix[tail:], suffix[:SUFFIX_CHARS], fmt, budget=300)
+    assert choose_format(" \n", "spm") == "plain" and choose_format("fi\n", "spm") == "spm"
+    assert prompt_budget(1024) == 1024 - ANSWER_RESERVE and prompt_budget(64, 1000) == 32

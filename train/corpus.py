@@ -13,16 +13,16 @@ import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Iterable, Iterator
 
 import msgpack
 
+from codellm import shell
+
 ENDOFTEXT = "<|endoftext|>"
 MAX_FILE_BYTES = 1_000_000
 
-SHELL_EXTENSIONS = {".sh", ".bash", ".bats"}
-SHEBANG = re.compile(rb"^#!\s*\S*?/(?:env\s+(?:-\S+\s+)*)?(sh|bash|dash|ksh|mksh|ash)(\s|$)")
 COMPLETION_DIRS = ("bash-completion/completions", "bash_completion.d")
 GENERATED_NAMES = {
     "configure", "ltmain.sh", "config.guess", "config.sub", "install-sh", "depcomp", "missing",
@@ -101,12 +101,10 @@ def read_texts(path: Path, split: str | None = None) -> list[str]:
 
 # ---------------------------------------------------------------- shell detection
 
-def is_shell_file(path: Path, head: bytes) -> bool:
-    if path.suffix in SHELL_EXTENSIONS:
-        return True
-    if SHEBANG.match(head):
-        return True
-    return any(part in path.as_posix() for part in COMPLETION_DIRS)
+def is_shell_file(path: PurePath, head: bytes) -> bool:
+    """codellm.shell's rule, and bash-completion scripts, which have neither a shell ending nor a #! line."""
+    name = path.as_posix()
+    return shell.is_shell_file(name, head) or any(part in name for part in COMPLETION_DIRS)
 
 
 def shell_text_or_reason(path: Path, data: bytes) -> tuple[str | None, str]:

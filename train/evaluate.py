@@ -23,8 +23,9 @@ import torch
 
 from codellm.bundle import CARD_FILE, load_bundle
 from codellm.device import choose_device
-from codellm import shellmode
+from codellm import shell
 from codellm.engine import Engine
+from codellm.shell import bash_parses
 
 from .corpus import read_texts
 from .pairs import command_name
@@ -75,19 +76,6 @@ def edit_similarity(pred: str, target: str) -> float:
 
 def exact_match(pred: str, target: str) -> bool:
     return pred.split() == target.split()
-
-
-def bash_parses(text: str) -> bool:
-    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False) as f:
-        f.write(text)
-    try:
-        # bash reports some syntax errors (a broken `[[ ]]`) with exit status 0
-        run = subprocess.run(["bash", "-n", f.name], capture_output=True, timeout=10)
-        return run.returncode == 0 and b"syntax error" not in run.stderr
-    except subprocess.TimeoutExpired:
-        return False
-    finally:
-        os.unlink(f.name)
 
 
 def shellcheck_errors(text: str) -> bool | None:
@@ -236,9 +224,9 @@ def block_openers(files: list[str], n: int, rng: random.Random) -> list[str]:
     for text in files:
         lines = text.split("\n")
         for k, line in enumerate(lines[:-1]):
-            if shellmode.opens_block(line) and len(line.strip()) > 2:
+            if shell.opens_block(line) and len(line.strip()) > 2:
                 prefix = "\n".join(lines[:k + 1]) + "\n"
-                if len(shellmode.open_blocks(prefix)) == 1 and not shellmode.open_blocks(prefix[:-len(line) - 1]):
+                if len(shell.open_blocks(prefix)) == 1 and not shell.open_blocks(prefix[:-len(line) - 1]):
                     found.append(prefix)
     return rng.sample(found, min(n, len(found)))
 

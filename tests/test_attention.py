@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from codellm.bundle import load_bundle
-from codellm.inspect import attention_maps, token_pieces
+from codellm.attention import attention_maps
+from codellm.tokenizer import token_pieces
 
 TEXTS = ['if [ -z "$1" ]; then\n\techo "usage"   # note\nfi\n', "héllo wörld ✓ 😀 日本語\r\n", "", " " * 40]
 

@@ -1,30 +1,10 @@
-"""Looking inside: how text splits into tokens, and where each attention head looks."""
+"""Where each attention head looks: a model's attention maps for a prompt, and a PNG grid of them
+(`codellm attention`)."""
 from __future__ import annotations
 
 import torch
 
 from .model import GPT, apply_rope
-from .tokenizer import Tokenizer
-
-
-def token_pieces(tok: Tokenizer, text: str) -> list[tuple[int, str]]:
-    """(id, text) per token, where the texts join back to `text` exactly: a character split over
-    several byte-level tokens is given to the token that completes it."""
-    pieces, pending = [], b""
-    for i in tok.encode(text):
-        pending += tok.token_bytes[i]
-        complete = len(pending)
-        while complete:
-            try:
-                piece = pending[:complete].decode("utf-8")
-                break
-            except UnicodeDecodeError:
-                complete -= 1
-        else:
-            piece = ""
-        pieces.append((i, piece))
-        pending = pending[complete:]
-    return pieces
 
 
 @torch.no_grad()

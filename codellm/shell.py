@@ -1,8 +1,58 @@
-"""Where a cursor sits in a shell script decides how much to suggest: one line or a block; which blocks
-are open there, and what would close them."""
+"""What codellm knows about shell: which files are shell scripts, whether a script parses (`bash -n`),
+and, from where a cursor sits in a script, how much to suggest (one line or a block), which blocks are
+open there and what would close them."""
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import tempfile
+from typing import Literal
+
+Mode = Literal["line", "block"]
+
+# ------------------------------------------------------------------ shell files
+
+# editors' language ids, file name endings and #! interpreters of the Bourne shell family: zsh counts, as
+# everyday zsh scripts are written in the syntax the model knows and editors hand them to it
+SHELL_LANGUAGES = {"shellscript", "sh", "bash", "zsh", "ksh", "dash"}
+SHELL_SUFFIXES = (".sh", ".bash", ".zsh", ".ksh", ".bats", ".command")
+SHEBANG = re.compile(r"^#!\s*\S*?/(?:env\s+(?:-\S+\s+)*|busybox\s+)?(sh|bash|dash|ksh|zsh|mksh|ash|bats)\b")
+
+
+def is_shell_file(name: str, head: str | bytes = "", language: str | None = None) -> bool:
+    """Whether a file is a shell script, from its name (a path or URI), the start of its text and, from an
+    editor, its language id."""
+    if language in SHELL_LANGUAGES or name.endswith(SHELL_SUFFIXES):
+        return True
+    if isinstance(head, bytes):
+        head = head[:200].decode("utf-8", "replace")
+    return bool(SHEBANG.match(head[:200]))
+
+
+# ------------------------------------------------------------------ bash -n
+
+BASH_N_TIMEOUT_S = 5
+
+
+def bash_parses(text: str) -> bool:
+    """`bash -n` finds no syntax error. (It reports some, such as a broken `[[ ]]`, with exit status 0.)
+
+    Where bash cannot judge (it is missing, or takes over BASH_N_TIMEOUT_S to read the text) the text
+    counts as parsing: `bash -n` only reads, so a timeout means a slow machine or a huge file, not a
+    syntax error, and an editor must not cut a completion on a guess."""
+    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False, encoding="utf-8", errors="replace") as f:
+        f.write(text)
+    try:
+        run = subprocess.run(["bash", "-n", f.name], capture_output=True, timeout=BASH_N_TIMEOUT_S)
+        return run.returncode == 0 and b"syntax error" not in run.stderr
+    except (subprocess.TimeoutExpired, OSError):
+        return True
+    finally:
+        os.unlink(f.name)
+
+
+# ------------------------------------------------------------------ line or block
 
 # a line ending with one of these opens a block whose body a person expects next
 BLOCK_OPENER = re.compile(r"(\bthen|\bdo|\belse|\bin|\{|\(|;;|\|\||&&|\||\\)\s*$")
@@ -34,16 +84,39 @@ def opens_block(line: str) -> bool:
     return bool(BLOCK_OPENER.search(code_of_line(line)))
 
 
-def choose_mode(prefix: str, suffix: str) -> str:
+MULTILINE = ("auto", "always", "never")  # the server's setting: when a suggestion may span lines
+CLOSING_ONLY = set(" \t)]}\"';")  # after the cursor these still allow an automatic suggestion
+
+
+def choose_mode(prefix: str, suffix: str, multiline: str = "auto") -> Mode:
     """"line" when text follows the cursor on its line or the line has content to finish;
-    "block" on an empty line or right after a block opener (then, do, else, in, {, ...)."""
+    "block" on an empty line or right after a block opener (then, do, else, in, {, ...).
+    multiline "never": always "line"; "always": "block" unless text follows the cursor on its line."""
     rest_of_line = suffix.split("\n", 1)[0]
-    if rest_of_line.strip():
+    if multiline == "never" or rest_of_line.strip():
         return "line"
+    if multiline == "always":
+        return "block"
     line = prefix.rsplit("\n", 1)[-1]
     if not line.strip():
         return "block"
     return "block" if opens_block(line) else "line"
+
+
+def resolve_mode(mode: str, prefix: str, suffix: str) -> Mode:
+    """A request's mode: "line" or "block" as given, "auto" chosen by choose_mode. Raises ValueError
+    for anything else."""
+    if mode == "auto":
+        return choose_mode(prefix, suffix)
+    if mode not in ("line", "block"):
+        raise ValueError(f"mode must be 'line', 'block' or 'auto', not {mode!r}")
+    return mode
+
+
+def text_follows_cursor(suffix: str) -> bool:
+    """Real text follows the cursor on its line (not only spaces, closing brackets or quotes): no
+    suggestion unless asked for."""
+    return any(c not in CLOSING_ONLY for c in suffix.split("\n", 1)[0])
 
 
 # ------------------------------------------------------------------ open blocks
