@@ -14,7 +14,7 @@ from .decode import Decoder, decode_tokens, int8_matmul_available
 from .lookahead import GUESS_TOKENS, PromptLookup
 from .device import choose_device, cpu_has_bf16, set_threads
 from .postprocess import BLANK_LINE_AFTER_CONTENT, Context, ends_in_loop, first_repeated_line, postprocess
-from .prompt import build_prompt, join_line_endings, split_line_endings
+from .prompt import ContextChunk, build_prompt, build_prompt_with_context, join_line_endings, split_line_endings
 from .shellmode import choose_mode
 
 NEG_INF = float("-inf")
@@ -169,7 +169,8 @@ class Engine:
     def complete_detailed(self, prefix: str, suffix: str = "", mode: str = "line", max_new_tokens: int | None = None,
                           deadline: float | None = None, should_stop: Callable[[], bool] | None = None,
                           fmt: str | None = None, clean: bool = True, allow_empty: bool = False,
-                          whole_lines_after: float | None = None, cut: float = 0.0) -> Completion:
+                          whole_lines_after: float | None = None, cut: float = 0.0,
+                          context: list[ContextChunk] | None = None) -> Completion:
         """deadline: time.monotonic() value after which decoding stops; should_stop: polled between steps;
         whole_lines_after: time.monotonic() value after which a block completion ends at its last whole
         line (or, if no line with content is finished yet, at the end of the first one);
@@ -177,9 +178,11 @@ class Engine:
         allow_empty: let the model answer nothing (by default the first token may not end the answer:
         in line mode neither end of text nor a newline, in block mode not end of text);
         cut: decoding stops before the first token whose probability is below it (stop reason "unsure"),
-        so the answer is the part the model is sure of; the probabilities are in Completion.token_probs.
+        so the answer is the part the model is sure of; the probabilities are in Completion.token_probs;
+        context: chunks of other files, best first, shown before the prefix (codellm.prompt).
         Text with CRLF line endings is read as LF text; the answer comes back with CRLF."""
         prefix, suffix, newline = split_line_endings(prefix, suffix)
+        extra_context = context
         if mode == "auto":
             mode = choose_mode(prefix, suffix)
         if mode not in ("line", "block"):
@@ -188,7 +191,10 @@ class Engine:
         reserve = min(context // 2, max(ANSWER_RESERVE, max_new_tokens or 0))
         fmt = fmt or (self.prompt_format if suffix.strip() else "plain")
         start_time = time.perf_counter()
-        prompt = build_prompt(self.tokenizer, prefix, suffix, fmt, budget=context - reserve)
+        if extra_context:
+            prompt = build_prompt_with_context(self.tokenizer, extra_context, prefix, suffix, fmt, context - reserve)
+        else:
+            prompt = build_prompt(self.tokenizer, prefix, suffix, fmt, budget=context - reserve)
         max_new = max(1, min(max_new_tokens or MAX_TOKENS[mode], context - len(prompt.ids)))
         token_bytes = self.tokenizer.token_bytes
         heal = prompt.heal

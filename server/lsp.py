@@ -16,6 +16,7 @@ from codellm import __version__
 
 from .models import ModelHolder
 from .service import CompletionService, Settings
+from .workspace_context import WorkspaceContext, uri_to_path
 
 log = logging.getLogger("codellm.server")
 
@@ -49,6 +50,7 @@ class CodellmServer(LanguageServer):
         self.holder = ModelHolder(self.tell_user)
         self.service = CompletionService(self.holder, self.settings)
         self.languages: dict[str, str] = {}  # uri -> languageId
+        self.context = WorkspaceContext(self.open_text, self.workspace_folders)
         self.owner_connection = None  # the connection this server answers (server.transport)
         self.loop = None
         self.loop_thread = None
@@ -80,6 +82,19 @@ class CodellmServer(LanguageServer):
             return None
         documents = self.workspace.text_documents
         return documents.get(unquote(uri)) or documents.get(uri)
+
+    def open_text(self, uri: str) -> str | None:
+        doc = self.open_document(uri)
+        return doc.source if doc is not None else None
+
+    def workspace_folders(self) -> list[str]:
+        """The local folders the client declared (workspace folders, else the root), as paths."""
+        try:
+            workspace = self.workspace
+        except RuntimeError:  # not initialized yet
+            return []
+        uris = [f.uri for f in workspace.folders.values()] or [workspace.root_uri or ""]
+        return [p for u in uris if u and (p := uri_to_path(u))]
 
     def is_shell(self, uri: str, text: str) -> bool:
         if self.languages.get(uri) in SHELL_LANGUAGES or uri.endswith(SHELL_SUFFIXES):
@@ -148,10 +163,22 @@ def create_server() -> CodellmServer:
     @ls.feature(types.TEXT_DOCUMENT_DID_OPEN)
     def did_open(params: types.DidOpenTextDocumentParams):
         ls.languages[params.text_document.uri] = params.text_document.language_id
+        remember_open(params.text_document.uri)
+
+    @ls.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+    def did_change(params: types.DidChangeTextDocumentParams):
+        remember_open(params.text_document.uri)
+
+    def remember_open(uri: str) -> None:
+        """Keep a shell document's text in the ring of open documents (context for the others)."""
+        text = ls.open_text(uri)
+        if text is not None and ls.is_shell(uri, text):
+            ls.context.ring.update(uri, text)
 
     @ls.feature(types.TEXT_DOCUMENT_DID_CLOSE)
     def did_close(params: types.DidCloseTextDocumentParams):
         ls.languages.pop(params.text_document.uri, None)
+        ls.context.ring.remove(params.text_document.uri)
         ls.service.forget(params.text_document.uri)
 
     async def suggestion_at(uri: str, position: types.Position, automatic: bool):
@@ -162,7 +189,8 @@ def create_server() -> CodellmServer:
         if split is None or not ls.is_shell(uri, doc.source):
             return None
         prefix, suffix = split
-        return prefix, await ls.service.suggest(uri, prefix, suffix, automatic)
+        context = ls.context.chunks_for(uri, prefix, suffix) if ls.settings.file_context else None
+        return prefix, await ls.service.suggest(uri, prefix, suffix, automatic, context)
 
     @ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())
     async def inline_completion(params: types.InlineCompletionParams):

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 import msgpack
 import torch
 
+from codellm import crossfile
 from codellm.bundle import CARD_FILE, load_bundle
 from codellm.device import choose_device
 from codellm.engine import Engine
@@ -230,6 +232,74 @@ def comment_to_command(engine: Engine, pairs: list[str], n: int = 300, seed: int
         right_name += is_command and command_name(guess) == command_name(target)
     return {"n": len(picked), "command_share": round(100 * command / len(picked), 1),
             "right_command_share": round(100 * right_name / len(picked), 1)}
+
+
+# ------------------------------------------------------------------ context from other files
+
+def package_files(records: list[dict]) -> dict[str, dict[str, str]]:
+    """Held-out records grouped by package: source -> {absolute path in the package: text}."""
+    packages: dict[str, dict[str, str]] = {}
+    for r in records:
+        packages.setdefault(r.get("source", ""), {})["/" + r.get("path", "").lstrip("/")] = r["text"]
+    return packages
+
+
+def call_points(text: str, names: set[str]) -> list[dict]:
+    """Cut points at each line that calls one of `names` (the function name is the line's first word):
+    at the start of the name ("call_start") and after its first three characters ("call_mid", as when a
+    person has begun typing it); the target is the rest of the line."""
+    points, offset = [], 0
+    for line in text.split("\n"):
+        stripped = line.lstrip()
+        word = re.match(r"[A-Za-z_][\w:.-]*", stripped)
+        if word and word.group(0) in names and not re.match(r"(function\s)?[\w:.-]+\s*\(\s*\)", stripped) \
+                and len(line) < 300:
+            start = offset + len(line) - len(stripped)
+            for kind, typed in (("call_start", 0), ("call_mid", min(3, len(word.group(0)) - 1))):
+                points.append({"kind": kind, "prefix": text[:start + typed], "suffix": text[offset + len(line):],
+                               "target": stripped[typed:]})
+        offset += len(line) + 1
+    return points
+
+
+def cross_file(engine: Engine, records: list[dict], n: int = 200, others: int = 200, seed: int = 0) -> dict | None:
+    """Line completion where the answer needs another file: held-out scripts that source a file of their
+    own package, cut at calls of functions that file defines (and the script does not), with and without
+    the sourced file's definitions as context (codellm.crossfile), same model. Beside it, ordinary cut
+    points (cut_points) in the same scripts, with and without the context, to show nothing is lost.
+    EM as in line_completion; "name" is the share whose first word is the called function."""
+    rng = random.Random(seed)
+    calls, plain = [], []
+    for files in package_files(records).values():
+        for doc_path, text in sorted(files.items()):
+            sourced = crossfile.read_sourced(text, doc_path, files.get, ["/"])
+            if not sourced:
+                continue
+            own = {crossfile.function_name(c.text) for c in crossfile.definitions(text, doc_path)}
+            names = {crossfile.function_name(c.text) for _, t in sourced for c in crossfile.definitions(t, "")} - own
+            for p in call_points(text, names):
+                calls.append({**p, "doc_path": doc_path, "sourced": sourced})
+            for p in cut_points([text], max(4, others // 10), rng):
+                plain.append({**p, "doc_path": doc_path, "sourced": sourced})
+    if not calls:
+        return None
+    rng.shuffle(calls)
+    rng.shuffle(plain)
+    picked = {kind: [p for p in calls if p["kind"] == kind][:n // 2] for kind in ("call_start", "call_mid")}
+    picked["other_cuts"] = plain[:others]
+    result = {}
+    for kind, points in picked.items():
+        rows = {"with_context": [], "without": []}
+        for p in points:
+            chunks = crossfile.choose_context(p["prefix"], p["suffix"], p["sourced"], [], p["doc_path"])
+            for label, context in (("with_context", chunks), ("without", None)):
+                guess = engine.complete(p["prefix"], p["suffix"], mode="line", context=context)
+                rows[label].append((exact_match(guess, p["target"]), guess.split()[:1] == p["target"].split()[:1]))
+        result[kind] = {label: {"em": round(100 * sum(r[0] for r in items) / max(1, len(items)), 1),
+                                "first_word": round(100 * sum(r[1] for r in items) / max(1, len(items)), 1),
+                                "n": len(items)} for label, items in rows.items()}
+    result["scripts"] = len({p["doc_path"] for p in calls})
+    return result
 
 
 # ------------------------------------------------------------------ keystroke evaluation (a real server typing)
