@@ -189,6 +189,7 @@ class CompletionService:
         self._ids_lock = threading.Lock()
         self.cache: OrderedDict[tuple, str] = OrderedDict()
         self.recent: dict[str, tuple] = {}  # uri -> (model version, prefix, suffix, mode, text)
+        self.last_context: list[str] = []  # the best chunks of other files offered with the last request
         self.latencies: deque[float] = deque(maxlen=1000)
         self.confidences: deque[float] = deque(maxlen=1000)  # of the model's non-empty answers
         self.counts = {"requests": 0, "model": 0, "cache_hits": 0, "superseded": 0, "prompt_tokens": 0,
@@ -246,6 +247,7 @@ class CompletionService:
         `context`: chunks of other files, best first (codellm.prompt.ContextChunk).
         Raises asyncio.CancelledError if the request is cancelled."""
         prefix, suffix, newline = split_line_endings(prefix, suffix)
+        self.last_context = [f"{c.path}:{c.line + 1}: {c.text.split(chr(10), 1)[0]}" for c in (context or [])[:8]]
         suggestion = await self._suggest(uri, prefix, suffix, automatic, context or None)
         suggestion.text = join_line_endings(suggestion.text, newline)
         return suggestion
@@ -358,5 +360,6 @@ class CompletionService:
             "hidden_unsure": self.counts["hidden"],
             "confidence": {"p50": float(f"{conf[len(conf) // 2]:.3g}") if conf else None,
                            "mean": float(f"{statistics.fmean(conf):.3g}") if conf else None},
+            "context": self.last_context,
             "settings": {f.name: getattr(self.settings, f.name) for f in fields(self.settings)},
         }

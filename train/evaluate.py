@@ -217,10 +217,16 @@ def heldout_texts(corpus: Path, name: str, split: str) -> list[str]:
     return [r["text"] for r in read_records(path) if r.get("split") == split] if path.exists() else []
 
 
+def heldout_records(corpus: Path, split: str) -> list[dict]:
+    """The held-out shell records of a split (text, source, path)."""
+    path = corpus / SHELL_FILE
+    return [r for r in read_records(path) if r.get("split") == split] if path.exists() else []
+
+
 def comment_to_command(engine: Engine, pairs: list[str], n: int = 300, seed: int = 0) -> dict | None:
     """After `#!/bin/bash\n# <description>\n`, the greedy first line: the share that is a command (not a
     comment, not empty) and the share whose command name (pairs.command_name) is the held-out one's."""
-    if not pairs:
+    if not pairs or n <= 0:
         return None
     picked = random.Random(seed).sample(pairs, min(n, len(pairs)))
     command, right_name = 0, 0
@@ -351,9 +357,11 @@ def _keystroke_cells(k: dict | None) -> list[tuple[str, str]]:
 # ------------------------------------------------------------------ every figure
 
 def evaluate(bundle_path: Path, corpus: Path, samples: int = 400, scripts: int = 20, device: str | None = None,
-             pairs: int = 300, keystrokes: int = 0, keystroke_curve_png: Path | None = None) -> dict:
+             pairs: int = 300, keystrokes: int = 0, keystroke_curve_png: Path | None = None,
+             cross_file_samples: int = 200) -> dict:
     """Every figure of one bundle, per held-out split: loss and bits per byte, line completion, the
-    comment-to-command shares, and with keystrokes > 0 the keystroke evaluation over that many characters of
+    comment-to-command shares, completion at calls of functions from sourced files with and without
+    that context (cross_file), and with keystrokes > 0 the keystroke evaluation over that many characters of
     held-out regions; plus English loss and generated whole scripts.
 
     Raises ValueError when the corpus has no held-out shell files."""
@@ -370,6 +378,8 @@ def evaluate(bundle_path: Path, corpus: Path, samples: int = 400, scripts: int =
             "shell_loss": heldout_loss(engine, texts),
             "line_completion": line_completion(engine, texts, samples),
             "comment_to_command": comment_to_command(engine, heldout_texts(corpus, PAIRS_FILE, split), pairs),
+            "cross_file": cross_file(engine, heldout_records(corpus, split), cross_file_samples, cross_file_samples)
+            if cross_file_samples else None,
         }
         if keystrokes:
             results["splits"][split]["keystrokes"] = keystroke_figures(bundle_path, texts, keystrokes, device)
@@ -396,6 +406,12 @@ def _cells(r: dict) -> list[tuple[str, str]]:
     c2c = r.get("comment_to_command")
     rows.append(("comment -> command % / right name %",
                  f"{c2c['command_share']} / {c2c['right_command_share']} (n={c2c['n']})" if c2c else "-"))
+    xf = r.get("cross_file")
+    for kind, label in (("call_start", "at the call"), ("call_mid", "3 chars typed"), ("other_cuts", "other cuts")):
+        v = (xf or {}).get(kind)
+        rows.append((f"cross-file EM/1st word {label}, +ctx / -ctx",
+                     f"{v['with_context']['em']}/{v['with_context']['first_word']} / "
+                     f"{v['without']['em']}/{v['without']['first_word']} (n={v['with_context']['n']})" if v else "-"))
     if "keystrokes" in r:
         rows += _keystroke_cells(r["keystrokes"])
     return rows
@@ -453,7 +469,7 @@ def main(args) -> None:
         if curve and len(args.bundle) > 1:
             curve = curve.with_name(f"{curve.stem}-{bundle.name}{curve.suffix}")
         results.append(evaluate(bundle, args.corpus, args.samples, args.scripts, args.device, args.pairs,
-                                getattr(args, "keystrokes", 0), curve))
+                                getattr(args, "keystrokes", 0), curve, getattr(args, "cross_file", 200)))
     print_table(results)
     out = args.out or args.bundle[0].with_name(args.bundle[0].name + "-eval.json")
     out.write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
