@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cut-confidence", type=float, default=None, metavar="P",
                         help="end a suggestion before the first token the model gives less than P, 0-1 "
                              "(the setting cutConfidence)")
+    parser.add_argument("--no-file-context", action="store_true",
+                        help="no context from other files (the setting fileContext false)")
     parser.add_argument("--log-file", default=None, help="write the log here (no document text is logged)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -88,7 +90,8 @@ def main(argv=None) -> int:
     ls = create_server()
     ls.holder.precision = args.precision
     ls.settings.update({"model_path": args.model, "device": args.device, "threads": args.threads,
-                        "min_confidence": args.min_confidence, "cut_confidence": args.cut_confidence})
+                        "min_confidence": args.min_confidence, "cut_confidence": args.cut_confidence,
+                        "file_context": not args.no_file_context})
     for problem in ls.settings.problems:
         parser.error(problem)
     from .transport import serve_stdio, serve_tcp, server_token
