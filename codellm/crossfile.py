@@ -85,7 +85,7 @@ def _expand(word: str, known: dict[str, str]) -> str | None:
     """A shell word with its quotes removed, the script-folder forms and known variables replaced;
     None where anything else would need a running shell."""
     for form in SCRIPT_DIR_FORMS:
-        word = form.sub(HERE.replace("\\", "\\\\"), word)
+        word = form.sub(lambda m: HERE, word)
     word = re.sub(r"\$\{([A-Za-z_]\w*)\}|\$([A-Za-z_]\w*)",
                   lambda m: known.get(m.group(1) or m.group(2), "\x01"), word)
     out, quote = [], ""

@@ -194,3 +194,15 @@ def test_server_ring_follows_open_documents_and_keeps_the_prompt_start(bundle_pa
     assert any("deploy_app()" in c for c in before) and not any("notify_team()" in c for c in before)
     assert any("notify_team()" in c for c in after)
     assert status.kv_reuse_ratio >= 0.9  # the context before the prefix stays put while typing
+
+
+def test_cli_complete_takes_context_files(bundle_path, tmp_path, capsys):
+    from codellm.cli import main
+    (tmp_path / "lib.sh").write_text(LIB)
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/bash\n. ./lib.sh\nlog_\n")
+    assert main(["complete", f"{script}:3:5", "--context", str(tmp_path / "lib.sh"), "--model", str(bundle_path),
+                 "--device", "cpu", "-v"]) == 0
+    assert main(["complete", f"{script}:3:5", "--context", str(tmp_path / "missing.sh"), "--model",
+                 str(bundle_path), "--device", "cpu"]) == 2
+    assert "missing.sh" in capsys.readouterr().err

@@ -68,11 +68,11 @@ class Mixture:
 MAX_SIBLINGS = 8  # sibling files whose definitions a training example's context is chosen from
 
 
-def sibling_context(text: str, place: str, folders: dict[str, list[tuple[str, str]]], budget: int,
+def sibling_context(piece: str, text: str, place: str, folders: dict[str, list[tuple[str, str]]], budget: int,
                     tok: Tokenizer, rng: random.Random) -> str:
-    """Context for a training chunk of the file at `place`: definitions from the files it sources
-    within its package when there are any, else from other files of its folder, chosen and formatted
-    as the server does (codellm.crossfile, codellm.prompt.format_context)."""
+    """Context for a training chunk `piece` of the file `text` at `place`: definitions from the files it
+    sources within its package when there are any, else from other files of its folder, chosen and
+    formatted as the server does (codellm.crossfile, codellm.prompt.format_context)."""
     source, path = place.split(":", 1)
     folder = posixpath.dirname(path)
     package = {p: t for (p, t) in folders.get(source, [])}
@@ -82,7 +82,7 @@ def sibling_context(text: str, place: str, folders: dict[str, list[tuple[str, st
         sourced = rng.sample(siblings, min(MAX_SIBLINGS, len(siblings)))
     if not sourced:
         return ""
-    chosen = fit_context(tok, crossfile.choose_context(text, "", sourced, [], path), budget)
+    chosen = fit_context(tok, crossfile.choose_context(piece, "", sourced, [], path), budget)
     return format_context(chosen) if chosen else ""
 
 
@@ -120,7 +120,7 @@ def with_context(tok: Tokenizer, mix: Mixture, context_length: int, seed: int, e
             continue
         pieces = chunk_text(text, max_chars)
         piece = pieces[rng.randrange(len(pieces))]
-        context = sibling_context(piece, place, packages, budget, tok, rng)
+        context = sibling_context(piece, text, place, packages, budget, tok, rng)
         if context:
             examples.append((piece, context))
     return examples
