@@ -232,15 +232,17 @@ def choose_context(prefix: str, suffix: str, sourced: list[tuple[str, str]], ope
                    doc_path: str, open_chunks: Callable[[str, str], list[ContextChunk]] | None = None
                    ) -> list[ContextChunk]:
     """Ranked context for a cursor: the definitions of the sourced files (path, text) and chunks of the
-    other open documents (path, text), named relative to the script. `open_chunks(path, text)` may give
+    other open documents (path, text) that are not copies of the script's own lines, named relative
+    to the script. `open_chunks(path, text)` may give
     cached chunks of an open document."""
     words = identifiers(query_text(prefix, suffix))
     scored = [(jaccard(identifiers(c.text), words) + SOURCED_BONUS, ContextChunk(display_path(p, doc_path), c.line, c.text))
               for p, t in sourced for c in definitions(t, p)]
+    here = (prefix + suffix).replace("\r\n", "\n")
     for path, text in open_docs:
         for c in (open_chunks(path, text) if open_chunks else line_chunks(text, path)):
             score = jaccard(identifiers(c.text), words)
-            if score > OPEN_MIN_SCORE:
+            if score > OPEN_MIN_SCORE and c.text not in here:  # not what the model sees anyway
                 scored.append((score, ContextChunk(display_path(path, doc_path), c.line, c.text)))
     scored.sort(key=lambda s: -s[0])  # stable: equal scores keep the files' order
     return [c for _, c in scored]
