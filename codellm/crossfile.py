@@ -29,8 +29,10 @@ STOP_WORDS = frozenset("""if then else elif fi for while until do done case esac
 readonly declare echo printf exit true false test shift set unset eval exec break continue the a to of and or
 is it n e f z d r x v null dev""".split())
 _SUBSHELL = r"""\$\((?:[^()"'\n]|"[^"\n]*"|'[^'\n]*')*\)"""  # $(...) holding quoted words, not nested further
-# one shell word: double-quoted parts (which may hold $(...)), single-quoted parts, $(...), plain characters
-_WORD = r"""(?:"(?:""" + _SUBSHELL + r"""|[^"\n])*"|'[^'\n]*'|""" + _SUBSHELL + r"""|[^\s;&|)"'])+"""
+# one shell word: double-quoted parts (which may hold $(...)), single-quoted parts, $(...), plain characters;
+# a `$` is plain only when no `(` follows, so that each text matches one way (no slow backtracking)
+_WORD = (r"""(?:"(?:""" + _SUBSHELL + r"""|\$(?!\()|[^"\n$])*"|'[^'\n]*'|""" + _SUBSHELL
+         + r"""|\$(?!\()|[^\s;&|)"'$])+""")
 SOURCE_LINE = re.compile(r"""(?:^|[;&|{(]|\bthen|\bdo|\belse)[ \t]*(?:source|\.)[ \t]+(""" + _WORD + ")", re.M)
 # ways of naming the script's own folder that need no running shell
 _SELF = r"""(?:"?\$(?:0|\{0\}|BASH_SOURCE|\{BASH_SOURCE\}|\{BASH_SOURCE\[0\]\})"?)"""
