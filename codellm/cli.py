@@ -54,8 +54,14 @@ def cmd_complete(args):
     from . import load
     file, line, col = parse_location(args.location)
     prefix, suffix = split_at(read_text(file), line, col)
+    context = None
+    if args.context:
+        from .crossfile import choose_context
+        doc_path = str(Path(file).resolve()) if file != "-" else str(Path.cwd() / "stdin")
+        files = [(str(Path(f).resolve()), read_text(f)) for f in args.context]
+        context = choose_context(prefix, suffix, files, [], doc_path)
     engine = load(args.model, args.device, precision=args.precision)
-    result = engine.complete_detailed(prefix, suffix, args.mode)
+    result = engine.complete_detailed(prefix, suffix, args.mode, context=context)
     sys.stdout.write(result.text + "\n")
     if args.verbose:
         print(f"[{result.mode} mode, stop: {result.stop_reason}, {result.prompt_tokens} prompt tokens, "
@@ -146,6 +152,9 @@ def main(argv=None):
     p = sub.add_parser("complete", help="print what would be inserted at FILE:LINE:COL")
     p.add_argument("location", help="FILE:LINE:COL, 1-based; FILE '-' reads stdin")
     p.add_argument("--mode", choices=["line", "block", "auto"], default="auto")
+    p.add_argument("--context", nargs="+", metavar="FILE", default=[],
+                   help="other files (a library the script sources): their functions and assignments most "
+                        "related to the lines around the cursor go before the prompt, as the server does")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_complete)
 

@@ -17,8 +17,8 @@ from .device import choose_device, cpu_has_bf16, set_threads
 from .kvcache import KVCache
 from .postprocess import (BLANK_LINE_AFTER_CONTENT, Context, ends_in_loop, first_repeated_line, postprocess,
                           safe_cut)
-from .prompt import (Prompt, build_prompt, choose_format, file_start, join_line_endings, prompt_budget,
-                     split_line_endings)
+from .prompt import (ContextChunk, Prompt, build_prompt, build_prompt_with_context, choose_format, file_start,
+                     join_line_endings, prompt_budget, split_line_endings)
 from .shell import resolve_mode
 
 NEG_INF = float("-inf")
@@ -164,7 +164,8 @@ class Engine:
     def complete_detailed(self, prefix: str, suffix: str = "", mode: str = "line", max_new_tokens: int | None = None,
                           deadline: float | None = None, should_stop: Callable[[], bool] | None = None,
                           fmt: str | None = None, clean: bool = True, allow_empty: bool = False,
-                          whole_lines_after: float | None = None, cut: float = 0.0) -> Completion:
+                          whole_lines_after: float | None = None, cut: float = 0.0,
+                          context: list[ContextChunk] | None = None) -> Completion:
         """The completion at a cursor between prefix and suffix, with how and why decoding ended.
 
         mode: "line" | "block" | "auto" (codellm.shell.resolve_mode; ValueError otherwise);
@@ -176,14 +177,20 @@ class Engine:
         text; allow_empty: let the model answer nothing (by default the first token may not end the answer:
         in line mode neither end of text nor a newline, in block mode not end of text); cut: decoding stops
         before the first token whose probability is below it (stop reason "unsure"), so the answer is the
-        part the model is sure of; the probabilities are in Completion.token_probs.
+        part the model is sure of; the probabilities are in Completion.token_probs; context: chunks of other files, best first,
+        shown before the prefix (codellm.prompt.build_prompt_with_context).
         Text with CRLF line endings is read as LF text; the answer comes back with CRLF."""
         prefix, suffix, newline = split_line_endings(prefix, suffix)
         mode = resolve_mode(mode, prefix, suffix)
+        extra_context = context
         context = self.config.context_length
         fmt = fmt or choose_format(suffix, self.prompt_format)
         start_time = time.perf_counter()
-        prompt = build_prompt(self.tokenizer, prefix, suffix, fmt, budget=prompt_budget(context, max_new_tokens))
+        budget = prompt_budget(context, max_new_tokens)
+        if extra_context:
+            prompt = build_prompt_with_context(self.tokenizer, extra_context, prefix, suffix, fmt, budget)
+        else:
+            prompt = build_prompt(self.tokenizer, prefix, suffix, fmt, budget=budget)
         max_new = max(1, min(max_new_tokens or MAX_TOKENS[mode], context - len(prompt.ids)))
         rules = StopRules(mode, len(prompt.heal), deadline, should_stop, whole_lines_after, cut)
         with self.lock, torch.inference_mode():

@@ -9,6 +9,15 @@ only a stable tail of the prefix and the head of the suffix are read; the prefix
 and jumps in line-aligned steps of half the window, so that it does not shift on every keystroke; room is
 kept for the answer (ANSWER_RESERVE). With a blank suffix the prompt is plain text, and a prefix that
 reaches the start of the file follows <endoftext>, as a training document does.
+
+Context from other files (what a script sources, other open documents) is shell text placed before the
+file's own prefix, each file introduced by a comment naming it (format_context), so a model reads it as
+code above the cursor that it may call, with no new token:
+
+SPM with context: <fim_prefix> <fim_suffix> suffix <fim_middle> context prefix middle <endoftext>
+
+It sits before the prefix and changes only when the chosen chunks do, so the prompt still only grows
+at its end while a person types.
 """
 from __future__ import annotations
 
@@ -27,6 +36,21 @@ BUFFER_TAIL_CHARS = 16384  # of a long prefix, at most this much is read; cut at
 SUFFIX_CHARS = 8192  # of a long suffix, at most this much is read
 CHARS_PER_TOKEN_GUESS = 2.5  # conservative for shell text (measured ~3.2): windows are cut in characters first
 SUFFIX_SHARE = 0.25  # at most this share of the prompt budget goes to the suffix
+# context from other files fills the room the prefix and suffix leave, up to CONTEXT_SHARE of the budget.
+# It takes room from the prefix only down to CONTEXT_MIN_SHARE: for the shipped model, the file's own
+# lines just above the cursor were worth more than another file's definitions (train/evaluate.py cross_file)
+CONTEXT_SHARE = 0.3
+CONTEXT_MIN_SHARE = 0.0
+CONTEXT_STEP = 32  # the room for context is counted in steps of this many tokens
+
+
+@dataclass(frozen=True)
+class ContextChunk:
+    """A piece of another file shown before the prefix: the file's name as shown, the line it starts
+    at (chunks of one file are shown in line order), and its text (whole lines)."""
+    path: str
+    line: int
+    text: str
 
 
 @dataclass
@@ -136,6 +160,72 @@ def build_prompt(tok: Tokenizer, prefix: str, suffix: str = "", fmt: str = "spm"
     return Prompt(assemble(tok, fmt, prefix_ids, suffix_ids), heal_bytes)
 
 
+# ------------------------------------------------------------------ context from other files
+
+def format_context(chunks: list[ContextChunk]) -> str:
+    """Chunks as shell text: grouped by file in the order the files first appear, each group introduced
+    by `# <path>` and in line order, a blank line after each group."""
+    groups: dict[str, list[ContextChunk]] = {}
+    for chunk in chunks:
+        groups.setdefault(chunk.path, []).append(chunk)
+    parts = []
+    for path, group in groups.items():
+        body = "".join(c.text if c.text.endswith("\n") else c.text + "\n" for c in sorted(group, key=lambda c: c.line))
+        parts.append(f"# {path}\n{body}\n")
+    return "".join(parts)
+
+
+def fit_context(tok: Tokenizer, ranked: list[ContextChunk], max_tokens: int) -> list[ContextChunk]:
+    """The best-ranked chunks whose formatted text fits in `max_tokens`, in a stable order (files
+    sorted by name, chunks by line), so the same chosen chunks always give the same text."""
+    picked: list[ContextChunk] = []
+    used = 0
+    paths: set[str] = set()
+    for chunk in ranked:
+        cost = len(tok.encode(chunk.text)) + 1 + (0 if chunk.path in paths else len(tok.encode(f"# {chunk.path}\n")) + 1)
+        if used + cost > max_tokens:
+            continue
+        picked.append(chunk)
+        paths.add(chunk.path)
+        used += cost
+    picked.sort(key=lambda c: (c.path, c.line))
+    while picked and len(tok.encode(format_context(picked))) > max_tokens:  # the estimate was short
+        picked.pop()
+    return picked
+
+
+def insert_context(tok: Tokenizer, fmt: str, ids: list[int], context_ids: list[int]) -> list[int]:
+    """A prompt or training example (`assemble` order) with context ids placed where the prefix starts."""
+    if not context_ids:
+        return ids
+    if fmt == "spm":
+        at = ids.index(tok.fim_middle_id) + 1
+    elif fmt == "psm":
+        at = 1
+    else:
+        at = 1 if ids[:1] == [tok.eot_id] else 0
+    return ids[:at] + context_ids + ids[at:]
+
+
+def build_prompt_with_context(tok: Tokenizer, context: list[ContextChunk], prefix: str, suffix: str = "",
+                              fmt: str = "spm", budget: int = 512, heal: bool = True,
+                              share: float = CONTEXT_SHARE, min_share: float = CONTEXT_MIN_SHARE) -> Prompt:
+    """build_prompt with context from other files before the prefix: the best-ranked `context` chunks
+    that fit in the room the prefix and suffix leave (counted in steps of CONTEXT_STEP tokens, so it
+    changes seldom while typing), at least `min_share` and at most `share` of the budget."""
+    prompt = build_prompt(tok, prefix, suffix, fmt, budget, heal)
+    room = (budget - len(prompt.ids)) // CONTEXT_STEP * CONTEXT_STEP
+    limit = min(int(budget * share), max(room, int(budget * min_share)))
+    chosen = fit_context(tok, context, limit) if context and limit >= CONTEXT_STEP else []
+    if not chosen:
+        return prompt
+    context_ids = tok.encode(format_context(chosen))
+    if len(context_ids) > budget - len(prompt.ids):  # taken from the prefix's room (min_share)
+        prompt = build_prompt(tok, prefix, suffix, fmt, budget - len(context_ids), heal)
+    prompt.ids = insert_context(tok, fmt, prompt.ids, context_ids)
+    return prompt
+
+
 # ------------------------------------------------------------------ line endings
 
 def split_line_endings(prefix: str, suffix: str) -> tuple[str, str, str]:
@@ -172,12 +262,14 @@ def fim_split_points(text: str, rng: random.Random, line_span_rate: float = 0.3)
 
 
 def fim_training_ids(tok: Tokenizer, text: str, rng: random.Random, fim_rate: float = 0.5,
-                     spm_rate: float = 0.5) -> list[int]:
+                     spm_rate: float = 0.5, context: str = "") -> list[int]:
     """One training document (a chunk of a file) as ids, ending with <endoftext>; FIM-transformed with
-    probability fim_rate, half PSM and half SPM by default."""
+    probability fim_rate, half PSM and half SPM by default. `context` (format_context text of other
+    files) goes before the prefix, where serving puts it."""
+    context_ids = tok.encode(context) if context else []
     if not text or rng.random() >= fim_rate:
-        return tok.encode(text) + [tok.eot_id]
+        return context_ids + tok.encode(text) + [tok.eot_id]
     a, b = fim_split_points(text, rng)
     prefix_ids, middle_ids, suffix_ids = tok.encode_batch([text[:a], text[a:b], text[b:]])
     fmt = "spm" if rng.random() < spm_rate else "psm"
-    return assemble(tok, fmt, prefix_ids, suffix_ids) + middle_ids + [tok.eot_id]
+    return insert_context(tok, fmt, assemble(tok, fmt, prefix_ids, suffix_ids), context_ids) + middle_ids + [tok.eot_id]

@@ -18,6 +18,7 @@ from codellm.shell import is_shell_file
 
 from .model_holder import ModelHolder
 from .service import CompletionService, Settings
+from .workspace_context import WorkspaceContext, uri_to_path
 
 log = logging.getLogger("codellm.server")
 
@@ -48,6 +49,7 @@ class CodellmServer(LanguageServer):
         self.holder = ModelHolder(self.tell_user, early)
         self.service = CompletionService(self.holder, self.settings)
         self.languages: dict[str, str] = {}  # uri -> languageId
+        self.context = WorkspaceContext(self.open_text, self.workspace_folders)
         self.owner_connection = None  # the connection this server answers (server.transport)
         self.loop = None
         self.loop_thread = None
@@ -79,6 +81,19 @@ class CodellmServer(LanguageServer):
             return None
         documents = self.workspace.text_documents
         return documents.get(unquote(uri)) or documents.get(uri)
+
+    def open_text(self, uri: str) -> str | None:
+        doc = self.open_document(uri)
+        return doc.source if doc is not None else None
+
+    def workspace_folders(self) -> list[str]:
+        """The local folders the client declared (workspace folders, else the root), as paths."""
+        try:
+            workspace = self.workspace
+        except RuntimeError:  # not initialized yet
+            return []
+        uris = [f.uri for f in workspace.folders.values()] or [workspace.root_uri or ""]
+        return [p for u in uris if u and (p := uri_to_path(u))]
 
     def is_shell(self, uri: str, text: str) -> bool:
         return is_shell_file(uri, text, self.languages.get(uri))
@@ -150,10 +165,23 @@ def did_change_configuration(ls: CodellmServer, params: types.DidChangeConfigura
 
 def did_open(ls: CodellmServer, params: types.DidOpenTextDocumentParams):
     ls.languages[params.text_document.uri] = params.text_document.language_id
+    remember_open(ls, params.text_document.uri)
+
+
+def did_change(ls: CodellmServer, params: types.DidChangeTextDocumentParams):
+    remember_open(ls, params.text_document.uri)
+
+
+def remember_open(ls: CodellmServer, uri: str) -> None:
+    """Keep a shell document's text in the ring of open documents (context for the others)."""
+    text = ls.open_text(uri)
+    if text is not None and ls.is_shell(uri, text):
+        ls.context.ring.update(uri, text)
 
 
 def did_close(ls: CodellmServer, params: types.DidCloseTextDocumentParams):
     ls.languages.pop(params.text_document.uri, None)
+    ls.context.ring.remove(params.text_document.uri)
     ls.service.forget(params.text_document.uri)
 
 
@@ -167,7 +195,8 @@ async def suggestion_at(ls: CodellmServer, uri: str, position: types.Position, a
     if split is None or not ls.is_shell(uri, doc.source):
         return None
     prefix, suffix = split
-    return prefix, await ls.service.suggest(uri, prefix, suffix, automatic)
+    context = ls.context.chunks_for(uri, prefix, suffix) if ls.settings.file_context else None
+    return prefix, await ls.service.suggest(uri, prefix, suffix, automatic, context)
 
 
 async def inline_completion(ls: CodellmServer, params: types.InlineCompletionParams):
@@ -201,7 +230,8 @@ def shutdown(ls: CodellmServer, params=None):
 
 HANDLERS = {types.INITIALIZE: initialize, types.INITIALIZED: initialized,
             types.WORKSPACE_DID_CHANGE_CONFIGURATION: did_change_configuration,
-            types.TEXT_DOCUMENT_DID_OPEN: did_open, types.TEXT_DOCUMENT_DID_CLOSE: did_close,
+            types.TEXT_DOCUMENT_DID_OPEN: did_open, types.TEXT_DOCUMENT_DID_CHANGE: did_change,
+            types.TEXT_DOCUMENT_DID_CLOSE: did_close,
             STATUS_METHOD: status, types.SHUTDOWN: shutdown}  # the completion features: offer_completions
 
 

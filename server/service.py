@@ -16,7 +16,7 @@ from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from codellm.postprocess import Context, postprocess
-from codellm.prompt import join_line_endings, split_line_endings
+from codellm.prompt import ContextChunk, join_line_endings, split_line_endings
 from codellm.shell import choose_mode, text_follows_cursor
 
 from .model_holder import ModelHolder
@@ -45,12 +45,16 @@ class Settings:
     cut_confidence: float = DEFAULT_CUT_CONFIDENCE
     # a suggestion whose confidence (the product of its tokens' probabilities) is below this is not shown
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
+    # context from other files: what the script sources and chunks of other open shell documents. Off by
+    # default: the shipped model was not trained with it and completes no better with it (MODEL.md)
+    file_context: bool = False
     problems: ClassVar[list[str]] = []  # what the last update could not apply, one line per setting
 
     ALIASES = {"modelPath": "model_path", "model": "model_path", "maxTokens": "max_tokens",
                "completionItems": "completion_items", "timeoutMs": "timeout_ms", "multiLine": "multiline",
                "multilineMs": "multiline_ms", "minConfidence": "min_confidence",
-               "cutConfidence": "cut_confidence", "kvReuse": "kv_reuse"}
+               "cutConfidence": "cut_confidence", "kvReuse": "kv_reuse",
+               "fileContext": "file_context"}
 
     def update(self, options: dict | None) -> list[str]:
         """Apply a dict of options (camelCase or snake_case); returns the names that changed. A value
@@ -66,7 +70,7 @@ class Settings:
             if name not in known:
                 continue  # other tools' settings, or the TCP token
             if value is None and name in ("model_path", "device", "threads", "max_tokens", "min_confidence",
-                                          "cut_confidence"):
+                                          "cut_confidence", "file_context"):
                 if name != "max_tokens":
                     continue  # unset in the editor: keep what the command line gave
             try:
@@ -143,6 +147,7 @@ SETTING_RULES = {
     "timeout_ms": _integer(1, 600_000),
     "multiline_ms": _integer(0, 600_000),
     "kv_reuse": _flag,
+    "file_context": _flag,
     "cut_confidence": _fraction,
     "min_confidence": _fraction,
 }
@@ -176,6 +181,7 @@ class CompletionService:
         self._ids_lock = threading.Lock()
         self.cache: OrderedDict[tuple, str] = OrderedDict()
         self.recent: dict[str, tuple] = {}  # uri -> (model version, prefix, suffix, mode, text)
+        self.last_context: list[str] = []  # the best chunks of other files offered with the last request
         self.latencies: deque[float] = deque(maxlen=1000)
         self.confidences: deque[float] = deque(maxlen=1000)  # of the model's non-empty answers
         self.counts = {"requests": 0, "model": 0, "cache_hits": 0, "superseded": 0, "prompt_tokens": 0,
@@ -215,15 +221,19 @@ class CompletionService:
             self.latest[uri] = self._ids
             return self._ids
 
-    async def suggest(self, uri: str, prefix: str, suffix: str, automatic: bool = True) -> Suggestion:
-        """The suggestion at a cursor, in the document's line endings (the work is done on LF text).
+    async def suggest(self, uri: str, prefix: str, suffix: str, automatic: bool = True,
+                      context: list[ContextChunk] | None = None) -> Suggestion:
+        """The suggestion at a cursor, in the document's line endings (the work is done on LF text);
+        `context`: chunks of other files, best first (codellm.prompt.ContextChunk).
         Raises asyncio.CancelledError if the request is cancelled."""
         prefix, suffix, newline = split_line_endings(prefix, suffix)
-        suggestion = await self._suggest(uri, prefix, suffix, automatic)
+        self.last_context = [f"{c.path}:{c.line + 1}: {c.text.split(chr(10), 1)[0]}" for c in (context or [])[:8]]
+        suggestion = await self._suggest(uri, prefix, suffix, automatic, context or None)
         suggestion.text = join_line_endings(suggestion.text, newline)
         return suggestion
 
-    async def _suggest(self, uri: str, prefix: str, suffix: str, automatic: bool) -> Suggestion:
+    async def _suggest(self, uri: str, prefix: str, suffix: str, automatic: bool,
+                       context: list[ContextChunk] | None = None) -> Suggestion:
         start = time.perf_counter()
         self.counts["requests"] += 1
         request_id = self.next_request_id(uri)
@@ -233,7 +243,7 @@ class CompletionService:
         # typing on: at the end of a word an answer is wanted; after a space or the end of a statement
         # the model may judge the line complete and suggest nothing
         allow_empty = automatic and mode == "line" and not WORD_CHAR.match(prefix[-1:])
-        cache_mode = mode + ("|may-be-empty" if allow_empty else "")
+        cache_mode = mode + ("|may-be-empty" if allow_empty else "") + (f"|context {hash(tuple(context))}" if context else "")
         cached = self._from_cache(uri, prefix, suffix, cache_mode)
         if cached:
             self.counts["cache_hits"] += 1
@@ -246,7 +256,7 @@ class CompletionService:
         try:
             suggestion = await loop.run_in_executor(
                 self.executor, self._run_model, uri, request_id, prefix, suffix, mode, cancelled, allow_empty,
-                cache_mode)
+                cache_mode, context)
         except asyncio.CancelledError:
             cancelled.set()
             raise
@@ -265,7 +275,8 @@ class CompletionService:
         return suggestion
 
     def _run_model(self, uri: str, request_id: int, prefix: str, suffix: str, mode: str,
-                   cancelled: threading.Event, allow_empty: bool = False, cache_mode: str = "") -> Suggestion:
+                   cancelled: threading.Event, allow_empty: bool = False, cache_mode: str = "",
+                   context: list[ContextChunk] | None = None) -> Suggestion:
         """Runs on the model thread; stops between decode steps once a newer request arrives."""
         def superseded() -> bool:
             return cancelled.is_set() or self.latest.get(uri) != request_id
@@ -282,7 +293,7 @@ class CompletionService:
                                           max_new_tokens=self.settings.max_tokens, deadline=deadline,
                                           should_stop=superseded, clean=False, allow_empty=allow_empty,
                                           whole_lines_after=now + self.settings.multiline_ms / 1000,
-                                          cut=self.settings.cut_confidence)
+                                          cut=self.settings.cut_confidence, context=context)
         if result.stop_reason == "cancelled":
             return Suggestion("", "superseded", mode)
         self.counts["model"] += 1
@@ -337,5 +348,6 @@ class CompletionService:
             "hidden_unsure": self.counts["hidden"],
             "confidence": {"p50": float(f"{conf[len(conf) // 2]:.3g}") if conf else None,
                            "mean": float(f"{statistics.fmean(conf):.3g}") if conf else None},
+            "context": self.last_context,
             "settings": {f.name: getattr(self.settings, f.name) for f in fields(self.settings)},
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import sys
 import uuid
+from pathlib import Path
 
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
@@ -23,9 +24,10 @@ def client_capabilities(inline: bool = True, snippets: bool = True) -> types.Cli
 
 class Session:
     def __init__(self, *server_args: str, init_options: dict | None = None, inline: bool = True,
-                 snippets: bool = True, confidence_defaults: bool = False):
+                 snippets: bool = True, confidence_defaults: bool = False, workspace: str | None = None):
         self.args = server_args if confidence_defaults else (*server_args, *SHOW_EVERYTHING)
         self.init_options = init_options
+        self.workspace = workspace  # a folder path declared as the workspace
         self.caps = client_capabilities(inline, snippets)
         self.client = LanguageClient("codellm-tests", "1")
         self.messages: list[str] = []
@@ -41,8 +43,13 @@ class Session:
 
     async def __aenter__(self) -> "Session":
         await self.client.start_io(sys.executable, "-m", "codellm.server.cli", *self.args)
+        folders = None
+        if self.workspace:
+            uri = Path(self.workspace).resolve().as_uri()
+            folders = [types.WorkspaceFolder(uri=uri, name=Path(self.workspace).name)]
         self.init = await asyncio.wait_for(self.client.initialize_async(types.InitializeParams(
-            capabilities=self.caps, initialization_options=self.init_options)), TIMEOUT)
+            capabilities=self.caps, initialization_options=self.init_options, workspace_folders=folders,
+            root_uri=folders[0].uri if folders else None)), TIMEOUT)
         self.client.initialized(types.InitializedParams())
         return self
 

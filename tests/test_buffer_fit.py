@@ -13,8 +13,9 @@ from codellm.shell import closing_text, open_blocks
 from lsp_session import Session
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "backup.sh"
-# answers that do not depend on the machine's speed: no deadline, and a block ends at its first whole line
-SETTLED = {"timeoutMs": 60000, "multilineMs": 0}
+# answers that do not depend on the machine's speed: no deadline, and a block ends at its first whole line;
+# each document answered on its own, with no context from the other documents a test opens
+SETTLED = {"timeoutMs": 60000, "multilineMs": 0, "fileContext": False}
 USAGE = '#!/bin/bash\nusage() {\n    echo "usage: $0 FILE" >&2\n    exit 1\n}\n\n'
 
 

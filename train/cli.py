@@ -24,6 +24,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int, default=50)
     g.add_argument("--context-length", type=int, default=None)
     g.add_argument("--fim-rate", type=float, default=0.5)
+    g.add_argument("--context-rate", type=float, default=None,
+                   help="code stage: share of shell files that also train with definitions from files of their "
+                        "package (what they source, else their folder) placed before them, as the server shows "
+                        "context from other files (default 0.2; 0: off)")
     g.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     g.add_argument("--overwrite", action="store_true",
                    help="write the bundle into --out even if that folder holds other files (only the bundle's "
@@ -68,6 +72,11 @@ def train_config(args) -> TrainConfig:
                        max_steps=args.max_steps, num_epochs=num_epochs, time_budget=args.time_budget,
                        warmup_steps=args.warmup_steps, seed=args.seed, checkpoint_every=args.checkpoint_every,
                        eval_every=args.eval_every, compile=args.compile, precision=args.precision, stop_after=args.stop_after)
+
+
+def context_rate(args) -> dict:
+    """run_stage's context_rate when --context-rate was given (else its default)."""
+    return {} if args.context_rate is None else {"context_rate": args.context_rate}
 
 
 def first_process_then_all(work):
@@ -146,7 +155,7 @@ def cmd_stage(args):
         tok = trained_tokenizer(corpus, work / "tokenizer.json", args.resume)
     run_stage(args.stage, corpus, args.out, train_config(args), tok, args.from_bundle, args.model_size,
               args.context_length, args.fim_rate, args.device, args.resume, threads=args.threads,
-              overwrite=args.overwrite)
+              overwrite=args.overwrite, **context_rate(args))
 
 
 def cmd_all(args):
@@ -175,7 +184,7 @@ def cmd_all(args):
     if not all((stage1 / f).exists() for f in BUNDLE_FILES):
         raise SystemExit("stage 1 stopped before writing its bundle")
     run_stage("code", corpus, args.out, cfg2, tok, stage1, None, None, args.fim_rate, args.device, args.resume,
-              threads=args.threads, overwrite=args.overwrite)
+              threads=args.threads, overwrite=args.overwrite, **context_rate(args))
 
 
 def cmd_eval(args):
@@ -238,6 +247,10 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--pairs", type=int, default=300, help="held-out comment-to-command pairs per split")
     p.add_argument("--blocks", type=int, default=100,
                    help="held-out block openers per split completed in block mode (body present, bash -n)")
+    p.add_argument("--cross-file", type=int, default=200, metavar="N",
+                   help="cut points at calls of functions from a sourced file of the same package (and as many "
+                        "ordinary ones in those scripts), completed with and without that file as context "
+                        "(0: skip)")
     p.add_argument("--keystrokes", type=int, default=300,
                    help="characters of held-out regions per split typed into a real server, keystroke by "
                         "keystroke (0: skip the keystroke evaluation)")

@@ -1,20 +1,34 @@
 """Training data: documents -> chunks -> (FIM) token examples -> packed windows, deterministic per epoch.
 
+A share of shell chunks get context from sibling files of their package before them (with_context),
+in the prompt format serving uses (codellm.prompt.format_context).
+
 An epoch is rebuilt from (seed, epoch) alone, so a resumed run regenerates exactly the windows it
 was reading and skips to its batch.
 """
 from __future__ import annotations
 
+import posixpath
 import random
 from dataclasses import dataclass
 
 import torch
 
-from codellm.prompt import fim_training_ids
+from codellm import crossfile
+from codellm.prompt import CONTEXT_SHARE, fim_training_ids, fit_context, format_context
 from codellm.tokenizer import Tokenizer
+
+from .corpus import read_records
 
 IGNORE = -1
 CHARS_PER_TOKEN = 3.0  # chunk length in characters per token of context (shell ~3.2 bytes/token)
+
+
+def read_texts_with_places(path, split: str | None = None) -> tuple[list[str], list[str]]:
+    """Texts of a corpus file and their places ("source:/path in the package"), for context from sibling
+    files (corpus.read_records reads them)."""
+    records = list(read_records(path, split))
+    return [r["text"] for r in records], [f"{r.get('source', '')}:/{r.get('path', '').lstrip('/')}" for r in records]
 
 
 def chunk_text(text: str, max_chars: int) -> list[str]:
@@ -37,6 +51,31 @@ class Mixture:
     fim_rate: float = 0.0
     extra_texts: list[str] | None = None
     extra_share: float = 0.0
+    # with `paths` ("source:/path", one per text; "" for none), this share of the main documents' chunks
+    # get context from files of the same package and folder before them, as serving shows it
+    paths: list[str] | None = None
+    context_rate: float = 0.0
+
+
+MAX_SIBLINGS = 8  # sibling files whose definitions a training example's context is chosen from
+
+
+def sibling_context(piece: str, text: str, place: str, folders: dict[str, list[tuple[str, str]]], budget: int,
+                    tok: Tokenizer, rng: random.Random) -> str:
+    """Context for a training chunk `piece` of the file `text` at `place`: definitions from the files it
+    sources within its package when there are any, else from other files of its folder, chosen and
+    formatted as the server does (codellm.crossfile, codellm.prompt.format_context)."""
+    source, path = place.split(":", 1)
+    folder = posixpath.dirname(path)
+    package = {p: t for (p, t) in folders.get(source, [])}
+    sourced = crossfile.read_sourced(text, path, package.get, ["/"])
+    if not sourced:
+        siblings = [(p, t) for p, t in package.items() if posixpath.dirname(p) == folder and p != path]
+        sourced = rng.sample(siblings, min(MAX_SIBLINGS, len(siblings)))
+    if not sourced:
+        return ""
+    chosen = fit_context(tok, crossfile.choose_context(piece, "", sourced, [], path), budget)
+    return format_context(chosen) if chosen else ""
 
 
 def build_epoch(tok: Tokenizer, mix: Mixture, context_length: int, seed: int, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,13 +83,39 @@ def build_epoch(tok: Tokenizer, mix: Mixture, context_length: int, seed: int, ep
     rng = random.Random(f"{seed}:{epoch}")
     max_chars = int(context_length * CHARS_PER_TOKEN)
     chunks = [(c, mix.fim_rate) for t in mix.texts for c in chunk_text(t, max_chars)]
+    contexts = with_context(tok, mix, context_length, seed, epoch) if mix.paths and mix.context_rate > 0 else []
+    chunks += [(c, mix.fim_rate, context) for c, context in contexts]
     if mix.extra_texts and mix.extra_share > 0:
         extra = [c for t in mix.extra_texts for c in chunk_text(t, max_chars)]
         want = int(len(chunks) * mix.extra_share / (1 - mix.extra_share))
         chunks += [(c, 0.0) for c in rng.sample(extra, min(want, len(extra)))]
     rng.shuffle(chunks)
-    examples = [fim_training_ids(tok, text, rng, fim_rate) for text, fim_rate in chunks]
+    examples = [fim_training_ids(tok, item[0], rng, item[1], context=item[2] if len(item) > 2 else "")
+                for item in chunks]
     return pack(examples, context_length, tok.eot_id)
+
+
+def with_context(tok: Tokenizer, mix: Mixture, context_length: int, seed: int, epoch: int) -> list[tuple[str, str]]:
+    """(chunk, context) examples added to an epoch: for a `context_rate` share of the main documents'
+    chunks, a shorter chunk (room left for the context) with context from its siblings."""
+    rng = random.Random(f"{seed}:{epoch}:context")
+    budget = int(context_length * CONTEXT_SHARE)
+    max_chars = int((context_length - budget) * CHARS_PER_TOKEN)
+    packages: dict[str, list[tuple[str, str]]] = {}
+    for text, place in zip(mix.texts, mix.paths):
+        if place:
+            source, path = place.split(":", 1)
+            packages.setdefault(source, []).append((path, text))
+    examples = []
+    for text, place in zip(mix.texts, mix.paths):
+        if not place or rng.random() >= mix.context_rate:
+            continue
+        pieces = chunk_text(text, max_chars)
+        piece = pieces[rng.randrange(len(pieces))]
+        context = sibling_context(piece, text, place, packages, budget, tok, rng)
+        if context:
+            examples.append((piece, context))
+    return examples
 
 
 def pack(examples: list[list[int]], context_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

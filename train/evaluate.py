@@ -21,13 +21,13 @@ from pathlib import Path
 import msgpack
 import torch
 
+from codellm import crossfile, shell
 from codellm.bundle import CARD_FILE, load_bundle
 from codellm.device import choose_device
-from codellm import shell
 from codellm.engine import Engine
 from codellm.shell import bash_parses
 
-from .corpus import read_texts
+from .corpus import read_records, read_texts
 from .pairs import command_name
 from .recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
 
@@ -203,7 +203,7 @@ HELDOUT_SPLITS = {"val": "Debian packages", "val_user": "npm/PyPI packages"}
 def comment_to_command(engine: Engine, pairs: list[str], n: int = 300, seed: int = 0) -> dict | None:
     """After `#!/bin/bash\n# <description>\n`, the greedy first line: the share that is a command (not a
     comment, not empty) and the share whose command name (pairs.command_name) is the held-out one's."""
-    if not pairs:
+    if not pairs or n <= 0:
         return None
     picked = random.Random(seed).sample(pairs, min(n, len(pairs)))
     command, right_name = 0, 0
@@ -246,6 +246,72 @@ def block_completion(engine: Engine, files: list[str], n: int = 100, seed: int =
         parses += bash_parses(prefix + guess + "\n")
     return {"n": len(prefixes), "with_body": round(100 * body / len(prefixes), 1),
             "bash_n_pass": round(100 * parses / len(prefixes), 1)}
+# ------------------------------------------------------------------ context from other files
+
+def package_files(records: list[dict]) -> dict[str, dict[str, str]]:
+    """Held-out records grouped by package: source -> {absolute path in the package: text}."""
+    packages: dict[str, dict[str, str]] = {}
+    for r in records:
+        packages.setdefault(r.get("source", ""), {})["/" + r.get("path", "").lstrip("/")] = r["text"]
+    return packages
+
+
+def call_points(text: str, names: set[str]) -> list[dict]:
+    """Cut points at each line that calls one of `names` (the function name is the line's first word):
+    at the start of the name ("call_start") and after its first three characters ("call_mid", as when a
+    person has begun typing it); the target is the rest of the line."""
+    points, offset = [], 0
+    for line in text.split("\n"):
+        stripped = line.lstrip()
+        word = re.match(r"[A-Za-z_][\w:.-]*", stripped)
+        if word and word.group(0) in names and not re.match(r"(function\s)?[\w:.-]+\s*\(\s*\)", stripped) \
+                and len(line) < 300:
+            start = offset + len(line) - len(stripped)
+            for kind, typed in (("call_start", 0), ("call_mid", min(3, len(word.group(0)) - 1))):
+                points.append({"kind": kind, "prefix": text[:start + typed], "suffix": text[offset + len(line):],
+                               "target": stripped[typed:]})
+        offset += len(line) + 1
+    return points
+
+
+def cross_file(engine: Engine, records: list[dict], n: int = 200, others: int = 200, seed: int = 0) -> dict | None:
+    """Line completion where the answer needs another file: held-out scripts that source a file of their
+    own package, cut at calls of functions that file defines (and the script does not), with and without
+    the sourced file's definitions as context (codellm.crossfile), same model. Beside it, ordinary cut
+    points (cut_points) in the same scripts, with and without the context, to show nothing is lost.
+    EM as in line_completion; "name" is the share whose first word is the called function."""
+    rng = random.Random(seed)
+    calls, plain = [], []
+    for files in package_files(records).values():
+        for doc_path, text in sorted(files.items()):
+            sourced = crossfile.read_sourced(text, doc_path, files.get, ["/"])
+            if not sourced:
+                continue
+            own = {crossfile.function_name(c.text) for c in crossfile.definitions(text, doc_path)}
+            names = {crossfile.function_name(c.text) for _, t in sourced for c in crossfile.definitions(t, "")} - own
+            for p in call_points(text, names):
+                calls.append({**p, "doc_path": doc_path, "sourced": sourced})
+            for p in cut_points([text], max(4, others // 10), rng):
+                plain.append({**p, "doc_path": doc_path, "sourced": sourced})
+    if not calls:
+        return None
+    rng.shuffle(calls)
+    rng.shuffle(plain)
+    picked = {kind: [p for p in calls if p["kind"] == kind][:n // 2] for kind in ("call_start", "call_mid")}
+    picked["other_cuts"] = plain[:others]
+    result = {}
+    for kind, points in picked.items():
+        rows = {"with_context": [], "without": []}
+        for p in points:
+            chunks = crossfile.choose_context(p["prefix"], p["suffix"], p["sourced"], [], p["doc_path"])
+            for label, context in (("with_context", chunks), ("without", None)):
+                guess = engine.complete(p["prefix"], p["suffix"], mode="line", context=context)
+                rows[label].append((exact_match(guess, p["target"]), guess.split()[:1] == p["target"].split()[:1]))
+        result[kind] = {label: {"em": round(100 * sum(r[0] for r in items) / max(1, len(items)), 1),
+                                "first_word": round(100 * sum(r[1] for r in items) / max(1, len(items)), 1),
+                                "n": len(items)} for label, items in rows.items()}
+    result["scripts"] = len({p["doc_path"] for p in calls})
+    return result
 
 
 # ------------------------------------------------------------------ keystroke evaluation (a real server typing)
@@ -298,9 +364,10 @@ def _keystroke_cells(k: dict | None) -> list[tuple[str, str]]:
 
 def evaluate(bundle_path: Path, corpus: Path, samples: int = 400, scripts: int = 20, device: str | None = None,
              pairs: int = 300, keystrokes: int = 0, keystroke_curve_png: Path | None = None,
-             blocks: int = 100) -> dict:
+             blocks: int = 100, cross_file_samples: int = 200) -> dict:
     """Every figure of one bundle, per held-out split: loss and bits per byte, line completion, the
-    comment-to-command shares, and with keystrokes > 0 the keystroke evaluation over that many characters of
+    comment-to-command shares, completion at calls of functions from sourced files with and without
+    that context (cross_file), and with keystrokes > 0 the keystroke evaluation over that many characters of
     held-out regions; plus English loss and generated whole scripts.
 
     Raises ValueError when the corpus has no held-out shell files."""
@@ -318,6 +385,8 @@ def evaluate(bundle_path: Path, corpus: Path, samples: int = 400, scripts: int =
             "line_completion": line_completion(engine, texts, samples),
             "comment_to_command": comment_to_command(engine, read_texts(corpus / PAIRS_FILE, split), pairs),
             "block_completion": block_completion(engine, texts, blocks),
+            "cross_file": cross_file(engine, list(read_records(corpus / SHELL_FILE, split)), cross_file_samples,
+                                     cross_file_samples) if cross_file_samples else None,
         }
         if keystrokes:
             results["splits"][split]["keystrokes"] = keystroke_figures(bundle_path, texts, keystrokes, device)
@@ -347,6 +416,12 @@ def _cells(r: dict) -> list[tuple[str, str]]:
     blk = r.get("block_completion")
     rows.append(("block after opener: body % / bash -n %",
                  f"{blk['with_body']} / {blk['bash_n_pass']} (n={blk['n']})" if blk else "-"))
+    xf = r.get("cross_file")
+    for kind, label in (("call_start", "at the call"), ("call_mid", "3 chars typed"), ("other_cuts", "other cuts")):
+        v = (xf or {}).get(kind)
+        rows.append((f"cross-file EM/1st word {label}, +ctx / -ctx",
+                     f"{v['with_context']['em']}/{v['with_context']['first_word']} / "
+                     f"{v['without']['em']}/{v['without']['first_word']} (n={v['with_context']['n']})" if v else "-"))
     if "keystrokes" in r:
         rows += _keystroke_cells(r["keystrokes"])
     return rows
@@ -404,7 +479,8 @@ def main(args) -> None:
         if curve and len(args.bundle) > 1:
             curve = curve.with_name(f"{curve.stem}-{bundle.name}{curve.suffix}")
         results.append(evaluate(bundle, args.corpus, args.samples, args.scripts, args.device, args.pairs,
-                                getattr(args, "keystrokes", 0), curve, getattr(args, "blocks", 100)))
+                                getattr(args, "keystrokes", 0), curve, getattr(args, "blocks", 100),
+                                getattr(args, "cross_file", 200)))
     print_table(results)
     out = args.out or args.bundle[0].with_name(args.bundle[0].name + "-eval.json")
     out.write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))

@@ -14,13 +14,15 @@ from codellm.model import GPT
 from codellm.tokenizer import Tokenizer
 
 from .corpus import read_records, read_texts
-from .data import Mixture
+from .data import Mixture, read_texts_with_places
 from .pairs import pair_scripts
 from .datacard import data_card
 from .loop import TrainConfig, distributed, train_stage
 from .recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
 
 ENGLISH_SHARE_IN_CODE_STAGE = 0.05
+# share of shell files that also train with context from sibling files of their package before them
+CONTEXT_RATE_IN_CODE_STAGE = 0.2
 
 
 def train_tokenizer(corpus: Path, out: Path, vocab_size: int = 8192, max_mb: float = 60.0, log=print) -> Tokenizer:
@@ -75,8 +77,10 @@ def init_model(model_size: str | None, from_bundle: Path | None, tok: Tokenizer,
 def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: Tokenizer | None = None,
               from_bundle: Path | None = None, model_size: str | None = None, context_length: int | None = None,
               fim_rate: float = 0.5, device: str | None = None, resume: bool = False, run_dir: Path | None = None,
-              threads: int | None = None, log=print, overwrite: bool = False) -> Path:
-    """Train one stage and save a bundle at `out`. stage: "language" (English, plain) or "code" (shell, FIM)."""
+              threads: int | None = None, log=print, overwrite: bool = False,
+              context_rate: float = CONTEXT_RATE_IN_CODE_STAGE) -> Path:
+    """Train one stage and save a bundle at `out`. stage: "language" (English, plain) or "code" (shell, FIM;
+    a `context_rate` share of the files also with context from their package's files, codellm.prompt)."""
     dev = choose_device(device)
     if dev.type == "cpu":
         set_threads(threads)
@@ -93,8 +97,10 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
         english = read_texts(corpus / ENGLISH_FILE, "train")
         # comment-to-command pairs (pairs.py) become scripts of commented steps beside the shell files
         pairs = list(read_records(corpus / PAIRS_FILE, "train"))
-        shell = read_texts(corpus / SHELL_FILE, "train") + pair_scripts(pairs)
-        mix = Mixture(shell, fim_rate, english, ENGLISH_SHARE_IN_CODE_STAGE)
+        shell, places = read_texts_with_places(corpus / SHELL_FILE, "train")
+        scripts = pair_scripts(pairs)
+        mix = Mixture(shell + scripts, fim_rate, english, ENGLISH_SHARE_IN_CODE_STAGE,
+                      places + [""] * len(scripts), context_rate)
         val = Mixture(read_texts(corpus / SHELL_FILE, "val"), fim_rate)
     if not mix.texts:
         raise ValueError(f"{corpus}: no {'English' if stage == 'language' else 'shell'} training text")

@@ -27,6 +27,7 @@ function initializationOptions(config) {
     completionItems: config.get("completionItems", "auto"),
     minConfidence: numberOrNull(config.get("minConfidence", null)),
     cutConfidence: numberOrNull(config.get("cutConfidence", null)),
+    fileContext: config.get("fileContext", false) === true,
   };
 }
 

@@ -12,6 +12,7 @@ M.defaults = {
   max_tokens = nil,                   -- longest suggestion, in tokens
   min_confidence = nil,               -- 0-1: hide suggestions the model is less sure of (nil: server default)
   cut_confidence = nil,               -- 0-1: end a suggestion before a token less sure than this
+  file_context = false,               -- context from sourced files and other open shell buffers
   filetypes = { "sh", "bash", "zsh" },
   autotrigger = true,                 -- ask while typing (0.11 popup); false: only on <C-x><C-o>
 }
@@ -25,6 +26,7 @@ function M.init_options(config)
     maxTokens = config.max_tokens,
     minConfidence = config.min_confidence,
     cutConfidence = config.cut_confidence,
+    fileContext = config.file_context == true,
   }
 end
 

@@ -1,0 +1,250 @@
+"""Context from other files: what a shell script sources, and chunks of other open documents.
+
+Plain functions on text, shared by the server (which reads files through the editor or from the
+workspace), training (sibling files of a package) and evaluation. Nothing here reads a file: callers
+pass a `read(path) -> str | None` that decides what may be read.
+
+- `sourced_paths`: the files a script sources (`source FILE`, `. FILE`), with the paths resolved when
+  they are literal or start with the script's own folder (`$(dirname "$0")`, `${BASH_SOURCE%/*}`, or a
+  variable set to one of those in the file); other variables are skipped.
+- `definitions`: the function definitions and top-level assignments of a file, as chunks.
+- `line_chunks`: a document cut into chunks of whole lines (for open documents).
+- `query_text` + `choose_context`: chunks ranked by Jaccard similarity of identifier sets to the lines
+  around the cursor (as llama.vim and Tabby do). The query leaves out the line being typed and moves in
+  steps of whole blocks of lines, so the chosen chunks, and with them the prompt's start, stay the same
+  while a person types.
+"""
+from __future__ import annotations
+
+import functools
+import posixpath
+import re
+from typing import Callable, Iterable
+
+from .prompt import ContextChunk
+
+IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# shell words every script has: they say nothing about which chunk is related
+STOP_WORDS = frozenset("""if then else elif fi for while until do done case esac in function return local export
+readonly declare echo printf exit true false test shift set unset eval exec break continue the a to of and or
+is it n e f z d r x v null dev""".split())
+_SUBSHELL = r"""\$\((?:[^()"'\n]|"[^"\n]*"|'[^'\n]*')*\)"""  # $(...) holding quoted words, not nested further
+# one shell word: double-quoted parts (which may hold $(...)), single-quoted parts, $(...), plain characters;
+# a `$` is plain only when no `(` follows, so that each text matches one way (no slow backtracking)
+_WORD = (r"""(?:"(?:""" + _SUBSHELL + r"""|\$(?!\()|[^"\n$])*"|'[^'\n]*'|""" + _SUBSHELL
+         + r"""|\$(?!\()|[^\s;&|)"'$])+""")
+SOURCE_LINE = re.compile(r"""(?:^|[;&|{(]|\bthen|\bdo|\belse)[ \t]*(?:source|\.)[ \t]+(""" + _WORD + ")", re.M)
+# ways of naming the script's own folder that need no running shell
+_SELF = r"""(?:"?\$(?:0|\{0\}|BASH_SOURCE|\{BASH_SOURCE\}|\{BASH_SOURCE\[0\]\})"?)"""
+SCRIPT_DIR_FORMS = [
+    re.compile(r"""\$\(\s*cd\s+"?\$\(\s*dirname\s+""" + _SELF + r"""\s*\)"?\s*(?:&&|;)\s*pwd(?:\s+-P)?\s*\)"""),
+    re.compile(r"""\$\(\s*(?:dirname|realpath|readlink\s+-f)\s+"?\$\(\s*(?:dirname|realpath|readlink\s+-f)\s+"""
+               + _SELF + r"""\s*\)"?\s*\)"""),
+    re.compile(r"""\$\(\s*dirname\s+""" + _SELF + r"""\s*\)"""),
+    re.compile(r"""`\s*dirname\s+""" + _SELF + r"""\s*`"""),
+    re.compile(r"""\$\{(?:BASH_SOURCE(?:\[0\])?|0)%/\*\}"""),
+]
+ASSIGNMENT = re.compile(r"^(?:export\s+|readonly\s+|declare\s+(?:-\w+\s+)*|typeset\s+(?:-\w+\s+)*)?"
+                        r"([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
+FUNCTION = re.compile(r"^([ \t]*)(?:function[ \t]+([A-Za-z_][\w:.-]*)[ \t]*(?:\(\s*\))?|([A-Za-z_][\w:.-]*)[ \t]*\(\s*\))"
+                      r"[ \t]*(\{|\(|$)")
+HERE = "\0here\0"  # stands for the script's own folder while a path is resolved
+MAX_DEF_LINES = 3  # a longer function is shown by its first line, "# ..." and its closing line
+MAX_LINE_CHARS = 200
+CHUNK_LINES = 12
+
+
+@functools.lru_cache(maxsize=8192)
+def identifiers(text: str) -> frozenset[str]:
+    """The identifier set of a text, without shell keywords and the commonest words."""
+    return frozenset(w for w in IDENTIFIER.findall(text) if w.lower() not in STOP_WORDS and len(w) > 1)
+
+
+def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    """|a & b| / |a | b| (0 for two empty sets)."""
+    union = len(a | b)
+    return len(a & b) / union if union else 0.0
+
+
+# ------------------------------------------------------------------ what a script sources
+
+def _script_dir_variables(text: str) -> dict[str, str]:
+    """Variables the file sets to its own folder, or to a literal path (possibly under its folder)."""
+    known: dict[str, str] = {}
+    for line in text.split("\n"):
+        m = ASSIGNMENT.match(line.strip())
+        if not m:
+            continue
+        value = _expand(m.group(2).split(" #", 1)[0].strip().rstrip(";").strip(), known)
+        if value is not None and value.strip():
+            known[m.group(1)] = value
+        else:
+            known.pop(m.group(1), None)  # set to something unknown: no longer trivially resolvable
+    return known
+
+
+def _expand(word: str, known: dict[str, str]) -> str | None:
+    """A shell word with its quotes removed, the script-folder forms and known variables replaced;
+    None where anything else would need a running shell."""
+    for form in SCRIPT_DIR_FORMS:
+        word = form.sub(lambda m: HERE, word)
+    word = re.sub(r"\$\{([A-Za-z_]\w*)\}|\$([A-Za-z_]\w*)",
+                  lambda m: known.get(m.group(1) or m.group(2), "\x01"), word)
+    out, quote = [], ""
+    for ch in word:
+        if ch in "\"'" and (not quote or quote == ch):
+            quote = "" if quote else ch
+        else:
+            out.append(ch)
+    value = "".join(out)
+    if quote or any(c in value for c in "\x01$`*?[~\\") or not value:
+        return None
+    return value
+
+
+def sourced_paths(text: str, doc_path: str, roots: Iterable[str] = ()) -> list[list[str]]:
+    """For each `source`/`.` line of `text` whose path can be worked out, the absolute paths it may
+    name, most likely first: a relative path against the script's folder, then each workspace root.
+    `doc_path` is the script's absolute POSIX path. Duplicates are left out."""
+    here = posixpath.dirname(doc_path)
+    known = _script_dir_variables(text)
+    seen, found = set(), []
+    for m in SOURCE_LINE.finditer(text):
+        value = _expand(m.group(1), known)
+        if value is None:
+            continue
+        value = value.replace(HERE, here)
+        if value.startswith("/"):
+            candidates = [posixpath.normpath(value)]
+        else:
+            candidates = [posixpath.normpath(posixpath.join(base, value)) for base in (here, *roots)]
+        candidates = [c for c in dict.fromkeys(candidates) if c != doc_path and c not in seen]
+        seen.update(candidates)
+        if candidates:
+            found.append(candidates)
+    return found
+
+
+def read_sourced(text: str, doc_path: str, read: Callable[[str], str | None], roots: Iterable[str] = (),
+                 depth: int = 2, max_files: int = 8) -> list[tuple[str, str]]:
+    """(path, text) of the files `text` sources that `read` gives, in the order they are sourced, and
+    (depth 2) the files those source in turn; at most `max_files`."""
+    roots = list(roots)
+    files: list[tuple[str, str]] = []
+    seen = {doc_path}
+    queue = [(text, doc_path, 1)]
+    while queue and len(files) < max_files:
+        current, current_path, level = queue.pop(0)
+        for candidates in sourced_paths(current, current_path, roots):
+            for path in candidates:
+                if path in seen:
+                    break
+                content = read(path)
+                if content is not None:
+                    seen.add(path)
+                    files.append((path, content))
+                    if level < depth:
+                        queue.append((content, path, level + 1))
+                    break
+    return files[:max_files]
+
+
+# ------------------------------------------------------------------ chunks
+
+def display_path(path: str, doc_path: str) -> str:
+    """How a chunk's file is named in the prompt: relative to the script's folder when nearby."""
+    rel = posixpath.relpath(path, posixpath.dirname(doc_path) or "/")
+    return rel if not rel.startswith("../..") else posixpath.basename(path)
+
+
+def function_name(text: str) -> str | None:
+    """The name of the function a chunk's first line defines, or None."""
+    m = FUNCTION.match(text)
+    return (m.group(2) or m.group(3)) if m else None
+
+
+def _function_end(lines: list[str], start: int, indent: str) -> int:
+    """Index of the last line of the function starting at lines[start]."""
+    first = lines[start].rstrip()
+    if first.endswith(("}", ")")) and first.count("{") <= first.count("}") and "{" in first:
+        return start  # a one-line function
+    for i in range(start + 1, len(lines)):
+        line = lines[i]
+        stripped = line.strip()
+        if stripped.startswith(("}", ")")) and len(line) - len(line.lstrip()) <= len(indent):
+            return i
+        if FUNCTION.match(line) and len(line) - len(line.lstrip()) <= len(indent) and i > start + 1:
+            return i - 1  # the closing line was not found before the next function
+    return len(lines) - 1
+
+
+def definitions(text: str, path: str) -> list[ContextChunk]:
+    """The function definitions and top-level assignments of a file, one chunk each, in file order.
+    A long function keeps its first lines and its closing line."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    chunks, i = [], 0
+    while i < len(lines):
+        line = lines[i]
+        m = FUNCTION.match(line)
+        if m and not line.lstrip().startswith("#"):
+            end = _function_end(lines, i, m.group(1))
+            body = lines[i:end + 1]
+            if len(body) > MAX_DEF_LINES:
+                inner = m.group(1) + "    "
+                body = body[:max(1, MAX_DEF_LINES - 2)] + [inner + "# ...", body[-1]]
+            chunks.append(ContextChunk(path, i, "\n".join(l[:MAX_LINE_CHARS] for l in body) + "\n"))
+            i = end + 1
+            continue
+        a = ASSIGNMENT.match(line)
+        if a and not line[:1].isspace() and len(line) <= MAX_LINE_CHARS and line.count('"') % 2 == 0 \
+                and line.count("'") % 2 == 0:
+            chunks.append(ContextChunk(path, i, line + "\n"))
+        i += 1
+    return chunks
+
+
+def line_chunks(text: str, path: str, size: int = CHUNK_LINES) -> list[ContextChunk]:
+    """A document cut into chunks of `size` whole lines (blank-only chunks left out)."""
+    lines = text.replace("\r\n", "\n").split("\n")
+    chunks = []
+    for start in range(0, len(lines), size):
+        part = [l[:MAX_LINE_CHARS] for l in lines[start:start + size]]
+        if any(l.strip() for l in part):
+            chunks.append(ContextChunk(path, start, "\n".join(part).rstrip("\n") + "\n"))
+    return chunks
+
+
+# ------------------------------------------------------------------ choosing
+
+def query_text(prefix: str, suffix: str, before: int = 24, after: int = 8, step: int = 8) -> str:
+    """The lines around the cursor that chunks are compared with: up to `before` whole lines above the
+    cursor's line, ending at a multiple of `step` lines, and `after` lines below it. The line being
+    typed is left out, so the query changes only every `step` lines."""
+    above = prefix.split("\n")[:-1]  # whole lines before the cursor's line
+    end = len(above) // step * step
+    below = suffix.split("\n")[1:after + 1]
+    return "\n".join(above[max(0, end - before):end] + below)
+
+
+SOURCED_BONUS = 0.05  # a definition from a sourced file ranks above an open document's equally similar chunk
+OPEN_MIN_SCORE = 0.1  # an open document's chunk must share at least this much with the query
+
+
+def choose_context(prefix: str, suffix: str, sourced: list[tuple[str, str]], open_docs: list[tuple[str, str]],
+                   doc_path: str, open_chunks: Callable[[str, str], list[ContextChunk]] | None = None
+                   ) -> list[ContextChunk]:
+    """Ranked context for a cursor: the definitions of the sourced files (path, text) and chunks of the
+    other open documents (path, text) that are not copies of the script's own lines, named relative
+    to the script. `open_chunks(path, text)` may give
+    cached chunks of an open document."""
+    words = identifiers(query_text(prefix, suffix))
+    scored = [(jaccard(identifiers(c.text), words) + SOURCED_BONUS, ContextChunk(display_path(p, doc_path), c.line, c.text))
+              for p, t in sourced for c in definitions(t, p)]
+    here = (prefix + suffix).replace("\r\n", "\n")
+    for path, text in open_docs:
+        for c in (open_chunks(path, text) if open_chunks else line_chunks(text, path)):
+            score = jaccard(identifiers(c.text), words)
+            if score > OPEN_MIN_SCORE and c.text not in here:  # not what the model sees anyway
+                scored.append((score, ContextChunk(display_path(path, doc_path), c.line, c.text)))
+    scored.sort(key=lambda s: -s[0])  # stable: equal scores keep the files' order
+    return [c for _, c in scored]

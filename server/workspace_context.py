@@ -1,0 +1,133 @@
+"""Context from other files for the document being completed: the files it sources and chunks of the
+other open shell documents (codellm.crossfile chooses; this module decides what may be read).
+
+A sourced file is read through the editor when it is open; otherwise from disk only when its real path
+(symbolic links resolved) lies inside a workspace folder the client declared, and only if it is a
+regular file of at most MAX_FILE_BYTES of UTF-8: never devices, FIFOs or anything outside the workspace.
+
+Open documents are kept in a small ring (the RING_DOCUMENTS most recently opened or changed); a
+document's chunks are cut again when it changes.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from collections import OrderedDict
+from urllib.parse import unquote, urlparse
+
+from codellm import crossfile
+from codellm.prompt import ContextChunk
+
+MAX_FILE_BYTES = 256 * 1024
+RING_DOCUMENTS = 8
+DISK_CACHE_ENTRIES = 64
+
+
+def uri_to_path(uri: str) -> str | None:
+    """The absolute POSIX path of a file: URI, else None."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "file" or not parsed.path:
+        return None
+    return os.path.normpath(unquote(parsed.path))
+
+
+def inside(path: str, folders: list[str]) -> bool:
+    """`path` (a resolved path) lies in one of `folders` (resolved paths)."""
+    return any(path == f or path.startswith(f.rstrip(os.sep) + os.sep) for f in folders)
+
+
+def read_workspace_file(path: str, folders: list[str]) -> str | None:
+    """The text of a regular file whose real path lies inside one of `folders`; None for anything else
+    (outside, missing, a device or FIFO, larger than MAX_FILE_BYTES, not UTF-8)."""
+    real = os.path.realpath(path)
+    if not inside(real, [os.path.realpath(f) for f in folders]):
+        return None
+    try:
+        info = os.stat(real)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES:
+            return None
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped for something else since the check
+                return None
+            data = os.read(fd, MAX_FILE_BYTES + 1)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    if len(data) > MAX_FILE_BYTES:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+class OpenDocumentRing:
+    """The most recently opened or changed shell documents (uri -> text), with their chunks cut lazily."""
+
+    def __init__(self, size: int = RING_DOCUMENTS):
+        self.size = size
+        self.texts: OrderedDict[str, str] = OrderedDict()
+        self._chunks: dict[str, tuple[str, list[ContextChunk]]] = {}
+
+    def update(self, uri: str, text: str) -> None:
+        """A document was opened or changed: it becomes the newest of the ring."""
+        self.texts[uri] = text
+        self.texts.move_to_end(uri)
+        while len(self.texts) > self.size:
+            old, _ = self.texts.popitem(last=False)
+            self._chunks.pop(old, None)
+
+    def remove(self, uri: str) -> None:
+        self.texts.pop(uri, None)
+        self._chunks.pop(uri, None)
+
+    def chunks(self, path: str, text: str) -> list[ContextChunk]:
+        """The chunks of a document's text, cut again only when the text changed."""
+        cached = self._chunks.get(path)
+        if cached is None or cached[0] is not text and cached[0] != text:
+            cached = (text, crossfile.line_chunks(text, path))
+            self._chunks[path] = cached
+        return cached[1]
+
+
+class WorkspaceContext:
+    """Chooses the context for a cursor from the sourced files and the ring of open documents.
+
+    `open_text(uri)` gives an open document's text (or None), `folders()` the workspace folders."""
+
+    def __init__(self, open_text, folders):
+        self.open_text = open_text
+        self.folders = folders
+        self.ring = OpenDocumentRing()
+        self._disk: OrderedDict[tuple, str | None] = OrderedDict()
+
+    def _open_by_path(self) -> dict[str, str]:
+        return {p: t for uri, t in self.ring.texts.items() if (p := uri_to_path(uri))}
+
+    def read(self, path: str) -> str | None:
+        """A sourced file: the editor's text when open, else the workspace file (read_workspace_file)."""
+        text = self._open_by_path().get(path)
+        if text is not None:
+            return text
+        try:
+            info = os.stat(path)
+            key = (path, info.st_mtime_ns, info.st_size)
+        except OSError:
+            return None
+        if key not in self._disk:
+            self._disk[key] = read_workspace_file(path, self.folders())
+            if len(self._disk) > DISK_CACHE_ENTRIES:
+                self._disk.popitem(last=False)
+        return self._disk[key]
+
+    def chunks_for(self, uri: str, prefix: str, suffix: str) -> list[ContextChunk]:
+        """Context chunks for a cursor in document `uri`, best first."""
+        doc_path = uri_to_path(uri) or "/" + uri.rsplit("/", 1)[-1]
+        folders = self.folders()
+        sourced = crossfile.read_sourced(prefix + suffix, doc_path, self.read, folders)
+        sourced_paths = {p for p, _ in sourced}
+        others = [(p, t) for u, t in self.ring.texts.items()
+                  if u != uri and (p := uri_to_path(u) or u) not in sourced_paths]
+        return crossfile.choose_context(prefix, suffix, sourced, others, doc_path, self.ring.chunks)

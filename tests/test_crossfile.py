@@ -1,0 +1,208 @@
+"""Context from other files: source lines, definitions, the choice of chunks, what the server may read,
+the ring of open documents, and a prompt that keeps its start while a person types."""
+import asyncio
+import os
+
+from lsprotocol import types
+
+from codellm import crossfile
+from codellm.prompt import ContextChunk, build_prompt, build_prompt_with_context, format_context
+from codellm.server.workspace_context import MAX_FILE_BYTES, OpenDocumentRing, WorkspaceContext, read_workspace_file
+from codellm.train.data import Mixture, build_epoch
+from lsp_session import Session
+
+LIB = """#!/bin/bash
+LOG_LEVEL=info
+log_info() {
+    echo "[info] $*"
+}
+log_error() {
+    echo "[error] $*" >&2
+    return 1
+}
+function fetch_release {
+    local url=$1
+    curl -fsSL "$url" -o release.tar.gz
+    tar -xzf release.tar.gz
+    rm -f release.tar.gz
+}
+"""
+
+
+def test_source_lines_resolve_literal_and_script_folder_paths():
+    text = """#!/bin/bash
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+LIBS=$SCRIPT_DIR/lib
+source ./lib/common.sh
+. "$(dirname "$0")/helpers.sh"
+. ${BASH_SOURCE%/*}/more.sh
+source "$LIBS/net.sh"
+source "$HOME/.config/app.sh"
+[ -r /etc/default/app ] && . /etc/default/app
+source "$UNKNOWN/x.sh"
+"""
+    found = crossfile.sourced_paths(text, "/ws/proj/run.sh", ["/ws"])
+    firsts = [c[0] for c in found]
+    assert firsts == ["/ws/proj/lib/common.sh", "/ws/proj/helpers.sh", "/ws/proj/more.sh", "/ws/proj/lib/net.sh",
+                      "/etc/default/app"]
+    assert found[0] == ["/ws/proj/lib/common.sh", "/ws/lib/common.sh"]  # then against the workspace folder
+
+
+def test_definitions_are_functions_and_top_level_assignments():
+    chunks = crossfile.definitions(LIB, "/ws/lib.sh")
+    names = [crossfile.function_name(c.text) or c.text.split("=")[0] for c in chunks]
+    assert names == ["LOG_LEVEL", "log_info", "log_error", "fetch_release"]
+    long_one = chunks[-1].text
+    assert long_one.startswith("function fetch_release {") and long_one.rstrip().endswith("}") and "# ..." in long_one
+
+
+def test_chunks_related_to_the_cursor_come_first():
+    prefix = "#!/bin/bash\nsource ./lib.sh\n" + "".join(f"step{i}\n" for i in range(6)) + \
+        "if ! fetch_release \"$URL\"; then\n  log_error 'no release'\nfi\n" * 3 + "\n" * 8
+    chunks = crossfile.choose_context(prefix, "", [("/ws/lib.sh", LIB)], [], "/ws/run.sh")
+    assert {crossfile.function_name(c.text) for c in chunks[:2]} == {"fetch_release", "log_error"}
+    assert chunks[0].path == "lib.sh"
+
+
+def test_the_query_leaves_out_the_line_being_typed_and_moves_in_steps():
+    prefix = "".join(f"line{i}\n" for i in range(20))
+    assert crossfile.query_text(prefix + "ech", "") == crossfile.query_text(prefix + "echo hel", "")
+    assert crossfile.query_text(prefix + "x\ny\n", "") == crossfile.query_text(prefix, "")  # 22 lines: same block
+
+
+def test_prompt_with_context_keeps_its_start_while_typing(tokenizer):
+    chunks = crossfile.definitions(LIB, "lib.sh")
+    line = "fetch_release https://example.org/app.tar.gz && log_info done"
+    before = "#!/bin/bash\nsource ./lib.sh\n"
+    previous = None
+    for n in range(1, len(line)):
+        prompt = build_prompt_with_context(tokenizer, chunks, before + line[:n], "\nexit 0\n", "spm", budget=400)
+        context_ids = tokenizer.encode(format_context(chunks))
+        assert context_ids[:5] == prompt.ids[prompt.ids.index(tokenizer.fim_middle_id) + 1:][:5]
+        if previous is not None:  # all but the last few (backed-off) tokens are the same as one keystroke before
+            same = next((i for i, (a, b) in enumerate(zip(previous, prompt.ids)) if a != b), len(previous))
+            assert same >= len(previous) - 3
+        previous = prompt.ids
+
+
+def test_context_takes_only_the_room_the_file_leaves(tokenizer):
+    chunks = crossfile.definitions(LIB, "lib.sh")
+    short = build_prompt_with_context(tokenizer, chunks, "#!/bin/bash\nlog_", "", "spm", budget=300)
+    assert len(short.ids) > len(build_prompt(tokenizer, "#!/bin/bash\nlog_", "", "spm", 300).ids)
+    long_prefix = "echo step\n" * 400
+    full = build_prompt_with_context(tokenizer, chunks, long_prefix, "", "spm", budget=300)
+    assert full.ids == build_prompt(tokenizer, long_prefix, "", "spm", 300).ids
+    assert len(full.ids) <= 300
+
+
+def test_format_is_shell_text_under_a_path_comment_in_line_order():
+    text = format_context([ContextChunk("b.sh", 9, "b2\n"), ContextChunk("a.sh", 1, "a1\n"),
+                           ContextChunk("b.sh", 2, "b1\n")])
+    assert text == "# b.sh\nb1\nb2\n\n# a.sh\na1\n\n"
+
+
+def test_files_outside_the_workspace_are_never_read(tmp_path):
+    ws, outside = tmp_path / "ws", tmp_path / "outside"
+    ws.mkdir()
+    outside.mkdir()
+    (outside / "secret.sh").write_text("secret_function() {\n  echo secret\n}\n")
+    (ws / "lib.sh").write_text(LIB)
+    (ws / "link.sh").symlink_to(outside / "secret.sh")
+    os.mkfifo(ws / "fifo.sh")
+    (ws / "big.sh").write_text("x=1\n" * (MAX_FILE_BYTES // 4 + 1))
+    folders = [str(ws)]
+    assert read_workspace_file(str(ws / "lib.sh"), folders) == LIB
+    for path in (outside / "secret.sh", ws / "link.sh", ws / "fifo.sh", ws / "big.sh", ws / "missing.sh",
+                 ws / ".." / "outside" / "secret.sh"):
+        assert read_workspace_file(str(path), folders) is None, path
+
+    script = f"source {outside}/secret.sh\nsource ../outside/secret.sh\n. ./link.sh\n. ./fifo.sh\n. ./lib.sh\n"
+    context = WorkspaceContext(lambda uri: None, lambda: folders)
+    chunks = context.chunks_for((ws / "run.sh").as_uri(), script + "log_", "")
+    assert chunks and all(c.path == "lib.sh" for c in chunks)
+    assert not any("secret" in c.text for c in chunks)
+
+
+def test_a_changing_open_document_updates_the_ring():
+    ring = OpenDocumentRing(size=2)
+    ring.update("file:///ws/a.sh", "alpha_tool() {\n  echo a\n}\n")
+    assert "alpha_tool" in ring.chunks("/ws/a.sh", ring.texts["file:///ws/a.sh"])[0].text
+    ring.update("file:///ws/a.sh", "beta_tool() {\n  echo b\n}\n")
+    assert "beta_tool" in ring.chunks("/ws/a.sh", ring.texts["file:///ws/a.sh"])[0].text
+    ring.update("file:///ws/b.sh", "b\n")
+    ring.update("file:///ws/c.sh", "c\n")
+    assert list(ring.texts) == ["file:///ws/b.sh", "file:///ws/c.sh"]  # the oldest went
+
+
+def test_training_examples_can_carry_sibling_context(tokenizer):
+    texts = [LIB, "#!/bin/bash\n. ./lib.sh\nlog_info start\nfetch_release \"$1\" || log_error failed\n" * 3]
+    mix = Mixture(texts, fim_rate=0.0, paths=["pkg:/lib.sh", "pkg:/run.sh"], context_rate=1.0)
+    inputs, _ = build_epoch(tokenizer, mix, 256, seed=0, epoch=0)
+    plain, _ = build_epoch(tokenizer, Mixture(texts, fim_rate=0.0), 256, seed=0, epoch=0)
+    decoded = tokenizer.decode([int(i) for i in inputs.flatten()])
+    assert "# lib.sh\n" in decoded and inputs.numel() > plain.numel()
+
+
+def test_server_uses_sourced_files_inside_the_workspace_only(bundle_path, tmp_path):
+    ws, outside = tmp_path / "ws", tmp_path / "outside"
+    ws.mkdir()
+    outside.mkdir()
+    (ws / "lib.sh").write_text(LIB)
+    (outside / "secret.sh").write_text("secret_function() {\n  echo secret\n}\n")
+    script = f"#!/bin/bash\nsource ./lib.sh\nsource {outside}/secret.sh\n\nlog_"
+    uri = (ws / "run.sh").as_uri()
+
+    async def run():
+        async with Session("--model", str(bundle_path), "--file-context", workspace=str(ws)) as s:
+            s.open(uri, script)
+            await s.inline(uri, 4, 4)
+            first = list((await s.status()).context)
+            s.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+                settings={"fileContext": False}))
+            await s.inline(uri, 4, 4)
+            return first, list((await s.status()).context)
+
+    with_context, switched_off = asyncio.run(run())
+    assert with_context and all(c.startswith("lib.sh:") for c in with_context)
+    assert not any("secret" in c for c in with_context)
+    assert switched_off == []
+
+
+def test_server_ring_follows_open_documents_and_keeps_the_prompt_start(bundle_path, tmp_path):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    helper_uri, main_uri = (ws / "helper.sh").as_uri(), (ws / "main.sh").as_uri()
+    calls = "deploy_app build server && notify_team build\n" * 10
+
+    async def run():
+        async with Session("--model", str(bundle_path), "--file-context", workspace=str(ws)) as s:
+            s.open(helper_uri, "deploy_app() {\n  rsync -a build/ server:/srv/app\n}\n")
+            s.open(main_uri, "#!/bin/bash\n" + calls + "\n")
+            await s.inline(main_uri, 11, 0)
+            before = list((await s.status()).context)
+            s.edit(helper_uri, 0, 0, "notify_team() {\n  mail -s done team\n}\n")
+            await s.inline(main_uri, 11, 0)
+            after = list((await s.status()).context)
+            typed = "deploy_app final"
+            for n, ch in enumerate(typed):
+                s.edit(main_uri, 11, n, ch)
+                await s.inline(main_uri, 11, n + 1)
+            status = await s.status()
+            return before, after, status
+
+    before, after, status = asyncio.run(run())
+    assert any("deploy_app()" in c for c in before) and not any("notify_team()" in c for c in before)
+    assert any("notify_team()" in c for c in after)
+    assert status.kv_reuse_ratio >= 0.9  # the context before the prefix stays put while typing
+
+
+def test_cli_complete_takes_context_files(bundle_path, tmp_path, capsys):
+    from codellm.cli import main
+    (tmp_path / "lib.sh").write_text(LIB)
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/bash\n. ./lib.sh\nlog_\n")
+    assert main(["complete", f"{script}:3:5", "--context", str(tmp_path / "lib.sh"), "--model", str(bundle_path),
+                 "--device", "cpu", "-v"]) == 0
+    assert main(["complete", f"{script}:3:5", "--context", str(tmp_path / "missing.sh"), "--model",
+                 str(bundle_path), "--device", "cpu"]) == 2
+    assert "missing.sh" in capsys.readouterr().err
