@@ -136,7 +136,8 @@ def cmd_attention(args):
     print(f"wrote {args.out}: {rows}x{cols} attention maps over {len(pieces)} tokens")
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `codellm`: one subcommand per tool, each naming its function in `func`."""
     parser = argparse.ArgumentParser(prog="codellm", description="Offline AI completion for shell scripts.")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -187,7 +188,11 @@ def main(argv=None):
         p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     for name in ("generate", "complete"):
         sub.choices[name].add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)
+    return parser
 
+
+def main(argv=None):
+    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     stdin_locations = [a for a in argv if re.fullmatch(r"-:\d+:\d+", a)]
     if stdin_locations:  # "-:LINE:COL" looks like an option to argparse: pass it after "--"

@@ -81,3 +81,16 @@ def test_the_rule_sees_every_kind_of_import(tmp_path):
     assert lines(broken_rules_in(path, "server", "codellm.server")) == [3, 5, 7, 8]
     assert lines(broken_rules_in(path, "codellm", "codellm")) == [3, 5, 6, 7, 8]
     assert broken_rules_in(path, "train", "codellm.train") == []
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def test_no_function_is_longer_than_a_screen():
+    """Short functions with one job: none in codellm/, server/ or train/ runs over 60 lines."""
+    long = [f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+            for folder in PACKAGES for path in sorted((ROOT / folder).glob("*.py"))
+            for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+            and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES]
+    assert long == []
