@@ -7,10 +7,17 @@ import torch
 
 
 def choose_device(preference: str | None = None) -> torch.device:
-    """cuda > mps > cpu unless `preference` (or $CODELLM_DEVICE) names one."""
+    """cuda > mps > cpu unless `preference` (or $CODELLM_DEVICE) names one.
+
+    Raises ValueError for a device that is not cuda, mps or cpu, or one that is not available here."""
     preference = preference or os.environ.get("CODELLM_DEVICE") or None
     if preference and preference != "auto":
-        device = torch.device(preference)
+        try:
+            device = torch.device(preference)
+        except RuntimeError as exc:
+            raise ValueError(f"device {preference!r} is not one of cuda, mps, cpu") from exc
+        if device.type not in ("cuda", "mps", "cpu"):
+            raise ValueError(f"device {preference!r} is not one of cuda, mps, cpu")
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("device 'cuda' asked for, but CUDA is not available here")
         if device.type == "mps" and not torch.backends.mps.is_available():

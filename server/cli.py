@@ -112,7 +112,13 @@ def main(argv=None) -> int:
         def announce(host, port):
             print(f"codellm-serve: listening on {host}:{port}; {told}", file=sys.stderr, flush=True)
 
-        serve_tcp(ls, args.host, args.tcp, token, announce)
+        if not 0 <= args.tcp <= 65535:
+            parser.error(f"--tcp {args.tcp}: a port is 0-65535")
+        try:
+            serve_tcp(ls, args.host, args.tcp, token, announce)
+        except OSError as exc:  # the port is taken, or not ours to bind
+            print(f"codellm-serve: cannot listen on {args.host}:{args.tcp}: {exc.strerror or exc}", file=sys.stderr)
+            return 2
     else:
         serve_stdio(ls)
     return 0

@@ -44,7 +44,7 @@ async def first_suggestion(server_args: list[str]) -> dict:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m codellm.server.coldstart", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m codellm.server.coldstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="bundle (default: the shipped model)")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--background", type=int, default=0, metavar="N",

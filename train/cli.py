@@ -238,9 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_eval_parser(sub) -> None:
-    p = sub.add_parser("eval", help="held-out loss, line completion, comment to command, whole-script syntax")
+    p = sub.add_parser("eval", help="held-out loss, line completion, comment to command, block completion, "
+                                     "cross-file context, keystrokes, whole-script syntax")
     p.add_argument("bundle", type=Path, nargs="+", help="one or more bundles, measured side by side")
-    p.add_argument("--corpus", type=Path, default=Path("data/corpus"))
+    p.add_argument("--corpus", type=Path, default=Path("data/corpus"),
+                   help="a corpus folder built by `codellm-train corpus`, with held-out splits (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="JSON results (default: <first bundle>/../<name>-eval.json)")
     p.add_argument("--samples", type=int, default=400, help="line-completion cut points")
     p.add_argument("--scripts", type=int, default=20, help="generated whole scripts")

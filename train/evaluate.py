@@ -371,6 +371,8 @@ def evaluate(bundle_path: Path, corpus: Path, samples: int = 400, scripts: int =
     held-out regions; plus English loss and generated whole scripts.
 
     Raises ValueError when the corpus has no held-out shell files."""
+    if not Path(corpus).is_dir():
+        raise ValueError(f"{corpus}: no such corpus folder (build one with `codellm-train corpus`)")
     engine = Engine(load_bundle(bundle_path, device=choose_device(device)), device)
     splits = {split: read_texts(corpus / SHELL_FILE, split) for split in HELDOUT_SPLITS}
     splits = {split: texts for split, texts in splits.items() if texts}

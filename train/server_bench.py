@@ -107,7 +107,7 @@ def load_main(args, scripts, server_args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m codellm.train.server_bench", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m codellm.train.server_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="bundle (default: the shipped model)")
     parser.add_argument("--corpus", type=Path, default=Path("data/corpus"), help="corpus with a held-out split")
     parser.add_argument("--scripts-dir", type=Path, default=None, help="a folder of .sh files instead")
