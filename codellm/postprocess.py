@@ -267,69 +267,147 @@ def open_quote(line: str) -> str:
     return quote
 
 
-def _scan_openers(text: str, stack: list, base: int) -> tuple[list, list[tuple[int, list]]]:
-    """Scan shell text from the state `stack`: the quotes and expansions still open (' " ` $( ${ and a
-    plain parenthesis, as (kind, position) pairs). Returns the state at the end and, for each offset i
-    where text[:i] ends a whole word (text[i] is an unescaped space, tab or line end), (i, the state
-    there). `base` is added to positions, so that openers of different texts never compare equal."""
-    stack = list(stack)
-    cuts = []
-    comment = False
+# after one of these (unescaped) a new word starts, and a `#` there starts a comment
+WORD_BREAKS = " \t\n;|&()<>"
+# a heredoc operator and its delimiter word (`<<EOF`, `<<-'END'`, `<< "x y"`)
+HEREDOC = re.compile(r"<<(-?)[ \t]*((?:'[^'\n]*'|\"[^\"\n]*\"|\\.|[^\s;|&<>()'\"\\])+)")
+
+
+def _heredoc_opener(line: str, i: int) -> tuple[str, int] | None:
+    """The heredoc operator at line[i:] as an opener: its kind ("<<" or "<<-", a space, the delimiter
+    with its quotes removed) and the index of its last character; None where no delimiter follows."""
+    match = HEREDOC.match(line, i)
+    if not match:
+        return None
+    delimiter = re.sub(r"\\(.)|['\"]", r"\1", match.group(2))
+    return f"<<{match.group(1)} {delimiter}", match.end() - 1
+
+
+def _skip_heredoc_bodies(line: str, i: int, stack: list) -> int | None:
+    """At line[i], the newline after heredoc operators (the openers at the end of `stack`): read their
+    bodies, which quote nothing, and pop them. Returns the index of the newline after the last delimiter
+    line (len(line) where the text ends there), or None where the text ends inside a body."""
+    first = len(stack)
+    while first and stack[first - 1][0].startswith("<<"):
+        first -= 1
+    for kind, _ in stack[first:]:
+        operator, delimiter = kind.split(" ", 1)
+        while True:
+            if i >= len(line):
+                return None
+            end = line.find("\n", i + 1)
+            end = len(line) if end < 0 else end
+            body_line, i = line[i + 1:end], end
+            if (body_line.lstrip("\t") if operator == "<<-" else body_line) == delimiter:
+                break
+    del stack[first:]
+    return i
+
+
+def _after_dollar(line: str, i: int, opening: str, stack: list) -> int:
+    """At a `$` (line[i]): push the $( ${ or $' it starts, of those `opening` names (`$$` is a parameter).
+    Returns the index of the last character read."""
+    follows = line[i + 1:i + 2]
+    if follows and follows in opening:
+        stack.append(("$" + follows, i + 1))
+        return i + 1
+    return i + (follows == "$")
+
+
+def _step_in_quotes(line: str, i: int, top: str, stack: list) -> int:
+    """Read line[i] inside a quote (`top`: ' $' " or `, whose command is read when it runs): the quote
+    that ends it pops it; in double quotes ` $( ${ open. A backslash escapes the next character but in
+    '...'. Returns the index of the last character read."""
+    c = line[i]
+    if c == "\\" and top != "'":
+        return i + 1
+    if c == top[-1]:
+        stack.pop()
+    elif top == '"' and c == "`":
+        stack.append((c, i))
+    elif top == '"' and c == "$":
+        return _after_dollar(line, i, "({", stack)
+    return i
+
+
+def _in_arithmetic(stack: list) -> bool:
+    """The scan is inside $(( )) or (( )) (two parentheses opened one after the other), where << shifts."""
+    return len(stack) >= 2 and stack[-1][0] == "(" and stack[-2][0] in ("(", "$(") \
+        and stack[-2][1] == stack[-1][1] - 1
+
+
+def _scan_openers(line: str, start: int) -> tuple[list, list[tuple[int, list]]]:
+    """Scan shell text for the quotes and expansions open in it: ' " ` $' $( ${, a plain parenthesis and
+    a heredoc whose body has not ended, as (kind, index of the opener's last character) pairs. Returns the
+    state at `start` (the openers that end before it) and, for each i >= start where line[:i] ends a whole
+    word (line[i] is an unescaped space, tab or line end), (i, the state there). A `#` at the start of a
+    word begins a comment, in which nothing opens; a `$'` string ends at a quote that no backslash escapes."""
+    stack, cuts, at_start = [], [], None
+    comment, word_start = False, True
     i = 0
-    while i < len(text):
-        c = text[i]
+    while i < len(line):
+        if at_start is None and i >= start:
+            at_start = [opener for opener in stack if opener[1] < start]
+        c = line[i]
         top = stack[-1][0] if stack else ""
         if c == "\n":
             comment = False
-        if c in " \t\n":
+        if c in " \t\n" and i >= start:
             cuts.append((i, list(stack)))
         if comment:
             pass
-        elif top == "'":
-            if c == "'":
-                stack.pop()
+        elif c == "\n" and top.startswith("<<"):
+            i = _skip_heredoc_bodies(line, i, stack)
+            if i is None:
+                break
+            continue  # at the newline after the delimiter line
+        elif top in ("'", "$'", '"', "`"):
+            i = _step_in_quotes(line, i, top, stack)
         elif c == "\\":
             i += 1  # the next character is escaped: a space after it ends no word
-        elif top == '"':
-            if c == '"':
-                stack.pop()
-            elif c == "`":
-                stack.append((c, base + i))
-            elif c == "$" and text[i + 1:i + 2] in ("(", "{"):
-                stack.append(("$" + text[i + 1], base + i))
+            if line[i:i + 1] == "\n":
                 i += 1
-        elif c == "`" and top == "`":
-            stack.pop()
+                continue  # a line continuation, which starts no word
         elif c in "'\"`":
-            stack.append((c, base + i))
-        elif c == "$" and text[i + 1:i + 2] in ("(", "{"):
-            stack.append(("$" + text[i + 1], base + i))
-            i += 1
+            stack.append((c, i))
+        elif c == "$":
+            i = _after_dollar(line, i, "({'", stack)
         elif c == "(":
-            stack.append(("(", base + i))
-        elif c == ")" and top in ("$(", "("):
+            stack.append(("(", i))
+        elif (c == ")" and top in ("$(", "(")) or (c == "}" and top == "${"):
             stack.pop()
-        elif c == "}" and top == "${":
-            stack.pop()
-        elif c == "#" and (i == 0 or text[i - 1] in " \t\n;") and top != "${":
+        elif c == "#" and word_start and top != "${":
             comment = True  # to the end of the line: quotes in a comment (don't) open nothing
+        elif line.startswith("<<<", i):
+            i += 2  # a here-string
+        elif line.startswith("<<", i) and top != "${" and not _in_arithmetic(stack):
+            opener = _heredoc_opener(line, i)
+            if opener is None:
+                break  # no delimiter yet: nothing after the operator is whole
+            stack.append(opener)
+            i = opener[1]
+        word_start = c in WORD_BREAKS and (c, top) != (")", "$(")  # `$(date)#x` is one word
         i += 1
-    return stack, cuts
+    if at_start is None:
+        at_start = [opener for opener in stack if opener[1] < start]
+    return at_start, cuts
 
 
 def safe_cut(text: str, line_prefix: str = "") -> str:
     """The longest start of a suggestion `text` that is safe to show when decoding stopped in the middle
     of it (the deadline): it ends with a whole word (an unescaped space, tab or line end followed it in
-    `text`) and leaves open no quote, backquote, $( ${ or ( that the suggestion itself opened; "" if there
-    is none. `line_prefix`: the cursor's line before the cursor (what is open there may stay open, or be
-    closed by the suggestion)."""
-    start, _ = _scan_openers(line_prefix, [], -len(line_prefix) - 1)
-    _, cuts = _scan_openers(text, start, 0)
-    best = 0
-    for i, state in cuts:
-        if state == start[:len(state)]:
-            best = i
-    return text[:best].rstrip(" \t\n")
+    `text`), not with a backslash that would join the next line, and leaves open no quote, backquote, $'
+    $( ${ ( or heredoc that the suggestion itself opened; "" if there is none. `line_prefix`: the cursor's
+    line before the cursor (what is open there may stay open, or be closed by the suggestion); it is read
+    with the suggestion, so that `$` `#` or `\\` just before the cursor count."""
+    line = line_prefix + text
+    start, cuts = _scan_openers(line, len(line_prefix))
+    for i, state in reversed(cuts):
+        kept = line[:i].rstrip(" \t\n")
+        backslashes = len(kept) - len(kept.rstrip("\\"))
+        if state == start[:len(state)] and backslashes % 2 == 0:
+            return kept[len(line_prefix):]
+    return ""
 
 
 BLANK_LINE_AFTER_CONTENT = re.compile(r"\S[^\n]*\n[ \t]*\n")

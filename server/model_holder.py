@@ -73,7 +73,7 @@ class ModelHolder:
             if not initial and self.engine is not None and (stamp is None or stamp == self.stamp):
                 return False
             try:
-                bundle, engine = self.executor.submit(self._build).result()
+                bundle, engine = self.executor.submit(self._build, stamp).result()
             except Exception as exc:  # noqa: BLE001 - whatever a bundle does, the old model keeps serving
                 message = str(exc) if isinstance(exc, (BundleError, ValueError, OSError)) else \
                     f"{type(exc).__name__}: {exc}"
@@ -94,12 +94,16 @@ class ModelHolder:
                 self.notify(f"codellm: switched to the new model in {self.path}", False)
             return True
 
-    def _build(self) -> tuple:
+    def _build(self, stamp: tuple | None) -> tuple:
+        """(bundle, engine) read from self.path, whose bundle_stamp was `stamp` just before. The early load
+        is taken if it read the same settings and the same files (a folder swapped since is read again;
+        one missing now, half-way through a swap, keeps it: the watcher loads what comes)."""
         early, self.early = self.early, None
         if early is not None:
             try:
-                settings, bundle, engine = early.future.result()  # done: it ran on this thread before
-                if settings == (self.path, self.device, self.threads, self.precision):
+                settings, early_stamp, bundle, engine = early.future.result()  # done: it ran on this thread before
+                if settings == (self.path, self.device, self.threads, self.precision) \
+                        and stamp in (early_stamp, None):
                     return bundle, engine
             except Exception:  # noqa: BLE001 - loaded again below, and the error reported from there
                 pass
@@ -200,7 +204,8 @@ class EarlyLoad:
     """The model loaded on the model thread from the moment the server starts, with the command line's
     settings, while the rest of the server loads and the editor starts and initialises: the client's
     `initialize` then finds it loaded (or loading) instead of starting the load. Not used if the editor's
-    settings name another model; a failure is reported by the load `initialize` starts."""
+    settings name another model, nor if the folder changed since it was read (its bundle_stamp, taken
+    before reading, is kept for that); a failure is reported by the load `initialize` starts."""
 
     def __init__(self, path: str | None, device: str | None, threads: int | None, precision: str):
         self.executor = new_model_thread()
@@ -208,8 +213,12 @@ class EarlyLoad:
 
     @staticmethod
     def _load(path, device, threads, precision) -> tuple:
+        """(settings, bundle_stamp before reading, bundle, engine)."""
         resolved = resolve_model_path(path)
-        return (resolved, device, threads, precision), *build_engine(resolved, device, threads, precision)
+        stamp = bundle_stamp(resolved)
+        bundle, engine = build_engine(resolved, device, threads, precision)
+        log.info("model read at start from %s", resolved)
+        return (resolved, device, threads, precision), stamp, bundle, engine
 
 
 def folder_identity(path: Path) -> tuple | None:

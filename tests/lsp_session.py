@@ -5,6 +5,7 @@ import asyncio
 import sys
 import uuid
 from pathlib import Path
+from typing import Awaitable, Callable
 
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
@@ -24,11 +25,13 @@ def client_capabilities(inline: bool = True, snippets: bool = True) -> types.Cli
 
 class Session:
     def __init__(self, *server_args: str, init_options: dict | None = None, inline: bool = True,
-                 snippets: bool = True, confidence_defaults: bool = False, workspace: str | None = None):
+                 snippets: bool = True, confidence_defaults: bool = False, workspace: str | None = None,
+                 before_initialize: Callable[[], Awaitable] | None = None):
         self.args = server_args if confidence_defaults else (*server_args, *SHOW_EVERYTHING)
         self.init_options = init_options
         self.workspace = workspace  # a folder path declared as the workspace
         self.caps = client_capabilities(inline, snippets)
+        self.before_initialize = before_initialize  # awaited once the server runs, before `initialize`
         self.client = LanguageClient("codellm-tests", "1")
         self.messages: list[str] = []
         self.versions: dict[str, int] = {}
@@ -43,6 +46,8 @@ class Session:
 
     async def __aenter__(self) -> "Session":
         await self.client.start_io(sys.executable, "-m", "codellm.server.cli", *self.args)
+        if self.before_initialize:
+            await self.before_initialize()
         folders = None
         if self.workspace:
             uri = Path(self.workspace).resolve().as_uri()

@@ -1,4 +1,10 @@
 """Each post-processing step on hand-written cases."""
+import random
+import shutil
+import subprocess
+
+import pytest
+
 from codellm.postprocess import (Context, drop_a_copy_of_the_line_above, drop_a_copy_of_the_next_line,
                                  drop_lines_repeating_the_suffix, drop_overlap_with_rest_of_line,
                                  fit_indentation_to_the_block, start_at_the_first_real_line,
@@ -184,6 +190,37 @@ def test_safe_cut_of_a_block_keeps_whole_lines():
     assert safe_cut('\n    echo "done"\n    rm -rf "$tm', "") == '\n    echo "done"\n    rm -rf'
 
 
+def test_safe_cut_never_ends_on_a_backslash_that_would_join_the_next_line():
+    assert safe_cut("rm -rf /tmp/build\\ \n\nmore") == "rm -rf"  # not `/tmp/build\`, the escaped space stripped
+    assert safe_cut("a \\\\ b c", "ls ") == "a \\\\ b"  # an escaped backslash may end a word
+
+
+def test_safe_cut_reads_ansi_c_strings_where_a_backslash_escapes_the_quote():
+    assert safe_cut("echo $'a\\' b' c d") == "echo $'a\\' b' c"
+    assert safe_cut("echo $$'a b' c") == "echo $$'a b'"  # `$$` is a parameter: `'a b'` a plain quote
+
+
+def test_safe_cut_starts_a_comment_only_at_the_start_of_a_word():
+    assert safe_cut("# -eq 0 ]; then echo 'usage: prog fi", "if [ $") == "# -eq 0 ]; then echo"  # `$#`
+    assert safe_cut("#b 'c d", "echo a") == "#b"
+    assert safe_cut("#b 'c d", "echo a\\ ") == "#b"
+    assert safe_cut("$(date)#x it's y", "echo ") == "$(date)#x"
+    assert safe_cut("# it's a comment", "ls; ") == "# it's a"
+    assert safe_cut("\\\n# it's\nls x", "ls ") == "\\\n# it's\nls"  # a continued line: still a word start
+
+
+def test_safe_cut_reads_heredoc_bodies_as_text_that_quotes_nothing():
+    assert safe_cut("cat <<EOF\nit's done\nEOF\necho 'hello wor") == "cat <<EOF\nit's done\nEOF\necho"
+    assert safe_cut("cat <<-'END'\n\tdon't\n\tEND\nls -l x") == "cat <<-'END'\n\tdon't\n\tEND\nls -l"
+    assert safe_cut("cat <<EOF\nit's done\nEO") == "cat"  # the body has not ended
+    assert safe_cut("cat <<< 'a b' x") == "cat <<< 'a b'"  # a here-string
+    assert safe_cut("$((1 << 2)) it's x", "echo ") == "$((1 << 2))"  # a shift
+
+
+def test_safe_cut_reads_a_backquoted_command_as_text_up_to_its_closing_backquote():
+    assert safe_cut("it's` 'a b c", "x=`echo ") == "it's`"
+
+
 LINES = ['echo "hello world" && ls -l "$dir"', "grep -q 'x y' file || exit 1", 'x=$(date "+%Y %m") y=${z:-a b}',
          "for f in \"$@\"; do echo \"$f\"; done", "printf '%s\\n' \"a b\" `pwd` c", "# it's a comment, isn't it"]
 
@@ -199,3 +236,35 @@ def test_no_cut_point_leaves_an_open_quote_or_half_a_word():
                     assert rest[len(cut)] in " \t\n", (prefix, rest[:end], cut)  # a whole word
                     if "#" not in prefix + cut:
                         assert open_quote(prefix + cut) in ("", open_quote(prefix)), (prefix, rest[:end], cut)
+
+
+# pieces of shell that open, close or escape something, or look as if they did
+FRAGMENTS = ["echo", "ls", "-l", "x=1", "ü", "日本", "$x", "$", "$#", "$$", "a#b", "#", "# it's", "'a b'", "'", '"',
+             '"a b"', "`", "`pwd`", "$(", ")", "$(date)", "${x:-y}", "${", "}", "${#x}", "$'a\\' b'", "$'",
+             '$"a b"', "\\ ", "\\", "\\'", '\\"', "\\\\", "\\\n", " ", " ", "\t", "\n", "(", "<(", ";", "&&", "|",
+             "cat <<EOF\nit's\nEOF\n", "<<'END'\n\"x\nEND", "<<-EOF\n\tdon't\n\tEOF\n", "<<", "EOF", "<<<",
+             "$((1<<2))", "((x<<1))"]
+QUOTE_LEFT_OPEN = (b"looking for matching", b"here-document")  # bash -n's words for an unfinished quote or heredoc
+
+
+def bash_n(text: str) -> tuple[int, bool]:
+    """bash -n's exit status on `text`, and whether it found a quote, expansion or heredoc left open."""
+    run = subprocess.run(["bash", "-n"], input=text.encode(), capture_output=True, timeout=10)
+    return run.returncode, any(words in run.stderr for words in QUOTE_LEFT_OPEN)
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_safe_cut_of_random_shell_is_a_whole_word_start_with_no_quote_left_open():
+    rng = random.Random(7)
+    for n in range(400):
+        whole = "".join(rng.choice(FRAGMENTS) + rng.choice(("", " ")) for _ in range(rng.randint(1, 14)))
+        split = rng.randint(0, len(whole.split("\n", 1)[0]))  # the cursor somewhere on the first line
+        prefix, text = whole[:split], whole[split:]
+        cut = safe_cut(text, prefix)
+        assert text.startswith(cut), (prefix, text, cut)
+        if not cut:
+            continue
+        assert text[len(cut)] in " \t\n", (prefix, text, cut)  # a whole word
+        assert (len(prefix + cut) - len((prefix + cut).rstrip("\\"))) % 2 == 0, (prefix, text, cut)
+        if n % 2 == 0 and bash_n(prefix + "\n") == (0, False):  # where the line before the cursor parses
+            assert not bash_n(prefix + cut + "\n")[1], (prefix, text, cut)

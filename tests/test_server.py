@@ -181,6 +181,30 @@ def test_hot_swap_takes_a_valid_bundle_and_rejects_a_corrupt_one(bundle_path, tm
     run(main())
 
 
+def test_a_folder_swapped_between_the_start_and_initialize_is_read_again(bundle_path, tmp_path, tokenizer):
+    """The model read when the server starts is not served once its folder has been replaced."""
+    live = tmp_path / "models" / "live"
+    shutil.copytree(bundle_path, live)
+    bigger = make_model(tokenizer, seed=5, n_layer=3)
+    save_bundle(tmp_path / "models" / "next", bigger, tokenizer)
+    log_file = tmp_path / "server.log"
+
+    async def swap_once_read():
+        for _ in range(1200):  # the start's load logs when done (importing torch on a busy machine takes a while)
+            if log_file.exists() and "model read at start" in log_file.read_text():
+                break
+            await asyncio.sleep(0.1)
+        live.rename(tmp_path / "models" / "old")
+        (tmp_path / "models" / "next").rename(live)
+
+    async def main():
+        async with Session("--model", str(live), "--log-file", str(log_file), before_initialize=swap_once_read) as s:
+            assert "model read at start" in log_file.read_text()  # the swap came after the start's load
+            status = await s.status()
+            assert status.parameters == bigger.num_params() != make_model(tokenizer).num_params()
+    run(main())
+
+
 def test_configuration_change_applies(bundle_path):
     async def main():
         async with Session("--model", str(bundle_path)) as s:
