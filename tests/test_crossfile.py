@@ -2,6 +2,8 @@
 the ring of open documents, and a prompt that keeps its start while a person types."""
 import asyncio
 import os
+import subprocess
+import sys
 
 from lsprotocol import types
 
@@ -206,3 +208,32 @@ def test_cli_complete_takes_context_files(bundle_path, tmp_path, capsys):
     assert main(["complete", f"{script}:3:5", "--context", str(tmp_path / "missing.sh"), "--model",
                  str(bundle_path), "--device", "cpu"]) == 2
     assert "missing.sh" in capsys.readouterr().err
+
+
+LINEAR_CHECK = """
+from codellm import crossfile
+from codellm.server.lsp import word_before_cursor
+spaces = " " * 200_000
+line = "function a" + spaces + "x"
+assert crossfile.FUNCTION.match(line) is None
+assert crossfile.FUNCTION.match("function a" + spaces + "()" + spaces + "{").group(2) == "a"
+assert crossfile.definitions(line + "\\n" + line + "\\nb=1\\n", "/ws/lib.sh")[0].text == "b=1\\n"
+assert crossfile.sourced_paths("source " + spaces + "x\\n" + "; " * 100_000, "/ws/run.sh") == [["/ws/x"]]
+assert crossfile._expand("$(cd $(dirname $0) && pwd" + spaces + "x", {}) is None
+assert crossfile._expand("$(cd $(dirname $0) && pwd" + spaces + ")", {}) == crossfile.HERE
+assert word_before_cursor("echo " + "a" * 200_000 + " b" * 1000 + " " + "w" * 100_000) == "w" * 100_000
+print("done")
+"""
+
+
+def test_patterns_are_linear_in_a_long_line():
+    # each of these took minutes while two neighbouring repeats could share a run of spaces
+    result = subprocess.run([sys.executable, "-c", LINEAR_CHECK], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "done"
+
+
+def test_a_definition_starts_on_a_line_of_reasonable_length():
+    long_name = "f" + "x" * crossfile.MAX_SCAN_CHARS + "() {\n  echo long\n}\n"
+    chunks = crossfile.definitions(long_name + LIB, "/ws/lib.sh")
+    assert [crossfile.function_name(c.text) for c in chunks][:2] == [None, "log_info"]  # LOG_LEVEL, then log_info
