@@ -108,7 +108,7 @@ def _expand(word: str, known: dict[str, str]) -> str | None:
 def sourced_paths(text: str, doc_path: str, roots: Iterable[str] = ()) -> list[list[str]]:
     """For each `source`/`.` line of `text` whose path can be worked out, the absolute paths it may
     name, most likely first: a relative path against the script's folder, then each workspace root.
-    `doc_path` is the script's absolute POSIX path. Duplicates are left out."""
+    `doc_path` is the script's absolute POSIX path. Duplicates and paths holding a NUL byte are left out."""
     here = posixpath.dirname(doc_path)
     known = _script_dir_variables(text)
     seen, found = set(), []
@@ -117,6 +117,8 @@ def sourced_paths(text: str, doc_path: str, roots: Iterable[str] = ()) -> list[l
         if value is None:
             continue
         value = value.replace(HERE, here)
+        if "\0" in value:  # no file's path holds a NUL byte
+            continue
         if value.startswith("/"):
             candidates = [posixpath.normpath(value)]
         else:

@@ -24,11 +24,13 @@ DISK_CACHE_ENTRIES = 64
 
 
 def uri_to_path(uri: str) -> str | None:
-    """The absolute POSIX path of a file: URI, else None."""
+    """The absolute POSIX path of a file: URI, else None (also for a path holding a NUL byte: no file has
+    one, and the os functions raise ValueError for it)."""
     parsed = urlparse(uri)
     if parsed.scheme != "file" or not parsed.path:
         return None
-    return os.path.normpath(unquote(parsed.path))
+    path = os.path.normpath(unquote(parsed.path))
+    return path if "\0" not in path else None
 
 
 def inside(path: str, folders: list[str]) -> bool:
@@ -38,11 +40,12 @@ def inside(path: str, folders: list[str]) -> bool:
 
 def read_workspace_file(path: str, folders: list[str]) -> str | None:
     """The text of a regular file whose real path lies inside one of `folders`; None for anything else
-    (outside, missing, a device or FIFO, larger than MAX_FILE_BYTES, not UTF-8)."""
-    real = os.path.realpath(path)
-    if not inside(real, [os.path.realpath(f) for f in folders]):
-        return None
+    (outside, missing, a device or FIFO, larger than MAX_FILE_BYTES, not UTF-8, a path the os functions
+    refuse such as one holding a NUL byte)."""
     try:
+        real = os.path.realpath(path)
+        if not inside(real, [os.path.realpath(f) for f in folders]):
+            return None
         info = os.stat(real)
         if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES:
             return None
@@ -53,7 +56,7 @@ def read_workspace_file(path: str, folders: list[str]) -> str | None:
             data = os.read(fd, MAX_FILE_BYTES + 1)
         finally:
             os.close(fd)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
         return None
     if len(data) > MAX_FILE_BYTES:
         return None
@@ -114,7 +117,7 @@ class WorkspaceContext:
         try:
             info = os.stat(path)
             key = (path, info.st_mtime_ns, info.st_size)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL byte in the path
             return None
         if key not in self._disk:
             self._disk[key] = read_workspace_file(path, self.folders())

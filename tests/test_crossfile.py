@@ -237,3 +237,35 @@ def test_a_definition_starts_on_a_line_of_reasonable_length():
     long_name = "f" + "x" * crossfile.MAX_SCAN_CHARS + "() {\n  echo long\n}\n"
     chunks = crossfile.definitions(long_name + LIB, "/ws/lib.sh")
     assert [crossfile.function_name(c.text) for c in chunks][:2] == [None, "log_info"]  # LOG_LEVEL, then log_info
+
+
+def test_a_nul_byte_in_a_path_skips_that_path(tmp_path):
+    (tmp_path / "lib.sh").write_text(LIB)
+    folders = [str(tmp_path)]
+    script = "source ./nul\0x.sh\nsource \"$(dirname \"$0\")/a\0b.sh\"\n. ./lib.sh\nlog_"
+    assert crossfile.sourced_paths(script, f"{tmp_path}/run.sh") == [[f"{tmp_path}/lib.sh"]]
+    assert read_workspace_file(f"{tmp_path}/nul\0x.sh", folders) is None
+    assert read_workspace_file(str(tmp_path / "lib.sh"), [f"{tmp_path}/a\0b"]) is None
+    context = WorkspaceContext(lambda uri: None, lambda: folders)
+    assert context.read(f"{tmp_path}/nul\0x.sh") is None
+    for uri in ((tmp_path / "run.sh").as_uri(), f"{tmp_path.as_uri()}/nul%00x.sh"):
+        chunks = context.chunks_for(uri, script, "")
+        assert chunks and all(c.path.endswith("lib.sh") for c in chunks), uri
+
+
+def test_server_completes_a_script_with_a_nul_byte_in_a_path(bundle_path, tmp_path):
+    (tmp_path / "lib.sh").write_text(LIB)
+    script = "#!/bin/bash\nsource ./nul\0x.sh\n. ./lib.sh\nlog_"
+    uris = [(tmp_path / "run.sh").as_uri(), f"{tmp_path.as_uri()}/nul%00x.sh"]
+
+    async def run():
+        async with Session("--model", str(bundle_path), "--file-context", workspace=str(tmp_path)) as s:
+            contexts = []
+            for uri in uris:
+                s.open(uri, script)
+                await s.inline(uri, 3, 4)  # answered, not an internal error
+                contexts.append(list((await s.status()).context))
+            return contexts
+
+    for context in asyncio.run(run()):
+        assert context and all(c.split(":")[0].endswith("lib.sh") for c in context)
