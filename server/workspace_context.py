@@ -66,8 +66,14 @@ def read_workspace_file(path: str, folders: list[str]) -> str | None:
         return None
 
 
+def document_path(uri: str) -> str:
+    """How an open document is named among the context: its path (uri_to_path), else its URI."""
+    return uri_to_path(uri) or uri
+
+
 class OpenDocumentRing:
-    """The most recently opened or changed shell documents (uri -> text), with their chunks cut lazily."""
+    """The most recently opened or changed shell documents (uri -> text), with their chunks cut lazily
+    (kept under the document's path, document_path, and dropped with the document)."""
 
     def __init__(self, size: int = RING_DOCUMENTS):
         self.size = size
@@ -80,14 +86,15 @@ class OpenDocumentRing:
         self.texts.move_to_end(uri)
         while len(self.texts) > self.size:
             old, _ = self.texts.popitem(last=False)
-            self._chunks.pop(old, None)
+            self._chunks.pop(document_path(old), None)
 
     def remove(self, uri: str) -> None:
         self.texts.pop(uri, None)
-        self._chunks.pop(uri, None)
+        self._chunks.pop(document_path(uri), None)
 
     def chunks(self, path: str, text: str) -> list[ContextChunk]:
-        """The chunks of a document's text, cut again only when the text changed."""
+        """The chunks of a document's text, cut again only when the text changed; `path` is its
+        document_path."""
         cached = self._chunks.get(path)
         if cached is None or cached[0] is not text and cached[0] != text:
             cached = (text, crossfile.line_chunks(text, path))
@@ -132,5 +139,5 @@ class WorkspaceContext:
         sourced = crossfile.read_sourced(prefix + suffix, doc_path, self.read, folders)
         sourced_paths = {p for p, _ in sourced}
         others = [(p, t) for u, t in self.ring.texts.items()
-                  if u != uri and (p := uri_to_path(u) or u) not in sourced_paths]
+                  if u != uri and (p := document_path(u)) not in sourced_paths]
         return crossfile.choose_context(prefix, suffix, sourced, others, doc_path, self.ring.chunks)

@@ -269,3 +269,19 @@ def test_server_completes_a_script_with_a_nul_byte_in_a_path(bundle_path, tmp_pa
 
     for context in asyncio.run(run()):
         assert context and all(c.split(":")[0].endswith("lib.sh") for c in context)
+
+
+def test_the_ring_keeps_no_chunks_of_documents_gone():
+    ring = OpenDocumentRing(size=4)
+    uris = [f"file:///ws/doc%20{i}.sh" for i in range(50)] + [f"untitled:Untitled-{i}" for i in range(50)]
+    for n, uri in enumerate(uris):
+        ring.update(uri, f"tool_{n}() {{\n  echo {n}\n}}\n")
+        context = WorkspaceContext(lambda u: None, lambda: [])
+        context.ring = ring
+        context.chunks_for("file:///ws/main.sh", "tool_\n" * 9, "")  # cuts the chunks of the ring's documents
+        if n % 2:
+            ring.remove(uri)
+    assert 0 < len(ring._chunks) <= 4
+    for uri in list(ring.texts):
+        ring.remove(uri)
+    assert not ring.texts and not ring._chunks
