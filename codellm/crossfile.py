@@ -55,6 +55,7 @@ MAX_DEF_LINES = 3  # a longer function is shown by its first line, "# ..." and i
 MAX_LINE_CHARS = 200
 MAX_SCAN_CHARS = 1000  # a longer line is never taken for a definition's first line
 CHUNK_LINES = 12
+MAX_FILE_BYTES = 256 * 1024  # a larger file gives no context (the server and `codellm complete --context`)
 
 
 @functools.lru_cache(maxsize=8192)

@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlparse
 from codellm import crossfile
 from codellm.prompt import ContextChunk
 
-MAX_FILE_BYTES = 256 * 1024
+MAX_FILE_BYTES = crossfile.MAX_FILE_BYTES
 RING_DOCUMENTS = 8
 DISK_CACHE_ENTRIES = 64
 

@@ -285,3 +285,21 @@ def test_the_ring_keeps_no_chunks_of_documents_gone():
     for uri in list(ring.texts):
         ring.remove(uri)
     assert not ring.texts and not ring._chunks
+
+
+def test_cli_context_takes_only_regular_files_of_limited_size(bundle_path, tmp_path, capsys):
+    from codellm.cli import main
+    (tmp_path / "lib.sh").write_text(LIB)
+    (tmp_path / "big.sh").write_text("x=1\n" * (MAX_FILE_BYTES // 4 + 1))
+    os.mkfifo(tmp_path / "fifo.sh")
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/bash\n. ./lib.sh\nlog_\n")
+    for bad, why in ((tmp_path, "Is a directory"), ("/dev/zero", "not a regular file"),
+                     (tmp_path / "fifo.sh", "not a regular file"), (tmp_path / "big.sh", "larger than 256 KB"),
+                     (tmp_path / "lib.sh" / "x.sh", "Not a directory")):
+        assert main(["complete", f"{script}:3:5", "--context", str(tmp_path / "lib.sh"), str(bad),
+                     "--model", str(bundle_path), "--device", "cpu"]) == 2, bad
+        err = capsys.readouterr().err
+        assert err.startswith(f"codellm: error: {bad}: {why}"), err
+    assert main(["complete", f"{tmp_path}:1:1", "--model", str(bundle_path), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("codellm: error: ")  # the script itself a directory
