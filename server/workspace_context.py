@@ -4,6 +4,10 @@ other open shell documents (codellm.crossfile chooses; this module decides what 
 A sourced file is read through the editor when it is open; otherwise from disk only when its real path
 (symbolic links resolved) lies inside a workspace folder the client declared, and only if it is a
 regular file of at most MAX_FILE_BYTES of UTF-8: never devices, FIFOs or anything outside the workspace.
+A workspace folder that is the filesystem root `/` allows no reading from disk (every file would be
+inside it); the files open in the editor still count. A home folder is taken as declared: it is where
+many people open their editor, and only the files a script sources are read. A file: URI naming
+another host (file://host/...) is no local path.
 
 Open documents are kept in a small ring (the RING_DOCUMENTS most recently opened or changed); a
 document's chunks are cut again when it changes.
@@ -24,10 +28,10 @@ DISK_CACHE_ENTRIES = 64
 
 
 def uri_to_path(uri: str) -> str | None:
-    """The absolute POSIX path of a file: URI, else None (also for a path holding a NUL byte: no file has
-    one, and the os functions raise ValueError for it)."""
+    """The absolute POSIX path of a local file: URI, else None (also for another host's file, and for a
+    path holding a NUL byte: no file has one, and the os functions raise ValueError for it)."""
     parsed = urlparse(uri)
-    if parsed.scheme != "file" or not parsed.path:
+    if parsed.scheme != "file" or not parsed.path or parsed.netloc.lower() not in ("", "localhost"):
         return None
     path = os.path.normpath(unquote(parsed.path))
     return path if "\0" not in path else None
@@ -113,6 +117,19 @@ class WorkspaceContext:
         self.ring = OpenDocumentRing()
         self._disk: OrderedDict[tuple, str | None] = OrderedDict()
 
+    def disk_folders(self) -> list[str]:
+        """The workspace folders files may be read from disk in, as declared and with symbolic links
+        resolved; never one that is the filesystem root."""
+        found = []
+        for folder in self.folders():
+            try:
+                real = os.path.realpath(folder)
+            except (OSError, ValueError):
+                continue
+            if real != "/":
+                found += [folder, real]
+        return list(dict.fromkeys(found))
+
     def _open_by_path(self) -> dict[str, str]:
         return {p: t for uri, t in self.ring.texts.items() if (p := uri_to_path(uri))}
 
@@ -127,7 +144,7 @@ class WorkspaceContext:
         except (OSError, ValueError):  # ValueError: a NUL byte in the path
             return None
         if key not in self._disk:
-            self._disk[key] = read_workspace_file(path, self.folders())
+            self._disk[key] = read_workspace_file(path, self.disk_folders())
             if len(self._disk) > DISK_CACHE_ENTRIES:
                 self._disk.popitem(last=False)
         return self._disk[key]

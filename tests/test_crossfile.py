@@ -303,3 +303,24 @@ def test_cli_context_takes_only_regular_files_of_limited_size(bundle_path, tmp_p
         assert err.startswith(f"codellm: error: {bad}: {why}"), err
     assert main(["complete", f"{tmp_path}:1:1", "--model", str(bundle_path), "--device", "cpu"]) == 2
     assert capsys.readouterr().err.startswith("codellm: error: ")  # the script itself a directory
+
+
+def test_the_filesystem_root_is_no_workspace_to_read_from(tmp_path):
+    (tmp_path / "lib.sh").write_text(LIB)
+    (tmp_path / "root").symlink_to("/")
+    script = ". ./lib.sh\nlog_"
+    uri = (tmp_path / "run.sh").as_uri()
+    for folders in (["/"], [str(tmp_path / "root")]):
+        context = WorkspaceContext(lambda u: None, lambda: folders)
+        assert context.read(str(tmp_path / "lib.sh")) is None
+        assert context.chunks_for(uri, script, "") == []
+        context.ring.update((tmp_path / "lib.sh").as_uri(), LIB)  # open in the editor: still context
+        assert [c.path for c in context.chunks_for(uri, script, "")][:1] == ["lib.sh"]
+    both = WorkspaceContext(lambda u: None, lambda: ["/", str(tmp_path)])
+    assert both.read(str(tmp_path / "lib.sh")) == LIB
+
+
+def test_a_file_uri_of_another_host_is_no_local_path():
+    from codellm.server.workspace_context import uri_to_path
+    assert uri_to_path("file://otherhost/ws/run.sh") is None
+    assert uri_to_path("file://localhost/ws/run.sh") == uri_to_path("file:///ws/run.sh") == "/ws/run.sh"
