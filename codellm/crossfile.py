@@ -6,7 +6,8 @@ pass a `read(path) -> str | None` that decides what may be read.
 
 - `sourced_paths`: the files a script sources (`source FILE`, `. FILE`), with the paths resolved when
   they are literal or start with the script's own folder (`$(dirname "$0")`, `${BASH_SOURCE%/*}`, or a
-  variable set to one of those in the file); other variables are skipped.
+  variable set to one of those in the file); other variables are skipped. Only the first
+  MAX_SOURCE_LINES distinct source lines count.
 - `definitions`: the function definitions and top-level assignments of a file, as chunks.
 - `line_chunks`: a document cut into chunks of whole lines (for open documents).
 - `query_text` + `choose_context`: chunks ranked by Jaccard similarity of identifier sets to the lines
@@ -55,6 +56,7 @@ MAX_DEF_LINES = 3  # a longer function is shown by its first line, "# ..." and i
 MAX_LINE_CHARS = 200
 MAX_SCAN_CHARS = 1000  # a longer line is never taken for a definition's first line
 CHUNK_LINES = 12
+MAX_SOURCE_LINES = 32  # the distinct source lines of a file that are followed
 MAX_FILE_BYTES = 256 * 1024  # a larger file gives no context (the server and `codellm complete --context`)
 
 
@@ -106,14 +108,22 @@ def _expand(word: str, known: dict[str, str]) -> str | None:
     return value
 
 
-def sourced_paths(text: str, doc_path: str, roots: Iterable[str] = ()) -> list[list[str]]:
+def sourced_paths(text: str, doc_path: str, roots: Iterable[str] = (),
+                  limit: int = MAX_SOURCE_LINES) -> list[list[str]]:
     """For each `source`/`.` line of `text` whose path can be worked out, the absolute paths it may
     name, most likely first: a relative path against the script's folder, then each workspace root.
-    `doc_path` is the script's absolute POSIX path. Duplicates and paths holding a NUL byte are left out."""
+    `doc_path` is the script's absolute POSIX path. Duplicates and paths holding a NUL byte are left out;
+    only the first `limit` distinct words after `source` are looked at (a file sourcing thousands of
+    files gets no more context for them, and each costs its reader a look)."""
     here = posixpath.dirname(doc_path)
     known = _script_dir_variables(text)
-    seen, found = set(), []
+    seen, found, words = set(), [], set()
     for m in SOURCE_LINE.finditer(text):
+        if m.group(1) in words:
+            continue
+        if len(words) >= limit:
+            break
+        words.add(m.group(1))
         value = _expand(m.group(1), known)
         if value is None:
             continue

@@ -133,18 +133,23 @@ class WorkspaceContext:
     def _open_by_path(self) -> dict[str, str]:
         return {p: t for uri, t in self.ring.texts.items() if (p := uri_to_path(uri))}
 
-    def read(self, path: str) -> str | None:
-        """A sourced file: the editor's text when open, else the workspace file (read_workspace_file)."""
+    def read(self, path: str, folders: list[str] | None = None) -> str | None:
+        """A sourced file: the editor's text when open, else the workspace file (read_workspace_file).
+        A path that is not inside the folders (disk_folders) as written is never passed to the os (a
+        hung network mount outside the workspace does not block the server)."""
         text = self._open_by_path().get(path)
         if text is not None:
             return text
+        folders = self.disk_folders() if folders is None else folders
+        if not inside(path, folders):
+            return None
         try:
             info = os.stat(path)
             key = (path, info.st_mtime_ns, info.st_size)
         except (OSError, ValueError):  # ValueError: a NUL byte in the path
             return None
         if key not in self._disk:
-            self._disk[key] = read_workspace_file(path, self.disk_folders())
+            self._disk[key] = read_workspace_file(path, folders)
             if len(self._disk) > DISK_CACHE_ENTRIES:
                 self._disk.popitem(last=False)
         return self._disk[key]
@@ -152,8 +157,9 @@ class WorkspaceContext:
     def chunks_for(self, uri: str, prefix: str, suffix: str) -> list[ContextChunk]:
         """Context chunks for a cursor in document `uri`, best first."""
         doc_path = uri_to_path(uri) or "/" + uri.rsplit("/", 1)[-1]
-        folders = self.folders()
-        sourced = crossfile.read_sourced(prefix + suffix, doc_path, self.read, folders)
+        folders = self.disk_folders()
+        sourced = crossfile.read_sourced(prefix + suffix, doc_path, lambda path: self.read(path, folders),
+                                         self.folders())
         sourced_paths = {p for p, _ in sourced}
         others = [(p, t) for u, t in self.ring.texts.items()
                   if u != uri and (p := document_path(u)) not in sourced_paths]

@@ -324,3 +324,29 @@ def test_a_file_uri_of_another_host_is_no_local_path():
     from codellm.server.workspace_context import uri_to_path
     assert uri_to_path("file://otherhost/ws/run.sh") is None
     assert uri_to_path("file://localhost/ws/run.sh") == uri_to_path("file:///ws/run.sh") == "/ws/run.sh"
+
+
+def test_only_the_first_distinct_source_lines_are_followed():
+    script = "source ./a.sh\n" * 1000 + "source ./b.sh\n" + \
+        "".join(f"source ./missing_{i}.sh\n" for i in range(100_000))
+    found = crossfile.sourced_paths(script, "/ws/run.sh", ["/ws"])
+    assert len(found) == crossfile.MAX_SOURCE_LINES
+    assert [c[0] for c in found[:3]] == ["/ws/a.sh", "/ws/b.sh", "/ws/missing_0.sh"]
+
+
+def test_paths_outside_the_workspace_are_never_looked_at(tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "lib.sh").write_text(LIB)
+    looked_at = []
+    for name in ("stat", "lstat"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda p, *a, real=real, **k: looked_at.append(str(p)) or real(p, *a, **k))
+    script = "source /net/hung/x.sh\n. ../other/y.sh\n. ./lib.sh\n" + \
+        "".join(f"source ./missing_{i}.sh\n" for i in range(100_000)) + "log_"
+    context = WorkspaceContext(lambda u: None, lambda: [str(ws)])
+    chunks = context.chunks_for((ws / "run.sh").as_uri(), script, "")
+    assert chunks and all(c.path == "lib.sh" for c in chunks)
+    outside = [p for p in looked_at if not (p == str(ws) or p.startswith(f"{ws}/"))]
+    assert all(str(ws).startswith(p) for p in outside), outside  # only the folders above the workspace
+    assert len(looked_at) < 20 * crossfile.MAX_SOURCE_LINES  # not one look per source line
