@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import stat
 import sys
 from pathlib import Path
 
@@ -36,10 +38,31 @@ def split_at(text: str, line: int, col: int) -> tuple[str, str]:
 
 def read_text(file: str) -> str:
     data = sys.stdin.buffer.read() if file == "-" else Path(file).read_bytes()
+    return decode(data, file)
+
+
+def decode(data: bytes, file: str) -> str:
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{file}: not UTF-8 text ({exc})") from None
+
+
+def read_context_file(file: str) -> str:
+    """A --context file's text: a regular file of at most MAX_FILE_BYTES of UTF-8, as the server reads;
+    ValueError, saying why, for anything else (a directory, a device, a FIFO, an unreadable file)."""
+    from .crossfile import MAX_FILE_BYTES
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO does not wait
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError(f"{file}: not a regular file")
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"{file}: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"{file}: larger than {MAX_FILE_BYTES // 1024} KB, the most a context file may be")
+    return decode(data, file)
 
 
 def cmd_generate(args):
@@ -58,7 +81,7 @@ def cmd_complete(args):
     if args.context:
         from .crossfile import choose_context
         doc_path = str(Path(file).resolve()) if file != "-" else str(Path.cwd() / "stdin")
-        files = [(str(Path(f).resolve()), read_text(f)) for f in args.context]
+        files = [(str(Path(f).resolve()), read_context_file(f)) for f in args.context]
         context = choose_context(prefix, suffix, files, [], doc_path)
     engine = load(args.model, args.device, precision=args.precision)
     result = engine.complete_detailed(prefix, suffix, args.mode, context=context)
@@ -155,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["line", "block", "auto"], default="auto")
     p.add_argument("--context", nargs="+", metavar="FILE", default=[],
                    help="other files (a library the script sources): their functions and assignments most "
-                        "related to the lines around the cursor go before the prompt, as the server does")
+                        "related to the lines around the cursor go before the prompt, as the server does; "
+                        "regular files of at most 256 KB")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_complete)
 
@@ -200,7 +224,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         args.func(args)
-    except (BundleError, ValueError, FileNotFoundError) as exc:
+    except (BundleError, ValueError, OSError) as exc:  # OSError: a FILE that is missing, a directory, ...
         print(f"codellm: error: {exc}", file=sys.stderr)
         return 2
     return 0

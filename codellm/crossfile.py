@@ -6,7 +6,8 @@ pass a `read(path) -> str | None` that decides what may be read.
 
 - `sourced_paths`: the files a script sources (`source FILE`, `. FILE`), with the paths resolved when
   they are literal or start with the script's own folder (`$(dirname "$0")`, `${BASH_SOURCE%/*}`, or a
-  variable set to one of those in the file); other variables are skipped.
+  variable set to one of those in the file); other variables are skipped. Only the first
+  MAX_SOURCE_LINES distinct source lines count.
 - `definitions`: the function definitions and top-level assignments of a file, as chunks.
 - `line_chunks`: a document cut into chunks of whole lines (for open documents).
 - `query_text` + `choose_context`: chunks ranked by Jaccard similarity of identifier sets to the lines
@@ -23,6 +24,8 @@ from typing import Callable, Iterable
 
 from .prompt import ContextChunk
 
+# Every pattern here runs in time linear in its line: no two neighbouring repeats can take the same
+# characters (`[ \t]*(?:\(\s*\))?[ \t]*` would try every split of a long run of spaces).
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # shell words every script has: they say nothing about which chunk is related
 STOP_WORDS = frozenset("""if then else elif fi for while until do done case esac in function return local export
@@ -37,7 +40,7 @@ SOURCE_LINE = re.compile(r"""(?:^|[;&|{(]|\bthen|\bdo|\belse)[ \t]*(?:source|\.)
 # ways of naming the script's own folder that need no running shell
 _SELF = r"""(?:"?\$(?:0|\{0\}|BASH_SOURCE|\{BASH_SOURCE\}|\{BASH_SOURCE\[0\]\})"?)"""
 SCRIPT_DIR_FORMS = [
-    re.compile(r"""\$\(\s*cd\s+"?\$\(\s*dirname\s+""" + _SELF + r"""\s*\)"?\s*(?:&&|;)\s*pwd(?:\s+-P)?\s*\)"""),
+    re.compile(r"""\$\(\s*cd\s+"?\$\(\s*dirname\s+""" + _SELF + r"""\s*\)"?\s*(?:&&|;)\s*pwd(?:\s+-P\s*|\s*)\)"""),
     re.compile(r"""\$\(\s*(?:dirname|realpath|readlink\s+-f)\s+"?\$\(\s*(?:dirname|realpath|readlink\s+-f)\s+"""
                + _SELF + r"""\s*\)"?\s*\)"""),
     re.compile(r"""\$\(\s*dirname\s+""" + _SELF + r"""\s*\)"""),
@@ -46,12 +49,15 @@ SCRIPT_DIR_FORMS = [
 ]
 ASSIGNMENT = re.compile(r"^(?:export\s+|readonly\s+|declare\s+(?:-\w+\s+)*|typeset\s+(?:-\w+\s+)*)?"
                         r"([A-Za-z_][A-Za-z0-9_]*)=(.*)$")
-FUNCTION = re.compile(r"^([ \t]*)(?:function[ \t]+([A-Za-z_][\w:.-]*)[ \t]*(?:\(\s*\))?|([A-Za-z_][\w:.-]*)[ \t]*\(\s*\))"
-                      r"[ \t]*(\{|\(|$)")
+FUNCTION = re.compile(r"^([ \t]*)(?:function[ \t]+([A-Za-z_][\w:.-]*)[ \t]*(?:\(\s*\)[ \t]*)?"
+                      r"|([A-Za-z_][\w:.-]*)[ \t]*\(\s*\)[ \t]*)(\{|\(|$)")
 HERE = "\0here\0"  # stands for the script's own folder while a path is resolved
 MAX_DEF_LINES = 3  # a longer function is shown by its first line, "# ..." and its closing line
 MAX_LINE_CHARS = 200
+MAX_SCAN_CHARS = 1000  # a longer line is never taken for a definition's first line
 CHUNK_LINES = 12
+MAX_SOURCE_LINES = 32  # the distinct source lines of a file that are followed
+MAX_FILE_BYTES = 256 * 1024  # a larger file gives no context (the server and `codellm complete --context`)
 
 
 @functools.lru_cache(maxsize=8192)
@@ -102,18 +108,28 @@ def _expand(word: str, known: dict[str, str]) -> str | None:
     return value
 
 
-def sourced_paths(text: str, doc_path: str, roots: Iterable[str] = ()) -> list[list[str]]:
+def sourced_paths(text: str, doc_path: str, roots: Iterable[str] = (),
+                  limit: int = MAX_SOURCE_LINES) -> list[list[str]]:
     """For each `source`/`.` line of `text` whose path can be worked out, the absolute paths it may
     name, most likely first: a relative path against the script's folder, then each workspace root.
-    `doc_path` is the script's absolute POSIX path. Duplicates are left out."""
+    `doc_path` is the script's absolute POSIX path. Duplicates and paths holding a NUL byte are left out;
+    only the first `limit` distinct words after `source` are looked at (a file sourcing thousands of
+    files gets no more context for them, and each costs its reader a look)."""
     here = posixpath.dirname(doc_path)
     known = _script_dir_variables(text)
-    seen, found = set(), []
+    seen, found, words = set(), [], set()
     for m in SOURCE_LINE.finditer(text):
+        if m.group(1) in words:
+            continue
+        if len(words) >= limit:
+            break
+        words.add(m.group(1))
         value = _expand(m.group(1), known)
         if value is None:
             continue
         value = value.replace(HERE, here)
+        if "\0" in value:  # no file's path holds a NUL byte
+            continue
         if value.startswith("/"):
             candidates = [posixpath.normpath(value)]
         else:
@@ -173,19 +189,21 @@ def _function_end(lines: list[str], start: int, indent: str) -> int:
         stripped = line.strip()
         if stripped.startswith(("}", ")")) and len(line) - len(line.lstrip()) <= len(indent):
             return i
-        if FUNCTION.match(line) and len(line) - len(line.lstrip()) <= len(indent) and i > start + 1:
+        if len(line) <= MAX_SCAN_CHARS and FUNCTION.match(line) and len(line) - len(line.lstrip()) <= len(indent) \
+                and i > start + 1:
             return i - 1  # the closing line was not found before the next function
     return len(lines) - 1
 
 
 def definitions(text: str, path: str) -> list[ContextChunk]:
     """The function definitions and top-level assignments of a file, one chunk each, in file order.
-    A long function keeps its first lines and its closing line."""
+    A long function keeps its first lines and its closing line. Lines longer than MAX_SCAN_CHARS are
+    never a definition's first line."""
     lines = text.replace("\r\n", "\n").split("\n")
     chunks, i = [], 0
     while i < len(lines):
         line = lines[i]
-        m = FUNCTION.match(line)
+        m = FUNCTION.match(line) if len(line) <= MAX_SCAN_CHARS else None
         if m and not line.lstrip().startswith("#"):
             end = _function_end(lines, i, m.group(1))
             body = lines[i:end + 1]
@@ -195,9 +213,8 @@ def definitions(text: str, path: str) -> list[ContextChunk]:
             chunks.append(ContextChunk(path, i, "\n".join(l[:MAX_LINE_CHARS] for l in body) + "\n"))
             i = end + 1
             continue
-        a = ASSIGNMENT.match(line)
-        if a and not line[:1].isspace() and len(line) <= MAX_LINE_CHARS and line.count('"') % 2 == 0 \
-                and line.count("'") % 2 == 0:
+        if len(line) <= MAX_LINE_CHARS and not line[:1].isspace() and ASSIGNMENT.match(line) \
+                and line.count('"') % 2 == 0 and line.count("'") % 2 == 0:
             chunks.append(ContextChunk(path, i, line + "\n"))
         i += 1
     return chunks

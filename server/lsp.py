@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
+import string
 import threading
 from urllib.parse import unquote
 
@@ -22,7 +22,7 @@ from .workspace_context import WorkspaceContext, uri_to_path
 
 log = logging.getLogger("codellm.server")
 
-WORD_BEFORE_CURSOR = re.compile(r"[A-Za-z0-9_\-]*$")
+WORD_CHARS = string.ascii_letters + string.digits + "_-"  # what a popup item's text edit replaces
 STATUS_METHOD = "codellm/status"
 
 
@@ -248,11 +248,18 @@ def snippet_escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("$", "\\$").replace("}", "\\}")
 
 
+def word_before_cursor(prefix: str) -> str:
+    """The letters, digits, `_` and `-` just before the cursor (stripped off, not searched for with a
+    regex: a search would be quadratic in a long word)."""
+    line = prefix.rsplit("\n", 1)[-1]
+    return line[len(line.rstrip(WORD_CHARS)):]
+
+
 def completion_item(ls: CodellmServer, prefix: str, text: str, position: types.Position) -> types.CompletionItem:
     """A popup item for an AI suggestion: label = word prefix + first line, a text edit over the word
     prefix, the whole suggestion in the documentation. Snippet format where the client supports it
     (Neovim 0.11 inserts only the first word of a plain multi-word item)."""
-    word = WORD_BEFORE_CURSOR.search(prefix.rsplit("\n", 1)[-1]).group(0)
+    word = word_before_cursor(prefix)
     first_line = text.split("\n", 1)[0]
     full = word + text
     caps = ls.client_capabilities.text_document

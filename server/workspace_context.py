@@ -4,6 +4,10 @@ other open shell documents (codellm.crossfile chooses; this module decides what 
 A sourced file is read through the editor when it is open; otherwise from disk only when its real path
 (symbolic links resolved) lies inside a workspace folder the client declared, and only if it is a
 regular file of at most MAX_FILE_BYTES of UTF-8: never devices, FIFOs or anything outside the workspace.
+A workspace folder that is the filesystem root `/` allows no reading from disk (every file would be
+inside it); the files open in the editor still count. A home folder is taken as declared: it is where
+many people open their editor, and only the files a script sources are read. A file: URI naming
+another host (file://host/...) is no local path.
 
 Open documents are kept in a small ring (the RING_DOCUMENTS most recently opened or changed); a
 document's chunks are cut again when it changes.
@@ -18,17 +22,19 @@ from urllib.parse import unquote, urlparse
 from codellm import crossfile
 from codellm.prompt import ContextChunk
 
-MAX_FILE_BYTES = 256 * 1024
+MAX_FILE_BYTES = crossfile.MAX_FILE_BYTES
 RING_DOCUMENTS = 8
 DISK_CACHE_ENTRIES = 64
 
 
 def uri_to_path(uri: str) -> str | None:
-    """The absolute POSIX path of a file: URI, else None."""
+    """The absolute POSIX path of a local file: URI, else None (also for another host's file, and for a
+    path holding a NUL byte: no file has one, and the os functions raise ValueError for it)."""
     parsed = urlparse(uri)
-    if parsed.scheme != "file" or not parsed.path:
+    if parsed.scheme != "file" or not parsed.path or parsed.netloc.lower() not in ("", "localhost"):
         return None
-    return os.path.normpath(unquote(parsed.path))
+    path = os.path.normpath(unquote(parsed.path))
+    return path if "\0" not in path else None
 
 
 def inside(path: str, folders: list[str]) -> bool:
@@ -38,11 +44,12 @@ def inside(path: str, folders: list[str]) -> bool:
 
 def read_workspace_file(path: str, folders: list[str]) -> str | None:
     """The text of a regular file whose real path lies inside one of `folders`; None for anything else
-    (outside, missing, a device or FIFO, larger than MAX_FILE_BYTES, not UTF-8)."""
-    real = os.path.realpath(path)
-    if not inside(real, [os.path.realpath(f) for f in folders]):
-        return None
+    (outside, missing, a device or FIFO, larger than MAX_FILE_BYTES, not UTF-8, a path the os functions
+    refuse such as one holding a NUL byte)."""
     try:
+        real = os.path.realpath(path)
+        if not inside(real, [os.path.realpath(f) for f in folders]):
+            return None
         info = os.stat(real)
         if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES:
             return None
@@ -53,7 +60,7 @@ def read_workspace_file(path: str, folders: list[str]) -> str | None:
             data = os.read(fd, MAX_FILE_BYTES + 1)
         finally:
             os.close(fd)
-    except OSError:
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
         return None
     if len(data) > MAX_FILE_BYTES:
         return None
@@ -63,8 +70,14 @@ def read_workspace_file(path: str, folders: list[str]) -> str | None:
         return None
 
 
+def document_path(uri: str) -> str:
+    """How an open document is named among the context: its path (uri_to_path), else its URI."""
+    return uri_to_path(uri) or uri
+
+
 class OpenDocumentRing:
-    """The most recently opened or changed shell documents (uri -> text), with their chunks cut lazily."""
+    """The most recently opened or changed shell documents (uri -> text), with their chunks cut lazily
+    (kept under the document's path, document_path, and dropped with the document)."""
 
     def __init__(self, size: int = RING_DOCUMENTS):
         self.size = size
@@ -77,14 +90,15 @@ class OpenDocumentRing:
         self.texts.move_to_end(uri)
         while len(self.texts) > self.size:
             old, _ = self.texts.popitem(last=False)
-            self._chunks.pop(old, None)
+            self._chunks.pop(document_path(old), None)
 
     def remove(self, uri: str) -> None:
         self.texts.pop(uri, None)
-        self._chunks.pop(uri, None)
+        self._chunks.pop(document_path(uri), None)
 
     def chunks(self, path: str, text: str) -> list[ContextChunk]:
-        """The chunks of a document's text, cut again only when the text changed."""
+        """The chunks of a document's text, cut again only when the text changed; `path` is its
+        document_path."""
         cached = self._chunks.get(path)
         if cached is None or cached[0] is not text and cached[0] != text:
             cached = (text, crossfile.line_chunks(text, path))
@@ -103,21 +117,39 @@ class WorkspaceContext:
         self.ring = OpenDocumentRing()
         self._disk: OrderedDict[tuple, str | None] = OrderedDict()
 
+    def disk_folders(self) -> list[str]:
+        """The workspace folders files may be read from disk in, as declared and with symbolic links
+        resolved; never one that is the filesystem root."""
+        found = []
+        for folder in self.folders():
+            try:
+                real = os.path.realpath(folder)
+            except (OSError, ValueError):
+                continue
+            if real != "/":
+                found += [folder, real]
+        return list(dict.fromkeys(found))
+
     def _open_by_path(self) -> dict[str, str]:
         return {p: t for uri, t in self.ring.texts.items() if (p := uri_to_path(uri))}
 
-    def read(self, path: str) -> str | None:
-        """A sourced file: the editor's text when open, else the workspace file (read_workspace_file)."""
+    def read(self, path: str, folders: list[str] | None = None) -> str | None:
+        """A sourced file: the editor's text when open, else the workspace file (read_workspace_file).
+        A path that is not inside the folders (disk_folders) as written is never passed to the os (a
+        hung network mount outside the workspace does not block the server)."""
         text = self._open_by_path().get(path)
         if text is not None:
             return text
+        folders = self.disk_folders() if folders is None else folders
+        if not inside(path, folders):
+            return None
         try:
             info = os.stat(path)
             key = (path, info.st_mtime_ns, info.st_size)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL byte in the path
             return None
         if key not in self._disk:
-            self._disk[key] = read_workspace_file(path, self.folders())
+            self._disk[key] = read_workspace_file(path, folders)
             if len(self._disk) > DISK_CACHE_ENTRIES:
                 self._disk.popitem(last=False)
         return self._disk[key]
@@ -125,9 +157,10 @@ class WorkspaceContext:
     def chunks_for(self, uri: str, prefix: str, suffix: str) -> list[ContextChunk]:
         """Context chunks for a cursor in document `uri`, best first."""
         doc_path = uri_to_path(uri) or "/" + uri.rsplit("/", 1)[-1]
-        folders = self.folders()
-        sourced = crossfile.read_sourced(prefix + suffix, doc_path, self.read, folders)
+        folders = self.disk_folders()
+        sourced = crossfile.read_sourced(prefix + suffix, doc_path, lambda path: self.read(path, folders),
+                                         self.folders())
         sourced_paths = {p for p, _ in sourced}
         others = [(p, t) for u, t in self.ring.texts.items()
-                  if u != uri and (p := uri_to_path(u) or u) not in sourced_paths]
+                  if u != uri and (p := document_path(u)) not in sourced_paths]
         return crossfile.choose_context(prefix, suffix, sourced, others, doc_path, self.ring.chunks)

@@ -2,6 +2,8 @@
 the ring of open documents, and a prompt that keeps its start while a person types."""
 import asyncio
 import os
+import subprocess
+import sys
 
 from lsprotocol import types
 
@@ -206,3 +208,145 @@ def test_cli_complete_takes_context_files(bundle_path, tmp_path, capsys):
     assert main(["complete", f"{script}:3:5", "--context", str(tmp_path / "missing.sh"), "--model",
                  str(bundle_path), "--device", "cpu"]) == 2
     assert "missing.sh" in capsys.readouterr().err
+
+
+LINEAR_CHECK = """
+from codellm import crossfile
+from codellm.server.lsp import word_before_cursor
+spaces = " " * 200_000
+line = "function a" + spaces + "x"
+assert crossfile.FUNCTION.match(line) is None
+assert crossfile.FUNCTION.match("function a" + spaces + "()" + spaces + "{").group(2) == "a"
+assert crossfile.definitions(line + "\\n" + line + "\\nb=1\\n", "/ws/lib.sh")[0].text == "b=1\\n"
+assert crossfile.sourced_paths("source " + spaces + "x\\n" + "; " * 100_000, "/ws/run.sh") == [["/ws/x"]]
+assert crossfile._expand("$(cd $(dirname $0) && pwd" + spaces + "x", {}) is None
+assert crossfile._expand("$(cd $(dirname $0) && pwd" + spaces + ")", {}) == crossfile.HERE
+assert word_before_cursor("echo " + "a" * 200_000 + " b" * 1000 + " " + "w" * 100_000) == "w" * 100_000
+print("done")
+"""
+
+
+def test_patterns_are_linear_in_a_long_line():
+    # each of these took minutes while two neighbouring repeats could share a run of spaces
+    result = subprocess.run([sys.executable, "-c", LINEAR_CHECK], capture_output=True, text=True, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "done"
+
+
+def test_a_definition_starts_on_a_line_of_reasonable_length():
+    long_name = "f" + "x" * crossfile.MAX_SCAN_CHARS + "() {\n  echo long\n}\n"
+    chunks = crossfile.definitions(long_name + LIB, "/ws/lib.sh")
+    assert [crossfile.function_name(c.text) for c in chunks][:2] == [None, "log_info"]  # LOG_LEVEL, then log_info
+
+
+def test_a_nul_byte_in_a_path_skips_that_path(tmp_path):
+    (tmp_path / "lib.sh").write_text(LIB)
+    folders = [str(tmp_path)]
+    script = "source ./nul\0x.sh\nsource \"$(dirname \"$0\")/a\0b.sh\"\n. ./lib.sh\nlog_"
+    assert crossfile.sourced_paths(script, f"{tmp_path}/run.sh") == [[f"{tmp_path}/lib.sh"]]
+    assert read_workspace_file(f"{tmp_path}/nul\0x.sh", folders) is None
+    assert read_workspace_file(str(tmp_path / "lib.sh"), [f"{tmp_path}/a\0b"]) is None
+    context = WorkspaceContext(lambda uri: None, lambda: folders)
+    assert context.read(f"{tmp_path}/nul\0x.sh") is None
+    for uri in ((tmp_path / "run.sh").as_uri(), f"{tmp_path.as_uri()}/nul%00x.sh"):
+        chunks = context.chunks_for(uri, script, "")
+        assert chunks and all(c.path.endswith("lib.sh") for c in chunks), uri
+
+
+def test_server_completes_a_script_with_a_nul_byte_in_a_path(bundle_path, tmp_path):
+    (tmp_path / "lib.sh").write_text(LIB)
+    script = "#!/bin/bash\nsource ./nul\0x.sh\n. ./lib.sh\nlog_"
+    uris = [(tmp_path / "run.sh").as_uri(), f"{tmp_path.as_uri()}/nul%00x.sh"]
+
+    async def run():
+        async with Session("--model", str(bundle_path), "--file-context", workspace=str(tmp_path)) as s:
+            contexts = []
+            for uri in uris:
+                s.open(uri, script)
+                await s.inline(uri, 3, 4)  # answered, not an internal error
+                contexts.append(list((await s.status()).context))
+            return contexts
+
+    for context in asyncio.run(run()):
+        assert context and all(c.split(":")[0].endswith("lib.sh") for c in context)
+
+
+def test_the_ring_keeps_no_chunks_of_documents_gone():
+    ring = OpenDocumentRing(size=4)
+    uris = [f"file:///ws/doc%20{i}.sh" for i in range(50)] + [f"untitled:Untitled-{i}" for i in range(50)]
+    for n, uri in enumerate(uris):
+        ring.update(uri, f"tool_{n}() {{\n  echo {n}\n}}\n")
+        context = WorkspaceContext(lambda u: None, lambda: [])
+        context.ring = ring
+        context.chunks_for("file:///ws/main.sh", "tool_\n" * 9, "")  # cuts the chunks of the ring's documents
+        if n % 2:
+            ring.remove(uri)
+    assert 0 < len(ring._chunks) <= 4
+    for uri in list(ring.texts):
+        ring.remove(uri)
+    assert not ring.texts and not ring._chunks
+
+
+def test_cli_context_takes_only_regular_files_of_limited_size(bundle_path, tmp_path, capsys):
+    from codellm.cli import main
+    (tmp_path / "lib.sh").write_text(LIB)
+    (tmp_path / "big.sh").write_text("x=1\n" * (MAX_FILE_BYTES // 4 + 1))
+    os.mkfifo(tmp_path / "fifo.sh")
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/bash\n. ./lib.sh\nlog_\n")
+    for bad, why in ((tmp_path, "Is a directory"), ("/dev/zero", "not a regular file"),
+                     (tmp_path / "fifo.sh", "not a regular file"), (tmp_path / "big.sh", "larger than 256 KB"),
+                     (tmp_path / "lib.sh" / "x.sh", "Not a directory")):
+        assert main(["complete", f"{script}:3:5", "--context", str(tmp_path / "lib.sh"), str(bad),
+                     "--model", str(bundle_path), "--device", "cpu"]) == 2, bad
+        err = capsys.readouterr().err
+        assert err.startswith(f"codellm: error: {bad}: {why}"), err
+    assert main(["complete", f"{tmp_path}:1:1", "--model", str(bundle_path), "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.startswith("codellm: error: ")  # the script itself a directory
+
+
+def test_the_filesystem_root_is_no_workspace_to_read_from(tmp_path):
+    (tmp_path / "lib.sh").write_text(LIB)
+    (tmp_path / "root").symlink_to("/")
+    script = ". ./lib.sh\nlog_"
+    uri = (tmp_path / "run.sh").as_uri()
+    for folders in (["/"], [str(tmp_path / "root")]):
+        context = WorkspaceContext(lambda u: None, lambda: folders)
+        assert context.read(str(tmp_path / "lib.sh")) is None
+        assert context.chunks_for(uri, script, "") == []
+        context.ring.update((tmp_path / "lib.sh").as_uri(), LIB)  # open in the editor: still context
+        assert [c.path for c in context.chunks_for(uri, script, "")][:1] == ["lib.sh"]
+    both = WorkspaceContext(lambda u: None, lambda: ["/", str(tmp_path)])
+    assert both.read(str(tmp_path / "lib.sh")) == LIB
+
+
+def test_a_file_uri_of_another_host_is_no_local_path():
+    from codellm.server.workspace_context import uri_to_path
+    assert uri_to_path("file://otherhost/ws/run.sh") is None
+    assert uri_to_path("file://localhost/ws/run.sh") == uri_to_path("file:///ws/run.sh") == "/ws/run.sh"
+
+
+def test_only_the_first_distinct_source_lines_are_followed():
+    script = "source ./a.sh\n" * 1000 + "source ./b.sh\n" + \
+        "".join(f"source ./missing_{i}.sh\n" for i in range(100_000))
+    found = crossfile.sourced_paths(script, "/ws/run.sh", ["/ws"])
+    assert len(found) == crossfile.MAX_SOURCE_LINES
+    assert [c[0] for c in found[:3]] == ["/ws/a.sh", "/ws/b.sh", "/ws/missing_0.sh"]
+
+
+def test_paths_outside_the_workspace_are_never_looked_at(tmp_path, monkeypatch):
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "lib.sh").write_text(LIB)
+    looked_at = []
+    for name in ("stat", "lstat"):
+        real = getattr(os, name)
+        monkeypatch.setattr(os, name, lambda p, *a, real=real, **k: looked_at.append(str(p)) or real(p, *a, **k))
+    script = "source /net/hung/x.sh\n. ../other/y.sh\n. ./lib.sh\n" + \
+        "".join(f"source ./missing_{i}.sh\n" for i in range(100_000)) + "log_"
+    context = WorkspaceContext(lambda u: None, lambda: [str(ws)])
+    chunks = context.chunks_for((ws / "run.sh").as_uri(), script, "")
+    assert chunks and all(c.path == "lib.sh" for c in chunks)
+    outside = [p for p in looked_at if not (p == str(ws) or p.startswith(f"{ws}/"))]
+    assert all(str(ws).startswith(p) for p in outside), outside  # only the folders above the workspace
+    assert len(looked_at) < 20 * crossfile.MAX_SOURCE_LINES  # not one look per source line
