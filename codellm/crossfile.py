@@ -235,10 +235,11 @@ def line_chunks(text: str, path: str, size: int = CHUNK_LINES) -> list[ContextCh
 
 def query_text(prefix: str, suffix: str, before: int = 24, after: int = 8, step: int = 8) -> str:
     """The lines around the cursor that chunks are compared with: up to `before` whole lines above the
-    cursor's line, ending at a multiple of `step` lines, and `after` lines below it. The line being
-    typed is left out, so the query changes only every `step` lines."""
+    cursor's line, ending at a multiple of `step` lines (all of them in a file's first `step` lines, which
+    would otherwise leave nothing to compare with), and `after` lines below it. The line being typed is
+    left out, so past the first lines the query changes only every `step` lines."""
     above = prefix.split("\n")[:-1]  # whole lines before the cursor's line
-    end = len(above) // step * step
+    end = len(above) // step * step or len(above)
     below = suffix.split("\n")[1:after + 1]
     return "\n".join(above[max(0, end - before):end] + below)
 

@@ -72,6 +72,15 @@ def test_the_query_leaves_out_the_line_being_typed_and_moves_in_steps():
     assert crossfile.query_text(prefix + "x\ny\n", "") == crossfile.query_text(prefix, "")  # 22 lines: same block
 
 
+def test_a_short_script_ranks_by_its_own_lines_not_by_file_order():
+    other = "".join(f"setup_thing_{i}() {{\n  echo {i}\n}}\n" for i in range(40))
+    prefix = "#!/bin/bash\nsource ./lib.sh\nfetch_release \"$URL\" || log_error 'no release'\n"
+    assert "fetch_release" in crossfile.query_text(prefix + "log", "")
+    chunks = crossfile.choose_context(prefix + "log", "", [("/ws/other.sh", other), ("/ws/lib.sh", LIB)], [],
+                                      "/ws/run.sh")
+    assert chunks[0].path == "lib.sh"
+
+
 def test_prompt_with_context_keeps_its_start_while_typing(tokenizer):
     chunks = crossfile.definitions(LIB, "lib.sh")
     line = "fetch_release https://example.org/app.tar.gz && log_info done"
@@ -267,8 +276,9 @@ def test_server_completes_a_script_with_a_nul_byte_in_a_path(bundle_path, tmp_pa
                 contexts.append(list((await s.status()).context))
             return contexts
 
-    for context in asyncio.run(run()):
-        assert context and all(c.split(":")[0].endswith("lib.sh") for c in context)
+    for context in asyncio.run(run()):  # lib.sh is read (the other open copy of the script may be offered too)
+        sourced = [c for c in context if c.split(":")[0].endswith("lib.sh")]
+        assert sourced and all(c.split(":")[0].endswith(("lib.sh", "run.sh")) for c in context)
 
 
 def test_the_ring_keeps_no_chunks_of_documents_gone():
