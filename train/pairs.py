@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from codellm import shell
+
 SHEBANG = "#!/bin/bash\n"
 MAX_DESCRIPTION = 160
 MAX_COMMAND = 200
@@ -21,8 +23,8 @@ _WORD = re.compile(r"[A-Za-z]{2,}")
 _BULLET = re.compile(r"^\s*(?:[•*o·-]|\d+[.)])\s+")
 _COMMAND_START = re.compile(r"^[A-Za-z_./][\w.+/-]*")
 _PROSE_COMMENT = re.compile(r"^\s*#\s+([A-Za-z][^#]*)$")
-# a line that leaves a compound command or a pipeline open: its body follows on later lines
-_OPENS_BLOCK = re.compile(r"(?:^|[\s;])(?:do|then|else|in)$|[{(|&\\]$|\w\s*\(\)$|<<-?\s*['\"]?\w+['\"]?")
+# what codellm.shell.opens_block does not see: a here-document, or a function header whose `{` follows
+_BODY_BELOW = re.compile(r"<<-?\s*['\"]?\w+['\"]?|\w\s*\(\)$")
 PAIRS_PER_SCRIPT = 8
 
 
@@ -132,8 +134,9 @@ def pairs_from_script(text: str) -> list[Pair]:
 
 
 def opens_block(command: str) -> bool:
-    """Whether a command line leaves a block, pipeline or continuation open (`for f in *; do`, `a |`)."""
-    return bool(_OPENS_BLOCK.search(command.rstrip()))
+    """Whether a command line leaves its body to later lines: a block, pipeline or continuation
+    (codellm.shell.opens_block: `for f in *; do`, `a |`), a here-document or a function header."""
+    return shell.opens_block(command) or bool(_BODY_BELOW.search(command.rstrip()))
 
 
 def pair_scripts(records: list[dict], per_script: int = PAIRS_PER_SCRIPT) -> list[str]:
