@@ -177,3 +177,22 @@ def test_compile_is_automatic_only_for_long_runs():
     assert compile_wanted(TrainConfig(compile="auto", time_budget=COMPILE_AUTO_MIN_SECONDS))
     assert compile_wanted(TrainConfig(compile="on", max_steps=5))
     assert not compile_wanted(TrainConfig(compile="off", time_budget=7200))
+
+
+@pytest.mark.parametrize("share", [0.0, 0.2, 0.5])
+def test_pair_scripts_make_up_their_share_of_an_epoch(tokenizer, share):
+    from codellm.train.data import Mixture, build_epoch
+    shell = [f"cp /etc/app{i}.conf /backup/\n" * 8 for i in range(100)]  # each whole in a window
+    pairs = ["#!/bin/bash\n# show the disk usage of each folder\ndu -sh ./*\n"]  # fewer than the share asks
+    inputs, _ = build_epoch(tokenizer, Mixture(shell, 0.0, pair_texts=pairs, pair_share=share), 512, seed=0, epoch=0)
+    text = tokenizer.decode([int(i) for i in inputs.flatten()])
+    pair_chars = text.count("du -sh ./*") * len(pairs[0])
+    shell_chars = text.count("cp /etc/app") * len("cp /etc/app0.conf /backup/\n")
+    assert pair_chars / (pair_chars + shell_chars) == pytest.approx(share, abs=0.02)
+
+
+def test_a_pair_share_of_one_is_refused(tmp_path, bundle_path):
+    from codellm.train.loop import TrainConfig
+    from codellm.train.stages import run_stage
+    with pytest.raises(ValueError, match="--pair-share"):
+        run_stage("code", tmp_path, tmp_path / "out", TrainConfig(max_steps=1), from_bundle=bundle_path, pair_share=1.0)

@@ -24,6 +24,9 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int, default=50)
     g.add_argument("--context-length", type=int, default=None)
     g.add_argument("--fim-rate", type=float, default=0.5)
+    g.add_argument("--pair-share", type=float, default=None,
+                   help="code stage: share of the training characters that are comment-to-command scripts "
+                        "(pairs.py), drawn again in new orders when the pairs are fewer (default 0.2; 0: off)")
     g.add_argument("--context-rate", type=float, default=None,
                    help="code stage: share of shell files that also train with definitions from files of their "
                         "package (what they source, else their folder) placed before them, as the server shows "
@@ -74,9 +77,11 @@ def train_config(args) -> TrainConfig:
                        eval_every=args.eval_every, compile=args.compile, precision=args.precision, stop_after=args.stop_after)
 
 
-def context_rate(args) -> dict:
-    """run_stage's context_rate when --context-rate was given (else its default)."""
-    return {} if args.context_rate is None else {"context_rate": args.context_rate}
+def mix_options(args) -> dict:
+    """run_stage's context_rate and pair_share where --context-rate and --pair-share were given (else
+    its defaults)."""
+    given = {"context_rate": args.context_rate, "pair_share": args.pair_share}
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def first_process_then_all(work):
@@ -155,7 +160,7 @@ def cmd_stage(args):
         tok = trained_tokenizer(corpus, work / "tokenizer.json", args.resume)
     run_stage(args.stage, corpus, args.out, train_config(args), tok, args.from_bundle, args.model_size,
               args.context_length, args.fim_rate, args.device, args.resume, threads=args.threads,
-              overwrite=args.overwrite, **context_rate(args))
+              overwrite=args.overwrite, **mix_options(args))
 
 
 def cmd_all(args):
@@ -184,7 +189,7 @@ def cmd_all(args):
     if not all((stage1 / f).exists() for f in BUNDLE_FILES):
         raise SystemExit("stage 1 stopped before writing its bundle")
     run_stage("code", corpus, args.out, cfg2, tok, stage1, None, None, args.fim_rate, args.device, args.resume,
-              threads=args.threads, overwrite=args.overwrite, **context_rate(args))
+              threads=args.threads, overwrite=args.overwrite, **mix_options(args))
 
 
 def cmd_eval(args):

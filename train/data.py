@@ -55,6 +55,9 @@ class Mixture:
     # get context from files of the same package and folder before them, as serving shows it
     paths: list[str] | None = None
     context_rate: float = 0.0
+    # comment-to-command scripts, drawn to make up this share of an epoch's characters
+    pair_texts: list[str] | None = None
+    pair_share: float = 0.0
 
 
 MAX_SIBLINGS = 8  # sibling files whose definitions a training example's context is chosen from
@@ -85,6 +88,10 @@ def build_epoch(tok: Tokenizer, mix: Mixture, context_length: int, seed: int, ep
     chunks = [(c, mix.fim_rate) for t in mix.texts for c in chunk_text(t, max_chars)]
     contexts = with_context(tok, mix, context_length, seed, epoch) if mix.paths and mix.context_rate > 0 else []
     chunks += [(c, mix.fim_rate, context) for c, context in contexts]
+    if mix.pair_texts and mix.pair_share > 0:
+        main_chars = sum(len(item[0]) for item in chunks)
+        want = main_chars * mix.pair_share / (1 - mix.pair_share)
+        chunks += [(c, mix.fim_rate) for t in drawn_to(mix.pair_texts, want, rng) for c in chunk_text(t, max_chars)]
     if mix.extra_texts and mix.extra_share > 0:
         extra = [c for t in mix.extra_texts for c in chunk_text(t, max_chars)]
         want = int(len(chunks) * mix.extra_share / (1 - mix.extra_share))
@@ -93,6 +100,19 @@ def build_epoch(tok: Tokenizer, mix: Mixture, context_length: int, seed: int, ep
     examples = [fim_training_ids(tok, item[0], rng, item[1], context=item[2] if len(item) > 2 else "")
                 for item in chunks]
     return pack(examples, context_length, tok.eot_id)
+
+
+def drawn_to(texts: list[str], chars: float, rng: random.Random) -> list[str]:
+    """Texts in shuffled rounds, each once per round, until they add up to `chars` characters."""
+    texts = [t for t in texts if t]
+    drawn, total = [], 0
+    while texts and total < chars:
+        for t in rng.sample(texts, len(texts)):
+            if total >= chars:
+                break
+            drawn.append(t)
+            total += len(t)
+    return drawn
 
 
 def with_context(tok: Tokenizer, mix: Mixture, context_length: int, seed: int, epoch: int) -> list[tuple[str, str]]:

@@ -62,8 +62,9 @@ def stage_files(card: dict, stage: str) -> list[tuple[str, bytes]]:
     return [(source, digests[k:k + 32]) for source, digests in files.items() for k in range(0, len(digests), 32)]
 
 
-def data_card(corpus: Path, stage: str, result, cfg, previous: dict | None) -> dict:
-    """The card of `previous` (a copy) with this stage added under a new key (`code`, `code-2`, ...)."""
+def data_card(corpus: Path, stage: str, result, cfg, previous: dict | None, mix: dict | None = None) -> dict:
+    """The card of `previous` (a copy) with this stage added under a new key (`code`, `code-2`, ...);
+    `mix` records how the stage mixed its data (FIM rate, context rate, pair share)."""
     summary = json.loads((corpus / SUMMARY_FILE).read_text()) if (corpus / SUMMARY_FILE).exists() else {}
     card = compact(copy.deepcopy(previous or {}))
     files = corpus_files(corpus)
@@ -81,5 +82,6 @@ def data_card(corpus: Path, stage: str, result, cfg, previous: dict | None) -> d
         "device": str(choose_device(None)) if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "train_loss": result.train_loss, "val_loss": result.val_loss,
         "train_config": cfg.to_dict(),
+        **({"mix": mix} if mix else {}),
     }
     return card

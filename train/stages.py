@@ -23,6 +23,9 @@ from .recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
 ENGLISH_SHARE_IN_CODE_STAGE = 0.05
 # share of shell files that also train with context from sibling files of their package before them
 CONTEXT_RATE_IN_CODE_STAGE = 0.2
+# share of the code stage's characters that are comment-to-command scripts: at their natural ~5 % of the
+# corpus, a description comment was followed by another comment in 94-99 % of held-out cases
+PAIR_SHARE_IN_CODE_STAGE = 0.2
 
 
 def train_tokenizer(corpus: Path, out: Path, vocab_size: int = 8192, max_mb: float = 60.0, log=print) -> Tokenizer:
@@ -78,9 +81,14 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
               from_bundle: Path | None = None, model_size: str | None = None, context_length: int | None = None,
               fim_rate: float = 0.5, device: str | None = None, resume: bool = False, run_dir: Path | None = None,
               threads: int | None = None, log=print, overwrite: bool = False,
-              context_rate: float = CONTEXT_RATE_IN_CODE_STAGE) -> Path:
+              context_rate: float = CONTEXT_RATE_IN_CODE_STAGE, pair_share: float = PAIR_SHARE_IN_CODE_STAGE) -> Path:
     """Train one stage and save a bundle at `out`. stage: "language" (English, plain) or "code" (shell, FIM;
-    a `context_rate` share of the files also with context from their package's files, codellm.prompt)."""
+    a `context_rate` share of the files also with context from their package's files, codellm.prompt;
+    comment-to-command scripts as a `pair_share` of the characters). Raises ValueError for a share
+    outside [0, 1)."""
+    if not (0 <= pair_share < 1 and 0 <= context_rate <= 1):
+        raise ValueError(f"--pair-share must be in [0, 1) and --context-rate in [0, 1] "
+                         f"(got {pair_share} and {context_rate})")
     dev = choose_device(device)
     if dev.type == "cpu":
         set_threads(threads)
@@ -99,8 +107,8 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
         pairs = list(read_records(corpus / PAIRS_FILE, "train"))
         shell, places = read_texts_with_places(corpus / SHELL_FILE, "train")
         scripts = pair_scripts(pairs)
-        mix = Mixture(shell + scripts, fim_rate, english, ENGLISH_SHARE_IN_CODE_STAGE,
-                      places + [""] * len(scripts), context_rate)
+        mix = Mixture(shell, fim_rate, english, ENGLISH_SHARE_IN_CODE_STAGE, places, context_rate,
+                      scripts, pair_share)
         val = Mixture(read_texts(corpus / SHELL_FILE, "val"), fim_rate)
     if not mix.texts:
         raise ValueError(f"{corpus}: no {'English' if stage == 'language' else 'shell'} training text")
@@ -111,7 +119,9 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
     result = train_stage(model, tokenizer, mix, val, cfg, run_dir, dev, resume=resume, log=log)
     rank, _ = distributed()
     if rank == 0 and not (cfg.stop_after and result.steps < (cfg.max_steps or 0)):
-        card = data_card(corpus, stage, result, cfg, card)
+        mix_used = {"fim_rate": fim_rate, "context_rate": context_rate, "pair_share": pair_share} \
+            if stage == "code" else None
+        card = data_card(corpus, stage, result, cfg, card, mix_used)
         save_bundle(out, model, tokenizer, card, overwrite=overwrite)
         log(f"stage {stage}: {result.steps} steps, {result.tokens / 1e6:.2f}M tokens, {result.seconds:.0f}s, "
             f"train loss {result.train_loss:.3f}" + (f", val loss {result.val_loss:.3f}" if result.val_loss else "")
