@@ -2,6 +2,7 @@
 token healing, sampled generation, and stop rules (end of text, newline, token budget, deadline)."""
 from __future__ import annotations
 
+import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from .decode import Decoder, decode_tokens, int8_matmul_available
 from .lookahead import GUESS_TOKENS, PromptLookup
 from .device import choose_device, cpu_has_bf16, set_threads
 from .kvcache import KVCache
+from .threads import LoadWatch
 from .postprocess import (BLANK_LINE_AFTER_CONTENT, Context, ends_in_loop, first_repeated_line, postprocess,
                           safe_cut)
 from .prompt import (ContextChunk, Prompt, build_prompt, build_prompt_with_context, choose_format, file_start,
@@ -22,6 +24,7 @@ from .prompt import (ContextChunk, Prompt, build_prompt, build_prompt_with_conte
 from .shell import resolve_mode
 
 NEG_INF = float("-inf")
+TEAM_FROM_TOKENS = 16  # shorter prompt reads are too quick for a thread team to matter
 MAX_TOKENS = {"line": 48, "block": 160}
 MAX_LINE_BYTES = 240  # a suggested line longer than this is a runaway, not shell
 # whitespace before any content: past two line ends or this many bytes, the next token must be a real one
@@ -82,6 +85,9 @@ class Engine:
         self.device = choose_device(str(device) if device else None)
         if self.device.type == "cpu":
             self.threads = set_threads(threads)
+        # with no thread count chosen, prompt reading uses the cores other processes leave free (codellm.threads)
+        chosen = threads or os.environ.get("CODELLM_THREADS")
+        self.load = LoadWatch() if self.device.type == "cpu" and not chosen and self.threads > 1 else None
         self.bundle = bundle
         self.tokenizer = bundle.tokenizer
         self.config = bundle.config
@@ -125,9 +131,18 @@ class Engine:
         cache = self.cache
         reused = cache.reuse(ids[:-1])  # the last token is always stepped: its logits are wanted
         if len(ids) - reused > 1:  # what is new is read into the cache but for the last token, ...
+            if self.load and len(ids) - reused > TEAM_FROM_TOKENS:
+                self.fit_team()
             self.decoder.read(ids[reused:-1], reused, cache)
             cache.append(ids[reused:-1])
         return self.decode_one_token(ids[-1]), reused  # ... whose logits always come from a decode step
+
+    def fit_team(self) -> None:
+        """Read prompts with as many threads as the machine has free cores now: a thread team whose members
+        wait for a core another process holds is slower than one thread (codellm.threads)."""
+        team = self.load.team(self.threads)
+        if team != torch.get_num_threads():
+            torch.set_num_threads(team)
 
     def decode_one_token(self, token: int) -> torch.Tensor:
         """Logits (vocab,) after `token`, appended to the KV cache."""

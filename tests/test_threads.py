@@ -29,3 +29,45 @@ def test_importing_codellm_loads_no_torch_until_a_name_is_used():
     out = subprocess.run([sys.executable, "-c", "import codellm, sys; codellm.Engine; print('torch' in sys.modules)"],
                          capture_output=True, text=True, timeout=120, check=True).stdout.strip()
     assert out == "True"
+
+
+def write_stat(path, busy_ticks: int, idle_ticks: int, cpus: int = 2) -> None:
+    """A /proc/stat in the kernel's format: the machine line (user nice system idle iowait irq softirq steal)
+    and one line per CPU."""
+    lines = [f"cpu  {busy_ticks} 0 0 {idle_ticks} 0 0 0 0 0 0"]
+    lines += [f"cpu{i} 0 0 0 0 0 0 0 0 0 0" for i in range(cpus)]
+    path.write_text("\n".join(lines) + "\nintr 0\n")
+
+
+def test_the_team_shrinks_to_the_cores_other_processes_leave_free(tmp_path):
+    import time
+    from codellm.threads import LoadWatch
+    stat, hz = tmp_path / "stat", os.sysconf("SC_CLK_TCK")
+    write_stat(stat, 1000, 1000)
+    watch = LoadWatch(str(stat))
+    time.sleep(0.3)
+    write_stat(stat, 1000, 1000 + int(0.6 * hz))  # nobody busy: both cores free
+    assert watch.team(2) == 2
+    time.sleep(0.3)
+    write_stat(stat, 1000 + int(0.3 * hz), 1000 + int(0.9 * hz))  # another process held one core
+    assert watch.team(2) == 1 and watch.team(8) == 1  # a call within MIN_INTERVAL keeps the last reading
+    time.sleep(0.3)
+    write_stat(stat, 1000 + int(0.9 * hz), 1000 + int(0.9 * hz))  # both cores busy: still one thread
+    assert watch.team(2) == 1
+
+
+def test_without_the_machine_counters_the_team_is_the_limit(tmp_path):
+    from codellm.threads import LoadWatch
+    assert LoadWatch(str(tmp_path / "missing")).team(4) == 4
+    (tmp_path / "garbled").write_text("not a stat file")
+    assert LoadWatch(str(tmp_path / "garbled")).team(3) == 3
+
+
+def test_only_an_engine_with_no_chosen_thread_count_adapts(bundle_path):
+    from codellm.bundle import load_bundle
+    from codellm.engine import Engine
+    bundle = load_bundle(bundle_path)
+    assert Engine(bundle, "cpu", threads=1).load is None
+    assert Engine(bundle, "cpu", threads=2).load is None
+    if Engine(bundle, "cpu").threads > 1 and "CODELLM_THREADS" not in os.environ:
+        assert Engine(bundle, "cpu").load is not None
