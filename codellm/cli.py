@@ -2,9 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import os
 import re
-import stat
 import sys
 from pathlib import Path
 
@@ -48,23 +46,6 @@ def decode(data: bytes, file: str) -> str:
         raise ValueError(f"{file}: not UTF-8 text ({exc})") from None
 
 
-def read_context_file(file: str) -> str:
-    """A --context file's text: a regular file of at most MAX_FILE_BYTES of UTF-8, as the server reads;
-    ValueError, saying why, for anything else (a directory, a device, a FIFO, an unreadable file)."""
-    from .crossfile import MAX_FILE_BYTES
-    try:
-        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)  # O_NONBLOCK: opening a FIFO does not wait
-        with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ValueError(f"{file}: not a regular file")
-            data = f.read(MAX_FILE_BYTES + 1)
-    except OSError as exc:
-        raise ValueError(f"{file}: {exc.strerror or exc}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ValueError(f"{file}: larger than {MAX_FILE_BYTES // 1024} KB, the most a context file may be")
-    return decode(data, file)
-
-
 def cmd_generate(args):
     from . import load
     engine = load(args.model, args.device, precision=args.precision)
@@ -79,7 +60,7 @@ def cmd_complete(args):
     prefix, suffix = split_at(read_text(file), line, col)
     context = None
     if args.context:
-        from .crossfile import choose_context
+        from .crossfile import choose_context, read_context_file
         doc_path = str(Path(file).resolve()) if file != "-" else str(Path.cwd() / "stdin")
         files = [(str(Path(f).resolve()), read_context_file(f)) for f in args.context]
         context = choose_context(prefix, suffix, files, [], doc_path)

@@ -18,8 +18,10 @@ pass a `read(path) -> str | None` that decides what may be read.
 from __future__ import annotations
 
 import functools
+import os
 import posixpath
 import re
+import stat
 from typing import Callable, Iterable
 
 from .prompt import ContextChunk
@@ -58,6 +60,29 @@ MAX_SCAN_CHARS = 1000  # a longer line is never taken for a definition's first l
 CHUNK_LINES = 12
 MAX_SOURCE_LINES = 32  # the distinct source lines of a file that are followed
 MAX_FILE_BYTES = 256 * 1024  # a larger file gives no context (the server and `codellm complete --context`)
+
+
+def read_context_file(path: str, follow_links: bool = True) -> str:
+    """The text of a file that may give context: a regular file of at most MAX_FILE_BYTES of UTF-8.
+    Opening never waits (a FIFO) and the type is checked on the open file, so a file swapped for a device
+    after a check is still refused; follow_links=False also refuses a symbolic link as the last part.
+    Raises ValueError, saying why, for anything else (a directory, a device, a FIFO, a larger or
+    unreadable file, text that is not UTF-8, a path holding a NUL byte)."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow_links else getattr(os, "O_NOFOLLOW", 0))
+    try:
+        fd = os.open(path, flags)
+        with os.fdopen(fd, "rb") as f:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise ValueError(f"{path}: not a regular file")
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as exc:
+        raise ValueError(f"{path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_FILE_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KB, the most a context file may be")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc})") from None
 
 
 @functools.lru_cache(maxsize=8192)

@@ -50,23 +50,11 @@ def read_workspace_file(path: str, folders: list[str]) -> str | None:
         real = os.path.realpath(path)
         if not inside(real, [os.path.realpath(f) for f in folders]):
             return None
-        info = os.stat(real)
+        info = os.stat(real)  # checked before opening too: a device is never opened
         if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES:
             return None
-        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0))
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):  # swapped for something else since the check
-                return None
-            data = os.read(fd, MAX_FILE_BYTES + 1)
-        finally:
-            os.close(fd)
-    except (OSError, ValueError):  # ValueError: a NUL byte in the path
-        return None
-    if len(data) > MAX_FILE_BYTES:
-        return None
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
+        return crossfile.read_context_file(real, follow_links=False)
+    except (OSError, ValueError):  # ValueError: refused by read_context_file, or a NUL byte in the path
         return None
 
 
