@@ -99,6 +99,12 @@ def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
 
 # ------------------------------------------------------------------ what a script sources
 
+def _lines_with(text: str, marks: tuple[str, ...]) -> str:
+    """The lines of `text` holding one of `marks`, in order: what a line pattern needs to see, found
+    by the quick `in` test rather than by running the pattern over every line on each keystroke."""
+    return "\n".join(line for line in text.split("\n") if any(mark in line for mark in marks))
+
+
 def _script_dir_variables(text: str) -> dict[str, str]:
     """Variables the file sets to its own folder, or to a literal path (possibly under its folder)."""
     known: dict[str, str] = {}
@@ -141,15 +147,17 @@ def sourced_paths(text: str, doc_path: str, roots: Iterable[str] = (),
     only the first `limit` distinct words after `source` are looked at (a file sourcing thousands of
     files gets no more context for them, and each costs its reader a look)."""
     here = posixpath.dirname(doc_path)
-    known = _script_dir_variables(text)
+    known = None
     seen, found, words = set(), [], set()
-    for m in SOURCE_LINE.finditer(text):
+    for m in SOURCE_LINE.finditer(_lines_with(text, ("source", ". ", ".\t"))):
         if m.group(1) in words:
             continue
         if len(words) >= limit:
             break
         words.add(m.group(1))
-        value = _expand(m.group(1), known)
+        if known is None and ("$" in m.group(1) or "`" in m.group(1)):
+            known = _script_dir_variables(_lines_with(text, ("=",)))  # only a path with a variable needs them
+        value = _expand(m.group(1), known or {})
         if value is None:
             continue
         value = value.replace(HERE, here)
