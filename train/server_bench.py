@@ -126,6 +126,9 @@ def main(argv=None) -> None:
     parser.add_argument("--background", type=int, default=0, metavar="N",
                         help="type with the server idle and with N busy processes running (started and ended "
                              "by the bench), side by side, for the default thread count, 1 and 2 threads")
+    parser.add_argument("--file-context", action="store_true",
+                        help="the server shows context from other files (the scripts typed before stay open, "
+                             "so each later one gets context from them)")
     parser.add_argument("--json", type=Path, default=None, help="with --typing: write every figure here")
     args = parser.parse_args(argv)
     if args.typing:
@@ -135,13 +138,14 @@ def main(argv=None) -> None:
     if not scripts:
         sys.exit("no scripts to type: give --corpus with a held-out split or --scripts-dir")
     server_args = (["--model", args.model] if args.model else []) + \
-        (["--log-file", args.server_log] if args.server_log else [])
+        (["--log-file", args.server_log] if args.server_log else []) + (["--file-context"] if args.file_context else [])
     if args.background:
         load_main(args, scripts, server_args)
         return
     server_args += ["--threads", str(args.threads)] if args.threads else []
     print(f"machine: {platform.machine()}, typing {args.keystrokes} keystrokes over {len(scripts)} held-out "
-          f"scripts, one inline completion request after each")
+          f"scripts, one inline completion request after each; context from other files "
+          f"{'on' if args.file_context else 'off'}")
     for label, options in (("KV reuse on", {"kvReuse": True}), ("KV reuse off", {"kvReuse": False})):
         r = asyncio.run(type_scripts(server_args, scripts, args.keystrokes, options))
         print(f"  {label:13s} end-to-end p50 {r['p50']:6.1f} ms  p95 {r['p95']:6.1f} ms  mean {r['mean']:6.1f} ms  "
