@@ -1,17 +1,27 @@
-"""`codellm bench`: engine speed on this machine, beside HF transformers' generate on a same-size Llama.
+"""`codellm bench`: engine speed on this machine, beside HF transformers' generate and llama.cpp on a
+same-size Llama.
 
 Reports medians of repeated runs, for each engine precision: 512-token prefill, decode ms/token (64 steps
 after a cached 256-token prompt), a 16-token completion after a fresh 512-token prompt, and the same
 completion after a one-token edit at the end of the prompt (what a keystroke does to an SPM prompt),
 which reuses the KV cache. Without a bundle, also the prefill of 1024- and 2048-token prompts.
 
+Beside them, in the same run (CPU only; `pip install 'codellm[bench]'`): HF transformers'
+LlamaForCausalLM.generate with random weights, and llama.cpp (llama-cpp-python) reading the same prompt
+and decoding, on a random-weight Llama of the same size written as a GGUF q8_0 file (gguf.GGUFWriter) to
+a temporary folder, with one thread and with the engine's thread count. Both are skipped with a hint when
+not installed.
+
 `--background N` measures again with N busy processes on the machine (codellm.loadgen), started and
 ended by the bench, and shows idle and loaded figures side by side for 1 and 2 threads.
 """
 from __future__ import annotations
 
+import math
+import os
 import platform
 import statistics
+import tempfile
 import time
 
 import torch
@@ -68,6 +78,133 @@ def hf_llama_generate_time(cfg: ModelConfig, prompt: torch.Tensor, repeats: int)
                            pad_token_id=0)
 
     return median_time(run, max(3, repeats // 3)), n_params
+
+
+LLAMACPP_HINT = ("llama.cpp not installed (pip install 'codellm[bench]'; llama-cpp-python builds from source: "
+                 "cmake and a C++ compiler): comparison skipped")
+
+
+def llama_ffn_size(cfg: ModelConfig) -> int:
+    """SwiGLU width with the parameters of codellm's MLP, rounded to q8_0's 32-value blocks."""
+    return max(32, round(cfg.mlp_ratio * cfg.d_model * 2 / 3 / 32) * 32)
+
+
+def write_llama_gguf(cfg: ModelConfig, path: str) -> int:
+    """Write a random-weight Llama of `cfg`'s size as GGUF with q8_0 matrices (norms float32), as
+    llama.cpp's convert_hf_to_gguf.py --outtype q8_0 does; returns its parameter count. Its vocabulary
+    is placeholder tokens: the bench hands llama.cpp token ids, never text."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    d, ff, v = cfg.d_model, llama_ffn_size(cfg), cfg.vocab_size
+    shapes = {"token_embd.weight": (v, d)}
+    if not cfg.tie_embeddings:
+        shapes["output.weight"] = (v, d)
+    for i in range(cfg.n_layer):
+        for name, shape in (("attn_q", (d, d)), ("attn_k", (d, d)), ("attn_v", (d, d)), ("attn_output", (d, d)),
+                            ("ffn_gate", (ff, d)), ("ffn_up", (ff, d)), ("ffn_down", (d, ff))):
+            shapes[f"blk.{i}.{name}.weight"] = shape
+        shapes[f"blk.{i}.attn_norm.weight"] = shapes[f"blk.{i}.ffn_norm.weight"] = (d,)
+    shapes["output_norm.weight"] = (d,)
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_context_length(-(-cfg.context_length // 256) * 256)  # llama.cpp rounds n_ctx up to 256s
+    w.add_embedding_length(d)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(ff)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_head)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_rope_freq_base(cfg.rope_base)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_vocab_size(v)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0)
+    w.add_tokenizer_model("llama")
+    w.add_token_list([f"<t{i}>" for i in range(v)])
+    w.add_token_scores([0.0] * v)
+    w.add_token_types([gguf.TokenType.CONTROL if i < 4 else gguf.TokenType.NORMAL for i in range(v)])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(0)
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            w.add_tensor(name, np.ones(shape, dtype=np.float32))
+        else:
+            data = rng.normal(0, 0.02, shape).astype(np.float32)
+            w.add_tensor(name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                         raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return sum(math.prod(s) for s in shapes.values())
+
+
+def llamacpp_runs(llm, prompt: list[int], repeats: int) -> dict:
+    """Seconds: a fresh prompt read (its last token's logits and their argmax), and a decode step
+    (DECODE_TOKENS + 1 single-token evals after the prompt's first half, as engine_times times them)."""
+    import llama_cpp
+    import numpy as np
+
+    def next_token() -> int:  # greedy, from the logits of the last token evaluated
+        logits = llama_cpp.llama_get_logits_ith(llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(logits, shape=(llm.n_vocab(),))))
+
+    def fresh_prefill():
+        llm.reset()  # the next eval drops the KV cache from position 0 on
+        llm.eval(prompt)
+        return next_token()
+
+    half = prompt[:len(prompt) // 2]
+
+    def decode_steps():
+        llm.reset()
+        llm.eval(half[:-1])
+        token = half[-1]
+        start = time.perf_counter()
+        for _ in range(DECODE_TOKENS + 1):
+            llm.eval([token])
+            token = next_token()
+        return time.perf_counter() - start
+
+    prefill = median_time(fresh_prefill, repeats)
+    decode_steps()  # warm-up
+    decode = statistics.median(decode_steps() for _ in range(repeats)) / (DECODE_TOKENS + 1)
+    return {"prefill": prefill, "decode": decode}
+
+
+def llamacpp_times(cfg: ModelConfig, prompt: list[int], repeats: int, threads: tuple[int, ...] = (1,)) -> dict | None:
+    """llama.cpp's prefill and decode seconds (llamacpp_runs) on a same-size random Llama in GGUF q8_0, for
+    each thread count: {"runs": {threads: times}, "params", "version"}; None when llama-cpp-python or gguf
+    is not installed."""
+    try:
+        import gguf  # noqa: F401
+        import llama_cpp
+    except ImportError:
+        return None
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="codellm-bench-") as folder:
+        path = os.path.join(folder, "llama-q8_0.gguf")
+        n_params = write_llama_gguf(cfg, path)
+        batch = min(cfg.context_length, max(512, len(prompt)))  # the prompt in one batch
+        for n in threads:
+            llm = llama_cpp.Llama(model_path=path, n_ctx=cfg.context_length, n_batch=batch, n_ubatch=batch,
+                                  n_threads=n, n_threads_batch=n, n_gpu_layers=0, logits_all=False, verbose=False)
+            try:
+                runs[n] = llamacpp_runs(llm, prompt, repeats)
+            finally:
+                llm.close()
+    return {"runs": runs, "params": n_params, "version": llama_cpp.__version__}
+
+
+def print_llamacpp_rows(result: dict, n_prompt: int, times: dict) -> None:
+    print(f"  llama.cpp (llama-cpp-python {result['version']}, same-size Llama in GGUF q8_0, "
+          f"{result['params'] / 1e6:.2f}M parameters), same prompt; codellm/llama.cpp time:")
+    for label, key, unit in ((f"prefill {n_prompt} tokens", "prefill", "ms"),
+                             (f"decode, {DECODE_TOKENS} steps", "decode", "ms/token")):
+        for n, run in result["runs"].items():
+            ratios = "  ".join(f"{times[p][key] / run[key]:5.2f}x ({p})" for p in PRECISIONS)
+            name = f"{label}, {n} thread{'s' if n > 1 else ''}"
+            print(f"    {name:40}{run[key] * 1000:10.2f} {unit:9}{ratios}")
 
 
 TYPING_SCRIPT = """#!/bin/bash
@@ -217,7 +354,14 @@ def main(args) -> None:
             ms, reuse = typing_comparison(engine, fmt)
             print(f"  typing a line, 8-token completion per keystroke, {fmt.upper()} prompts: median {ms:6.1f} ms, "
                   f"KV reuse {reuse:.0%}")
-    if not args.no_hf and device.type == "cpu":
+    if device.type == "cpu":
+        comparisons(args, cfg, prompt, times, engine.threads)
+
+
+def comparisons(args, cfg: ModelConfig, prompt: list[int], times: dict, threads: int) -> None:
+    """HF transformers' and llama.cpp's rows, beside the engine's `times` of the same run."""
+    fresh = times["auto"]["fresh"]
+    if not args.no_hf:
         result = hf_llama_generate_time(cfg, torch.tensor([prompt]), args.repeats)
         if result is None:
             print("  HF transformers not installed (pip install 'codellm[bench]'): comparison skipped")
@@ -226,3 +370,12 @@ def main(args) -> None:
             print(f"  HF LlamaForCausalLM.generate ({hf_params / 1e6:.2f}M parameters), same prompt and "
                   f"{NEW_TOKENS} tokens: {hf_time * 1000:8.1f} ms  -> codellm is {hf_time / fresh:.1f}x faster "
                   f"(auto), {hf_time / times['fp32']['fresh']:.1f}x (fp32)")
+    if not getattr(args, "no_llamacpp", False):
+        # the engine's thread count, and one thread: a team of threads that wait for cores other processes
+        # hold is slower than one (codellm.threads; the engine's decode step and, on a loaded machine, its
+        # prompt reading run with one)
+        result = llamacpp_times(cfg, prompt, args.repeats, threads=tuple(sorted({1, threads})))
+        if result is None:
+            print(f"  {LLAMACPP_HINT}")
+        else:
+            print_llamacpp_rows(result, len(prompt), times)

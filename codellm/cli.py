@@ -167,10 +167,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="presets and the model bundle")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("bench", help="engine speed: prefill, decode, cache reuse, beside HF transformers")
+    p = sub.add_parser("bench", help="engine speed: prefill, decode, cache reuse, beside HF transformers "
+                                     "and llama.cpp")
     p.add_argument("--preset", default="nano")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
+    p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp comparison")
     p.add_argument("--background", type=int, default=0, metavar="N",
                    help="also measure with N busy processes running (started and ended by the bench): "
                         "idle and loaded side by side, for 1 and 2 threads")
