@@ -135,10 +135,11 @@ def test_pairs_train_as_scripts_of_steps_that_go_on_after_each_command():
     records.append({"text": Pair("Print the date in UTC", "date -u").document(), "source": "other"})
     docs = pair_scripts(records, per_script=4)
     # one source's pairs stay together, several per script; a command is followed by the next step
-    assert docs[0] == ("#!/bin/bash\n\n# Step number 0 of the job\necho step0\n\n# Step number 1 of the job\n"
+    assert docs[0] == ("#!/bin/bash\n# Step number 0 of the job\necho step0\n\n# Step number 1 of the job\n"
                        "echo step1\n\n# Step number 2 of the job\necho step2\n\n# Step number 3 of the job\n"
                        "echo step3\n")
     assert len(docs) == 4 and docs[-1] == "#!/bin/bash\n\n# Print the date in UTC\ndate -u\n"
+    assert docs[1].startswith("#!/bin/bash\n\n# Step number 4")  # every other script: a blank line first
     # a command whose body is not in the pair never ends a training document
     assert not any("for f in" in d for d in docs)
     assert all(opens_block(c) for c in ("for f in *.txt; do", "if true; then", "ls |", "cat <<EOF", "f()"))

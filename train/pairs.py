@@ -143,13 +143,16 @@ def pair_scripts(records: list[dict], per_script: int = PAIRS_PER_SCRIPT) -> lis
     """Training documents from pair records (dicts with "text" as Pair.document() writes it and "source"):
     the pairs of one source, in order, per_script at a time, as one script of commented steps
     (`# description\ncommand` blocks separated by blank lines). One document per pair would end right after
-    its command, and a model trained on that learns to stop after one line. Pairs whose command leaves a
-    block open are skipped: their body is not in the pair."""
+    its command, and a model trained on that learns to stop after one line. Every other script has its
+    first description right under the shebang, the others a blank line between: a person writes both,
+    and with a blank line always there, `#!/bin/bash\n# <description>\n` was answered as real scripts'
+    headers are, with another comment. Pairs whose command leaves a block open are skipped: their body
+    is not in the pair."""
     by_source: dict[str, list[str]] = {}
     for rec in records:
         step = rec["text"].removeprefix(SHEBANG).strip("\n")
         command = step.rsplit("\n", 1)[-1]
         if not opens_block(command):
             by_source.setdefault(rec.get("source", ""), []).append(step)
-    return [SHEBANG + "\n" + "\n\n".join(steps[k:k + per_script]) + "\n"
-            for steps in by_source.values() for k in range(0, len(steps), per_script)]
+    groups = [steps[k:k + per_script] for steps in by_source.values() for k in range(0, len(steps), per_script)]
+    return [SHEBANG + "\n" * (i % 2) + "\n\n".join(group) + "\n" for i, group in enumerate(groups)]
