@@ -62,14 +62,18 @@ def cmd_complete(args):
     if args.context:
         from .crossfile import choose_context, read_context_file
         doc_path = str(Path(file).resolve()) if file != "-" else str(Path.cwd() / "stdin")
-        files = [(str(Path(f).resolve()), read_context_file(f)) for f in args.context]
-        context = choose_context(prefix, suffix, files, [], doc_path)
+        given: dict[str, str] = {}  # resolved path -> as given (errors name it so); a file named twice counts once
+        for f in args.context:
+            given.setdefault(str(Path(f).resolve()), f)
+        context = choose_context(prefix, suffix, [(p, read_context_file(f)) for p, f in given.items()], [], doc_path)
     engine = load(args.model, args.device, precision=args.precision)
     result = engine.complete_detailed(prefix, suffix, args.mode, context=context)
     sys.stdout.write(result.text + "\n")
     if args.verbose:
         print(f"[{result.mode} mode, stop: {result.stop_reason}, {result.prompt_tokens} prompt tokens, "
               f"{result.new_tokens} new, {result.seconds * 1000:.0f} ms]", file=sys.stderr)
+        for chunk in context or []:
+            print(f"[context {chunk.path}:{chunk.line + 1}: {chunk.text.splitlines()[0][:60]}]", file=sys.stderr)
 
 
 def cmd_info(args):
@@ -160,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", nargs="+", metavar="FILE", default=[],
                    help="other files (a library the script sources): their functions and assignments most "
                         "related to the lines around the cursor go before the prompt, as the server does; "
-                        "regular files of at most 256 KB")
+                        "regular files of at most 256 KB. Give it after FILE:LINE:COL (or end the list with --)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_complete)
 

@@ -79,6 +79,8 @@ def read_context_file(path: str, follow_links: bool = True) -> str:
         raise ValueError(f"{path}: {exc.strerror or exc}") from None
     if len(data) > MAX_FILE_BYTES:
         raise ValueError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KB, the most a context file may be")
+    if b"\0" in data:
+        raise ValueError(f"{path}: a binary file (it holds NUL bytes), not shell text")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -180,7 +182,7 @@ def read_sourced(text: str, doc_path: str, read: Callable[[str], str | None], ro
     (depth 2) the files those source in turn; at most `max_files`."""
     roots = list(roots)
     files: list[tuple[str, str]] = []
-    seen = {doc_path}
+    seen, texts = {doc_path}, set()  # a file reached twice (a link, `..`) gives its text once
     queue = [(text, doc_path, 1)]
     while queue and len(files) < max_files:
         current, current_path, level = queue.pop(0)
@@ -191,6 +193,9 @@ def read_sourced(text: str, doc_path: str, read: Callable[[str], str | None], ro
                 content = read(path)
                 if content is not None:
                     seen.add(path)
+                    if content in texts:
+                        break
+                    texts.add(content)
                     files.append((path, content))
                     if level < depth:
                         queue.append((content, path, level + 1))

@@ -150,10 +150,7 @@ def initialized(ls: CodellmServer, params):
 
 
 def did_change_configuration(ls: CodellmServer, params: types.DidChangeConfigurationParams):
-    settings = params.settings
-    if isinstance(settings, dict) and isinstance(settings.get("codellm"), dict):
-        settings = settings["codellm"]
-    changed = ls.settings.update(settings)
+    changed = ls.settings.update(params.settings)
     for problem in ls.settings.problems:
         ls.tell_user(problem, True)
     if {"model_path", "device", "threads"} & set(changed):

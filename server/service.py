@@ -57,13 +57,15 @@ class Settings:
                "fileContext": "file_context"}
 
     def update(self, options: dict | None) -> list[str]:
-        """Apply a dict of options (camelCase or snake_case); returns the names that changed. A value
-        that cannot be read keeps the previous one and is listed in `self.problems` (cleared by each
-        call), one line per setting, for the user."""
+        """Apply a dict of options (camelCase or snake_case, flat or under a "codellm" key, as editors
+        send them); returns the names that changed. A value that cannot be read keeps the previous one
+        and is listed in `self.problems` (cleared by each call), one line per setting, for the user."""
         changed: list[str] = []
         self.problems = []
         if not isinstance(options, dict):
             return changed
+        if isinstance(options.get("codellm"), dict):
+            options = {**{k: v for k, v in options.items() if k != "codellm"}, **options["codellm"]}
         known = {f.name for f in fields(self)}
         for key, value in options.items():
             name = self.ALIASES.get(key, key)

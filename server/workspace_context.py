@@ -133,7 +133,8 @@ class WorkspaceContext:
             return None
         try:
             info = os.stat(path)
-            key = (path, info.st_mtime_ns, info.st_size)
+            # the folders are part of the key: a link's target may be inside some folders and not others
+            key = (path, info.st_mtime_ns, info.st_size, tuple(folders))
         except (OSError, ValueError):  # ValueError: a NUL byte in the path
             return None
         if key not in self._disk:

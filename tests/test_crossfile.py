@@ -7,7 +7,10 @@ import sys
 
 from lsprotocol import types
 
+import pytest
+
 from codellm import crossfile
+from codellm.crossfile import read_context_file, read_sourced
 from codellm.prompt import ContextChunk, build_prompt, build_prompt_with_context, format_context
 from codellm.server.workspace_context import MAX_FILE_BYTES, OpenDocumentRing, WorkspaceContext, read_workspace_file
 from codellm.train.data import Mixture, build_epoch
@@ -220,7 +223,10 @@ def test_cli_complete_takes_context_files(bundle_path, tmp_path, capsys):
 
 
 LINEAR_CHECK = """
+import pytest
+
 from codellm import crossfile
+from codellm.crossfile import read_context_file, read_sourced
 from codellm.server.lsp import word_before_cursor
 spaces = " " * 200_000
 line = "function a" + spaces + "x"
@@ -360,3 +366,33 @@ def test_paths_outside_the_workspace_are_never_looked_at(tmp_path, monkeypatch):
     outside = [p for p in looked_at if not (p == str(ws) or p.startswith(f"{ws}/"))]
     assert all(str(ws).startswith(p) for p in outside), outside  # only the folders above the workspace
     assert len(looked_at) < 20 * crossfile.MAX_SOURCE_LINES  # not one look per source line
+
+
+def test_a_file_reached_twice_gives_its_text_once(tmp_path):
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "common.sh").write_text(LIB)
+    (tmp_path / "link.sh").symlink_to(tmp_path / "lib" / "common.sh")
+    script = ". ./lib/common.sh\n. ./link.sh\n. ./lib/../lib/common.sh\n"
+    files = read_sourced(script, str(tmp_path / "run.sh"), lambda p: read_workspace_file(p, [str(tmp_path)]))
+    assert [p for p, _ in files] == [str(tmp_path / "lib" / "common.sh")]
+
+
+def test_a_linked_file_follows_the_workspace_folders_as_they_change(tmp_path):
+    ws, outside = tmp_path / "ws", tmp_path / "outside"
+    ws.mkdir()
+    outside.mkdir()
+    (outside / "secret.sh").write_text("secret_function() {\n  echo secret\n}\n")
+    (ws / "link.sh").symlink_to(outside / "secret.sh")
+    folders = [str(ws)]
+    context = WorkspaceContext(lambda uri: None, lambda: folders)
+    assert context.read(str(ws / "link.sh")) is None
+    folders.append(str(outside))
+    assert "secret_function" in context.read(str(ws / "link.sh"))
+    folders.pop()
+    assert context.read(str(ws / "link.sh")) is None
+
+
+def test_a_context_file_holding_nul_bytes_is_refused(tmp_path):
+    (tmp_path / "blob.sh").write_bytes(b"a\0b\0\x01\x02")
+    with pytest.raises(ValueError, match="NUL bytes"):
+        read_context_file(str(tmp_path / "blob.sh"))

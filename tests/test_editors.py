@@ -108,6 +108,22 @@ def test_neovim_with_bash_language_server_alongside(bundle_path, tmp_path, shell
         nv.close()
 
 
+
+def test_neovim_declares_the_project_folder_as_the_workspace(bundle_path, tmp_path):
+    project = tmp_path / "project"
+    (project / ".git").mkdir(parents=True)
+    (project / "bin").mkdir()
+    script = project / "bin" / "deploy.sh"
+    script.write_text("#!/bin/bash\n. ../lib/common.sh\nlog_\n")
+    nv = nvim_session(bundle_path, tmp_path, None)
+    try:
+        nv.command(f"edit {script}")
+        folders = wait(lambda: nv.exec_lua("local c = vim.lsp.get_clients({bufnr = 0, name = 'codellm'})[1]\n"
+                                           "return c ~= nil and c.initialized == true and c.workspace_folders"))
+        assert [f["name"] for f in folders] == [str(project)]
+    finally:
+        nv.close()
+
 # ---------------------------------------------------------------------------------------------- VS Code
 
 def test_vscode_package_json_is_a_valid_extension_manifest():

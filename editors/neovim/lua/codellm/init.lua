@@ -14,6 +14,9 @@ M.defaults = {
   cut_confidence = nil,               -- 0-1: end a suggestion before a token less sure than this
   file_context = false,               -- context from sourced files and other open shell buffers
   filetypes = { "sh", "bash", "zsh" },
+  -- a file's project: the nearest folder above it holding one of these; it is declared to the server as
+  -- the workspace folder that sourced files may be read from (file_context). None found: no folder.
+  root_markers = { ".git", ".hg", ".svn" },
   autotrigger = true,                 -- ask while typing (0.11 popup); false: only on <C-x><C-o>
 }
 
@@ -47,6 +50,7 @@ function M.setup(opts)
   vim.lsp.config("codellm", {
     cmd = M.config.cmd,
     filetypes = M.config.filetypes,
+    root_markers = M.config.root_markers,
     init_options = M.init_options(M.config),
     on_attach = on_attach,
   })
