@@ -58,6 +58,7 @@ MAX_DEF_LINES = 3  # a longer function is shown by its first line, "# ..." and i
 MAX_LINE_CHARS = 200
 MAX_SCAN_CHARS = 1000  # a longer line is never taken for a definition's first line
 CHUNK_LINES = 12
+MAX_PATH_CHARS = 4096  # a longer word or worked-out value is no path (PATH_MAX)
 MAX_SOURCE_LINES = 32  # the distinct source lines of a file that are followed
 MAX_FILE_BYTES = 256 * 1024  # a larger file gives no context (the server and `codellm complete --context`)
 
@@ -127,8 +128,16 @@ def _expand(word: str, known: dict[str, str]) -> str | None:
     None where anything else would need a running shell."""
     for form in SCRIPT_DIR_FORMS:
         word = form.sub(lambda m: HERE, word)
-    word = re.sub(r"\$\{([A-Za-z_]\w*)\}|\$([A-Za-z_]\w*)",
-                  lambda m: known.get(m.group(1) or m.group(2), "\x01"), word)
+    if len(word) > MAX_PATH_CHARS:
+        return None
+    room = [MAX_PATH_CHARS]  # what variables may add: `A=$B$B` lines would double a value each time
+
+    def value_of(m: re.Match) -> str:
+        value = known.get(m.group(1) or m.group(2), "\x01")
+        room[0] -= len(value)
+        return value if room[0] >= 0 else "\x01"
+
+    word = re.sub(r"\$\{([A-Za-z_]\w*)\}|\$([A-Za-z_]\w*)", value_of, word)
     out, quote = [], ""
     for ch in word:
         if ch in "\"'" and (not quote or quote == ch):

@@ -5,6 +5,8 @@ import os
 
 import torch
 
+from .threads import check_threads, threads_from_env
+
 
 def choose_device(preference: str | None = None) -> torch.device:
     """cuda > mps > cpu unless `preference` (or $CODELLM_DEVICE) names one.
@@ -49,7 +51,9 @@ def physical_cores() -> int:
 
 
 def set_threads(threads: int | None = None) -> int:
-    n = threads or int(os.environ.get("CODELLM_THREADS", 0)) or physical_cores()
+    """Set torch's CPU threads: `threads`, else $CODELLM_THREADS, else the physical cores. Raises ValueError
+    for a count outside 1..MAX_THREADS."""
+    n = check_threads(threads) if threads else threads_from_env() or physical_cores()
     torch.set_num_threads(n)
     return n
 

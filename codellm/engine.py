@@ -2,7 +2,6 @@
 token healing, sampled generation, and stop rules (end of text, newline, token budget, deadline)."""
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass, field
@@ -16,7 +15,7 @@ from .decode import Decoder, decode_tokens, int8_matmul_available
 from .lookahead import GUESS_TOKENS, PromptLookup
 from .device import choose_device, cpu_has_bf16, set_threads
 from .kvcache import KVCache
-from .threads import LoadWatch
+from .threads import LoadWatch, threads_from_env
 from .postprocess import (BLANK_LINE_AFTER_CONTENT, Context, ends_in_loop, first_repeated_line, postprocess,
                           safe_cut)
 from .prompt import (ContextChunk, Prompt, build_prompt, build_prompt_with_context, choose_format, file_start,
@@ -86,7 +85,7 @@ class Engine:
         if self.device.type == "cpu":
             self.threads = set_threads(threads)
         # with no thread count chosen, prompt reading uses the cores other processes leave free (codellm.threads)
-        chosen = threads or os.environ.get("CODELLM_THREADS")
+        chosen = threads or threads_from_env()
         self.load = LoadWatch() if self.device.type == "cpu" and not chosen and self.threads > 1 else None
         self.bundle = bundle
         self.tokenizer = bundle.tokenizer

@@ -18,6 +18,29 @@ import time
 WAIT_POLICY = "OMP_WAIT_POLICY"
 
 
+MAX_THREADS = 1024
+THREADS_ENV = "CODELLM_THREADS"
+
+
+def check_threads(threads: int, name: str = "--threads") -> int:
+    """`threads` if it is a whole number from 1 to MAX_THREADS; ValueError naming the setting otherwise."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"{name} {threads!r}: a thread count is a whole number from 1 to {MAX_THREADS}")
+    return threads
+
+
+def threads_from_env() -> int | None:
+    """The thread count $CODELLM_THREADS asks for; None when unset, empty or 0 (the default). Raises
+    ValueError, naming the variable, for anything else that is not 1..MAX_THREADS."""
+    raw = os.environ.get(THREADS_ENV, "").strip()
+    if raw in ("", "0"):
+        return None
+    try:
+        return check_threads(int(raw), THREADS_ENV)
+    except ValueError:
+        raise ValueError(f"{THREADS_ENV}={raw!r}: a thread count is a whole number from 1 to {MAX_THREADS}") from None
+
+
 def prefer_passive_waits() -> bool:
     """Ask the OpenMP runtime for the passive wait policy unless the user chose one ($OMP_WAIT_POLICY).
     Only works before the runtime loads (before `import torch`); returns whether it applies."""
@@ -48,12 +71,14 @@ class LoadWatch:
         try:
             with open(self.path) as f:
                 lines = f.read().splitlines()
-            fields = [int(v) for v in lines[0].split()[1:]]
+            fields = [int(v) for v in lines[0].split()[1:]] if lines and lines[0].startswith("cpu ") else []
+            if len(fields) < 4:
+                return None
             cpus = sum(1 for l in lines if l.startswith("cpu") and l[3:4].isdigit())
-        except (OSError, ValueError, IndexError):
+            idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+            busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user time
+        except (OSError, ValueError, OverflowError):
             return None
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        busy = (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")  # guest time is already in user time
         own = sum(os.times()[:2])
         return time.monotonic(), busy, max(1, cpus), own
 

@@ -8,7 +8,7 @@ import os
 import socket
 import sys
 
-from codellm.threads import prefer_passive_waits
+from codellm.threads import check_threads, prefer_passive_waits, threads_from_env
 
 prefer_passive_waits()  # before torch loads (it loads the OpenMP runtime): see codellm.threads
 
@@ -91,6 +91,12 @@ def main(argv=None) -> int:
               "are allowed, since it serves your documents", file=sys.stderr)
         return 2
     setup_logging(args.log_file, args.verbose)
+    try:  # before the model starts loading with them
+        if args.threads is not None:
+            check_threads(args.threads)
+        threads_from_env()
+    except ValueError as exc:
+        parser.error(str(exc))
 
     # the model loads (torch included) on the model thread while the LSP library loads here and the
     # editor starts: the first suggestion waits for neither

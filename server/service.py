@@ -18,6 +18,7 @@ from typing import ClassVar
 from codellm.postprocess import Context, postprocess
 from codellm.prompt import ContextChunk, join_line_endings, split_line_endings
 from codellm.shell import choose_mode, text_follows_cursor
+from codellm.threads import MAX_THREADS
 
 from .model_holder import ModelHolder
 
@@ -142,7 +143,7 @@ def _device(value):
 SETTING_RULES = {
     "model_path": _path,
     "device": _device,
-    "threads": _integer(1, 1024),
+    "threads": _integer(1, MAX_THREADS),
     "max_tokens": _integer(1, 65536, allow_none=True),
     "multiline": _choice("auto", "always", "never"),
     "completion_items": _choice("auto", "always", "never"),

@@ -396,3 +396,12 @@ def test_a_context_file_holding_nul_bytes_is_refused(tmp_path):
     (tmp_path / "blob.sh").write_bytes(b"a\0b\0\x01\x02")
     with pytest.raises(ValueError, match="NUL bytes"):
         read_context_file(str(tmp_path / "blob.sh"))
+
+
+def test_variables_that_double_each_line_stay_bounded():
+    import time
+    lines = ["A0=xx"] + [f"A{i}=$A{i - 1}$A{i - 1}" for i in range(1, 40)] + ["source $A39/lib.sh", "source $A5/lib.sh"]
+    start = time.perf_counter()
+    found = crossfile.sourced_paths("\n".join(lines) + "\n", "/w/s.sh")
+    assert time.perf_counter() - start < 5  # unbounded, the 40 lines would ask for 2**40 characters
+    assert found == [["/w/" + "xx" * 32 + "/lib.sh"]]  # A5 (64 characters) still resolves; A39 is no path

@@ -71,3 +71,27 @@ def test_only_an_engine_with_no_chosen_thread_count_adapts(bundle_path):
     assert Engine(bundle, "cpu", threads=2).load is None
     if Engine(bundle, "cpu").threads > 1 and "CODELLM_THREADS" not in os.environ:
         assert Engine(bundle, "cpu").load is not None
+
+
+def test_thread_settings_outside_1_to_1024_are_refused_before_the_model_loads(bundle_path):
+    environ = {k: v for k, v in os.environ.items() if k != "CODELLM_THREADS"}
+    serve = [sys.executable, "-m", "codellm.server.cli", "--model", str(bundle_path)]
+    for args, env, named in ((["--threads", "100000"], {}, "--threads"), ([], {"CODELLM_THREADS": "-1"}, "CODELLM_THREADS"),
+                             ([], {"CODELLM_THREADS": "abc"}, "CODELLM_THREADS")):
+        done = subprocess.run(serve + args, env={**environ, **env}, capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+        assert done.returncode == 2 and named in done.stderr, (args, env, done.stderr[-300:])
+    from codellm.threads import threads_from_env
+    for unset in ("", "0", " "):
+        os.environ["CODELLM_THREADS"] = unset
+        try:
+            assert threads_from_env() is None
+        finally:
+            del os.environ["CODELLM_THREADS"]
+
+
+def test_a_short_or_garbled_machine_line_is_no_reading(tmp_path):
+    from codellm.threads import LoadWatch
+    for text in ("cpu 1 2 3\ncpu0\n", "cpu\n", "intr 1 2 3 4 5\n", "cpu " + " ".join(["9" * 400] * 8) + "\n"):
+        (tmp_path / "stat").write_text(text)
+        assert LoadWatch(str(tmp_path / "stat")).team(2) == 2, text

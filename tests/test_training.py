@@ -196,3 +196,12 @@ def test_a_pair_share_of_one_is_refused(tmp_path, bundle_path):
     from codellm.train.stages import run_stage
     with pytest.raises(ValueError, match="--pair-share"):
         run_stage("code", tmp_path, tmp_path / "out", TrainConfig(max_steps=1), from_bundle=bundle_path, pair_share=1.0)
+
+
+@pytest.mark.parametrize("bad", ["1.5", "0.95", "-0.1", "nan", "inf", "abc"])
+def test_a_bad_pair_share_is_refused_before_any_work(tmp_path, capsys, bad):
+    from codellm.train.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["code", "--corpus", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--pair-share", bad])
+    assert exit_.value.code == 2 and "--pair-share" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()

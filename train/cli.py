@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from .loop import COMPILE_AUTO_MIN_SECONDS, TrainConfig, distributed
+from .pairs import MAX_PAIR_SHARE
 
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
@@ -24,10 +25,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int, default=50)
     g.add_argument("--context-length", type=int, default=None)
     g.add_argument("--fim-rate", type=float, default=0.5)
-    g.add_argument("--pair-share", type=float, default=None,
+    g.add_argument("--pair-share", type=share(MAX_PAIR_SHARE), default=None,
                    help="code stage: share of the training characters that are comment-to-command scripts "
-                        "(pairs.py), drawn again in new orders when the pairs are fewer (default 0.2; 0: off)")
-    g.add_argument("--context-rate", type=float, default=None,
+                        "(pairs.py), drawn again in new orders when the pairs are fewer (default 0.2; 0: off; at most 0.9)")
+    g.add_argument("--context-rate", type=share(1.0), default=None,
                    help="code stage: share of shell files that also train with definitions from files of their "
                         "package (what they source, else their folder) placed before them, as the server shows "
                         "context from other files (default 0.2; 0: off)")
@@ -75,6 +76,19 @@ def train_config(args) -> TrainConfig:
                        max_steps=args.max_steps, num_epochs=num_epochs, time_budget=args.time_budget,
                        warmup_steps=args.warmup_steps, seed=args.seed, checkpoint_every=args.checkpoint_every,
                        eval_every=args.eval_every, compile=args.compile, precision=args.precision, stop_after=args.stop_after)
+
+
+def share(upper: float):
+    """An argparse type: a number from 0 to `upper`, refused (with the range) before any work starts."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        if not 0 <= value <= upper:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number from 0 to {upper}")
+        return value
+    return parse
 
 
 def mix_options(args) -> dict:

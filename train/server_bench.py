@@ -36,8 +36,9 @@ def heldout_scripts(corpus: Path, split: str = "val") -> list[str]:
 
 
 def load_scripts(corpus: Path | None, folder: Path | None, count: int) -> list[str]:
-    if folder:
-        return [p.read_text(errors="replace") for p in sorted(folder.glob("*.sh"))][:count]
+    if folder:  # regular files only (a FIFO would never end), and ones with something to type
+        texts = [p.read_text(errors="replace") for p in sorted(folder.glob("*.sh")) if p.is_file()]
+        return [t for t in texts if t.strip()][:count]
     texts = [t for t in heldout_scripts(corpus) if 20 < t.count("\n") < 3000]
     random.Random(0).shuffle(texts)
     return texts[:count]
@@ -163,7 +164,7 @@ def typing_main(args) -> None:
     results, curves = {}, {}
     for split in args.splits.split(","):
         if args.scripts_dir:
-            texts = [p.read_text(errors="replace") for p in sorted(args.scripts_dir.glob("*.sh"))]
+            texts = [p.read_text(errors="replace") for p in sorted(args.scripts_dir.glob("*.sh")) if p.is_file()]
         else:
             texts = heldout_scripts(args.corpus, split)
         regions = keystrokes.pick_regions(texts, args.keystrokes)

@@ -15,7 +15,7 @@ from codellm.tokenizer import Tokenizer
 
 from .corpus import read_records, read_texts
 from .data import Mixture, read_texts_with_places
-from .pairs import pair_scripts
+from .pairs import MAX_PAIR_SHARE, PAIR_SHARE_IN_CODE_STAGE, pair_scripts
 from .datacard import data_card
 from .loop import TrainConfig, distributed, train_stage
 from .recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
@@ -23,9 +23,6 @@ from .recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
 ENGLISH_SHARE_IN_CODE_STAGE = 0.05
 # share of shell files that also train with context from sibling files of their package before them
 CONTEXT_RATE_IN_CODE_STAGE = 0.2
-# share of the code stage's characters that are comment-to-command scripts: at their natural ~5 % of the
-# corpus, a description comment was followed by another comment in 94-99 % of held-out cases
-PAIR_SHARE_IN_CODE_STAGE = 0.2
 
 
 def train_tokenizer(corpus: Path, out: Path, vocab_size: int = 8192, max_mb: float = 60.0, log=print) -> Tokenizer:
@@ -86,8 +83,8 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
     a `context_rate` share of the files also with context from their package's files, codellm.prompt;
     comment-to-command scripts as a `pair_share` of the characters). Raises ValueError for a share
     outside [0, 1)."""
-    if not (0 <= pair_share < 1 and 0 <= context_rate <= 1):
-        raise ValueError(f"--pair-share must be in [0, 1) and --context-rate in [0, 1] "
+    if not (0 <= pair_share <= MAX_PAIR_SHARE and 0 <= context_rate <= 1):
+        raise ValueError(f"--pair-share must be in [0, {MAX_PAIR_SHARE}] and --context-rate in [0, 1] "
                          f"(got {pair_share} and {context_rate})")
     dev = choose_device(device)
     if dev.type == "cpu":
@@ -107,6 +104,10 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
         pairs = list(read_records(corpus / PAIRS_FILE, "train"))
         shell, places = read_texts_with_places(corpus / SHELL_FILE, "train")
         scripts = pair_scripts(pairs)
+        if pair_share and not scripts:
+            log(f"stage code: no comment-to-command pairs in {corpus / PAIRS_FILE}: --pair-share {pair_share} "
+                "has nothing to draw, training on the shell files alone")
+            pair_share = 0.0
         mix = Mixture(shell, fim_rate, english, ENGLISH_SHARE_IN_CODE_STAGE, places, context_rate,
                       scripts, pair_share)
         val = Mixture(read_texts(corpus / SHELL_FILE, "val"), fim_rate)
