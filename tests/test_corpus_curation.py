@@ -201,3 +201,12 @@ def test_the_card_keeps_every_file_hash_once_per_corpus():
     assert len(card["corpora"]) == 2  # two stages on the same corpus share one list
     assert sorted(stage_files(card, "code")) == [("debian:a", shas[0]), ("debian:b", shas[1])]
     assert sorted(stage_files(card, "code-2")) == sorted(("npm:c", d) for d in shas[2:])
+
+
+def test_a_sh_first_line_that_hands_over_to_tcl_is_not_shell():
+    from pathlib import Path
+    from codellm.train.corpus import shell_text_or_reason
+    tcl = b'#!/bin/sh\n# the next line restarts using wish \\\nexec wish "$0" "$@"\nbutton .b -text hi\n'
+    assert shell_text_or_reason(Path("gui"), tcl) == (None, "not shell")
+    wrapper = b'#!/bin/sh\nexec "$0.real" "$@"\n'  # a shell wrapper stays
+    assert shell_text_or_reason(Path("run"), wrapper) == (wrapper.decode(), "")
