@@ -166,3 +166,10 @@ def test_typing_into_the_real_server(bundle_path):
     assert tally.characters == len(region.text)
     assert tally.requests == tally.keystrokes <= tally.characters == len(region.text)
     assert status.requests == tally.requests
+
+
+def test_settings_are_read_flat_or_under_a_codellm_key():
+    for options in ({"fileContext": True, "minConfidence": 0.4}, {"codellm": {"fileContext": True, "minConfidence": 0.4}}):
+        settings = Settings()
+        assert sorted(settings.update(options)) == ["file_context", "min_confidence"]
+        assert settings.file_context is True and settings.min_confidence == 0.4
