@@ -16,8 +16,6 @@ import sys
 import time
 
 WAIT_POLICY = "OMP_WAIT_POLICY"
-
-
 MAX_THREADS = 1024
 THREADS_ENV = "CODELLM_THREADS"
 

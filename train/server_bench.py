@@ -35,10 +35,16 @@ def heldout_scripts(corpus: Path, split: str = "val") -> list[str]:
     return read_texts(corpus / SHELL_FILE, split)
 
 
+def folder_scripts(folder: Path) -> list[str]:
+    """The texts of a folder's *.sh files: regular files only (a FIFO would never end), and only those
+    with something to type."""
+    texts = [p.read_text(errors="replace") for p in sorted(folder.glob("*.sh")) if p.is_file()]
+    return [t for t in texts if t.strip()]
+
+
 def load_scripts(corpus: Path | None, folder: Path | None, count: int) -> list[str]:
-    if folder:  # regular files only (a FIFO would never end), and ones with something to type
-        texts = [p.read_text(errors="replace") for p in sorted(folder.glob("*.sh")) if p.is_file()]
-        return [t for t in texts if t.strip()][:count]
+    if folder:
+        return folder_scripts(folder)[:count]
     texts = [t for t in heldout_scripts(corpus) if 20 < t.count("\n") < 3000]
     random.Random(0).shuffle(texts)
     return texts[:count]
@@ -164,7 +170,7 @@ def typing_main(args) -> None:
     results, curves = {}, {}
     for split in args.splits.split(","):
         if args.scripts_dir:
-            texts = [p.read_text(errors="replace") for p in sorted(args.scripts_dir.glob("*.sh")) if p.is_file()]
+            texts = folder_scripts(args.scripts_dir)
         else:
             texts = heldout_scripts(args.corpus, split)
         regions = keystrokes.pick_regions(texts, args.keystrokes)

@@ -81,8 +81,8 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
               context_rate: float = CONTEXT_RATE_IN_CODE_STAGE, pair_share: float = PAIR_SHARE_IN_CODE_STAGE) -> Path:
     """Train one stage and save a bundle at `out`. stage: "language" (English, plain) or "code" (shell, FIM;
     a `context_rate` share of the files also with context from their package's files, codellm.prompt;
-    comment-to-command scripts as a `pair_share` of the characters). Raises ValueError for a share
-    outside [0, 1)."""
+    comment-to-command scripts as a `pair_share` of the characters). Raises ValueError for a pair share
+    outside [0, MAX_PAIR_SHARE] or a context rate outside [0, 1]."""
     if not (0 <= pair_share <= MAX_PAIR_SHARE and 0 <= context_rate <= 1):
         raise ValueError(f"--pair-share must be in [0, {MAX_PAIR_SHARE}] and --context-rate in [0, 1] "
                          f"(got {pair_share} and {context_rate})")
