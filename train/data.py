@@ -63,21 +63,22 @@ class Mixture:
 MAX_SIBLINGS = 8  # sibling files whose definitions a training example's context is chosen from
 
 
-def sibling_context(piece: str, text: str, place: str, folders: dict[str, list[tuple[str, str]]], budget: int,
-                    tok: Tokenizer, rng: random.Random) -> str:
-    """Context for a training chunk `piece` of the file `text` at `place`: definitions from the files it
-    sources within its package when there are any, else from other files of its folder, chosen and
-    formatted as the server does (codellm.crossfile, codellm.prompt.format_context)."""
-    source, path = place.split(":", 1)
+def sourced_files(text: str, path: str, package: dict[str, str]) -> list[tuple[str, str]]:
+    """The files of its package that the file at `path` sources (codellm.crossfile.read_sourced)."""
+    return crossfile.read_sourced(text, path, package.get, ["/"]) if crossfile.SOURCE_LINE.search(text) else []
+
+
+def folder_files(path: str, package: dict[str, str], rng: random.Random) -> list[tuple[str, str]]:
+    """Up to MAX_SIBLINGS other files of the folder of `path`."""
     folder = posixpath.dirname(path)
-    package = {p: t for (p, t) in folders.get(source, [])}
-    sourced = crossfile.read_sourced(text, path, package.get, ["/"])
-    if not sourced:
-        siblings = [(p, t) for p, t in package.items() if posixpath.dirname(p) == folder and p != path]
-        sourced = rng.sample(siblings, min(MAX_SIBLINGS, len(siblings)))
-    if not sourced:
-        return ""
-    chosen = fit_context(tok, crossfile.choose_context(piece, "", sourced, [], path), budget)
+    siblings = [(p, t) for p, t in package.items() if posixpath.dirname(p) == folder and p != path]
+    return rng.sample(siblings, min(MAX_SIBLINGS, len(siblings)))
+
+
+def sibling_context(piece: str, path: str, files: list[tuple[str, str]], budget: int, tok: Tokenizer) -> str:
+    """Context for a training chunk `piece` of the file at `path`: definitions from `files`, chosen and
+    formatted as the server does (codellm.crossfile, codellm.prompt.format_context)."""
+    chosen = fit_context(tok, crossfile.choose_context(piece, "", files, [], path), budget) if files else []
     return format_context(chosen) if chosen else ""
 
 
@@ -116,23 +117,30 @@ def drawn_to(texts: list[str], chars: float, rng: random.Random) -> list[str]:
 
 
 def with_context(tok: Tokenizer, mix: Mixture, context_length: int, seed: int, epoch: int) -> list[tuple[str, str]]:
-    """(chunk, context) examples added to an epoch: for a `context_rate` share of the main documents'
-    chunks, a shorter chunk (room left for the context) with context from its siblings."""
+    """(chunk, context) examples added to an epoch: a shorter chunk (room left for the context) with
+    context from its siblings, for every main document that sources a file of its package (where
+    serving's context matters most) and for a `context_rate` share of the others."""
     rng = random.Random(f"{seed}:{epoch}:context")
     budget = int(context_length * CONTEXT_SHARE)
     max_chars = int((context_length - budget) * CHARS_PER_TOKEN)
-    packages: dict[str, list[tuple[str, str]]] = {}
+    packages: dict[str, dict[str, str]] = {}
     for text, place in zip(mix.texts, mix.paths):
         if place:
             source, path = place.split(":", 1)
-            packages.setdefault(source, []).append((path, text))
+            packages.setdefault(source, {})[path] = text
     examples = []
     for text, place in zip(mix.texts, mix.paths):
-        if not place or rng.random() >= mix.context_rate:
+        if not place:
             continue
+        source, path = place.split(":", 1)
+        files = sourced_files(text, path, packages[source])
+        if not files:
+            if rng.random() >= mix.context_rate:
+                continue
+            files = folder_files(path, packages[source], rng)
         pieces = chunk_text(text, max_chars)
         piece = pieces[rng.randrange(len(pieces))]
-        context = sibling_context(piece, text, place, packages, budget, tok, rng)
+        context = sibling_context(piece, path, files, budget, tok)
         if context:
             examples.append((piece, context))
     return examples
