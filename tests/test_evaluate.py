@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from codellm.train.corpus import record, write_records
-from codellm.train.evaluate import block_openers
+from codellm.train.evaluate import block_openers, call_points, round_robin
 from codellm.train.recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
 
 from conftest import ENGLISH_SAMPLES, SHELL_SAMPLES
@@ -31,6 +31,25 @@ def test_block_openers_are_the_only_open_block():
     prefixes = block_openers([HELDOUT], 10, random.Random(0))
     assert sorted(p.rstrip("\n").rsplit("\n", 1)[-1] for p in prefixes) == [
         'for f in "$@"; do', "if [ -d /tmp/out ]; then", "log() {"]
+
+
+def test_cross_file_cuts_only_where_another_file_is_needed():
+    script = ("#!/bin/bash\n. ./lib.sh\nlog_info start\nfetch_release v1\nlog_info again\n"
+              "# then check_sum runs\ncheck_sum out.tar\nlog_error() { :; }\n")
+    points = call_points(script, {"log_info", "fetch_release", "check_sum"})
+    starts = [p for p in points if p["kind"] == "call_start"]
+    # first calls only; check_sum is named in a comment above its call, so the file itself tells it
+    assert [p["target"] for p in starts] == ["log_info start", "fetch_release v1"]
+    mid = [p for p in points if p["kind"] == "call_mid"]
+    assert [p["prefix"][-3:] for p in mid] == ["log", "fet"] and mid[0]["target"] == "_info start"
+    assert all(p["prefix"] + p["target"] + p["suffix"] == script for p in starts)
+
+
+def test_cross_file_sample_takes_each_package_in_turn():
+    many, few = [{"pkg": "big", "k": k} for k in range(50)], [{"pkg": "small", "k": k} for k in range(2)]
+    picked = round_robin([many, few], 6)
+    assert [p["pkg"] for p in picked] == ["big", "small", "big", "small", "big", "big"]
+    assert round_robin([[], few], 10) == few
 
 
 def test_two_bundles_compare_on_every_split(bundle_path, tmp_path):

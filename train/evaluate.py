@@ -257,32 +257,46 @@ def package_files(records: list[dict]) -> dict[str, dict[str, str]]:
 
 
 def call_points(text: str, names: set[str]) -> list[dict]:
-    """Cut points at each line that calls one of `names` (the function name is the line's first word):
-    at the start of the name ("call_start") and after its first three characters ("call_mid", as when a
-    person has begun typing it); the target is the rest of the line."""
-    points, offset = [], 0
+    """Cut points at the first call of each of `names` (a line whose first word is the name, which the
+    text above it never mentions, so only another file can tell it): at the start of the name
+    ("call_start") and after its first three characters ("call_mid", as when a person has begun typing
+    it); the target is the rest of the line."""
+    points, offset, mentioned = [], 0, set()
     for line in text.split("\n"):
         stripped = line.lstrip()
         word = re.match(r"[A-Za-z_][\w:.-]*", stripped)
-        if word and word.group(0) in names and not re.match(r"(function\s)?[\w:.-]+\s*\(\s*\)", stripped) \
-                and len(line) < 300:
+        name = word.group(0) if word else ""
+        if name in names and name not in mentioned and len(line) < 300 \
+                and not re.match(r"(function\s)?[\w:.-]+\s*\(\s*\)", stripped):
             start = offset + len(line) - len(stripped)
-            for kind, typed in (("call_start", 0), ("call_mid", min(3, len(word.group(0)) - 1))):
+            for kind, typed in (("call_start", 0), ("call_mid", min(3, len(name) - 1))):
                 points.append({"kind": kind, "prefix": text[:start + typed], "suffix": text[offset + len(line):],
                                "target": stripped[typed:]})
+        mentioned.update(re.findall(r"[A-Za-z_][\w:.-]*", line))
         offset += len(line) + 1
     return points
 
 
+def round_robin(groups: list[list[dict]], n: int) -> list[dict]:
+    """Up to `n` items taken from each group in turn, so that no package's many scripts fill the sample."""
+    picked, queues = [], [list(g) for g in groups if g]
+    while queues and len(picked) < n:
+        picked.extend(q.pop(0) for q in queues)
+        queues = [q for q in queues if q]
+    return picked[:n]
+
+
 def cross_file(engine: Engine, records: list[dict], n: int = 200, others: int = 200, seed: int = 0) -> dict | None:
     """Line completion where the answer needs another file: held-out scripts that source a file of their
-    own package, cut at calls of functions that file defines (and the script does not), with and without
-    the sourced file's definitions as context (codellm.crossfile), same model. Beside it, ordinary cut
+    own package, cut at the first call of each function that file defines (and the script does not), with
+    and without the sourced file's definitions as context (codellm.crossfile), same model; the sample takes
+    each package in turn. Beside it, ordinary cut
     points (cut_points) in the same scripts, with and without the context, to show nothing is lost.
     EM as in line_completion; "name" is the share whose first word is the called function."""
     rng = random.Random(seed)
-    calls, plain = [], []
-    for files in package_files(records).values():
+    calls: dict[str, list[dict]] = {}
+    plain = []
+    for package, files in sorted(package_files(records).items()):
         for doc_path, text in sorted(files.items()):
             sourced = crossfile.read_sourced(text, doc_path, files.get, ["/"])
             if not sourced:
@@ -290,14 +304,16 @@ def cross_file(engine: Engine, records: list[dict], n: int = 200, others: int = 
             own = {crossfile.function_name(c.text) for c in crossfile.definitions(text, doc_path)}
             names = {crossfile.function_name(c.text) for _, t in sourced for c in crossfile.definitions(t, "")} - own
             for p in call_points(text, names):
-                calls.append({**p, "doc_path": doc_path, "sourced": sourced})
+                calls.setdefault(package, []).append({**p, "doc_path": doc_path, "sourced": sourced})
             for p in cut_points([text], max(4, others // 10), rng):
                 plain.append({**p, "doc_path": doc_path, "sourced": sourced})
     if not calls:
         return None
-    rng.shuffle(calls)
+    for points in calls.values():
+        rng.shuffle(points)
     rng.shuffle(plain)
-    picked = {kind: [p for p in calls if p["kind"] == kind][:n // 2] for kind in ("call_start", "call_mid")}
+    picked = {kind: round_robin([[p for p in points if p["kind"] == kind] for points in calls.values()], n // 2)
+              for kind in ("call_start", "call_mid")}
     picked["other_cuts"] = plain[:others]
     result = {}
     for kind, points in picked.items():
@@ -310,7 +326,8 @@ def cross_file(engine: Engine, records: list[dict], n: int = 200, others: int = 
         result[kind] = {label: {"em": round(100 * sum(r[0] for r in items) / max(1, len(items)), 1),
                                 "first_word": round(100 * sum(r[1] for r in items) / max(1, len(items)), 1),
                                 "n": len(items)} for label, items in rows.items()}
-    result["scripts"] = len({p["doc_path"] for p in calls})
+    result["scripts"] = len({p["doc_path"] for points in calls.values() for p in points})
+    result["packages"] = len(calls)
     return result
 
 
