@@ -93,6 +93,11 @@ def test_metrics_keep_one_line_per_step_after_a_resume(tmp_path):
               *SMALL]
     r = train(*common, "--stop-after", "8")  # stops as a kill would: logged to step 8, checkpoint at 5
     assert r.returncode == 0, r.stderr[-3000:]
+    checkpoint = tmp_path / "model.code-run" / "checkpoint.safetensors"
+    saved = checkpoint.read_bytes()
+    r = train(*common)  # a new run without --resume would replace the unfinished run's checkpoint
+    assert r.returncode != 0 and "--resume" in r.stderr and "Traceback" not in r.stderr
+    assert checkpoint.read_bytes() == saved
     r = train(*common, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     lines = (tmp_path / "model.code-run" / "metrics.jsonl").read_text().splitlines()

@@ -29,9 +29,9 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                    help="code stage: share of the training characters that are comment-to-command scripts "
                         "(pairs.py), drawn again in new orders when the pairs are fewer (default 0.2; 0: off; at most 0.9)")
     g.add_argument("--context-rate", type=share(1.0), default=None,
-                   help="code stage: share of shell files that also train with definitions from files of their "
-                        "package (what they source, else their folder) placed before them, as the server shows "
-                        "context from other files (default 0.2; 0: off)")
+                   help="code stage: shell files that source a file of their package also train with its "
+                        "definitions placed before them, as the server shows context from other files; this "
+                        "share of the others does so with definitions from their folder (default 0.2; 0: no context examples at all)")
     g.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     g.add_argument("--overwrite", action="store_true",
                    help="write the bundle into --out even if that folder holds other files (only the bundle's "
@@ -108,10 +108,20 @@ def first_process_then_all(work):
     return result
 
 
-def check_out(args) -> None:
-    """Refuse, before any work, an --out that is a file or a folder of someone's files."""
-    from codellm.bundle import check_bundle_target
+def check_out(args, runs: list[tuple[Path, Path]] = ()) -> None:
+    """Refuse, before any work, an --out that is a file or a folder of someone's files, and (without
+    --resume or --overwrite) a new run where an earlier one was cut short: `runs` are (run folder, bundle
+    folder) pairs, and a checkpoint newer than its stage's bundle would be replaced by the new run."""
+    from codellm.bundle import WEIGHTS_FILE, check_bundle_target
+    from .checkpoint import CHECKPOINT_FILE
     check_bundle_target(args.out, args.overwrite)
+    if args.resume or args.overwrite:
+        return
+    for run_dir, bundle in runs:
+        checkpoint, weights = run_dir / CHECKPOINT_FILE, bundle / WEIGHTS_FILE
+        if checkpoint.exists() and (not weights.exists() or checkpoint.stat().st_mtime > weights.stat().st_mtime):
+            raise SystemExit(f"{run_dir} holds the checkpoint of an unfinished run: give --resume to continue "
+                             "it, --overwrite to start over (the checkpoint is replaced), or another --out")
 
 
 def ensure_corpus(args, default_dir: Path) -> Path:
@@ -165,8 +175,8 @@ def cmd_tokenizer(args):
 def cmd_stage(args):
     """`codellm-train language` or `code` (args.stage)."""
     from codellm.tokenizer import Tokenizer
-    from .stages import run_stage
-    check_out(args)
+    from .stages import run_folder, run_stage
+    check_out(args, [(run_folder(args.out, args.stage), args.out)])
     work = args.out.with_name(args.out.name + ".work")
     corpus = ensure_corpus(args, work / "corpus")
     tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
@@ -178,9 +188,9 @@ def cmd_stage(args):
 
 
 def cmd_all(args):
-    from .stages import run_stage
-    check_out(args)
+    from .stages import run_folder, run_stage
     work = args.out.with_name(args.out.name + ".work")
+    check_out(args, [(run_folder(work / "stage1", "language"), work / "stage1"), (run_folder(args.out, "code"), args.out)])
     corpus = ensure_corpus(args, work / "corpus")
     tok_path = work / "tokenizer.json"
     tok = trained_tokenizer(corpus, tok_path, args.resume)

@@ -74,6 +74,11 @@ def init_model(model_size: str | None, from_bundle: Path | None, tok: Tokenizer,
     return GPT(ModelConfig.from_preset(model_size or "nano", **overrides)).to(device), {}
 
 
+def run_folder(out: Path, stage: str) -> Path:
+    """Where a stage that writes its bundle to `out` keeps its checkpoint and metrics."""
+    return out.with_name(out.name + f".{stage}-run")
+
+
 def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: Tokenizer | None = None,
               from_bundle: Path | None = None, model_size: str | None = None, context_length: int | None = None,
               fim_rate: float = 0.5, device: str | None = None, resume: bool = False, run_dir: Path | None = None,
@@ -113,7 +118,7 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
         val = Mixture(read_texts(corpus / SHELL_FILE, "val"), fim_rate)
     if not mix.texts:
         raise ValueError(f"{corpus}: no {'English' if stage == 'language' else 'shell'} training text")
-    run_dir = run_dir or out.with_name(out.name + f".{stage}-run")
+    run_dir = run_dir or run_folder(out, stage)
     from .loop import use_bf16
     log(f"stage {stage}: {model.num_params() / 1e6:.2f}M parameters on {dev} "
         f"({'bf16 autocast' if use_bf16(dev, cfg.precision) else 'fp32'}), {len(mix.texts)} documents")
