@@ -14,7 +14,7 @@ from .pairs import MAX_PAIR_SHARE
 def add_training_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--out", type=Path, required=True, help="where the trained bundle is written")
-    g.add_argument("--model-size", default=None, help="preset for a new model: test, nano, tiny, small, medium")
+    g.add_argument("--model-size", default=None, help="preset for a new model: test, nano, mini, tiny, small, medium")
     g.add_argument("--batch-size", type=int, default=16, help="sequences per step, over all processes")
     g.add_argument("--grad-accum", type=int, default=1)
     g.add_argument("--learning-rate", type=float, default=None,
