@@ -53,6 +53,7 @@ class CodellmServer(LanguageServer):
         self.owner_connection = None  # the connection this server answers (server.transport)
         self.loop = None
         self.loop_thread = None
+        self.has_inline = False  # the client asked for inline completions (initialize)
 
     def tell_user(self, message: str, is_error: bool) -> None:
         """A window/showMessage; callable from any thread (the model watcher's included)."""
@@ -134,6 +135,7 @@ def offer_completions(ls: CodellmServer, caps: types.TextDocumentClientCapabilit
     computes the capabilities it advertises from the features registered once that handler returns (and
     the transport refuses a second initialize)."""
     has_inline = caps is not None and caps.inline_completion is not None
+    ls.has_inline = has_inline
     items = ls.settings.completion_items
     if has_inline or items == "never":
         ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())(inline_completion)
@@ -167,6 +169,38 @@ def did_open(ls: CodellmServer, params: types.DidOpenTextDocumentParams):
 
 def did_change(ls: CodellmServer, params: types.DidChangeTextDocumentParams):
     remember_open(ls, params.text_document.uri)
+    prefetch = ls.settings.prefetch
+    if prefetch == "always" or (prefetch == "auto" and ls.has_inline):
+        doc = ls.open_document(params.text_document.uri)
+        cursor = cursor_after(doc, params.content_changes) if doc is not None else None
+        if cursor is not None and ls.loop is not None:
+            ls.loop.create_task(prefetch_at(ls, params.text_document.uri, cursor))
+
+
+def cursor_after(doc, changes: list) -> types.Position | None:
+    """Where the cursor is after an edit of one range (typing, deleting, pasting): the end of the text
+    put in. None for several changes or a whole new text, which say nothing of the cursor."""
+    if len(changes) != 1 or not isinstance(changes[0], types.TextDocumentContentChangePartial):
+        return None
+    start, lines = changes[0].range.start, changes[0].text.split("\n")
+    units = doc.position_codec.client_num_units(lines[-1])
+    if len(lines) == 1:
+        return types.Position(line=start.line, character=start.character + units)
+    return types.Position(line=start.line + len(lines) - 1, character=units)
+
+
+async def prefetch_at(ls: CodellmServer, uri: str, position: types.Position) -> None:
+    """Work out the suggestion at `position` before the editor asks (CompletionService.prefetch)."""
+    doc = ls.open_document(uri)
+    split = cursor_split(doc, position) if doc is not None else None
+    if split is None or not ls.is_shell(uri, doc.source) or ls.holder.engine is None:
+        return
+    prefix, suffix = split
+    context = ls.context.chunks_for(uri, prefix, suffix) if ls.settings.file_context else None
+    try:
+        await ls.service.prefetch(uri, prefix, suffix, context)
+    except Exception as exc:  # noqa: BLE001 - a failed prefetch costs nothing: the request runs anew
+        log.warning("prefetch failed: %s", type(exc).__name__)
 
 
 def remember_open(ls: CodellmServer, uri: str) -> None:

@@ -6,6 +6,7 @@ Nothing here knows about LSP messages, so it is tested directly as well as throu
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import re
 import statistics
@@ -49,13 +50,16 @@ class Settings:
     # context from other files: what the script sources and chunks of other open shell documents. Off by
     # default: the shipped model was not trained with it and completes no better with it (MODEL.md)
     file_context: bool = False
+    # start the suggestion at the cursor an edit leaves as soon as the edit arrives, before the editor
+    # asks (VS Code asks 50 ms after typing stops): auto (for editors with inline completion) | always | never
+    prefetch: str = "auto"
     problems: ClassVar[list[str]] = []  # what the last update could not apply, one line per setting
 
     ALIASES = {"modelPath": "model_path", "model": "model_path", "maxTokens": "max_tokens",
                "completionItems": "completion_items", "timeoutMs": "timeout_ms", "multiLine": "multiline",
                "multilineMs": "multiline_ms", "minConfidence": "min_confidence",
                "cutConfidence": "cut_confidence", "kvReuse": "kv_reuse",
-               "fileContext": "file_context"}
+               "fileContext": "file_context", "prefetch": "prefetch"}
 
     def update(self, options: dict | None) -> list[str]:
         """Apply a dict of options (camelCase or snake_case, flat or under a "codellm" key, as editors
@@ -147,6 +151,7 @@ SETTING_RULES = {
     "max_tokens": _integer(1, 65536, allow_none=True),
     "multiline": _choice("auto", "always", "never"),
     "completion_items": _choice("auto", "always", "never"),
+    "prefetch": _choice("auto", "always", "never"),
     "timeout_ms": _integer(1, 600_000),
     "multiline_ms": _integer(0, 600_000),
     "kv_reuse": _flag,
@@ -180,6 +185,7 @@ class CompletionService:
         self.settings = settings
         self.executor = holder.executor  # the model runs on the holder's torch thread
         self.latest: dict[str, int] = {}
+        self.inflight: dict[tuple, asyncio.Future] = {}  # (uri, cache key) -> a prefetch's model run
         self._ids = 0
         self._ids_lock = threading.Lock()
         self.cache: OrderedDict[tuple, str] = OrderedDict()
@@ -189,7 +195,7 @@ class CompletionService:
         self.confidences: deque[float] = deque(maxlen=1000)  # of the model's non-empty answers
         self.counts = {"requests": 0, "model": 0, "cache_hits": 0, "superseded": 0, "prompt_tokens": 0,
                        "reused_tokens": 0, "shown": 0, "cut": 0, "hidden": 0,
-                       "deadline": 0}
+                       "deadline": 0, "prefetched": 0, "joined": 0}
 
     # ------------------------------------------------------------------ cache
 
@@ -235,20 +241,36 @@ class CompletionService:
         suggestion.text = join_line_endings(suggestion.text, newline)
         return suggestion
 
+    async def prefetch(self, uri: str, prefix: str, suffix: str, context: list[ContextChunk] | None = None) -> None:
+        """Start the suggestion at the cursor an edit left, before the editor asks for it: the answer goes
+        into the cache, and a request for the same place while it runs waits for it instead of starting
+        over. Raises asyncio.CancelledError if cancelled."""
+        prefix, suffix, _ = split_line_endings(prefix, suffix)
+        await self._suggest(uri, prefix, suffix, True, context or None, prefetch=True)
+
     async def _suggest(self, uri: str, prefix: str, suffix: str, automatic: bool,
-                       context: list[ContextChunk] | None = None) -> Suggestion:
+                       context: list[ContextChunk] | None = None, prefetch: bool = False) -> Suggestion:
         start = time.perf_counter()
-        self.counts["requests"] += 1
-        request_id = self.next_request_id(uri)
+        self.counts["prefetched" if prefetch else "requests"] += 1
         if automatic and text_follows_cursor(suffix):
+            self.next_request_id(uri)
             return Suggestion("", "skipped")
         mode = choose_mode(prefix, suffix, self.settings.multiline)
         # typing on: at the end of a word an answer is wanted; after a space or the end of a statement
         # the model may judge the line complete and suggest nothing
         allow_empty = automatic and mode == "line" and not WORD_CHAR.match(prefix[-1:])
         cache_mode = mode + ("|may-be-empty" if allow_empty else "") + (f"|context {hash(tuple(context))}" if context else "")
+        key = (uri, self._cache_key(prefix, suffix, cache_mode))
+        running = self.inflight.get(key)
+        if running is not None and not prefetch:  # the prefetch for this very place: wait for it
+            self.counts["joined"] += 1
+            suggestion = dataclasses.replace(await asyncio.shield(running))
+            return suggestion if suggestion.source == "superseded" else self._done(suggestion, start)
+        request_id = self.next_request_id(uri)
         cached = self._from_cache(uri, prefix, suffix, cache_mode)
         if cached:
+            if prefetch:
+                return cached
             self.counts["cache_hits"] += 1
             cached.mode = mode
             return self._done(cached, start)
@@ -256,17 +278,20 @@ class CompletionService:
             return Suggestion("", "no-model")
         cancelled = threading.Event()
         loop = asyncio.get_running_loop()
+        run = loop.run_in_executor(self.executor, self._run_model, uri, request_id, prefix, suffix, mode, cancelled,
+                                   allow_empty, cache_mode, context)
+        if prefetch:
+            self.inflight[key] = run
+            run.add_done_callback(lambda done: self.inflight.pop(key) if self.inflight.get(key) is done else None)
         try:
-            suggestion = await loop.run_in_executor(
-                self.executor, self._run_model, uri, request_id, prefix, suffix, mode, cancelled, allow_empty,
-                cache_mode, context)
+            suggestion = await run
         except asyncio.CancelledError:
             cancelled.set()
             raise
         if suggestion.source == "superseded":
             self.counts["superseded"] += 1
             return suggestion
-        return self._done(suggestion, start)
+        return suggestion if prefetch else self._done(suggestion, start)
 
     def _done(self, suggestion: Suggestion, start: float) -> Suggestion:
         suggestion.seconds = time.perf_counter() - start
@@ -323,9 +348,11 @@ class CompletionService:
         self.latest.pop(uri, None)
 
     def clear(self) -> None:
-        """Drop every remembered suggestion: after a settings change they may no longer be what it gives."""
+        """Drop every remembered suggestion: after a settings change they may no longer be what it gives
+        (a prefetch still running is not joined either)."""
         self.cache.clear()
         self.recent.clear()
+        self.inflight.clear()
 
     def status(self) -> dict:
         engine = self.holder.engine
@@ -340,6 +367,8 @@ class CompletionService:
             "requests": self.counts["requests"],
             "model_runs": self.counts["model"],
             "superseded": self.counts["superseded"],
+            "prefetched": self.counts["prefetched"],
+            "joined_prefetch": self.counts["joined"],
             "latency_ms": {"p50": round(1000 * lat[len(lat) // 2], 1) if lat else None,
                            "p95": round(1000 * lat[min(len(lat) - 1, int(len(lat) * 0.95))], 1) if lat else None,
                            "mean": round(1000 * statistics.fmean(lat), 1) if lat else None},

@@ -110,7 +110,7 @@ def slow_bundle(tmp_path_factory, tokenizer):
     return path
 
 
-SLOW = {"maxTokens": 900, "timeoutMs": 60000, "multiline": "always", "multilineMs": 60000}
+SLOW = {"maxTokens": 900, "timeoutMs": 60000, "multiline": "always", "multilineMs": 60000, "prefetch": "never"}
 LONG_DOCUMENT = "#!/bin/sh\n" + "".join(f"echo step {i}\n" for i in range(700))
 END = LONG_DOCUMENT.count("\n")  # the empty last line, where the cursor is: all the text is prefix
 
@@ -149,6 +149,53 @@ def test_a_superseded_request_stops_and_the_newest_is_answered(slow_bundle):
             assert newest.items is not None
             status = await s.status()
             assert status.superseded == 1 and status.model_runs == 1
+    run(main())
+
+
+async def wait_for_status(s, check, timeout=30):
+    for _ in range(int(timeout / 0.05)):
+        status = await s.status()
+        if check(status):
+            return status
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"status never matched: {status}")
+
+
+def typed_then_asked(bundle_path, prefetch, wait):
+    """Type a character into SCRIPT and ask at the cursor, with the prefetch setting given; `wait`: let
+    the server work before asking (as VS Code waits 50 ms). The answer's text and the status after."""
+    async def main():
+        async with Session("--model", str(bundle_path), init_options={"prefetch": prefetch}) as s:
+            s.open(URI, SCRIPT)
+            line, char = last_position(SCRIPT)
+            s.edit(URI, line, char, "l")
+            if wait:
+                await wait_for_status(s, lambda st: st.prefetched == 1 and st.model_runs == 1)
+            result = await s.inline(URI, line, char + 1, automatic=True)
+            return [i.insert_text for i in result.items], await s.status()
+    return run(main())
+
+
+def test_an_edit_starts_the_suggestion_before_the_editor_asks(bundle_path):
+    asked, plain = typed_then_asked(bundle_path, "never", wait=False)
+    assert plain.prefetched == 0 and plain.model_runs == 1 and plain.cache_hit_rate == 0
+    ready, status = typed_then_asked(bundle_path, "auto", wait=True)
+    assert ready == asked  # the same answer, worked out before the request came
+    assert status.model_runs == 1 and status.requests == 1 and status.cache_hit_rate == 1
+    at_once, status = typed_then_asked(bundle_path, "always", wait=False)
+    assert at_once == asked and status.model_runs == 1  # asked while it ran: joined, or answered from the cache
+    assert status.joined_prefetch + round(status.cache_hit_rate) == 1
+
+
+def test_popup_clients_get_no_prefetch_unless_asked(bundle_path):
+    async def main():
+        async with Session("--model", str(bundle_path), inline=False) as s:
+            s.open(URI, SCRIPT)
+            line, char = last_position(SCRIPT)
+            s.edit(URI, line, char, "l")
+            await asyncio.sleep(0.5)
+            status = await s.status()
+            assert status.prefetched == 0 and status.model_runs == 0
     run(main())
 
 

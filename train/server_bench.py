@@ -50,7 +50,10 @@ def load_scripts(corpus: Path | None, folder: Path | None, count: int) -> list[s
     return texts[:count]
 
 
-async def type_scripts(server_args: list[str], scripts: list[str], keystrokes: int, options: dict) -> dict:
+async def type_scripts(server_args: list[str], scripts: list[str], keystrokes: int, options: dict,
+                       debounce_ms: float = 0) -> dict:
+    """Each keystroke: a didChange, `debounce_ms` later (the wait an editor leaves before it asks: VS Code
+    50 ms) an inline completion request, timed until its answer."""
     client = LanguageClient("codellm-bench", "1")
     await client.start_io(sys.executable, "-m", "codellm.server.cli", *server_args)
     caps = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
@@ -79,6 +82,8 @@ async def type_scripts(server_args: list[str], scripts: list[str], keystrokes: i
                 line, char = line + 1, 0
             else:
                 char += len(ch.encode("utf-16-le")) // 2
+            if debounce_ms:
+                await asyncio.sleep(debounce_ms / 1000)
             t0 = time.perf_counter()
             await asyncio.wait_for(client.text_document_inline_completion_async(types.InlineCompletionParams(
                 text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line=line, character=char),
@@ -93,6 +98,7 @@ async def type_scripts(server_args: list[str], scripts: list[str], keystrokes: i
             "p95": 1000 * latencies[int(len(latencies) * 0.95)], "mean": 1000 * statistics.fmean(latencies),
             "kv_reuse": status.kv_reuse_ratio, "cache_hits": status.cache_hit_rate, "model_runs": status.model_runs,
             "server_p50": status.latency_ms.p50, "deadline_hits": getattr(status, "deadline_hits", None),
+            "joined_prefetch": getattr(status, "joined_prefetch", 0),
             "over_1s": sum(t > 1.0 for t in latencies)}
 
 
@@ -101,12 +107,14 @@ def load_main(args, scripts, server_args) -> None:
     from codellm.loadgen import BackgroundLoad, label
 
     print(f"machine: {platform.machine()}, typing {args.keystrokes} keystrokes over {len(scripts)} held-out "
-          f"scripts; idle vs {args.background} busy background processes")
+          f"scripts; idle vs {args.background} busy background processes; each request {args.debounce_ms:g} ms "
+          f"after its keystroke, prefetch {'off' if args.no_prefetch else 'on'}")
+    options = {"kvReuse": True, "prefetch": "never" if args.no_prefetch else "auto"}
     for threads in (None, 1, 2):
         for n in (0, args.background):
             extra = ["--threads", str(threads)] if threads else []
             with BackgroundLoad(n):
-                r = asyncio.run(type_scripts(server_args + extra, scripts, args.keystrokes, {"kvReuse": True}))
+                r = asyncio.run(type_scripts(server_args + extra, scripts, args.keystrokes, options, args.debounce_ms))
             name = f"{'default' if threads is None else f'{threads} thread' + 's' * (threads > 1)}, {label(n)}"
             print(f"  {name:20s} end-to-end p50 {r['p50']:6.1f} ms  p95 {r['p95']:6.1f} ms  mean {r['mean']:6.1f} ms"
                   f"  | deadline hits {r['deadline_hits']}  answers over 1 s {r['over_1s']}  KV reuse {r['kv_reuse']:.1%}  model runs "
@@ -137,6 +145,11 @@ def main(argv=None) -> None:
                         help="the server shows context from other files (the scripts typed before stay open, "
                              "so each later one gets context from them)")
     parser.add_argument("--json", type=Path, default=None, help="with --typing: write every figure here")
+    parser.add_argument("--debounce-ms", type=float, default=0, metavar="MS",
+                        help="wait this long after each keystroke before asking, as editors do (VS Code: 50); "
+                             "with it, the figures with prefetch on and off are shown side by side")
+    parser.add_argument("--no-prefetch", action="store_true",
+                        help="with --background: the server does not start suggestions before it is asked")
     args = parser.parse_args(argv)
     if args.typing:
         typing_main(args)
@@ -151,10 +164,13 @@ def main(argv=None) -> None:
         return
     server_args += ["--threads", str(args.threads)] if args.threads else []
     print(f"machine: {platform.machine()}, typing {args.keystrokes} keystrokes over {len(scripts)} held-out "
-          f"scripts, one inline completion request after each; context from other files "
+          f"scripts, one inline completion request {args.debounce_ms:g} ms after each; context from other files "
           f"{'on' if args.file_context else 'off'}")
-    for label, options in (("KV reuse on", {"kvReuse": True}), ("KV reuse off", {"kvReuse": False})):
-        r = asyncio.run(type_scripts(server_args, scripts, args.keystrokes, options))
+    rows = [("KV reuse on", {"kvReuse": True}), ("KV reuse off", {"kvReuse": False})]
+    if args.debounce_ms:
+        rows.insert(1, ("prefetch off", {"kvReuse": True, "prefetch": "never"}))
+    for label, options in rows:
+        r = asyncio.run(type_scripts(server_args, scripts, args.keystrokes, options, args.debounce_ms))
         print(f"  {label:13s} end-to-end p50 {r['p50']:6.1f} ms  p95 {r['p95']:6.1f} ms  mean {r['mean']:6.1f} ms  "
               f"| KV reuse {r['kv_reuse']:.1%}  cache hits {r['cache_hits']:.1%}  model runs {r['model_runs']}"
               f"  of {r['requests']} requests")

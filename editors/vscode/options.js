@@ -28,6 +28,7 @@ function initializationOptions(config) {
     minConfidence: numberOrNull(config.get("minConfidence", null)),
     cutConfidence: numberOrNull(config.get("cutConfidence", null)),
     fileContext: config.get("fileContext", false) === true,
+    prefetch: config.get("prefetch", "auto"),
   };
 }
 

@@ -13,6 +13,8 @@ M.defaults = {
   min_confidence = nil,               -- 0-1: hide suggestions the model is less sure of (nil: server default)
   cut_confidence = nil,               -- 0-1: end a suggestion before a token less sure than this
   file_context = false,               -- context from sourced files and other open shell buffers
+  prefetch = nil,                     -- "auto" | "always" | "never": start a suggestion as keys arrive (nil: auto,
+                                      -- on with 0.12 inline completion, off for the 0.11 popup)
   filetypes = { "sh", "bash", "zsh" },
   -- a file's project: the nearest folder above it holding one of these; it is declared to the server as
   -- the workspace folder that sourced files may be read from (file_context). None found: no folder.
@@ -30,6 +32,7 @@ function M.init_options(config)
     minConfidence = config.min_confidence,
     cutConfidence = config.cut_confidence,
     fileContext = config.file_context == true,
+    prefetch = config.prefetch,
   }
 end
 
