@@ -54,6 +54,7 @@ class CodellmServer(LanguageServer):
         self.loop = None
         self.loop_thread = None
         self.has_inline = False  # the client asked for inline completions (initialize)
+        self.prefetches: set[asyncio.Task] = set()  # running prefetch tasks, kept until done
 
     def tell_user(self, message: str, is_error: bool) -> None:
         """A window/showMessage; callable from any thread (the model watcher's included)."""
@@ -174,7 +175,9 @@ def did_change(ls: CodellmServer, params: types.DidChangeTextDocumentParams):
         doc = ls.open_document(params.text_document.uri)
         cursor = cursor_after(doc, params.content_changes) if doc is not None else None
         if cursor is not None and ls.loop is not None:
-            ls.loop.create_task(prefetch_at(ls, params.text_document.uri, cursor))
+            task = ls.loop.create_task(prefetch_at(ls, params.text_document.uri, cursor))
+            ls.prefetches.add(task)
+            task.add_done_callback(ls.prefetches.discard)
 
 
 def cursor_after(doc, changes: list) -> types.Position | None:
@@ -191,13 +194,13 @@ def cursor_after(doc, changes: list) -> types.Position | None:
 
 async def prefetch_at(ls: CodellmServer, uri: str, position: types.Position) -> None:
     """Work out the suggestion at `position` before the editor asks (CompletionService.prefetch)."""
-    doc = ls.open_document(uri)
-    split = cursor_split(doc, position) if doc is not None else None
-    if split is None or not ls.is_shell(uri, doc.source) or ls.holder.engine is None:
-        return
-    prefix, suffix = split
-    context = ls.context.chunks_for(uri, prefix, suffix) if ls.settings.file_context else None
     try:
+        doc = ls.open_document(uri)
+        split = cursor_split(doc, position) if doc is not None else None
+        if split is None or not ls.is_shell(uri, doc.source) or ls.holder.engine is None:
+            return
+        prefix, suffix = split
+        context = ls.context.chunks_for(uri, prefix, suffix) if ls.settings.file_context else None
         await ls.service.prefetch(uri, prefix, suffix, context)
     except Exception as exc:  # noqa: BLE001 - a failed prefetch costs nothing: the request runs anew
         log.warning("prefetch failed: %s", type(exc).__name__)
