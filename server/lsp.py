@@ -55,6 +55,7 @@ class CodellmServer(LanguageServer):
         self.loop_thread = None
         self.has_inline = False  # the client asked for inline completions (initialize)
         self.prefetches: set[asyncio.Task] = set()  # running prefetch tasks, kept until done
+        self.edits = 0  # edits that asked for a prefetch: only the newest one's runs
 
     def tell_user(self, message: str, is_error: bool) -> None:
         """A window/showMessage; callable from any thread (the model watcher's included)."""
@@ -169,15 +170,19 @@ def did_open(ls: CodellmServer, params: types.DidOpenTextDocumentParams):
 
 
 def did_change(ls: CodellmServer, params: types.DidChangeTextDocumentParams):
-    remember_open(ls, params.text_document.uri)
+    uri = params.text_document.uri
+    remember_open(ls, uri)
     prefetch = ls.settings.prefetch
-    if prefetch == "always" or (prefetch == "auto" and ls.has_inline):
-        doc = ls.open_document(params.text_document.uri)
-        cursor = cursor_after(doc, params.content_changes) if doc is not None else None
-        if cursor is not None and ls.loop is not None:
-            task = ls.loop.create_task(prefetch_at(ls, params.text_document.uri, cursor))
-            ls.prefetches.add(task)
-            task.add_done_callback(ls.prefetches.discard)
+    if ls.loop is None or not (prefetch == "always" or (prefetch == "auto" and ls.has_inline)):
+        return
+    doc = ls.open_document(uri)
+    cursor = cursor_after(doc, params.content_changes) if doc is not None else None
+    split = cursor_split(doc, cursor) if cursor is not None else None
+    if split is not None:  # the text as this edit left it: later edits may be read before the task runs
+        ls.edits += 1
+        task = ls.loop.create_task(prefetch_at(ls, uri, *split, ls.edits))
+        ls.prefetches.add(task)
+        task.add_done_callback(ls.prefetches.discard)
 
 
 def cursor_after(doc, changes: list) -> types.Position | None:
@@ -185,21 +190,20 @@ def cursor_after(doc, changes: list) -> types.Position | None:
     put in. None for several changes or a whole new text, which say nothing of the cursor."""
     if len(changes) != 1 or not isinstance(changes[0], types.TextDocumentContentChangePartial):
         return None
-    start, lines = changes[0].range.start, changes[0].text.split("\n")
-    units = doc.position_codec.client_num_units(lines[-1])
+    start = changes[0].range.start
+    lines = (changes[0].text + ".").splitlines()  # line breaks as the document's lines count them
+    units = doc.position_codec.client_num_units(lines[-1][:-1])
     if len(lines) == 1:
         return types.Position(line=start.line, character=start.character + units)
     return types.Position(line=start.line + len(lines) - 1, character=units)
 
 
-async def prefetch_at(ls: CodellmServer, uri: str, position: types.Position) -> None:
-    """Work out the suggestion at `position` before the editor asks (CompletionService.prefetch)."""
+async def prefetch_at(ls: CodellmServer, uri: str, prefix: str, suffix: str, edit: int) -> None:
+    """Work out the suggestion between `prefix` and `suffix` before the editor asks
+    (CompletionService.prefetch); nothing when a newer edit (of any document) has come since."""
     try:
-        doc = ls.open_document(uri)
-        split = cursor_split(doc, position) if doc is not None else None
-        if split is None or not ls.is_shell(uri, doc.source) or ls.holder.engine is None:
+        if edit != ls.edits or not ls.is_shell(uri, prefix + suffix) or ls.holder.engine is None:
             return
-        prefix, suffix = split
         context = ls.context.chunks_for(uri, prefix, suffix) if ls.settings.file_context else None
         await ls.service.prefetch(uri, prefix, suffix, context)
     except Exception as exc:  # noqa: BLE001 - a failed prefetch costs nothing: the request runs anew

@@ -188,6 +188,7 @@ class CompletionService:
         self.inflight: dict[tuple, asyncio.Future] = {}  # (uri, cache key) -> a prefetch's model run
         self._ids = 0
         self._ids_lock = threading.Lock()
+        self.generation = 0  # counts clear(): a run begun before a settings change keeps no answer
         self.cache: OrderedDict[tuple, str] = OrderedDict()
         self.recent: dict[str, tuple] = {}  # uri -> (model version, prefix, suffix, mode, text)
         self.last_context: list[str] = []  # the best chunks of other files offered with the last request
@@ -279,7 +280,7 @@ class CompletionService:
         cancelled = threading.Event()
         loop = asyncio.get_running_loop()
         run = loop.run_in_executor(self.executor, self._run_model, uri, request_id, prefix, suffix, mode, cancelled,
-                                   allow_empty, cache_mode, context)
+                                   allow_empty, cache_mode, context, prefetch)
         if prefetch:
             self.inflight[key] = run
             run.add_done_callback(lambda done: self.inflight.pop(key) if self.inflight.get(key) is done else None)
@@ -304,10 +305,15 @@ class CompletionService:
 
     def _run_model(self, uri: str, request_id: int, prefix: str, suffix: str, mode: str,
                    cancelled: threading.Event, allow_empty: bool = False, cache_mode: str = "",
-                   context: list[ContextChunk] | None = None) -> Suggestion:
-        """Runs on the model thread; stops between decode steps once a newer request arrives."""
+                   context: list[ContextChunk] | None = None, prefetch: bool = False) -> Suggestion:
+        """Runs on the model thread; stops between decode steps once a newer request for the document
+        arrives (a prefetch: once any newer request or prefetch arrives, so that edits to many documents
+        at once do not queue work ahead of what the user asks for)."""
+        generation = self.generation
+
         def superseded() -> bool:
-            return cancelled.is_set() or self.latest.get(uri) != request_id
+            newest = self._ids if prefetch else self.latest.get(uri)
+            return cancelled.is_set() or newest != request_id
 
         engine = self.holder.engine
         if superseded() or engine is None:
@@ -339,7 +345,8 @@ class CompletionService:
         if text and confidence < self.settings.min_confidence:  # unsure: show nothing
             self.counts["hidden"] += 1
             text = ""
-        if text or result.stop_reason not in ("time budget", "deadline"):  # out of time is no answer to keep
+        # out of time is no answer to keep, nor one made under settings that changed meanwhile
+        if (text or result.stop_reason not in ("time budget", "deadline")) and generation == self.generation:
             self._remember(uri, prefix, suffix, cache_mode or mode, text)
         return Suggestion(text, "model", mode, confidence=confidence)
 
@@ -350,6 +357,7 @@ class CompletionService:
     def clear(self) -> None:
         """Drop every remembered suggestion: after a settings change they may no longer be what it gives
         (a prefetch still running is not joined either)."""
+        self.generation += 1
         self.cache.clear()
         self.recent.clear()
         self.inflight.clear()

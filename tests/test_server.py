@@ -187,6 +187,56 @@ def test_an_edit_starts_the_suggestion_before_the_editor_asks(bundle_path):
     assert status.joined_prefetch + round(status.cache_hit_rate) == 1
 
 
+def test_prefetch_cursor_counts_line_breaks_and_units_as_the_document_does():
+    from pygls.workspace import TextDocument
+    from codellm.server.lsp import cursor_after
+
+    def after(text, line=0, char=6, source="echo a\n"):
+        change = types.TextDocumentContentChangePartial(
+            range=types.Range(start=types.Position(line=line, character=char),
+                              end=types.Position(line=line, character=char)), text=text)
+        return cursor_after(TextDocument("file:///a.sh", source), [change])
+
+    assert after("x") == types.Position(line=0, character=7)
+    assert after("\U0001F600") == types.Position(line=0, character=8)  # two UTF-16 units
+    assert after("\r\nls -l") == after("\nls -l") == after("\rls -l") == types.Position(line=1, character=5)
+    assert after("a\nb\n") == types.Position(line=2, character=0)
+    whole = types.TextDocumentContentChangeWholeDocument(text="echo b\n")
+    assert cursor_after(TextDocument("file:///a.sh", "echo a\n"), [whole]) is None
+
+
+def test_a_prefetch_begun_before_a_settings_change_leaves_no_answer(slow_bundle):
+    async def main():
+        options = {**SLOW, "maxTokens": 200, "prefetch": "always"}
+        async with Session("--model", str(slow_bundle), init_options=options) as s:
+            s.open(URI, LONG_DOCUMENT)
+            s.edit(URI, END, 0, "ec")
+            await wait_for_status(s, lambda st: st.prefetched == 1)
+            s.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+                settings={"codellm": {"maxTokens": 1}}))
+            await wait_for_status(s, lambda st: st.model_runs == 1, timeout=120)  # the prefetch ended
+            await s.inline(URI, END, 2, automatic=True)
+            status = await s.status()
+            assert status.cache_hit_rate == 0 and status.model_runs == 2  # asked anew, under maxTokens 1
+    run(main())
+
+
+def test_edits_to_many_documents_leave_one_prefetch(bundle_path):
+    async def main():
+        async with Session("--model", str(bundle_path), init_options={"prefetch": "always"}) as s:
+            uris = [f"file:///tmp/work/f{i}.sh" for i in range(30)]
+            for uri in uris:
+                s.open(uri, SCRIPT)
+            line, char = last_position(SCRIPT)
+            for uri in uris:  # a replace across the workspace
+                s.edit(uri, line, char, "l")
+            await wait_for_status(s, lambda st: st.model_runs >= 1)
+            await asyncio.sleep(0.5)
+            status = await s.status()
+            assert status.model_runs == 1  # the newest edit's; the 29 before it gave way
+    run(main())
+
+
 def test_popup_clients_get_no_prefetch_unless_asked(bundle_path):
     async def main():
         async with Session("--model", str(bundle_path), inline=False) as s:
