@@ -210,3 +210,10 @@ def test_a_sh_first_line_that_hands_over_to_tcl_is_not_shell():
     assert shell_text_or_reason(Path("gui"), tcl) == (None, "not shell")
     wrapper = b'#!/bin/sh\nexec "$0.real" "$@"\n'  # a shell wrapper stays
     assert shell_text_or_reason(Path("run"), wrapper) == (wrapper.decode(), "")
+
+
+def test_an_autotest_suite_is_generated_text():
+    from pathlib import Path
+    from codellm.train.corpus import shell_text_or_reason
+    suite = b"#! /bin/sh\n# Generated from testsuite.at by GNU Autoconf 2.71.\nat_x=1\n"
+    assert shell_text_or_reason(Path("testsuite"), suite) == (None, "generated")
