@@ -83,7 +83,9 @@ def test_kill_during_the_english_corpus_step_then_resume(tmp_path):
     writer.start()
     r = train(*command, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
-    assert isinstance(codellm.load(str(out), device="cpu").complete("echo ", "", "line"), str)
+    model = codellm.load(str(out), device="cpu")
+    assert isinstance(model.complete("echo ", "", "line"), str)
+    assert set(model.bundle.card["stages"]) == {"code"}  # by default, shell from the start
 
 
 def test_metrics_keep_one_line_per_step_after_a_resume(tmp_path):

@@ -44,7 +44,8 @@ def metrics(run_dir):
 def test_train_all_end_to_end(data_dir, tmp_path):
     out = tmp_path / "model"
     r = subprocess.run(TRAIN + ["all", "--code-data", str(data_dir / "scripts"), "--language-data",
-                                str(data_dir / "english.txt"), "--out", str(out), "--max-steps", "80", *SMALL],
+                                str(data_dir / "english.txt"), "--out", str(out), "--max-steps", "80",
+                                "--language-share", "0.25", *SMALL],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     losses = list(metrics(tmp_path / "model.code-run").values())

@@ -194,17 +194,28 @@ def cmd_all(args):
     corpus = ensure_corpus(args, work / "corpus")
     tok_path = work / "tokenizer.json"
     tok = trained_tokenizer(corpus, tok_path, args.resume)
-    stage1 = work / "stage1"
-    cfg1, cfg2 = train_config(args), train_config(args)
-    if args.time_budget:
-        cfg1.time_budget = args.time_budget * args.language_share
-        cfg2.time_budget = args.time_budget - cfg1.time_budget
-    if args.max_steps:
-        cfg1.max_steps = max(1, int(args.max_steps * args.language_share))
-        cfg2.max_steps = args.max_steps - cfg1.max_steps
+    cfg = train_config(args)
+    if args.language_share > 0:
+        from_bundle = english_stage(args, corpus, tok, work / "stage1")
+        cfg.time_budget = args.time_budget and args.time_budget * (1 - args.language_share)
+        cfg.max_steps = args.max_steps and args.max_steps - max(1, int(args.max_steps * args.language_share))
+        model_size, context_length = None, None
+    else:  # shell from the start (the English share of the code stage still mixes prose in)
+        from_bundle, model_size, context_length = None, args.model_size, args.context_length
+    run_stage("code", corpus, args.out, cfg, tok, from_bundle, model_size, context_length, args.fim_rate,
+              args.device, args.resume, threads=args.threads, overwrite=args.overwrite, **mix_options(args))
+
+
+def english_stage(args, corpus: Path, tok, stage1: Path) -> Path:
+    """Stage 1 of `all` with --language-share > 0: English prose for that share of the budget; returns
+    the bundle the code stage starts from."""
     from codellm.bundle import BUNDLE_FILES
+    from .stages import run_stage
+    cfg = train_config(args)
+    cfg.time_budget = args.time_budget and args.time_budget * args.language_share
+    cfg.max_steps = args.max_steps and max(1, int(args.max_steps * args.language_share))
     if not (args.resume and all((stage1 / f).exists() for f in BUNDLE_FILES)):
-        run_stage("language", corpus, stage1, cfg1, tok, None, args.model_size, args.context_length, 0.0,
+        run_stage("language", corpus, stage1, cfg, tok, None, args.model_size, args.context_length, 0.0,
                   args.device, args.resume, threads=args.threads)
     _, world = distributed()
     if world > 1:
@@ -212,8 +223,7 @@ def cmd_all(args):
         torch.distributed.barrier()  # rank 0 writes the stage 1 bundle that every rank starts from
     if not all((stage1 / f).exists() for f in BUNDLE_FILES):
         raise SystemExit("stage 1 stopped before writing its bundle")
-    run_stage("code", corpus, args.out, cfg2, tok, stage1, None, None, args.fim_rate, args.device, args.resume,
-              threads=args.threads, overwrite=args.overwrite, **mix_options(args))
+    return stage1
 
 
 def cmd_eval(args):
@@ -255,10 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--from", dest="from_bundle", type=Path, default=None, help="start from this bundle")
         p.set_defaults(func=cmd_stage, stage=stage)
 
-    p = sub.add_parser("all", help="corpus -> tokenizer -> stage 1 -> stage 2")
+    p = sub.add_parser("all", help="corpus -> tokenizer -> (English stage) -> shell stage")
     add_corpus_flags(p, None)
     add_training_flags(p)
-    p.add_argument("--language-share", type=float, default=0.15, help="share of the budget for stage 1")
+    p.add_argument("--language-share", type=share(0.9), default=0.0,
+                   help="share of the budget for an English stage before the shell stage (default 0: at equal "
+                        "compute, shell from the start had the lower held-out loss; docs/how-it-works.md)")
     p.set_defaults(func=cmd_all)
 
     add_eval_parser(sub)
