@@ -203,6 +203,39 @@ def test_the_card_keeps_every_file_hash_once_per_corpus():
     assert sorted(stage_files(card, "code-2")) == sorted(("npm:c", d) for d in shas[2:])
 
 
+def test_a_later_corpus_is_kept_as_its_change_and_rebuilds_exactly():
+    from codellm.train.datacard import _digest, compact
+    shas = [hashlib.sha256(str(k).encode()).digest() for k in range(40)]
+    first = {"debian:a": b"".join(sorted(shas[:30])), "npm:b": b"".join(sorted([shas[30]] * 2))}
+    # the second corpus drops two files, adds three (one to a new source) and keeps a repeated text
+    second = {"debian:a": b"".join(sorted(shas[2:30] + shas[31:33])), "npm:b": first["npm:b"],
+              "pypi:c": shas[33]}
+    card = {"corpora": {_digest(first): first, _digest(second): second},
+            "stages": {"code": {"corpus": _digest(first)}, "code-2": {"corpus": _digest(second)}}}
+    card = compact(card)
+    assert list(card["corpora"]) == [_digest(first)]
+    change = card["corpus_changes"][_digest(second)]
+    assert change["base"] == _digest(first) and len(change["removed"]["debian:a"]) == 2 * 32
+    assert sorted(stage_files(card, "code-2")) == sorted(
+        [("debian:a", d) for d in shas[2:30] + shas[31:33]] + [("npm:b", shas[30])] * 2 + [("pypi:c", shas[33])])
+    assert compact(card) == card  # idempotent: a card that is compact stays as it is
+
+
+def test_a_damaged_chain_of_corpus_changes_is_a_clear_error():
+    import pytest
+    from codellm.train.datacard import compact
+    shas = [hashlib.sha256(str(k).encode()).digest() for k in range(20)]
+    card = compact({"stages": {"code": {"files": [["debian:a", "x", d] for d in shas[:15]]},
+                               "code-2": {"files": [["debian:a", "x", d] for d in shas[1:20]]}}})
+    change = next(iter(card["corpus_changes"].values()))
+    change["added"]["debian:a"] = change["added"]["debian:a"][32:]  # a hash lost
+    with pytest.raises(ValueError, match="does not rebuild"):
+        stage_files(card, "code-2")
+    change["base"] = next(iter(card["corpus_changes"]))  # a corpus based on itself
+    with pytest.raises(ValueError, match="loop"):
+        stage_files(card, "code-2")
+
+
 def test_a_sh_first_line_that_hands_over_to_tcl_is_not_shell():
     from pathlib import Path
     from codellm.train.corpus import shell_text_or_reason

@@ -2,13 +2,15 @@
 
 Per stage: the corpus summary (sizes, curation, sources with licences), figures (steps, tokens, wall
 time, device, losses) and the training settings. The sha256 of every training file is kept once per
-distinct corpus under `corpora`, grouped by source (`{source: concatenated 32-byte digests}`), and a
-stage names its corpus by digest: relay stages that train on the same corpus add no second copy, so
-the card stays small enough to ship inside the bundle.
+distinct corpus, grouped by source (`{source: concatenated 32-byte digests}`), and a stage names its
+corpus by digest. The first corpus is stored whole under `corpora`; each later one, under
+`corpus_changes`, as the files it adds to and removes from the corpus of the stage before it, so that
+a relay of stages on growing corpora keeps every hash while the card stays small enough to ship.
 """
 from __future__ import annotations
 
 import copy
+from collections import Counter
 import hashlib
 import json
 from pathlib import Path
@@ -38,7 +40,9 @@ def _digest(files: dict[str, bytes]) -> str:
 
 
 def compact(card: dict) -> dict:
-    """Move per-stage file lists of the older form ([[source, path, sha256], ...]) into `corpora`."""
+    """The card with every file list in its compact form: per-stage lists of the oldest form
+    ([[source, path, sha256], ...]) moved into `corpora`, and each corpus after the first stored as its
+    change from the corpus of the stage before it (in `corpus_changes`). Idempotent."""
     corpora = card.setdefault("corpora", {})
     for stage in card.get("stages", {}).values():
         if isinstance(stage.get("files"), list):
@@ -49,16 +53,73 @@ def compact(card: dict) -> dict:
             key = _digest(files)
             corpora.setdefault(key, files)
             stage["corpus"] = key
+    order = list(dict.fromkeys(s.get("corpus") for s in card.get("stages", {}).values() if s.get("corpus")))
+    changes = card.setdefault("corpus_changes", {})
+    for base, key in zip(order, order[1:]):
+        if key in corpora and base != key:
+            change = _change(corpus_digests(card, base), corpora[key])
+            if _size(change["added"]) + _size(change["removed"]) < _size(corpora[key]):
+                changes[key] = {"base": base, **change}
+                del corpora[key]
+    if not changes:
+        del card["corpus_changes"]
     return card
 
 
+def _size(files: dict[str, bytes]) -> int:
+    return sum(len(d) for d in files.values())
+
+
+def _split(digests: bytes) -> Counter:
+    """The 32-byte digests as a multiset: two files of one source may have the same text."""
+    return Counter(digests[k:k + 32] for k in range(0, len(digests), 32))
+
+
+def _join(digests: Counter) -> bytes:
+    return b"".join(sorted(digests.elements()))
+
+
+def _change(base: dict[str, bytes], new: dict[str, bytes]) -> dict:
+    """The digests `new` adds to `base` and those it drops, per source."""
+    added, removed = {}, {}
+    for source in sorted(set(base) | set(new)):
+        old, now = _split(base.get(source, b"")), _split(new.get(source, b""))
+        if now - old:
+            added[source] = _join(now - old)
+        if old - now:
+            removed[source] = _join(old - now)
+    return {"added": added, "removed": removed}
+
+
+def corpus_digests(card: dict, key: str, _seen: frozenset = frozenset()) -> dict[str, bytes]:
+    """{source: concatenated sha256 digests} of the corpus `key`, rebuilt from its chain of changes.
+    An unknown key gives {}; a chain that loops or does not rebuild the corpus its key names raises
+    ValueError (a damaged card)."""
+    if key in card.get("corpora", {}):
+        return card["corpora"][key]
+    change = card.get("corpus_changes", {}).get(key)
+    if change is None:
+        return {}
+    if key in _seen:
+        raise ValueError(f"data card: the changes of corpus {key} loop")
+    grouped = {s: _split(d) for s, d in corpus_digests(card, change["base"], _seen | {key}).items()}
+    for source, digests in change["removed"].items():
+        grouped[source] = grouped.get(source, Counter()) - _split(digests)
+    for source, digests in change["added"].items():
+        grouped[source] = grouped.get(source, Counter()) + _split(digests)
+    files = {s: _join(d) for s, d in sorted(grouped.items()) if d}
+    if _digest(files) != key:
+        raise ValueError(f"data card: corpus {key} does not rebuild from its changes")
+    return files
+
+
 def stage_files(card: dict, stage: str) -> list[tuple[str, bytes]]:
-    """(source, sha256) of every file a stage trained on, in either form of the card. Raises KeyError
-    for an unknown stage."""
+    """(source, sha256) of every file a stage trained on, in any form of the card. Raises KeyError
+    for an unknown stage, ValueError for a damaged chain of corpus changes."""
     entry = card["stages"][stage]
     if isinstance(entry.get("files"), list):
         return [(source, bytes(digest)) for source, _path, digest in entry["files"]]
-    files = card.get("corpora", {}).get(entry.get("corpus"), {})
+    files = corpus_digests(card, entry.get("corpus"))
     return [(source, digests[k:k + 32]) for source, digests in files.items() for k in range(0, len(digests), 32)]
 
 
@@ -69,7 +130,8 @@ def data_card(corpus: Path, stage: str, result, cfg, previous: dict | None, mix:
     card = compact(copy.deepcopy(previous or {}))
     files = corpus_files(corpus)
     key = _digest(files)
-    card["corpora"].setdefault(key, files)
+    if not corpus_digests(card, key):
+        card["corpora"][key] = files
     stages = card.setdefault("stages", {})
     name, n = stage, 2
     while name in stages:  # fine-tuning adds a stage; the base model's stages stay on record
@@ -84,4 +146,4 @@ def data_card(corpus: Path, stage: str, result, cfg, previous: dict | None, mix:
         "train_config": cfg.to_dict(),
         **({"mix": mix} if mix else {}),
     }
-    return card
+    return compact(card)
