@@ -202,7 +202,8 @@ async def prefetch_at(ls: CodellmServer, uri: str, prefix: str, suffix: str, edi
     """Work out the suggestion between `prefix` and `suffix` before the editor asks
     (CompletionService.prefetch); nothing when a newer edit (of any document) has come since."""
     try:
-        if edit != ls.edits or not ls.is_shell(uri, prefix + suffix) or ls.holder.engine is None:
+        head = (prefix[:200] + suffix[:200])[:200]  # the document's start, without joining its text again
+        if edit != ls.edits or not ls.is_shell(uri, head) or ls.holder.engine is None:
             return
         context = ls.context.chunks_for(uri, prefix, suffix) if ls.settings.file_context else None
         await ls.service.prefetch(uri, prefix, suffix, context)

@@ -203,8 +203,9 @@ class CompletionService:
     def _cache_key(self, prefix: str, suffix: str, mode: str) -> tuple:
         return (self.holder.version, hash(prefix[-4096:]), len(prefix), hash(suffix[:2048]), mode)
 
-    def _from_cache(self, uri: str, prefix: str, suffix: str, mode: str) -> Suggestion | None:
-        key = self._cache_key(prefix, suffix, mode)
+    def _from_cache(self, uri: str, key: tuple, prefix: str, suffix: str, mode: str) -> Suggestion | None:
+        """The cached answer under `key` (the _cache_key of prefix, suffix and mode), or the rest of the last answer for `uri` when
+        the text typed since is its start."""
         if key in self.cache:
             self.cache.move_to_end(key)
             return Suggestion(self.cache[key], "cache", mode)
@@ -261,14 +262,15 @@ class CompletionService:
         # the model may judge the line complete and suggest nothing
         allow_empty = automatic and mode == "line" and not WORD_CHAR.match(prefix[-1:])
         cache_mode = mode + ("|may-be-empty" if allow_empty else "") + (f"|context {hash(tuple(context))}" if context else "")
-        key = (uri, self._cache_key(prefix, suffix, cache_mode))
+        cache_key = self._cache_key(prefix, suffix, cache_mode)
+        key = (uri, cache_key)
         running = self.inflight.get(key)
         if running is not None and not prefetch:  # the prefetch for this very place: wait for it
             self.counts["joined"] += 1
             suggestion = dataclasses.replace(await asyncio.shield(running))
             return suggestion if suggestion.source == "superseded" else self._done(suggestion, start)
         request_id = self.next_request_id(uri)
-        cached = self._from_cache(uri, prefix, suffix, cache_mode)
+        cached = self._from_cache(uri, cache_key, prefix, suffix, cache_mode)
         if cached:
             if prefetch:
                 return cached
