@@ -261,15 +261,33 @@ def fim_split_points(text: str, rng: random.Random, line_span_rate: float = 0.3)
     return a, b
 
 
+def fim_training_pieces(text: str, rng: random.Random, fim_rate: float = 0.5,
+                        spm_rate: float = 0.5) -> tuple[str | None, list[str]]:
+    """How one training document is laid out, drawn from `rng`: (None, [text]) for a plain document,
+    or ("psm" | "spm", [prefix, middle, suffix]) for a FIM-transformed one (probability fim_rate, half
+    PSM and half SPM by default). The pieces are tokenised separately (fim_training_assemble)."""
+    if not text or rng.random() >= fim_rate:
+        return None, [text]
+    a, b = fim_split_points(text, rng)
+    fmt = "spm" if rng.random() < spm_rate else "psm"
+    return fmt, [text[:a], text[a:b], text[b:]]
+
+
+def fim_training_assemble(tok: Tokenizer, fmt: str | None, piece_ids: list[list[int]],
+                          context_ids: list[int]) -> list[int]:
+    """The ids of a training document laid out by fim_training_pieces, from the ids of its pieces,
+    ending with <endoftext>; `context_ids` (format_context text of other files) go before the prefix,
+    where serving puts them."""
+    if fmt is None:
+        return context_ids + piece_ids[0] + [tok.eot_id]
+    prefix_ids, middle_ids, suffix_ids = piece_ids
+    return insert_context(tok, fmt, assemble(tok, fmt, prefix_ids, suffix_ids), context_ids) + middle_ids + [tok.eot_id]
+
+
 def fim_training_ids(tok: Tokenizer, text: str, rng: random.Random, fim_rate: float = 0.5,
                      spm_rate: float = 0.5, context: str = "") -> list[int]:
     """One training document (a chunk of a file) as ids, ending with <endoftext>; FIM-transformed with
     probability fim_rate, half PSM and half SPM by default. `context` (format_context text of other
     files) goes before the prefix, where serving puts it."""
-    context_ids = tok.encode(context) if context else []
-    if not text or rng.random() >= fim_rate:
-        return context_ids + tok.encode(text) + [tok.eot_id]
-    a, b = fim_split_points(text, rng)
-    prefix_ids, middle_ids, suffix_ids = tok.encode_batch([text[:a], text[a:b], text[b:]])
-    fmt = "spm" if rng.random() < spm_rate else "psm"
-    return insert_context(tok, fmt, assemble(tok, fmt, prefix_ids, suffix_ids), context_ids) + middle_ids + [tok.eot_id]
+    fmt, pieces = fim_training_pieces(text, rng, fim_rate, spm_rate)
+    return fim_training_assemble(tok, fmt, tok.encode_batch(pieces), tok.encode(context) if context else [])

@@ -206,3 +206,21 @@ def test_a_bad_pair_share_is_refused_before_any_work(tmp_path, capsys, bad):
         main(["code", "--corpus", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--pair-share", bad])
     assert exit_.value.code == 2 and "--pair-share" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
+
+
+def test_an_epoch_tokenised_in_batches_is_the_one_made_document_by_document(tokenizer, monkeypatch):
+    import random
+    from codellm.prompt import fim_training_ids, fim_training_pieces
+    from codellm.train import data
+    texts = [f"#!/bin/sh\n# step {k}\necho 'part {k}' | tee -a /tmp/log{k}\n" * (1 + k % 4) for k in range(40)]
+    chunks = [(t, 0.5) for t in texts[:20]] + [(t, 0.9, "# lib.sh\nlog() { echo \"$*\"; }\n") for t in texts[20:]]
+    chunks.append(("", 0.5))
+    rng_a, rng_b = random.Random(7), random.Random(7)
+    layouts = [fim_training_pieces(c[0], rng_a, c[1]) for c in chunks]
+    one_by_one = [fim_training_ids(tokenizer, c[0], rng_b, c[1], context=c[2] if len(c) > 2 else "") for c in chunks]
+    assert data.encoded_examples(tokenizer, chunks, layouts) == one_by_one
+    assert any(fmt for fmt, _ in layouts) and any(fmt is None for fmt, _ in layouts)  # both layouts were met
+    mix = data.Mixture(texts, fim_rate=0.5)
+    whole, _ = data.build_epoch(tokenizer, mix, 128, seed=3, epoch=1)
+    monkeypatch.setattr(data, "ENCODE_BATCH", 7)  # batch edges fall inside the epoch
+    assert data.build_epoch(tokenizer, mix, 128, seed=3, epoch=1)[0].equal(whole)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from codellm import crossfile
-from codellm.prompt import CONTEXT_SHARE, fim_training_ids, fit_context, format_context
+from codellm.prompt import CONTEXT_SHARE, fim_training_assemble, fim_training_pieces, fit_context, format_context
 from codellm.tokenizer import Tokenizer
 
 from .corpus import read_records
@@ -98,9 +98,30 @@ def build_epoch(tok: Tokenizer, mix: Mixture, context_length: int, seed: int, ep
         want = int(len(chunks) * mix.extra_share / (1 - mix.extra_share))
         chunks += [(c, 0.0) for c in rng.sample(extra, min(want, len(extra)))]
     rng.shuffle(chunks)
-    examples = [fim_training_ids(tok, item[0], rng, item[1], context=item[2] if len(item) > 2 else "")
-                for item in chunks]
+    layouts = [fim_training_pieces(item[0], rng, item[1]) for item in chunks]  # rng drawn in example order
+    examples = []
+    for start in range(0, len(chunks), ENCODE_BATCH):
+        examples += encoded_examples(tok, chunks[start:start + ENCODE_BATCH], layouts[start:start + ENCODE_BATCH])
     return pack(examples, context_length, tok.eot_id)
+
+
+ENCODE_BATCH = 4096  # examples tokenised per call: tokenizers spreads a call over its threads
+
+
+def encoded_examples(tok: Tokenizer, chunks: list[tuple], layouts: list[tuple[str | None, list[str]]]) -> list[list[int]]:
+    """The ids of training examples (what fim_training_ids gives for each), with all their pieces and
+    contexts tokenised in one call."""
+    texts = []
+    for item, (_fmt, pieces) in zip(chunks, layouts):
+        texts += pieces
+        texts.append(item[2] if len(item) > 2 else "")
+    ids = tok.encode_batch(texts)
+    examples, at = [], 0
+    for fmt, pieces in layouts:
+        n = len(pieces)
+        examples.append(fim_training_assemble(tok, fmt, ids[at:at + n], ids[at + n]))
+        at += n + 1
+    return examples
 
 
 def drawn_to(texts: list[str], chars: float, rng: random.Random) -> list[str]:

@@ -1,6 +1,7 @@
 """The pipeline steps behind `codellm-train`: tokenizer, stage 1 (language), stage 2 (code), all."""
 from __future__ import annotations
 
+import os
 import random
 import time
 from pathlib import Path
@@ -92,8 +93,8 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
         raise ValueError(f"--pair-share must be in [0, {MAX_PAIR_SHARE}] and --context-rate in [0, 1] "
                          f"(got {pair_share} and {context_rate})")
     dev = choose_device(device)
-    if dev.type == "cpu":
-        set_threads(threads)
+    if dev.type == "cpu":  # the threads given serve tokenising the epoch (tokenizers' pool) as well
+        os.environ.setdefault("RAYON_NUM_THREADS", str(set_threads(threads)))
     if tokenizer is None:
         if not from_bundle:
             raise ValueError("a tokenizer or --from BUNDLE is needed")
