@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from .loop import COMPILE_AUTO_MIN_SECONDS, TrainConfig, distributed
+from .loop import COMPILE_AUTO_MIN_SECONDS, TrainConfig, TrainingStopped, distributed
 from .pairs import MAX_PAIR_SHARE
 
 
@@ -318,6 +318,13 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
+    except TrainingStopped as exc:
+        print(f"codellm-train: {exc}", file=sys.stderr)
+        return 128 + exc.signum
+    except KeyboardInterrupt:
+        print("codellm-train: interrupted (a training run's last checkpoint is kept: --resume continues "
+              "from it)", file=sys.stderr)
+        return 130
     except (ValueError, FileNotFoundError) as exc:
         print(f"codellm-train: error: {exc}", file=sys.stderr)
         return 2

@@ -8,7 +8,9 @@ import contextlib
 import json
 import os
 import random
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -219,18 +221,74 @@ def train_stage(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, c
     run = set_up(model, tok, mix, val, cfg, run_dir, device, resume, log)
     last_loss, val_loss = float("nan"), None
     done = progress_of(run.state, cfg) >= 1.0
-    while not done:
-        last_loss, lr = train_step(run, log)
-        done = is_done(run)
-        evaluated = log_step(run, last_loss, lr, done)
-        val_loss = evaluated if evaluated is not None else val_loss
-        if cfg.stop_after and run.state["step"] >= cfg.stop_after:
-            break
+    with StopRequest(log) as stop:
+        while not done:
+            last_loss, lr = train_step(run, log)
+            done = is_done(run)
+            evaluated = log_step(run, last_loss, lr, done)
+            val_loss = evaluated if evaluated is not None else val_loss
+            if cfg.stop_after and run.state["step"] >= cfg.stop_after:
+                break
+            if not done and stop_requested(run, stop):
+                if run.is_main:
+                    save_checkpoint(run.run_dir, run.model, run.optimizer, run.state)
+                run.progress.close()
+                raise TrainingStopped(f"stopped at step {run.state['step']} ({stop.name}); the checkpoint is in "
+                                      f"{run.run_dir}: the same command with --resume continues from it", stop.signum)
     run.progress.close()
     if run.is_main:
         plot_losses(run.state["history"], run_dir / "loss.png")
     state = run.state
     return StageResult(state["step"], state["tokens"], state["elapsed"], last_loss, val_loss, state["history"])
+
+
+class TrainingStopped(Exception):
+    """The run was asked to stop (SIGINT or SIGTERM) and saved a checkpoint first."""
+
+    def __init__(self, message: str, signum: int = signal.SIGINT):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopRequest:
+    """While training steps run, SIGINT (Ctrl-C) or SIGTERM asks the run to stop after the step under way,
+    so that no step is lost; a second signal acts at once, as it would have without this. Installed only
+    in the main thread (where Python handles signals)."""
+
+    def __init__(self, log=print):
+        self.log = log
+        self.signum: int | None = None
+        self.previous: dict = {}
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else ""
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def _handle(self, signum, _frame) -> None:
+        self.signum = signum
+        signal.signal(signum, self.previous[signum])
+        self.log(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                 "(send it again to stop at once)")
+
+    def __exit__(self, *_exc) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+
+def stop_requested(run: StageRun, stop: StopRequest) -> bool:
+    """Whether to stop now; with several processes, rank 0 decides, as for is_done."""
+    wanted = stop.signum is not None
+    if run.world > 1:
+        flag = torch.tensor([float(wanted)], device=run.device)
+        torch.distributed.broadcast(flag, 0)
+        wanted = bool(flag.item())
+    return wanted
 
 
 def set_up(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, cfg: TrainConfig, run_dir: Path,
