@@ -123,3 +123,49 @@ def test_a_full_disk_is_one_clear_line(tmp_path):
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("codellm-train: error: no space left") and "--resume" in last
+
+
+def card_of(path):
+    import msgpack
+    return msgpack.unpackb((path / "data.msgpack").read_bytes(), raw=False)
+
+
+def write_card(path, card):
+    import msgpack
+    (path / "data.msgpack").write_bytes(msgpack.packb(card, use_bin_type=True))
+
+
+def test_a_damaged_card_on_from_is_refused_before_any_training(bundle_path, tmp_path):
+    import shutil
+    code = scripts(tmp_path / "scripts")
+    damaged = tmp_path / "damaged"
+    shutil.copytree(bundle_path, damaged)
+    card = card_of(damaged)
+    card.setdefault("stages", {})["code-2"] = {"corpus": "feedfacefeedface"}
+    card["corpus_changes"] = {"feedfacefeedface": {"base": "feedfacefeedface", "added": [], "removed": {}}}
+    write_card(damaged, card)
+    r = train("code", "--from", str(damaged), "--code-data", str(code), "--out", str(tmp_path / "m"),
+              "--max-steps", "2", *SMALL[4:])
+    assert r.returncode == 2 and "damaged data card" in r.stderr and str(damaged) in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "m.code-run").exists()  # refused before training
+
+
+def test_a_fine_tune_keeps_no_figures_of_its_parent_and_a_resume_of_a_finished_run_keeps_its_loss(bundle_path, tmp_path):
+    import math
+    import shutil
+    code = scripts(tmp_path / "scripts")
+    parent = tmp_path / "parent"
+    shutil.copytree(bundle_path, parent)
+    write_card(parent, {**card_of(parent), "eval": {"val": {"shell_loss": 1.0}}})
+    command = ["code", "--from", str(parent), "--code-data", str(code), "--out", str(tmp_path / "m"),
+               "--max-steps", "2", *SMALL[4:]]
+    r = train(*command)
+    assert r.returncode == 0, r.stderr[-3000:]
+    card = card_of(tmp_path / "m")
+    assert "eval" not in card  # the parent's held-out figures are not this model's
+    stage = list(card["stages"])[-1]
+    loss = card["stages"][stage]["train_loss"]
+    r = train(*command, "--resume")  # nothing left to do: the bundle is written again with the same figures
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = card_of(tmp_path / "m")["stages"][stage]["train_loss"]
+    assert math.isfinite(again) and again == pytest.approx(loss, abs=1e-5)

@@ -91,26 +91,46 @@ def _change(base: dict[str, bytes], new: dict[str, bytes]) -> dict:
     return {"added": added, "removed": removed}
 
 
-def corpus_digests(card: dict, key: str, _seen: frozenset = frozenset()) -> dict[str, bytes]:
+def corpus_digests(card: dict, key: str) -> dict[str, bytes]:
     """{source: concatenated sha256 digests} of the corpus `key`, rebuilt from its chain of changes.
     An unknown key gives {}; a chain that loops or does not rebuild the corpus its key names raises
     ValueError (a damaged card)."""
-    if key in card.get("corpora", {}):
-        return card["corpora"][key]
-    change = card.get("corpus_changes", {}).get(key)
-    if change is None:
-        return {}
-    if key in _seen:
-        raise ValueError(f"data card: the changes of corpus {key} loop")
-    grouped = {s: _split(d) for s, d in corpus_digests(card, change["base"], _seen | {key}).items()}
-    for source, digests in change["removed"].items():
-        grouped[source] = grouped.get(source, Counter()) - _split(digests)
-    for source, digests in change["added"].items():
-        grouped[source] = grouped.get(source, Counter()) + _split(digests)
-    files = {s: _join(d) for s, d in sorted(grouped.items()) if d}
-    if _digest(files) != key:
-        raise ValueError(f"data card: corpus {key} does not rebuild from its changes")
+    chain, seen = [], set()
+    while key not in card.get("corpora", {}):
+        change = card.get("corpus_changes", {}).get(key)
+        if change is None:
+            return {}
+        if key in seen:
+            raise ValueError(f"data card: the changes of corpus {key} loop")
+        seen.add(key)
+        chain.append((key, change))
+        key = change["base"]
+    files = card["corpora"][key]
+    for key, change in reversed(chain):
+        grouped = {s: _split(d) for s, d in files.items()}
+        for source, digests in change["removed"].items():
+            grouped[source] = grouped.get(source, Counter()) - _split(digests)
+        for source, digests in change["added"].items():
+            grouped[source] = grouped.get(source, Counter()) + _split(digests)
+        files = {s: _join(d) for s, d in sorted(grouped.items()) if d}
+        if _digest(files) != key:
+            raise ValueError(f"data card: corpus {key} does not rebuild from its changes")
     return files
+
+
+def checked_card(card: dict, where: str) -> dict:
+    """`card` in its compact form (a copy), after checking that every stage's file list rebuilds.
+    Raises ValueError naming `where` for a damaged card."""
+    try:
+        if not isinstance(card, dict) or not isinstance(card.get("stages", {}), dict):
+            raise TypeError("not a map of stages")
+        checked = compact(copy.deepcopy(card))
+        for stage in checked.get("stages", {}):
+            stage_files(checked, stage)
+        return checked
+    except (TypeError, AttributeError, KeyError, ValueError, RecursionError) as exc:
+        raise ValueError(f"{where}: damaged data card ({type(exc).__name__}: {exc}); the stages it records "
+                         "cannot be carried into a new model") from None
 
 
 def stage_files(card: dict, stage: str) -> list[tuple[str, bytes]]:
@@ -128,6 +148,7 @@ def data_card(corpus: Path, stage: str, result, cfg, previous: dict | None, mix:
     `mix` records how the stage mixed its data (FIM rate, context rate, pair share)."""
     summary = json.loads((corpus / SUMMARY_FILE).read_text()) if (corpus / SUMMARY_FILE).exists() else {}
     card = compact(copy.deepcopy(previous or {}))
+    card.pop("eval", None)  # held-out figures belong to the model they were measured on
     files = corpus_files(corpus)
     key = _digest(files)
     if not corpus_digests(card, key):

@@ -219,7 +219,9 @@ def train_stage(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, c
                 device: torch.device, resume: bool = False, log=print) -> StageResult:
     """Train `model` in place on `mix`; checkpoints, metrics.jsonl and loss.png go to run_dir."""
     run = set_up(model, tok, mix, val, cfg, run_dir, device, resume, log)
-    last_loss, val_loss = float("nan"), None
+    history = run.state["history"]  # a resumed run that has no step left keeps the figures it ended with
+    last_loss = history[-1]["loss"] if history else float("nan")
+    val_loss = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None)
     done = progress_of(run.state, cfg) >= 1.0
     with StopRequest(log) as stop:
         while not done:
@@ -331,6 +333,9 @@ def start_state(model: GPT, optimizer, cfg: TrainConfig, run_dir: Path, resume: 
     if resume and read_checkpoint_state(run_dir) is not None:
         state = load_checkpoint(run_dir, model, optimizer)
         log(f"resumed from {run_dir} at step {state['step']}")
+        if cfg.max_steps and state.get("max_steps") and cfg.max_steps != state["max_steps"]:
+            log(f"note: the run goes on to its own {state['max_steps']} steps (--max-steps {cfg.max_steps} "
+                "applies to a new run)")
     metrics = run_dir / "metrics.jsonl"
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ from codellm.tokenizer import Tokenizer
 from .corpus import read_records, read_texts
 from .data import Mixture, read_texts_with_places
 from .pairs import MAX_PAIR_SHARE, PAIR_SHARE_IN_CODE_STAGE, pair_scripts
-from .datacard import data_card
+from .datacard import checked_card, data_card
 from .loop import TrainConfig, distributed, train_stage
 from .recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
 
@@ -68,7 +68,7 @@ def init_model(model_size: str | None, from_bundle: Path | None, tok: Tokenizer,
         model = bundle.model
         if context_length and context_length != model.cfg.context_length:
             model = with_context_length(model, context_length)
-        return model.to(device), bundle.card
+        return model.to(device), checked_card(bundle.card, f"{from_bundle}/data.msgpack")
     overrides = {"vocab_size": tok.vocab_size}
     if context_length:
         overrides["context_length"] = context_length
