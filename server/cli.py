@@ -110,6 +110,7 @@ def main(argv=None) -> int:
                         "file_context": True if args.file_context else None})
     for problem in ls.settings.problems:
         parser.error(problem)
+    ls.settings.keep_launch_values()
     from .transport import serve_stdio, serve_tcp, server_token
     if args.tcp is not None:
         token = args.token or server_token()

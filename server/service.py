@@ -13,7 +13,7 @@ import statistics
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from codellm.postprocess import Context, postprocess
@@ -54,12 +54,20 @@ class Settings:
     # asks (VS Code asks 50 ms after typing stops): auto (for editors with inline completion) | always | never
     prefetch: str = "auto"
     problems: ClassVar[list[str]] = []  # what the last update could not apply, one line per setting
+    # the values the command line gave (keep_launch_values): what a setting the editor unsets goes back to
+    launch: dict = field(default_factory=dict)
+    UNSET_TO_LAUNCH: ClassVar[tuple[str, ...]] = ("model_path", "device", "threads", "max_tokens",
+                                                  "min_confidence", "cut_confidence", "file_context")
 
     ALIASES = {"modelPath": "model_path", "model": "model_path", "maxTokens": "max_tokens",
                "completionItems": "completion_items", "timeoutMs": "timeout_ms", "multiLine": "multiline",
                "multilineMs": "multiline_ms", "minConfidence": "min_confidence",
                "cutConfidence": "cut_confidence", "kvReuse": "kv_reuse",
                "fileContext": "file_context", "prefetch": "prefetch"}
+
+    def keep_launch_values(self) -> None:
+        """Remember the present values (the command line's) as those a setting unset later returns to."""
+        self.launch = {name: getattr(self, name) for name in self.UNSET_TO_LAUNCH}
 
     def update(self, options: dict | None) -> list[str]:
         """Apply a dict of options (camelCase or snake_case, flat or under a "codellm" key, as editors
@@ -71,20 +79,21 @@ class Settings:
             return changed
         if isinstance(options.get("codellm"), dict):
             options = {**{k: v for k, v in options.items() if k != "codellm"}, **options["codellm"]}
-        known = {f.name for f in fields(self)}
+        known = {f.name for f in fields(self)} - {"launch"}
         for key, value in options.items():
             name = self.ALIASES.get(key, key)
             if name not in known:
                 continue  # other tools' settings, or the TCP token
-            if value is None and name in ("model_path", "device", "threads", "max_tokens", "min_confidence",
-                                          "cut_confidence", "file_context"):
-                if name != "max_tokens":
-                    continue  # unset in the editor: keep what the command line gave
-            try:
-                value = SETTING_RULES[name](value)
-            except ValueError as exc:
-                self.problems.append(f"codellm: setting {key} {exc}; keeping {getattr(self, name)!r}")
-                continue
+            if value is None and name in self.UNSET_TO_LAUNCH:
+                # unset in the editor (VS Code sends null for a cleared setting): back to what the command
+                # line gave, else the default
+                value = self.launch.get(name, self.__dataclass_fields__[name].default)
+            else:
+                try:
+                    value = SETTING_RULES[name](value)
+                except ValueError as exc:
+                    self.problems.append(f"codellm: setting {key} {exc}; keeping {getattr(self, name)!r}")
+                    continue
             if getattr(self, name) != value:
                 setattr(self, name, value)
                 changed.append(name)
@@ -391,5 +400,5 @@ class CompletionService:
             "confidence": {"p50": float(f"{conf[len(conf) // 2]:.3g}") if conf else None,
                            "mean": float(f"{statistics.fmean(conf):.3g}") if conf else None},
             "context": self.last_context,
-            "settings": {f.name: getattr(self.settings, f.name) for f in fields(self.settings)},
+            "settings": {f.name: getattr(self.settings, f.name) for f in fields(self.settings) if f.name != "launch"},
         }

@@ -17,6 +17,7 @@ from lsprotocol import types
 import codellm
 
 from lsp_session import Session
+from test_server import wait_for_status
 from test_server_fuzz import BROKEN_HEADERS, RawServer, send_broken
 
 SCRIPT = "#!/bin/bash\nfor f in *.txt; do\n    echo"
@@ -289,3 +290,18 @@ def test_no_document_text_in_the_log(bundle_path, tmp_path):
     text = log.read_text()
     assert "completion" in text  # the log is written
     assert secret not in text
+
+
+def test_a_setting_the_editor_clears_goes_back_to_the_command_lines(bundle_path):
+    async def main():
+        async with Session("--model", str(bundle_path), "--min-confidence", "0.1", confidence_defaults=True,
+                           init_options={"minConfidence": 0.9, "cutConfidence": 0.7, "maxTokens": 5}) as s:
+            status = await s.status()
+            assert (status.settings.min_confidence, status.settings.cut_confidence) == (0.9, 0.7)
+            s.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+                settings={"codellm": {"minConfidence": None, "cutConfidence": None, "maxTokens": None}}))
+            status = await wait_for_status(s, lambda st: st.settings.min_confidence == 0.1)  # the command line's
+            assert status.settings.cut_confidence == 0.5 and status.settings.max_tokens is None  # the defaults
+            assert status.model == str(bundle_path)
+
+    asyncio.run(main())
