@@ -59,8 +59,11 @@ class ModelHolder:
             return
         if resolved == self.path and device == self.device and threads == self.threads and self.engine:
             return
+        serving = (self.path, self.device, self.threads) if self.engine is not None else None
         self.path, self.device, self.threads = resolved, device, threads
-        self.reload(initial=True)
+        if not self.reload(initial=True) and serving is not None:
+            self.path, self.device, self.threads = serving  # the model serving stays, watched where it is
+            return
         self._watch(resolved)
 
     def reload(self, initial: bool = False) -> bool:
@@ -79,8 +82,12 @@ class ModelHolder:
                     f"{type(exc).__name__}: {exc}"
                 if not initial and self.engine is not None and bundle_stamp(self.path) is None:
                     log.info("model folder gone while loading (a swap in progress?); waiting for it")
-                elif initial or self.engine is None:
-                    self._fail(message)
+                elif self.engine is None:
+                    self._fail(message, no_bundle=bundle_stamp(self.path) is None)
+                elif initial:  # a settings change the new model failed: the one serving keeps serving
+                    self.load_error = message
+                    self.notify(f"codellm: the model settings were not applied ({message}); still serving "
+                                "the previous model", True)
                 else:
                     self.notify(f"codellm: new model rejected, still serving the previous one: {message}", True)
                 return False
@@ -109,10 +116,11 @@ class ModelHolder:
                 pass
         return build_engine(self.path, self.device, self.threads, self.precision)
 
-    def _fail(self, message: str) -> None:
+    def _fail(self, message: str, no_bundle: bool = True) -> None:
+        """No model serves: say why, and where there is no bundle at all, how to get one."""
         from codellm.defaults import HOW_TO_GET_A_MODEL
 
-        if HOW_TO_GET_A_MODEL not in message:
+        if no_bundle and HOW_TO_GET_A_MODEL not in message:
             message = f"{message}. {HOW_TO_GET_A_MODEL[0].upper()}{HOW_TO_GET_A_MODEL[1:]}"
         self.load_error = message
         log.warning("no model: %s", message)

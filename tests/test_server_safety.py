@@ -17,7 +17,7 @@ from lsprotocol import types
 import codellm
 
 from lsp_session import Session
-from test_server import wait_for_status
+from test_server import END, LONG_DOCUMENT, URI, wait_for_status
 from test_server_fuzz import BROKEN_HEADERS, RawServer, send_broken
 
 SCRIPT = "#!/bin/bash\nfor f in *.txt; do\n    echo"
@@ -303,5 +303,22 @@ def test_a_setting_the_editor_clears_goes_back_to_the_command_lines(bundle_path)
             status = await wait_for_status(s, lambda st: st.settings.min_confidence == 0.1)  # the command line's
             assert status.settings.cut_confidence == 0.5 and status.settings.max_tokens is None  # the defaults
             assert status.model == str(bundle_path)
+
+    asyncio.run(main())
+
+
+def test_a_model_setting_that_fails_leaves_the_serving_model_named_and_watched(bundle_path, tmp_path):
+    missing = tmp_path / "no-such-model"
+
+    async def main():
+        async with Session("--model", str(bundle_path)) as s:
+            s.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+                settings={"codellm": {"modelPath": str(missing)}}))
+            message = await s.wait_for_message("still serving")
+            assert "train one" not in message.lower()  # a bundle is serving: no advice to train one
+            status = await s.status()
+            assert status.model == str(bundle_path) and status.model_error and status.parameters
+            s.open(URI, LONG_DOCUMENT)
+            assert await s.inline(URI, END, 0, automatic=False) is not None  # the old model answers
 
     asyncio.run(main())
