@@ -194,7 +194,8 @@ class CompletionService:
         self.settings = settings
         self.executor = holder.executor  # the model runs on the holder's torch thread
         self.latest: dict[str, int] = {}
-        self.inflight: dict[tuple, asyncio.Future] = {}  # (uri, cache key) -> a prefetch's model run
+        # (uri, cache key) -> a prefetch's model run, and the event set when a request joins it
+        self.inflight: dict[tuple, tuple[asyncio.Future, threading.Event]] = {}
         self._ids = 0
         self._ids_lock = threading.Lock()
         self.generation = 0  # counts clear(): a run begun before a settings change keeps no answer
@@ -276,7 +277,8 @@ class CompletionService:
         running = self.inflight.get(key)
         if running is not None and not prefetch:  # the prefetch for this very place: wait for it
             self.counts["joined"] += 1
-            suggestion = dataclasses.replace(await asyncio.shield(running))
+            running[1].set()  # now a request's run: only a newer request for this document replaces it
+            suggestion = dataclasses.replace(await asyncio.shield(running[0]))
             return suggestion if suggestion.source == "superseded" else self._done(suggestion, start)
         request_id = self.next_request_id(uri)
         cached = self._from_cache(uri, cache_key, prefix, suffix, cache_mode)
@@ -288,13 +290,14 @@ class CompletionService:
             return self._done(cached, start)
         if self.holder.engine is None:
             return Suggestion("", "no-model")
-        cancelled = threading.Event()
+        cancelled, joined = threading.Event(), threading.Event()
         loop = asyncio.get_running_loop()
         run = loop.run_in_executor(self.executor, self._run_model, uri, request_id, prefix, suffix, mode, cancelled,
-                                   allow_empty, cache_mode, context, prefetch)
+                                   allow_empty, cache_mode, context, joined if prefetch else None)
         if prefetch:
-            self.inflight[key] = run
-            run.add_done_callback(lambda done: self.inflight.pop(key) if self.inflight.get(key) is done else None)
+            self.inflight[key] = (run, joined)
+            run.add_done_callback(lambda done: self.inflight.pop(key) if self.inflight.get(key, (None,))[0] is done
+                                  else None)
         try:
             suggestion = await run
         except asyncio.CancelledError:
@@ -316,14 +319,16 @@ class CompletionService:
 
     def _run_model(self, uri: str, request_id: int, prefix: str, suffix: str, mode: str,
                    cancelled: threading.Event, allow_empty: bool = False, cache_mode: str = "",
-                   context: list[ContextChunk] | None = None, prefetch: bool = False) -> Suggestion:
+                   context: list[ContextChunk] | None = None, joined: threading.Event | None = None) -> Suggestion:
         """Runs on the model thread; stops between decode steps once a newer request for the document
-        arrives (a prefetch: once any newer request or prefetch arrives, so that edits to many documents
-        at once do not queue work ahead of what the user asks for)."""
+        arrives. A prefetch (`joined` given) stops once any newer request or prefetch arrives, so that edits
+        to many documents at once do not queue work ahead of what the user asks for, until a request
+        joins it (`joined` set)."""
         generation = self.generation
+        prefetch = joined is not None
 
         def superseded() -> bool:
-            newest = self._ids if prefetch else self.latest.get(uri)
+            newest = self._ids if prefetch and not joined.is_set() else self.latest.get(uri)
             return cancelled.is_set() or newest != request_id
 
         engine = self.holder.engine

@@ -221,6 +221,23 @@ def test_a_prefetch_begun_before_a_settings_change_leaves_no_answer(slow_bundle)
     run(main())
 
 
+def test_a_prefetch_a_request_joined_is_not_given_up_for_another_documents_request(slow_bundle):
+    async def main():
+        async with Session("--model", str(slow_bundle), init_options={**SLOW, "prefetch": "always"}) as s:
+            s.open(URI, LONG_DOCUMENT)
+            other = "file:///tmp/work/other.sh"
+            s.open(other, "echo one\necho two\n")
+            s.edit(URI, END, 0, "ec")
+            await wait_for_status(s, lambda st: st.prefetched == 1)
+            asked = asyncio.ensure_future(s.inline(URI, END, 2, automatic=True))
+            await wait_for_status(s, lambda st: st.joined_prefetch == 1)
+            await s.inline(other, 0, 0, automatic=True)  # text follows the cursor there: skipped, but newer
+            await asked
+            status = await s.status()
+            assert status.superseded == 0 and status.model_runs == 1  # the joined run went on to its answer
+    run(main())
+
+
 def test_edits_to_many_documents_leave_one_prefetch(bundle_path):
     async def main():
         async with Session("--model", str(bundle_path), init_options={"prefetch": "always"}) as s:
