@@ -6,6 +6,10 @@
     engine.generate(prompt, max_new_tokens=200, temperature=0.8, top_k=50, top_p=0.95, seed=None)
 """
 import importlib
+import warnings
+
+# torch warns on import when NumPy is missing; nothing in codellm uses NumPy, and a plain install has none
+warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 # the names below load on first use (PEP 562), so that `import codellm` and its light modules (the
 # server's start, the command line's help) do not wait for torch

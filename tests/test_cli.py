@@ -1,4 +1,5 @@
 """The `codellm` command line, run as a user would."""
+import os
 import subprocess
 import sys
 
@@ -64,3 +65,13 @@ def test_split_at():
     assert split_at("ab\ncd\n", 3, 1) == ("ab\ncd\n", "")
     with pytest.raises(ValueError):
         split_at("ab\n", 1, 9)
+
+
+def test_an_install_without_numpy_prints_no_warning(bundle_path, tmp_path):
+    blocked = tmp_path / "numpy"
+    blocked.mkdir()
+    (blocked / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'numpy'\")\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-m", "codellm.cli", "complete", "-:2:1", "--model", str(bundle_path)],
+                       input="#!/bin/sh\n\n", capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
