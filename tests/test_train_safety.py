@@ -169,3 +169,29 @@ def test_a_fine_tune_keeps_no_figures_of_its_parent_and_a_resume_of_a_finished_r
     assert r.returncode == 0, r.stderr[-3000:]
     again = card_of(tmp_path / "m")["stages"][stage]["train_loss"]
     assert math.isfinite(again) and again == pytest.approx(loss, abs=1e-5)
+
+
+def test_from_is_checked_before_any_work_and_default_names_the_shipped_model(tmp_path, monkeypatch):
+    from codellm.defaults import PACKAGED_BUNDLE
+    from codellm.train.cli import bundle_arg
+    code = scripts(tmp_path / "scripts")
+    r = train("code", "--from", str(tmp_path / "no-model"), "--code-data", str(code), "--out", str(tmp_path / "m"),
+              "--max-steps", "1", *SMALL[4:])
+    assert r.returncode == 2 and "no model bundle there" in r.stderr and "--from default" in r.stderr
+    assert not (tmp_path / "m.work").exists()  # refused before the corpus was built
+    monkeypatch.chdir(tmp_path)
+    assert bundle_arg("default") == PACKAGED_BUNDLE
+    (tmp_path / "default").mkdir()  # a folder of that name here is what the user means
+    assert bundle_arg("default").resolve() == tmp_path / "default"
+
+
+def test_missing_training_extras_are_named_with_how_to_install_them(tmp_path):
+    blocked = tmp_path / "blocked"
+    (blocked / "datasketch").mkdir(parents=True)
+    (blocked / "datasketch" / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'datasketch'\", "
+                                                        "name='datasketch')\n")
+    code = scripts(tmp_path / "scripts")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(blocked), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run(TRAIN + ["corpus", "--code-data", str(code), "--corpus", str(tmp_path / "c")],
+                       capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 2 and "datasketch" in r.stderr and ".[train]" in r.stderr and "Traceback" not in r.stderr

@@ -108,6 +108,23 @@ def first_process_then_all(work):
     return result
 
 
+def bundle_arg(value: str) -> Path:
+    """A bundle folder; `default`, where no folder of that name is here, is the model shipped with codellm."""
+    path = Path(value).expanduser()
+    if value == "default" and not path.exists():
+        from codellm.defaults import PACKAGED_BUNDLE
+        return PACKAGED_BUNDLE
+    return path
+
+
+def check_from(path: Path | None) -> None:
+    """Refuse, before any work, a --from that is no model bundle."""
+    from codellm.bundle import BUNDLE_FILES
+    if path is not None and not all((path / name).is_file() for name in BUNDLE_FILES):
+        raise ValueError(f"--from {path}: no model bundle there (it needs {', '.join(BUNDLE_FILES)}); "
+                         "`--from default` is the model shipped with codellm")
+
+
 def check_out(args, runs: list[tuple[Path, Path]] = ()) -> None:
     """Refuse, before any work, an --out that is a file or a folder of someone's files, and (without
     --resume or --overwrite) a new run where an earlier one was cut short: `runs` are (run folder, bundle
@@ -176,6 +193,7 @@ def cmd_stage(args):
     """`codellm-train language` or `code` (args.stage)."""
     from codellm.tokenizer import Tokenizer
     from .stages import run_folder, run_stage
+    check_from(args.from_bundle)
     check_out(args, [(run_folder(args.out, args.stage), args.out)])
     work = args.out.with_name(args.out.name + ".work")
     corpus = ensure_corpus(args, work / "corpus")
@@ -262,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_corpus_flags(p, None)
         add_training_flags(p)
         p.add_argument("--tokenizer", type=Path, default=None)
-        p.add_argument("--from", dest="from_bundle", type=Path, default=None, help="start from this bundle")
+        p.add_argument("--from", dest="from_bundle", type=bundle_arg, default=None,
+                       help="start from this bundle (`default`: the model shipped with codellm)")
         p.set_defaults(func=cmd_stage, stage=stage)
 
     p = sub.add_parser("all", help="corpus -> tokenizer -> (English stage) -> shell stage")
@@ -314,6 +333,9 @@ def add_bench_parser(sub) -> None:
     p.set_defaults(func=cmd_bench)
 
 
+TRAINING_EXTRAS = ("datasketch", "tqdm", "matplotlib")  # pyproject.toml's [train]: corpus building, progress, plots
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
@@ -321,6 +343,12 @@ def main(argv=None):
     except TrainingStopped as exc:
         print(f"codellm-train: {exc}", file=sys.stderr)
         return 128 + exc.signum
+    except ModuleNotFoundError as exc:
+        if exc.name not in TRAINING_EXTRAS:
+            raise
+        print(f"codellm-train: error: this needs codellm's training extras ({exc.name} is missing): "
+              "pip install -e '.[train]' in the codellm folder", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("codellm-train: interrupted (a training run's last checkpoint is kept: --resume continues "
               "from it)", file=sys.stderr)
