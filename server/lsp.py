@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import string
 import threading
 from urllib.parse import unquote
@@ -12,6 +13,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcException
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
+from pygls.workspace import TextDocument, Workspace
 
 from codellm import __version__
 from codellm.shell import is_shell_file
@@ -40,6 +42,27 @@ class CodellmProtocol(LanguageServerProtocol):
             if isinstance(msg_id, (int, str)) and "method" in data:
                 self._send_response(msg_id, error=exc.to_response_error())
             raise
+
+
+LSP_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")  # LSP ends lines at \n, \r\n and \r only
+
+
+class LspLinesDocument(TextDocument):
+    """A document whose lines end where the editor's do: at \n, \r\n and \r. (pygls uses
+    str.splitlines, which also ends lines at \f, \v, \x1c-\x1e, \x85, U+2028 and U+2029: after a form
+    feed in a script, positions and edits would land on the wrong line.)"""
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return tuple(LSP_LINE.findall(self.source))
+
+
+class LspLinesWorkspace(Workspace):
+    """The workspace pygls makes, with documents split into lines as LSP does (LspLinesDocument)."""
+
+    def _create_text_document(self, doc_uri, source=None, version=None, language_id=None) -> TextDocument:
+        return LspLinesDocument(doc_uri, source=source, version=version, language_id=language_id,
+                                sync_kind=self._sync_kind, position_codec=self._position_codec)
 
 
 class CodellmServer(LanguageServer):
@@ -124,6 +147,8 @@ def cursor_split(doc, position: types.Position) -> tuple[str, str] | None:
 
 def initialize(ls: CodellmServer, params: types.InitializeParams):
     ls.loop, ls.loop_thread = asyncio.get_running_loop(), threading.get_ident()
+    # pygls has just made the workspace (no document is open yet); its documents split lines as LSP does
+    ls.workspace.__class__ = LspLinesWorkspace
     ls.settings.update(params.initialization_options or {})
     for problem in ls.settings.problems:
         ls.tell_user(problem, True)

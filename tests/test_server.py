@@ -187,6 +187,29 @@ def test_an_edit_starts_the_suggestion_before_the_editor_asks(bundle_path):
     assert status.joined_prefetch + round(status.cache_hit_rate) == 1
 
 
+def test_lines_end_where_the_editor_ends_them_not_at_form_feeds(bundle_path):
+    from codellm.server.lsp import LspLinesWorkspace, cursor_split
+    text = "#!/bin/sh\n# page\x0cbreak \u2028 end\r\nfoo_word\rlast"
+    workspace = LspLinesWorkspace(None)
+    workspace.put_text_document(types.TextDocumentItem(uri=URI, language_id="shellscript", version=1, text=text))
+    doc = workspace.get_text_document(URI)
+    assert len(doc.lines) == 4
+    doc.apply_change(types.TextDocumentContentChangePartial(
+        range=types.Range(start=types.Position(line=2, character=0), end=types.Position(line=2, character=3)), text="bar"))
+    assert doc.source == text.replace("foo_word", "bar_word")
+    assert cursor_split(doc, types.Position(line=2, character=8)) == (text.replace("foo_word", "bar_word")[:-5], "\rlast")
+
+    async def main():  # the server's documents split so: a text edit replaces the word at the cursor's line
+        async with Session("--model", str(bundle_path), inline=False) as s:
+            s.open(URI, "#!/bin/sh\n# page\x0cbreak\nfoo_word\n")
+            s.edit(URI, 2, 8, "_x")
+            items = await s.completion(URI, 2, 10)
+            items = items.items if hasattr(items, "items") else items
+            assert items and all(i.text_edit.range.start == types.Position(line=2, character=0) for i in items)
+            assert all(i.text_edit.new_text.startswith("foo_word_x") for i in items)
+    run(main())
+
+
 def test_prefetch_cursor_counts_line_breaks_and_units_as_the_document_does():
     from pygls.workspace import TextDocument
     from codellm.server.lsp import cursor_after
