@@ -81,7 +81,7 @@ def cmd_info(args):
     from .bundle import load_bundle
     from .config import PRESETS, ModelConfig
     from .defaults import default_bundle_path
-    print("presets:")
+    print("presets (their default shapes; a bundle may change the context):")
     for name in PRESETS:
         cfg = ModelConfig.from_preset(name)
         print(f"  {name:7s} {cfg.num_params() / 1e6:7.2f}M parameters  (d_model {cfg.d_model}, {cfg.n_layer} layers, "
@@ -96,10 +96,23 @@ def cmd_info(args):
     print(f"model: {bundle.path}")
     print(f"  preset {cfg.preset}, {bundle.model.num_params() / 1e6:.2f}M parameters, vocab {cfg.vocab_size}, "
           f"context {cfg.context_length}, prompt format {bundle.prompt_format}")
-    for stage, info in bundle.card.get("stages", {}).items():
-        print(f"  stage {stage}: {info.get('tokens', 0) / 1e6:.1f}M tokens, {info.get('steps')} steps, "
-              f"val loss {info.get('val_loss')}")
+    stages = bundle.card.get("stages")
+    for stage, info in (stages.items() if isinstance(stages, dict) else ()):
+        print(f"  stage {stage}: {stage_line(info)}")
     print(f"decode steps on CPU: {kernel.cpu_decoding()}")
+
+
+def stage_line(info) -> str:
+    """One training stage of a data card in words; what the card lacks or holds in another form is '?'."""
+    if not isinstance(info, dict):
+        return "?"
+
+    def number(key: str, scale: float = 1.0, fmt: str = ".3f") -> str:
+        value = info.get(key)
+        return format(value / scale, fmt) if isinstance(value, (int, float)) and not isinstance(value, bool) else "?"
+
+    return (f"{number('tokens', 1e6, '.1f')}M tokens, {number('steps', 1, '.0f')} steps, "
+            f"train loss {number('train_loss')}, val loss {number('val_loss')}")
 
 
 def cmd_bench(args):

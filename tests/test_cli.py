@@ -75,3 +75,14 @@ def test_an_install_without_numpy_prints_no_warning(bundle_path, tmp_path):
     r = subprocess.run([sys.executable, "-m", "codellm.cli", "complete", "-:2:1", "--model", str(bundle_path)],
                        input="#!/bin/sh\n\n", capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0 and r.stderr == "", r.stderr[-2000:]
+
+
+def test_info_reads_a_card_of_odd_shape_without_failing(bundle_path, tmp_path):
+    import shutil
+    import msgpack
+    odd = tmp_path / "odd"
+    shutil.copytree(bundle_path, odd)
+    (odd / "data.msgpack").write_bytes(msgpack.packb({"stages": {"a": "text", "b": {"tokens": "many", "steps": 3}}}))
+    r = run("info", "--model", str(odd))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    assert "stage a: ?" in r.stdout and "stage b: ?M tokens, 3 steps" in r.stdout
