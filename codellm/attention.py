@@ -34,8 +34,11 @@ def attention_maps(model: GPT, ids: list[int]) -> torch.Tensor:
 def plot_attention(maps: torch.Tensor, labels: list[str], out, layer: int | None = None,
                    head: int | None = None) -> tuple[int, int]:
     """A PNG grid of attention maps: one layer's heads (or every layer for one head, or one map).
-    Returns the grid's (rows, columns)."""
-    import matplotlib
+    Returns the grid's (rows, columns). Raises ValueError where matplotlib is not installed."""
+    try:
+        import matplotlib
+    except ModuleNotFoundError:
+        raise ValueError("drawing attention maps needs matplotlib: pip install matplotlib") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

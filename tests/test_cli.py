@@ -86,3 +86,13 @@ def test_info_reads_a_card_of_odd_shape_without_failing(bundle_path, tmp_path):
     r = run("info", "--model", str(odd))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
     assert "stage a: ?" in r.stdout and "stage b: ?M tokens, 3 steps" in r.stdout
+
+
+def test_attention_without_matplotlib_says_what_to_install(bundle_path, tmp_path):
+    blocked = tmp_path / "blocked" / "matplotlib"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ModuleNotFoundError(\"No module named 'matplotlib'\", name='matplotlib')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(blocked.parent), os.environ.get("PYTHONPATH")])))
+    r = subprocess.run([sys.executable, "-m", "codellm.cli", "attention", "--model", str(bundle_path), "--prompt",
+                        "echo hi", "--out", str(tmp_path / "a.png")], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 2 and "pip install matplotlib" in r.stderr and "Traceback" not in r.stderr
