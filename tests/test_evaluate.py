@@ -74,3 +74,12 @@ def test_two_bundles_compare_on_every_split(bundle_path, tmp_path):
     assert "block after opener" in run.stdout and "held-out split val_user" in run.stdout
     # the same bundle twice is not better than itself
     assert "on every split: no" in run.stdout
+
+
+def test_eval_refuses_a_place_it_cannot_write_before_evaluating(bundle_path, tmp_path):
+    small_corpus(tmp_path)
+    out = tmp_path / "no-such-folder" / "eval.json"
+    run = subprocess.run([sys.executable, "-m", "codellm.train.cli", "eval", str(bundle_path), "--corpus", str(tmp_path),
+                          "--samples", "4", "--out", str(out)], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "cannot write the results file" in run.stderr and "--out" in run.stderr
+    assert "held-out" not in run.stdout and "Traceback" not in run.stderr  # nothing was evaluated

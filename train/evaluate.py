@@ -482,15 +482,33 @@ def better_on_every_split(new: dict, old: dict) -> bool:
 
 
 def write_into_card(bundle_path: Path, results: dict) -> None:
+    """Put the results into the bundle's data card, replacing the file atomically (a failed write leaves
+    the card as it was and no temporary file)."""
     card_path = bundle_path / CARD_FILE
     card = msgpack.unpackb(card_path.read_bytes(), raw=False)
+    card = card if isinstance(card, dict) else {}
     card["eval"] = {k: v for k, v in results.items() if k != "bundle"}
-    tmp = card_path.with_suffix(".tmp")
-    tmp.write_bytes(msgpack.packb(card, use_bin_type=True))
-    os.replace(tmp, card_path)
+    tmp = card_path.with_name(f".{card_path.name}.tmp")
+    try:
+        tmp.write_bytes(msgpack.packb(card, use_bin_type=True))
+        os.replace(tmp, card_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def check_writable(args, out: Path) -> None:
+    """Refuse, before the evaluation runs, a results file or a bundle card that could not be written."""
+    folders = [(out.parent, f"the results file {out} (choose another with --out)")]
+    if not args.no_card:
+        folders += [(b, f"the data card of {b} (--no-card leaves the bundles as they are)") for b in args.bundle]
+    for folder, what in folders:
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"cannot write {what}: {folder} is missing or not writable")
 
 
 def main(args) -> None:
+    out = args.out or args.bundle[0].with_name(args.bundle[0].name + "-eval.json")
+    check_writable(args, out)
     results = []
     for bundle in args.bundle:
         torch.manual_seed(0)
@@ -501,7 +519,6 @@ def main(args) -> None:
                                 getattr(args, "keystrokes", 0), curve, getattr(args, "blocks", 100),
                                 getattr(args, "cross_file", 200)))
     print_table(results)
-    out = args.out or args.bundle[0].with_name(args.bundle[0].name + "-eval.json")
     out.write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
     print(f"results written to {out}")
     if len(results) > 1:
