@@ -54,6 +54,16 @@ def cmd_generate(args):
     sys.stdout.write(prompt + text + ("\n" if not text.endswith("\n") else ""))
 
 
+def probability(value: str) -> float:
+    try:
+        p = float(value)
+    except ValueError:
+        p = -1.0
+    if not 0.0 <= p <= 1.0:
+        raise argparse.ArgumentTypeError(f"a probability from 0 to 1, not {value!r}")
+    return p
+
+
 def cmd_complete(args):
     from . import load
     file, line, col = parse_location(args.location)
@@ -67,11 +77,14 @@ def cmd_complete(args):
             given.setdefault(str(Path(f).resolve()), f)
         context = choose_context(prefix, suffix, [(p, read_context_file(f)) for p, f in given.items()], [], doc_path)
     engine = load(args.model, args.device, precision=args.precision)
-    result = engine.complete_detailed(prefix, suffix, args.mode, context=context)
-    sys.stdout.write(result.text + "\n")
+    result = engine.complete_detailed(prefix, suffix, args.mode, context=context, cut=args.cut_confidence)
+    confidence = result.confidence_of(len(result.text))
+    hidden = bool(result.text) and confidence < args.min_confidence  # as the editor would: nothing shown
+    sys.stdout.write(("" if hidden else result.text) + "\n")
     if args.verbose:
         print(f"[{result.mode} mode, stop: {result.stop_reason}, {result.prompt_tokens} prompt tokens, "
-              f"{result.new_tokens} new, {result.seconds * 1000:.0f} ms]", file=sys.stderr)
+              f"{result.new_tokens} new, {result.seconds * 1000:.0f} ms, confidence {confidence:.3f}"
+              f"{', hidden as unsure' if hidden else ''}]", file=sys.stderr)
         for chunk in context or []:
             print(f"[context {chunk.path}:{chunk.line + 1}: {chunk.text.splitlines()[0][:60]}]", file=sys.stderr)
 
@@ -178,6 +191,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="other files (a library the script sources): their functions and assignments most "
                         "related to the lines around the cursor go before the prompt, as the server does; "
                         "regular files of at most 256 KB. Give it after FILE:LINE:COL (or end the list with --)")
+    p.add_argument("--cut-confidence", type=probability, default=0.0, metavar="P",
+                   help="end the completion before the first token below this probability (the editor's "
+                        "cutConfidence, default there 0.5; here 0: all the model writes)")
+    p.add_argument("--min-confidence", type=probability, default=0.0, metavar="P",
+                   help="print nothing when the completion's confidence is below this (the editor's "
+                        "minConfidence, default there 0.2; here 0)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_complete)
 

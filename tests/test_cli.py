@@ -96,3 +96,12 @@ def test_attention_without_matplotlib_says_what_to_install(bundle_path, tmp_path
     r = subprocess.run([sys.executable, "-m", "codellm.cli", "attention", "--model", str(bundle_path), "--prompt",
                         "echo hi", "--out", str(tmp_path / "a.png")], capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 2 and "pip install matplotlib" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_complete_can_apply_the_editors_confidence_thresholds(bundle_path):
+    shown = run("complete", "-:2:1", "--model", str(bundle_path), "--mode", "line", stdin="#!/bin/sh\n\n")
+    hidden = run("complete", "-:2:1", "--model", str(bundle_path), "--mode", "line", "--min-confidence", "1",
+                 stdin="#!/bin/sh\n\n")
+    assert shown.returncode == hidden.returncode == 0 and shown.stdout.strip()
+    assert hidden.stdout == "\n"  # below the threshold: nothing, as the editor would show
+    assert run("complete", "-:2:1", "--cut-confidence", "x", stdin="\n").returncode == 2
