@@ -195,3 +195,25 @@ def test_missing_training_extras_are_named_with_how_to_install_them(tmp_path):
     r = subprocess.run(TRAIN + ["corpus", "--code-data", str(code), "--corpus", str(tmp_path / "c")],
                        capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 2 and "datasketch" in r.stderr and ".[train]" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_scripts_held_out_by_the_user_stay_out_of_training_and_evaluate_a_fine_tune(bundle_path, tmp_path):
+    mine, kept = scripts(tmp_path / "mine"), tmp_path / "kept"
+    kept.mkdir()
+    for k in range(3):
+        (kept / f"deploy{k}.sh").write_text(f"#!/bin/sh\nset -eu\nrsync -a build/ host{k}:/srv/app/\n"
+                                            f"ssh host{k} systemctl restart app{k}\n")
+    (mine / "copy.sh").write_text((kept / "deploy0.sh").read_text())  # the same text in the training folder too
+    out = tmp_path / "m"
+    r = train("code", "--from", str(bundle_path), "--code-data", str(mine), "--heldout-data", str(kept),
+              "--out", str(out), "--max-steps", "2", *SMALL[4:])
+    assert r.returncode == 0, r.stderr[-3000:]
+    from codellm.train.corpus import read_records
+    records = list(read_records(tmp_path / "m.work" / "corpus" / "shell.msgpack"))
+    held = {r["text"] for r in records if r["split"] == "val_user"}
+    assert len(held) == 3 and not held & {r["text"] for r in records if r["split"] == "train"}
+    r = train("eval", str(out), "--corpus", str(tmp_path / "m.work" / "corpus"), "--samples", "3", "--pairs", "0",
+              "--blocks", "0", "--scripts", "0", "--keystrokes", "0", "--cross-file", "0", "--no-card",
+              "--out", str(tmp_path / "eval.json"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["splits"]["val_user"]["heldout_files"] == 3

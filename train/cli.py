@@ -53,6 +53,8 @@ def add_corpus_flags(p: argparse.ArgumentParser, corpus_default: str | None) -> 
     p.add_argument("--recipe", choices=["default"], default=None, help="the default data recipe")
     p.add_argument("--code-data", type=Path, action="append", default=[],
                    help='a folder of scripts or a JSON file {"scripts": [...]} (repeatable)')
+    p.add_argument("--heldout-data", type=Path, action="append", default=[],
+                   help="scripts (as for --code-data) kept out of training, for `codellm-train eval` (repeatable)")
     p.add_argument("--language-data", type=Path, action="append", default=[],
                    help="a text file, folder, or TinyStories-format file (repeatable)")
     p.add_argument("--packages", type=Path, default=None, help="package list for the default recipe")
@@ -152,7 +154,8 @@ def ensure_corpus(args, default_dir: Path) -> Path:
         # the summary is written last: a corpus without it was cut short by a kill and is built again
         if not (args.resume and (corpus / SUMMARY_FILE).exists()):
             first_process_then_all(lambda: build_corpus(corpus, args.recipe, args.code_data, args.language_data,
-                                                        args.packages, args.cache, args.english_mb))
+                                                        args.packages, args.cache, args.english_mb,
+                                                        heldout_data=args.heldout_data))
     elif not (corpus / SHELL_FILE).exists():
         raise ValueError(f"{corpus}: no corpus here; give --recipe default, --code-data or --language-data")
     return corpus
@@ -176,7 +179,7 @@ def trained_tokenizer(corpus: Path, path: Path, resume: bool = False):
 def cmd_corpus(args):
     from .recipe import build_corpus
     build_corpus(args.corpus, args.recipe, args.code_data, args.language_data, args.packages, args.cache,
-                 args.english_mb, retry_failed=args.retry_failed)
+                 args.english_mb, retry_failed=args.retry_failed, heldout_data=args.heldout_data)
 
 
 def cmd_pack(args):
@@ -300,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="held-out loss, line completion, comment to command, block completion, "
                                      "cross-file context, keystrokes, whole-script syntax")
-    p.add_argument("bundle", type=Path, nargs="+", help="one or more bundles, measured side by side")
+    p.add_argument("bundle", type=bundle_arg, nargs="+",
+                   help="one or more bundles, measured side by side (`default`: the model shipped with codellm)")
     p.add_argument("--corpus", type=Path, default=Path("data/corpus"),
                    help="a corpus folder built by `codellm-train corpus`, with held-out splits (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="JSON results (default: <first bundle>/../<name>-eval.json)")

@@ -162,7 +162,8 @@ def shell_records_from_tree(root: Path, source: str, licence: str, split: str, s
             yield record(text, source, str(path.relative_to(root)), licence, split)
 
 
-def shell_records_from_json(path: Path, source: str, seen: set[str], counts: Counts) -> Iterator[dict]:
+def shell_records_from_json(path: Path, source: str, seen: set[str], counts: Counts,
+                            split: str = "train") -> Iterator[dict]:
     """The seed format: {"scripts": ["...", ...]} (entries may also be {"content"/"code"/"text": ...})."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
@@ -177,24 +178,28 @@ def shell_records_from_json(path: Path, source: str, seen: set[str], counts: Cou
         if not isinstance(text, str) or not text.strip():
             counts.skip("empty")
         elif counts.keep_if_new(text, seen):
-            yield record(text, source, f"{path.name}#{i}", "", "train")
+            yield record(text, source, f"{path.name}#{i}", "", split)
 
 
 def code_data_records(path: Path, seen: set[str], counts: Counts, split: str = "train") -> Iterator[dict]:
+    """The user's scripts (a folder, a JSON file {"scripts": [...]}, or one file) as records of `split`
+    ("train" for --code-data; held-out ones are a source of their own, "user-heldout:NAME")."""
     path = Path(path).expanduser()
+    flag, source = ("--code-data", f"user:{path.name}") if split == "train" else \
+        ("--heldout-data", f"user-heldout:{path.name}")
     if not path.exists():
-        raise FileNotFoundError(f"--code-data {path}: no such file or folder")
+        raise FileNotFoundError(f"{flag} {path}: no such file or folder")
     if path.is_dir():
-        yield from shell_records_from_tree(path, f"user:{path.name}", "", split, seen, counts)
+        yield from shell_records_from_tree(path, source, "", split, seen, counts)
     elif path.suffix == ".json":
-        yield from shell_records_from_json(path, f"user:{path.name}", seen, counts)
+        yield from shell_records_from_json(path, source, seen, counts, split)
     else:
         data = path.read_bytes()
         text, reason = shell_text_or_reason(path, data)
         if text is None:
             counts.skip(reason)
         elif counts.keep_if_new(text, seen):
-            yield record(text, f"user:{path.name}", path.name, "", split)
+            yield record(text, source, path.name, "", split)
 
 
 # ---------------------------------------------------------------- English

@@ -394,7 +394,8 @@ def evaluate(bundle_path: Path, corpus: Path, samples: int = 400, scripts: int =
     splits = {split: read_texts(corpus / SHELL_FILE, split) for split in HELDOUT_SPLITS}
     splits = {split: texts for split, texts in splits.items() if texts}
     if not splits:
-        raise ValueError(f"{corpus}: no held-out shell files (split 'val' or 'val_user') to evaluate on")
+        raise ValueError(f"{corpus}: no held-out shell files (split 'val' or 'val_user') to evaluate on; build "
+                         "the corpus with --heldout-data DIR to keep scripts of yours out of training for this")
     start = time.time()
     results = {"bundle": str(bundle_path), "splits": {}}
     for split, texts in splits.items():

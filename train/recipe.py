@@ -23,12 +23,14 @@ PAIRS_FILE = "pairs.msgpack"
 
 def build_corpus(out: Path, recipe: str | None = None, code_data: list[Path] = (), language_data: list[Path] = (),
                  package_list: Path | None = None, cache: Path | None = None, english_mb: float = 40.0,
-                 log=print, retry_failed: bool = False) -> dict:
-    """Write out/english.msgpack, out/shell.msgpack and out/summary.json; returns the summary."""
+                 log=print, retry_failed: bool = False, heldout_data: list[Path] = ()) -> dict:
+    """Write out/english.msgpack, out/shell.msgpack and out/summary.json; returns the summary.
+    `heldout_data`: the user's scripts kept out of training for `codellm-train eval` (split val_user)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
-    build = CorpusBuild(out, recipe, code_data, language_data, package_list, cache, english_mb, log, retry_failed)
+    build = CorpusBuild(out, recipe, code_data, language_data, package_list, cache, english_mb, log, retry_failed,
+                        list(heldout_data))
     if recipe not in (None, "default"):
         raise ValueError(f"unknown recipe {recipe!r} (known: default)")
     log("building shell corpus")
@@ -79,6 +81,7 @@ class CorpusBuild:
     english_mb: float
     log: Callable
     retry_failed: bool
+    heldout_data: list[Path] = field(default_factory=list)
     english_counts: Counts = field(default_factory=Counts)
     shell_counts: Counts = field(default_factory=Counts)
     english_seen: set[str] = field(default_factory=set)
@@ -103,7 +106,10 @@ class CorpusBuild:
                                      retry_failed=self.retry_failed and not docs)
 
     def shell_records(self) -> Iterator[dict]:
-        """The recipe's packages and this machine's shell files, then the user's --code-data."""
+        """The user's --heldout-data (first: a training copy of a held-out text is the one dropped), the
+        recipe's packages and this machine's shell files, then the user's --code-data."""
+        for path in self.heldout_data:
+            yield from self.tally(code_data_records(Path(path), self.shell_seen, self.shell_counts, "val_user"), None)
         if self.recipe == "default":
             yield from self.recipe_shell_records()
         for path in self.code_data:
