@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 import codellm
 from codellm.train.checkpoint import CHECKPOINT_FILE, read_checkpoint_state
@@ -218,12 +219,12 @@ def test_an_epoch_tokenised_in_batches_is_the_one_made_document_by_document(toke
     rng_a, rng_b = random.Random(7), random.Random(7)
     layouts = [fim_training_pieces(c[0], rng_a, c[1]) for c in chunks]
     one_by_one = [fim_training_ids(tokenizer, c[0], rng_b, c[1], context=c[2] if len(c) > 2 else "") for c in chunks]
-    assert data.encoded_examples(tokenizer, chunks, layouts) == one_by_one
+    assert [list(e) for e in data.encoded_examples(tokenizer, chunks, layouts)] == one_by_one
     assert any(fmt for fmt, _ in layouts) and any(fmt is None for fmt, _ in layouts)  # both layouts were met
     mix = data.Mixture(texts, fim_rate=0.5)
     whole, _ = data.build_epoch(tokenizer, mix, 128, seed=3, epoch=1)
     monkeypatch.setattr(data, "ENCODE_BATCH", 7)  # batch edges fall inside the epoch
-    assert data.build_epoch(tokenizer, mix, 128, seed=3, epoch=1)[0].equal(whole)
+    assert torch.equal(data.build_epoch(tokenizer, mix, 128, seed=3, epoch=1)[0], whole)
 
 
 def test_ctrl_c_saves_the_step_it_reached_and_resume_goes_on_from_there(data_dir, tmp_path):
@@ -252,3 +253,40 @@ def test_ctrl_c_saves_the_step_it_reached_and_resume_goes_on_from_there(data_dir
     resumed = metrics(run_dir)
     assert sorted(resumed) == list(range(1, 41)) and out.exists()
     assert all(resumed[k] == logged[k] for k in logged)  # the steps before the stop are kept as they were
+
+
+def test_packing_fills_windows_with_whole_examples_as_the_plain_way_does():
+    from array import array
+    from codellm.train.data import IGNORE, pack
+
+    def plainly(examples, context_length, pad_id):  # the rule in its most direct form
+        width, windows, masks, row, row_mask = context_length + 1, [], [], [], []
+        for ex in examples:
+            ex = list(ex)[:width]
+            if len(row) + len(ex) > width:
+                if len(row) >= 2:
+                    windows.append(row + [pad_id] * (width - len(row)))
+                    masks.append(row_mask + [0] * (width - len(row)))
+                row, row_mask = [], []
+            row, row_mask = row + ex, row_mask + [1] * len(ex)
+        if len(row) >= 2:
+            windows.append(row + [pad_id] * (width - len(row)))
+            masks.append(row_mask + [0] * (width - len(row)))
+        if not windows:
+            return None
+        data, mask = torch.tensor(windows), torch.tensor(masks, dtype=torch.bool)
+        targets = data[:, 1:].clone()
+        targets[~mask[:, 1:]] = IGNORE
+        return data[:, :-1], targets
+
+    rng = __import__("random").Random(5)
+    for trial in range(20):  # lengths around the window: single tokens, exact fits, too long
+        examples = [array("i", [rng.randrange(1, 50) for _ in range(rng.choice([1, 1, 2, 3, 7, 8, 9, 17, 30]))])
+                    for _ in range(rng.randrange(1, 40))]
+        want = plainly(examples, 8, 0)
+        if want is None:  # no window at all: refused
+            with pytest.raises(ValueError):
+                pack(examples, 8, 0)
+            continue
+        got = pack(examples, 8, 0)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), trial

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import posixpath
 import random
+from array import array
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -108,7 +110,7 @@ def build_epoch(tok: Tokenizer, mix: Mixture, context_length: int, seed: int, ep
 ENCODE_BATCH = 4096  # examples tokenised per call: tokenizers spreads a call over its threads
 
 
-def encoded_examples(tok: Tokenizer, chunks: list[tuple], layouts: list[tuple[str | None, list[str]]]) -> list[list[int]]:
+def encoded_examples(tok: Tokenizer, chunks: list[tuple], layouts: list[tuple[str | None, list[str]]]) -> list[array]:
     """The ids of training examples (what fim_training_ids gives for each), with all their pieces and
     contexts tokenised in one call."""
     texts = []
@@ -119,7 +121,8 @@ def encoded_examples(tok: Tokenizer, chunks: list[tuple], layouts: list[tuple[st
     examples, at = [], 0
     for fmt, pieces in layouts:
         n = len(pieces)
-        examples.append(fim_training_assemble(tok, fmt, ids[at:at + n], ids[at + n]))
+        # 4 bytes a token: an epoch of a 200 MB corpus as lists of Python ints took several GB
+        examples.append(array("i", fim_training_assemble(tok, fmt, ids[at:at + n], ids[at + n])))
         at += n + 1
     return examples
 
@@ -167,28 +170,35 @@ def with_context(tok: Tokenizer, mix: Mixture, context_length: int, seed: int, e
     return examples
 
 
-def pack(examples: list[list[int]], context_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def pack(examples: list[Sequence[int]], context_length: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Fill windows of context_length+1 tokens with whole examples; an example that does not fit starts
-    the next window (a too-long one is cut); the leftover tail of a window is padding with no loss."""
+    the next window (a too-long one is cut); the leftover tail of a window is padding with no loss, and a
+    window of fewer than 2 tokens is dropped. Returns (inputs, targets), each (windows, context_length)."""
     width = context_length + 1
-    windows, masks = [], []
-    row, row_mask = [], []
-    for ex in examples:
-        ex = ex[:width]
-        if len(row) + len(ex) > width:
-            if len(row) >= 2:
-                windows.append(row + [pad_id] * (width - len(row)))
-                masks.append(row_mask + [0] * (width - len(row)))
-            row, row_mask = [], []
-        row += ex
-        row_mask += [1] * len(ex)
-    if len(row) >= 2:
-        windows.append(row + [pad_id] * (width - len(row)))
-        masks.append(row_mask + [0] * (width - len(row)))
+    placed: list[tuple[int, int, int]] = []  # (example, window, offset) of every example kept
+    row: list[tuple[int, int]] = []  # (example, offset) in the window being filled
+    used = windows = 0
+    for k, ex in enumerate(examples):
+        n = min(len(ex), width)
+        if used + n > width:
+            if used >= 2:
+                placed += [(i, windows, offset) for i, offset in row]
+                windows += 1
+            row, used = [], 0
+        row.append((k, used))
+        used += n
+    if used >= 2:
+        placed += [(i, windows, offset) for i, offset in row]
+        windows += 1
     if not windows:
         raise ValueError("no training text: the corpus is empty")
-    data = torch.tensor(windows, dtype=torch.long)
-    mask = torch.tensor(masks, dtype=torch.bool)
+    data = torch.full((windows, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((windows, width), dtype=torch.bool)
+    for k, window, offset in placed:
+        ids = examples[k][:width]
+        data[window, offset:offset + len(ids)] = torch.frombuffer(ids, dtype=torch.int32) \
+            if isinstance(ids, array) and ids.itemsize == 4 else torch.as_tensor(list(ids), dtype=torch.long)
+        mask[window, offset:offset + len(ids)] = True
     inputs, targets = data[:, :-1].contiguous(), data[:, 1:].clone()
     targets[~mask[:, 1:]] = IGNORE
     return inputs, targets
