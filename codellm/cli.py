@@ -244,7 +244,9 @@ def main(argv=None):
     try:
         args.func(args)
     except (BundleError, ValueError, OSError) as exc:  # OSError: a FILE that is missing, a directory, ...
-        print(f"codellm: error: {exc}", file=sys.stderr)
+        message = f"{exc.filename}: {exc.strerror.lower()}" if isinstance(exc, OSError) and exc.filename \
+            and exc.strerror else str(exc)
+        print(f"codellm: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -105,3 +105,8 @@ def test_complete_can_apply_the_editors_confidence_thresholds(bundle_path):
     assert shown.returncode == hidden.returncode == 0 and shown.stdout.strip()
     assert hidden.stdout == "\n"  # below the threshold: nothing, as the editor would show
     assert run("complete", "-:2:1", "--cut-confidence", "x", stdin="\n").returncode == 2
+
+
+def test_a_missing_file_is_named_plainly(tmp_path):
+    r = run("complete", f"{tmp_path / 'nofile.sh'}:1:1")
+    assert r.returncode == 2 and r.stderr.strip() == f"codellm: error: {tmp_path / 'nofile.sh'}: no such file or directory"
