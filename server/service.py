@@ -13,7 +13,7 @@ import statistics
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from codellm.postprocess import Context, postprocess
@@ -54,8 +54,6 @@ class Settings:
     # asks (VS Code asks 50 ms after typing stops): auto (for editors with inline completion) | always | never
     prefetch: str = "auto"
     problems: ClassVar[list[str]] = []  # what the last update could not apply, one line per setting
-    # the values the command line gave (keep_launch_values): what a setting the editor unsets goes back to
-    launch: dict = field(default_factory=dict)
     UNSET_TO_LAUNCH: ClassVar[tuple[str, ...]] = ("model_path", "device", "threads", "max_tokens",
                                                   "min_confidence", "cut_confidence", "file_context")
 
@@ -64,6 +62,11 @@ class Settings:
                "multilineMs": "multiline_ms", "minConfidence": "min_confidence",
                "cutConfidence": "cut_confidence", "kvReuse": "kv_reuse",
                "fileContext": "file_context", "prefetch": "prefetch"}
+
+    def __post_init__(self):
+        # the values the command line gave (keep_launch_values): what a setting the editor unsets goes back
+        # to; an attribute, not a setting
+        self.launch: dict = {}
 
     def keep_launch_values(self) -> None:
         """Remember the present values (the command line's) as those a setting unset later returns to."""
@@ -79,7 +82,7 @@ class Settings:
             return changed
         if isinstance(options.get("codellm"), dict):
             options = {**{k: v for k, v in options.items() if k != "codellm"}, **options["codellm"]}
-        known = {f.name for f in fields(self)} - {"launch"}
+        known = {f.name for f in fields(self)}
         for key, value in options.items():
             name = self.ALIASES.get(key, key)
             if name not in known:
@@ -405,5 +408,5 @@ class CompletionService:
             "confidence": {"p50": float(f"{conf[len(conf) // 2]:.3g}") if conf else None,
                            "mean": float(f"{statistics.fmean(conf):.3g}") if conf else None},
             "context": self.last_context,
-            "settings": {f.name: getattr(self.settings, f.name) for f in fields(self.settings) if f.name != "launch"},
+            "settings": {f.name: getattr(self.settings, f.name) for f in fields(self.settings)},
         }
