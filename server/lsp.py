@@ -216,8 +216,8 @@ def cursor_after(doc, changes: list) -> types.Position | None:
     if len(changes) != 1 or not isinstance(changes[0], types.TextDocumentContentChangePartial):
         return None
     start = changes[0].range.start
-    lines = (changes[0].text + ".").splitlines()  # line breaks as the document's lines count them
-    units = doc.position_codec.client_num_units(lines[-1][:-1])
+    lines = LSP_LINE.findall(changes[0].text + ".")  # line breaks as the document's lines count them
+    units = doc.position_codec.client_num_units(lines[-1][:-1])  # the last line, without the "."
     if len(lines) == 1:
         return types.Position(line=start.line, character=start.character + units)
     return types.Position(line=start.line + len(lines) - 1, character=units)

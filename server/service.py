@@ -54,7 +54,7 @@ class Settings:
     # asks (VS Code asks 50 ms after typing stops): auto (for editors with inline completion) | always | never
     prefetch: str = "auto"
     problems: ClassVar[list[str]] = []  # what the last update could not apply, one line per setting
-    UNSET_TO_LAUNCH: ClassVar[tuple[str, ...]] = ("model_path", "device", "threads", "max_tokens",
+    LAUNCH_SETTINGS: ClassVar[tuple[str, ...]] = ("model_path", "device", "threads", "max_tokens",
                                                   "min_confidence", "cut_confidence", "file_context")
 
     ALIASES = {"modelPath": "model_path", "model": "model_path", "maxTokens": "max_tokens",
@@ -70,7 +70,7 @@ class Settings:
 
     def keep_launch_values(self) -> None:
         """Remember the present values (the command line's) as those a setting unset later returns to."""
-        self.launch = {name: getattr(self, name) for name in self.UNSET_TO_LAUNCH}
+        self.launch = {name: getattr(self, name) for name in self.LAUNCH_SETTINGS}
 
     def update(self, options: dict | None) -> list[str]:
         """Apply a dict of options (camelCase or snake_case, flat or under a "codellm" key, as editors
@@ -87,7 +87,7 @@ class Settings:
             name = self.ALIASES.get(key, key)
             if name not in known:
                 continue  # other tools' settings, or the TCP token
-            if value is None and name in self.UNSET_TO_LAUNCH:
+            if value is None:
                 # unset in the editor (VS Code sends null for a cleared setting): back to what the command
                 # line gave, else the default
                 value = self.launch.get(name, self.__dataclass_fields__[name].default)

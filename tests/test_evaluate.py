@@ -83,3 +83,17 @@ def test_eval_refuses_a_place_it_cannot_write_before_evaluating(bundle_path, tmp
                           "--samples", "4", "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "cannot write the results file" in run.stderr and "--out" in run.stderr
     assert "held-out" not in run.stdout and "Traceback" not in run.stderr  # nothing was evaluated
+
+
+def test_evaluating_the_shipped_model_leaves_its_files_as_they_are(tmp_path):
+    from codellm.defaults import PACKAGED_BUNDLE
+    small_corpus(tmp_path)
+    before = {p.name: p.stat().st_mtime_ns for p in PACKAGED_BUNDLE.parent.iterdir()}
+    card = (PACKAGED_BUNDLE / "data.msgpack").read_bytes()
+    run = subprocess.run([sys.executable, "-m", "codellm.train.cli", "eval", "default", "--corpus", str(tmp_path),
+                          "--samples", "2", "--pairs", "0", "--blocks", "0", "--scripts", "0", "--keystrokes", "0",
+                          "--cross-file", "0"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert (PACKAGED_BUNDLE / "data.msgpack").read_bytes() == card  # the installed model's card is not written
+    assert {p.name: p.stat().st_mtime_ns for p in PACKAGED_BUNDLE.parent.iterdir()} == before
+    assert json.loads((tmp_path / "default-eval.json").read_text())["splits"]  # the results, in the working folder

@@ -224,6 +224,7 @@ def test_prefetch_cursor_counts_line_breaks_and_units_as_the_document_does():
     assert after("\U0001F600") == types.Position(line=0, character=8)  # two UTF-16 units
     assert after("\r\nls -l") == after("\nls -l") == after("\rls -l") == types.Position(line=1, character=5)
     assert after("a\nb\n") == types.Position(line=2, character=0)
+    assert after("a\x0cb\u2028c\x85") == types.Position(line=0, character=12)  # no line ends, for LSP
     whole = types.TextDocumentContentChangeWholeDocument(text="echo b\n")
     assert cursor_after(TextDocument("file:///a.sh", "echo a\n"), [whole]) is None
 

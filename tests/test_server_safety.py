@@ -242,8 +242,8 @@ def test_settings_are_converted_or_rejected_by_name(bundle_path):
         async with Session("--model", str(bundle_path), init_options=options) as s:
             status = await s.status()
             assert (status.settings.max_tokens, status.settings.timeout_ms, status.settings.threads) == (64, 500, 2)
-            assert status.settings.multiline_ms == 40  # null: kept
-            assert "multilineMs" in await s.wait_for_message("multilineMs")
+            assert status.settings.multiline_ms == 40  # null: the default
+            assert not any("multilineMs" in m for m in s.messages)
             s.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
                 settings={"codellm": {"timeoutMs": -5, "modelPath": 42, "multiline": "sometimes"}}))
             for name in ("timeoutMs", "modelPath", "multiline"):
@@ -295,13 +295,16 @@ def test_no_document_text_in_the_log(bundle_path, tmp_path):
 def test_a_setting_the_editor_clears_goes_back_to_the_command_lines(bundle_path):
     async def main():
         async with Session("--model", str(bundle_path), "--min-confidence", "0.1", confidence_defaults=True,
-                           init_options={"minConfidence": 0.9, "cutConfidence": 0.7, "maxTokens": 5}) as s:
+                           init_options={"minConfidence": 0.9, "cutConfidence": 0.7, "maxTokens": 5,
+                                         "timeoutMs": 900, "multiline": "never"}) as s:
             status = await s.status()
             assert (status.settings.min_confidence, status.settings.cut_confidence) == (0.9, 0.7)
             s.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
-                settings={"codellm": {"minConfidence": None, "cutConfidence": None, "maxTokens": None}}))
+                settings={"codellm": {"minConfidence": None, "cutConfidence": None, "maxTokens": None,
+                                      "timeoutMs": None, "multiline": None}}))
             status = await wait_for_status(s, lambda st: st.settings.min_confidence == 0.1)  # the command line's
             assert status.settings.cut_confidence == 0.5 and status.settings.max_tokens is None  # the defaults
+            assert status.settings.timeout_ms == 2000 and status.settings.multiline == "auto"
             assert status.model == str(bundle_path)
 
     asyncio.run(main())

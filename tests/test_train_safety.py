@@ -217,3 +217,11 @@ def test_scripts_held_out_by_the_user_stay_out_of_training_and_evaluate_a_fine_t
               "--out", str(tmp_path / "eval.json"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "eval.json").read_text())["splits"]["val_user"]["heldout_files"] == 3
+
+
+def test_a_from_bundle_the_options_do_not_fit_is_refused_before_the_corpus(bundle_path, tmp_path):
+    code = scripts(tmp_path / "scripts")
+    r = train("code", "--from", str(bundle_path), "--code-data", str(code), "--out", str(tmp_path / "m"),
+              "--context-length", "8", "--max-steps", "1")
+    assert r.returncode == 2 and "a context can only grow" in r.stderr
+    assert not (tmp_path / "m.work").exists()

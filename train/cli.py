@@ -113,18 +113,34 @@ def first_process_then_all(work):
 def bundle_arg(value: str) -> Path:
     """A bundle folder; `default`, where no folder of that name is here, is the model shipped with codellm."""
     path = Path(value).expanduser()
-    if value == "default" and not path.exists():
+    if value == "default" and not path.is_dir():
         from codellm.defaults import PACKAGED_BUNDLE
         return PACKAGED_BUNDLE
     return path
 
 
-def check_from(path: Path | None) -> None:
-    """Refuse, before any work, a --from that is no model bundle."""
-    from codellm.bundle import BUNDLE_FILES
-    if path is not None and not all((path / name).is_file() for name in BUNDLE_FILES):
+def check_from(args) -> None:
+    """Refuse, before any work, a --from that is no readable model bundle, one whose data card is
+    damaged, or one the other options do not fit (a shorter --context-length, another --tokenizer)."""
+    from codellm.bundle import BUNDLE_FILES, BundleError, load_bundle
+    from codellm.tokenizer import Tokenizer
+    from .datacard import checked_card
+    path = args.from_bundle
+    if path is None:
+        return
+    if not all((path / name).is_file() for name in BUNDLE_FILES):
         raise ValueError(f"--from {path}: no model bundle there (it needs {', '.join(BUNDLE_FILES)}); "
                          "`--from default` is the model shipped with codellm")
+    try:
+        bundle = load_bundle(path, device="cpu")
+    except BundleError as exc:
+        raise ValueError(f"--from {path}: {exc}") from None
+    checked_card(bundle.card, f"{path}/data.msgpack")
+    if args.context_length and args.context_length < bundle.config.context_length:
+        raise ValueError(f"--context-length {args.context_length} is shorter than the bundle's "
+                         f"{bundle.config.context_length}; a context can only grow")
+    if args.tokenizer and Tokenizer.load(args.tokenizer).to_str() != bundle.tokenizer.to_str():
+        raise ValueError(f"--tokenizer {args.tokenizer}: not the tokenizer of --from {path}")
 
 
 def check_out(args, runs: list[tuple[Path, Path]] = ()) -> None:
@@ -150,14 +166,15 @@ def ensure_corpus(args, default_dir: Path) -> Path:
     if corpus.is_file():  # a one-file pack (`codellm-train pack`): unpacked beside the run
         from .packed import unpack_corpus
         return first_process_then_all(lambda: unpack_corpus(corpus, default_dir)) or default_dir
-    if args.recipe or args.code_data or args.language_data:
+    if args.recipe or args.code_data or args.language_data or args.heldout_data:
         # the summary is written last: a corpus without it was cut short by a kill and is built again
         if not (args.resume and (corpus / SUMMARY_FILE).exists()):
             first_process_then_all(lambda: build_corpus(corpus, args.recipe, args.code_data, args.language_data,
                                                         args.packages, args.cache, args.english_mb,
                                                         heldout_data=args.heldout_data))
     elif not (corpus / SHELL_FILE).exists():
-        raise ValueError(f"{corpus}: no corpus here; give --recipe default, --code-data or --language-data")
+        raise ValueError(f"{corpus}: no corpus here; give --recipe default, --code-data, --heldout-data or "
+                         "--language-data")
     return corpus
 
 
@@ -196,7 +213,7 @@ def cmd_stage(args):
     """`codellm-train language` or `code` (args.stage)."""
     from codellm.tokenizer import Tokenizer
     from .stages import run_folder, run_stage
-    check_from(args.from_bundle)
+    check_from(args)
     check_out(args, [(run_folder(args.out, args.stage), args.out)])
     work = args.out.with_name(args.out.name + ".work")
     corpus = ensure_corpus(args, work / "corpus")
@@ -354,8 +371,8 @@ def main(argv=None):
               "pip install -e '.[train]' in the codellm folder", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("codellm-train: interrupted (a training run's last checkpoint is kept: --resume continues "
-              "from it)", file=sys.stderr)
+        print("codellm-train: interrupted; the same command with --resume goes on from what was finished "
+              "(a built corpus, a trained tokenizer, a run's last checkpoint)", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError) as exc:
         print(f"codellm-train: error: {exc}", file=sys.stderr)

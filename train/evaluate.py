@@ -497,19 +497,32 @@ def write_into_card(bundle_path: Path, results: dict) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def check_writable(args, out: Path) -> None:
+def check_writable(args, out: Path, cards: list[Path]) -> None:
     """Refuse, before the evaluation runs, a results file or a bundle card that could not be written."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give the path of the results file")
     folders = [(out.parent, f"the results file {out} (choose another with --out)")]
-    if not args.no_card:
-        folders += [(b, f"the data card of {b} (--no-card leaves the bundles as they are)") for b in args.bundle]
+    folders += [(b, f"the data card of {b} (--no-card leaves the bundles as they are)") for b in cards]
+    curve = getattr(args, "keystroke_curve", None)
+    if curve:
+        folders.append((curve.parent, f"the keystroke curve {curve}"))
     for folder, what in folders:
-        if not os.access(folder, os.W_OK):
+        if not folder.is_dir() or not os.access(folder, os.W_OK):
             raise ValueError(f"cannot write {what}: {folder} is missing or not writable")
 
 
+def is_shipped(bundle: Path) -> bool:
+    """Whether `bundle` is the model shipped inside the package (codellm.defaults.PACKAGED_BUNDLE)."""
+    from codellm.defaults import PACKAGED_BUNDLE
+    return bundle.resolve() == PACKAGED_BUNDLE.resolve()
+
+
 def main(args) -> None:
-    out = args.out or args.bundle[0].with_name(args.bundle[0].name + "-eval.json")
-    check_writable(args, out)
+    first = args.bundle[0]  # results beside it, or in the working folder for the shipped model
+    out = args.out or (Path.cwd() / "default-eval.json" if is_shipped(first) else first.with_name(first.name + "-eval.json"))
+    # the shipped model's card is part of the installed package: never written by an evaluation
+    cards = [] if args.no_card else [b for b in args.bundle if not is_shipped(b)]
+    check_writable(args, out, cards)
     results = []
     for bundle in args.bundle:
         torch.manual_seed(0)
@@ -526,6 +539,6 @@ def main(args) -> None:
         verdict = better_on_every_split(results[0], results[1])
         print(f"{args.bundle[0]} has a lower held-out shell loss than {args.bundle[1]} on every split: "
               f"{'yes' if verdict else 'no'}")
-    if not args.no_card:
-        for bundle, result in zip(args.bundle, results):
+    for bundle, result in zip(args.bundle, results):
+        if bundle in cards:
             write_into_card(bundle, result)

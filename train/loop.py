@@ -223,7 +223,10 @@ def train_stage(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, c
     last_loss = history[-1]["loss"] if history else float("nan")
     val_loss = next((h["val_loss"] for h in reversed(history) if "val_loss" in h), None)
     done = progress_of(run.state, cfg) >= 1.0
-    with StopRequest(log) as stop:
+    if STOP.signum is not None:  # asked to stop during an earlier stage of this command
+        raise TrainingStopped(f"stopped before this stage ({STOP.name}); the same command with --resume goes "
+                              "on from the stages already done", STOP.signum)
+    with STOP.watching(log) as stop:
         while not done:
             last_loss, lr = train_step(run, log)
             done = is_done(run)
@@ -255,32 +258,46 @@ class TrainingStopped(Exception):
 class StopRequest:
     """While training steps run, SIGINT (Ctrl-C) or SIGTERM asks the run to stop after the step under way,
     so that no step is lost; a second signal acts at once, as it would have without this. Installed only
-    in the main thread (where Python handles signals)."""
+    in the main thread (where Python handles signals), and not for a signal the process was started to
+    ignore. A request outlives the stage it came in: the next stage of the same command does not start
+    (`STOP`, shared by the stages of one process)."""
 
-    def __init__(self, log=print):
-        self.log = log
+    def __init__(self):
         self.signum: int | None = None
         self.previous: dict = {}
+        self.log = print
 
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name if self.signum else ""
 
+    def watching(self, log=print) -> "StopRequest":
+        self.log = log
+        return self
+
     def __enter__(self) -> "StopRequest":
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGINT, signal.SIGTERM):
-                self.previous[signum] = signal.signal(signum, self._handle)
+                if signal.getsignal(signum) is not signal.SIG_IGN:
+                    self.previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum, _frame) -> None:
         self.signum = signum
         signal.signal(signum, self.previous[signum])
-        self.log(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-                 "(send it again to stop at once)")
+        try:  # the log's reader may be gone (a pipe to `tee` that the same Ctrl-C ended): stop all the same
+            self.log(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
+                     "(send it again to stop at once)")
+        except (OSError, ValueError):
+            pass
 
     def __exit__(self, *_exc) -> None:
         for signum, handler in self.previous.items():
             signal.signal(signum, handler)
+        self.previous = {}
+
+
+STOP = StopRequest()
 
 
 def stop_requested(run: StageRun, stop: StopRequest) -> bool:
