@@ -62,6 +62,16 @@ def test_held_out_files_and_their_near_copies_never_reach_training():
     assert sorted(r["split"] for r in kept if r["split"] != "train") == ["val", "val_user"]
 
 
+def test_a_held_out_script_inside_a_larger_training_file_is_dropped():
+    heldout = script(3, lines=12)
+    # a source tree that vendors the script among much else: far below the whole-file similarity bar
+    vendored = script(6, lines=150) + "\n# vendored\n" + heldout.replace("\n", "\n    ") + script(7, lines=150)
+    kept, dropped = drop_near_duplicates([rec(vendored, "big-tree"), rec(script(8), "other"),
+                                          rec(heldout, "pkg", "val")], log=lambda *_: None)
+    assert [r["source"] for r in kept] == ["other", "pkg"]
+    assert dropped["shares code lines with a held-out file"] == 1
+
+
 def test_the_per_source_cap_holds():
     rng = random.Random(0)
     records = [rec(f"echo big {k} " + "x" * rng.randint(200, 3000), "huge") for k in range(300)]

@@ -7,12 +7,16 @@ Three passes over the records that corpus building collected (each record: text,
   hashing (Broder 1997; Leskovec, Rajaraman & Ullman, "Mining of Massive Datasets", ch. 3) through
   `datasketch`. A training file is dropped when its estimated Jaccard similarity to a file kept before
   reaches `NEAR_DUPLICATE_JACCARD`, or to any held-out file reaches `HELDOUT_JACCARD` (a looser bar: a
-  near-copy of an evaluation file must never reach training).
+  near-copy of an evaluation file must never reach training). Whole-file similarity misses a held-out
+  script copied into a larger file (a vendored copy, an older version inside a source tree), so a
+  training file that shares any run of `HELDOUT_WINDOW_LINES` consecutive code lines with a held-out
+  file is dropped as well.
 - `cap_per_source`: no source keeps more than `SOURCE_CAP` of the training split's shell bytes, so a
   few large test suites do not dominate.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter, defaultdict
 
@@ -21,6 +25,7 @@ HELDOUT_JACCARD = 0.5
 SHINGLE_WORDS = 5
 NUM_PERM = 128
 SOURCE_CAP = 0.02
+HELDOUT_WINDOW_LINES = 8  # consecutive code lines (blank and comment lines left out) a training file may not share
 
 _LICENCE = re.compile(
     r"copyright|\(c\)\s*\d{4}|licen[cs]e|warranty|permission is hereby granted|redistribut|"
@@ -96,6 +101,14 @@ def minhash(text: str):
     return LeanMinHash(m)
 
 
+def code_windows(text: str, n: int = HELDOUT_WINDOW_LINES) -> set[bytes]:
+    """8-byte hashes of every run of n consecutive code lines of `text` (lines stripped; blank and
+    comment lines left out, so that edits of comments and indentation do not hide a copy)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return {hashlib.blake2b("\n".join(lines[i:i + n]).encode(), digest_size=8).digest()
+            for i in range(len(lines) - n + 1)}
+
+
 def drop_near_duplicates(records: list[dict], log=print) -> tuple[list[dict], Counter]:
     """Keep held-out records (split != "train") and the training records that are neither a near-copy
     of one kept before them nor of any held-out record. Order decides which of two near-copies stays.
@@ -110,6 +123,7 @@ def drop_near_duplicates(records: list[dict], log=print) -> tuple[list[dict], Co
     signatures = [minhash(r["text"]) for r in tqdm(records, desc="minhash", unit="file", mininterval=10,
                                                      disable=len(records) < 1000)]
     keep = [False] * len(records)
+    heldout_windows: set[bytes] = set()
     for k, (rec, sig) in enumerate(zip(records, signatures)):
         if rec["split"] != "train":
             if kept_index.query(sig):
@@ -117,19 +131,23 @@ def drop_near_duplicates(records: list[dict], log=print) -> tuple[list[dict], Co
                 continue
             heldout_index.insert(f"h{k}", sig)
             kept_index.insert(f"k{k}", sig)
+            heldout_windows |= code_windows(rec["text"])
             keep[k] = True
     for k, (rec, sig) in enumerate(zip(records, signatures)):
         if rec["split"] != "train":
             continue
         if heldout_index.query(sig):
             dropped["near-copy of a held-out file"] += 1
+        elif not heldout_windows.isdisjoint(code_windows(rec["text"])):
+            dropped["shares code lines with a held-out file"] += 1
         elif kept_index.query(sig):
             dropped["near-duplicate"] += 1
         else:
             kept_index.insert(f"k{k}", sig)
             keep[k] = True
     log(f"near-duplicates: {dict(dropped)} (MinHash {NUM_PERM} permutations, word {SHINGLE_WORDS}-grams, "
-        f"Jaccard >= {NEAR_DUPLICATE_JACCARD}; >= {HELDOUT_JACCARD} to a held-out file)")
+        f"Jaccard >= {NEAR_DUPLICATE_JACCARD}; >= {HELDOUT_JACCARD} to a held-out file, or "
+        f"{HELDOUT_WINDOW_LINES} code lines in a row shared with one)")
     return [r for r, k in zip(records, keep) if k], dropped
 
 
