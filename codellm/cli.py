@@ -170,20 +170,7 @@ def cmd_attention(args):
     print(f"wrote {args.out}: {rows}x{cols} attention maps over {len(pieces)} tokens")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line of `codellm`: one subcommand per tool, each naming its function in `func`."""
-    parser = argparse.ArgumentParser(prog="codellm", description="Offline AI completion for shell scripts.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("generate", help="continue a prompt")
-    p.add_argument("--prompt", required=True, help=r"text to continue; \n means newline")
-    p.add_argument("--max-length", type=int, default=200, help="new tokens at most")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=None)
-    p.set_defaults(func=cmd_generate)
-
+def add_complete_parser(sub) -> None:
     p = sub.add_parser("complete", help="print what would be inserted at FILE:LINE:COL")
     p.add_argument("location", help="FILE:LINE:COL, 1-based; FILE '-' reads stdin")
     p.add_argument("--mode", choices=["line", "block", "auto"], default="auto")
@@ -199,6 +186,23 @@ def build_parser() -> argparse.ArgumentParser:
                         "minConfidence, default there 0.2; here 0)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_complete)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `codellm`: one subcommand per tool, each naming its function in `func`."""
+    parser = argparse.ArgumentParser(prog="codellm", description="Offline AI completion for shell scripts.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="continue a prompt")
+    p.add_argument("--prompt", required=True, help=r"text to continue; \n means newline")
+    p.add_argument("--max-length", type=int, default=200, help="new tokens at most")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=cmd_generate)
+
+    add_complete_parser(sub)
 
     p = sub.add_parser("info", help="presets and the model bundle")
     p.set_defaults(func=cmd_info)
