@@ -275,7 +275,7 @@ def plot_curve(curves: dict[str, list[dict]], path: Path, chosen: dict | None = 
                             xytext=(3, 3), textcoords="offset points")
         for r in rows:
             if chosen and r["settings"] == chosen:
-                ax.plot([r["keystrokes_saved"]], [r["taken_of_shown"]], "o", ms=14, mfc="none", mec="black",
+                ax.plot([r["keystrokes_saved"]], [r["taken_of_shown"] or 0], "o", ms=14, mfc="none", mec="black",
                         label="default")
         ax.axhline(30, color="grey", lw=0.6, ls="--")
         ax.set_title(f"held-out split {split} (point labels: minConfidence)")
