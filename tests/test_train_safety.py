@@ -225,3 +225,10 @@ def test_a_from_bundle_the_options_do_not_fit_is_refused_before_the_corpus(bundl
               "--context-length", "8", "--max-steps", "1")
     assert r.returncode == 2 and "a context can only grow" in r.stderr
     assert not (tmp_path / "m.work").exists()
+    from codellm.tokenizer import Tokenizer
+    other = tmp_path / "other-tokenizer.json"
+    Tokenizer.train(["#!/bin/sh\necho hello world\n"] * 50, vocab_size=300).save(other)
+    r = train("code", "--from", str(bundle_path), "--code-data", str(code), "--out", str(tmp_path / "m"),
+              "--tokenizer", str(other), "--max-steps", "1")
+    assert r.returncode == 2 and "its tokenizer is not the one given" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "m.work").exists()

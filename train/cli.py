@@ -120,27 +120,12 @@ def bundle_arg(value: str) -> Path:
 
 
 def check_from(args) -> None:
-    """Refuse, before any work, a --from that is no readable model bundle, one whose data card is
-    damaged, or one the other options do not fit (a shorter --context-length, another --tokenizer)."""
-    from codellm.bundle import BUNDLE_FILES, BundleError, load_bundle
-    from codellm.tokenizer import Tokenizer
-    from .datacard import checked_card
-    path = args.from_bundle
-    if path is None:
+    """Refuse, before the corpus is built, a --from the run could not continue (stages.parent_bundle)."""
+    if args.from_bundle is None:
         return
-    if not all((path / name).is_file() for name in BUNDLE_FILES):
-        raise ValueError(f"--from {path}: no model bundle there (it needs {', '.join(BUNDLE_FILES)}); "
-                         "`--from default` is the model shipped with codellm")
-    try:
-        bundle = load_bundle(path, device="cpu")
-    except BundleError as exc:
-        raise ValueError(f"--from {path}: {exc}") from None
-    checked_card(bundle.card, f"{path}/data.msgpack")
-    if args.context_length and args.context_length < bundle.config.context_length:
-        raise ValueError(f"--context-length {args.context_length} is shorter than the bundle's "
-                         f"{bundle.config.context_length}; a context can only grow")
-    if args.tokenizer and Tokenizer.load(args.tokenizer).to_str() != bundle.tokenizer.to_str():
-        raise ValueError(f"--tokenizer {args.tokenizer}: not the tokenizer of --from {path}")
+    from codellm.tokenizer import Tokenizer
+    from .stages import parent_bundle
+    parent_bundle(args.from_bundle, Tokenizer.load(args.tokenizer) if args.tokenizer else None, args.context_length)
 
 
 def check_out(args, runs: list[tuple[Path, Path]] = ()) -> None:

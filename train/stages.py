@@ -59,16 +59,37 @@ def with_context_length(model: GPT, context_length: int) -> GPT:
     return longer
 
 
+def parent_bundle(path: Path, tokenizer: Tokenizer | None = None, context_length: int | None = None):
+    """The bundle a stage continues from (`--from`), with its data card checked (the compact form, in
+    `bundle.card`). Raises ValueError, before any work, for a folder that is no readable bundle, a damaged
+    card, a `context_length` shorter than the bundle's, or a `tokenizer` that is not the bundle's."""
+    from codellm.bundle import BUNDLE_FILES, BundleError
+    if not all((path / name).is_file() for name in BUNDLE_FILES):
+        raise ValueError(f"--from {path}: no model bundle there (it needs {', '.join(BUNDLE_FILES)}); "
+                         "`--from default` is the model shipped with codellm")
+    try:
+        bundle = load_bundle(path, device="cpu")
+    except BundleError as exc:
+        raise ValueError(f"--from {path}: {exc}") from None
+    bundle.card = checked_card(bundle.card, f"{path}/data.msgpack")
+    if context_length and context_length < bundle.config.context_length:
+        raise ValueError(f"--context-length {context_length} is shorter than the bundle's "
+                         f"{bundle.config.context_length}; a context can only grow")
+    if tokenizer is not None and tokenizer.to_str() != bundle.tokenizer.to_str():
+        raise ValueError(f"--from {path}: its tokenizer is not the one given (--tokenizer)")
+    return bundle
+
+
 def init_model(model_size: str | None, from_bundle: Path | None, tok: Tokenizer, context_length: int | None,
                device: torch.device) -> tuple[GPT, dict]:
+    """The model a stage starts from and the data card it carries on: `from_bundle`'s (parent_bundle, with
+    its errors), its context grown to `context_length`; else a new `model_size` model and an empty card."""
     if from_bundle:
-        bundle = load_bundle(from_bundle, device="cpu")
-        if bundle.tokenizer.to_str() != tok.to_str():
-            raise ValueError(f"{from_bundle}: its tokenizer differs from the one given")
+        bundle = parent_bundle(from_bundle, tok, context_length)
         model = bundle.model
         if context_length and context_length != model.cfg.context_length:
             model = with_context_length(model, context_length)
-        return model.to(device), checked_card(bundle.card, f"{from_bundle}/data.msgpack")
+        return model.to(device), bundle.card
     overrides = {"vocab_size": tok.vocab_size}
     if context_length:
         overrides["context_length"] = context_length
