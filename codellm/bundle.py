@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import tempfile
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -71,6 +73,22 @@ def check_bundle_target(path: str | Path, overwrite: bool = False) -> None:
                       "in it, keeping everything else)")
 
 
+@contextmanager
+def signals_held():
+    """Hold Ctrl-C, SIGTERM and SIGHUP until the block ends (in the main thread, where the platform can):
+    a bundle write killed half-way would leave a hidden temporary folder, or the old bundle moved aside
+    and no new one in its place. A signal that comes meanwhile acts when the bundle is whole."""
+    held = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def save_bundle(path: str | Path, model: GPT, tokenizer: Tokenizer, card: dict | None = None,
                 storage_dtype: str = "float16", prompt_format: str = DEFAULT_FORMAT, overwrite: bool = False) -> Path:
     """Write a bundle atomically: files go to a temporary sibling directory that then replaces `path`.
@@ -84,6 +102,12 @@ def save_bundle(path: str | Path, model: GPT, tokenizer: Tokenizer, card: dict |
         raise ValueError(f"tokenizer has {tokenizer.vocab_size} tokens, model expects {model.cfg.vocab_size}")
     check_bundle_target(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
+    with signals_held():
+        return _write_bundle(path, model, tokenizer, card, storage_dtype, prompt_format)
+
+
+def _write_bundle(path: Path, model: GPT, tokenizer: Tokenizer, card: dict | None, storage_dtype: str,
+                  prompt_format: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         config = {"format_version": FORMAT_VERSION, "model": model.cfg.to_dict(),

@@ -157,3 +157,29 @@ def test_copy_and_rename_swap_storm_has_no_false_rejections(bundle_path, tmp_pat
             assert await fresh_inline(s, uri, 2, 14) == expected(final)
             assert not [m for m in s.messages if "rejected" in m], s.messages
     run(main())
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_a_signal_during_a_bundle_write_acts_once_the_bundle_is_whole(bundle_path, tmp_path, signal_name):
+    """The signal comes in the middle of the write (from the weights writer); the process ends by it only
+    after the new bundle has replaced the old one, and leaves no hidden folder behind."""
+    target = tmp_path / "model"
+    shutil.copytree(bundle_path, target)
+    script = f"""
+import os, signal
+import codellm.bundle as b
+from codellm.bundle import load_bundle, save_bundle
+write = b.save_file
+def write_then_signal(*args, **kwargs):
+    os.kill(os.getpid(), signal.{signal_name})
+    write(*args, **kwargs)
+b.save_file = write_then_signal
+bundle = load_bundle({str(bundle_path)!r})
+save_bundle({str(target)!r}, bundle.model, bundle.tokenizer, {{"stages": {{"new": {{}}}}}})
+print("not reached")
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "not reached" not in r.stdout
+    from codellm.bundle import load_bundle
+    assert load_bundle(target).card == {"stages": {"new": {}}}  # the new bundle, whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old folder left

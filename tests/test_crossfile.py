@@ -405,3 +405,15 @@ def test_variables_that_double_each_line_stay_bounded():
     found = crossfile.sourced_paths("\n".join(lines) + "\n", "/w/s.sh")
     assert time.perf_counter() - start < 5  # unbounded, the 40 lines would ask for 2**40 characters
     assert found == [["/w/" + "xx" * 32 + "/lib.sh"]]  # A5 (64 characters) still resolves; A39 is no path
+
+
+def test_training_context_from_the_folder_takes_only_other_files_of_that_folder():
+    import random
+    from codellm.train.data import MAX_SIBLINGS, by_folder, folder_files
+    package = {f"/{folder}/{k}.sh": f"echo {folder}{k}\n" for folder in ("a", "b", "a/c") for k in range(12)}
+    package["/b/only.sh"] = "echo b\n"
+    folders = by_folder(package)
+    picked = folder_files("/a/3.sh", package, folders, random.Random(0))
+    assert len(picked) == MAX_SIBLINGS and len(set(picked)) == MAX_SIBLINGS
+    assert all(p.startswith("/a/") and p.count("/") == 2 and p != "/a/3.sh" and package[p] == t for p, t in picked)
+    assert folder_files("/x/alone.sh", {"/x/alone.sh": ""}, by_folder(["/x/alone.sh"]), random.Random(0)) == []

@@ -70,11 +70,20 @@ def sourced_files(text: str, path: str, package: dict[str, str]) -> list[tuple[s
     return crossfile.read_sourced(text, path, package.get, ["/"]) if crossfile.SOURCE_LINE.search(text) else []
 
 
-def folder_files(path: str, package: dict[str, str], rng: random.Random) -> list[tuple[str, str]]:
-    """Up to MAX_SIBLINGS other files of the folder of `path`."""
-    folder = posixpath.dirname(path)
-    siblings = [(p, t) for p, t in package.items() if posixpath.dirname(p) == folder and p != path]
+def folder_files(path: str, package: dict[str, str], folders: dict[str, list[str]],
+                 rng: random.Random) -> list[tuple[str, str]]:
+    """Up to MAX_SIBLINGS other files of the folder of `path`; `folders` lists the package's paths by
+    folder (by_folder), so that a package of thousands of files is not scanned once per file."""
+    siblings = [(p, package[p]) for p in folders[posixpath.dirname(path)] if p != path]
     return rng.sample(siblings, min(MAX_SIBLINGS, len(siblings)))
+
+
+def by_folder(paths) -> dict[str, list[str]]:
+    """The paths of a package grouped by folder, each group in the order given."""
+    folders: dict[str, list[str]] = {}
+    for path in paths:
+        folders.setdefault(posixpath.dirname(path), []).append(path)
+    return folders
 
 
 def sibling_context(piece: str, path: str, files: list[tuple[str, str]], budget: int, tok: Tokenizer) -> str:
@@ -152,6 +161,7 @@ def with_context(tok: Tokenizer, mix: Mixture, context_length: int, seed: int, e
         if place:
             source, path = place.split(":", 1)
             packages.setdefault(source, {})[path] = text
+    folders = {source: by_folder(package) for source, package in packages.items()}
     examples = []
     for text, place in zip(mix.texts, mix.paths):
         if not place:
@@ -161,7 +171,7 @@ def with_context(tok: Tokenizer, mix: Mixture, context_length: int, seed: int, e
         if not files:
             if rng.random() >= mix.context_rate:
                 continue
-            files = folder_files(path, packages[source], rng)
+            files = folder_files(path, packages[source], folders[source], rng)
         pieces = chunk_text(text, max_chars)
         piece = pieces[rng.randrange(len(pieces))]
         context = sibling_context(piece, path, files, budget, tok)
