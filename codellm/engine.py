@@ -297,12 +297,17 @@ class Engine:
 
     def generate(self, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8, top_k: int | None = 50,
                  top_p: float | None = 0.95, seed: int | None = None) -> str:
-        """Continue `prompt` left to right; returns only the new text. temperature 0 = greedy."""
+        """Continue `prompt` left to right; returns only the new text. temperature 0 = greedy. A small
+        model can loop: the text ends before the first line it writes a second copy of, in a row, of the
+        1-6 lines before (repeated_lines_cut)."""
         generator = torch.Generator(device="cpu")
         generator.manual_seed(seed if seed is not None else int(time.time_ns() % 2**31))
         ids = file_start(self.tokenizer, self.tokenizer.encode(prompt))
         ctx = self.config.context_length
         new: list[int] = []
+        # the prompt's last lines, then the bytes of `new`: a loop may start with a line of the prompt
+        head = b"\n".join(prompt.encode("utf-8", errors="replace").split(b"\n")[-12:])
+        out = bytearray(head)
         with self.lock, torch.inference_mode():
             self.cache.reset()  # read the prompt afresh: with precision "auto" a seed then always gives one text
             logits, _ = self.prefill(ids[-(ctx - 1):])
@@ -312,6 +317,9 @@ class Engine:
                 if token == self.tokenizer.eot_id:
                     break
                 new.append(token)
+                out += self.tokenizer.token_bytes[token]
+                if b"\n" in self.tokenizer.token_bytes[token] and (cut := repeated_lines_cut(out)) is not None:
+                    return loop_free_text(bytes(out[len(head):cut]))
                 if self.cache.position >= ctx:  # context full: continue from the last half
                     logits, _ = self.prefill((ids + new)[-(ctx // 2):])
                 else:
@@ -412,9 +420,32 @@ def runaway(out: bytearray, token: bytes) -> bool:
     if len(line) - len(line.rstrip(b" \t")) >= MAX_BLANK_RUN and line.strip():
         return True
     if b"\n" in token:  # a line just ended: are it and the few before it a copy of the lines above?
-        lines = out[:line_start - 1].split(b"\n")
-        return first_repeated_line(lines[-12:]) is not None
+        return repeated_lines_cut(out) is not None
     return ends_in_loop(bytes(line))
+
+
+def loop_free_text(text: bytes) -> str:
+    """Generated text cut before a loop, less the blank and comment lines it ends with: they would
+    describe a step that is not there."""
+    lines = text.split(b"\n")
+    while lines and (not lines[-1].strip() or lines[-1].lstrip().startswith(b"#")):
+        lines.pop()
+    return b"".join(line + b"\n" for line in lines).decode("utf-8", errors="replace")
+
+
+def repeated_lines_cut(out: bytes | bytearray) -> int | None:
+    """When the whole lines of `out` end in a second copy, in a row, of the 1-6 lines before it (looked
+    for among the last 12: postprocess.first_repeated_line), the length in bytes of the text up to the end
+    of the first copy; else None."""
+    end = out.rfind(b"\n")
+    if end < 0:
+        return None
+    lines = out[:end].split(b"\n")
+    window = lines[-12:]
+    repeat = first_repeated_line(window)
+    if repeat is None:
+        return None
+    return sum(len(line) + 1 for line in lines[:len(lines) - len(window) + repeat])
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

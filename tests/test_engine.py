@@ -176,3 +176,22 @@ def test_a_deadline_mid_line_answers_up_to_a_safe_cut_and_the_next_keystroke_reu
         again = engine.complete_detailed(prefix + "x", suffix, mode="line", max_new_tokens=1, clean=False)
         assert again.reused_tokens >= again.prompt_tokens - 3  # the keys and values written so far serve on
     assert stopped
+
+
+def test_a_loop_in_free_text_is_cut_after_its_first_copy():
+    from codellm.engine import loop_free_text, repeated_lines_cut
+    text = b"# back up\ncp -a /etc /backup\n\n# back up\ncp -a /etc /backup\n\n"
+    cut = repeated_lines_cut(text)
+    assert text[:cut] == b"# back up\ncp -a /etc /backup\n\n"
+    assert repeated_lines_cut(b"fi\nfi\nfi\n") is None and repeated_lines_cut(b"echo one\necho two\n") is None
+    assert loop_free_text(b"cp a b\n\n# now compress\n\n") == "cp a b\n"  # no comment of a missing step
+
+
+def test_generated_text_never_holds_a_block_of_lines_twice_in_a_row():
+    from codellm.postprocess import first_repeated_line
+    engine = codellm.load(device="cpu")  # the shipped model, which loops on this prompt without the cut
+    prompt = "#!/bin/bash\n# Create a backup script"
+    for seed in range(1, 6):
+        text = engine.generate(prompt, max_new_tokens=300, seed=seed)
+        assert text.strip()
+        assert first_repeated_line((prompt + text).split("\n")[:-1]) is None, text
