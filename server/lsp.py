@@ -79,6 +79,7 @@ class CodellmServer(LanguageServer):
         self.has_inline = False  # the client asked for inline completions (initialize)
         self.prefetches: set[asyncio.Task] = set()  # running prefetch tasks, kept until done
         self.edits = 0  # edits that asked for a prefetch: only the newest one's runs
+        self.configuring = asyncio.Lock()  # model settings being applied (did_change_configuration)
 
     def tell_user(self, message: str, is_error: bool) -> None:
         """A window/showMessage; callable from any thread (the model watcher's included)."""
@@ -178,15 +179,19 @@ def initialized(ls: CodellmServer, params):
         ls.tell_user(f"codellm: {ls.holder.load_error}", True)
 
 
-def did_change_configuration(ls: CodellmServer, params: types.DidChangeConfigurationParams):
+async def did_change_configuration(ls: CodellmServer, params: types.DidChangeConfigurationParams):
     changed = ls.settings.update(params.settings)
     for problem in ls.settings.problems:
         ls.tell_user(problem, True)
-    if {"model_path", "device", "threads"} & set(changed):
-        ls.holder.configure(ls.settings.model_path, ls.settings.device, ls.settings.threads)
     if changed:
         log.info("settings changed: %s", ", ".join(sorted(changed)))
         ls.service.clear()
+    if {"model_path", "device", "threads"} & set(changed):
+        # the load takes up to seconds: off the event loop, so the model serving meanwhile keeps answering;
+        # one change at a time, in the order they came (the last one is what stays)
+        wanted = (ls.settings.model_path, ls.settings.device, ls.settings.threads)
+        async with ls.configuring:
+            await asyncio.to_thread(ls.holder.configure, *wanted)
 
 
 def did_open(ls: CodellmServer, params: types.DidOpenTextDocumentParams):

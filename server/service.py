@@ -387,7 +387,8 @@ class CompletionService:
         conf = sorted(self.confidences)
         served = max(1, self.counts["requests"])
         return {
-            "model": str(self.holder.path) if self.holder.path else None,
+            # the model serving (while another loads, the one answering); else the one that failed to load
+            "model": str(engine.path) if engine else str(self.holder.path) if self.holder.path else None,
             "model_error": self.holder.load_error,
             "parameters": engine.model.num_params() if engine else None,
             "device": str(engine.device) if engine else None,

@@ -325,3 +325,24 @@ def test_a_model_setting_that_fails_leaves_the_serving_model_named_and_watched(b
             assert await s.inline(URI, END, 0, automatic=False) is not None  # the old model answers
 
     asyncio.run(main())
+
+
+def test_a_model_change_loads_off_the_event_loop_and_the_serving_model_answers_meanwhile(bundle_path, tokenizer,
+                                                                                       tmp_path):
+    from codellm.bundle import save_bundle
+    from conftest import make_model
+    big = tmp_path / "big"  # ~40M weights: its load takes far longer than a status request
+    save_bundle(big, make_model(tokenizer, n_layer=6, d_model=768, n_head=12), tokenizer)
+
+    async def main():
+        async with Session("--model", str(bundle_path)) as s:
+            s.open(URI, SCRIPT)
+            s.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+                settings={"codellm": {"modelPath": str(big)}}))
+            status = await s.status()
+            assert status.model == str(bundle_path)  # answered while the load goes on, by the model serving
+            assert await s.inline(URI, 2, 8, automatic=False) is not None  # which answers requests too
+            status = await wait_for_status(s, lambda st: st.model == str(big), timeout=120)
+            assert status.model_error is None and status.parameters > 30_000_000
+
+    asyncio.run(main())
