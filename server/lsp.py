@@ -126,22 +126,30 @@ class CodellmServer(LanguageServer):
         return is_shell_file(uri, text, self.languages.get(uri))
 
 
-def cursor_split(doc, position: types.Position) -> tuple[str, str] | None:
-    """(prefix, suffix) around a client position; None for a position outside the document."""
+def cursor_split(doc, position: types.Position) -> tuple[str, str, types.Position] | None:
+    """(prefix, suffix, cursor) around a client position; None for a position outside the document. A
+    position past the end of its line is the line's end (LSP says so), and `cursor` is the place the
+    text was split, in the client's units: the one to give answers' ranges."""
     source = doc.source
     lines = doc.lines
     if position.line < 0 or position.character < 0:
         return None
     if position.line >= len(lines):
-        return (source, "") if position.line == len(lines) and position.character == 0 else None
-    try:
-        server_pos = doc.position_codec.position_from_client_units(lines, position)
-    except (ValueError, IndexError):
-        return None
-    line = lines[server_pos.line]
-    col = min(server_pos.character, len(line.rstrip("\r\n")))
-    offset = sum(len(l) for l in lines[: server_pos.line]) + col
-    return source[:offset], source[offset:]
+        return (source, "", position) if position.line == len(lines) and position.character == 0 else None
+    line = lines[position.line]
+    content = line.rstrip("\r\n")
+    codec = doc.position_codec
+    if position.character >= codec.client_num_units(content):  # (pygls would move it one back, and in place)
+        col = len(content)
+    else:
+        try:
+            col = codec.position_from_client_units(lines, types.Position(position.line, position.character)).character
+        except (ValueError, IndexError):
+            return None
+        col = min(col, len(content))
+    offset = sum(len(l) for l in lines[: position.line]) + col
+    cursor = codec.position_to_client_units(lines, types.Position(position.line, col))
+    return source[:offset], source[offset:], cursor
 
 
 # ------------------------------------------------------------------ handlers (one per LSP method)
@@ -210,7 +218,7 @@ def did_change(ls: CodellmServer, params: types.DidChangeTextDocumentParams):
     split = cursor_split(doc, cursor) if cursor is not None else None
     if split is not None:  # the text as this edit left it: later edits may be read before the task runs
         ls.edits += 1
-        task = ls.loop.create_task(prefetch_at(ls, uri, *split, ls.edits))
+        task = ls.loop.create_task(prefetch_at(ls, uri, *split[:2], ls.edits))
         ls.prefetches.add(task)
         task.add_done_callback(ls.prefetches.discard)
 
@@ -255,17 +263,17 @@ def did_close(ls: CodellmServer, params: types.DidCloseTextDocumentParams):
 
 
 async def suggestion_at(ls: CodellmServer, uri: str, position: types.Position, automatic: bool):
-    """(prefix, Suggestion) at a position of an open shell document; None for any other document or
-    a position outside it."""
+    """(prefix, Suggestion, cursor) at a position of an open shell document (cursor_split); None for any
+    other document or a position outside it."""
     doc = ls.open_document(uri)
     if doc is None:
         return None
     split = cursor_split(doc, position)
     if split is None or not ls.is_shell(uri, doc.source):
         return None
-    prefix, suffix = split
+    prefix, suffix, cursor = split
     context = ls.context.chunks_for(uri, prefix, suffix) if ls.settings.file_context else None
-    return prefix, await ls.service.suggest(uri, prefix, suffix, automatic, context)
+    return prefix, await ls.service.suggest(uri, prefix, suffix, automatic, context), cursor
 
 
 async def inline_completion(ls: CodellmServer, params: types.InlineCompletionParams):
@@ -273,8 +281,7 @@ async def inline_completion(ls: CodellmServer, params: types.InlineCompletionPar
     found = await suggestion_at(ls, params.text_document.uri, params.position, automatic)
     if not found or not found[1].text:
         return types.InlineCompletionList(items=[])
-    _, suggestion = found
-    cursor = params.position
+    _, suggestion, cursor = found
     return types.InlineCompletionList(items=[types.InlineCompletionItem(
         insert_text=suggestion.text, range=types.Range(start=cursor, end=cursor))])
 
@@ -284,9 +291,8 @@ async def completion(ls: CodellmServer, params: types.CompletionParams):
     found = await suggestion_at(ls, params.text_document.uri, params.position, automatic)
     if not found or not found[1].text:
         return types.CompletionList(is_incomplete=True, items=[])
-    prefix, suggestion = found
-    return types.CompletionList(is_incomplete=True, items=[completion_item(ls, prefix, suggestion.text,
-                                                                           params.position)])
+    prefix, suggestion, cursor = found
+    return types.CompletionList(is_incomplete=True, items=[completion_item(ls, prefix, suggestion.text, cursor)])
 
 
 def status(ls: CodellmServer, params=None):
@@ -325,8 +331,8 @@ def word_before_cursor(prefix: str) -> str:
 
 
 def completion_item(ls: CodellmServer, prefix: str, text: str, position: types.Position) -> types.CompletionItem:
-    """A popup item for an AI suggestion: label = word prefix + first line, a text edit over the word
-    prefix, the whole suggestion in the documentation. Snippet format where the client supports it
+    """A popup item for an AI suggestion at the cursor `position` (client units): label = word prefix +
+    first line, a text edit over the word prefix, the whole suggestion in the documentation. Snippet format where the client supports it
     (Neovim 0.11 inserts only the first word of a plain multi-word item)."""
     word = word_before_cursor(prefix)
     first_line = text.split("\n", 1)[0]
@@ -334,7 +340,9 @@ def completion_item(ls: CodellmServer, prefix: str, text: str, position: types.P
     caps = ls.client_capabilities.text_document
     snippets = bool(caps and caps.completion and caps.completion.completion_item
                     and caps.completion.completion_item.snippet_support)
-    start = types.Position(line=position.line, character=position.character - len(word.encode("utf-16-le")) // 2)
+    # the word's length in the client's units (UTF-16 by default; the encoding negotiated at initialize)
+    start = types.Position(line=position.line,
+                           character=position.character - ls.workspace.position_codec.client_num_units(word))
     label = (word + first_line).strip() or "(codellm)"
     return types.CompletionItem(
         label=label[:80] + ("…" if "\n" in text or len(label) > 80 else ""),

@@ -197,7 +197,11 @@ def test_lines_end_where_the_editor_ends_them_not_at_form_feeds(bundle_path):
     doc.apply_change(types.TextDocumentContentChangePartial(
         range=types.Range(start=types.Position(line=2, character=0), end=types.Position(line=2, character=3)), text="bar"))
     assert doc.source == text.replace("foo_word", "bar_word")
-    assert cursor_split(doc, types.Position(line=2, character=8)) == (text.replace("foo_word", "bar_word")[:-5], "\rlast")
+    assert cursor_split(doc, types.Position(line=2, character=8)) == (
+        text.replace("foo_word", "bar_word")[:-5], "\rlast", types.Position(line=2, character=8))
+    # past the end of a line: its end, also on a last line with no line break (pygls would cut one back)
+    assert cursor_split(doc, types.Position(line=3, character=40)) == (doc.source, "", types.Position(line=3, character=4))
+    assert cursor_split(doc, types.Position(line=2, character=40))[1:] == ("\rlast", types.Position(line=2, character=8))
 
     async def main():  # the server's documents split so: a text edit replaces the word at the cursor's line
         async with Session("--model", str(bundle_path), inline=False) as s:
@@ -207,6 +211,26 @@ def test_lines_end_where_the_editor_ends_them_not_at_form_feeds(bundle_path):
             items = items.items if hasattr(items, "items") else items
             assert items and all(i.text_edit.range.start == types.Position(line=2, character=0) for i in items)
             assert all(i.text_edit.new_text.startswith("foo_word_x") for i in items)
+    run(main())
+
+
+def test_a_position_past_the_end_of_a_line_completes_and_edits_at_its_end(bundle_path):
+    text = "#!/bin/sh\necho \U0001F600 rsync_opt"  # an emoji: 2 UTF-16 units; no line break at the end
+
+    async def main():
+        async with Session("--model", str(bundle_path), inline=False) as s:
+            s.open(URI, text)
+            items = (await s.completion(URI, 1, 99)).items
+            want = codellm.load(str(bundle_path), device="cpu").complete(text, "", "line")
+            assert [i.text_edit.new_text for i in items] == (["rsync_opt" + want] if want else [])
+            end = len("echo \U0001F600 rsync_opt".encode("utf-16-le")) // 2
+            assert all(i.text_edit.range == types.Range(start=types.Position(line=1, character=end - 9),
+                                                        end=types.Position(line=1, character=end)) for i in items)
+        async with Session("--model", str(bundle_path)) as s:
+            s.open(URI, text)
+            items = (await s.inline(URI, 1, 99)).items
+            assert [i.insert_text for i in items] == ([want] if want else [])
+            assert all(i.range.start == i.range.end == types.Position(line=1, character=end) for i in items)
     run(main())
 
 
