@@ -260,3 +260,26 @@ def test_an_autotest_suite_is_generated_text():
     from codellm.train.corpus import shell_text_or_reason
     suite = b"#! /bin/sh\n# Generated from testsuite.at by GNU Autoconf 2.71.\nat_x=1\n"
     assert shell_text_or_reason(Path("testsuite"), suite) == (None, "generated")
+
+
+def test_held_out_scripts_never_reach_the_english_corpus(tmp_path):
+    from codellm.train.corpus import read_records
+    from codellm.train.recipe import ENGLISH_FILE, build_corpus
+    held, mine, prose = tmp_path / "held", tmp_path / "mine", tmp_path / "prose"
+    for folder in (held, mine, prose):
+        folder.mkdir()
+    deploy = "#!/bin/sh\nset -eu\n" + "".join(f"rsync -a build/part{k}/ web{k}:/srv/app/\n" for k in range(10))
+    short = "#!/bin/sh\necho restarting\nsystemctl restart app\n"
+    (held / "deploy.sh").write_text(deploy)
+    (held / "restart.sh").write_text(short)
+    for k in range(3):
+        (mine / f"tool{k}.sh").write_text(f"#!/bin/sh\n# tool {k}\nprintf '%s\\n' \"$@\" | sort -u > /tmp/out{k}\n")
+    (prose / "notes.txt").write_text("How we ship:\n\n" + deploy.replace("\n", "\n    ") + "\nThat is all.\n")
+    (prose / "restart.sh").write_text(short)  # the held-out folder's script, given as language data too
+    (prose / "story.txt").write_text("Once upon a time a shell script copied logs to a backup folder.\n" * 20)
+    summary = build_corpus(tmp_path / "c", code_data=[mine], language_data=[prose], heldout_data=[held],
+                           log=lambda *_: None)
+    texts = [r["text"] for r in read_records(tmp_path / "c" / ENGLISH_FILE, "train")]
+    assert len(texts) == 1 and texts[0].startswith("Once upon a time")
+    assert summary["english"]["skipped"]["shares code lines with a held-out file"] == 2
+    assert summary["english"]["files"] == 1

@@ -109,6 +109,26 @@ def code_windows(text: str, n: int = HELDOUT_WINDOW_LINES) -> set[bytes]:
             for i in range(len(lines) - n + 1)}
 
 
+HELDOUT_CODE = "shares code lines with a held-out file"
+
+
+class HeldOutCode:
+    """The held-out shell files as the other corpora are checked against them: their texts, and their
+    runs of HELDOUT_WINDOW_LINES code lines (code_windows)."""
+
+    def __init__(self, records: list[dict]):
+        heldout = [r["text"] for r in records if r["split"] != "train"]
+        self.digests = {hashlib.sha256(text.strip().encode()).digest() for text in heldout}
+        self.windows: set[bytes] = set().union(*map(code_windows, heldout)) if heldout else set()
+
+    def found_in(self, text: str) -> bool:
+        """Whether `text` is a held-out file or holds a run of its code lines."""
+        if not self.digests:
+            return False
+        return hashlib.sha256(text.strip().encode()).digest() in self.digests or \
+            not self.windows.isdisjoint(code_windows(text))
+
+
 def drop_near_duplicates(records: list[dict], log=print) -> tuple[list[dict], Counter]:
     """Keep held-out records (split != "train") and the training records that are neither a near-copy
     of one kept before them nor of any held-out record. Order decides which of two near-copies stays.
@@ -139,7 +159,7 @@ def drop_near_duplicates(records: list[dict], log=print) -> tuple[list[dict], Co
         if heldout_index.query(sig):
             dropped["near-copy of a held-out file"] += 1
         elif not heldout_windows.isdisjoint(code_windows(rec["text"])):
-            dropped["shares code lines with a held-out file"] += 1
+            dropped[HELDOUT_CODE] += 1
         elif kept_index.query(sig):
             dropped["near-duplicate"] += 1
         else:

@@ -9,8 +9,8 @@ from typing import Callable, Iterable, Iterator
 
 from .corpus import (Counts, code_data_records, english_records_from_docs, english_records_from_machine,
                      language_data_records, read_records, record, sha256, shell_records_from_tree, write_records)
-from .curate import (HELDOUT_JACCARD, NEAR_DUPLICATE_JACCARD, NUM_PERM, SHINGLE_WORDS, SOURCE_CAP,
-                     cap_per_source, drop_near_duplicates, strip_licence_comments)
+from .curate import (HELDOUT_CODE, HELDOUT_JACCARD, NEAR_DUPLICATE_JACCARD, NUM_PERM, SHINGLE_WORDS, SOURCE_CAP,
+                     HeldOutCode, cap_per_source, drop_near_duplicates, strip_licence_comments)
 from .pairs import pairs_from_manual, pairs_from_script
 from .sources import fetch_packages, package_licence, read_package_list
 
@@ -38,7 +38,8 @@ def build_corpus(out: Path, recipe: str | None = None, code_data: list[Path] = (
     recount_sources(build.sources, shell)
     n_shell = write_records(out / SHELL_FILE, iter(shell))
     log("building English corpus")
-    n_english = write_records(out / ENGLISH_FILE, build.english_records())
+    n_english = write_records(out / ENGLISH_FILE, without_heldout_code(build.english_records(), HeldOutCode(shell),
+                                                                       build.english_counts))
     n_pairs, pair_counts = write_pairs(out, shell, log)
     summary = {
         "english": build.english_counts.as_dict(),
@@ -183,6 +184,19 @@ def curate_shell(records: list[dict], log=print) -> tuple[list[dict], dict]:
         f"near-duplicates dropped {sum(len(r['text'].encode()) for r in deduped) / 1e6:.1f} MB -> "
         f"per-source cap {after / 1e6:.1f} MB ({len(capped_bytes)} sources capped)")
     return capped, curation
+
+
+def without_heldout_code(records: Iterable[dict], heldout: HeldOutCode, counts: Counts) -> Iterator[dict]:
+    """The English training records less those that are a held-out shell file or hold a run of its code
+    lines (a manual or README can quote a whole script; --language-data can name the --heldout-data
+    folder), counted as skipped."""
+    for rec in records:
+        if rec["split"] == "train" and heldout.found_in(rec["text"]):
+            counts.skip(HELDOUT_CODE)
+            counts.kept -= 1
+            counts.kept_bytes -= len(rec["text"].encode())
+            continue
+        yield rec
 
 
 def recount_sources(sources: dict[str, dict], records: list[dict]) -> None:
