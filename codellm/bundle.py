@@ -5,6 +5,7 @@ safetensors only: nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -45,6 +46,24 @@ class Bundle:
     card: dict = field(default_factory=dict)
     prompt_format: str = DEFAULT_FORMAT
     path: Path | None = None
+    digest: str = ""  # of the bytes of the files read (content_digest): tells a touched bundle from a new one
+
+
+def content_digest(files: list[bytes]) -> str:
+    """BLAKE2b of a bundle's files, in BUNDLE_FILES order (each length-prefixed)."""
+    h = hashlib.blake2b(digest_size=16)
+    for data in files:
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def bundle_digest(path: str | Path) -> str | None:
+    """content_digest of the bundle files at `path` as they are now; None if one cannot be read."""
+    try:
+        return content_digest([(Path(path) / name).read_bytes() for name in BUNDLE_FILES])
+    except OSError:
+        return None
 
 
 def is_bundle_dir(path: Path) -> bool:
@@ -326,18 +345,25 @@ def _read_snapshot(path: Path, device, dtype) -> Bundle:
     directory = _Directory(path)
     try:
         directory.check_complete()
-        config, raw = _parse_config(directory.read_small(CONFIG_FILE), path / CONFIG_FILE)
-        tokenizer = _parse_tokenizer(directory.read_small(TOKENIZER_FILE), path / TOKENIZER_FILE, config)
+        config_bytes = directory.read_small(CONFIG_FILE)
+        config, raw = _parse_config(config_bytes, path / CONFIG_FILE)
+        tokenizer_bytes = directory.read_small(TOKENIZER_FILE)
+        tokenizer = _parse_tokenizer(tokenizer_bytes, path / TOKENIZER_FILE, config)
+        card_bytes = directory.read_small(CARD_FILE)
         try:
-            card = msgpack.unpackb(directory.read_small(CARD_FILE), raw=False)
+            card = msgpack.unpackb(card_bytes, raw=False)
         except (msgpack.UnpackException, ValueError, TypeError) as exc:
             raise BundleError(f"{path / CARD_FILE}: corrupt data card ({exc})") from None
-        state = _load_weights(directory.read_weights(config), path / WEIGHTS_FILE)  # the bytes go after it
+        weights = directory.read_weights(config)
+        files = {CONFIG_FILE: config_bytes, TOKENIZER_FILE: tokenizer_bytes, CARD_FILE: card_bytes, WEIGHTS_FILE: weights}
+        digest = content_digest([files[name] for name in BUNDLE_FILES])
+        state = _load_weights(weights, path / WEIGHTS_FILE)  # the bytes go after it
+        del weights, files
         model = GPT(config)
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
         model.to(device=device, dtype=dtype).eval()
         return Bundle(config, tokenizer, model, card if isinstance(card, dict) else {},
-                      raw.get("prompt_format", DEFAULT_FORMAT), path)
+                      raw.get("prompt_format", DEFAULT_FORMAT), path, digest)
     except BundleError:
         if not directory.still_the_same():
             raise _Changed() from None

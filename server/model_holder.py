@@ -70,10 +70,15 @@ class ModelHolder:
         """Load the bundle at self.path. A hot swap (not `initial`) of files that did not change, or while
         the folder is missing (between the two renames of a swap), does nothing."""
         with self._load_lock:
-            from codellm.bundle import BundleError
+            from codellm.bundle import BundleError, bundle_digest
 
             stamp = bundle_stamp(self.path)
             if not initial and self.engine is not None and (stamp is None or stamp == self.stamp):
+                return False
+            if not initial and self.engine is not None and self.engine.bundle.digest \
+                    and bundle_digest(self.path) == self.engine.bundle.digest:
+                self.stamp = stamp  # files touched or copied over with the same bytes: nothing to load or say
+                log.info("model files at %s changed on disk with the same content: not reloaded", self.path)
                 return False
             try:
                 bundle, engine = self.executor.submit(self._build, stamp).result()

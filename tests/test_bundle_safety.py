@@ -183,3 +183,25 @@ print("not reached")
     from codellm.bundle import load_bundle
     assert load_bundle(target).card == {"stages": {"new": {}}}  # the new bundle, whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary or old folder left
+
+
+def test_a_bundle_touched_or_copied_over_with_the_same_bytes_is_not_reloaded(bundle_path, tmp_path, tokenizer):
+    live = tmp_path / "models" / "live"
+    shutil.copytree(bundle_path, live)
+    uri = "file:///tmp/w/a.sh"
+
+    async def main():
+        async with Session("--model", str(live)) as s:
+            s.open(uri, PREFIX)
+            for _ in range(3):  # what `touch`, a sync tool or `cp` of the same model does
+                for name in os.listdir(live):
+                    os.utime(live / name)
+                await asyncio.sleep(0.7)  # past the watcher's debounce: each is a change of its own
+            shutil.copytree(bundle_path, live, dirs_exist_ok=True)
+            await asyncio.sleep(0.7)
+            save_bundle(live, make_model(tokenizer, seed=11), tokenizer)  # a new model
+            await s.wait_for_message("switched to the new model")
+            await asyncio.sleep(0.7)
+            assert sum("switched" in m for m in s.messages) == 1, s.messages
+            assert await fresh_inline(s, uri, 2, 14) == expected(live)
+    run(main())
