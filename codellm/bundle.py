@@ -94,18 +94,31 @@ def check_bundle_target(path: str | Path, overwrite: bool = False) -> None:
 
 @contextmanager
 def signals_held():
-    """Hold Ctrl-C, SIGTERM and SIGHUP until the block ends (in the main thread, where the platform can):
-    a bundle write killed half-way would leave a hidden temporary folder, or the old bundle moved aside
-    and no new one in its place. A signal that comes meanwhile acts when the bundle is whole."""
-    held = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name)}
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+    """Hold Ctrl-C, SIGTERM and SIGHUP until the block ends: a bundle write killed half-way would leave a
+    hidden temporary folder, or the old bundle moved aside and no new one in its place. A signal that
+    comes meanwhile (to whichever thread the system gives it) is recorded by a Python handler, which always
+    runs in the main thread, and raised again once the handlers before are back: it then acts as it would
+    have, on a whole bundle. Signals left ignored stay ignored. Outside the main thread (where handlers
+    cannot be set) the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    caught: list[int] = []
+    before = {}
+    for name in ("SIGINT", "SIGTERM", "SIGHUP"):
+        number = getattr(signal, name, None)
+        handler = signal.getsignal(number) if number is not None else None
+        if handler is None or handler is signal.SIG_IGN:  # not set from Python, or ignored: left alone
+            continue
+        before[number] = handler
+        signal.signal(number, lambda signum, frame: caught.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        for number, handler in before.items():
+            signal.signal(number, handler)
+        for number in dict.fromkeys(caught):
+            signal.raise_signal(number)
 
 
 def save_bundle(path: str | Path, model: GPT, tokenizer: Tokenizer, card: dict | None = None,
@@ -353,7 +366,7 @@ def _read_snapshot(path: Path, device, dtype) -> Bundle:
         try:
             card = msgpack.unpackb(card_bytes, raw=False)
         except (msgpack.UnpackException, ValueError, TypeError) as exc:
-            raise BundleError(f"{path / CARD_FILE}: corrupt data card ({exc})") from None
+            raise BundleError(f"{path / CARD_FILE}: corrupt data card ({type(exc).__name__}: {exc})") from None
         weights = directory.read_weights(config)
         files = {CONFIG_FILE: config_bytes, TOKENIZER_FILE: tokenizer_bytes, CARD_FILE: card_bytes, WEIGHTS_FILE: weights}
         digest = content_digest([files[name] for name in BUNDLE_FILES])

@@ -318,8 +318,9 @@ class Engine:
                     break
                 new.append(token)
                 out += self.tokenizer.token_bytes[token]
-                if b"\n" in self.tokenizer.token_bytes[token] and (cut := repeated_lines_cut(out)) is not None:
-                    return loop_free_text(bytes(out[len(head):cut]))
+                if b"\n" in self.tokenizer.token_bytes[token] and \
+                        (cut := repeated_lines_cut(out, len(head))) is not None:
+                    return loop_free_text(bytes(out[len(head):max(cut, len(head))]))
                 if self.cache.position >= ctx:  # context full: continue from the last half
                     logits, _ = self.prefill((ids + new)[-(ctx // 2):])
                 else:
@@ -433,16 +434,18 @@ def loop_free_text(text: bytes) -> str:
     return b"".join(line + b"\n" for line in lines).decode("utf-8", errors="replace")
 
 
-def repeated_lines_cut(out: bytes | bytearray) -> int | None:
+def repeated_lines_cut(out: bytes | bytearray, given: int = 0) -> int | None:
     """When the whole lines of `out` end in a second copy, in a row, of the 1-6 lines before it (looked
     for among the last 12: postprocess.first_repeated_line), the length in bytes of the text up to the end
-    of the first copy; else None."""
+    of the first copy; else None. The first `given` bytes are the prompt's: a second copy must start on
+    its last line or after it (a prompt may repeat itself; only the model's own loops count)."""
     end = out.rfind(b"\n")
     if end < 0:
         return None
     lines = out[:end].split(b"\n")
     window = lines[-12:]
-    repeat = first_repeated_line(window)
+    first_new_line = out.count(b"\n", 0, given) - (len(lines) - len(window))
+    repeat = first_repeated_line(window, start=first_new_line)
     if repeat is None:
         return None
     return sum(len(line) + 1 for line in lines[:len(lines) - len(window) + repeat])

@@ -225,11 +225,11 @@ def repetition_cut(text: str) -> int | None:
     return None
 
 
-def first_repeated_line(lines: list) -> int | None:
-    """Index of the line that starts a second copy, in a row, of the 1-6 lines before it (with at
-    least 8 characters of content: `fi` after `fi` is no loop). Works on str or bytes lines."""
+def first_repeated_line(lines: list, start: int = 1) -> int | None:
+    """Index (from `start` on) of the line that starts a second copy, in a row, of the 1-6 lines before
+    it (with at least 8 characters of content: `fi` after `fi` is no loop). Works on str or bytes lines."""
     stripped = [line.strip() for line in lines]
-    for i in range(1, len(lines)):
+    for i in range(max(1, start), len(lines)):
         for k in range(1, 7):
             if i >= k and i + k <= len(lines) and stripped[i - k:i] == stripped[i:i + k] \
                     and sum(len(line) for line in stripped[i:i + k]) >= 8:

@@ -60,7 +60,14 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> "Tokenizer":
-        return cls(HFTokenizer.from_file(str(path)))
+        """The tokenizer saved at `path` (tokenizers' JSON). Raises ValueError naming the file when it is
+        missing, not a file, or not a tokenizer."""
+        if not Path(path).is_file():
+            raise ValueError(f"{path}: no tokenizer file there")
+        try:
+            return cls(HFTokenizer.from_file(str(path)))
+        except Exception as exc:  # the tokenizers library raises plain Exception
+            raise ValueError(f"{path}: not a tokenizer file ({exc})") from None
 
     @classmethod
     def from_str(cls, text: str) -> "Tokenizer":

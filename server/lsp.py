@@ -134,8 +134,8 @@ def cursor_split(doc, position: types.Position) -> tuple[str, str, types.Positio
     lines = doc.lines
     if position.line < 0 or position.character < 0:
         return None
-    if position.line >= len(lines):
-        return (source, "", position) if position.line == len(lines) and position.character == 0 else None
+    if position.line >= len(lines):  # the empty line after a final line break (or of an empty document)
+        return (source, "", types.Position(position.line, 0)) if position.line == len(lines) else None
     line = lines[position.line]
     content = line.rstrip("\r\n")
     codec = doc.position_codec

@@ -166,12 +166,14 @@ def test_a_signal_during_a_bundle_write_acts_once_the_bundle_is_whole(bundle_pat
     target = tmp_path / "model"
     shutil.copytree(bundle_path, target)
     script = f"""
-import os, signal
+import os, signal, subprocess, sys, threading, time
 import codellm.bundle as b
 from codellm.bundle import load_bundle, save_bundle
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()  # the system may give the signal to it
 write = b.save_file
 def write_then_signal(*args, **kwargs):
-    os.kill(os.getpid(), signal.{signal_name})
+    subprocess.run(["kill", "-{signal_name[3:]}", str(os.getpid())])  # from outside, as a user's kill is
+    time.sleep(0.5)
     write(*args, **kwargs)
 b.save_file = write_then_signal
 bundle = load_bundle({str(bundle_path)!r})

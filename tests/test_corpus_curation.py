@@ -283,3 +283,11 @@ def test_held_out_scripts_never_reach_the_english_corpus(tmp_path):
     assert len(texts) == 1 and texts[0].startswith("Once upon a time")
     assert summary["english"]["skipped"]["shares code lines with a held-out file"] == 2
     assert summary["english"]["files"] == 1
+
+
+def test_a_short_held_out_script_is_found_whatever_its_line_endings():
+    from codellm.train.curate import HeldOutCode
+    short = "#!/bin/sh\necho restarting\nsystemctl restart app\n"
+    heldout = HeldOutCode([{"text": short, "split": "val"}, {"text": "echo other\n", "split": "train"}])
+    assert heldout.found_in(short.replace("\n", "\r\n")) and heldout.found_in("\n" + short.replace("\n", "\r"))
+    assert not heldout.found_in("echo other\n") and not heldout.found_in("bad \udcff text")

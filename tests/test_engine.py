@@ -185,6 +185,9 @@ def test_a_loop_in_free_text_is_cut_after_its_first_copy():
     assert text[:cut] == b"# back up\ncp -a /etc /backup\n\n"
     assert repeated_lines_cut(b"fi\nfi\nfi\n") is None and repeated_lines_cut(b"echo one\necho two\n") is None
     assert loop_free_text(b"cp a b\n\n# now compress\n\n") == "cp a b\n"  # no comment of a missing step
+    prompt = b"echo hello world\necho hello world\n"  # a prompt that repeats itself is no loop of the model's
+    assert repeated_lines_cut(prompt + b"ls -la\n", given=len(prompt)) is None
+    assert repeated_lines_cut(prompt + b"echo hello world\n", given=len(prompt)) == len(prompt)  # writing it again is
 
 
 def test_generated_text_never_holds_a_block_of_lines_twice_in_a_row():

@@ -202,6 +202,10 @@ def test_lines_end_where_the_editor_ends_them_not_at_form_feeds(bundle_path):
     # past the end of a line: its end, also on a last line with no line break (pygls would cut one back)
     assert cursor_split(doc, types.Position(line=3, character=40)) == (doc.source, "", types.Position(line=3, character=4))
     assert cursor_split(doc, types.Position(line=2, character=40))[1:] == ("\rlast", types.Position(line=2, character=8))
+    workspace.put_text_document(types.TextDocumentItem(uri="file:///b.sh", language_id="sh", version=1, text="ls\n"))
+    after_break = workspace.get_text_document("file:///b.sh")  # the empty line after the last line break
+    assert cursor_split(after_break, types.Position(line=1, character=9)) == ("ls\n", "", types.Position(line=1, character=0))
+    assert cursor_split(after_break, types.Position(line=2, character=0)) is None
 
     async def main():  # the server's documents split so: a text edit replaces the word at the cursor's line
         async with Session("--model", str(bundle_path), inline=False) as s:

@@ -232,3 +232,8 @@ def test_a_from_bundle_the_options_do_not_fit_is_refused_before_the_corpus(bundl
               "--tokenizer", str(other), "--max-steps", "1")
     assert r.returncode == 2 and "its tokenizer is not the one given" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "m.work").exists()
+
+    for bad in (tmp_path / "missing.json", tmp_path, code / "s0_0.sh"):  # no file, a folder, not a tokenizer
+        r = train("code", "--from", str(bundle_path), "--code-data", str(code), "--out", str(tmp_path / "m"),
+                  "--tokenizer", str(bad), "--max-steps", "1")
+        assert r.returncode == 2 and str(bad) in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]

@@ -105,7 +105,7 @@ def code_windows(text: str, n: int = HELDOUT_WINDOW_LINES) -> set[bytes]:
     """8-byte hashes of every run of n consecutive code lines of `text` (lines stripped; blank and
     comment lines left out, so that edits of comments and indentation do not hide a copy)."""
     lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
-    return {hashlib.blake2b("\n".join(lines[i:i + n]).encode(), digest_size=8).digest()
+    return {hashlib.blake2b("\n".join(lines[i:i + n]).encode("utf-8", "surrogatepass"), digest_size=8).digest()
             for i in range(len(lines) - n + 1)}
 
 
@@ -118,15 +118,20 @@ class HeldOutCode:
 
     def __init__(self, records: list[dict]):
         heldout = [r["text"] for r in records if r["split"] != "train"]
-        self.digests = {hashlib.sha256(text.strip().encode()).digest() for text in heldout}
+        self.digests = {self.digest(text) for text in heldout}
         self.windows: set[bytes] = set().union(*map(code_windows, heldout)) if heldout else set()
 
     def found_in(self, text: str) -> bool:
         """Whether `text` is a held-out file or holds a run of its code lines."""
         if not self.digests:
             return False
-        return hashlib.sha256(text.strip().encode()).digest() in self.digests or \
-            not self.windows.isdisjoint(code_windows(text))
+        return self.digest(text) in self.digests or not self.windows.isdisjoint(code_windows(text))
+
+    @staticmethod
+    def digest(text: str) -> bytes:
+        """The same for a copy with other line endings or surrounding blank space."""
+        text = text.replace("\r\n", "\n").replace("\r", "\n").strip()
+        return hashlib.sha256(text.encode("utf-8", errors="surrogatepass")).digest()
 
 
 def drop_near_duplicates(records: list[dict], log=print) -> tuple[list[dict], Counter]:
