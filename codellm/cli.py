@@ -46,6 +46,11 @@ def decode(data: bytes, file: str) -> str:
         raise ValueError(f"{file}: not UTF-8 text ({exc})") from None
 
 
+def model_arg(value: str) -> str:
+    from .defaults import bundle_arg  # imports torch: only once a --model is given
+    return str(bundle_arg(value))
+
+
 def cmd_generate(args):
     from . import load
     engine = load(args.model, args.device, precision=args.precision)
@@ -81,6 +86,10 @@ def cmd_complete(args):
     confidence = result.confidence_of(len(result.text))
     hidden = bool(result.text) and confidence < args.min_confidence  # as the editor would: nothing shown
     sys.stdout.write(("" if hidden else result.text) + "\n")
+    if not args.verbose and (hidden or (not result.text and result.stop_reason == "unsure")):
+        why = (f"its confidence {confidence:.2f} is below --min-confidence {args.min_confidence}" if hidden else
+               f"the model is not sure of its first token (--cut-confidence {args.cut_confidence})")
+        print(f"codellm: nothing shown: {why}", file=sys.stderr)
     if args.verbose:
         print(f"[{result.mode} mode, stop: {result.stop_reason}, {result.prompt_tokens} prompt tokens, "
               f"{result.new_tokens} new, {result.seconds * 1000:.0f} ms, confidence {confidence:.3f}"
@@ -231,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_attention)
 
     for p in sub.choices.values():
-        p.add_argument("--model", default=None, help="model bundle directory (default: the shipped one)")
+        p.add_argument("--model", default=None, type=model_arg,
+                       help="model bundle directory (default, or `default`: the shipped one)")
         p.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     for name in ("generate", "complete"):
         sub.choices[name].add_argument("--precision", choices=PRECISIONS, default="auto", help=PRECISION_HELP)

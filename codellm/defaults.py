@@ -22,3 +22,10 @@ def default_bundle_path() -> Path:
     if all((PACKAGED_BUNDLE / name).is_file() for name in BUNDLE_FILES):
         return PACKAGED_BUNDLE
     raise BundleError(HOW_TO_GET_A_MODEL)
+
+
+def bundle_arg(value: str) -> Path:
+    """A bundle folder named on a command line or in a setting; `default`, where no folder of that name
+    is here, is the model shipped with codellm."""
+    path = Path(value).expanduser()
+    return PACKAGED_BUNDLE if value == "default" and not path.is_dir() else path

@@ -252,13 +252,16 @@ def drop_repetitive_loops(text: str, ctx: Context) -> str:
 
 
 def open_quote(line: str) -> str:
-    """The quote character left open at the end of the line ("" if none)."""
+    """The quote character left open at the end of the line ("" if none). A `#` that starts a word
+    outside quotes starts a comment, whose apostrophes open nothing."""
     quote = ""
     i = 0
     while i < len(line):
         c = line[i]
         if c == "\\" and quote != "'":
             i += 1
+        elif not quote and c == "#" and (i == 0 or line[i - 1] in WORD_BREAKS):
+            break
         elif quote and c == quote:
             quote = ""
         elif not quote and c in "'\"":

@@ -94,6 +94,7 @@ class ModelHolder:
                     self.notify(f"codellm: the model settings were not applied ({message}); still serving "
                                 "the previous model", True)
                 else:
+                    self.load_error = message  # in status until a model loads
                     self.notify(f"codellm: new model rejected, still serving the previous one: {message}", True)
                 return False
             self.stamp = stamp
@@ -193,10 +194,11 @@ def new_model_thread() -> ThreadPoolExecutor:
 
 def resolve_model_path(path: str | None) -> Path:
     """The bundle folder a model setting names: absolute, not resolved (a --model that is a symlink is
-    followed to wherever it points later); None: $CODELLM_MODEL or the packaged default."""
-    from codellm.defaults import default_bundle_path
+    followed to wherever it points later); None: $CODELLM_MODEL or the packaged default; `default` (where
+    no folder of that name is here): the packaged default."""
+    from codellm.defaults import bundle_arg, default_bundle_path
 
-    return Path(os.path.abspath(Path(path).expanduser())) if path else default_bundle_path()
+    return Path(os.path.abspath(bundle_arg(path))) if path else default_bundle_path()
 
 
 def build_engine(path: Path, device: str | None, threads: int | None, precision: str) -> tuple:

@@ -104,7 +104,11 @@ def test_complete_can_apply_the_editors_confidence_thresholds(bundle_path):
                  stdin="#!/bin/sh\n\n")
     assert shown.returncode == hidden.returncode == 0 and shown.stdout.strip()
     assert hidden.stdout == "\n"  # below the threshold: nothing, as the editor would show
+    assert "nothing shown" in hidden.stderr and "--min-confidence 1" in hidden.stderr and "nothing" not in shown.stderr
     assert run("complete", "-:2:1", "--cut-confidence", "x", stdin="\n").returncode == 2
+    named = run("complete", "-:2:1", "--model", "default", "--mode", "line", stdin="#!/bin/sh\n\n")
+    assert named.returncode == 0 and named.stdout == run("complete", "-:2:1", "--mode", "line",
+                                                           stdin="#!/bin/sh\n\n").stdout  # `default`: the shipped model
 
 
 def test_a_missing_file_is_named_plainly(tmp_path):

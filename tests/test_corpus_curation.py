@@ -291,3 +291,17 @@ def test_a_short_held_out_script_is_found_whatever_its_line_endings():
     heldout = HeldOutCode([{"text": short, "split": "val"}, {"text": "echo other\n", "split": "train"}])
     assert heldout.found_in(short.replace("\n", "\r\n")) and heldout.found_in("\n" + short.replace("\n", "\r"))
     assert not heldout.found_in("echo other\n") and not heldout.found_in("bad \udcff text")
+
+
+def test_training_files_that_are_mostly_copies_of_held_out_ones_are_warned_about(tmp_path):
+    from codellm.train.recipe import build_corpus
+    mine, held = tmp_path / "mine", tmp_path / "held"
+    for folder in (mine, held):
+        folder.mkdir()
+    for k in range(4):
+        script = "#!/bin/sh\nset -eu\n" + "".join(f"rsync -a build{k}/part{j}/ web:/srv/app{k}/\n" for j in range(9))
+        (held / f"deploy{k}.sh").write_text(script)
+        (mine / f"deploy{k}.sh").write_text(script.replace("set -eu", "set -e"))  # a near-copy
+    said = []
+    build_corpus(tmp_path / "c", code_data=[mine], heldout_data=[held], log=said.append)
+    assert any("warning" in line and "--heldout-data" in line for line in said), said

@@ -1,6 +1,7 @@
 """`codellm-train eval`: two bundles side by side on a small corpus with both held-out splits, every figure
 per split, and the block-completion figure built from held-out block openers."""
 import json
+import re
 import random
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def test_cross_file_sample_takes_each_package_in_turn():
     assert round_robin([[], few], 10) == few
 
 
-def test_two_bundles_compare_on_every_split(bundle_path, tmp_path):
+def test_two_bundles_compare_on_every_split(bundle_path, tmp_path, capsys):
     small_corpus(tmp_path)
     out = tmp_path / "eval.json"
     run = subprocess.run([sys.executable, "-m", "codellm.train.cli", "eval", str(bundle_path), str(bundle_path),
@@ -74,6 +75,12 @@ def test_two_bundles_compare_on_every_split(bundle_path, tmp_path):
     assert "block after opener" in run.stdout and "held-out split val_user" in run.stdout
     # the same bundle twice is not better than itself
     assert "on every split: no" in run.stdout
+    from codellm.train.evaluate import print_table
+    results[0]["splits"]["val"]["shell_loss"]["loss"] = 1e15  # a cell wider than any default column
+    capsys.readouterr()
+    print_table(results)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("shell loss"))
+    assert re.search(r"1000000000000000\.000 / \S+\s{2,}\S", row), row  # the columns stay apart
 
 
 def test_eval_refuses_a_place_it_cannot_write_before_evaluating(bundle_path, tmp_path):

@@ -110,6 +110,9 @@ def test_loops_within_a_line_are_cut_but_rules_are_not():
     assert drop_repetitive_loops(looped, Context("", "", "block")) == '\tif [ -z "$1" ]'
     rule = "# ------------------------------------------"
     assert drop_repetitive_loops(rule, Context("", "", "line")) == rule
+    comment = "    # the user's user's user's user's user's"  # a comment's apostrophe opens no string
+    assert drop_repetitive_loops(comment, Context("", "", "line")) == "    # the user's"
+    assert open_quote("    # the user's") == "" and open_quote("echo a#b 'c") == "'"
 
 
 def test_a_suggestion_that_starts_by_closing_the_block_ends_there():

@@ -340,6 +340,7 @@ def test_hot_swap_takes_a_valid_bundle_and_rejects_a_corrupt_one(bundle_path, tm
             weights = live / "model.safetensors"
             weights.write_bytes(weights.read_bytes()[:1000])  # a half-written copy
             await s.wait_for_message("rejected")
+            assert "truncated or corrupt" in (await s.status()).model_error  # status says so too
             s.edit(URI, line, char, " ")
             s.edit(URI, line, char, "", end=(line, char + 1))
             still = await s.inline(URI, line, char)

@@ -289,3 +289,12 @@ def test_packing_fills_windows_with_whole_examples_as_the_plain_way_does():
             continue
         got = pack(examples, 8, 0)
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]), trial
+
+
+def test_a_short_run_reaches_its_learning_rate():
+    from codellm.train.loop import TrainConfig, lr_at
+    cfg = TrainConfig(learning_rate=1e-3, warmup_steps=50)
+    assert lr_at(1, 0.1, cfg, max_steps=20) == pytest.approx(1e-3)  # warmup of 2 steps, not 50
+    assert lr_at(0, 0.0, cfg, max_steps=20) == pytest.approx(5e-4)
+    assert lr_at(9, 0.01, cfg) == pytest.approx(1e-3 * 10 / 50)  # a time-budget run keeps its 50 steps
+    assert lr_at(9, 0.01, cfg, max_steps=10_000) == pytest.approx(1e-3 * 10 / 50)

@@ -22,7 +22,8 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--num-epochs", type=float, default=None)
     g.add_argument("--max-steps", type=int, default=None)
     g.add_argument("--time-budget", type=float, default=None, help="seconds (for `all`: both stages together)")
-    g.add_argument("--warmup-steps", type=int, default=50)
+    g.add_argument("--warmup-steps", type=int, default=50,
+                   help="steps of linear learning-rate warmup (default 50; at most a tenth of --max-steps)")
     g.add_argument("--context-length", type=int, default=None)
     g.add_argument("--fim-rate", type=float, default=0.5)
     g.add_argument("--pair-share", type=share(MAX_PAIR_SHARE), default=None,
@@ -111,12 +112,8 @@ def first_process_then_all(work):
 
 
 def bundle_arg(value: str) -> Path:
-    """A bundle folder; `default`, where no folder of that name is here, is the model shipped with codellm."""
-    path = Path(value).expanduser()
-    if value == "default" and not path.is_dir():
-        from codellm.defaults import PACKAGED_BUNDLE
-        return PACKAGED_BUNDLE
-    return path
+    from codellm.defaults import bundle_arg
+    return bundle_arg(value)
 
 
 def check_from(args) -> None:

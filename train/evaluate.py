@@ -450,7 +450,8 @@ def _cells(r: dict) -> list[tuple[str, str]]:
 def print_table(all_results: list[dict]) -> None:
     """One table per held-out split, a column per bundle, so bundles compare in one run."""
     names = [Path(r["bundle"]).name or r["bundle"] for r in all_results]
-    width = max(18, *(len(n) + 2 for n in names))
+    cells = [value for r in all_results for p in r["splits"].values() if p for _, value in _cells(p)]
+    width = max(18, *(len(n) + 2 for n in names), *(len(c) + 2 for c in cells))  # columns never run together
     for split, label in HELDOUT_SPLITS.items():
         present = [r["splits"].get(split) for r in all_results]
         if not any(present):

@@ -82,10 +82,12 @@ def distributed() -> tuple[int, int]:
     return (torch.distributed.get_rank() if world > 1 else 0), world
 
 
-def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
-    """Linear warmup over warmup_steps, constant, then a linear warmdown over the last share of progress."""
-    if step < cfg.warmup_steps:
-        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+def lr_at(step: int, progress: float, cfg: TrainConfig, max_steps: int | None = None) -> float:
+    """Linear warmup over warmup_steps (at most a tenth of `max_steps`, so that a short fine-tune reaches
+    its learning rate), constant, then a linear warmdown over the last share of progress."""
+    warmup = min(cfg.warmup_steps, max(1, max_steps // 10)) if max_steps else cfg.warmup_steps
+    if step < warmup:
+        return cfg.learning_rate * (step + 1) / warmup
     start = 1 - cfg.warmdown_frac
     frac = min(1.0, max(0.0, (progress - start) / max(cfg.warmdown_frac, 1e-9)))
     return cfg.learning_rate * (1 - frac * (1 - cfg.min_lr_ratio))
@@ -377,7 +379,7 @@ def train_step(run: StageRun, log) -> tuple[float, float]:
     # summed over processes and micro-batches, the gradient is exactly the single-process one
     denom = max(1, int((run.targets[g0:g0 + cfg.batch_size] != IGNORE).sum()))
     step_loss = 0.0
-    lr = lr_at(state["step"], progress_of(state, cfg), cfg)
+    lr = lr_at(state["step"], progress_of(state, cfg), cfg, state["max_steps"])
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     micro = run.micro

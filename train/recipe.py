@@ -167,6 +167,11 @@ def curate_shell(records: list[dict], log=print) -> tuple[list[dict], dict]:
             stripped.append({**rec, "text": text, "sha256": digest})
     after_strip = sum(len(r["text"].encode()) for r in stripped)
     deduped, dropped = drop_near_duplicates(stripped, log)
+    train_files = sum(1 for r in stripped if r["split"] == "train")
+    like_heldout = dropped["near-copy of a held-out file"] + dropped[HELDOUT_CODE]
+    if train_files and like_heldout > train_files / 2:
+        log(f"warning: {like_heldout} of {train_files} training files are copies of held-out files, or hold "
+            "their code, and were dropped: is a held-out folder (--heldout-data) also given to train on?")
     capped, capped_bytes = cap_per_source(deduped)
     after = sum(len(r["text"].encode()) for r in capped)
     curation = {
