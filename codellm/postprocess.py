@@ -470,6 +470,32 @@ def trim_to_indentation_scope(text: str, ctx: Context) -> str:
     return text
 
 
+CLOSER_OF = {"then": "fi", "do": "done", "{": "}"}  # a block's state where its body is written -> its closer
+
+
+def close_the_block_it_writes(text: str, ctx: Context) -> str:
+    """In block mode after a line that opens a block (`then`, `else`, `do`, `{`), a suggestion that writes
+    its body and stops with the block still open gets the closer on a line of its own, at the opener's
+    indentation, when nothing after the cursor closes it (the file ends, or goes on at the opener's
+    indentation or lower): a person writing an `if` expects its `fi`."""
+    if ctx.mode != "block" or ctx.rest_of_line.strip():
+        return text
+    opener = ctx.line_prefix if ctx.line_prefix.strip() else ctx.line_above
+    window = scan_window(ctx)
+    before = open_blocks(window)
+    if not opens_block(opener) or not before or before[-1] not in CLOSER_OF:
+        return text
+    body = [line for line in text.split("\n") if line.strip() and not line.lstrip().startswith("#")]
+    if not body or open_blocks(window + text) != before:
+        return text  # no body yet, or the suggestion closed the block, or left blocks of its own open
+    upcoming = ctx.next_lines[0] if ctx.next_lines else None
+    if upcoming is not None and (indent_of(upcoming) > indent_of(opener) or CLOSER_LINE.match(upcoming)
+                                 or upcoming.lstrip().startswith(("else", "elif"))):
+        return text  # the block goes on, or is closed, after the cursor
+    indentation = opener[:len(opener) - len(opener.lstrip())]
+    return text.rstrip() + "\n" + indentation + CLOSER_OF[before[-1]]
+
+
 def scan_window(ctx: Context) -> str:
     """The end of the prefix, from a line start, that is read for the blocks open at the cursor."""
     if len(ctx.prefix) <= ctx.scan_chars:
@@ -540,6 +566,7 @@ STEPS = [
     drop_lines_repeating_the_suffix,
     stop_at_block_close,
     trim_to_indentation_scope,
+    close_the_block_it_writes,
     drop_overlap_with_rest_of_line,
     drop_trailing_whitespace,
     keep_buffer_parseable,

@@ -271,3 +271,21 @@ def test_safe_cut_of_random_shell_is_a_whole_word_start_with_no_quote_left_open(
         assert (len(prefix + cut) - len((prefix + cut).rstrip("\\"))) % 2 == 0, (prefix, text, cut)
         if n % 2 == 0 and bash_n(prefix + "\n") == (0, False):  # where the line before the cursor parses
             assert not bash_n(prefix + cut + "\n")[1], (prefix, text, cut)
+
+
+def test_a_block_body_that_stops_before_its_closer_gets_it_where_nothing_after_the_cursor_closes_it():
+    from codellm.postprocess import close_the_block_it_writes
+    opener = '#!/bin/sh\n  if [ -z "$1" ]; then\n'
+    assert close_the_block_it_writes("    usage\n    exit 1", Context(opener, "", "block")) == "    usage\n    exit 1\n  fi"
+    assert close_the_block_it_writes("    echo $f", Context("for f in *; do\n", "\necho after\n", "block")) == \
+        "    echo $f\ndone"  # code after the block, at the opener's indentation
+    assert close_the_block_it_writes("\n  echo hi", Context("main() {", "", "block")) == "\n  echo hi\n}"
+    kept = [("    usage", Context(opener, "\n  fi\n", "block")),  # the file closes it already
+            ("    usage", Context(opener, "\n    exit 1\n  fi\n", "block")),  # the body goes on after the cursor
+            ("    usage\n  fi", Context(opener, "", "block")),  # the suggestion closed it
+            ("    for x in a; do", Context(opener, "", "block")),  # a block of its own left open
+            ("    # nothing yet", Context(opener, "", "block")),  # no body
+            ("    usage", Context(opener, "", "line")),
+            ("    a)", Context('case "$1" in\n', "", "block"))]  # case items: left to the model
+    for text, ctx in kept:
+        assert close_the_block_it_writes(text, ctx) == text, (text, ctx.suffix)
