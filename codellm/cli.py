@@ -204,11 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a prompt")
     p.add_argument("--prompt", required=True, help=r"text to continue; \n means newline")
-    p.add_argument("--max-length", type=int, default=200, help="new tokens at most")
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-length", type=int, default=200, help="new tokens at most (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default 50)")
+    p.add_argument("--top-p", type=float, default=0.95,
+                   help="sample among the likeliest tokens holding this much probability (default 0.95)")
+    p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text (default: random)")
     p.set_defaults(func=cmd_generate)
 
     add_complete_parser(sub)
