@@ -217,6 +217,7 @@ def test_scripts_held_out_by_the_user_stay_out_of_training_and_evaluate_a_fine_t
               "--out", str(tmp_path / "eval.json"))
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "eval.json").read_text())["splits"]["val_user"]["heldout_files"] == 3
+    assert "held-out split val_user (your held-out scripts (--heldout-data), 3 files)" in r.stdout
 
 
 def test_a_from_bundle_the_options_do_not_fit_is_refused_before_the_corpus(bundle_path, tmp_path):

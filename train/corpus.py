@@ -181,12 +181,15 @@ def shell_records_from_json(path: Path, source: str, seen: set[str], counts: Cou
             yield record(text, source, f"{path.name}#{i}", "", split)
 
 
+USER_HELDOUT = "user-heldout:"  # the source of the scripts a user keeps out of training (--heldout-data)
+
+
 def code_data_records(path: Path, seen: set[str], counts: Counts, split: str = "train") -> Iterator[dict]:
     """The user's scripts (a folder, a JSON file {"scripts": [...]}, or one file) as records of `split`
     ("train" for --code-data; held-out ones are a source of their own, "user-heldout:NAME")."""
     path = Path(path).expanduser()
     flag, source = ("--code-data", f"user:{path.name}") if split == "train" else \
-        ("--heldout-data", f"user-heldout:{path.name}")
+        ("--heldout-data", f"{USER_HELDOUT}{path.name}")
     if not path.exists():
         raise FileNotFoundError(f"{flag} {path}: no such file or folder")
     if path.is_dir():

@@ -27,7 +27,7 @@ from codellm.device import choose_device
 from codellm.engine import Engine
 from codellm.shell import bash_parses
 
-from .corpus import read_records, read_texts
+from .corpus import USER_HELDOUT, read_records, read_texts
 from .pairs import command_name
 from .recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
 
@@ -391,21 +391,23 @@ def evaluate(bundle_path: Path, corpus: Path, samples: int = 400, scripts: int =
     if not Path(corpus).is_dir():
         raise ValueError(f"{corpus}: no such corpus folder (build one with `codellm-train corpus`)")
     engine = Engine(load_bundle(bundle_path, device=choose_device(device)), device)
-    splits = {split: read_texts(corpus / SHELL_FILE, split) for split in HELDOUT_SPLITS}
-    splits = {split: texts for split, texts in splits.items() if texts}
+    held = {split: list(read_records(corpus / SHELL_FILE, split)) for split in HELDOUT_SPLITS}
+    splits = {split: [r["text"] for r in records] for split, records in held.items() if records}
     if not splits:
         raise ValueError(f"{corpus}: no held-out shell files (split 'val' or 'val_user') to evaluate on; build "
                          "the corpus with --heldout-data DIR to keep scripts of yours out of training for this")
     start = time.time()
     results = {"bundle": str(bundle_path), "splits": {}}
     for split, texts in splits.items():
+        user = all(r.get("source", "").startswith(USER_HELDOUT) for r in held[split])
         results["splits"][split] = {
+            "label": "your held-out scripts (--heldout-data)" if user else HELDOUT_SPLITS[split],
             "heldout_files": len(texts),
             "shell_loss": heldout_loss(engine, texts),
             "line_completion": line_completion(engine, texts, samples),
             "comment_to_command": comment_to_command(engine, read_texts(corpus / PAIRS_FILE, split), pairs),
             "block_completion": block_completion(engine, texts, blocks),
-            "cross_file": cross_file(engine, list(read_records(corpus / SHELL_FILE, split)), cross_file_samples,
+            "cross_file": cross_file(engine, held[split], cross_file_samples,
                                      cross_file_samples) if cross_file_samples else None,
         }
         if keystrokes:
@@ -457,7 +459,8 @@ def print_table(all_results: list[dict]) -> None:
         if not any(present):
             continue
         files = next(p["heldout_files"] for p in present if p)
-        print(f"\n== held-out split {split} ({label}, {files} files)")
+        label = next(p.get("label", label) for p in present if p)
+        print(f"\n== held-out split {split} ({label}, {files} file{'s' if files != 1 else ''})")
         print(f"{'':40s}" + "".join(f"{n:>{width}s}" for n in names))
         columns = [dict(_cells(p)) if p else {} for p in present]
         for key in dict(_cells(next(p for p in present if p))):
