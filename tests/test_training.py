@@ -159,6 +159,7 @@ def test_fine_tune_on_your_own_scripts(bundle_path, data_dir, tmp_path):
                                 "--out", str(out), "--batch-size", "4", "--precision", "fp32", "--max-steps", "3"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 1/3 " in r.stdout + r.stderr  # the first step is reported: the run is seen to be under way
     engine = codellm.load(str(out), device="cpu")
     assert engine.tokenizer.to_str() == codellm.load(str(bundle_path)).tokenizer.to_str()
     stages = engine.bundle.card["stages"]

@@ -434,7 +434,7 @@ def log_step(run: StageRun, step_loss: float, lr: float, done: bool) -> float | 
     cfg, state = run.cfg, run.state
     record = {"step": state["step"], "loss": round(step_loss, 5), "lr": lr, "tokens": state["tokens"],
               "elapsed": round(state["elapsed"], 2)}
-    if state["step"] % cfg.log_every == 0 or done:
+    if state["step"] % cfg.log_every == 0 or done or state["step"] == 1:  # the first: a run is under way
         rate = run.window_tokens / max(1e-9, time.time() - run.window_start)
         record["tokens_per_s"] = round(rate)
         run.progress.update(state["step"], step_loss, rate, progress_of(state, cfg), state["elapsed"], lr)
