@@ -195,8 +195,8 @@ async def did_change_configuration(ls: CodellmServer, params: types.DidChangeCon
         log.info("settings changed: %s", ", ".join(sorted(changed)))
         ls.service.clear()
     if {"model_path", "device", "threads"} & set(changed):
-        # the load takes up to seconds: off the event loop, so the model serving meanwhile keeps answering;
-        # one change at a time, in the order they came (the last one is what stays)
+        # the load takes up to seconds: off the event loop, so status and the other messages are answered
+        # meanwhile (completions wait on the model thread); one change at a time, in the order they came
         wanted = (ls.settings.model_path, ls.settings.device, ls.settings.threads)
         async with ls.configuring:
             await asyncio.to_thread(ls.holder.configure, *wanted)
