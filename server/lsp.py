@@ -332,8 +332,9 @@ def word_before_cursor(prefix: str) -> str:
 
 def completion_item(ls: CodellmServer, prefix: str, text: str, position: types.Position) -> types.CompletionItem:
     """A popup item for an AI suggestion at the cursor `position` (client units): label = word prefix +
-    first line, a text edit over the word prefix, the whole suggestion in the documentation. Snippet format where the client supports it
-    (Neovim 0.11 inserts only the first word of a plain multi-word item)."""
+    first line, a text edit over the word prefix, the whole suggestion in the documentation. Snippet
+    format where the client supports it (Neovim 0.11 inserts only the first word of a plain multi-word
+    item)."""
     word = word_before_cursor(prefix)
     first_line = text.split("\n", 1)[0]
     full = word + text

@@ -148,7 +148,6 @@ def drop_near_duplicates(records: list[dict], log=print) -> tuple[list[dict], Co
     signatures = [minhash(r["text"]) for r in tqdm(records, desc="minhash", unit="file", mininterval=10,
                                                      disable=len(records) < 1000)]
     keep = [False] * len(records)
-    heldout_windows: set[bytes] = set()
     for k, (rec, sig) in enumerate(zip(records, signatures)):
         if rec["split"] != "train":
             if kept_index.query(sig):
@@ -156,14 +155,14 @@ def drop_near_duplicates(records: list[dict], log=print) -> tuple[list[dict], Co
                 continue
             heldout_index.insert(f"h{k}", sig)
             kept_index.insert(f"k{k}", sig)
-            heldout_windows |= code_windows(rec["text"])
             keep[k] = True
+    heldout = HeldOutCode([r for r, k in zip(records, keep) if k])  # the held-out records kept
     for k, (rec, sig) in enumerate(zip(records, signatures)):
         if rec["split"] != "train":
             continue
         if heldout_index.query(sig):
             dropped["near-copy of a held-out file"] += 1
-        elif not heldout_windows.isdisjoint(code_windows(rec["text"])):
+        elif not heldout.windows.isdisjoint(code_windows(rec["text"])):
             dropped[HELDOUT_CODE] += 1
         elif kept_index.query(sig):
             dropped["near-duplicate"] += 1
