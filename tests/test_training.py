@@ -194,6 +194,27 @@ def test_pair_scripts_make_up_their_share_of_an_epoch(tokenizer, share):
     assert pair_chars / (pair_chars + shell_chars) == pytest.approx(share, abs=0.02)
 
 
+@pytest.mark.parametrize("share", [0.0, 0.3, 0.6])
+def test_user_style_files_make_up_their_share_of_an_epoch(tokenizer, share):
+    from codellm.train.data import Mixture, build_epoch, is_user_style
+    debian = [f"cp /etc/app{i}.conf /backup/\n" * 8 for i in range(90)]
+    user = [f"npm run build{i} && npm test\n" * 8 for i in range(10)]  # 10 % of the files as they come
+    places = [f"debian:app{i}:/etc/app.sh" for i in range(90)] + [f"npm:tool{i}:/scripts/ci.sh" for i in range(10)]
+    mix = Mixture(debian + user, 0.0, user_style=[is_user_style(p) for p in places], user_share=share)
+    inputs, _ = build_epoch(tokenizer, mix, 512, seed=0, epoch=0)
+    text = tokenizer.decode([int(i) for i in inputs.flatten()])
+    user_chars = text.count("npm run build") * len(user[0]) / 8
+    debian_chars = text.count("cp /etc/app") * len(debian[0]) / 8
+    assert text.count("cp /etc/app") == 90 * 8  # every file still read once
+    assert user_chars / (user_chars + debian_chars) == pytest.approx(max(share, 0.1), abs=0.02)
+
+
+def test_user_style_sources_are_npm_pypi_and_the_users_own():
+    from codellm.train.data import is_user_style
+    assert [is_user_style(s) for s in ("npm:x:/a.sh", "pypi:y", "user:scripts", "debian:bash", "debian-src:z",
+                                        "machine:dotfiles", "user-heldout:mine")] == [True] * 3 + [False] * 4
+
+
 def test_a_pair_share_of_one_is_refused(tmp_path, bundle_path):
     from codellm.train.loop import TrainConfig
     from codellm.train.stages import run_stage
@@ -201,12 +222,13 @@ def test_a_pair_share_of_one_is_refused(tmp_path, bundle_path):
         run_stage("code", tmp_path, tmp_path / "out", TrainConfig(max_steps=1), from_bundle=bundle_path, pair_share=1.0)
 
 
+@pytest.mark.parametrize("flag", ["--pair-share", "--user-share"])
 @pytest.mark.parametrize("bad", ["1.5", "0.95", "-0.1", "nan", "inf", "abc"])
-def test_a_bad_pair_share_is_refused_before_any_work(tmp_path, capsys, bad):
+def test_a_bad_share_is_refused_before_any_work(tmp_path, capsys, bad, flag):
     from codellm.train.cli import main
     with pytest.raises(SystemExit) as exit_:
-        main(["code", "--corpus", str(tmp_path / "none"), "--out", str(tmp_path / "out"), "--pair-share", bad])
-    assert exit_.value.code == 2 and "--pair-share" in capsys.readouterr().err
+        main(["code", "--corpus", str(tmp_path / "none"), "--out", str(tmp_path / "out"), flag, bad])
+    assert exit_.value.code == 2 and flag in capsys.readouterr().err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .loop import COMPILE_AUTO_MIN_SECONDS, TrainConfig, TrainingStopped, distributed
 from .pairs import MAX_PAIR_SHARE
+from .data import MAX_USER_SHARE
 
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
@@ -29,6 +30,10 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pair-share", type=share(MAX_PAIR_SHARE), default=None,
                    help="code stage: share of the training characters that are comment-to-command scripts "
                         "(pairs.py), drawn again in new orders when the pairs are fewer (default 0.2; 0: off; at most 0.9)")
+    g.add_argument("--user-share", type=share(MAX_USER_SHARE), default=None,
+                   help="code stage: share of the shell characters from user-style sources (npm and PyPI "
+                        "packages' scripts, your --code-data), those files drawn again when fewer "
+                        "(default 0: the corpus as it comes; at most 0.9)")
     g.add_argument("--context-rate", type=share(1.0), default=None,
                    help="code stage: shell files that source a file of their package also train with its "
                         "definitions placed before them, as the server shows context from other files; this "
@@ -95,9 +100,9 @@ def share(upper: float):
 
 
 def mix_options(args) -> dict:
-    """run_stage's context_rate and pair_share where --context-rate and --pair-share were given (else
-    its defaults)."""
-    given = {"context_rate": args.context_rate, "pair_share": args.pair_share}
+    """run_stage's context_rate, pair_share and user_share where --context-rate, --pair-share and
+    --user-share were given (else its defaults)."""
+    given = {"context_rate": args.context_rate, "pair_share": args.pair_share, "user_share": args.user_share}
     return {k: v for k, v in given.items() if v is not None}
 
 

@@ -60,6 +60,23 @@ class Mixture:
     # comment-to-command scripts, drawn to make up this share of an epoch's characters
     pair_texts: list[str] | None = None
     pair_share: float = 0.0
+    # which main documents come from user-style sources (is_user_style); drawn again until they make up
+    # this share of the main documents' characters, when they are fewer
+    user_style: list[bool] | None = None
+    user_share: float = 0.0
+
+
+USER_STYLE_KINDS = ("npm", "pypi", "user")  # sources of scripts as people write them, not distribution packages
+# share of the shell characters from user-style sources, those drawn again when fewer: 0 trains on the
+# corpus as it comes
+USER_SHARE_IN_CODE_STAGE = 0.0
+MAX_USER_SHARE = 0.9
+
+
+def is_user_style(source: str) -> bool:
+    """Whether a record source ("npm:NAME", "pypi:NAME", "user:FOLDER", "debian:NAME", ...) is user-style:
+    the installers, entrypoints and CI scripts of npm and PyPI packages, and the user's own --code-data."""
+    return source.split(":", 1)[0] in USER_STYLE_KINDS
 
 
 MAX_SIBLINGS = 8  # sibling files whose definitions a training example's context is chosen from
@@ -100,6 +117,8 @@ def build_epoch(tok: Tokenizer, mix: Mixture, context_length: int, seed: int, ep
     chunks = [(c, mix.fim_rate) for t in mix.texts for c in chunk_text(t, max_chars)]
     contexts = with_context(tok, mix, context_length, seed, epoch) if mix.paths and mix.context_rate > 0 else []
     chunks += [(c, mix.fim_rate, context) for c, context in contexts]
+    if mix.user_style and mix.user_share > 0:
+        chunks += [(c, mix.fim_rate) for t in user_style_repeats(mix, rng) for c in chunk_text(t, max_chars)]
     if mix.pair_texts and mix.pair_share > 0:
         main_chars = sum(len(item[0]) for item in chunks)
         want = main_chars * mix.pair_share / (1 - mix.pair_share)
@@ -134,6 +153,16 @@ def encoded_examples(tok: Tokenizer, chunks: list[tuple], layouts: list[tuple[st
         examples.append(array("i", fim_training_assemble(tok, fmt, ids[at:at + n], ids[at + n])))
         at += n + 1
     return examples
+
+
+def user_style_repeats(mix: Mixture, rng: random.Random) -> list[str]:
+    """User-style documents drawn again (drawn_to) so that they make up `mix.user_share` of the main
+    documents' characters; none when they already do or there are none."""
+    user = [t for t, flag in zip(mix.texts, mix.user_style) if flag]
+    user_chars = sum(map(len, user))
+    other_chars = sum(map(len, mix.texts)) - user_chars
+    want = mix.user_share * other_chars / (1 - mix.user_share) - user_chars
+    return drawn_to(user, want, rng) if user and want > 0 else []
 
 
 def drawn_to(texts: list[str], chars: float, rng: random.Random) -> list[str]:

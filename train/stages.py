@@ -15,7 +15,7 @@ from codellm.model import GPT
 from codellm.tokenizer import Tokenizer
 
 from .corpus import read_records, read_texts
-from .data import Mixture, read_texts_with_places
+from .data import MAX_USER_SHARE, USER_SHARE_IN_CODE_STAGE, Mixture, is_user_style, read_texts_with_places
 from .pairs import MAX_PAIR_SHARE, PAIR_SHARE_IN_CODE_STAGE, pair_scripts
 from .datacard import checked_card, data_card
 from .loop import TrainConfig, distributed, train_stage
@@ -105,14 +105,16 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
               from_bundle: Path | None = None, model_size: str | None = None, context_length: int | None = None,
               fim_rate: float = 0.5, device: str | None = None, resume: bool = False, run_dir: Path | None = None,
               threads: int | None = None, log=print, overwrite: bool = False,
-              context_rate: float = CONTEXT_RATE_IN_CODE_STAGE, pair_share: float = PAIR_SHARE_IN_CODE_STAGE) -> Path:
+              context_rate: float = CONTEXT_RATE_IN_CODE_STAGE, pair_share: float = PAIR_SHARE_IN_CODE_STAGE,
+              user_share: float = USER_SHARE_IN_CODE_STAGE) -> Path:
     """Train one stage and save a bundle at `out`. stage: "language" (English, plain) or "code" (shell, FIM;
     a `context_rate` share of the files also with context from their package's files, codellm.prompt;
-    comment-to-command scripts as a `pair_share` of the characters). Raises ValueError for a pair share
-    outside [0, MAX_PAIR_SHARE] or a context rate outside [0, 1]."""
-    if not (0 <= pair_share <= MAX_PAIR_SHARE and 0 <= context_rate <= 1):
-        raise ValueError(f"--pair-share must be in [0, {MAX_PAIR_SHARE}] and --context-rate in [0, 1] "
-                         f"(got {pair_share} and {context_rate})")
+    comment-to-command scripts as a `pair_share` of the characters; user-style files drawn again up to a
+    `user_share` of the shell characters). Raises ValueError for a pair share outside [0, MAX_PAIR_SHARE],
+    a user share outside [0, MAX_USER_SHARE] or a context rate outside [0, 1]."""
+    if not (0 <= pair_share <= MAX_PAIR_SHARE and 0 <= context_rate <= 1 and 0 <= user_share <= MAX_USER_SHARE):
+        raise ValueError(f"--pair-share must be in [0, {MAX_PAIR_SHARE}], --user-share in [0, {MAX_USER_SHARE}] "
+                         f"and --context-rate in [0, 1] (got {pair_share}, {user_share} and {context_rate})")
     dev = choose_device(device)
     if dev.type == "cpu":  # the threads given serve tokenising the epoch (tokenizers' pool) as well
         os.environ.setdefault("RAYON_NUM_THREADS", str(set_threads(threads)))
@@ -130,13 +132,18 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
         # comment-to-command pairs (pairs.py) become scripts of commented steps beside the shell files
         pairs = list(read_records(corpus / PAIRS_FILE, "train"))
         shell, places = read_texts_with_places(corpus / SHELL_FILE, "train")
+        user_style = [is_user_style(place) for place in places]
+        if user_share and not any(user_style):
+            log(f"stage code: no user-style (npm, PyPI, --code-data) shell files in {corpus / SHELL_FILE}: "
+                f"--user-share {user_share} has nothing to draw")
+            user_share = 0.0
         scripts = pair_scripts(pairs)
         if pair_share and not scripts:
             log(f"stage code: no comment-to-command pairs in {corpus / PAIRS_FILE}: --pair-share {pair_share} "
                 "has nothing to draw, training on the shell files alone")
             pair_share = 0.0
         mix = Mixture(shell, fim_rate, english, ENGLISH_SHARE_IN_CODE_STAGE, places, context_rate,
-                      scripts, pair_share)
+                      scripts, pair_share, user_style, user_share)
         val = Mixture(read_texts(corpus / SHELL_FILE, "val"), fim_rate)
     if not mix.texts:
         raise ValueError(f"{corpus}: no {'English' if stage == 'language' else 'shell'} training text")
@@ -147,7 +154,8 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
     result = train_stage(model, tokenizer, mix, val, cfg, run_dir, dev, resume=resume, log=log)
     rank, _ = distributed()
     if rank == 0 and not (cfg.stop_after and result.steps < (cfg.max_steps or 0)):
-        mix_used = {"fim_rate": fim_rate, "context_rate": context_rate, "pair_share": pair_share} \
+        mix_used = {"fim_rate": fim_rate, "context_rate": context_rate, "pair_share": pair_share,
+                    "user_share": user_share} \
             if stage == "code" else None
         card = data_card(corpus, stage, result, cfg, card, mix_used)
         save_bundle(out, model, tokenizer, card, overwrite=overwrite)
