@@ -5,7 +5,6 @@ safetensors only: nothing is ever unpickled.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,19 +22,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load, save_file
 
+from .bundle_files import (BUNDLE_FILES, CARD_FILE, CONFIG_FILE, FORMAT_VERSION, STORAGE_DTYPE_NAMES,  # noqa: F401
+                           TOKENIZER_FILE, WEIGHTS_FILE, BundleError, bundle_digest, content_digest, parse_config,
+                           parse_tokenizer)
 from .config import ModelConfig
 from .model import GPT
 from .prompt import DEFAULT_FORMAT, FIM_FORMATS
 from .tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
-CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "tokenizer.json", "model.safetensors", "data.msgpack"
-BUNDLE_FILES = (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, CARD_FILE)
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-class BundleError(ValueError):
-    """A model bundle is missing, incomplete or corrupt. The message names the file and the problem."""
+assert tuple(STORAGE_DTYPES) == STORAGE_DTYPE_NAMES
 
 
 @dataclass
@@ -47,23 +43,6 @@ class Bundle:
     prompt_format: str = DEFAULT_FORMAT
     path: Path | None = None
     digest: str = ""  # of the bytes of the files read (content_digest): tells a touched bundle from a new one
-
-
-def content_digest(files: list[bytes]) -> str:
-    """BLAKE2b of a bundle's files, in BUNDLE_FILES order (each length-prefixed)."""
-    h = hashlib.blake2b(digest_size=16)
-    for data in files:
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-    return h.hexdigest()
-
-
-def bundle_digest(path: str | Path) -> str | None:
-    """content_digest of the bundle files at `path` as they are now; None if one cannot be read."""
-    try:
-        return content_digest([(Path(path) / name).read_bytes() for name in BUNDLE_FILES])
-    except OSError:
-        return None
 
 
 def is_bundle_dir(path: Path) -> bool:
@@ -179,29 +158,6 @@ STABLE_TRIES, STABLE_WAIT = 25, 0.2  # a bundle being copied is read again, for 
 
 class _Changed(Exception):
     """The bundle changed while it was read (a copy or a swap in progress): read it again."""
-
-
-def _parse_config(data: bytes, file: Path) -> tuple[ModelConfig, dict]:
-    try:
-        raw = json.loads(data.decode("utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise BundleError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise BundleError(f"{file}: expected a JSON object")
-    version = raw.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(f"{file}: unknown format version {version!r} (this codellm reads version {FORMAT_VERSION})")
-    if raw.get("storage_dtype", "float32") not in STORAGE_DTYPES:
-        raise BundleError(f"{file}: storage_dtype must be one of {list(STORAGE_DTYPES)}, got {raw.get('storage_dtype')!r}")
-    if raw.get("prompt_format", DEFAULT_FORMAT) not in FIM_FORMATS:
-        raise BundleError(f"{file}: prompt_format must be {' or '.join(map(repr, FIM_FORMATS))}, "
-                          f"got {raw.get('prompt_format')!r}")
-    if "model" not in raw:
-        raise BundleError(f"{file}: no 'model' section")
-    try:
-        return ModelConfig.from_dict(raw["model"]), raw
-    except (TypeError, ValueError) as exc:
-        raise BundleError(f"{file}: {exc}") from None
 
 
 @contextmanager
@@ -359,9 +315,9 @@ def _read_snapshot(path: Path, device, dtype) -> Bundle:
     try:
         directory.check_complete()
         config_bytes = directory.read_small(CONFIG_FILE)
-        config, raw = _parse_config(config_bytes, path / CONFIG_FILE)
+        config, raw = parse_config(config_bytes, path / CONFIG_FILE)
         tokenizer_bytes = directory.read_small(TOKENIZER_FILE)
-        tokenizer = _parse_tokenizer(tokenizer_bytes, path / TOKENIZER_FILE, config)
+        tokenizer = parse_tokenizer(tokenizer_bytes, path / TOKENIZER_FILE, config)
         card_bytes = directory.read_small(CARD_FILE)
         try:
             card = msgpack.unpackb(card_bytes, raw=False)
@@ -383,17 +339,6 @@ def _read_snapshot(path: Path, device, dtype) -> Bundle:
         raise
     finally:
         directory.close()
-
-
-def _parse_tokenizer(data: bytes, file: Path, config: ModelConfig) -> Tokenizer:
-    try:
-        tokenizer = Tokenizer.from_str(data.decode("utf-8"))
-    except Exception as exc:  # the tokenizers library raises plain Exception subclasses
-        raise BundleError(f"{file}: not a valid tokenizer ({exc})") from None
-    if tokenizer.vocab_size != config.vocab_size:
-        raise BundleError(f"{file}: vocabulary has {tokenizer.vocab_size} tokens but "
-                          f"config.json says vocab_size {config.vocab_size}")
-    return tokenizer
 
 
 def _load_weights(data: bytes, file: Path) -> dict[str, torch.Tensor]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .bundle import BUNDLE_FILES, BundleError
+from .bundle_files import BUNDLE_FILES, BundleError
 
 PACKAGED_BUNDLE = Path(__file__).parent / "default"
 HOW_TO_GET_A_MODEL = (

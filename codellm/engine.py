@@ -1,75 +1,28 @@
-"""The inference engine: one resident model, a KV cache reused across requests, greedy completion with
-token healing, sampled generation, and stop rules (end of text, newline, token budget, deadline)."""
+"""The inference engine: one resident model on its device (PyTorch), a KV cache reused across requests,
+greedy completion at a cursor (codellm.completion) and sampled generation."""
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Callable, Literal
 
 import torch
 
 from .bundle import Bundle, load_bundle
+from .completion import (MAX_TOKENS, Completer, Completion, StopReason, blank_run_too_long,  # noqa: F401 - re-exported
+                         loop_free_text, repeated_lines_cut, runaway, stop_reason)
 from .config import PRECISION_HELP, PRECISIONS  # noqa: F401 - the command lines read them from here too
 from .decode import Decoder, decode_tokens, int8_matmul_available
-from .lookahead import GUESS_TOKENS, PromptLookup
+from .lookahead import GUESS_TOKENS
 from .device import choose_device, cpu_has_bf16, set_threads
 from .kvcache import KVCache
 from .threads import LoadWatch, threads_from_env
-from .postprocess import (BLANK_LINE_AFTER_CONTENT, Context, ends_in_loop, first_repeated_line, postprocess,
-                          safe_cut)
-from .prompt import (ContextChunk, Prompt, build_prompt, build_prompt_with_context, choose_format, file_start,
-                     join_line_endings, prompt_budget, split_line_endings)
-from .shell import resolve_mode
+from .prompt import file_start
 
 NEG_INF = float("-inf")
 TEAM_FROM_TOKENS = 16  # shorter prompt reads are too quick for a thread team to matter
-MAX_TOKENS = {"line": 48, "block": 160}
-MAX_LINE_BYTES = 240  # a suggested line longer than this is a runaway, not shell
-# whitespace before any content: past two line ends or this many bytes, the next token must be a real one
-MAX_LEADING_BLANK_BYTES = 16
-MAX_BLANK_RUN = 32  # a line ending in this many spaces or tabs after its content is a runaway
 
 
-# why decoding ended: end of text; a line end in line mode; the token budget; the deadline; the time for a
-# multi-line answer (it ends at its last whole line); should_stop said so; the context is full; a runaway
-# line or a loop; a blank line after content in block mode; a token below the `cut` probability
-StopReason = Literal["eot", "newline", "max_tokens", "deadline", "time budget", "cancelled", "context",
-                     "repetition", "blank line", "unsure"]
-
-
-@dataclass
-class Completion:
-    text: str  # what to insert at the cursor
-    stop_reason: StopReason
-    mode: str
-    prompt_tokens: int
-    reused_tokens: int  # prompt tokens whose keys/values came from the cache
-    new_tokens: int
-    seconds: float
-    model_calls: int = 0  # decode calls; fewer than new_tokens when guessed tokens were confirmed
-    # each chosen token's place in `text` (character offsets) and the probability the model gave it among
-    # the tokens it was allowed to pick (token healing and the first-token rules narrow that set). Tokens
-    # that only re-type the backed-off part of a word sit at (0, 0); a line end after the text at its end.
-    token_probs: list[tuple[int, int, float]] = field(default_factory=list)  # (start, end, probability)
-
-    @property
-    def confidence(self) -> float:
-        """The product of the chosen tokens' probabilities: the model's own odds that all of it is right."""
-        return self.confidence_of(len(self.text))
-
-    def confidence_of(self, chars: int) -> float:
-        """The confidence of the first `chars` characters of the text: the product over the tokens that
-        start before that point, and those that only re-typed the backed-off part of a word (a cleaned-up
-        or shortened text keeps the odds of what is left of it)."""
-        product = 1.0
-        for start, end, p in self.token_probs:
-            if start < chars or end == 0:
-                product *= p
-        return product
-
-
-class Engine:
+class Engine(Completer):
     """Keeps one model resident on its device; requests are serialized onto it by a lock.
 
     precision "fp32" computes everything in float32. "auto" trades a little exactness for speed where the
@@ -107,20 +60,22 @@ class Engine:
         self.guess_tokens = GUESS_TOKENS  # 0: decode one token per call (codellm.lookahead)
         self.prompt_format = bundle.prompt_format
         self.lock = threading.Lock()
-        self._healing_cache: dict[bytes, torch.Tensor] = {}
-        token_bytes = self.tokenizer.token_bytes
-        # tokens that would end a line or the text before anything was inserted
-        self._empty_answer_ids = torch.tensor(
-            [i for i, b in enumerate(token_bytes) if b.lstrip(b" \t").startswith((b"\n", b"\r"))]
-            + [self.tokenizer.eot_id], device=self.device)
-        self._blank_ids = torch.tensor(  # tokens made only of whitespace
-            [i for i, b in enumerate(token_bytes) if b and not b.strip()], device=self.device)
-        self._special_ids = torch.tensor(sorted(self.tokenizer.special_ids - {self.tokenizer.eot_id}),
-                                         device=self.device)
+        self.init_token_sets()
 
     @property
     def path(self):
         return self.bundle.path
+
+    @property
+    def digest(self) -> str:
+        return self.bundle.digest
+
+    @property
+    def step_name(self) -> str:
+        return self.decoder.step_name
+
+    def num_params(self) -> int:
+        return self.model.num_params()
 
     # ------------------------------------------------------------------ model steps
 
@@ -156,131 +111,27 @@ class Engine:
         self.cache.append([token, *guess])
         return list(rows)
 
-    def _healing_allowed(self, heal: bytes) -> torch.Tensor:
-        """Ids of the tokens that agree with the backed-off bytes `heal`: those that start with them,
-        and those that are a start of them (the text's own tokens are always among these)."""
-        allowed = self._healing_cache.get(heal)
-        if allowed is None:
-            ids = [i for i, b in enumerate(self.tokenizer.token_bytes)
-                   if b and (b.startswith(heal) or heal.startswith(b)) and i not in self.tokenizer.special_ids]
-            allowed = torch.tensor(ids, device=self.device)
-            if len(self._healing_cache) > 1024:
-                self._healing_cache.clear()
-            self._healing_cache[heal] = allowed
-        return allowed
+    def reading(self):
+        return torch.inference_mode()
 
-    # ------------------------------------------------------------------ completion
+    def argmax(self, logits: torch.Tensor) -> int:
+        return int(torch.argmax(logits))
 
-    def complete(self, prefix: str, suffix: str = "", mode: str = "line", **kwargs) -> str:
-        """The text to insert between prefix and suffix. mode: "line" | "block" | "auto"."""
-        return self.complete_detailed(prefix, suffix, mode, **kwargs).text
+    def probability(self, logits: torch.Tensor, token: int) -> float:
+        """The probability of `token` under the (masked) logits it was picked from."""
+        return float(torch.exp(logits[token].float() - torch.logsumexp(logits.float(), dim=-1)))
 
-    def complete_detailed(self, prefix: str, suffix: str = "", mode: str = "line", max_new_tokens: int | None = None,
-                          deadline: float | None = None, should_stop: Callable[[], bool] | None = None,
-                          fmt: str | None = None, clean: bool = True, allow_empty: bool = False,
-                          whole_lines_after: float | None = None, cut: float = 0.0,
-                          context: list[ContextChunk] | None = None) -> Completion:
-        """The completion at a cursor between prefix and suffix, with how and why decoding ended.
+    def as_ids(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor(ids, dtype=torch.long, device=self.device)
 
-        mode: "line" | "block" | "auto" (codellm.shell.resolve_mode; ValueError otherwise);
-        max_new_tokens: the token budget (default MAX_TOKENS[mode]); fmt: the prompt format (default
-        codellm.prompt.choose_format); deadline: time.monotonic() value after which decoding stops;
-        should_stop: polled between steps; whole_lines_after: time.monotonic() value after which a block
-        completion ends at its last whole line (or, if no line with content is finished yet, at the end of
-        the first one); clean: apply the shell-aware post-processing (codellm.postprocess) to the raw model
-        text; allow_empty: let the model answer nothing (by default the first token may not end the answer:
-        in line mode neither end of text nor a newline, in block mode not end of text); cut: decoding stops
-        before the first token whose probability is below it (stop reason "unsure"), so the answer is the
-        part the model is sure of; the probabilities are in Completion.token_probs; context: chunks of other files, best first,
-        shown before the prefix (codellm.prompt.build_prompt_with_context).
-        Text with CRLF line endings is read as LF text; the answer comes back with CRLF."""
-        prefix, suffix, newline = split_line_endings(prefix, suffix)
-        mode = resolve_mode(mode, prefix, suffix)
-        extra_context = context
-        context = self.config.context_length
-        fmt = fmt or choose_format(suffix, self.prompt_format)
-        start_time = time.perf_counter()
-        budget = prompt_budget(context, max_new_tokens)
-        if extra_context:
-            prompt = build_prompt_with_context(self.tokenizer, extra_context, prefix, suffix, fmt, budget)
-        else:
-            prompt = build_prompt(self.tokenizer, prefix, suffix, fmt, budget=budget)
-        max_new = max(1, min(max_new_tokens or MAX_TOKENS[mode], context - len(prompt.ids)))
-        rules = StopRules(mode, len(prompt.heal), deadline, should_stop, whole_lines_after, cut)
-        with self.lock, torch.inference_mode():
-            decoded = self.decode_n_tokens(prompt, max_new, rules, allow_empty)
-        text, token_probs = answer_text(decoded, prompt.heal, mode)
-        if decoded.stop == "deadline":  # out of time mid-line: up to the last whole word with quotes closed, or nothing
-            text = safe_cut(text, prefix.rsplit("\n", 1)[-1])
-        if clean and decoded.stop != "cancelled":
-            text = postprocess(text, Context(prefix, suffix, mode))
-        return Completion(join_line_endings(text, newline), decoded.stop, mode, len(prompt.ids), decoded.reused,
-                          decoded.new_tokens, time.perf_counter() - start_time, decoded.model_calls, token_probs)
-
-    def decode_n_tokens(self, prompt: Prompt, max_new: int, rules: StopRules, allow_empty: bool) -> Decoded:
-        """Greedy decoding after `prompt` (prefilled first) until a stop rule holds or `max_new` tokens;
-        guessed continuations (codellm.lookahead) are checked several tokens per decode call."""
-        token_bytes = self.tokenizer.token_bytes
-        decoded = Decoded()
-        out = decoded.out
-        lookup = PromptLookup(prompt.ids) if self.guess_tokens else None
-        guessed: list[int] = []  # tokens after the last one chosen whose logits are in `ready`
-        ready: list[torch.Tensor] = []
-        logits, decoded.reused = self.prefill(prompt.ids)
-        for n_new in range(1, max_new + 1):
-            decoded.new_tokens = n_new
-            logits = self._mask_logits(logits, out, prompt.heal, rules.mode, allow_empty)
-            token = int(torch.argmax(logits))
-            if token == self.tokenizer.eot_id:
-                decoded.stop = "eot"
-                break
-            p = chosen_probability(logits, token)
-            if p < rules.cut:
-                decoded.stop = "unsure"
-                break
-            decoded.probs.append((len(out), p))
-            if lookup is not None:
-                lookup.append(token)
-            out += token_bytes[token]
-            decoded.stop = stop_reason(out, token_bytes[token], rules)
-            if decoded.stop:
-                break
-            if guessed and guessed[0] == token:  # the guess was right: the next logits are ready
-                guessed.pop(0)
-                logits = ready.pop(0)
-                continue
-            if guessed:  # a wrong guess: its keys and values get overwritten
-                self.cache.truncate(self.cache.position - len(guessed))
-                guessed, ready = [], []
-            if self.cache.position >= self.config.context_length:
-                decoded.stop = "context"
-                break
-            decoded.model_calls += 1
-            room = min(max_new - n_new, self.config.context_length - self.cache.position) - 1
-            guessed = lookup.guess(min(self.guess_tokens, room)) if lookup is not None else []
-            logits, *ready = self.decode_with_guess(token, guessed)
-        decoded.stop = decoded.stop or "max_tokens"
-        return decoded
-
-    def _mask_logits(self, logits: torch.Tensor, out: bytearray, heal: bytes, mode: str,
-                     allow_empty: bool) -> torch.Tensor:
-        """The logits with the tokens the next pick may not be set to -inf: special tokens; while the
-        backed-off bytes `heal` are re-typed, tokens that disagree with them; before anything is inserted
-        (unless allow_empty), tokens that would end the answer; after a run of blank output, blank
-        tokens. May modify `logits` in place."""
-        logits[self._special_ids] = NEG_INF
-        if heal and len(out) < len(heal):
-            allowed = self._healing_allowed(bytes(heal[len(out):]))
-            masked = torch.full_like(logits, NEG_INF)
-            masked[allowed] = logits[allowed]
-            return masked
-        if len(out) <= len(heal) and not allow_empty:  # nothing inserted yet
-            logits[self._empty_answer_ids if mode == "line" else self.tokenizer.eot_id] = NEG_INF
-        elif blank_run_too_long(out[len(heal):]):  # blank lines and spaces only so far: write something
-            logits[self._blank_ids] = NEG_INF
-            if not allow_empty:
-                logits[self.tokenizer.eot_id] = NEG_INF
+    def ban(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        logits[ids] = NEG_INF
         return logits
+
+    def only(self, logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        masked = torch.full_like(logits, NEG_INF)
+        masked[ids] = logits[ids]
+        return masked
 
     def greedy_ids(self, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         """Greedy continuation of raw ids with no stop rule but the budget (benchmarks, tests)."""
@@ -312,7 +163,7 @@ class Engine:
             self.cache.reset()  # read the prompt afresh: with precision "auto" a seed then always gives one text
             logits, _ = self.prefill(ids[-(ctx - 1):])
             for _ in range(max_new_tokens):
-                logits[self._special_ids] = NEG_INF
+                logits = self.ban(logits, self.special_ids)
                 token = sample(logits, temperature, top_k, top_p, generator)
                 if token == self.tokenizer.eot_id:
                     break
@@ -326,129 +177,6 @@ class Engine:
                 else:
                     logits = self.decode_one_token(token)
         return self.tokenizer.decode(new)
-
-
-@dataclass
-class StopRules:
-    """When a completion's decoding stops, besides end of text, the token budget and the context."""
-    mode: str  # "line" | "block"
-    heal: int  # bytes at the start of the output that only re-type the backed-off end of the prefix
-    deadline: float | None = None  # time.monotonic() value
-    should_stop: Callable[[], bool] | None = None
-    whole_lines_after: float | None = None  # time.monotonic() value; block mode
-    cut: float = 0.0  # stop before a token of lower probability
-
-
-@dataclass
-class Decoded:
-    """What decode_n_tokens produced: the output bytes (including the re-typed heal bytes), per chosen
-    token (bytes of `out` before it, its probability), why it stopped, and the counts for Completion."""
-    out: bytearray = field(default_factory=bytearray)
-    probs: list[tuple[int, float]] = field(default_factory=list)
-    stop: StopReason | None = None
-    reused: int = 0
-    new_tokens: int = 0
-    model_calls: int = 1  # the prefill's last token is the first
-
-
-def stop_reason(out: bytearray, token: bytes, rules: StopRules) -> StopReason | None:
-    """Why decoding stops after `token` was appended to `out`, or None to go on."""
-    new = out[rules.heal:]
-    if rules.mode == "line" and b"\n" in new:
-        return "newline"
-    if runaway(out, token):
-        return "repetition"
-    if rules.mode == "block" and BLANK_LINE_AFTER_CONTENT.search(new.decode("utf-8", "ignore")):
-        return "blank line"
-    if rules.should_stop and rules.should_stop():
-        return "cancelled"
-    if rules.deadline and time.monotonic() > rules.deadline:
-        return "deadline"
-    if rules.mode == "block" and rules.whole_lines_after and has_whole_line(new) \
-            and time.monotonic() > rules.whole_lines_after:
-        return "time budget"
-    return None
-
-
-def answer_text(decoded: Decoded, heal: bytes, mode: str) -> tuple[str, list[tuple[int, int, float]]]:
-    """The text to insert from the decoded output (the re-typed heal bytes dropped; in line mode the first
-    line; after "time budget" the whole lines) and its tokens' (start, end, probability)."""
-    out = bytes(decoded.out)
-    inserted = out[len(heal):] if out.startswith(heal) else b""
-    if mode == "line":
-        inserted = inserted.split(b"\n", 1)[0]
-    elif decoded.stop == "time budget":
-        inserted = inserted[:inserted.rfind(b"\n")]  # the unfinished last line goes
-    text = inserted.decode("utf-8", errors="ignore").rstrip("\r")
-    return text, token_offsets(decoded.probs, out, len(heal), inserted, len(text))
-
-
-def chosen_probability(logits: torch.Tensor, token: int) -> float:
-    """The probability of `token` under the (masked) logits it was picked from."""
-    return float(torch.exp(logits[token].float() - torch.logsumexp(logits.float(), dim=-1)))
-
-
-def token_offsets(probs: list[tuple[int, float]], out: bytes, heal: int, inserted: bytes,
-                  chars: int) -> list[tuple[int, int, float]]:
-    """(start, end, probability) per chosen token in characters of the inserted text, from (bytes of the
-    decoded output before the token, probability) pairs; clamped to the `chars` characters kept."""
-    def offset(n_bytes: int) -> int:
-        n = min(max(0, n_bytes - heal), len(inserted))
-        return min(chars, len(inserted[:n].decode("utf-8", errors="ignore")))
-
-    ends = [b for b, _ in probs[1:]] + [len(out)]
-    return [(offset(b), offset(e), p) for (b, p), e in zip(probs, ends)]
-
-
-def has_whole_line(new: bytes | bytearray) -> bool:
-    """Some line with content has been finished (ended by a newline)."""
-    end = new.rfind(b"\n")
-    return end > 0 and bool(new[:end].strip())
-
-
-def blank_run_too_long(new: bytes | bytearray) -> bool:
-    """Only whitespace decoded so far, and already a blank line or MAX_LEADING_BLANK_BYTES of it."""
-    return bool(new) and not new.strip() and (new.count(b"\n") >= 2 or len(new) >= MAX_LEADING_BLANK_BYTES)
-
-
-def runaway(out: bytearray, token: bytes) -> bool:
-    """A line past MAX_LINE_BYTES, a run of MAX_BLANK_RUN spaces after its content, or text ending in a
-    loop: decoding further only costs time. `token`: the bytes just added to `out`."""
-    line_start = out.rfind(b"\n") + 1
-    line = out[line_start:]
-    if len(line) > MAX_LINE_BYTES:
-        return True
-    if len(line) - len(line.rstrip(b" \t")) >= MAX_BLANK_RUN and line.strip():
-        return True
-    if b"\n" in token:  # a line just ended: are it and the few before it a copy of the lines above?
-        return repeated_lines_cut(out) is not None
-    return ends_in_loop(bytes(line))
-
-
-def loop_free_text(text: bytes) -> str:
-    """Generated text cut before a loop, less the blank and comment lines it ends with: they would
-    describe a step that is not there."""
-    lines = text.split(b"\n")
-    while lines and (not lines[-1].strip() or lines[-1].lstrip().startswith(b"#")):
-        lines.pop()
-    return b"".join(line + b"\n" for line in lines).decode("utf-8", errors="replace")
-
-
-def repeated_lines_cut(out: bytes | bytearray, given: int = 0) -> int | None:
-    """When the whole lines of `out` end in a second copy, in a row, of the 1-6 lines before it (looked
-    for among the last 12: postprocess.first_repeated_line), the length in bytes of the text up to the end
-    of the first copy; else None. The first `given` bytes are the prompt's: a second copy must start on
-    its last line or after it (a prompt may repeat itself; only the model's own loops count)."""
-    end = out.rfind(b"\n")
-    if end < 0:
-        return None
-    lines = out[:end].split(b"\n")
-    window = lines[-12:]
-    first_new_line = out.count(b"\n", 0, given) - (len(lines) - len(window))
-    repeat = first_repeated_line(window, start=first_new_line)
-    if repeat is None:
-        return None
-    return sum(len(line) + 1 for line in lines[:len(lines) - len(window) + repeat])
 
 
 def sample(logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None,

@@ -8,9 +8,13 @@ through PyTorch as before.
 """
 from __future__ import annotations
 
-import torch
+import json
+from typing import TYPE_CHECKING
 
-from .kvcache import KVCache
+if TYPE_CHECKING:  # torch loads with the engine: this module is read without it too (codellm.kernel_engine)
+    import torch
+
+    from .kvcache import KVCache
 
 try:
     from . import _decode_kernel
@@ -53,6 +57,8 @@ def cpu_decoding() -> str:
 def pack_rows(weight: torch.Tensor) -> torch.Tensor:
     """int8 (rows, in) -> (blocks, in, BLOCK): the weights of BLOCK consecutive rows side by side for each
     input, rows padded with zeros to a multiple of BLOCK."""
+    import torch
+
     rows, columns = weight.shape
     padding = -rows % BLOCK
     if padding:
@@ -65,6 +71,8 @@ class KernelStep:
     and the tensors whose addresses the C side uses, so that they live as long as it does."""
 
     def __init__(self, decoder):
+        import torch
+
         if not built():
             raise RuntimeError("the C decode step is not built (a C compiler with OpenMP is needed at install)")
         model, cfg = decoder.model, decoder.model.cfg
@@ -87,6 +95,8 @@ class KernelStep:
 
     def _bind_cache(self, cache: KVCache):
         """Point the C side at the storage of `cache` (the one it last ran on, until another comes)."""
+        import torch
+
         cfg = self.model.cfg
         want = (cfg.n_layer, 1, cfg.n_head, cfg.context_length, cfg.head_dim)
         for c in (cache.k, cache.v):
@@ -105,8 +115,24 @@ class KernelStep:
         """Logits (len(tokens), vocab) for `tokens` at positions pos, pos+1, ...; keys/values of positions
         < pos come from `cache`, and those of `tokens` are written to it. Raises ValueError for a cache
         of another layout, tokens outside the vocabulary or positions outside the context."""
+        import torch
+
         if not self.caches or cache.k.data_ptr() != self.caches[0].data_ptr():
             self._bind_cache(cache)
         logits = torch.empty(len(tokens), self.vocab_size)
         _decode_kernel.decode(self._model, tokens, pos, logits.data_ptr(), self.threads)
         return logits
+
+    def save(self, path, digest: str) -> None:
+        """Write what the C step reads (the embedding, the packed int8 matrices and their scales, the
+        rotary tables) and its sizes to `path`, a safetensors file, for codellm.kernel_engine to answer
+        from without torch. `digest`: the bundle's content digest (Bundle.digest), kept in the metadata."""
+        from safetensors.torch import save_file
+
+        tensors = {"embed": self.embed}
+        for i, (weight, scale) in enumerate(self.matrices):
+            tensors[f"matrix.{i}.weight"], tensors[f"matrix.{i}.scale"] = weight, scale
+        tensors.update({f"rotary.{i}": table for i, table in enumerate(self.rotary)})
+        meta = {"digest": digest, "sizes": json.dumps(self._sizes), "eps": json.dumps(self._eps),
+                "parameters": str(self.model.num_params())}
+        save_file(tensors, str(path), metadata=meta)

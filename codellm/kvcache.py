@@ -8,7 +8,10 @@ new request, keeps the longest prefix the request shares with what is cached (`r
 """
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 def common_prefix_len(a: list[int], b: list[int]) -> int:
@@ -20,39 +23,19 @@ def common_prefix_len(a: list[int], b: list[int]) -> int:
     return i
 
 
-class KVCache:
-    """Preallocated keys and values for positions 0..max_len-1.
+class TokenCache:
+    """Which tokens a KV cache holds: `ids`, the token ids of the one sequence the engine serves whose keys
+    and values sit at positions 0..len(ids)-1; `position` = len(ids) is where the next token goes. Keys
+    and values past `position` are stale and get overwritten. The storage is a subclass's (no torch here:
+    codellm.kernel_engine keeps its keys and values in a plain buffer)."""
 
-    k, v: tensors (n_layer, batch, n_head, max_len, head_dim). ids: the token ids of the one sequence the
-    engine serves whose keys and values sit at positions 0..len(ids)-1; `position` = len(ids) is where the
-    next token goes. Keys and values past `position` are stale and get overwritten."""
-
-    def __init__(self, n_layer: int, n_head: int, max_len: int, head_dim: int, batch: int = 1,
-                 dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu"):
-        shape = (n_layer, batch, n_head, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+    def __init__(self):
         self.ids: list[int] = []
-        # keys then values of each layer for sequence 0, each (n_head, max_len, head_dim): what a decode step
-        # takes; views made once, not on every step
-        self.layers = [t for layer in range(n_layer) for t in (self.k[layer, 0], self.v[layer, 0])]
-
-    @classmethod
-    def for_model(cls, model, batch: int = 1, max_len: int | None = None) -> "KVCache":
-        """A cache for `model` (a codellm.model.GPT) in its weights' dtype and device; max_len defaults
-        to the context length."""
-        cfg, weight = model.cfg, model.embed.weight
-        return cls(cfg.n_layer, cfg.n_head, max_len or cfg.context_length, cfg.head_dim, batch,
-                   weight.dtype, weight.device)
 
     @property
     def position(self) -> int:
         """Where the next token's keys and values go: the number of cached tokens."""
         return len(self.ids)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.shape[3]
 
     def reuse(self, ids: list[int]) -> int:
         """Keep the longest start of `ids` whose keys and values are cached and forget the rest; returns
@@ -72,6 +55,36 @@ class KVCache:
     def truncate(self, length: int) -> None:
         """Forget the tokens at positions `length` and after (a rejected guess, a window moved)."""
         del self.ids[length:]
+
+
+class KVCache(TokenCache):
+    """Preallocated keys and values for positions 0..max_len-1: k, v tensors (n_layer, batch, n_head,
+    max_len, head_dim), float32 unless `dtype` says otherwise."""
+
+    def __init__(self, n_layer: int, n_head: int, max_len: int, head_dim: int, batch: int = 1,
+                 dtype: torch.dtype | None = None, device: torch.device | str = "cpu"):
+        import torch
+
+        super().__init__()
+        dtype = dtype or torch.float32
+        shape = (n_layer, batch, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        # keys then values of each layer for sequence 0, each (n_head, max_len, head_dim): what a decode step
+        # takes; views made once, not on every step
+        self.layers = [t for layer in range(n_layer) for t in (self.k[layer, 0], self.v[layer, 0])]
+
+    @classmethod
+    def for_model(cls, model, batch: int = 1, max_len: int | None = None) -> "KVCache":
+        """A cache for `model` (a codellm.model.GPT) in its weights' dtype and device; max_len defaults
+        to the context length."""
+        cfg, weight = model.cfg, model.embed.weight
+        return cls(cfg.n_layer, cfg.n_head, max_len or cfg.context_length, cfg.head_dim, batch,
+                   weight.dtype, weight.device)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write keys and values k, v (batch, n_head, T, head_dim) of `layer` at positions start..start+T-1;

@@ -148,8 +148,8 @@ def training_loop() -> str:
 
 
 def generation() -> str:
-    from codellm.engine import MAX_TOKENS
-    svg = Svg(1000, 320, "Completion with a KV cache (codellm/engine.py, codellm/kvcache.py)")
+    from codellm.completion import MAX_TOKENS
+    svg = Svg(1000, 320, "Completion with a KV cache (codellm/completion.py, codellm/engine.py, codellm/kvcache.py)")
     flow(svg, [(["prefix + suffix"], "data"), (["prompt", "SPM: suffix first,", "prefix last"], "step"),
                (["prefill", "only tokens not", "already cached"], "model"), (["decode", "one token per step", "greedy"], "model"),
                (["stop", "newline / end /", "budget / deadline"], "io")], w=160, gap=32)

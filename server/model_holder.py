@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from codellm.engine import Engine
-# codellm.bundle, .defaults, .device and .engine import torch: they are imported where used, so that the
-# server's start can load the model on the model thread while the rest of it loads (EarlyLoad)
+    from codellm.kernel_engine import KernelEngine
+# codellm.bundle, .device and .engine import torch: they are imported where used, so that the server's
+# start can answer before torch has loaded, or load it on the model thread while the rest loads (EarlyLoad)
 
 log = logging.getLogger("codellm.server")
 WARM_UP = "#!/bin/sh\n# copy the logs to the backup folder, then compress them\nset -eu\nfor f in /var/log/*.log; do\n    cp "
@@ -42,6 +43,7 @@ class ModelHolder:
         self._watch_stop: threading.Event | None = None
         self._load_lock = threading.Lock()
         self.quiet = False
+        self.answered = threading.Event()  # set by the first completion the model gave (CompletionService)
         # a load started with the process, before the editor's settings came (codellm.server.cli)
         self.early = early
         self.executor = early.executor if early else new_model_thread()
@@ -49,7 +51,7 @@ class ModelHolder:
     def configure(self, path: str | None, device: str | None, threads: int | None, quiet: bool = False) -> None:
         """Load the model at `path` (None: $CODELLM_MODEL or the packaged default) and watch it.
         quiet: record a failure without telling the user yet (before the client is initialized)."""
-        from codellm.bundle import BundleError
+        from codellm.bundle_files import BundleError
 
         self.quiet = quiet
         try:
@@ -70,13 +72,13 @@ class ModelHolder:
         """Load the bundle at self.path. A hot swap (not `initial`) of files that did not change, or while
         the folder is missing (between the two renames of a swap), does nothing."""
         with self._load_lock:
-            from codellm.bundle import BundleError, bundle_digest
+            from codellm.bundle_files import BundleError, bundle_digest
 
             stamp = bundle_stamp(self.path)
             if not initial and self.engine is not None and (stamp is None or stamp == self.stamp):
                 return False
-            if not initial and self.engine is not None and self.engine.bundle.digest \
-                    and bundle_digest(self.path) == self.engine.bundle.digest:
+            if not initial and self.engine is not None and self.engine.digest \
+                    and bundle_digest(self.path) == self.engine.digest:
                 self.stamp = stamp  # files touched or copied over with the same bytes: nothing to load or say
                 log.info("model files at %s changed on disk with the same content: not reloaded", self.path)
                 return False
@@ -102,7 +104,7 @@ class ModelHolder:
             self.version += 1
             self.load_error = None
             log.info("model loaded from %s (%.2fM parameters, %s, decode steps: %s)", self.path,
-                     bundle.model.num_params() / 1e6, engine.device, engine.decoder.step_name)
+                     engine.num_params() / 1e6, engine.device, engine.step_name)
             if not initial:
                 self.notify(f"codellm: switched to the new model in {self.path}", False)
             return True
@@ -117,10 +119,25 @@ class ModelHolder:
                 settings, early_stamp, bundle, engine = early.future.result()  # done: it ran on this thread before
                 if settings == (self.path, self.device, self.threads, self.precision) \
                         and stamp in (early_stamp, None):
+                    if bundle is None:  # the engine without torch: the torch engine replaces it once loaded
+                        early.load_torch_engine(lambda future: self._upgrade(engine, future), self.answered)
                     return bundle, engine
             except Exception:  # noqa: BLE001 - loaded again below, and the error reported from there
                 pass
         return build_engine(self.path, self.device, self.threads, self.precision)
+
+    def _upgrade(self, started: "KernelEngine", future) -> None:
+        """Serve with the torch engine the early load built after `started`, unless another model or other
+        settings came meanwhile (or it failed: `started` then keeps serving)."""
+        try:
+            _bundle, engine = future.result()
+        except Exception as exc:  # noqa: BLE001 - the engine serving keeps serving
+            log.warning("the torch engine did not load (%s: %s); decoding stays on the C step", type(exc).__name__, exc)
+            return
+        with self._load_lock:
+            if self.engine is started and engine.digest == started.digest:
+                self.engine = engine  # same weights, same answers: the caches stay valid
+                log.info("torch engine loaded: prompts are read with PyTorch, decode steps: %s", engine.step_name)
 
     def _fail(self, message: str, no_bundle: bool = True) -> None:
         """No model serves: say why, and where there is no bundle at all, how to get one."""
@@ -206,13 +223,24 @@ def build_engine(path: Path, device: str | None, threads: int | None, precision:
     from codellm.device import choose_device
     from codellm.engine import Engine
 
+    from codellm.kernel_engine import keep_start_file
+
     bundle = load_bundle(path, device=choose_device(device))
     engine = Engine(bundle, device, threads, precision)
-    try:  # the first prompt read and steps of a process cost more (allocations, kernels' set-up): not on a keystroke
+    warm_up(engine)
+    keep_start_file(engine)  # the next start answers from it before torch has loaded
+    return bundle, engine
+
+
+def warm_up(engine) -> None:
+    """The first prompt read and steps of a process cost more (allocations, kernels' set-up): not on a keystroke."""
+    try:
         engine.complete_detailed(WARM_UP, "\n", "line", max_new_tokens=4, clean=False)
     except Exception as exc:  # noqa: BLE001 - a request would meet the same error and report it
         log.info("warm-up failed: %s", type(exc).__name__)
-    return bundle, engine
+
+
+TORCH_AFTER_S = 1.0  # after the start without torch, seconds before torch loads if no suggestion came first
 
 
 class EarlyLoad:
@@ -220,20 +248,53 @@ class EarlyLoad:
     settings, while the rest of the server loads and the editor starts and initialises: the client's
     `initialize` then finds it loaded (or loading) instead of starting the load. Not used if the editor's
     settings name another model, nor if the folder changed since it was read (its bundle_stamp, taken
-    before reading, is kept for that); a failure is reported by the load `initialize` starts."""
+    before reading, is kept for that); a failure is reported by the load `initialize` starts.
+
+    Where the bundle has a start file (codellm.kernel_engine) and the settings are the C step's (CPU,
+    precision auto), the engine first loaded is a KernelEngine, with no torch: `load_torch_engine` then
+    imports torch on a thread of its own and builds the torch engine on the model thread."""
 
     def __init__(self, path: str | None, device: str | None, threads: int | None, precision: str):
         self.executor = new_model_thread()
+        self.settings = (path, device, threads, precision)
         self.future = self.executor.submit(self._load, path, device, threads, precision)
 
     @staticmethod
     def _load(path, device, threads, precision) -> tuple:
-        """(settings, bundle_stamp before reading, bundle, engine)."""
+        """(settings, bundle_stamp before reading, bundle or None for a KernelEngine, engine)."""
         resolved = resolve_model_path(path)
         stamp = bundle_stamp(resolved)
+        if device in (None, "cpu") and precision == "auto":
+            from codellm.kernel_engine import KernelEngine
+
+            engine = KernelEngine.open(resolved)
+            if engine is not None:
+                warm_up(engine)
+                log.info("model read at start from %s; answering without torch until it loads", resolved)
+                return (resolved, device, threads, precision), stamp, None, engine
         bundle, engine = build_engine(resolved, device, threads, precision)
         log.info("model read at start from %s", resolved)
         return (resolved, device, threads, precision), stamp, bundle, engine
+
+    def load_torch_engine(self, done: Callable, answered: threading.Event) -> None:
+        """Import torch on a thread of its own (the model thread goes on answering meanwhile), then build
+        the torch engine on the model thread; `done(future)` is called with its (bundle, engine). The
+        import starts once `answered` is set or TORCH_AFTER_S have passed: importing takes the
+        interpreter's lock most of the time, and the first suggestion would wait twice as long beside it."""
+        def imports() -> None:
+            answered.wait(TORCH_AFTER_S)
+            try:
+                import codellm.engine  # noqa: F401 - torch and the engine, imported off the model thread
+                future = self.executor.submit(self._load_torch, *self.settings)
+            except RuntimeError:  # the server stopped meanwhile
+                return
+            future.add_done_callback(done)
+
+        threading.Thread(target=imports, daemon=True, name="codellm-torch-import").start()
+
+    @staticmethod
+    def _load_torch(path, device, threads, precision) -> tuple:
+        return build_engine(resolve_model_path(path), device, threads, precision)
 
 
 def folder_identity(path: Path) -> tuple | None:
@@ -247,7 +308,7 @@ def folder_identity(path: Path) -> tuple | None:
 
 def bundle_stamp(path: Path | None) -> tuple | None:
     """What changes when any file of the bundle at `path` does; None where there is no folder."""
-    from codellm.bundle import BUNDLE_FILES
+    from codellm.bundle_files import BUNDLE_FILES
 
     if path is None:
         return None

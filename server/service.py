@@ -350,6 +350,7 @@ class CompletionService:
         if result.stop_reason == "cancelled":
             return Suggestion("", "superseded", mode)
         self.counts["model"] += 1
+        self.holder.answered.set()
         self.counts["prompt_tokens"] += result.prompt_tokens
         self.counts["reused_tokens"] += result.reused_tokens
         self.counts["cut"] += result.stop_reason == "unsure"
@@ -390,8 +391,9 @@ class CompletionService:
             # the model serving (while another loads, the one answering); else the one that failed to load
             "model": str(engine.path) if engine else str(self.holder.path) if self.holder.path else None,
             "model_error": self.holder.load_error,
-            "parameters": engine.model.num_params() if engine else None,
+            "parameters": engine.num_params() if engine else None,
             "device": str(engine.device) if engine else None,
+            "decode_steps": engine.step_name if engine else None,
             "requests": self.counts["requests"],
             "model_runs": self.counts["model"],
             "superseded": self.counts["superseded"],

@@ -1,12 +1,18 @@
 """Shared fixtures: tiny bundles built on the fly (no downloads, a few seconds on CPU)."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+# start files (codellm.kernel_engine) of the tests' bundles go to a folder of this run, not the user's cache
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="codellm-tests-cache-")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], True)
 
 from codellm.bundle import save_bundle  # noqa: E402
 from codellm.config import ModelConfig  # noqa: E402

@@ -25,7 +25,7 @@ def test_token_healing_continues_the_partial_word(engine):
     prefix = "for f in *.txt; do\n\tech"
     prompt = codellm.prompt.build_prompt(engine.tokenizer, prefix, "", "plain")
     assert prompt.heal  # the partial word was backed off ...
-    allowed = engine._healing_allowed(prompt.heal)
+    allowed = engine.healing_allowed(prompt.heal)
     table = engine.tokenizer.token_bytes
     # every allowed token agrees with the backed-off bytes: it extends them or is a start of them
     assert all(table[i].startswith(prompt.heal) or prompt.heal.startswith(table[i]) for i in allowed.tolist())
@@ -112,7 +112,7 @@ def test_block_mode_may_start_with_a_newline_and_allow_empty_lets_the_model_stop
     r = engine.complete_detailed("if true; then", "\nfi\n", mode="block", max_new_tokens=1, clean=False)
     assert r.stop_reason != "eot"  # never empty by default ...
     # ... but a newline may come first in block mode: the mask bans end of text only
-    line_ban = set(engine._empty_answer_ids.tolist())
+    line_ban = set(engine.empty_answer_ids.tolist())
     assert eot in line_ban and any(engine.tokenizer.token_bytes[i].startswith(b"\n") for i in line_ban)
     r = engine.complete_detailed("echo done;", "\n", mode="line", allow_empty=True, clean=False)
     assert isinstance(r.text, str)

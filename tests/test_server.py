@@ -9,6 +9,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcRequestCancelled
 
 import codellm
+from codellm import kernel
 from codellm.bundle import save_bundle
 
 from conftest import make_model
@@ -58,6 +59,33 @@ def test_inline_completion_matches_the_engine_and_sits_at_the_cursor(bundle_path
                 assert item.range.start == item.range.end == types.Position(line=line, character=char)
             status = await s.status()
             assert status.model_runs == 1 and status.parameters > 0
+    run(main())
+
+
+@pytest.mark.skipif(not kernel.available(), reason="no C decode step here (not built, or no AVX2)")
+def test_a_second_start_answers_before_torch_loads_then_moves_to_torch(bundle_path, tmp_path, monkeypatch):
+    from codellm.bundle_files import bundle_digest
+    from codellm.kernel_engine import start_file
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    prefix = "for f in *.txt; do\n\tech"  # short: read by decode steps in both engines, the same numbers
+    torch_loaded = lambda status: "before torch" not in status.decode_steps  # noqa: E731
+
+    async def main():
+        async with Session("--model", str(bundle_path)) as s:  # the first start: torch, and a start file written
+            assert torch_loaded(await s.status())
+        assert start_file(bundle_digest(bundle_path)).is_file()
+        async with Session("--model", str(bundle_path)) as s:
+            assert not torch_loaded(await s.status())
+            s.open(URI, prefix)
+            result = await s.inline(URI, *last_position(prefix))
+            want = expected(bundle_path, prefix, "")
+            assert [i.insert_text for i in result.items] == ([want] if want else [])
+            await wait_for_status(s, torch_loaded)
+            other, uri = "#!/bin/sh\ncp /etc/hosts /tm", "file:///tmp/work/other.sh"
+            s.open(uri, other)
+            result = await s.inline(uri, *last_position(other))
+            assert [i.insert_text for i in result.items] == [t for t in [expected(bundle_path, other, "")] if t]
     run(main())
 
 

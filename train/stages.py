@@ -101,6 +101,30 @@ def run_folder(out: Path, stage: str) -> Path:
     return out.with_name(out.name + f".{stage}-run")
 
 
+def code_mixture(corpus: Path, fim_rate: float, context_rate: float, pair_share: float, user_share: float,
+                 log=print) -> tuple[Mixture, Mixture]:
+    """The code stage's (training, validation) mixtures: shell files (FIM, context from their package),
+    English kept at ENGLISH_SHARE_IN_CODE_STAGE, comment-to-command scripts (pairs.py) as a `pair_share`
+    of the characters, user-style files drawn again up to a `user_share` of the shell characters. A
+    share with nothing to draw is set to 0 (and said)."""
+    english = read_texts(corpus / ENGLISH_FILE, "train")
+    pairs = list(read_records(corpus / PAIRS_FILE, "train"))
+    shell, places = read_texts_with_places(corpus / SHELL_FILE, "train")
+    scripts = pair_scripts(pairs)
+    if pair_share and not scripts:
+        log(f"stage code: no comment-to-command pairs in {corpus / PAIRS_FILE}: --pair-share {pair_share} "
+            "has nothing to draw, training on the shell files alone")
+        pair_share = 0.0
+    user_style = [is_user_style(place) for place in places]
+    if user_share and not any(user_style):
+        log(f"stage code: no user-style (npm, PyPI, --code-data) shell files in {corpus / SHELL_FILE}: "
+            f"--user-share {user_share} has nothing to draw")
+        user_share = 0.0
+    mix = Mixture(shell, fim_rate, english, ENGLISH_SHARE_IN_CODE_STAGE, places, context_rate,
+                  scripts, pair_share, user_style, user_share)
+    return mix, Mixture(read_texts(corpus / SHELL_FILE, "val"), fim_rate)
+
+
 def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: Tokenizer | None = None,
               from_bundle: Path | None = None, model_size: str | None = None, context_length: int | None = None,
               fim_rate: float = 0.5, device: str | None = None, resume: bool = False, run_dir: Path | None = None,
@@ -128,23 +152,8 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
         mix = Mixture(read_texts(corpus / ENGLISH_FILE, "train"))
         val = Mixture(read_texts(corpus / ENGLISH_FILE, "val"))
     else:
-        english = read_texts(corpus / ENGLISH_FILE, "train")
-        # comment-to-command pairs (pairs.py) become scripts of commented steps beside the shell files
-        pairs = list(read_records(corpus / PAIRS_FILE, "train"))
-        shell, places = read_texts_with_places(corpus / SHELL_FILE, "train")
-        user_style = [is_user_style(place) for place in places]
-        if user_share and not any(user_style):
-            log(f"stage code: no user-style (npm, PyPI, --code-data) shell files in {corpus / SHELL_FILE}: "
-                f"--user-share {user_share} has nothing to draw")
-            user_share = 0.0
-        scripts = pair_scripts(pairs)
-        if pair_share and not scripts:
-            log(f"stage code: no comment-to-command pairs in {corpus / PAIRS_FILE}: --pair-share {pair_share} "
-                "has nothing to draw, training on the shell files alone")
-            pair_share = 0.0
-        mix = Mixture(shell, fim_rate, english, ENGLISH_SHARE_IN_CODE_STAGE, places, context_rate,
-                      scripts, pair_share, user_style, user_share)
-        val = Mixture(read_texts(corpus / SHELL_FILE, "val"), fim_rate)
+        mix, val = code_mixture(corpus, fim_rate, context_rate, pair_share, user_share, log)
+        pair_share, user_share = mix.pair_share, mix.user_share
     if not mix.texts:
         raise ValueError(f"{corpus}: no {'English' if stage == 'language' else 'shell'} training text")
     run_dir = run_dir or run_folder(out, stage)

@@ -1,0 +1,253 @@
+"""Completion without torch: the C decode step (codellm/_decode_kernel.c) over a start file.
+
+A start file holds what the C step reads (the embedding, the packed int8 matrices with their scales,
+the rotary tables: codellm.kernel.KernelStep.save), written by the torch engine the first time it
+serves a bundle on a CPU with the C step, and kept in the user's cache under the bundle's content
+digest. `import torch` takes 1.5-2 s; a server answers its first requests with a KernelEngine (a
+fraction of that to open) while torch loads, then moves to codellm.engine.Engine, whose prompt reading
+is faster on long prompts. Both compute a decode step the same way; prompts are read here by decode
+calls of 16 tokens.
+"""
+from __future__ import annotations
+
+import array
+import ctypes
+import json
+import logging
+import math
+import mmap
+import os
+import threading
+from pathlib import Path
+
+from .bundle_files import (BUNDLE_FILES, CONFIG_FILE, TOKENIZER_FILE, BundleError, content_digest, parse_config,
+                           parse_tokenizer)
+from .completion import Completer
+from .kernel import BLOCK, MAX_TOKENS, ONE_THREAD_BELOW, available
+from .kvcache import TokenCache
+from .lookahead import GUESS_TOKENS
+from .prompt import DEFAULT_FORMAT
+
+log = logging.getLogger(__name__)
+
+NEG_INF = float("-inf")
+START_FILES_KEPT = 4  # start files of other bundles kept besides the newest (about 20 MB each for 7M parameters)
+FLOAT_BYTES = 4
+
+
+def start_dir() -> Path:
+    """Where start files are kept: $XDG_CACHE_HOME/codellm/start, else ~/.cache/codellm/start."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "codellm" / "start"
+
+
+def start_file(digest: str) -> Path:
+    return start_dir() / f"{digest}.safetensors"
+
+
+def keep_start_file(engine) -> Path | None:
+    """Write the start file of a codellm.engine.Engine's bundle unless it is there, and keep only the
+    START_FILES_KEPT newest. Only for an engine whose decode steps are the C step (precision "auto" on a
+    CPU that has it). Never raises: a cache that cannot be written costs the next start its speed only."""
+    step, digest = engine.decoder.c_step, engine.bundle.digest
+    if step is None or not digest or engine.precision != "auto":
+        return None
+    path = start_file(digest)
+    try:
+        if path.is_file():
+            os.utime(path)  # the newest used: kept when others go
+            return path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            step.save(tmp, digest)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        prune_start_files(path)
+        return path
+    except OSError as exc:
+        log.info("start file not written to %s: %s", path.parent, exc.strerror or exc)
+        return None
+
+
+def prune_start_files(keep: Path) -> None:
+    """Delete the start files (ours, named DIGEST.safetensors) past the START_FILES_KEPT most recently used."""
+    files = sorted((p for p in keep.parent.glob("*.safetensors") if p != keep),
+                   key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in files[START_FILES_KEPT - 1:]:
+        old.unlink(missing_ok=True)
+
+
+class StartFile:
+    """A start file mapped into memory, every tensor checked against the model's sizes before the C
+    step is given an address in it. Raises ValueError for a file of another bundle or a damaged one."""
+
+    def __init__(self, path: Path, digest: str, sizes: tuple):
+        with open(path, "rb") as f:
+            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writable for ctypes
+        try:
+            self._check(path, digest, sizes)
+        except Exception:
+            self.map.close()
+            raise
+
+    def _check(self, path: Path, digest: str, sizes: tuple) -> None:
+        if len(self.map) < 8:
+            raise ValueError(f"{path}: truncated")
+        n = int.from_bytes(self.map[:8], "little")
+        if n > len(self.map) - 8:
+            raise ValueError(f"{path}: truncated header")
+        header = json.loads(self.map[8:8 + n])
+        meta = header.pop("__metadata__", {})
+        if meta.get("digest") != digest or tuple(json.loads(meta.get("sizes", "[]"))) != tuple(sizes):
+            raise ValueError(f"{path}: not the start file of this bundle")
+        self.eps = tuple(json.loads(meta["eps"]))
+        self.parameters = int(meta.get("parameters", 0))
+        self.data_start, data_len = 8 + n, len(self.map) - 8 - n
+        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        self.header = header
+        for name, (dtype, shape) in expected_tensors(sizes).items():
+            entry = header.get(name)
+            if not entry or entry.get("dtype") != dtype or tuple(entry.get("shape", ())) != shape:
+                raise ValueError(f"{path}: tensor {name} missing or of another shape")
+            begin, end = entry["data_offsets"]
+            want = math.prod(shape) * (FLOAT_BYTES if dtype == "F32" else 1)
+            if not 0 <= begin <= end <= data_len or end - begin != want or \
+                    (dtype == "F32" and (self.data_start + begin) % FLOAT_BYTES):
+                raise ValueError(f"{path}: tensor {name} outside the file or misaligned")
+
+    def address(self, name: str) -> int:
+        return self.base + self.data_start + self.header[name]["data_offsets"][0]
+
+
+def expected_tensors(sizes: tuple) -> dict[str, tuple[str, tuple]]:
+    """Name -> (safetensors dtype, shape) of every tensor a start file of a model of `sizes` holds
+    (codellm.kernel.KernelStep: sizes = n_layer, n_head, d_model, d_ff, vocab, context, qk_norm)."""
+    n_layer, n_head, C, F, V, context, _ = sizes
+    D = C // n_head
+    shapes = {"embed": ("F32", (V, C))}
+    layer = [(3 * C, C), (C, C), (F, C), (C, F)]
+    for i in range(4 * n_layer + 1):
+        rows, columns = layer[i % 4] if i < 4 * n_layer else (V, C)
+        shapes[f"matrix.{i}.weight"] = ("I8", (-(-rows // BLOCK), columns, BLOCK))
+        shapes[f"matrix.{i}.scale"] = ("F32", (rows,))
+    shapes.update({f"rotary.{i}": ("F32", (context, 2, 1, D)) for i in range(2 * n_layer)})
+    return shapes
+
+
+class KernelCache(TokenCache):
+    """Keys and values for every position, float32 in one plain buffer: (n_layer, keys|values, n_head,
+    context, head_dim), the layout of the C step's caches."""
+
+    def __init__(self, n_layer: int, n_head: int, context: int, head_dim: int):
+        super().__init__()
+        self.layer_bytes = n_head * context * head_dim * FLOAT_BYTES
+        self.storage = bytearray(2 * n_layer * self.layer_bytes)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self.storage))
+        self.addresses = [base + i * self.layer_bytes for i in range(2 * n_layer)]
+
+
+class KernelEngine(Completer):
+    """Completion (codellm.completion.Completer) with the C step alone, from a bundle's start file.
+    Open one with `KernelEngine.open(path)`."""
+
+    device = "cpu"
+    precision = "auto"
+
+    def __init__(self, path: Path, files: dict[str, bytes], start: Path):
+        from . import _decode_kernel
+
+        self.path = path
+        self.config, raw = parse_config(files[CONFIG_FILE], path / CONFIG_FILE)
+        self.tokenizer = parse_tokenizer(files[TOKENIZER_FILE], path / TOKENIZER_FILE, self.config)
+        self.prompt_format = raw.get("prompt_format", DEFAULT_FORMAT)
+        self.digest = content_digest([files[name] for name in BUNDLE_FILES])
+        cfg = self.config
+        sizes = (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.mlp_ratio * cfg.d_model, cfg.vocab_size,
+                 cfg.context_length, int(cfg.qk_norm))
+        self.start = StartFile(start, self.digest, sizes)
+        self.cache = KernelCache(cfg.n_layer, cfg.n_head, cfg.context_length, cfg.head_dim)
+        matrices = [(self.start.address(f"matrix.{i}.weight"), self.start.address(f"matrix.{i}.scale"),
+                     shape[0], self.start.header[f"matrix.{i}.weight"]["shape"][1])
+                    for i in range(4 * cfg.n_layer + 1)
+                    for shape in [self.start.header[f"matrix.{i}.scale"]["shape"]]]
+        self._kernel = _decode_kernel
+        self._model = _decode_kernel.new_model(
+            sizes, self.start.eps, self.start.address("embed"), matrices,
+            [self.start.address(f"rotary.{i}") for i in range(2 * cfg.n_layer)], self.cache.addresses)
+        weights = sum(rows * columns for _, _, rows, columns in matrices)
+        self.threads = 1 if weights < ONE_THREAD_BELOW else 0  # as codellm.kernel.KernelStep
+        self.logits = array.array("f", bytes(FLOAT_BYTES * MAX_TOKENS * cfg.vocab_size))
+        self.guess_tokens = GUESS_TOKENS
+        self.lock = threading.Lock()
+        self.init_token_sets()
+
+    @classmethod
+    def open(cls, path: str | Path) -> "KernelEngine | None":
+        """The engine for the bundle at `path`, or None where it cannot answer: no start file for these
+        bundle bytes, the C step not built or not for this CPU, an unreadable bundle (the torch engine
+        then loads it and reports the problem), a damaged start file."""
+        path = Path(path)
+        if not available() or not any(start_dir().glob("*.safetensors")):
+            return None  # known before the bundle is read and hashed
+        try:
+            files = {name: (path / name).read_bytes() for name in BUNDLE_FILES}
+            start = start_file(content_digest([files[name] for name in BUNDLE_FILES]))
+            if not start.is_file():
+                return None
+            return cls(path, files, start)
+        except (OSError, ValueError, KeyError, BundleError) as exc:
+            log.info("no start without torch for %s: %s", path, exc)
+            return None
+
+    @property
+    def step_name(self) -> str:
+        return f"C ({self._kernel.instructions()}), before torch loaded"
+
+    def num_params(self) -> int:
+        return self.start.parameters
+
+    # ------------------------------------------------------------------ model steps
+
+    def run(self, tokens: list[int], pos: int, rows: bool = True) -> list[list[float]]:
+        """Logits rows (len(tokens) of vocab floats) for 1-16 `tokens` at positions pos, pos+1, ...,
+        their keys and values written to the cache (recording their ids is the caller's)."""
+        self._kernel.decode(self._model, tokens, pos, self.logits.buffer_info()[0], self.threads)
+        V = self.config.vocab_size
+        return [self.logits[t * V:(t + 1) * V].tolist() for t in range(len(tokens))] if rows else []
+
+    def prefill(self, ids: list[int]) -> tuple[list[float], int]:
+        """Logits after the prompt `ids` (at least one token), reading only what the cache lacks, 16
+        tokens per call; returns (logits, how many tokens' keys and values were reused)."""
+        reused = self.cache.reuse(ids[:-1])
+        for start in range(reused, len(ids) - 1, MAX_TOKENS):
+            piece = ids[start:min(start + MAX_TOKENS, len(ids) - 1)]
+            self.run(piece, start, rows=False)
+            self.cache.append(piece)
+        return self.decode_with_guess(ids[-1], [])[0], reused
+
+    def decode_with_guess(self, token: int, guess: list[int]) -> list[list[float]]:
+        rows = self.run([token, *guess], self.cache.position)
+        self.cache.append([token, *guess])
+        return rows
+
+    # ------------------------------------------------------------------ logits (lists of floats)
+
+    def argmax(self, logits: list[float]) -> int:
+        return logits.index(max(logits))
+
+    def probability(self, logits: list[float], token: int) -> float:
+        top = max(logits)
+        return math.exp(logits[token] - top) / math.fsum(math.exp(x - top) for x in logits)
+
+    def ban(self, logits: list[float], ids: list[int]) -> list[float]:
+        for i in ids:
+            logits[i] = NEG_INF
+        return logits
+
+    def only(self, logits: list[float], ids: list[int]) -> list[float]:
+        masked = [NEG_INF] * len(logits)
+        for i in ids:
+            masked[i] = logits[i]
+        return masked

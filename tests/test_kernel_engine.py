@@ -1,0 +1,110 @@
+"""The engine without torch: answers from a start file as the torch engine does, and refuses every start
+file that is not its bundle's (or is damaged) rather than reading past it."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from codellm import kernel
+from codellm.bundle_files import bundle_digest
+from codellm.engine import Engine
+from codellm.bundle import load_bundle
+from codellm.kernel_engine import START_FILES_KEPT, KernelEngine, keep_start_file, start_file
+
+from conftest import make_model
+
+pytestmark = pytest.mark.skipif(not kernel.available(), reason="no C decode step here (not built, or no AVX2)")
+
+SHORT = ["for f in *.txt; do\n\tech", "#!/bin/bash\nset -e\n", "if [ -z \"$1\" ]; then\n"]
+LONG = "#!/bin/bash\n# back up the logs\n" + "cp /var/log/app$i.log /backup/\n" * 6 + "tar -czf "
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+@pytest.fixture
+def engine(bundle_path, cache_home):
+    return Engine(load_bundle(bundle_path), "cpu", 1, "auto")
+
+
+def test_no_start_file_no_engine_then_one_after_the_torch_engine_served(bundle_path, engine):
+    assert KernelEngine.open(bundle_path) is None
+    path = keep_start_file(engine)
+    assert path == start_file(bundle_digest(bundle_path)) and path.is_file()
+    quick = KernelEngine.open(bundle_path)
+    assert quick is not None and quick.digest == engine.digest
+    assert quick.num_params() == engine.num_params() and "before torch" in quick.step_name
+
+
+def test_it_answers_what_the_torch_engine_answers(bundle_path, engine):
+    keep_start_file(engine)
+    quick = KernelEngine.open(bundle_path)
+    for prefix in SHORT:  # prompts read by decode steps alone: the same computation, the same numbers
+        ids = engine.tokenizer.encode(prefix)
+        with engine.reading():
+            want = engine.prefill(ids)[0].tolist()
+        assert quick.prefill(ids)[0] == pytest.approx(want, abs=1e-5)
+        for mode in ("line", "block"):
+            a = engine.complete_detailed(prefix, "\nfi\n", mode, clean=False)
+            b = quick.complete_detailed(prefix, "\nfi\n", mode, clean=False)
+            assert (b.text, b.stop_reason) == (a.text, a.stop_reason)
+            assert [p for *_, p in b.token_probs] == pytest.approx([p for *_, p in a.token_probs], rel=1e-4)
+    # a long prompt is read 16 tokens a call here, by bf16 matrices there where the CPU has them
+    ids = engine.tokenizer.encode(LONG)
+    with engine.reading():
+        want = engine.prefill(ids)[0]
+    got = quick.prefill(ids)[0]
+    assert max(abs(x - y) for x, y in zip(got, want.tolist())) < 0.05 * float(want.abs().max())
+    assert quick.prefill(ids)[1] == len(ids) - 1  # asked again: all but the last token come from the cache
+
+
+def test_another_bundles_or_a_damaged_start_file_is_refused(bundle_path, engine, tmp_path, tokenizer):
+    from codellm.bundle import save_bundle
+
+    path = keep_start_file(engine)
+    data = path.read_bytes()
+    other = tmp_path / "other"
+    save_bundle(other, make_model(tokenizer, seed=1), tokenizer)
+    os.link(path, start_file(bundle_digest(other)))  # another bundle's name on this bundle's start file
+    assert KernelEngine.open(other) is None
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    entry = header["embed"]
+    entry["data_offsets"] = [entry["data_offsets"][0], entry["data_offsets"][1] + 4096]  # past its bytes
+    bad_header = json.dumps(header).encode()
+    for damaged in (data[:len(data) // 2], data[:5], b"", len(bad_header).to_bytes(8, "little") + bad_header + data[8 + n:],
+                    (1 << 40).to_bytes(8, "little") + data[8:]):
+        path.write_bytes(damaged)
+        assert KernelEngine.open(bundle_path) is None
+    path.write_bytes(data)
+    assert KernelEngine.open(bundle_path) is not None
+
+
+def test_start_files_of_old_bundles_go_and_an_unwritable_cache_costs_nothing(engine, cache_home, monkeypatch, tmp_path):
+    folder = start_file("x").parent
+    folder.mkdir(parents=True)
+    for i in range(START_FILES_KEPT + 2):
+        (folder / f"{i:032x}.safetensors").write_bytes(b"old")
+        os.utime(folder / f"{i:032x}.safetensors", (i, i))
+    path = keep_start_file(engine)
+    kept = sorted(p.name for p in folder.iterdir())
+    assert len(kept) == START_FILES_KEPT and path.name in kept and f"{START_FILES_KEPT + 1:032x}.safetensors" in kept
+    (tmp_path / "a-file").write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))  # no cache folder can be made there
+    assert keep_start_file(engine) is None and (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def test_it_imports_and_answers_without_torch(bundle_path, engine, cache_home):
+    keep_start_file(engine)
+    code = ("import sys\nfrom codellm.kernel_engine import KernelEngine\n"
+            f"e = KernelEngine.open({str(bundle_path)!r})\n"
+            "print(repr(e.complete('for f in *.txt; do\\n\\tech', '\\ndone\\n')), 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "XDG_CACHE_HOME": str(cache_home)}, check=True).stdout
+    text = engine.complete("for f in *.txt; do\n\tech", "\ndone\n")
+    assert out.split() == [repr(text), "False"] or out.strip() == f"{text!r} False"
