@@ -8,7 +8,7 @@
 import importlib
 import warnings
 
-# torch warns on import when NumPy is missing; nothing in codellm uses NumPy, and a plain install has none
+# torch warns on import when NumPy is missing (safetensors needs it only to write files; an older install may lack it)
 warnings.filterwarnings("ignore", message="Failed to initialize NumPy", category=UserWarning)
 
 # the names below load on first use (PEP 562), so that `import codellm` and its light modules (the

@@ -20,8 +20,7 @@ import os
 import threading
 from pathlib import Path
 
-from .bundle_files import (BUNDLE_FILES, CONFIG_FILE, TOKENIZER_FILE, BundleError, content_digest, parse_config,
-                           parse_tokenizer)
+from .bundle_files import BUNDLE_FILES, CONFIG_FILE, TOKENIZER_FILE, content_digest, parse_config, parse_tokenizer
 from .completion import Completer
 from .kernel import BLOCK, MAX_TOKENS, ONE_THREAD_BELOW, available
 from .kvcache import TokenCache
@@ -31,7 +30,7 @@ from .prompt import DEFAULT_FORMAT
 log = logging.getLogger(__name__)
 
 NEG_INF = float("-inf")
-START_FILES_KEPT = 4  # start files of other bundles kept besides the newest (about 20 MB each for 7M parameters)
+START_FILES_KEPT = 4  # start files kept, the most recently used (about 21 MB each for 7M parameters)
 FLOAT_BYTES = 4
 
 
@@ -48,7 +47,7 @@ def start_file(digest: str) -> Path:
 def keep_start_file(engine) -> Path | None:
     """Write the start file of a codellm.engine.Engine's bundle unless it is there, and keep only the
     START_FILES_KEPT newest. Only for an engine whose decode steps are the C step (precision "auto" on a
-    CPU that has it). Never raises: a cache that cannot be written costs the next start its speed only."""
+    CPU that has it). Never raises: a start file that cannot be written costs the next start its speed only."""
     step, digest = engine.decoder.c_step, engine.bundle.digest
     if step is None or not digest or engine.precision != "auto":
         return None
@@ -66,8 +65,9 @@ def keep_start_file(engine) -> Path | None:
             tmp.unlink(missing_ok=True)
         prune_start_files(path)
         return path
-    except OSError as exc:
-        log.info("start file not written to %s: %s", path.parent, exc.strerror or exc)
+    except Exception as exc:  # noqa: BLE001 - a full disk, a cache folder that is a file, a library missing
+        log.warning("start file not written to %s (%s: %s): the next start waits for torch",
+                    path.parent, type(exc).__name__, getattr(exc, "strerror", None) or exc)
         return None
 
 
@@ -193,12 +193,17 @@ class KernelEngine(Completer):
             return None  # known before the bundle is read and hashed
         try:
             files = {name: (path / name).read_bytes() for name in BUNDLE_FILES}
-            start = start_file(content_digest([files[name] for name in BUNDLE_FILES]))
-            if not start.is_file():
-                return None
+        except OSError:
+            return None  # the torch engine reads the bundle and says what is wrong
+        start = start_file(content_digest([files[name] for name in BUNDLE_FILES]))
+        if not start.is_file():
+            return None
+        try:
             return cls(path, files, start)
-        except (OSError, ValueError, KeyError, BundleError) as exc:
-            log.info("no start without torch for %s: %s", path, exc)
+        except Exception as exc:  # noqa: BLE001 - a cache file: whatever is wrong with it, torch serves instead
+            log.warning("start file %s not used (%s: %s); the torch engine writes it again", start,
+                        type(exc).__name__, exc)
+            start.unlink(missing_ok=True)  # a damaged one would otherwise slow every start
             return None
 
     @property

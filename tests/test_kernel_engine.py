@@ -71,18 +71,20 @@ def test_another_bundles_or_a_damaged_start_file_is_refused(bundle_path, engine,
     other = tmp_path / "other"
     save_bundle(other, make_model(tokenizer, seed=1), tokenizer)
     os.link(path, start_file(bundle_digest(other)))  # another bundle's name on this bundle's start file
-    assert KernelEngine.open(other) is None
+    assert KernelEngine.open(other) is None and not start_file(bundle_digest(other)).exists()
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     entry = header["embed"]
     entry["data_offsets"] = [entry["data_offsets"][0], entry["data_offsets"][1] + 4096]  # past its bytes
     bad_header = json.dumps(header).encode()
+    not_a_dict = b"[1, 2]"
     for damaged in (data[:len(data) // 2], data[:5], b"", len(bad_header).to_bytes(8, "little") + bad_header + data[8 + n:],
-                    (1 << 40).to_bytes(8, "little") + data[8:]):
+                    (1 << 40).to_bytes(8, "little") + data[8:], len(not_a_dict).to_bytes(8, "little") + not_a_dict,
+                    b"\x10" + bytes(7) + b"[" * 16):
         path.write_bytes(damaged)
         assert KernelEngine.open(bundle_path) is None
-    path.write_bytes(data)
-    assert KernelEngine.open(bundle_path) is not None
+        assert not path.exists()  # gone: the torch engine writes it again, instead of every start trying it
+    assert keep_start_file(engine) == path and KernelEngine.open(bundle_path) is not None
 
 
 def test_start_files_of_old_bundles_go_and_an_unwritable_cache_costs_nothing(engine, cache_home, monkeypatch, tmp_path):
@@ -94,6 +96,11 @@ def test_start_files_of_old_bundles_go_and_an_unwritable_cache_costs_nothing(eng
     path = keep_start_file(engine)
     kept = sorted(p.name for p in folder.iterdir())
     assert len(kept) == START_FILES_KEPT and path.name in kept and f"{START_FILES_KEPT + 1:032x}.safetensors" in kept
+    path.unlink()
+    monkeypatch.setattr(type(engine.decoder.c_step), "save", lambda *_: (_ for _ in ()).throw(ImportError("numpy")))
+    assert keep_start_file(engine) is None and not any(folder.glob(".*.tmp"))  # a library missing: no model lost
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
     (tmp_path / "a-file").write_text("not a folder")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))  # no cache folder can be made there
     assert keep_start_file(engine) is None and (tmp_path / "a-file").read_text() == "not a folder"
@@ -108,3 +115,12 @@ def test_it_imports_and_answers_without_torch(bundle_path, engine, cache_home):
                          env={**os.environ, "XDG_CACHE_HOME": str(cache_home)}, check=True).stdout
     text = engine.complete("for f in *.txt; do\n\tech", "\ndone\n")
     assert out.split() == [repr(text), "False"] or out.strip() == f"{text!r} False"
+
+
+def test_the_cold_start_bench_starts_from_torch_then_from_the_start_file(bundle_path, cache_home):
+    out = subprocess.run([sys.executable, "-m", "codellm.server.coldstart", "--model", str(bundle_path), "--runs", "2"],
+                         capture_output=True, text=True, timeout=300, check=True,
+                         env={**os.environ, "XDG_CACHE_HOME": str(cache_home)}).stdout
+    runs = [line for line in out.splitlines() if "first suggestion" in line and line.startswith("  ")]
+    assert len(runs) == 2 and "(torch engine;" in runs[0] and "(start file, before torch;" in runs[1]
+    assert "median of 1 from the torch engine" in out and "median of 1 from the start file, before torch" in out
