@@ -27,6 +27,7 @@ MAX_TOKENS = 16  # tokens per call (the C side's limit)
 # and a team whose threads wait for each other falls apart when another process holds a core.
 ONE_THREAD_BELOW = 16_000_000
 BLOCK = 16  # matrix rows per packed block (the C side's layout)
+START_FORMAT = "1"  # the layout of the start file KernelStep.save writes; codellm.kernel_engine reads no other
 # the variant of the int8 products picked for this CPU when the module loaded
 LOADED_INSTRUCTIONS = _decode_kernel.instructions() if _decode_kernel else None
 
@@ -123,16 +124,17 @@ class KernelStep:
         _decode_kernel.decode(self._model, tokens, pos, logits.data_ptr(), self.threads)
         return logits
 
-    def save(self, path, digest: str) -> None:
-        """Write what the C step reads (the embedding, the packed int8 matrices and their scales, the
-        rotary tables) and its sizes to `path`, a safetensors file, for codellm.kernel_engine to answer
-        from without torch. `digest`: the bundle's content digest (Bundle.digest), kept in the metadata."""
-        from safetensors.torch import save_file
+    def save(self, digest: str) -> bytes:
+        """What the C step reads (the embedding, the packed int8 matrices and their scales, the rotary
+        tables) and its sizes, as the bytes of a safetensors file for codellm.kernel_engine to answer
+        from without torch. `digest`: the bundle's content digest (Bundle.digest), kept in the metadata
+        with the layout's format (START_FORMAT)."""
+        from safetensors.torch import save
 
         tensors = {"embed": self.embed}
         for i, (weight, scale) in enumerate(self.matrices):
             tensors[f"matrix.{i}.weight"], tensors[f"matrix.{i}.scale"] = weight, scale
         tensors.update({f"rotary.{i}": table for i, table in enumerate(self.rotary)})
-        meta = {"digest": digest, "sizes": json.dumps(self._sizes), "eps": json.dumps(self._eps),
-                "parameters": str(self.model.num_params())}
-        save_file(tensors, str(path), metadata=meta)
+        meta = {"format": START_FORMAT, "digest": digest, "sizes": json.dumps(self._sizes),
+                "eps": json.dumps(self._eps), "parameters": str(self.model.num_params())}
+        return save(tensors, metadata=meta)

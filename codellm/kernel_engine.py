@@ -15,14 +15,14 @@ import ctypes
 import json
 import logging
 import math
-import mmap
 import os
 import threading
+import time
 from pathlib import Path
 
 from .bundle_files import BUNDLE_FILES, CONFIG_FILE, TOKENIZER_FILE, content_digest, parse_config, parse_tokenizer
 from .completion import Completer
-from .kernel import BLOCK, MAX_TOKENS, ONE_THREAD_BELOW, available
+from .kernel import BLOCK, MAX_TOKENS, ONE_THREAD_BELOW, START_FORMAT, available
 from .kvcache import TokenCache
 from .lookahead import GUESS_TOKENS
 from .prompt import DEFAULT_FORMAT
@@ -34,9 +34,15 @@ START_FILES_KEPT = 4  # start files kept, the most recently used (about 21 MB ea
 FLOAT_BYTES = 4
 
 
+STALE_TEMP_S = 600  # a temporary file this old is left by a writer that was killed
+
+
 def start_dir() -> Path:
-    """Where start files are kept: $XDG_CACHE_HOME/codellm/start, else ~/.cache/codellm/start."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    """Where start files are kept: $XDG_CACHE_HOME/codellm/start, else ~/.cache/codellm/start (a relative
+    $XDG_CACHE_HOME is ignored, as the XDG base directory specification says)."""
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "codellm" / "start"
 
 
@@ -57,9 +63,11 @@ def keep_start_file(engine) -> Path | None:
             os.utime(path)  # the newest used: kept when others go
             return path
         path.parent.mkdir(parents=True, exist_ok=True)
+        data = step.save(digest)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
-            step.save(tmp, digest)
+            with open(tmp, "wb") as f:
+                f.write(data)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
@@ -72,40 +80,43 @@ def keep_start_file(engine) -> Path | None:
 
 
 def prune_start_files(keep: Path) -> None:
-    """Delete the start files (ours, named DIGEST.safetensors) past the START_FILES_KEPT most recently used."""
+    """Delete the start files (ours, named DIGEST.safetensors) past the START_FILES_KEPT most recently
+    used, and the temporary files of writers killed STALE_TEMP_S ago or more."""
     files = sorted((p for p in keep.parent.glob("*.safetensors") if p != keep),
                    key=lambda p: p.stat().st_mtime, reverse=True)
     for old in files[START_FILES_KEPT - 1:]:
         old.unlink(missing_ok=True)
+    for tmp in keep.parent.glob(".*.safetensors.*.tmp"):
+        if time.time() - tmp.stat().st_mtime > STALE_TEMP_S:
+            tmp.unlink(missing_ok=True)
 
 
 class StartFile:
-    """A start file mapped into memory, every tensor checked against the model's sizes before the C
-    step is given an address in it. Raises ValueError for a file of another bundle or a damaged one."""
+    """A start file read into memory (not mapped: a file cut short under a mapping kills the process
+    with SIGBUS), every tensor checked against the model's sizes before the C step is given an address
+    in it. Raises ValueError for a file of another bundle, of another format, or a damaged one."""
 
     def __init__(self, path: Path, digest: str, sizes: tuple):
         with open(path, "rb") as f:
-            self.map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)  # private: writable for ctypes
-        try:
-            self._check(path, digest, sizes)
-        except Exception:
-            self.map.close()
-            raise
+            self.data = bytearray(f.read())  # writable: ctypes takes addresses of writable buffers only
+        self._check(path, digest, sizes)
 
     def _check(self, path: Path, digest: str, sizes: tuple) -> None:
-        if len(self.map) < 8:
+        if len(self.data) < 8:
             raise ValueError(f"{path}: truncated")
-        n = int.from_bytes(self.map[:8], "little")
-        if n > len(self.map) - 8:
+        n = int.from_bytes(self.data[:8], "little")
+        if n > len(self.data) - 8:
             raise ValueError(f"{path}: truncated header")
-        header = json.loads(self.map[8:8 + n])
+        header = json.loads(self.data[8:8 + n])
         meta = header.pop("__metadata__", {})
+        if meta.get("format") != START_FORMAT:
+            raise ValueError(f"{path}: a start file of another format ({meta.get('format')!r})")
         if meta.get("digest") != digest or tuple(json.loads(meta.get("sizes", "[]"))) != tuple(sizes):
             raise ValueError(f"{path}: not the start file of this bundle")
         self.eps = tuple(json.loads(meta["eps"]))
         self.parameters = int(meta.get("parameters", 0))
-        self.data_start, data_len = 8 + n, len(self.map) - 8 - n
-        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        self.data_start, data_len = 8 + n, len(self.data) - 8 - n
+        self.base = ctypes.addressof(ctypes.c_char.from_buffer(self.data))
         self.header = header
         for name, (dtype, shape) in expected_tensors(sizes).items():
             entry = header.get(name)
@@ -155,7 +166,7 @@ class KernelEngine(Completer):
     device = "cpu"
     precision = "auto"
 
-    def __init__(self, path: Path, files: dict[str, bytes], start: Path):
+    def __init__(self, path: Path, files: dict[str, bytes], start: Path, threads: int | None = None):
         from . import _decode_kernel
 
         self.path = path
@@ -177,17 +188,19 @@ class KernelEngine(Completer):
             sizes, self.start.eps, self.start.address("embed"), matrices,
             [self.start.address(f"rotary.{i}") for i in range(2 * cfg.n_layer)], self.cache.addresses)
         weights = sum(rows * columns for _, _, rows, columns in matrices)
-        self.threads = 1 if weights < ONE_THREAD_BELOW else 0  # as codellm.kernel.KernelStep
+        # as codellm.kernel.KernelStep: one thread for small models, else the threads asked for (0: OpenMP's)
+        self.threads = 1 if weights < ONE_THREAD_BELOW else threads or 0
         self.logits = array.array("f", bytes(FLOAT_BYTES * MAX_TOKENS * cfg.vocab_size))
         self.guess_tokens = GUESS_TOKENS
         self.lock = threading.Lock()
         self.init_token_sets()
 
     @classmethod
-    def open(cls, path: str | Path) -> "KernelEngine | None":
-        """The engine for the bundle at `path`, or None where it cannot answer: no start file for these
-        bundle bytes, the C step not built or not for this CPU, an unreadable bundle (the torch engine
-        then loads it and reports the problem), a damaged start file."""
+    def open(cls, path: str | Path, threads: int | None = None) -> "KernelEngine | None":
+        """The engine for the bundle at `path` (decode steps of large models on `threads`), or None where
+        it cannot answer: no start file for these bundle bytes, the C step not built or not for this CPU,
+        an unreadable bundle (the torch engine then loads it and reports the problem), a damaged start
+        file (deleted, so that the torch engine writes it again)."""
         path = Path(path)
         if not available() or not any(start_dir().glob("*.safetensors")):
             return None  # known before the bundle is read and hashed
@@ -199,7 +212,7 @@ class KernelEngine(Completer):
         if not start.is_file():
             return None
         try:
-            return cls(path, files, start)
+            return cls(path, files, start, threads)
         except Exception as exc:  # noqa: BLE001 - a cache file: whatever is wrong with it, torch serves instead
             log.warning("start file %s not used (%s: %s); the torch engine writes it again", start,
                         type(exc).__name__, exc)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Callable
 
@@ -44,6 +44,9 @@ class ModelHolder:
         self._load_lock = threading.Lock()
         self.quiet = False
         self.answered = threading.Event()  # set by the first completion the model gave (CompletionService)
+        # the engine without torch (codellm.kernel_engine) serving until the torch engine replaces it; a
+        # reload replaces it even with the same files (the torch engine failed to load from them once)
+        self.started = None
         # a load started with the process, before the editor's settings came (codellm.server.cli)
         self.early = early
         self.executor = early.executor if early else new_model_thread()
@@ -77,9 +80,10 @@ class ModelHolder:
             stamp = bundle_stamp(self.path)
             if not initial and self.engine is not None and (stamp is None or stamp == self.stamp):
                 return False
-            if not initial and self.engine is not None and self.engine.digest \
-                    and bundle_digest(self.path) == self.engine.digest:
+            if not initial and self.engine is not None and self.engine is not self.started \
+                    and self.engine.digest and bundle_digest(self.path) == self.engine.digest:
                 self.stamp = stamp  # files touched or copied over with the same bytes: nothing to load or say
+                self.load_error = None  # what serves is what is on disk: a rejected swap's error is past
                 log.info("model files at %s changed on disk with the same content: not reloaded", self.path)
                 return False
             try:
@@ -101,6 +105,8 @@ class ModelHolder:
                 return False
             self.stamp = stamp
             self.engine = engine
+            if engine is not self.started:
+                self.started = None
             self.version += 1
             self.load_error = None
             log.info("model loaded from %s (%.2fM parameters, %s, decode steps: %s)", self.path,
@@ -120,6 +126,7 @@ class ModelHolder:
                 if settings == (self.path, self.device, self.threads, self.precision) \
                         and stamp in (early_stamp, None):
                     if bundle is None:  # the engine without torch: the torch engine replaces it once loaded
+                        self.started = engine
                         early.load_torch_engine(lambda future: self._upgrade(engine, future), self.answered)
                     return bundle, engine
             except Exception:  # noqa: BLE001 - loaded again below, and the error reported from there
@@ -128,15 +135,19 @@ class ModelHolder:
 
     def _upgrade(self, started: "KernelEngine", future) -> None:
         """Serve with the torch engine the early load built after `started`, unless another model or other
-        settings came meanwhile (or it failed: `started` then keeps serving)."""
+        settings came meanwhile. If it failed, `started` keeps serving and the next change of the model
+        folder loads the torch engine (even with the same files)."""
         try:
             _bundle, engine = future.result()
         except Exception as exc:  # noqa: BLE001 - the engine serving keeps serving
-            log.warning("the torch engine did not load (%s: %s); decoding stays on the C step", type(exc).__name__, exc)
+            log.warning("the torch engine did not load (%s: %s); decode steps stay on the C step until the model "
+                        "folder changes", type(exc).__name__, exc)
             return
         with self._load_lock:
             if self.engine is started and engine.digest == started.digest:
-                self.engine = engine  # same weights, same answers: the caches stay valid
+                # the same weights and decode steps (prompts read in bf16 there may tip a near tie): the
+                # suggestions cached meanwhile stay
+                self.engine, self.started = engine, None
                 log.info("torch engine loaded: prompts are read with PyTorch, decode steps: %s", engine.step_name)
 
     def _fail(self, message: str, no_bundle: bool = True) -> None:
@@ -267,7 +278,7 @@ class EarlyLoad:
         if device in (None, "cpu") and precision == "auto":
             from codellm.kernel_engine import KernelEngine
 
-            engine = KernelEngine.open(resolved)
+            engine = KernelEngine.open(resolved, threads)
             if engine is not None:
                 warm_up(engine)
                 log.info("model read at start from %s; answering without torch until it loads", resolved)
@@ -278,9 +289,10 @@ class EarlyLoad:
 
     def load_torch_engine(self, done: Callable, answered: threading.Event) -> None:
         """Import torch on a thread of its own (the model thread goes on answering meanwhile), then build
-        the torch engine on the model thread; `done(future)` is called with its (bundle, engine). The
-        import starts once `answered` is set or TORCH_AFTER_S have passed: importing takes the
-        interpreter's lock most of the time, and the first suggestion would wait twice as long beside it."""
+        the torch engine on the model thread; `done(future)` is called with its (bundle, engine), on that
+        thread of its own: never on the model thread, which a reload holding the holder's lock may be
+        waiting for. The import starts once `answered` is set or TORCH_AFTER_S have passed: importing
+        takes the interpreter's lock most of the time, and the first suggestion would wait twice as long."""
         def imports() -> None:
             answered.wait(TORCH_AFTER_S)
             try:
@@ -288,7 +300,8 @@ class EarlyLoad:
                 future = self.executor.submit(self._load_torch, *self.settings)
             except RuntimeError:  # the server stopped meanwhile
                 return
-            future.add_done_callback(done)
+            wait([future])
+            done(future)
 
         threading.Thread(target=imports, daemon=True, name="codellm-torch-import").start()
 

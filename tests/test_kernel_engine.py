@@ -124,3 +124,52 @@ def test_the_cold_start_bench_starts_from_torch_then_from_the_start_file(bundle_
     runs = [line for line in out.splitlines() if "first suggestion" in line and line.startswith("  ")]
     assert len(runs) == 2 and "(torch engine;" in runs[0] and "(start file, before torch;" in runs[1]
     assert "median of 1 from the torch engine" in out and "median of 1 from the start file, before torch" in out
+
+
+def test_a_torch_engine_that_failed_to_load_is_loaded_by_the_next_reload(bundle_path, engine, monkeypatch):
+    from concurrent.futures import Future
+
+    from codellm.engine import Engine as TorchEngine
+    from codellm.server.model_holder import EarlyLoad, ModelHolder
+
+    keep_start_file(engine)
+    early = EarlyLoad(str(bundle_path), None, None, "auto")
+    monkeypatch.setattr(early, "load_torch_engine", lambda done, answered: None)  # the test plays its part
+    holder = ModelHolder(lambda message, is_error: None, early)
+    try:
+        holder.configure(str(bundle_path), None, None)
+        started = holder.engine
+        assert isinstance(started, KernelEngine) and holder.started is started
+        failed = Future()
+        failed.set_exception(ValueError("the folder was half-way through a swap"))
+        holder._upgrade(started, failed)
+        assert holder.engine is started  # it keeps serving ...
+        holder.load_error = "a rejected swap's error"
+        holder.stamp = None  # the folder changed on disk (the watcher calls reload), with the same files
+        assert holder.reload()  # ... until the next reload, which loads torch even for the same files
+        assert isinstance(holder.engine, TorchEngine) and holder.started is None and holder.load_error is None
+    finally:
+        holder.stop()
+
+
+def test_the_torch_engine_is_handed_over_off_the_model_thread(bundle_path, engine):
+    """A reload holds the holder's lock while it waits for the model thread: the hand-over, which takes
+    that lock, must not run on the model thread."""
+    import threading
+
+    from codellm.server.model_holder import EarlyLoad
+
+    keep_start_file(engine)
+    early = EarlyLoad(str(bundle_path), None, None, "auto")
+    assert early.future.result()[2] is None  # the engine without torch came first
+    handed = []
+    answered = threading.Event()
+    answered.set()
+    early.load_torch_engine(lambda future: handed.append((threading.current_thread().name, future.result())), answered)
+    for _ in range(600):
+        if handed:
+            break
+        threading.Event().wait(0.1)
+    name, (bundle, torch_engine) = handed[0]
+    assert not name.startswith("codellm-model") and bundle is not None and torch_engine.digest == engine.digest
+    early.executor.shutdown()
