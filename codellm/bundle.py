@@ -160,31 +160,10 @@ class _Changed(Exception):
     """The bundle changed while it was read (a copy or a swap in progress): read it again."""
 
 
-@contextmanager
-def _shapes_only():
-    """Building a model on the meta device sets no values: torch.nn.init's functions and the rotary tables
-    are skipped. On the meta device they run as Python decompositions whose first use imports
-    torch._dynamo: seconds at a server's start, for values a meta tensor does not hold."""
-    from . import model as model_module
-
-    names = ("normal_", "uniform_", "kaiming_uniform_", "ones_", "zeros_", "trunc_normal_", "xavier_uniform_")
-    saved = {name: getattr(torch.nn.init, name) for name in names}
-    rope_tables = model_module.rope_tables
-    try:
-        for name in names:
-            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        model_module.rope_tables = lambda head_dim, max_len, base: (torch.empty(max_len, head_dim),) * 2
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
-        model_module.rope_tables = rope_tables
-
-
 def _expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Names and shapes of the tensors a bundle must hold, from a model built without memory."""
-    with torch.device("meta"), _shapes_only():
-        model = GPT(config)
+    with torch.device("meta"):  # no memory, no values (on the meta device torch.nn.init's functions would
+        model = GPT(config, init=False)  # run as Python decompositions that import torch._dynamo: seconds)
     return {k: tuple(v.shape) for k, v in model.state_dict().items()
             if not (config.tie_embeddings and k == "lm_head.weight")}
 
@@ -328,7 +307,7 @@ def _read_snapshot(path: Path, device, dtype) -> Bundle:
         digest = content_digest([files[name] for name in BUNDLE_FILES])
         state = _load_weights(weights, path / WEIGHTS_FILE)  # the bytes go after it
         del weights, files
-        model = GPT(config)
+        model = GPT(config, init=False)  # every weight comes next (_check_weights_header saw them all)
         model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
         model.to(device=device, dtype=dtype).eval()
         return Bundle(config, tokenizer, model, card if isinstance(card, dict) else {},

@@ -16,6 +16,22 @@ from .config import ModelConfig
 from .kvcache import KVCache
 
 
+class Linear(nn.Linear):
+    """nn.Linear without its own random init: GPT.reset_parameters sets every weight, and a loaded model
+    gets its weights from the bundle (drawing numbers only to overwrite them cost a tenth of a second
+    at each load)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without its own random init (as Linear)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 class RMSNorm(nn.Module):
     """RMSNorm written out: on CPU this is several times faster per call than the library's composite
     kernel for the small tensors of a decode step, and it keeps the input's dtype under autocast."""
@@ -51,8 +67,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer  # where its keys and values go in a KVCache
         self.n_head, self.head_dim = cfg.n_head, cfg.head_dim
-        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
-        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.qkv = Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = Linear(cfg.d_model, cfg.d_model, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
         self.k_norm = RMSNorm(cfg.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
 
@@ -92,8 +108,8 @@ class ReluSquared(torch.autograd.Function):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.up = nn.Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
-        self.down = nn.Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
+        self.up = Linear(cfg.d_model, cfg.mlp_ratio * cfg.d_model, bias=False)
+        self.down = Linear(cfg.mlp_ratio * cfg.d_model, cfg.d_model, bias=False)
 
     def forward(self, x):
         return self.down(ReluSquared.apply(self.up(x)))
@@ -113,19 +129,27 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """init: set the weights at random (GPT.reset_parameters); False leaves them unset, for a model whose
+    every weight is loaded next (codellm.bundle checks that a bundle holds them all). Built under
+    `torch.device("meta")` with init False, it holds shapes only and computes nothing."""
+
+    def __init__(self, cfg: ModelConfig, init: bool = True):
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = Embedding(cfg.vocab_size, cfg.d_model)
         self.blocks = nn.ModuleList(Block(cfg, layer) for layer in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_base)
+        if torch.empty(0).is_meta:  # built for its shapes only (codellm.bundle): no values to compute
+            cos = sin = torch.empty(cfg.context_length, cfg.head_dim)
+        else:
+            cos, sin = rope_tables(cfg.head_dim, cfg.context_length, cfg.rope_base)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.reset_parameters()
+        if init:
+            self.reset_parameters()
 
     def reset_parameters(self):
         std = 0.5 / math.sqrt(self.cfg.d_model)

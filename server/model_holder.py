@@ -104,6 +104,7 @@ class ModelHolder:
                     self.notify(f"codellm: new model rejected, still serving the previous one: {message}", True)
                 return False
             self.stamp = stamp
+            same_model = self.engine is not None and bool(engine.digest) and engine.digest == self.engine.digest
             self.engine = engine
             if engine is not self.started:
                 self.started = None
@@ -111,7 +112,7 @@ class ModelHolder:
             self.load_error = None
             log.info("model loaded from %s (%.2fM parameters, %s, decode steps: %s)", self.path,
                      engine.num_params() / 1e6, engine.device, engine.step_name)
-            if not initial:
+            if not initial and not same_model:  # same_model: the torch engine after the one without torch
                 self.notify(f"codellm: switched to the new model in {self.path}", False)
             return True
 
