@@ -82,12 +82,17 @@ def keep_start_file(engine) -> Path | None:
 def prune_start_files(keep: Path) -> None:
     """Delete the start files (ours, named DIGEST.safetensors) past the START_FILES_KEPT most recently
     used, and the temporary files of writers killed STALE_TEMP_S ago or more."""
-    files = sorted((p for p in keep.parent.glob("*.safetensors") if p != keep),
-                   key=lambda p: p.stat().st_mtime, reverse=True)
+    def age(path: Path) -> float:  # another server may delete a file meanwhile
+        try:
+            return time.time() - path.stat().st_mtime
+        except FileNotFoundError:
+            return 0.0
+
+    files = sorted((p for p in keep.parent.glob("*.safetensors") if p != keep), key=age)
     for old in files[START_FILES_KEPT - 1:]:
         old.unlink(missing_ok=True)
     for tmp in keep.parent.glob(".*.safetensors.*.tmp"):
-        if time.time() - tmp.stat().st_mtime > STALE_TEMP_S:
+        if age(tmp) > STALE_TEMP_S:
             tmp.unlink(missing_ok=True)
 
 
@@ -124,7 +129,8 @@ class StartFile:
                 raise ValueError(f"{path}: tensor {name} missing or of another shape")
             begin, end = entry["data_offsets"]
             want = math.prod(shape) * (FLOAT_BYTES if dtype == "F32" else 1)
-            if not 0 <= begin <= end <= data_len or end - begin != want or \
+            if not (isinstance(begin, int) and isinstance(end, int)) or \
+                    not 0 <= begin <= end <= data_len or end - begin != want or \
                     (dtype == "F32" and (self.data_start + begin) % FLOAT_BYTES):
                 raise ValueError(f"{path}: tensor {name} outside the file or misaligned")
 
