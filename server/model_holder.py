@@ -44,12 +44,17 @@ class ModelHolder:
         self._load_lock = threading.Lock()
         self.quiet = False
         self.answered = threading.Event()  # set by the first completion the model gave (CompletionService)
-        # the engine without torch (codellm.kernel_engine) serving until the torch engine replaces it; a
-        # reload replaces it even with the same files (the torch engine failed to load from them once)
-        self.started = None
         # a load started with the process, before the editor's settings came (codellm.server.cli)
         self.early = early
         self.executor = early.executor if early else new_model_thread()
+
+    @property
+    def started(self) -> "KernelEngine | None":
+        """The engine without torch (codellm.kernel_engine) while it serves, until the torch engine replaces
+        it; a reload replaces it even with the same files (the torch engine failed to load from them once)."""
+        from codellm.kernel_engine import KernelEngine
+
+        return self.engine if isinstance(self.engine, KernelEngine) else None
 
     def configure(self, path: str | None, device: str | None, threads: int | None, quiet: bool = False) -> None:
         """Load the model at `path` (None: $CODELLM_MODEL or the packaged default) and watch it.
@@ -106,8 +111,6 @@ class ModelHolder:
             self.stamp = stamp
             same_model = self.engine is not None and bool(engine.digest) and engine.digest == self.engine.digest
             self.engine = engine
-            if engine is not self.started:
-                self.started = None
             self.version += 1
             self.load_error = None
             log.info("model loaded from %s (%.2fM parameters, %s, decode steps: %s)", self.path,
@@ -127,7 +130,6 @@ class ModelHolder:
                 if settings == (self.path, self.device, self.threads, self.precision) \
                         and stamp in (early_stamp, None):
                     if bundle is None:  # the engine without torch: the torch engine replaces it once loaded
-                        self.started = engine
                         early.load_torch_engine(lambda future: self._upgrade(engine, future), self.answered)
                     return bundle, engine
             except Exception:  # noqa: BLE001 - loaded again below, and the error reported from there
@@ -148,7 +150,7 @@ class ModelHolder:
             if self.engine is started and engine.digest == started.digest:
                 # the same weights and decode steps (prompts read in bf16 there may tip a near tie): the
                 # suggestions cached meanwhile stay
-                self.engine, self.started = engine, None
+                self.engine = engine
                 log.info("torch engine loaded: prompts are read with PyTorch, decode steps: %s", engine.step_name)
 
     def _fail(self, message: str, no_bundle: bool = True) -> None:
