@@ -10,8 +10,8 @@ from .threads import prefer_passive_waits
 
 prefer_passive_waits()  # before torch loads (it loads the OpenMP runtime): see codellm.threads
 
-from .bundle import BundleError  # noqa: E402
-from .engine import PRECISION_HELP, PRECISIONS  # noqa: E402
+from .bundle_files import BundleError  # noqa: E402
+from .config import PRECISION_HELP, PRECISIONS  # noqa: E402
 
 
 def parse_location(spec: str) -> tuple[str, int, int]:
@@ -47,7 +47,7 @@ def decode(data: bytes, file: str) -> str:
 
 
 def model_arg(value: str) -> str:
-    from .defaults import bundle_arg  # imports torch: only once a --model is given
+    from .defaults import bundle_arg
     return str(bundle_arg(value))
 
 
@@ -57,6 +57,27 @@ def cmd_generate(args):
     prompt = args.prompt.replace("\\n", "\n").replace("\\t", "\t")
     text = engine.generate(prompt, args.max_length, args.temperature, args.top_k, args.top_p, args.seed)
     sys.stdout.write(prompt + text + ("\n" if not text.endswith("\n") else ""))
+
+
+def open_engine(model: str | None, device: str | None, precision: str):
+    """The engine for one completion: the one without torch (codellm.kernel_engine) where the bundle has
+    a start file and the settings are its own (CPU, precision auto), as the server's first answers are;
+    else the torch engine. Returns (engine, keep): call keep() once the answer is out, to write the start
+    file the next command reads (nothing to do after the engine without torch)."""
+    from .defaults import default_bundle_path
+
+    path = Path(model) if model else default_bundle_path()
+    if device in (None, "cpu") and precision == "auto":
+        from .kernel_engine import KernelEngine
+
+        engine = KernelEngine.open(path)
+        if engine is not None:
+            return engine, lambda: None
+    from . import load
+    from .kernel_engine import keep_start_file
+
+    engine = load(str(path), device, precision=precision)
+    return engine, lambda: keep_start_file(engine)
 
 
 def probability(value: str) -> float:
@@ -70,7 +91,6 @@ def probability(value: str) -> float:
 
 
 def cmd_complete(args):
-    from . import load
     file, line, col = parse_location(args.location)
     prefix, suffix = split_at(read_text(file), line, col)
     context = None
@@ -81,7 +101,7 @@ def cmd_complete(args):
         for f in args.context:
             given.setdefault(str(Path(f).resolve()), f)
         context = choose_context(prefix, suffix, [(p, read_context_file(f)) for p, f in given.items()], [], doc_path)
-    engine = load(args.model, args.device, precision=args.precision)
+    engine, keep = open_engine(args.model, args.device, args.precision)
     result = engine.complete_detailed(prefix, suffix, args.mode, context=context, cut=args.cut_confidence)
     confidence = result.confidence_of(len(result.text))
     hidden = bool(result.text) and confidence < args.min_confidence  # as the editor would: nothing shown
@@ -96,6 +116,9 @@ def cmd_complete(args):
               f"{', hidden as unsure' if hidden else ''}]", file=sys.stderr)
         for chunk in context or []:
             print(f"[context {chunk.path}:{chunk.line + 1}: {chunk.text.splitlines()[0][:60]}]", file=sys.stderr)
+        print(f"[decode steps: {engine.step_name}]", file=sys.stderr)
+    sys.stdout.flush()
+    keep()
 
 
 def cmd_info(args):

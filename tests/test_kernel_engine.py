@@ -173,3 +173,20 @@ def test_the_torch_engine_is_handed_over_off_the_model_thread(bundle_path, engin
     name, (bundle, torch_engine) = handed[0]
     assert not name.startswith("codellm-model") and bundle is not None and torch_engine.digest == engine.digest
     early.executor.shutdown()
+
+
+def test_the_command_line_writes_the_start_file_then_answers_without_torch(bundle_path, cache_home, tmp_path):
+    script = tmp_path / "s.sh"
+    script.write_text("#!/bin/bash\nfor f in *.txt; do\n\tech\ndone\n")
+    # the command as a user runs it, with a check at exit of whether torch was imported
+    probe = ("import sys; from codellm.cli import main; rc = main(sys.argv[1:]); "
+             "print('torch imported:', 'torch' in sys.modules, file=sys.stderr); sys.exit(rc)")
+    args = [sys.executable, "-c", probe, "complete", f"{script}:3:5", "--model", str(bundle_path), "-v"]
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
+    first = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert first.returncode == 0, first.stderr
+    assert "torch imported: True" in first.stderr and start_file(bundle_digest(bundle_path)).is_file()
+    second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert "torch imported: False" in second.stderr and "before torch loaded" in second.stderr
+    assert second.stdout == first.stdout
