@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
+from .crossfile import name_candidates, typed_word
 from .lookahead import PromptLookup
 from .postprocess import BLANK_LINE_AFTER_CONTENT, Context, ends_in_loop, first_repeated_line, postprocess, safe_cut
 from .prompt import (ContextChunk, Prompt, build_prompt, build_prompt_with_context, choose_format,
@@ -86,6 +87,8 @@ class Completer:
         self.special_ids = self.as_ids(sorted(self.tokenizer.special_ids - {eot}))
         self.eot_ids = self.as_ids([eot])
         self._healing_cache: dict = {}
+        self._token_id = {b: i for i, b in enumerate(token_bytes) if b and i not in self.tokenizer.special_ids}
+        self._never_first = {i for i, b in enumerate(token_bytes) if b.lstrip(b" \t").startswith((b"\n", b"\r"))}
 
     def healing_allowed(self, heal: bytes):
         """Ids of the tokens that agree with the backed-off bytes `heal`: those that start with them,
@@ -100,11 +103,41 @@ class Completer:
             self._healing_cache[heal] = allowed
         return allowed
 
-    def mask_logits(self, logits, out: bytearray, heal: bytes, mode: str, allow_empty: bool):
+    def name_tokens(self, rest: bytes) -> tuple[int, ...]:
+        """Ids of the tokens that write a start of `rest`, or all of it and then a word boundary."""
+        ids = self._healing_cache.get(("name", rest))
+        if ids is None:
+            ids = tuple(self._token_id[rest[:k]] for k in range(1, len(rest) + 1) if rest[:k] in self._token_id)
+            ids += tuple(i for b, i in self._token_id.items() if len(b) > len(rest) and b.startswith(rest)
+                         and b[len(rest):len(rest) + 1] in NAME_ENDS)
+            if len(self._healing_cache) > 1024:
+                self._healing_cache.clear()
+            self._healing_cache[("name", rest)] = ids
+        return ids
+
+    def names_allowed(self, names: list[bytes], out: bytearray, heal: bytes, allow_empty: bool) -> list[int] | None:
+        """Ids of the tokens that keep the output `out` on one of `names` (each the bytes the output must
+        begin with: the backed-off bytes and the rest of a name) and end the name at a word boundary; None
+        once the output has left every name behind (or no token would keep to one)."""
+        out, allowed = bytes(out), set()
+        for name in names:
+            if len(out) > len(name) or not name.startswith(out):
+                continue  # done with this name (the boundary was written) or another name was taken
+            allowed.update(self.name_tokens(name[len(out):]))
+        if len(out) <= len(heal) and not allow_empty:
+            allowed -= self._never_first
+        return sorted(allowed) or None
+
+    def mask_logits(self, logits, out: bytearray, heal: bytes, mode: str, allow_empty: bool,
+                    names: list[bytes] | None = None):
         """The logits with the tokens the next pick may not be set to -inf: special tokens; while the
-        backed-off bytes `heal` are re-typed, tokens that disagree with them; before anything is inserted
-        (unless allow_empty), tokens that would end the answer; after a run of blank output, blank
-        tokens. May modify `logits` in place."""
+        backed-off bytes `heal` are re-typed, tokens that disagree with them; while a name of `names` is
+        written (names_allowed), tokens that leave every name; before anything is inserted (unless
+        allow_empty), tokens that would end the answer; after a run of blank output, blank tokens.
+        May modify `logits` in place."""
+        allowed = self.names_allowed(names, out, heal, allow_empty) if names else None
+        if allowed is not None:
+            return self.only(logits, self.as_ids(allowed))
         logits = self.ban(logits, self.special_ids)
         if heal and len(out) < len(heal):
             return self.only(logits, self.healing_allowed(bytes(heal[len(out):])))
@@ -152,6 +185,9 @@ class Completer:
             prompt = build_prompt(self.tokenizer, prefix, suffix, fmt, budget=budget)
         max_new = max(1, min(max_new_tokens or MAX_TOKENS[mode], context - len(prompt.ids)))
         rules = StopRules(mode, len(prompt.heal), deadline, should_stop, whole_lines_after, cut)
+        names = name_candidates(prefix, suffix, extra_context) if extra_context else []
+        word = typed_word(prefix) if names else ""
+        rules.names = [prompt.heal + name[len(word):].encode() for name in names]
         with self.lock, self.reading():
             decoded = self.decode_n_tokens(prompt, max_new, rules, allow_empty)
         text, token_probs = answer_text(decoded, prompt.heal, mode)
@@ -174,7 +210,7 @@ class Completer:
         logits, decoded.reused = self.prefill(prompt.ids)
         for n_new in range(1, max_new + 1):
             decoded.new_tokens = n_new
-            logits = self.mask_logits(logits, out, prompt.heal, rules.mode, allow_empty)
+            logits = self.mask_logits(logits, out, prompt.heal, rules.mode, allow_empty, rules.names)
             token = self.argmax(logits)
             if token == self.tokenizer.eot_id:
                 decoded.stop = "eot"
@@ -208,6 +244,9 @@ class Completer:
         return decoded
 
 
+NAME_ENDS = frozenset(bytes([c]) for c in b" \t\n\r;&|)<>")  # what may follow a command name
+
+
 @dataclass
 class StopRules:
     """When a completion's decoding stops, besides end of text, the token budget and the context."""
@@ -217,6 +256,8 @@ class StopRules:
     should_stop: Callable[[], bool] | None = None
     whole_lines_after: float | None = None  # time.monotonic() value; block mode
     cut: float = 0.0  # stop before a token of lower probability
+    # the output begins with one of these and a word boundary (Completer.names_allowed); [] = free
+    names: list[bytes] = field(default_factory=list)
 
 
 @dataclass

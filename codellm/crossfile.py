@@ -226,6 +226,27 @@ def function_name(text: str) -> str | None:
     return (m.group(2) or m.group(3)) if m else None
 
 
+def defined_name(text: str) -> str | None:
+    """The function or variable a definitions() chunk defines, or None."""
+    m = ASSIGNMENT.match(text.split("\n", 1)[0])
+    return function_name(text) or (m.group(1) if m else None)
+
+
+TYPED_WORD = re.compile(r"[A-Za-z_][\w:.-]*$")
+# where a line's text before a word makes that word a command name
+COMMAND_POSITION = re.compile(r"(?:^|[;&|({!`]|\$\(|\b(?:then|do|else|elif|if|while|until|time|exec|command))[ \t]*$")
+COMMAND_WORD = re.compile(r"(?:^|[;&|({!`]|\$\(|\b(?:then|do|else|elif|if|while|until|time|exec|command))[ \t]*"
+                          r"([A-Za-z_][\w:.-]*)", re.M)
+MIN_TYPED_CHARS = 2  # one letter begins too many names to say which definition is wanted
+
+
+def typed_word(prefix: str) -> str:
+    """The name being typed at the cursor (the word the prefix ends in), or "" when under
+    MIN_TYPED_CHARS characters of one are typed."""
+    m = TYPED_WORD.search(prefix[-MAX_SCAN_CHARS:])
+    return m.group(0) if m and len(m.group(0)) >= MIN_TYPED_CHARS else ""
+
+
 def _function_end(lines: list[str], start: int, indent: str) -> int:
     """Index of the last line of the function starting at lines[start]."""
     first = lines[start].rstrip()
@@ -291,7 +312,31 @@ def query_text(prefix: str, suffix: str, before: int = 24, after: int = 8, step:
     return "\n".join(above[max(0, end - before):end] + below)
 
 
+def name_candidates(prefix: str, suffix: str, context: list[ContextChunk]) -> list[str]:
+    """The command names the word being typed (typed_word) may become, where it is a command name and
+    some function of the context (a chunk that begins with a definition) begins with it: those
+    functions, the functions the script defines, and the command names it uses on its other lines, each
+    beginning with the word; else []. A decoder kept to these names (Agrawal et al. 2023, "Guiding
+    language models of code with global context using monitors") writes the library's name where the
+    model alone would write the commonest name it knows."""
+    word = typed_word(prefix)
+    line = prefix[prefix.rfind("\n") + 1:]
+    if not word or len(line) > MAX_SCAN_CHARS or not COMMAND_POSITION.search(line[:len(line) - len(word)]):
+        return []
+    library = {function_name(c.text) for c in context}
+    if not any(name and name.startswith(word) for name in library):
+        return []
+    others = prefix[:len(prefix) - len(line)] + suffix[suffix.find("\n") + 1:] if "\n" in suffix else \
+        prefix[:len(prefix) - len(line)]
+    own = {function_name(c.text) for c in definitions(others, "")}
+    used = set(COMMAND_WORD.findall(others))
+    return sorted(name for name in library | own | used if name and name.startswith(word))
+
+
 SOURCED_BONUS = 0.05  # a definition from a sourced file ranks above an open document's equally similar chunk
+# a definition of a name that begins with the word being typed ranks above every other chunk: what comes next
+# is most likely that name's call (the query, which leaves out the line being typed, cannot see it)
+TYPED_BONUS = 1.0
 OPEN_MIN_SCORE = 0.1  # an open document's chunk must share at least this much with the query
 
 
@@ -300,10 +345,16 @@ def choose_context(prefix: str, suffix: str, sourced: list[tuple[str, str]], ope
                    ) -> list[ContextChunk]:
     """Ranked context for a cursor: the definitions of the sourced files (path, text) and chunks of the
     other open documents (path, text) that are not copies of the script's own lines, named relative
-    to the script. `open_chunks(path, text)` may give
-    cached chunks of an open document."""
+    to the script; definitions of names that begin with the word being typed (typed_word) first.
+    `open_chunks(path, text)` may give cached chunks of an open document."""
     words = identifiers(query_text(prefix, suffix))
-    scored = [(jaccard(identifiers(c.text), words) + SOURCED_BONUS, ContextChunk(display_path(p, doc_path), c.line, c.text))
+    typed = typed_word(prefix)
+
+    def sourced_score(text: str) -> float:
+        name = defined_name(text) if typed else None
+        return jaccard(identifiers(text), words) + SOURCED_BONUS + (TYPED_BONUS if name and name.startswith(typed) else 0)
+
+    scored = [(sourced_score(c.text), ContextChunk(display_path(p, doc_path), c.line, c.text))
               for p, t in sourced for c in definitions(t, p)]
     here = (prefix + suffix).replace("\r\n", "\n")
     for path, text in open_docs:

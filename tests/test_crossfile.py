@@ -84,6 +84,46 @@ def test_a_short_script_ranks_by_its_own_lines_not_by_file_order():
     assert chunks[0].path == "lib.sh"
 
 
+def test_name_candidates_where_a_library_function_may_be_typed():
+    context = crossfile.definitions(LIB, "lib.sh")
+    start = "#!/bin/bash\nsource ./lib.sh\nlogrotate -f /etc/app.conf\n"
+    assert crossfile.name_candidates(start + "log", "\n", context) == ["log_error", "log_info", "logrotate"]
+    assert crossfile.name_candidates(start + "if ! fetch_release x; then log_e", "\n", context) == ["log_error"]
+    assert crossfile.name_candidates(start + "foo() {\n  fet", "\n}\nfetch_all\n", context) == \
+        ["fetch_all", "fetch_release"]  # what the script itself calls or defines may be meant too
+    assert crossfile.name_candidates(start + "echo log", "\n", context) == []  # an argument, not a command
+    assert crossfile.name_candidates(start + "l", "\n", context) == []  # one letter says too little
+    assert crossfile.name_candidates(start + "tar", "\n", context) == []  # no function of the library
+    assert crossfile.name_candidates(start + "log", "\n", []) == []
+
+
+def test_a_name_being_typed_is_completed_to_a_library_function(bundle_path):
+    from codellm.engine import Engine
+    from codellm.bundle import load_bundle
+
+    engine = Engine(load_bundle(bundle_path), "cpu")
+    prefix = "#!/bin/bash\nsource ./lib.sh\n\nlog_"
+    context = crossfile.choose_context(prefix, "\n", [("/ws/lib.sh", LIB)], [], "/ws/run.sh")
+    for mode in ("line", "block"):
+        text = engine.complete(prefix, "\n", mode, context=context)
+        name = ("log_" + text).split()[0] if text.strip() else ""
+        assert name.split(";")[0] in ("log_info", "log_error"), text  # the test model alone writes noise here
+        assert text.startswith(name[4:]) and text[len(name) - 4:len(name) - 3] in ("", " ", "\n", ";", "&", "|", ")")
+    # the tokens allowed along the way: a start of the name's rest, or all of it and a word boundary; free after
+    table, ends = engine.tokenizer.token_bytes, [bytes([c]) for c in b" \t\n\r;&|)<>"]
+
+    def keeps_to_a_name(out: bytes) -> bool:
+        return any(n.startswith(out) or (out.startswith(n) and out[len(n):len(n) + 1] in ends) for n in names)
+
+    names = [b"log_info", b"log_error"]
+    for out in (b"", b"log", b"log_i", b"log_info"):
+        allowed = engine.names_allowed(names, bytearray(out), b"", allow_empty=False)
+        assert allowed and all(keeps_to_a_name(out + table[i]) for i in allowed)
+        assert (engine.tokenizer.encode(names[0][len(out):].decode() + " x")[0] in allowed)
+        assert len(allowed) < len(table) // 4
+    assert engine.names_allowed(names, bytearray(b"log_info "), b"", allow_empty=False) is None
+
+
 def test_prompt_with_context_keeps_its_start_while_typing(tokenizer):
     chunks = crossfile.definitions(LIB, "lib.sh")
     line = "fetch_release https://example.org/app.tar.gz && log_info done"
