@@ -75,9 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--cut-confidence", type=float, default=None, metavar="P",
                         help="end a suggestion before the first token the model gives less than P, 0-1 "
                              "(the setting cutConfidence)")
-    parser.add_argument("--file-context", action="store_true",
+    parser.add_argument("--file-context", action=argparse.BooleanOptionalAction, default=None,
                         help="context from other files: what a script sources, and other open shell files "
-                             "(the setting fileContext true)")
+                             "(the setting fileContext; on unless --no-file-context or the editor says false)")
     parser.add_argument("--log-file", default=None, help="write the log here (no document text is logged)")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     ls.holder.precision = args.precision
     ls.settings.update({"model_path": args.model, "device": args.device, "threads": args.threads,
                         "min_confidence": args.min_confidence, "cut_confidence": args.cut_confidence,
-                        "file_context": True if args.file_context else None})
+                        "file_context": args.file_context})
     for problem in ls.settings.problems:
         parser.error(problem)
     ls.settings.keep_launch_values()

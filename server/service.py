@@ -49,7 +49,7 @@ class Settings:
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
     # context from other files: what the script sources and chunks of other open shell documents. Off by
     # default: the shipped model was not trained with it and completes no better with it (MODEL.md)
-    file_context: bool = False
+    file_context: bool = True
     # start the suggestion at the cursor an edit leaves as soon as the edit arrives, before the editor
     # asks (VS Code asks 50 ms after typing stops): auto (for editors with inline completion) | always | never
     prefetch: str = "auto"

@@ -169,7 +169,8 @@ def test_typing_into_the_real_server(bundle_path):
 
 
 def test_settings_are_read_flat_or_under_a_codellm_key():
-    for options in ({"fileContext": True, "minConfidence": 0.4}, {"codellm": {"fileContext": True, "minConfidence": 0.4}}):
+    assert Settings().file_context is True  # on unless turned off
+    for options in ({"fileContext": False, "minConfidence": 0.4}, {"codellm": {"fileContext": False, "minConfidence": 0.4}}):
         settings = Settings()
         assert sorted(settings.update(options)) == ["file_context", "min_confidence"]
-        assert settings.file_context is True and settings.min_confidence == 0.4
+        assert settings.file_context is False and settings.min_confidence == 0.4

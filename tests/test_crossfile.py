@@ -207,7 +207,7 @@ def test_server_uses_sourced_files_inside_the_workspace_only(bundle_path, tmp_pa
     uri = (ws / "run.sh").as_uri()
 
     async def run():
-        async with Session("--model", str(bundle_path), "--file-context", workspace=str(ws)) as s:
+        async with Session("--model", str(bundle_path), workspace=str(ws)) as s:  # on by default
             s.open(uri, script)
             await s.inline(uri, 4, 4)
             first = list((await s.status()).context)
@@ -220,6 +220,14 @@ def test_server_uses_sourced_files_inside_the_workspace_only(bundle_path, tmp_pa
     assert with_context and all(c.startswith("lib.sh:") for c in with_context)
     assert not any("secret" in c for c in with_context)
     assert switched_off == []
+
+    async def launched_without():
+        async with Session("--model", str(bundle_path), "--no-file-context", workspace=str(ws)) as s:
+            s.open(uri, script)
+            await s.inline(uri, 4, 4)
+            return list((await s.status()).context)
+
+    assert asyncio.run(launched_without()) == []
 
 
 def test_server_ring_follows_open_documents_and_keeps_the_prompt_start(bundle_path, tmp_path):

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from codellm.train.corpus import record, write_records
-from codellm.train.evaluate import block_openers, call_points, round_robin
+from codellm.train.evaluate import block_openers, call_points, round_robin, with_siblings_open
 from codellm.train.recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
 
 from conftest import ENGLISH_SAMPLES, SHELL_SAMPLES
@@ -44,6 +44,19 @@ def test_cross_file_cuts_only_where_another_file_is_needed():
     mid = [p for p in points if p["kind"] == "call_mid"]
     assert [p["prefix"][-3:] for p in mid] == ["log", "fet"] and mid[0]["target"] == "_info start"
     assert all(p["prefix"] + p["target"] + p["suffix"] == script for p in starts)
+
+
+def test_sibling_scripts_open_come_from_the_same_package_only():
+    records = [{"source": src, "path": f"/{name}.sh", "text": f"#!/bin/bash\necho {src} {name}\nexit 0\n"}
+               for src in ("npm:a", "npm:b") for name in ("x", "y", "z")] + \
+              [{"source": "npm:alone", "path": "/only.sh", "text": "#!/bin/bash\necho alone\nexit 0\n"}]
+    points = with_siblings_open(records, 100, random.Random(0))
+    assert points and len({p["doc_path"] for p in points}) >= 2
+    for p in points:
+        own = next(r for r in records if r["path"] == p["doc_path"] and r["text"] == p["prefix"] + p["target"] + p["suffix"])
+        assert own["source"] != "npm:alone"
+        assert len(p["open_docs"]) == 2 and p["doc_path"] not in dict(p["open_docs"])
+        assert all(text.split()[2] == own["source"] for _, text in p["open_docs"])
 
 
 def test_cross_file_sample_takes_each_package_in_turn():

@@ -286,12 +286,33 @@ def round_robin(groups: list[list[dict]], n: int) -> list[dict]:
     return picked[:n]
 
 
+SIBLINGS_OPEN = 3  # other scripts of the package open in the editor beside the one typed in
+
+
+def with_siblings_open(records: list[dict], n: int, rng: random.Random) -> list[dict]:
+    """Up to `n` cut points (cut_points) in held-out scripts of packages of two or more files, each with
+    SIBLINGS_OPEN other scripts of its package as open documents and what it sources: the context the
+    server gives a person editing one script of a project beside others."""
+    points = []
+    for package, files in sorted(package_files(records).items()):
+        paths = sorted(files)
+        for doc_path in rng.sample(paths, min(4, len(paths))) if len(paths) > 1 else []:
+            others = [p for p in paths if p != doc_path]
+            open_docs = [(p, files[p]) for p in rng.sample(others, min(SIBLINGS_OPEN, len(others)))]
+            sourced = crossfile.read_sourced(files[doc_path], doc_path, files.get, ["/"])
+            points += [{**p, "doc_path": doc_path, "sourced": sourced, "open_docs": open_docs}
+                       for p in cut_points([files[doc_path]], 3, rng)]
+    rng.shuffle(points)
+    return points[:n]
+
+
 def cross_file(engine: Engine, records: list[dict], n: int = 200, others: int = 200, seed: int = 0) -> dict | None:
     """Line completion where the answer needs another file: held-out scripts that source a file of their
     own package, cut at the first call of each function that file defines (and the script does not), with
     and without the sourced file's definitions as context (codellm.crossfile), same model; the sample takes
     each package in turn. Beside it, ordinary cut
-    points (cut_points) in the same scripts, with and without the context, to show nothing is lost.
+    points (cut_points) in the same scripts, with and without the context, to show nothing is lost, and
+    cut points in scripts with sibling scripts open (with_siblings_open).
     EM as in line_completion; "name" is the share whose first word is the called function."""
     rng = random.Random(seed)
     calls: dict[str, list[dict]] = {}
@@ -315,11 +336,13 @@ def cross_file(engine: Engine, records: list[dict], n: int = 200, others: int = 
     picked = {kind: round_robin([[p for p in points if p["kind"] == kind] for points in calls.values()], n // 2)
               for kind in ("call_start", "call_mid")}
     picked["other_cuts"] = plain[:others]
+    picked["open_docs"] = with_siblings_open(records, others, rng)
     result = {}
     for kind, points in picked.items():
         rows = {"with_context": [], "without": []}
         for p in points:
-            chunks = crossfile.choose_context(p["prefix"], p["suffix"], p["sourced"], [], p["doc_path"])
+            chunks = crossfile.choose_context(p["prefix"], p["suffix"], p["sourced"], p.get("open_docs", []),
+                                              p["doc_path"])
             for label, context in (("with_context", chunks), ("without", None)):
                 guess = engine.complete(p["prefix"], p["suffix"], mode="line", context=context)
                 rows[label].append((exact_match(guess, p["target"]), guess.split()[:1] == p["target"].split()[:1]))
@@ -439,7 +462,8 @@ def _cells(r: dict) -> list[tuple[str, str]]:
     rows.append(("block after opener: body % / bash -n %",
                  f"{blk['with_body']} / {blk['bash_n_pass']} (n={blk['n']})" if blk else "-"))
     xf = r.get("cross_file")
-    for kind, label in (("call_start", "at the call"), ("call_mid", "3 chars typed"), ("other_cuts", "other cuts")):
+    for kind, label in (("call_start", "at the call"), ("call_mid", "3 chars typed"), ("other_cuts", "other cuts"),
+                        ("open_docs", "siblings open")):
         v = (xf or {}).get(kind)
         rows.append((f"cross-file EM/1st word {label}, +ctx / -ctx",
                      f"{v['with_context']['em']}/{v['with_context']['first_word']} / "

@@ -27,7 +27,7 @@ function initializationOptions(config) {
     completionItems: config.get("completionItems", "auto"),
     minConfidence: numberOrNull(config.get("minConfidence", null)),
     cutConfidence: numberOrNull(config.get("cutConfidence", null)),
-    fileContext: config.get("fileContext", false) === true,
+    fileContext: config.get("fileContext", true) !== false,
     prefetch: config.get("prefetch", "auto"),
   };
 }

@@ -12,7 +12,7 @@ M.defaults = {
   max_tokens = nil,                   -- longest suggestion, in tokens
   min_confidence = nil,               -- 0-1: hide suggestions the model is less sure of (nil: server default)
   cut_confidence = nil,               -- 0-1: end a suggestion before a token less sure than this
-  file_context = false,               -- context from sourced files and other open shell buffers
+  file_context = true,                -- context from sourced files and other open shell buffers
   prefetch = nil,                     -- "auto" | "always" | "never": start a suggestion as keys arrive (nil: auto,
                                       -- on with 0.12 inline completion, off for the 0.11 popup)
   filetypes = { "sh", "bash", "zsh" },
@@ -31,7 +31,7 @@ function M.init_options(config)
     maxTokens = config.max_tokens,
     minConfidence = config.min_confidence,
     cutConfidence = config.cut_confidence,
-    fileContext = config.file_context == true,
+    fileContext = config.file_context ~= false,
     prefetch = config.prefetch,
   }
 end
