@@ -328,8 +328,9 @@ def name_candidates(prefix: str, suffix: str, context: list[ContextChunk]) -> li
         return []
     others = prefix[:len(prefix) - len(line)] + suffix[suffix.find("\n") + 1:] if "\n" in suffix else \
         prefix[:len(prefix) - len(line)]
-    own = {function_name(c.text) for c in definitions(others, "")}
-    used = set(COMMAND_WORD.findall(others))
+    lines = [text for text in others.split("\n") if word in text and len(text) <= MAX_SCAN_CHARS]
+    own = {function_name(text) for text in lines}
+    used = {name for text in lines for name in COMMAND_WORD.findall(text)}
     return sorted(name for name in library | own | used if name and name.startswith(word))
 
 
