@@ -141,9 +141,9 @@ def main(argv=None) -> None:
     parser.add_argument("--background", type=int, default=0, metavar="N",
                         help="type with the server idle and with N busy processes running (started and ended "
                              "by the bench), side by side, for the default thread count, 1 and 2 threads")
-    parser.add_argument("--file-context", action="store_true",
-                        help="the server shows context from other files (the scripts typed before stay open, "
-                             "so each later one gets context from them)")
+    parser.add_argument("--file-context", action=argparse.BooleanOptionalAction, default=True,
+                        help="the server shows context from other files, as by default (the scripts typed before "
+                             "stay open, so each later one gets context from them); --no-file-context: none")
     parser.add_argument("--json", type=Path, default=None, help="with --typing: write every figure here")
     parser.add_argument("--debounce-ms", type=float, default=0, metavar="MS",
                         help="wait this long after each keystroke before asking, as editors do (VS Code: 50); "
@@ -158,7 +158,7 @@ def main(argv=None) -> None:
     if not scripts:
         sys.exit("no scripts to type: give --corpus with a held-out split or --scripts-dir")
     server_args = (["--model", args.model] if args.model else []) + \
-        (["--log-file", args.server_log] if args.server_log else []) + (["--file-context"] if args.file_context else [])
+        (["--log-file", args.server_log] if args.server_log else []) + ([] if args.file_context else ["--no-file-context"])
     if args.background:
         load_main(args, scripts, server_args)
         return
