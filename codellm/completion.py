@@ -3,7 +3,9 @@ the stop rules (end of text, newline, token budget, deadline, loops), and the an
 torch here: the C step's engine (codellm.kernel_engine) answers with it before torch has loaded."""
 from __future__ import annotations
 
+import bisect
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Literal
@@ -88,6 +90,7 @@ class Completer:
         self.eot_ids = self.as_ids([eot])
         self._healing_cache: dict = {}
         self._token_id = {b: i for i, b in enumerate(token_bytes) if b and i not in self.tokenizer.special_ids}
+        self._sorted_tokens = sorted(self._token_id)  # the tokens beginning with some bytes are a range of it
         self._never_first = {i for i, b in enumerate(token_bytes) if b.lstrip(b" \t").startswith((b"\n", b"\r"))}
 
     def healing_allowed(self, heal: bytes):
@@ -108,8 +111,10 @@ class Completer:
         ids = self._healing_cache.get(("name", rest))
         if ids is None:
             ids = tuple(self._token_id[rest[:k]] for k in range(1, len(rest) + 1) if rest[:k] in self._token_id)
-            ids += tuple(i for b, i in self._token_id.items() if len(b) > len(rest) and b.startswith(rest)
-                         and b[len(rest):len(rest) + 1] in NAME_ENDS)
+            start = bisect.bisect_right(self._sorted_tokens, rest)  # the longer tokens beginning with rest
+            for b in itertools.takewhile(lambda b: b.startswith(rest), self._sorted_tokens[start:]):
+                if b[len(rest):len(rest) + 1] in NAME_ENDS:
+                    ids += (self._token_id[b],)
             if len(self._healing_cache) > 1024:
                 self._healing_cache.clear()
             self._healing_cache[("name", rest)] = ids

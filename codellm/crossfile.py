@@ -25,6 +25,7 @@ import stat
 from typing import Callable, Iterable
 
 from .prompt import ContextChunk
+from .shell import code_of_line, open_quote
 
 # Every pattern here runs in time linear in its line: no two neighbouring repeats can take the same
 # characters (`[ \t]*(?:\(\s*\))?[ \t]*` would try every split of a long run of spaces).
@@ -232,12 +233,22 @@ def defined_name(text: str) -> str | None:
     return function_name(text) or (m.group(1) if m else None)
 
 
-TYPED_WORD = re.compile(r"[A-Za-z_][\w:.-]*$")
-# where a line's text before a word makes that word a command name
-COMMAND_POSITION = re.compile(r"(?:^|[;&|({!`]|\$\(|\b(?:then|do|else|elif|if|while|until|time|exec|command))[ \t]*$")
-COMMAND_WORD = re.compile(r"(?:^|[;&|({!`]|\$\(|\b(?:then|do|else|elif|if|while|until|time|exec|command))[ \t]*"
-                          r"([A-Za-z_][\w:.-]*)", re.M)
+TYPED_WORD = re.compile(r"[A-Za-z_][\w:.-]*\Z")
+# where a line's text before a word makes that word a command name: the line's start or an operator (not
+# `${` of a variable, `$((` of arithmetic or `=(` of an array), then reserved words that a command follows
+_COMMAND_BEFORE = (r"(?:^|[;&|!`]|(?<![$(=])\(|\$\((?!\()|(?<!\$)\{)[ \t]*"
+                   r"(?:(?:then|do|else|elif|if|while|until|time|exec|command|!)[ \t]+)*")
+COMMAND_POSITION = re.compile(_COMMAND_BEFORE + "$")
+COMMAND_WORD = re.compile(_COMMAND_BEFORE + r"([A-Za-z_][\w:.-]*)", re.M)
+# what bash itself runs (`compgen -b -k` of bash 5): always a name the word being typed may become
+SHELL_NAMES = frozenset("""alias bg bind break builtin caller cd command compgen complete compopt continue declare
+dirs disown echo enable eval exec exit export false fc fg getopts hash help history jobs kill let local logout
+mapfile popd printf pushd pwd read readarray readonly return set shift shopt source suspend test times trap true
+type typeset ulimit umask unalias unset wait if then else elif fi case esac for select while until do done in
+function time coproc""".split())
 MIN_TYPED_CHARS = 2  # one letter begins too many names to say which definition is wanted
+MAX_NAMES = 32  # a word that begins more names than this says too little to keep the decoder to them
+NAME_SCAN_CHARS = 65536  # of the text on either side of the cursor, what is read for the script's own names
 
 
 def typed_word(prefix: str) -> str:
@@ -313,25 +324,29 @@ def query_text(prefix: str, suffix: str, before: int = 24, after: int = 8, step:
 
 
 def name_candidates(prefix: str, suffix: str, context: list[ContextChunk]) -> list[str]:
-    """The command names the word being typed (typed_word) may become, where it is a command name and
-    some function of the context (a chunk that begins with a definition) begins with it: those
-    functions, the functions the script defines, and the command names it uses on its other lines, each
-    beginning with the word; else []. A decoder kept to these names (Agrawal et al. 2023, "Guiding
+    """The command names the word being typed (typed_word) may become, where it is a command name (not
+    in a comment or a quoted string) and some function of the context (a chunk that begins with a
+    definition) begins with it: those functions, the functions the script defines, the command names it
+    uses on its other lines and bash's own (SHELL_NAMES), each beginning with the word; else [] (also
+    when the word is itself one of them: the name may be typed in full). A decoder kept to these names (Agrawal et al. 2023, "Guiding
     language models of code with global context using monitors") writes the library's name where the
     model alone would write the commonest name it knows."""
     word = typed_word(prefix)
     line = prefix[prefix.rfind("\n") + 1:]
-    if not word or len(line) > MAX_SCAN_CHARS or not COMMAND_POSITION.search(line[:len(line) - len(word)]):
-        return []
+    before = line[:len(line) - len(word)]
+    if not word or len(line) > MAX_SCAN_CHARS or not COMMAND_POSITION.search(before) \
+            or code_of_line(before) != before or open_quote(before) or re.match(r"[\w:.-]", suffix):
+        return []  # not a command name, or the cursor is inside the word
     library = {function_name(c.text) for c in context}
     if not any(name and name.startswith(word) for name in library):
         return []
-    others = prefix[:len(prefix) - len(line)] + suffix[suffix.find("\n") + 1:] if "\n" in suffix else \
-        prefix[:len(prefix) - len(line)]
+    above = prefix[max(0, len(prefix) - len(line) - NAME_SCAN_CHARS):len(prefix) - len(line)]
+    others = above + (suffix[suffix.find("\n") + 1:][:NAME_SCAN_CHARS] if "\n" in suffix else "")
     lines = [text for text in others.split("\n") if word in text and len(text) <= MAX_SCAN_CHARS]
     own = {function_name(text) for text in lines}
     used = {name for text in lines for name in COMMAND_WORD.findall(text)}
-    return sorted(name for name in library | own | used if name and name.startswith(word))
+    names = sorted(name for name in library | own | used | SHELL_NAMES if name and name.startswith(word))
+    return [] if word in names or len(names) > MAX_NAMES else names
 
 
 SOURCED_BONUS = 0.05  # a definition from a sourced file ranks above an open document's equally similar chunk

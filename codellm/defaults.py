@@ -15,10 +15,11 @@ HOW_TO_GET_A_MODEL = (
 
 
 def default_bundle_path() -> Path:
-    """$CODELLM_MODEL if set, else the bundle shipped inside the package."""
+    """$CODELLM_MODEL if set (`default` as on a command line: bundle_arg), else the bundle shipped inside
+    the package."""
     env = os.environ.get("CODELLM_MODEL")
     if env:
-        return Path(env).expanduser()
+        return bundle_arg(env)
     if all((PACKAGED_BUNDLE / name).is_file() for name in BUNDLE_FILES):
         return PACKAGED_BUNDLE
     raise BundleError(HOW_TO_GET_A_MODEL)

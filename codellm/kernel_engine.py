@@ -47,7 +47,9 @@ def start_dir() -> Path:
 
 
 def start_file(digest: str) -> Path:
-    return start_dir() / f"{digest}.safetensors"
+    """The start file of the bundle whose content digest is `digest`, in this version's layout: the
+    layout is in the name, so that two installed versions sharing the cache keep a file each."""
+    return start_dir() / f"{digest}.v{START_FORMAT}.safetensors"
 
 
 def keep_start_file(engine) -> Path | None:
@@ -227,7 +229,7 @@ class KernelEngine(Completer):
 
     @property
     def step_name(self) -> str:
-        return f"C ({self._kernel.instructions()}), before torch loaded"
+        return f"C ({self._kernel.instructions()}), without torch"
 
     def num_params(self) -> int:
         return self.start.parameters

@@ -44,7 +44,7 @@ async def first_suggestion(server_args: list[str]) -> dict:
     client.exit(None)
     await client.stop()
     return {"initialize": initialized, "first": answered, "text": items[0].insert_text if items else "",
-            "without_torch": "before torch" in (status.decode_steps or "")}
+            "without_torch": "without torch" in (status.decode_steps or "")}
 
 
 def main(argv=None) -> None:

@@ -47,8 +47,8 @@ class Settings:
     cut_confidence: float = DEFAULT_CUT_CONFIDENCE
     # a suggestion whose confidence (the product of its tokens' probabilities) is below this is not shown
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
-    # context from other files: what the script sources and chunks of other open shell documents. Off by
-    # default: the shipped model was not trained with it and completes no better with it (MODEL.md)
+    # context from other files: what the script sources and chunks of other open shell documents; a name
+    # being typed is kept to the functions sourced (codellm.crossfile.name_candidates)
     file_context: bool = True
     # start the suggestion at the cursor an edit leaves as soon as the edit arrives, before the editor
     # asks (VS Code asks 50 ms after typing stops): auto (for editors with inline completion) | always | never

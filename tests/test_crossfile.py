@@ -87,11 +87,24 @@ def test_a_short_script_ranks_by_its_own_lines_not_by_file_order():
 def test_name_candidates_where_a_library_function_may_be_typed():
     context = crossfile.definitions(LIB, "lib.sh")
     start = "#!/bin/bash\nsource ./lib.sh\nlogrotate -f /etc/app.conf\n"
-    assert crossfile.name_candidates(start + "log", "\n", context) == ["log_error", "log_info", "logrotate"]
+    assert crossfile.name_candidates(start + "log", "\n", context) == ["log_error", "log_info", "logout", "logrotate"]
+    assert crossfile.name_candidates(start + "f() {\n  ret", "\n", context + crossfile.definitions(
+        "retry() {\n  :\n}\n", "lib.sh")) == ["retry", "return"]  # bash's own names stay possible
     assert crossfile.name_candidates(start + "if ! fetch_release x; then log_e", "\n", context) == ["log_error"]
     assert crossfile.name_candidates(start + "foo() {\n  fet", "\n}\nfetch_all\n", context) == \
         ["fetch_all", "fetch_release"]  # what the script itself calls or defines may be meant too
     assert crossfile.name_candidates(start + "echo log", "\n", context) == []  # an argument, not a command
+    for not_a_command in ('echo "${log_', "x=$((log_", 'echo "failed (log_', "# then log_", "echo 'a; log_"):
+        assert crossfile.name_candidates(start + not_a_command, "\n", context) == [], not_a_command
+    assert crossfile.name_candidates(start + "x=$(log_", "\n", context) == ["log_error", "log_info"]
+    assert crossfile.name_candidates(start + "log_info", "\n", context) == []  # typed in full: free to go on
+    assert crossfile.typed_word(start + "log\n") == "" and crossfile.name_candidates(start + "log\n", "", context) == []
+    for not_a_command in ("files=(log_", "echo if log_", "echo done log_"):
+        assert crossfile.name_candidates(start + not_a_command, "\n", context) == [], not_a_command
+    assert crossfile.name_candidates(start + "if ! log_", "\n", context) == ["log_error", "log_info"]
+    assert crossfile.name_candidates(start + "log_", "info x\n", context) == []  # the cursor is inside the word
+    many = [ContextChunk("lib.sh", i, f"log_{i}() {{ :; }}\n") for i in range(crossfile.MAX_NAMES + 1)]
+    assert crossfile.name_candidates(start + "log_", "\n", many) == []  # too many to say which
     assert crossfile.name_candidates(start + "l", "\n", context) == []  # one letter says too little
     assert crossfile.name_candidates(start + "tar", "\n", context) == []  # no function of the library
     assert crossfile.name_candidates(start + "log", "\n", []) == []

@@ -95,9 +95,14 @@ def test_load_without_a_model_says_how_to_get_one(monkeypatch, tmp_path):
         codellm.load()
 
 
-def test_load_from_environment(monkeypatch, bundle_path):
+def test_load_from_environment(monkeypatch, bundle_path, tmp_path):
     monkeypatch.setenv("CODELLM_MODEL", str(bundle_path))
     assert codellm.load(device="cpu").path == bundle_path
+    from codellm.defaults import default_bundle_path
+    monkeypatch.setattr("codellm.defaults.PACKAGED_BUNDLE", bundle_path)
+    monkeypatch.setenv("CODELLM_MODEL", "default")  # as --model default
+    monkeypatch.chdir(tmp_path)
+    assert default_bundle_path() == bundle_path
 
 
 def test_engine_on_explicit_cpu(bundle_path):
