@@ -21,6 +21,7 @@ at its end while a person types.
 """
 from __future__ import annotations
 
+import functools
 import random
 from dataclasses import dataclass
 
@@ -182,16 +183,28 @@ def fit_context(tok: Tokenizer, ranked: list[ContextChunk], max_tokens: int) -> 
     used = 0
     paths: set[str] = set()
     for chunk in ranked:
-        cost = len(tok.encode(chunk.text)) + 1 + (0 if chunk.path in paths else len(tok.encode(f"# {chunk.path}\n")) + 1)
+        cost = _token_count(tok, chunk.text) + 1 + (0 if chunk.path in paths else _token_count(tok, f"# {chunk.path}\n") + 1)
         if used + cost > max_tokens:
             continue
         picked.append(chunk)
         paths.add(chunk.path)
         used += cost
     picked.sort(key=lambda c: (c.path, c.line))
-    while picked and len(tok.encode(format_context(picked))) > max_tokens:  # the estimate was short
+    while picked and len(encoded_context(tok, tuple(picked))) > max_tokens:  # the estimate was short
         picked.pop()
     return picked
+
+
+# The same chunks come back keystroke after keystroke: their tokens are counted and encoded once.
+@functools.lru_cache(maxsize=4096)
+def _token_count(tok: Tokenizer, text: str) -> int:
+    return len(tok.encode(text))
+
+
+@functools.lru_cache(maxsize=64)
+def encoded_context(tok: Tokenizer, chunks: tuple[ContextChunk, ...]) -> tuple[int, ...]:
+    """The token ids of format_context(chunks)."""
+    return tuple(tok.encode(format_context(list(chunks))))
 
 
 def insert_context(tok: Tokenizer, fmt: str, ids: list[int], context_ids: list[int]) -> list[int]:
@@ -219,10 +232,10 @@ def build_prompt_with_context(tok: Tokenizer, context: list[ContextChunk], prefi
     chosen = fit_context(tok, context, limit) if context and limit >= CONTEXT_STEP else []
     if not chosen:
         return prompt
-    context_ids = tok.encode(format_context(chosen))
-    if len(context_ids) > budget - len(prompt.ids):  # taken from the prefix's room (min_share)
-        prompt = build_prompt(tok, prefix, suffix, fmt, budget - len(context_ids), heal)
-    prompt.ids = insert_context(tok, fmt, prompt.ids, context_ids)
+    ids = list(encoded_context(tok, tuple(chosen)))
+    if len(ids) > budget - len(prompt.ids):  # taken from the prefix's room (min_share)
+        prompt = build_prompt(tok, prefix, suffix, fmt, budget - len(ids), heal)
+    prompt.ids = insert_context(tok, fmt, prompt.ids, ids)
     return prompt
 
 
