@@ -30,10 +30,10 @@ from .shell import code_of_line, open_quote
 # Every pattern here runs in time linear in its line: no two neighbouring repeats can take the same
 # characters (`[ \t]*(?:\(\s*\))?[ \t]*` would try every split of a long run of spaces).
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-# shell words every script has: they say nothing about which chunk is related
+# shell words every script has (its shebang's among them): they say nothing about which chunk is related
 STOP_WORDS = frozenset("""if then else elif fi for while until do done case esac in function return local export
 readonly declare echo printf exit true false test shift set unset eval exec break continue the a to of and or
-is it n e f z d r x v null dev""".split())
+is it n e f z d r x v null dev usr bin env sh bash""".split())
 _SUBSHELL = r"""\$\((?:[^()"'\n]|"[^"\n]*"|'[^'\n]*')*\)"""  # $(...) holding quoted words, not nested further
 # one shell word: double-quoted parts (which may hold $(...)), single-quoted parts, $(...), plain characters;
 # a `$` is plain only when no `(` follows, so that each text matches one way (no slow backtracking)

@@ -69,7 +69,7 @@ def test_a_second_start_answers_before_torch_loads_then_moves_to_torch(bundle_pa
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     prefix = "for f in *.txt; do\n\tech"  # short: read by decode steps in both engines, the same numbers
-    torch_loaded = lambda status: "before torch" not in status.decode_steps  # noqa: E731
+    torch_loaded = lambda status: "without torch" not in status.decode_steps  # noqa: E731
 
     async def main():
         async with Session("--model", str(bundle_path)) as s:  # the first start: torch, and a start file written
