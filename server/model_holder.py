@@ -40,6 +40,7 @@ class ModelHolder:
         self.load_error: str | None = None
         self.version = 0  # bumped on every model change; results of an older model are not reused
         self.stamp: tuple | None = None  # bundle_stamp of what is loaded
+        self.seen_stamp: tuple | None = None  # bundle_stamp at the last load tried, loaded or not
         self._watch_stop: threading.Event | None = None
         self._load_lock = threading.Lock()
         self.quiet = False
@@ -83,6 +84,7 @@ class ModelHolder:
             from codellm.bundle_files import BundleError, bundle_digest
 
             stamp = bundle_stamp(self.path)
+            self.seen_stamp = stamp
             if not initial and self.engine is not None and (stamp is None or stamp == self.stamp):
                 return False
             if not initial and self.engine is not None and self.engine is not self.started \
@@ -198,10 +200,13 @@ class ModelHolder:
                     return name in names or changed.startswith(tops) or \
                         any(name.startswith(f".{n}.") for n in names)
 
-                for _changes in watch(*sorted(watched), watch_filter=relevant, stop_event=stop, debounce=400,
-                                      step=100, recursive=False, raise_interrupt=False):
+                for changes in watch(*sorted(watched), watch_filter=relevant, stop_event=stop, debounce=400,
+                                     step=100, recursive=False, raise_interrupt=False, rust_timeout=WATCH_CHECK_MS,
+                                     yield_on_timeout=True):
                     if stop.is_set():
                         return
+                    if not changes and bundle_stamp(path) == self.seen_stamp:
+                        continue  # a quiet second; a change made before the watch was set up is caught here
                     if path.is_dir():
                         self.reload()
                     if folder_identity(path) != identity:
@@ -217,6 +222,9 @@ class ModelHolder:
         if self._watch_stop:
             self._watch_stop.set()
         self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+WATCH_CHECK_MS = 1000  # with no event for this long, the watcher compares the files' stamps itself
 
 
 def new_model_thread() -> ThreadPoolExecutor:

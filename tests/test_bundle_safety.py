@@ -109,6 +109,29 @@ def test_hot_swap_survives_every_broken_bundle(bundle_path, tmp_path, tokenizer)
     run(main())
 
 
+def test_a_change_made_before_the_watch_was_set_up_is_loaded(bundle_path, tmp_path, tokenizer):
+    from codellm.server.model_holder import ModelHolder
+
+    live, other = tmp_path / "live", tmp_path / "other"
+    shutil.copytree(bundle_path, live)
+    save_bundle(other, make_model(tokenizer, seed=5), tokenizer)
+    holder = ModelHolder(lambda message, is_error: None)
+    try:
+        holder.configure(str(live), "cpu", 1)
+        holder._watch_stop.set()  # no watch now: as in the moment before a new watch is set up
+        time.sleep(0.3)
+        shutil.copy(other / "model.safetensors", live / "model.safetensors")  # no event will tell of this
+        version = holder.version
+        holder._watch(live)
+        for _ in range(100):
+            if holder.version != version:
+                break
+            time.sleep(0.1)
+        assert holder.version == version + 1 and holder.load_error is None
+    finally:
+        holder.stop()
+
+
 def test_hot_swap_follows_a_symlinked_model(bundle_path, tmp_path, tokenizer):
     a, b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(bundle_path, a)

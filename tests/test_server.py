@@ -208,8 +208,10 @@ def test_an_edit_starts_the_suggestion_before_the_editor_asks(bundle_path):
     asked, plain = typed_then_asked(bundle_path, "never", wait=False)
     assert plain.prefetched == 0 and plain.model_runs == 1 and plain.cache_hit_rate == 0
     ready, status = typed_then_asked(bundle_path, "auto", wait=True)
-    assert ready == asked  # the same answer, worked out before the request came
-    assert status.model_runs == 1 and status.requests == 1 and status.cache_hit_rate == 1
+    assert ready == asked  # the same answer, worked out before the request came (the request may come
+    # while the finished run is still being put away: then it joins the run rather than read the cache)
+    assert status.model_runs == 1 and status.requests == 1
+    assert status.joined_prefetch + round(status.cache_hit_rate) == 1
     at_once, status = typed_then_asked(bundle_path, "always", wait=False)
     assert at_once == asked and status.model_runs == 1  # asked while it ran: joined, or answered from the cache
     assert status.joined_prefetch + round(status.cache_hit_rate) == 1
