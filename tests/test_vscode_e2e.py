@@ -38,7 +38,7 @@ FAILURES = E2E / "failures"  # screenshots of a failed run are copied here
 # position is one where `auto` would suggest a whole block, so `never` visibly changes the outcome.
 STEPS = [
     {"file": "backup.sh", "start": "#!/bin/bash\nset -e\n", "text": "cd ", "settings": None},
-    {"file": "loop.sh", "start": "#!/bin/bash\n", "text": "for f in *.txt; do",
+    {"file": "loop.sh", "start": "#!/bin/bash\nset -e\n", "text": "for f in *.txt; do",
      "settings": {"codellm.multiline": "never"}},
 ]
 USER_SETTINGS = {
