@@ -83,15 +83,15 @@ class Completer:
         """The token sets the first-token rules ban, from the tokenizer's table."""
         token_bytes, eot = self.tokenizer.token_bytes, self.tokenizer.eot_id
         # tokens that would end a line or the text before anything was inserted
-        self.empty_answer_ids = self.as_ids(
-            [i for i, b in enumerate(token_bytes) if b.lstrip(b" \t").startswith((b"\n", b"\r"))] + [eot])
+        line_ends = [i for i, b in enumerate(token_bytes) if b.lstrip(b" \t").startswith((b"\n", b"\r"))]
+        self.empty_answer_ids = self.as_ids(line_ends + [eot])
         self.blank_ids = self.as_ids([i for i, b in enumerate(token_bytes) if b and not b.strip()])  # whitespace only
         self.special_ids = self.as_ids(sorted(self.tokenizer.special_ids - {eot}))
         self.eot_ids = self.as_ids([eot])
         self._healing_cache: dict = {}
         self._token_id = {b: i for i, b in enumerate(token_bytes) if b and i not in self.tokenizer.special_ids}
         self._sorted_tokens = sorted(self._token_id)  # the tokens beginning with some bytes are a range of it
-        self._never_first = {i for i, b in enumerate(token_bytes) if b.lstrip(b" \t").startswith((b"\n", b"\r"))}
+        self._never_first = set(line_ends)
 
     def healing_allowed(self, heal: bytes):
         """Ids of the tokens that agree with the backed-off bytes `heal`: those that start with them,

@@ -25,7 +25,8 @@ import stat
 from typing import Callable, Iterable
 
 from .prompt import ContextChunk
-from .shell import code_of_line, open_quote
+from .postprocess import open_quote
+from .shell import code_of_line
 
 # Every pattern here runs in time linear in its line: no two neighbouring repeats can take the same
 # characters (`[ \t]*(?:\(\s*\))?[ \t]*` would try every split of a long run of spaces).

@@ -79,24 +79,6 @@ def code_of_line(line: str) -> str:
     return line
 
 
-def open_quote(line: str) -> str:
-    """The quote (' or ") still open at the end of `line` (a line's code, without its comment), or ""."""
-    quote, i = "", 0
-    while i < len(line):
-        c = line[i]
-        if quote:
-            if c == quote:
-                quote = ""
-            elif c == "\\" and quote == '"':
-                i += 1
-        elif c in "'\"":
-            quote = c
-        elif c == "\\":
-            i += 1
-        i += 1
-    return quote
-
-
 def opens_block(line: str) -> bool:
     """The line ends with a block opener (then, do, else, in, {, a pipe, ...) outside any comment."""
     return bool(BLOCK_OPENER.search(code_of_line(line)))

@@ -289,3 +289,9 @@ def test_a_block_body_that_stops_before_its_closer_gets_it_where_nothing_after_t
             ("    a)", Context('case "$1" in\n', "", "block"))]  # case items: left to the model
     for text, ctx in kept:
         assert close_the_block_it_writes(text, ctx) == text, (text, ctx.suffix)
+
+
+def test_the_quote_open_at_the_end_of_a_line():
+    assert open_quote('echo "abc') == '"' and open_quote("echo 'a b") == "'"
+    assert open_quote('''echo 'a' "b" x''') == "" and open_quote(r'echo \"x') == ""
+    assert open_quote(r'echo "a\"b') == '"' and open_quote('''echo "it's''') == '"'

@@ -30,8 +30,3 @@ def test_multiline_setting_and_text_after_the_cursor():
     assert resolve_mode("auto", "for f in *; do\n", "") == "block" and resolve_mode("line", "", "") == "line"
     assert text_follows_cursor("x\n") and not text_follows_cursor(" )\"\nnext line")
 
-
-def test_the_quote_open_at_the_end_of_a_line():
-    assert shell.open_quote('echo "abc') == '"' and shell.open_quote("echo 'a b") == "'"
-    assert shell.open_quote('''echo 'a' "b" x''') == "" and shell.open_quote(r'echo \"x') == ""
-    assert shell.open_quote(r'echo "a\"b') == '"' and shell.open_quote('''echo "it's''') == '"'
