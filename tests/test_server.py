@@ -320,15 +320,16 @@ def test_a_prefetch_a_request_joined_is_not_given_up_for_another_documents_reque
     run(main())
 
 
-def test_edits_to_many_documents_leave_one_prefetch(bundle_path):
+def test_edits_to_many_documents_leave_one_prefetch(slow_bundle):
     async def main():
-        async with Session("--model", str(bundle_path), init_options={"prefetch": "always"}) as s:
+        # the slow model reads a long document for most of a second: the burst of edits arrives while the
+        # first prefetch still runs, however busy the machine
+        async with Session("--model", str(slow_bundle), init_options={**SLOW, "prefetch": "always"}) as s:
             uris = [f"file:///tmp/work/f{i}.sh" for i in range(30)]
             for uri in uris:
-                s.open(uri, SCRIPT)
-            line, char = last_position(SCRIPT)
+                s.open(uri, LONG_DOCUMENT)
             for uri in uris:  # a replace across the workspace
-                s.edit(uri, line, char, "l")
+                s.edit(uri, END, 0, "l")
             await wait_for_status(s, lambda st: st.model_runs >= 1)
             await asyncio.sleep(0.5)
             status = await s.status()
