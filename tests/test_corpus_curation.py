@@ -10,7 +10,8 @@ from codellm.train.corpus import read_records, record
 from codellm.train.datacard import stage_files
 from codellm.train.curate import cap_per_source, drop_near_duplicates, strip_licence_comments
 from codellm.train.pairs import Pair, command_name, opens_block, pair_scripts, pairs_from_manual, pairs_from_script
-from codellm.train.recipe import PAIRS_FILE, SHELL_FILE, curate_shell, write_pairs
+from codellm.train.recipe import PAIRS_FILE, SHELL_FILE, CorpusBuild, curate_shell, write_pairs
+from codellm.train.sources import PackageSpec, fetch_order
 
 TRAIN = [sys.executable, "-m", "codellm.train.cli"]
 ONLY_TRAINING_DEPENDENCIES = """
@@ -305,3 +306,27 @@ def test_training_files_that_are_mostly_copies_of_held_out_ones_are_warned_about
     said = []
     build_corpus(tmp_path / "c", code_data=[mine], heldout_data=[held], log=said.append)
     assert any("warning" in line and "--heldout-data" in line for line in said), said
+
+
+def test_downloads_start_with_the_held_out_packages_and_sample_every_kind():
+    specs = [PackageSpec("source", f"s{i}") for i in range(60)] + [PackageSpec("pypi", f"p{i}") for i in range(60)]
+    specs += [PackageSpec("npm", "held", heldout=True), PackageSpec("binary", "kept-out", heldout=True)]
+    order = fetch_order(specs)
+    assert {s.name for s in order[:2]} == {"held", "kept-out"}
+    assert sorted(order, key=specs.index) == specs and fetch_order(list(reversed(specs))) == order
+    assert {s.kind for s in order[2:22]} == {"source", "pypi"}  # a build stopped early has some of each
+
+
+def test_a_cached_only_build_fetches_nothing_but_held_out_packages(tmp_path):
+    packages = tmp_path / "packages.txt"
+    packages.write_text("binary cached-tool\nbinary not-fetched\npypi held-out-tool heldout\n")
+    cache = tmp_path / "cache"
+    for kind, name in (("binary", "cached-tool"), ("pypi", "held-out-tool")):
+        (cache / "unpacked" / kind / name).mkdir(parents=True)
+        (cache / "unpacked" / kind / name / ".done").touch()
+    build = CorpusBuild(tmp_path / "corpus", "default", [], [], packages, cache, 1.0, lambda *_: None, False,
+                        cached_only=True)
+    _, fetched = build.fetched(docs=False)
+    assert sorted(fetched) == ["debian:cached-tool", "pypi:held-out-tool"]
+    assert not (cache / "download" / "binary" / "not-fetched").exists()
+    assert not (cache / "failed").exists()  # never asked for, so never failed

@@ -68,6 +68,9 @@ def add_corpus_flags(p: argparse.ArgumentParser, corpus_default: str | None) -> 
     p.add_argument("--english-mb", type=float, default=40.0, help="cap on English text from the recipe")
     p.add_argument("--retry-failed", action="store_true",
                    help="ask again for packages whose download failed in an earlier build")
+    p.add_argument("--cached-only", action="store_true",
+                   help="of the recipe's training packages, use only those already in the download cache "
+                        "(held-out packages are always fetched): a quick build after downloads stopped part-way")
     p.add_argument("--corpus", type=Path, default=Path(corpus_default) if corpus_default else None,
                    help="corpus folder (built here when data flags are given)")
 
@@ -158,7 +161,8 @@ def ensure_corpus(args, default_dir: Path) -> Path:
         if not (args.resume and (corpus / SUMMARY_FILE).exists()):
             first_process_then_all(lambda: build_corpus(corpus, args.recipe, args.code_data, args.language_data,
                                                         args.packages, args.cache, args.english_mb,
-                                                        heldout_data=args.heldout_data))
+                                                        heldout_data=args.heldout_data,
+                                                        cached_only=args.cached_only))
     elif not (corpus / SHELL_FILE).exists():
         raise ValueError(f"{corpus}: no corpus here; give --recipe default, --code-data, --heldout-data or "
                          "--language-data")
@@ -183,7 +187,8 @@ def trained_tokenizer(corpus: Path, path: Path, resume: bool = False):
 def cmd_corpus(args):
     from .recipe import build_corpus
     build_corpus(args.corpus, args.recipe, args.code_data, args.language_data, args.packages, args.cache,
-                 args.english_mb, retry_failed=args.retry_failed, heldout_data=args.heldout_data)
+                 args.english_mb, retry_failed=args.retry_failed, heldout_data=args.heldout_data,
+                 cached_only=args.cached_only)
 
 
 def cmd_pack(args):

@@ -12,7 +12,7 @@ from .corpus import (Counts, code_data_records, english_records_from_docs, engli
 from .curate import (HELDOUT_CODE, HELDOUT_JACCARD, NEAR_DUPLICATE_JACCARD, NUM_PERM, SHINGLE_WORDS, SOURCE_CAP,
                      HeldOutCode, cap_per_source, drop_near_duplicates, strip_licence_comments)
 from .pairs import pairs_from_manual, pairs_from_script
-from .sources import fetch_packages, package_licence, read_package_list
+from .sources import fetch_packages, is_fetched, package_licence, read_package_list
 
 MACHINE_SHELL_DIRS = ["/usr/bin", "/usr/sbin", "/usr/lib", "/usr/libexec", "/usr/share", "/etc"]
 ENGLISH_FILE = "english.msgpack"
@@ -23,14 +23,17 @@ PAIRS_FILE = "pairs.msgpack"
 
 def build_corpus(out: Path, recipe: str | None = None, code_data: list[Path] = (), language_data: list[Path] = (),
                  package_list: Path | None = None, cache: Path | None = None, english_mb: float = 40.0,
-                 log=print, retry_failed: bool = False, heldout_data: list[Path] = ()) -> dict:
+                 log=print, retry_failed: bool = False, heldout_data: list[Path] = (),
+                 cached_only: bool = False) -> dict:
     """Write out/english.msgpack, out/shell.msgpack and out/summary.json; returns the summary.
-    `heldout_data`: the user's scripts kept out of training for `codellm-train eval` (split val_user)."""
+    `heldout_data`: the user's scripts kept out of training for `codellm-train eval` (split val_user).
+    `cached_only`: of the recipe's training packages, only those already in the download cache (the
+    held-out ones are always fetched), for a quick build on a machine where downloads stopped part-way."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     build = CorpusBuild(out, recipe, code_data, language_data, package_list, cache, english_mb, log, retry_failed,
-                        list(heldout_data))
+                        list(heldout_data), cached_only)
     if recipe not in (None, "default"):
         raise ValueError(f"unknown recipe {recipe!r} (known: default)")
     log("building shell corpus")
@@ -49,6 +52,7 @@ def build_corpus(out: Path, recipe: str | None = None, code_data: list[Path] = (
         "shell_val_user_files": sum(1 for r in shell if r["split"] == "val_user"),
         "pairs": pair_counts,
         "sources": build.sources,
+        "cached_only": cached_only,
         "seconds": round(time.time() - start, 1),
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
@@ -83,6 +87,7 @@ class CorpusBuild:
     log: Callable
     retry_failed: bool
     heldout_data: list[Path] = field(default_factory=list)
+    cached_only: bool = False
     english_counts: Counts = field(default_factory=Counts)
     shell_counts: Counts = field(default_factory=Counts)
     english_seen: set[str] = field(default_factory=set)
@@ -101,10 +106,13 @@ class CorpusBuild:
     def fetched(self, docs: bool) -> tuple[list, dict]:
         """The recipe's package specs and the folders of those fetched: the doc packages, or the others."""
         specs = read_package_list(self.package_list)
+        cache = Path(self.cache or self.out / "cache")
         wanted = [s for s in specs if (s.kind == "doc") == docs]
+        if self.cached_only:
+            wanted = [s for s in wanted if s.heldout or is_fetched(s, cache)]
+            self.log(f"  {len(wanted)} of the list's packages: held out, or in the cache")
         # --retry-failed asks again for the shell packages only
-        return specs, fetch_packages(wanted, Path(self.cache or self.out / "cache"), self.log,
-                                     retry_failed=self.retry_failed and not docs)
+        return specs, fetch_packages(wanted, cache, self.log, retry_failed=self.retry_failed and not docs)
 
     def shell_records(self) -> Iterator[dict]:
         """The user's --heldout-data (first: a training copy of a held-out text is the one dropped), the

@@ -6,6 +6,7 @@ sources list adds a deb-src line. Packages that fail to download are skipped and
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import re
@@ -209,12 +210,17 @@ FETCHERS = {"binary": _fetch_debian_binary, "doc": _fetch_debian_binary, "source
             "npm": _fetch_npm, "pypi": _fetch_pypi}
 
 
+def is_fetched(spec: PackageSpec, cache: Path) -> bool:
+    """Whether `spec` is unpacked in the download cache already (its `.done` marker)."""
+    return (Path(cache) / "unpacked" / spec.kind / spec.name / ".done").exists()
+
+
 def _fetch_one(spec: PackageSpec, cache: Path, log, retry_failed: bool = False) -> Path | None:
     """Download and unpack one package into cache/unpacked/KIND/NAME (marked .done); None on failure,
     remembered in cache/failed/KIND/NAME so that a rebuild does not ask again unless retry_failed."""
     dest = cache / "unpacked" / spec.kind / spec.name
     failed = cache / "failed" / spec.kind / spec.name
-    if (dest / ".done").exists():
+    if is_fetched(spec, cache):
         return dest
     if failed.exists() and not retry_failed:
         return None
@@ -239,6 +245,13 @@ def _fetch_one(spec: PackageSpec, cache: Path, log, retry_failed: bool = False) 
     return dest
 
 
+def fetch_order(specs: list[PackageSpec]) -> list[PackageSpec]:
+    """The order of downloads: held-out packages first, so that a build stopped part-way already has every
+    file that training must avoid; then the others in an order fixed by a hash of their names, so that
+    the part fetched is a fair sample of every kind and not the head of the list."""
+    return sorted(specs, key=lambda s: (not s.heldout, hashlib.sha256(s.source.encode()).hexdigest()))
+
+
 def fetch_packages(specs: list[PackageSpec], cache: Path, log=print, workers: int = 4,
                    retry_failed: bool = False) -> dict[str, Path]:
     """Download and unpack each package once; returns {source name: unpacked folder}. Skips failures.
@@ -255,13 +268,14 @@ def fetch_packages(specs: list[PackageSpec], cache: Path, log=print, workers: in
         if not any((cache / "apt" / "lists").glob("*Sources*")):
             _run(["apt-get", "update", "-q"], cache, env)
     if any(s.kind in ("binary", "doc") for s in specs):
-        _run(["apt-cache", *_binary_apt_options(cache), "stats"], cache)  # the cache, built once
+        try:
+            _run(["apt-cache", *_binary_apt_options(cache), "stats"], cache)  # the cache, built once
+        except OSError:  # no apt here: each download says so in turn
+            pass
     out: dict[str, Path] = {}
     failed: list[str] = []
-    # held-out packages first: a build stopped part-way already has every file that training must avoid
-    ordered = sorted(specs, key=lambda s: not s.heldout)
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(_fetch_one, spec, cache, log, retry_failed): spec for spec in ordered}
+        futures = {pool.submit(_fetch_one, spec, cache, log, retry_failed): spec for spec in fetch_order(specs)}
         bar = tqdm(as_completed(futures), total=len(futures), desc="packages", unit="pkg",
                    disable=len(specs) < 2, mininterval=5)
         for future in bar:
