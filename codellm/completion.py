@@ -98,27 +98,33 @@ class Completer:
         and those that are a start of them (the text's own tokens are always among these)."""
         allowed = self._healing_cache.get(heal)
         if allowed is None:
-            allowed = self.as_ids([i for i, b in enumerate(self.tokenizer.token_bytes)
-                                   if b and (b.startswith(heal) or heal.startswith(b))
-                                   and i not in self.tokenizer.special_ids])
-            if len(self._healing_cache) > 1024:
-                self._healing_cache.clear()
-            self._healing_cache[heal] = allowed
+            starting = {self._token_id[b] for b in self._tokens_starting(heal)}
+            allowed = self.as_ids(sorted(starting.union(self._prefix_tokens(heal))))
+            self._remember(heal, allowed)
         return allowed
 
     def name_tokens(self, rest: bytes) -> tuple[int, ...]:
         """Ids of the tokens that write a start of `rest`, or all of it and then a word boundary."""
         ids = self._healing_cache.get(("name", rest))
         if ids is None:
-            ids = tuple(self._token_id[rest[:k]] for k in range(1, len(rest) + 1) if rest[:k] in self._token_id)
-            start = bisect.bisect_right(self._sorted_tokens, rest)  # the longer tokens beginning with rest
-            for b in itertools.takewhile(lambda b: b.startswith(rest), self._sorted_tokens[start:]):
-                if b[len(rest):len(rest) + 1] in NAME_ENDS:
-                    ids += (self._token_id[b],)
-            if len(self._healing_cache) > 1024:
-                self._healing_cache.clear()
-            self._healing_cache[("name", rest)] = ids
+            ids = self._prefix_tokens(rest) + tuple(self._token_id[b] for b in self._tokens_starting(rest)
+                                                    if b[len(rest):len(rest) + 1] in NAME_ENDS)
+            self._remember(("name", rest), ids)
         return ids
+
+    def _prefix_tokens(self, text: bytes) -> tuple[int, ...]:
+        """Ids of the tokens that are a start of `text` (all of it included)."""
+        return tuple(self._token_id[text[:k]] for k in range(1, len(text) + 1) if text[:k] in self._token_id)
+
+    def _tokens_starting(self, text: bytes):
+        """The tokens (bytes) longer than `text` that begin with it: a range of the sorted tokens."""
+        start = bisect.bisect_right(self._sorted_tokens, text)
+        return itertools.takewhile(lambda b: b.startswith(text), self._sorted_tokens[start:])
+
+    def _remember(self, key, value) -> None:
+        if len(self._healing_cache) > 1024:
+            self._healing_cache.clear()
+        self._healing_cache[key] = value
 
     def names_allowed(self, names: list[bytes], out: bytearray, heal: bytes, allow_empty: bool) -> list[int] | None:
         """Ids of the tokens that keep the output `out` on one of `names` (each the bytes the output must

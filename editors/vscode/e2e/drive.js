@@ -119,7 +119,9 @@ async function step(page, s, index) {
   const ghost = await page.locator(GHOST).allTextContents();
   log(`ghost text shown: ${JSON.stringify(ghost.join("⏎"))}`);
   await page.keyboard.press("Tab");
-  await until("the ghost text to go", async () => (await page.locator(GHOST).count()) === 0, 20000);
+  // taken: that ghost text is gone, though the editor may already show the next suggestion after it
+  await until("the suggestion to be taken", async () =>
+    JSON.stringify(await page.locator(GHOST).allTextContents()) !== JSON.stringify(ghost), 20000);
   await page.keyboard.press("Control+S");
   await until(`${s.file} to be saved`, () => fs.readFileSync(file, "utf8") !== before, 20000);
   await page.locator(".tab.active.dirty").waitFor({ state: "detached", timeout: 20000 });
