@@ -232,6 +232,20 @@ def test_a_later_corpus_is_kept_as_its_change_and_rebuilds_exactly():
     assert compact(card) == card  # idempotent: a card that is compact stays as it is
 
 
+def test_a_corpus_of_part_of_the_sources_names_the_sources_it_drops():
+    from codellm.train.datacard import _digest, compact
+    shas = [hashlib.sha256(str(k).encode()).digest() for k in range(300)]
+    first = {f"debian:p{k}": b"".join(sorted(shas[10 * k:10 * k + 10])) for k in range(30)}
+    part = {source: digests for source, digests in first.items() if source < "debian:p15"}  # a part build
+    part["debian:p1"] = part["debian:p1"][32:]  # and one file fewer in a source that stays
+    card = compact({"corpora": {_digest(first): first, _digest(part): part},
+                    "stages": {"code": {"corpus": _digest(first)}, "code-2": {"corpus": _digest(part)}}})
+    change = card["corpus_changes"][_digest(part)]
+    assert len(change["dropped_sources"]) == 30 - len(part) and list(change["removed"]) == ["debian:p1"]
+    assert sorted(stage_files(card, "code-2")) == sorted(
+        (source, digests[k:k + 32]) for source, digests in part.items() for k in range(0, len(digests), 32))
+
+
 def test_a_damaged_chain_of_corpus_changes_is_a_clear_error():
     import pytest
     from codellm.train.datacard import compact

@@ -58,7 +58,8 @@ def compact(card: dict) -> dict:
     for base, key in zip(order, order[1:]):
         if key in corpora and base != key:
             change = _change(corpus_digests(card, base), corpora[key])
-            if _size(change["added"]) + _size(change["removed"]) < _size(corpora[key]):
+            if _size(change["added"]) + _size(change["removed"]) + 64 * len(change["dropped_sources"]) \
+                    < _size(corpora[key]):
                 changes[key] = {"base": base, **change}
                 del corpora[key]
     if not changes:
@@ -80,15 +81,18 @@ def _join(digests: Counter) -> bytes:
 
 
 def _change(base: dict[str, bytes], new: dict[str, bytes]) -> dict:
-    """The digests `new` adds to `base` and those it drops, per source."""
+    """The digests `new` adds to `base` and those it drops, per source; a source `new` lacks altogether
+    is named in `dropped_sources` instead (a corpus built from part of the package list drops
+    thousands of sources, and their digests would weigh megabytes)."""
     added, removed = {}, {}
-    for source in sorted(set(base) | set(new)):
-        old, now = _split(base.get(source, b"")), _split(new.get(source, b""))
+    dropped = sorted(set(base) - set(new))
+    for source in sorted(set(new)):
+        old, now = _split(base.get(source, b"")), _split(new[source])
         if now - old:
             added[source] = _join(now - old)
         if old - now:
             removed[source] = _join(old - now)
-    return {"added": added, "removed": removed}
+    return {"added": added, "removed": removed, "dropped_sources": dropped}
 
 
 def corpus_digests(card: dict, key: str) -> dict[str, bytes]:
@@ -107,7 +111,8 @@ def corpus_digests(card: dict, key: str) -> dict[str, bytes]:
         key = change["base"]
     files = card["corpora"][key]
     for key, change in reversed(chain):
-        grouped = {s: _split(d) for s, d in files.items()}
+        dropped = set(change.get("dropped_sources", ()))
+        grouped = {s: _split(d) for s, d in files.items() if s not in dropped}
         for source, digests in change["removed"].items():
             grouped[source] = grouped.get(source, Counter()) - _split(digests)
         for source, digests in change["added"].items():
