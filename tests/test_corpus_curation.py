@@ -246,6 +246,18 @@ def test_a_corpus_of_part_of_the_sources_names_the_sources_it_drops():
         (source, digests[k:k + 32]) for source, digests in part.items() for k in range(0, len(digests), 32))
 
 
+def test_stages_on_one_corpus_keep_its_source_counts_once():
+    import msgpack
+    from codellm.train.datacard import compact, stage_sources
+    counts = {f"debian:p{k}": {"files": k, "bytes": 100 * k, "licence": "GPL-2+"} for k in range(500)}
+    card = {"stages": {"code": {"files": [], "sources": counts}, "code-2": {"files": [], "sources": dict(counts)},
+                       "code-3": {"files": [], "sources": {"npm:x": {"files": 1, "bytes": 9, "licence": ""}}}}}
+    once = compact(card)
+    assert stage_sources(once, "code-2") == counts and stage_sources(once, "code-3") == {
+        "npm:x": {"files": 1, "bytes": 9, "licence": ""}}
+    assert len(msgpack.packb(once)) < 1.2 * len(msgpack.packb(counts))
+
+
 def test_a_damaged_chain_of_corpus_changes_is_a_clear_error():
     import pytest
     from codellm.train.datacard import compact

@@ -64,7 +64,32 @@ def compact(card: dict) -> dict:
                 del corpora[key]
     if not changes:
         del card["corpus_changes"]
+    _share_sources(card.get("stages", {}))
     return card
+
+
+def _share_sources(stages: dict) -> None:
+    """A stage whose per-source counts are those of an earlier stage names it (`sources_of`) instead of
+    repeating them: stages trained on one corpus would each carry the same half megabyte."""
+    for name, stage in stages.items():
+        sources = stage.get("sources")
+        if not sources:
+            continue
+        for earlier, other in stages.items():
+            if earlier == name:
+                break
+            if other.get("sources") == sources:
+                del stage["sources"]
+                stage["sources_of"] = earlier
+                break
+
+
+def stage_sources(card: dict, stage: str) -> dict:
+    """{source: {files, bytes, licence}} of the corpus a stage trained on ({} where the card has none)."""
+    entry = card["stages"][stage]
+    if "sources_of" in entry:
+        entry = card["stages"].get(entry["sources_of"], {})
+    return entry.get("sources", {})
 
 
 def _size(files: dict[str, bytes]) -> int:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from codellm.bundle import load_bundle
 
+from .datacard import stage_sources
+
 
 def _fmt_table(rows: list[list[str]], header: list[str]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -75,7 +77,7 @@ def _data_section(stages: dict) -> list[str]:
            *_curation_lines(summary),
            "- Every training file's sha256 and source is listed in the bundle's `data.msgpack` (each corpus after "
            "the first as the files it adds to and drops from the one before; `codellm.train.datacard.stage_files`).", ""]
-    sources = sorted(code.get("sources", {}).items(), key=lambda kv: -kv[1]["bytes"])
+    sources = sorted(stage_sources({"stages": stages}, shell_stages[-1]).items(), key=lambda kv: -kv[1]["bytes"])
     rows = [[name, v["files"], f"{v['bytes'] / 1e6:.2f}", v.get("licence") or "-"] for name, v in sources[:25]]
     out += [_fmt_table(rows, ["source", "files", "MB", "licence"]), "",
             f"({len(sources)} sources in all; the full list is in the data card.)", ""]
