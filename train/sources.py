@@ -196,9 +196,13 @@ def _fetch_npm(spec: PackageSpec, work: Path, dest: Path, cache: Path) -> bool:
 
 
 def _fetch_pypi(spec: PackageSpec, work: Path, dest: Path, cache: Path) -> bool:
-    # source distributions only: wheels rarely carry the build and CI scripts
-    if not _run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
-                 "--no-build-isolation", "-d", str(work), spec.name], work, timeout=600):
+    # source distributions only: wheels rarely carry the build and CI scripts. pip reads a package's
+    # metadata before it keeps the file, with this environment's build tools first (quick) and, where
+    # the package needs others (pillow needs pybind11), in an environment of its own
+    download = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+                "-d", str(work), spec.name]
+    if not (_run(download[:-3] + ["--no-build-isolation"] + download[-3:], work, timeout=600)
+            or _run(download, work, timeout=900)):
         return False
     archives = [p for p in work.iterdir() if p.suffix in (".gz", ".zip", ".bz2", ".xz")]
     for archive in archives:
