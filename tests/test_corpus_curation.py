@@ -356,3 +356,25 @@ def test_a_cached_only_build_fetches_nothing_but_held_out_packages(tmp_path):
     assert sorted(fetched) == ["debian:cached-tool", "pypi:held-out-tool"]
     assert not (cache / "download" / "binary" / "not-fetched").exists()
     assert not (cache / "failed").exists()  # never asked for, so never failed
+
+
+def test_a_package_list_that_could_reach_outside_the_cache_or_mix_splits_is_refused(tmp_path):
+    import pytest
+    from codellm.train.sources import read_package_list
+    for line in ("binary ../../victim", "npm -rf", "binary .", "pypi pkg held-out", "source a/../b"):
+        (tmp_path / "p.txt").write_text(line + "\n")
+        with pytest.raises(ValueError, match="bad line"):
+            read_package_list(tmp_path / "p.txt")
+    (tmp_path / "p.txt").write_text("binary x\nbinary x heldout\n")
+    with pytest.raises(ValueError, match="both held out and for training"):
+        read_package_list(tmp_path / "p.txt")
+    (tmp_path / "p.txt").write_text("npm @types/node heldout\npypi typing_extensions\nsource g++-12\n")
+    assert [s.name for s in read_package_list(tmp_path / "p.txt")] == ["@types/node", "typing_extensions", "g++-12"]
+
+
+def test_a_card_whose_stage_borrows_counts_from_nowhere_is_damaged():
+    import pytest
+    from codellm.train.datacard import checked_card
+    card = {"stages": {"code": {"files": [], "sources_of": "code-2"}, "code-2": {"files": [], "sources": {}}}}
+    with pytest.raises(ValueError, match="damaged data card"):
+        checked_card(card, "bundle")

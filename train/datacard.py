@@ -41,8 +41,10 @@ def _digest(files: dict[str, bytes]) -> str:
 
 def compact(card: dict) -> dict:
     """The card with every file list in its compact form: per-stage lists of the oldest form
-    ([[source, path, sha256], ...]) moved into `corpora`, and each corpus after the first stored as its
-    change from the corpus of the stage before it (in `corpus_changes`). Idempotent."""
+    ([[source, path, sha256], ...]) moved into `corpora`, each corpus after the first stored as its
+    change from the corpus of the stage before it (in `corpus_changes`: digests added and removed per
+    source, and the sources dropped whole), and per-source counts that repeat an earlier stage's
+    replaced by its name (`sources_of`). Idempotent."""
     corpora = card.setdefault("corpora", {})
     for stage in card.get("stages", {}).values():
         if isinstance(stage.get("files"), list):
@@ -155,8 +157,12 @@ def checked_card(card: dict, where: str) -> dict:
         if not isinstance(card, dict) or not isinstance(card.get("stages", {}), dict):
             raise TypeError("not a map of stages")
         checked = compact(copy.deepcopy(card))
-        for stage in checked.get("stages", {}):
+        names = list(checked.get("stages", {}))
+        for i, stage in enumerate(names):
             stage_files(checked, stage)
+            of = checked["stages"][stage].get("sources_of")
+            if of is not None and (of not in names[:i] or "sources" not in checked["stages"][of]):
+                raise ValueError(f"stage {stage}: sources_of names no earlier stage with its own sources")
         return checked
     except (TypeError, AttributeError, KeyError, ValueError, RecursionError) as exc:
         raise ValueError(f"{where}: damaged data card ({type(exc).__name__}: {exc}); the stages it records "

@@ -44,23 +44,32 @@ class PackageSpec:
         return "val_user" if self.kind in ("npm", "pypi") else "val"
 
 
+# Debian, npm (scoped: @scope/name) and PyPI names; nothing that could climb out of the cache folder or
+# reach apt-get, npm or pip as an option
+PACKAGE_NAME = re.compile(r"@?\w[\w.+-]*(/\w[\w.+-]*)?", re.ASCII)
+
+
 def read_package_list(path: Path | None = None) -> list[PackageSpec]:
     """Parse a package list: one `KIND NAME [heldout]` a line, `#` comments.
 
-    Raises ValueError naming the line for an unknown kind or a missing name."""
+    Raises ValueError naming the line for an unknown kind, a missing or malformed name (`..` in it, a
+    leading `-`), a word other than `heldout` after the name, or a package listed both held out and not."""
     text = Path(path).read_text() if path else resources.files("codellm.train").joinpath("packages.txt").read_text()
-    specs = []
+    specs: dict[tuple[str, str], PackageSpec] = {}
     for line in text.splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
         parts = line.split()
-        if parts[0] not in KINDS or len(parts) < 2:
-            raise ValueError(f"bad line in package list: {line!r}")
+        if parts[0] not in KINDS or len(parts) < 2 or not PACKAGE_NAME.fullmatch(parts[1]) or ".." in parts[1] \
+                or any(word != "heldout" for word in parts[2:]):
+            raise ValueError(f"bad line in package list: {line!r} (want KIND NAME [heldout], KIND one of "
+                             f"{', '.join(KINDS)})")
         spec = PackageSpec(parts[0], parts[1], "heldout" in parts[2:])
-        if spec not in specs:
-            specs.append(spec)
-    return specs
+        earlier = specs.setdefault((spec.kind, spec.name), spec)
+        if earlier.heldout != spec.heldout:
+            raise ValueError(f"package list: {spec.kind} {spec.name} is listed both held out and for training")
+    return list(specs.values())
 
 
 def _run(cmd: list[str], cwd: Path, env: dict | None = None, timeout: int = 1800) -> bool:
@@ -262,16 +271,17 @@ def fetch_packages(specs: list[PackageSpec], cache: Path, log=print, workers: in
 
     Downloads are the slow part: they run `workers` at a time, each package is kept in `cache`
     once unpacked (a `.done` marker), so an interrupted build resumes where it stopped; packages that
-    failed before are skipped unless retry_failed."""
+    failed before are skipped unless retry_failed (held-out ones are always asked for again)."""
     from tqdm import tqdm
 
     cache = Path(cache).resolve()
     cache.mkdir(parents=True, exist_ok=True)
-    if any(s.kind == "source" for s in specs):
+    missing = [s for s in specs if not is_fetched(s, cache)]
+    if any(s.kind == "source" for s in missing):
         env = _private_apt_config(cache)  # one index update before the parallel downloads
         if not any((cache / "apt" / "lists").glob("*Sources*")):
             _run(["apt-get", "update", "-q"], cache, env)
-    if any(s.kind in ("binary", "doc") for s in specs):
+    if any(s.kind in ("binary", "doc") for s in missing):
         try:
             _run(["apt-cache", *_binary_apt_options(cache), "stats"], cache)  # the cache, built once
         except OSError:  # no apt here: each download says so in turn
@@ -279,7 +289,9 @@ def fetch_packages(specs: list[PackageSpec], cache: Path, log=print, workers: in
     out: dict[str, Path] = {}
     failed: list[str] = []
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        futures = {pool.submit(_fetch_one, spec, cache, log, retry_failed): spec for spec in fetch_order(specs)}
+        # a held-out package is asked for again each build: without it, copies of its scripts would train
+        futures = {pool.submit(_fetch_one, spec, cache, log, retry_failed or spec.heldout): spec
+                   for spec in fetch_order(specs)}
         bar = tqdm(as_completed(futures), total=len(futures), desc="packages", unit="pkg",
                    disable=len(specs) < 2, mininterval=5)
         for future in bar:
@@ -291,6 +303,10 @@ def fetch_packages(specs: list[PackageSpec], cache: Path, log=print, workers: in
                 out[spec.source] = folder
     if failed:
         log(f"skipped {len(failed)} package(s) that failed to download or unpack: {', '.join(sorted(failed))}")
+    heldout_failed = sorted(s.source for s in specs if s.heldout and s.source in failed)
+    if heldout_failed:
+        log(f"warning: held-out package(s) missing, so their files are neither evaluated on nor kept out of "
+            f"training as near-copies: {', '.join(heldout_failed)}")
     return out
 
 
