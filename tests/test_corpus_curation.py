@@ -378,3 +378,21 @@ def test_a_card_whose_stage_borrows_counts_from_nowhere_is_damaged():
     card = {"stages": {"code": {"files": [], "sources_of": "code-2"}, "code-2": {"files": [], "sources": {}}}}
     with pytest.raises(ValueError, match="damaged data card"):
         checked_card(card, "bundle")
+
+
+def test_once_the_download_budget_is_spent_only_held_out_packages_are_fetched(tmp_path, monkeypatch):
+    import time
+    from codellm.train import sources
+    asked = []
+
+    def fetch(spec, work, dest, cache):  # as a download would, but here and at once
+        asked.append(spec.name)
+        (dest / "run.sh").write_text("#!/bin/sh\necho hi\n")
+        return True
+
+    monkeypatch.setitem(sources.FETCHERS, "npm", fetch)
+    specs = [PackageSpec("npm", f"p{i}") for i in range(40)] + [PackageSpec("npm", "kept-out", heldout=True)]
+    got = sources.fetch_packages(specs, tmp_path, log=lambda *_: None, workers=1, stop_at=time.monotonic())
+    assert asked[0] == "kept-out" and "npm:kept-out" in got
+    assert len(got) < 10 and sorted(got) == sorted(f"npm:{n}" for n in asked)  # the rest never started
+    assert not (tmp_path / "failed").exists()  # left for a later build, not failed

@@ -71,6 +71,9 @@ def add_corpus_flags(p: argparse.ArgumentParser, corpus_default: str | None) -> 
     p.add_argument("--cached-only", action="store_true",
                    help="of the recipe's training packages, use only those already in the download cache "
                         "(held-out packages are always fetched): a quick build after downloads stopped part-way")
+    p.add_argument("--download-budget", type=share(7 * 24 * 3600), default=None, metavar="SECONDS",
+                   help="start no download of a training package after this many seconds; build from those "
+                        "fetched by then (held-out packages come first and are always fetched)")
     p.add_argument("--corpus", type=Path, default=Path(corpus_default) if corpus_default else None,
                    help="corpus folder (built here when data flags are given)")
 
@@ -162,7 +165,7 @@ def ensure_corpus(args, default_dir: Path) -> Path:
             first_process_then_all(lambda: build_corpus(corpus, args.recipe, args.code_data, args.language_data,
                                                         args.packages, args.cache, args.english_mb,
                                                         heldout_data=args.heldout_data,
-                                                        cached_only=args.cached_only))
+                                                        cached_only=args.cached_only, download_budget=args.download_budget))
     elif not (corpus / SHELL_FILE).exists():
         raise ValueError(f"{corpus}: no corpus here; give --recipe default, --code-data, --heldout-data or "
                          "--language-data")
@@ -188,7 +191,7 @@ def cmd_corpus(args):
     from .recipe import build_corpus
     build_corpus(args.corpus, args.recipe, args.code_data, args.language_data, args.packages, args.cache,
                  args.english_mb, retry_failed=args.retry_failed, heldout_data=args.heldout_data,
-                 cached_only=args.cached_only)
+                 cached_only=args.cached_only, download_budget=args.download_budget)
 
 
 def cmd_pack(args):

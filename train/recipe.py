@@ -24,16 +24,19 @@ PAIRS_FILE = "pairs.msgpack"
 def build_corpus(out: Path, recipe: str | None = None, code_data: list[Path] = (), language_data: list[Path] = (),
                  package_list: Path | None = None, cache: Path | None = None, english_mb: float = 40.0,
                  log=print, retry_failed: bool = False, heldout_data: list[Path] = (),
-                 cached_only: bool = False) -> dict:
+                 cached_only: bool = False, download_budget: float | None = None) -> dict:
     """Write out/english.msgpack, out/shell.msgpack and out/summary.json; returns the summary.
     `heldout_data`: the user's scripts kept out of training for `codellm-train eval` (split val_user).
     `cached_only`: of the recipe's training packages, only those already in the download cache (the
-    held-out ones are always fetched), for a quick build on a machine where downloads stopped part-way."""
+    held-out ones are always fetched), for a quick build on a machine where downloads stopped part-way.
+    `download_budget`: seconds after which no more training packages are downloaded; the build goes on
+    with those fetched by then (held-out packages come first and are always fetched). The few packages
+    of manuals (kind `doc`) are always fetched."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     start = time.time()
     build = CorpusBuild(out, recipe, code_data, language_data, package_list, cache, english_mb, log, retry_failed,
-                        list(heldout_data), cached_only)
+                        list(heldout_data), cached_only, download_budget)
     if recipe not in (None, "default"):
         raise ValueError(f"unknown recipe {recipe!r} (known: default)")
     log("building shell corpus")
@@ -53,6 +56,7 @@ def build_corpus(out: Path, recipe: str | None = None, code_data: list[Path] = (
         "pairs": pair_counts,
         "sources": build.sources,
         "cached_only": cached_only,
+        "download_budget": download_budget,
         "seconds": round(time.time() - start, 1),
     }
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
@@ -88,6 +92,8 @@ class CorpusBuild:
     retry_failed: bool
     heldout_data: list[Path] = field(default_factory=list)
     cached_only: bool = False
+    download_budget: float | None = None
+    started: float = field(default_factory=time.monotonic)
     english_counts: Counts = field(default_factory=Counts)
     shell_counts: Counts = field(default_factory=Counts)
     english_seen: set[str] = field(default_factory=set)
@@ -108,11 +114,13 @@ class CorpusBuild:
         specs = read_package_list(self.package_list)
         cache = Path(self.cache or self.out / "cache")
         wanted = [s for s in specs if (s.kind == "doc") == docs]
+        if docs:  # a few packages of manuals: always all of them
+            return specs, fetch_packages(wanted, cache, self.log)
         if self.cached_only:
             wanted = [s for s in wanted if s.heldout or is_fetched(s, cache)]
             self.log(f"  {len(wanted)} of the list's packages: held out, or in the cache")
-        # --retry-failed asks again for the shell packages only
-        return specs, fetch_packages(wanted, cache, self.log, retry_failed=self.retry_failed and not docs)
+        stop_at = self.started + self.download_budget if self.download_budget is not None else None
+        return specs, fetch_packages(wanted, cache, self.log, retry_failed=self.retry_failed, stop_at=stop_at)
 
     def shell_records(self) -> Iterator[dict]:
         """The user's --heldout-data (first: a training copy of a held-out text is the one dropped), the

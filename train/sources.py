@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -266,12 +267,13 @@ def fetch_order(specs: list[PackageSpec]) -> list[PackageSpec]:
 
 
 def fetch_packages(specs: list[PackageSpec], cache: Path, log=print, workers: int = 4,
-                   retry_failed: bool = False) -> dict[str, Path]:
+                   retry_failed: bool = False, stop_at: float | None = None) -> dict[str, Path]:
     """Download and unpack each package once; returns {source name: unpacked folder}. Skips failures.
 
     Downloads are the slow part: they run `workers` at a time, each package is kept in `cache`
     once unpacked (a `.done` marker), so an interrupted build resumes where it stopped; packages that
-    failed before are skipped unless retry_failed (held-out ones are always asked for again)."""
+    failed before are skipped unless retry_failed (held-out ones are always asked for again). From
+    `stop_at` (time.monotonic) on, no download of a training package starts: those left are skipped."""
     from tqdm import tqdm
 
     cache = Path(cache).resolve()
@@ -294,13 +296,19 @@ def fetch_packages(specs: list[PackageSpec], cache: Path, log=print, workers: in
                    for spec in fetch_order(specs)}
         bar = tqdm(as_completed(futures), total=len(futures), desc="packages", unit="pkg",
                    disable=len(specs) < 2, mininterval=5)
+        left = 0
         for future in bar:
             spec = futures[future]
+            if future.cancelled():
+                continue
             folder = future.result()
             if folder is None:
                 failed.append(spec.source)
             else:
                 out[spec.source] = folder
+            if stop_at is not None and not left and time.monotonic() >= stop_at:
+                left = sum(f.cancel() for f, s in futures.items() if not s.heldout)
+                log(f"download budget spent: {left} package(s) left for a later build")
     if failed:
         log(f"skipped {len(failed)} package(s) that failed to download or unpack: {', '.join(sorted(failed))}")
     heldout_failed = sorted(s.source for s in specs if s.heldout and s.source in failed)
