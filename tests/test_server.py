@@ -138,6 +138,13 @@ def slow_bundle(tmp_path_factory, tokenizer):
     return path
 
 
+def slow_server(slow_bundle) -> tuple[str, ...]:
+    """The slow model served by the torch engine from the first request: after an earlier test has
+    served it, a start file would make the server read LONG_DOCUMENT with the C step's short decode
+    calls until torch loads, which takes most of a minute on a CPU without AVX-512."""
+    return "--model", str(slow_bundle), "--precision", "fp32"
+
+
 SLOW = {"maxTokens": 900, "timeoutMs": 60000, "multiline": "always", "multilineMs": 60000, "prefetch": "never"}
 LONG_DOCUMENT = "#!/bin/sh\n" + "".join(f"echo step {i}\n" for i in range(700))
 END = LONG_DOCUMENT.count("\n")  # the empty last line, where the cursor is: all the text is prefix
@@ -145,7 +152,7 @@ END = LONG_DOCUMENT.count("\n")  # the empty last line, where the cursor is: all
 
 def test_cancel_answers_32800_and_the_next_request_works(slow_bundle):
     async def main():
-        async with Session("--model", str(slow_bundle), init_options=SLOW) as s:
+        async with Session(*slow_server(slow_bundle), init_options=SLOW) as s:
             s.open(URI, LONG_DOCUMENT)
             msg_id = new_id()
             pending = asyncio.ensure_future(s.inline(URI, END, 0, msg_id=msg_id))
@@ -164,7 +171,7 @@ def test_cancel_answers_32800_and_the_next_request_works(slow_bundle):
 
 def test_a_superseded_request_stops_and_the_newest_is_answered(slow_bundle):
     async def main():
-        async with Session("--model", str(slow_bundle), init_options=SLOW) as s:
+        async with Session(*slow_server(slow_bundle), init_options=SLOW) as s:
             s.open(URI, LONG_DOCUMENT)
             old = asyncio.ensure_future(s.inline(URI, END, 0))
             await asyncio.sleep(0.3)
@@ -290,7 +297,7 @@ def test_prefetch_cursor_counts_line_breaks_and_units_as_the_document_does():
 def test_a_prefetch_begun_before_a_settings_change_leaves_no_answer(slow_bundle):
     async def main():
         options = {**SLOW, "maxTokens": 200, "prefetch": "always"}
-        async with Session("--model", str(slow_bundle), init_options=options) as s:
+        async with Session(*slow_server(slow_bundle), init_options=options) as s:
             s.open(URI, LONG_DOCUMENT)
             s.edit(URI, END, 0, "ec")
             await wait_for_status(s, lambda st: st.prefetched == 1)
@@ -305,7 +312,7 @@ def test_a_prefetch_begun_before_a_settings_change_leaves_no_answer(slow_bundle)
 
 def test_a_prefetch_a_request_joined_is_not_given_up_for_another_documents_request(slow_bundle):
     async def main():
-        async with Session("--model", str(slow_bundle), init_options={**SLOW, "prefetch": "always"}) as s:
+        async with Session(*slow_server(slow_bundle), init_options={**SLOW, "prefetch": "always"}) as s:
             s.open(URI, LONG_DOCUMENT)
             other = "file:///tmp/work/other.sh"
             s.open(other, "echo one\necho two\n")
@@ -324,7 +331,7 @@ def test_edits_to_many_documents_leave_one_prefetch(slow_bundle):
     async def main():
         # the slow model reads a long document for most of a second: the burst of edits arrives while the
         # first prefetch still runs, however busy the machine
-        async with Session("--model", str(slow_bundle), init_options={**SLOW, "prefetch": "always"}) as s:
+        async with Session(*slow_server(slow_bundle), init_options={**SLOW, "prefetch": "always"}) as s:
             uris = [f"file:///tmp/work/f{i}.sh" for i in range(30)]
             for uri in uris:
                 s.open(uri, LONG_DOCUMENT)
