@@ -26,6 +26,7 @@ log = logging.getLogger("codellm.server")
 
 WORD_CHARS = string.ascii_letters + string.digits + "_-"  # what a popup item's text edit replaces
 STATUS_METHOD = "codellm/status"
+CURSOR_METHOD = "codellm/cursor"
 
 
 class CodellmProtocol(LanguageServerProtocol):
@@ -210,13 +211,40 @@ def did_open(ls: CodellmServer, params: types.DidOpenTextDocumentParams):
 def did_change(ls: CodellmServer, params: types.DidChangeTextDocumentParams):
     uri = params.text_document.uri
     remember_open(ls, uri)
-    prefetch = ls.settings.prefetch
-    if ls.loop is None or not (prefetch == "always" or (prefetch == "auto" and ls.has_inline)):
+    doc = ls.open_document(uri)
+    if doc is not None and prefetch_wanted(ls):
+        cursor = cursor_after(doc, params.content_changes)
+        if cursor is not None:
+            start_prefetch(ls, uri, doc, cursor)
+
+
+def cursor_rests(ls: CodellmServer, params):
+    """codellm/cursor (sent by the editor configs here when the cursor stops at a place without an edit:
+    a click, a jump, a newly opened file): the prompt there is read before the first keystroke, so that
+    the first suggestion at a new place costs no more than the next ones (the whole window is read once,
+    each keystroke after it reads its few new tokens). Params as textDocument/hover's."""
+    try:  # pygls gives the params of a method it does not know as nested named tuples
+        uri, line, character = params.textDocument.uri, params.position.line, params.position.character
+        if not isinstance(uri, str) or not all(type(n) is int and n >= 0 for n in (line, character)):
+            raise TypeError
+    except (AttributeError, TypeError):  # a notification has no answer to carry an error: logged, dropped
+        log.warning("codellm/cursor: params are not {textDocument: {uri}, position: {line, character}}")
         return
     doc = ls.open_document(uri)
-    cursor = cursor_after(doc, params.content_changes) if doc is not None else None
-    split = cursor_split(doc, cursor) if cursor is not None else None
-    if split is not None:  # the text as this edit left it: later edits may be read before the task runs
+    if doc is not None and prefetch_wanted(ls):
+        log.info("cursor rests at line %d: reading the prompt there", line + 1)
+        start_prefetch(ls, uri, doc, types.Position(line=line, character=character))
+
+
+def prefetch_wanted(ls: CodellmServer) -> bool:
+    prefetch = ls.settings.prefetch
+    return ls.loop is not None and (prefetch == "always" or (prefetch == "auto" and ls.has_inline))
+
+
+def start_prefetch(ls: CodellmServer, uri: str, doc, position: types.Position) -> None:
+    """Work out the suggestion at `position` in a task of its own (prefetch_at)."""
+    split = cursor_split(doc, position)
+    if split is not None:  # the text as it is now: later edits may be read before the task runs
         ls.edits += 1
         task = ls.loop.create_task(prefetch_at(ls, uri, *split[:2], ls.edits))
         ls.prefetches.add(task)
@@ -238,7 +266,7 @@ def cursor_after(doc, changes: list) -> types.Position | None:
 
 async def prefetch_at(ls: CodellmServer, uri: str, prefix: str, suffix: str, edit: int) -> None:
     """Work out the suggestion between `prefix` and `suffix` before the editor asks
-    (CompletionService.prefetch); nothing when a newer edit (of any document) has come since."""
+    (CompletionService.prefetch); nothing when a newer edit or cursor rest (of any document) has come since."""
     try:
         head = (prefix[:200] + suffix[:200])[:200]  # the document's start, without joining its text again
         if edit != ls.edits or not ls.is_shell(uri, head) or ls.holder.engine is None:
@@ -307,7 +335,7 @@ HANDLERS = {types.INITIALIZE: initialize, types.INITIALIZED: initialized,
             types.WORKSPACE_DID_CHANGE_CONFIGURATION: did_change_configuration,
             types.TEXT_DOCUMENT_DID_OPEN: did_open, types.TEXT_DOCUMENT_DID_CHANGE: did_change,
             types.TEXT_DOCUMENT_DID_CLOSE: did_close,
-            STATUS_METHOD: status, types.SHUTDOWN: shutdown}  # the completion features: offer_completions
+            STATUS_METHOD: status, CURSOR_METHOD: cursor_rests, types.SHUTDOWN: shutdown}  # the completion features: offer_completions
 
 
 def create_server(early=None) -> CodellmServer:

@@ -88,6 +88,11 @@ class Session:
                 range=types.Range(start=types.Position(line=line, character=char),
                                   end=types.Position(line=end_line, character=end_char)), text=text)]))
 
+    def cursor(self, uri: str, line: int, char: int) -> None:
+        """codellm/cursor: the cursor rests here (as the VS Code and Neovim configs send it)."""
+        self.client.protocol.notify("codellm/cursor", {"textDocument": {"uri": uri},
+                                                       "position": {"line": line, "character": char}})
+
     async def inline(self, uri: str, line: int, char: int, automatic: bool = False, msg_id: str | None = None):
         params = types.InlineCompletionParams(
             text_document=types.TextDocumentIdentifier(uri=uri), position=types.Position(line=line, character=char),

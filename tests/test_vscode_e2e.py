@@ -256,7 +256,8 @@ def test_vscode_shows_accepts_and_saves_a_suggestion(tmp_path, processes):
     plan = {"url": f"{url}?folder={workspace}", "chromium": chromium_path, "serverLog": str(server_log),
             "userSettings": str(settings_file), "workspace": str(workspace), "shots": str(shots),
             "steps": [{"file": s["file"], "text": s["text"], "settings": s["settings"],
-                       "waitLog": "settings changed: multiline" if s["settings"] else None} for s in STEPS]}
+                       "waitLog": "settings changed: multiline" if s["settings"] else None,
+                       "rests": n == 0} for n, s in enumerate(STEPS)]}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     driver = processes.start([str(NODE24), str(DRIVER), str(tmp_path / "plan.json")], tmp_path / "drive.log",
                              processes.env(NODE_PATH=str(E2E / "node_modules"), HOME=str(home)))
@@ -275,6 +276,9 @@ def test_vscode_shows_accepts_and_saves_a_suggestion(tmp_path, processes):
         report = "\n".join(f"--- {name}\n{(tmp_path / name).read_text()[-3000:]}" if (tmp_path / name).exists()
                            else f"--- {name}: none" for name in ("drive.log", "codellm-serve.log", "code-server.log"))
         pytest.fail(f"saved {saved!r}, wanted {want!r}; screenshots in {FAILURES}\n{report}", pytrace=False)
+    # the extension told the server where the cursor rested (end of the file, then its start)
+    log = server_log.read_text()
+    assert "cursor rests at line 3:" in log and "cursor rests at line 1:" in log, log[-3000:]
     edited = json.loads(settings_file.read_text())
     assert edited["codellm.multiline"] == "never" and edited["codellm.serverCommand"] == command[0], edited
     print(f"VS Code end-to-end: {time.time() - start_time:.1f} s")

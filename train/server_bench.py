@@ -51,15 +51,21 @@ def load_scripts(corpus: Path | None, folder: Path | None, count: int) -> list[s
 
 
 async def type_scripts(server_args: list[str], scripts: list[str], keystrokes: int, options: dict,
-                       debounce_ms: float = 0) -> dict:
+                       debounce_ms: float = 0, rest_ms: float = 0, warm: bool = True) -> dict:
     """Each keystroke: a didChange, `debounce_ms` later (the wait an editor leaves before it asks: VS Code
-    50 ms) an inline completion request, timed until its answer."""
+    50 ms) an inline completion request, timed until its answer. With `rest_ms`, each script is opened,
+    the cursor put where typing starts and told to the server (codellm/cursor, as the VS Code and Neovim
+    configs do) `rest_ms` before the first keystroke. `warm`: typing starts once the server reads prompts
+    with PyTorch (its first seconds answer from the start file while torch loads: codellm.server.coldstart
+    measures those)."""
     client = LanguageClient("codellm-bench", "1")
     await client.start_io(sys.executable, "-m", "codellm.server.cli", *server_args)
     caps = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
         inline_completion=types.InlineCompletionClientCapabilities()))
     await client.initialize_async(types.InitializeParams(capabilities=caps, initialization_options=options))
     client.initialized(types.InitializedParams())
+    if warm:
+        await until_torch_serves(client)
     latencies = []
     per_script = max(1, keystrokes // len(scripts))
     for n, script in enumerate(scripts):
@@ -72,6 +78,10 @@ async def type_scripts(server_args: list[str], scripts: list[str], keystrokes: i
         client.text_document_did_open(types.DidOpenTextDocumentParams(text_document=types.TextDocumentItem(
             uri=uri, language_id="shellscript", version=0, text=before + after)))
         line, char = start, 0
+        if rest_ms:
+            client.protocol.notify("codellm/cursor", {"textDocument": {"uri": uri},
+                                                      "position": {"line": line, "character": char}})
+            await asyncio.sleep(rest_ms / 1000)
         for version, ch in enumerate(typed_lines, 1):
             client.text_document_did_change(types.DidChangeTextDocumentParams(
                 text_document=types.VersionedTextDocumentIdentifier(uri=uri, version=version),
@@ -102,26 +112,46 @@ async def type_scripts(server_args: list[str], scripts: list[str], keystrokes: i
             "over_1s": sum(t > 1.0 for t in latencies)}
 
 
+async def until_torch_serves(client: LanguageClient, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = await client.protocol.send_request_async("codellm/status", None)
+        if status.decode_steps and "without torch" not in status.decode_steps:
+            return
+        await asyncio.sleep(0.1)
+    raise TimeoutError(f"the server did not load torch within {timeout:g} s")
+
+
 def load_main(args, scripts, server_args) -> None:
     """--background N: idle and loaded side by side, for 1 and 2 threads and the default (KV reuse on)."""
     from codellm.loadgen import BackgroundLoad, label
 
     print(f"machine: {platform.machine()}, typing {args.keystrokes} keystrokes over {len(scripts)} held-out "
           f"scripts; idle vs {args.background} busy background processes; each request {args.debounce_ms:g} ms "
-          f"after its keystroke, prefetch {'off' if args.no_prefetch else 'on'}")
+          f"after its keystroke, prefetch {'off' if args.no_prefetch else 'on'}, {rest_label(args.cursor_rest_ms)}, "
+          f"{start_label(args.warm)}")
     options = {"kvReuse": True, "prefetch": "never" if args.no_prefetch else "auto"}
     for threads in (None, 1, 2):
         for n in (0, args.background):
             extra = ["--threads", str(threads)] if threads else []
             with BackgroundLoad(n):
-                r = asyncio.run(type_scripts(server_args + extra, scripts, args.keystrokes, options, args.debounce_ms))
+                r = asyncio.run(type_scripts(server_args + extra, scripts, args.keystrokes, options, args.debounce_ms,
+                                             args.cursor_rest_ms, args.warm))
             name = f"{'default' if threads is None else f'{threads} thread' + 's' * (threads > 1)}, {label(n)}"
             print(f"  {name:20s} end-to-end p50 {r['p50']:6.1f} ms  p95 {r['p95']:6.1f} ms  mean {r['mean']:6.1f} ms"
                   f"  | deadline hits {r['deadline_hits']}  answers over 1 s {r['over_1s']}  KV reuse {r['kv_reuse']:.1%}  model runs "
                   f"{r['model_runs']} of {r['requests']} requests", flush=True)
 
 
-def main(argv=None) -> None:
+def rest_label(rest_ms: float) -> str:
+    return f"cursor told {rest_ms:g} ms before each script's first keystroke" if rest_ms else "no cursor rest told"
+
+
+def start_label(warm: bool) -> str:
+    return "typing once torch serves" if warm else "typing from the server's start"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m codellm.train.server_bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="bundle (default: the shipped model)")
     parser.add_argument("--corpus", type=Path, default=Path("data/corpus"), help="corpus with a held-out split")
@@ -148,9 +178,22 @@ def main(argv=None) -> None:
     parser.add_argument("--debounce-ms", type=float, default=0, metavar="MS",
                         help="wait this long after each keystroke before asking, as editors do (VS Code: 50); "
                              "with it, the figures with prefetch on and off are shown side by side")
+    parser.add_argument("--cursor-rest-ms", type=float, default=400, metavar="MS",
+                        help="the cursor is told to the server (codellm/cursor) this long before the first keystroke "
+                             "of each script, as the VS Code and Neovim configs tell it where a person clicks and then "
+                             "types (default 400: the homing time of the Keystroke-Level Model, Card, Moran and "
+                             "Newell 1980); 0: never, as in Helix")
+    parser.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
+                        help="typing starts once the server reads prompts with PyTorch (default); --no-warm: from "
+                             "its first second, while it answers from the start file and imports torch beside "
+                             "(python -m codellm.server.coldstart measures the first suggestion)")
     parser.add_argument("--no-prefetch", action="store_true",
                         help="with --background: the server does not start suggestions before it is asked")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.typing:
         typing_main(args)
         return
@@ -165,12 +208,13 @@ def main(argv=None) -> None:
     server_args += ["--threads", str(args.threads)] if args.threads else []
     print(f"machine: {platform.machine()}, typing {args.keystrokes} keystrokes over {len(scripts)} held-out "
           f"scripts, one inline completion request {args.debounce_ms:g} ms after each; context from other files "
-          f"{'on' if args.file_context else 'off'}")
+          f"{'on' if args.file_context else 'off'}; {rest_label(args.cursor_rest_ms)}; {start_label(args.warm)}")
     rows = [("KV reuse on", {"kvReuse": True}), ("KV reuse off", {"kvReuse": False})]
     if args.debounce_ms:
         rows.insert(1, ("prefetch off", {"kvReuse": True, "prefetch": "never"}))
     for label, options in rows:
-        r = asyncio.run(type_scripts(server_args, scripts, args.keystrokes, options, args.debounce_ms))
+        r = asyncio.run(type_scripts(server_args, scripts, args.keystrokes, options, args.debounce_ms,
+                                     args.cursor_rest_ms, args.warm))
         print(f"  {label:13s} end-to-end p50 {r['p50']:6.1f} ms  p95 {r['p95']:6.1f} ms  mean {r['mean']:6.1f} ms  "
               f"| KV reuse {r['kv_reuse']:.1%}  cache hits {r['cache_hits']:.1%}  model runs {r['model_runs']}"
               f"  of {r['requests']} requests")

@@ -7,6 +7,29 @@ const { initializationOptions, serverCommand, RESTART_SETTINGS } = require("./op
 
 let client;
 
+// The cursor at rest somewhere new (a click, a jump, a file opened) is told to the server, which reads
+// the prompt there before the first keystroke (codellm/cursor). Not after typing: the server reads the
+// cursor from the edit itself.
+const CURSOR_REST_MS = 250;
+const TYPING_MS = 100; // a selection change this soon after an edit of its document is the typing's
+let restTimer;
+let lastEdit = { uri: "", at: 0 };
+
+function cursorMoved(editor) {
+  clearTimeout(restTimer);
+  const doc = editor.document;
+  const typed = lastEdit.uri === doc.uri.toString() && Date.now() - lastEdit.at < TYPING_MS;
+  if (typed || doc.languageId !== "shellscript" || !editor.selection.isEmpty) return;
+  restTimer = setTimeout(() => {
+    if (!client || !client.isRunning() || vscode.window.activeTextEditor !== editor) return;
+    const { line, character } = editor.selection.active;
+    client.sendNotification("codellm/cursor", {
+      textDocument: { uri: client.code2ProtocolConverter.asUri(doc.uri) },
+      position: { line, character },
+    });
+  }, CURSOR_REST_MS);
+}
+
 async function start() {
   const config = vscode.workspace.getConfiguration("codellm");
   const { command, args } = serverCommand(config);
@@ -40,6 +63,14 @@ async function activate(context) {
       }
     }),
     vscode.commands.registerCommand("codellm.restart", restart),
+    vscode.workspace.onDidChangeTextDocument((event) => {
+      if (event.contentChanges.length === 0) return;
+      lastEdit = { uri: event.document.uri.toString(), at: Date.now() };
+      clearTimeout(restTimer);
+    }),
+    vscode.window.onDidChangeTextEditorSelection((event) => cursorMoved(event.textEditor)),
+    vscode.window.onDidChangeActiveTextEditor((editor) => editor && cursorMoved(editor)),
+    { dispose: () => clearTimeout(restTimer) },
   );
   await start();
 }

@@ -5,9 +5,11 @@
 //
 //   node drive.js PLAN.json
 //
-// PLAN: { url, chromium, serverLog, userSettings, shots, steps: [{ file, text, settings?, waitLog? }] }
+// PLAN: { url, chromium, serverLog, userSettings, shots, steps: [{ file, text, settings?, waitLog?, rests? }] }
 // `settings` (optional) are changed in the settings.json editor before the step; `waitLog` is a line
-// the server's log must then contain (counted afresh from that point) before typing.
+// the server's log must then contain (counted afresh from that point) before typing. `rests`: before
+// typing, the cursor is moved to the end of the file and then to its start, each time left there until
+// the server logs that the cursor rests (so the prompt the typing reads is not the one a rest read).
 "use strict";
 const fs = require("node:fs");
 const path = require("node:path");
@@ -100,6 +102,15 @@ async function step(page, s, index) {
   await until(`${needles.join(" and ")} in the server log`,
     () => needles.every((needle, i) => count(serverLog(), needle) > seen[i]), 60000);
   log(`server ready (${needles.join(", ")})`);
+  if (s.rests) {
+    for (const key of ["Control+End", "Control+Home"]) {
+      const rests = count(serverLog(), "cursor rests at");
+      await page.keyboard.press(key);
+      await until(`the server to log the cursor resting after ${key}`,
+        () => count(serverLog(), "cursor rests at") > rests, 20000);
+      log(`cursor rests after ${key}`);
+    }
+  }
   await page.keyboard.press("Control+End");
   // one edit, so the editor asks once, at the final position
   await page.keyboard.insertText(s.text);
