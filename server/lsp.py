@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import string
 import threading
@@ -51,11 +52,27 @@ LSP_LINE = re.compile(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+\Z")  # LSP ends lines at
 class LspLinesDocument(TextDocument):
     """A document whose lines end where the editor's do: at \n, \r\n and \r. (pygls uses
     str.splitlines, which also ends lines at \f, \v, \x1c-\x1e, \x85, U+2028 and U+2029: after a form
-    feed in a script, positions and edits would land on the wrong line.)"""
+    feed in a script, positions and edits would land on the wrong line.) Keeps the text its last
+    incremental change replaced (`replaced`), for cursor_after."""
+
+    replaced = ""
+    _lines_of: str | None = None  # the source `_lines` was split from
+    _lines: tuple[str, ...] = ()
 
     @property
     def lines(self) -> tuple[str, ...]:
-        return tuple(LSP_LINE.findall(self.source))
+        source = self.source
+        if source is not self._lines_of:  # split once per version, not once per use
+            self._lines, self._lines_of = tuple(LSP_LINE.findall(source)), source
+        return self._lines
+
+    def _apply_incremental_change(self, change: types.TextDocumentContentChangePartial) -> None:
+        lines = self.lines
+        where = self._position_codec.range_from_client_units(lines, change.range)
+        start = sum(map(len, lines[:where.start.line])) + where.start.character
+        end = sum(map(len, lines[:where.end.line])) + where.end.character
+        self.replaced = self.source[start:end]
+        super()._apply_incremental_change(change)
 
 
 class LspLinesWorkspace(Workspace):
@@ -232,7 +249,7 @@ def cursor_rests(ls: CodellmServer, params):
         return
     doc = ls.open_document(uri)
     if doc is not None and prefetch_wanted(ls):
-        log.info("cursor rests at line %d: reading the prompt there", line + 1)
+        log.info("cursor rests at line %d, column %d", line + 1, character + 1)
         start_prefetch(ls, uri, doc, types.Position(line=line, character=character))
 
 
@@ -253,11 +270,15 @@ def start_prefetch(ls: CodellmServer, uri: str, doc, position: types.Position) -
 
 def cursor_after(doc, changes: list) -> types.Position | None:
     """Where the cursor is after an edit of one range (typing, deleting, pasting): the end of the text
-    put in. None for several changes or a whole new text, which say nothing of the cursor."""
+    put in, less the end it shares with the text it replaced (Neovim sends whole lines: `o` below `}`
+    replaces "\n" with "\n\n", Enter before `y` replaces "y" with "\ny"). None for several changes or a
+    whole new text, which say nothing of the cursor."""
     if len(changes) != 1 or not isinstance(changes[0], types.TextDocumentContentChangePartial):
         return None
     start = changes[0].range.start
-    lines = LSP_LINE.findall(changes[0].text + ".")  # line breaks as the document's lines count them
+    text = changes[0].text
+    kept = len(os.path.commonprefix([text[::-1], getattr(doc, "replaced", "")[::-1]]))
+    lines = LSP_LINE.findall(text[:len(text) - kept] + ".")  # line breaks as the document's lines count them
     units = doc.position_codec.client_num_units(lines[-1][:-1])  # the last line, without the "."
     if len(lines) == 1:
         return types.Position(line=start.line, character=start.character + units)

@@ -117,7 +117,7 @@ def test_neovim_with_bash_language_server_alongside(bundle_path, tmp_path, shell
         nv.close()
 
 
-def test_neovim_tells_the_server_where_the_cursor_rests(bundle_path, tmp_path, shell_script):
+def test_neovim_tells_the_server_where_insert_mode_starts(bundle_path, tmp_path, shell_script):
     log = tmp_path / "server.log"
     # prefetch on: the 0.11 popup client is not prefetched for by default (0.12 ghost text is)
     nv = nvim_session(bundle_path, tmp_path, None, ("--log-file", str(log)), 'prefetch = "always",')
@@ -125,12 +125,18 @@ def test_neovim_tells_the_server_where_the_cursor_rests(bundle_path, tmp_path, s
         nv.command(f"edit {shell_script}")
         wait(lambda: nv.exec_lua("local c = vim.lsp.get_clients({bufnr = 0, name = 'codellm'})[1]\n"
                                  "return c ~= nil and c.initialized == true"))
-        nv.call("cursor", 3, 4)
-        wait(lambda: "cursor rests at line 3:" in log.read_text())
-        nv.input("A")  # insert mode: the rest after the jump is told, none while typing
         nv.call("cursor", 2, 1)
-        time.sleep(1)
-        assert "cursor rests at line 2:" not in log.read_text()
+        time.sleep(0.5)  # a normal-mode move tells nothing
+        nv.call("cursor", 3, 1)
+        nv.input("A")  # `    ech|`
+        wait(lambda: "cursor rests at line 3, column 8" in log.read_text())
+        nv.input("o")  # typing tells nothing
+        nv.input("<Esc>")
+        nv.call("cursor", 1, 1)
+        nv.input("o")  # a new line 2
+        wait(lambda: "cursor rests at line 2, column 1" in log.read_text())
+        told = re.findall(r"cursor rests at line \d+", log.read_text())
+        assert told == ["cursor rests at line 3", "cursor rests at line 2"], told
     finally:
         nv.close()
 

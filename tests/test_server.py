@@ -335,6 +335,25 @@ def test_prefetch_cursor_counts_line_breaks_and_units_as_the_document_does():
     assert cursor_after(TextDocument("file:///a.sh", "echo a\n"), [whole]) is None
 
 
+def test_the_cursor_after_a_whole_line_edit_is_where_the_new_text_ends():
+    """Neovim sends edits of whole lines: its `o` below `}` replaces the line break after it with two,
+    Enter typed before the `y` of `x  y` replaces "y" with a line break and "y"."""
+    from codellm.server.lsp import LspLinesDocument, cursor_after
+
+    def after(source, start, end, text):
+        doc = LspLinesDocument("file:///a.sh", source)
+        change = types.TextDocumentContentChangePartial(
+            range=types.Range(start=types.Position(*start), end=types.Position(*end)), text=text)
+        doc.apply_change(change)
+        return doc.source, cursor_after(doc, [change])
+
+    assert after("f() {\n}\nls\n", (1, 1), (2, 0), "\n\n") == ("f() {\n}\n\nls\n", types.Position(line=2, character=0))
+    assert after("x  y\n", (0, 3), (0, 4), "\ny") == ("x  \ny\n", types.Position(line=1, character=0))
+    assert after("echo a\n", (0, 6), (0, 6), "b")[1] == types.Position(line=0, character=7)  # typed
+    assert after("echo a\n", (0, 5), (0, 6), "")[1] == types.Position(line=0, character=5)  # deleted
+    assert after("echo a\n", (0, 5), (0, 6), "b c")[1] == types.Position(line=0, character=8)  # replaced
+
+
 def test_a_prefetch_begun_before_a_settings_change_leaves_no_answer(slow_bundle):
     async def main():
         options = {**SLOW, "maxTokens": 200, "prefetch": "always"}

@@ -278,7 +278,7 @@ def test_vscode_shows_accepts_and_saves_a_suggestion(tmp_path, processes):
         pytest.fail(f"saved {saved!r}, wanted {want!r}; screenshots in {FAILURES}\n{report}", pytrace=False)
     # the extension told the server where the cursor rested (end of the file, then its start)
     log = server_log.read_text()
-    assert "cursor rests at line 3:" in log and "cursor rests at line 1:" in log, log[-3000:]
+    assert "cursor rests at line 3," in log and "cursor rests at line 1," in log, log[-3000:]
     edited = json.loads(settings_file.read_text())
     assert edited["codellm.multiline"] == "never" and edited["codellm.serverCommand"] == command[0], edited
     print(f"VS Code end-to-end: {time.time() - start_time:.1f} s")

@@ -126,7 +126,8 @@ def load_main(args, scripts, server_args) -> None:
     """--background N: idle and loaded side by side, for 1 and 2 threads and the default (KV reuse on)."""
     from codellm.loadgen import BackgroundLoad, label
 
-    print(f"machine: {platform.machine()}, typing {args.keystrokes} keystrokes over {len(scripts)} held-out "
+    print(f"machine: {platform.machine()}, typing {args.keystrokes} keystrokes over {len(scripts)} "
+          f"{'' if args.scripts_dir else 'held-out '}"
           f"scripts; idle vs {args.background} busy background processes; each request {args.debounce_ms:g} ms "
           f"after its keystroke, prefetch {'off' if args.no_prefetch else 'on'}, {rest_label(args.cursor_rest_ms)}, "
           f"{start_label(args.warm)}")
@@ -178,11 +179,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--debounce-ms", type=float, default=0, metavar="MS",
                         help="wait this long after each keystroke before asking, as editors do (VS Code: 50); "
                              "with it, the figures with prefetch on and off are shown side by side")
-    parser.add_argument("--cursor-rest-ms", type=float, default=400, metavar="MS",
+    parser.add_argument("--cursor-rest-ms", type=float, default=250, metavar="MS",
                         help="the cursor is told to the server (codellm/cursor) this long before the first keystroke "
-                             "of each script, as the VS Code and Neovim configs tell it where a person clicks and then "
-                             "types (default 400: the homing time of the Keystroke-Level Model, Card, Moran and "
-                             "Newell 1980); 0: never, as in Helix")
+                             "of each script, as the VS Code extension tells it 150 ms after a click (default 250: "
+                             "the 0.4 s a hand takes from mouse to keys in the Keystroke-Level Model of Card, Moran "
+                             "and Newell 1980, less those 150 ms); 0: never, as in Helix")
     parser.add_argument("--warm", action=argparse.BooleanOptionalAction, default=True,
                         help="typing starts once the server reads prompts with PyTorch (default); --no-warm: from "
                              "its first second, while it answers from the start file and imports torch beside "
@@ -206,7 +207,8 @@ def main(argv=None) -> None:
         load_main(args, scripts, server_args)
         return
     server_args += ["--threads", str(args.threads)] if args.threads else []
-    print(f"machine: {platform.machine()}, typing {args.keystrokes} keystrokes over {len(scripts)} held-out "
+    print(f"machine: {platform.machine()}, typing {args.keystrokes} keystrokes over {len(scripts)} "
+          f"{'' if args.scripts_dir else 'held-out '}"
           f"scripts, one inline completion request {args.debounce_ms:g} ms after each; context from other files "
           f"{'on' if args.file_context else 'off'}; {rest_label(args.cursor_rest_ms)}; {start_label(args.warm)}")
     rows = [("KV reuse on", {"kvReuse": True}), ("KV reuse off", {"kvReuse": False})]

@@ -8,9 +8,10 @@ const { initializationOptions, serverCommand, RESTART_SETTINGS } = require("./op
 let client;
 
 // The cursor at rest somewhere new (a click, a jump, a file opened) is told to the server, which reads
-// the prompt there before the first keystroke (codellm/cursor). Not after typing: the server reads the
-// cursor from the edit itself.
-const CURSOR_REST_MS = 250;
+// the prompt there before the first keystroke (codellm/cursor; with prefetch off it reads nothing). Not
+// after typing: the server reads the cursor from the edit itself. 150 ms: most of the time a hand takes
+// from the mouse to the keys (0.4 s) is left for the read, and a held arrow key sends one notification.
+const CURSOR_REST_MS = 150;
 const TYPING_MS = 100; // a selection change this soon after an edit of its document is the typing's
 let restTimer;
 let lastEdit = { uri: "", at: 0 };
@@ -43,6 +44,8 @@ async function start() {
     },
   );
   await client.start();
+  // the file whose opening started the server was opened before it ran
+  if (vscode.window.activeTextEditor) cursorMoved(vscode.window.activeTextEditor);
 }
 
 async function restart() {

@@ -103,12 +103,13 @@ async function step(page, s, index) {
     () => needles.every((needle, i) => count(serverLog(), needle) > seen[i]), 60000);
   log(`server ready (${needles.join(", ")})`);
   if (s.rests) {
-    for (const key of ["Control+End", "Control+Home"]) {
-      const rests = count(serverLog(), "cursor rests at");
+    const last = before.split("\n").length;
+    for (const [key, line] of [["Control+End", last], ["Control+Home", 1]]) {
+      const needle = `cursor rests at line ${line},`;
+      const seen = count(serverLog(), needle);
       await page.keyboard.press(key);
-      await until(`the server to log the cursor resting after ${key}`,
-        () => count(serverLog(), "cursor rests at") > rests, 20000);
-      log(`cursor rests after ${key}`);
+      await until(`the server to log "${needle}" after ${key}`, () => count(serverLog(), needle) > seen, 20000);
+      log(`server told: ${needle}`);
     }
   }
   await page.keyboard.press("Control+End");

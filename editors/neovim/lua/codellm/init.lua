@@ -14,8 +14,8 @@ M.defaults = {
   cut_confidence = nil,               -- 0-1: end a suggestion before a token less sure than this
   file_context = true,                -- context from sourced files and other open shell buffers
   prefetch = nil,                     -- "auto" | "always" | "never": start a suggestion as keys arrive, and read
-                                      -- the text where the cursor rests in normal mode (nil: auto, on with 0.12
-                                      -- inline completion, off for the 0.11 popup)
+                                      -- the text where insert mode starts (nil: auto, on with 0.12 inline
+                                      -- completion, off for the 0.11 popup; "always" turns it on there)
   filetypes = { "sh", "bash", "zsh" },
   -- a file's project: the nearest folder above it holding one of these; it is declared to the server as
   -- the workspace folder that sourced files may be read from (file_context). None found: no folder.
@@ -37,45 +37,37 @@ function M.init_options(config)
   }
 end
 
--- The cursor at rest somewhere new in normal mode (a jump, a search, a buffer entered) is told to the
--- server, which reads the prompt there before the first keystroke (codellm/cursor): the first suggestion
--- at a new place then costs no more than the next. Typing needs none: the server reads it from the edit.
-local REST_MS = 250
-
-local function tell_cursor_rests(client, bufnr)
-  local timer = vim.uv.new_timer()
+-- Entering insert mode is told to the server (codellm/cursor, where the cursor then is), which reads the
+-- prompt there before the first key is typed: the first suggestion at a new place then costs no more than
+-- the next. (Not on normal-mode moves: the cursor sits on a character there, and `a`, `A` or `o` start
+-- typing elsewhere.) Typing needs none: the server reads the cursor from the edit.
+local function tell_insert_starts(client, bufnr)
   local group = vim.api.nvim_create_augroup("codellm_cursor_" .. bufnr, { clear = true })
-  local function rested()
-    if client:is_stopped() or vim.api.nvim_get_current_buf() ~= bufnr or vim.fn.mode() ~= "n" then
-      return
-    end
-    client:notify("codellm/cursor", vim.lsp.util.make_position_params(0, client.offset_encoding))
-  end
-  vim.api.nvim_create_autocmd({ "CursorMoved", "BufEnter" }, {
+  vim.api.nvim_create_autocmd("InsertEnter", {
     group = group,
     buffer = bufnr,
     callback = function()
-      timer:stop()
-      timer:start(REST_MS, 0, vim.schedule_wrap(rested))
+      vim.schedule(function() -- once `a`, `A` or `o` has put the cursor where typing starts
+        if client:is_stopped() or vim.api.nvim_get_current_buf() ~= bufnr or vim.fn.mode() ~= "i" then
+          return
+        end
+        client:notify("codellm/cursor", vim.lsp.util.make_position_params(0, client.offset_encoding))
+      end)
     end,
   })
-  vim.api.nvim_create_autocmd("InsertEnter", { group = group, buffer = bufnr, callback = function() timer:stop() end })
   vim.api.nvim_create_autocmd("LspDetach", {
     group = group,
     buffer = bufnr,
     callback = function(args)
-      if args.data.client_id ~= client.id then
-        return
+      if args.data.client_id == client.id then
+        vim.api.nvim_del_augroup_by_id(group)
       end
-      timer:stop()
-      timer:close()
-      vim.api.nvim_del_augroup_by_id(group)
     end,
   })
 end
 
 local function on_attach(client, bufnr)
-  tell_cursor_rests(client, bufnr)
+  tell_insert_starts(client, bufnr)
   if vim.lsp.inline_completion and client:supports_method("textDocument/inlineCompletion") then
     vim.lsp.inline_completion.enable(true, { bufnr = bufnr })
   elseif vim.lsp.completion and client:supports_method("textDocument/completion") then
