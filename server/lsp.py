@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import re
@@ -28,6 +29,7 @@ log = logging.getLogger("codellm.server")
 WORD_CHARS = string.ascii_letters + string.digits + "_-"  # what a popup item's text edit replaces
 STATUS_METHOD = "codellm/status"
 CURSOR_METHOD = "codellm/cursor"
+UINTEGER_MAX = 2**31 - 1  # LSP's uinteger
 
 
 class CodellmProtocol(LanguageServerProtocol):
@@ -95,7 +97,7 @@ class CodellmServer(LanguageServer):
         self.loop = None
         self.loop_thread = None
         self.has_inline = False  # the client asked for inline completions (initialize)
-        self.prefetches: set[asyncio.Task] = set()  # running prefetch tasks, kept until done
+        self.tasks: set[asyncio.Task] = set()  # running prefetches and model loads, kept until done
         self.edits = 0  # edits that asked for a prefetch: only the newest one's runs
         self.configuring = asyncio.Lock()  # model settings being applied (did_change_configuration)
 
@@ -153,7 +155,8 @@ def cursor_split(doc, position: types.Position) -> tuple[str, str, types.Positio
     if position.line < 0 or position.character < 0:
         return None
     if position.line >= len(lines):  # the empty line after a final line break (or of an empty document)
-        return (source, "", types.Position(position.line, 0)) if position.line == len(lines) else None
+        after_break = position.line == len(lines) and (not source or source[-1] in "\r\n")
+        return (source, "", types.Position(position.line, 0)) if after_break else None
     line = lines[position.line]
     content = line.rstrip("\r\n")
     codec = doc.position_codec
@@ -205,7 +208,9 @@ def initialized(ls: CodellmServer, params):
         ls.tell_user(f"codellm: {ls.holder.load_error}", True)
 
 
-async def did_change_configuration(ls: CodellmServer, params: types.DidChangeConfigurationParams):
+def did_change_configuration(ls: CodellmServer, params: types.DidChangeConfigurationParams):
+    """Settings apply at once, before the messages that follow are handled (a coroutine handler would
+    run after them); a model to load is loaded in a task (configure_model)."""
     changed = ls.settings.update(params.settings)
     for problem in ls.settings.problems:
         ls.tell_user(problem, True)
@@ -213,11 +218,17 @@ async def did_change_configuration(ls: CodellmServer, params: types.DidChangeCon
         log.info("settings changed: %s", ", ".join(sorted(changed)))
         ls.service.clear()
     if {"model_path", "device", "threads"} & set(changed):
-        # the load takes up to seconds: off the event loop, so status and the other messages are answered
-        # meanwhile (completions wait on the model thread); one change at a time, in the order they came
         wanted = (ls.settings.model_path, ls.settings.device, ls.settings.threads)
-        async with ls.configuring:
-            await asyncio.to_thread(ls.holder.configure, *wanted)
+        task = asyncio.get_running_loop().create_task(configure_model(ls, wanted))
+        ls.tasks.add(task)
+        task.add_done_callback(ls.tasks.discard)
+
+
+async def configure_model(ls: CodellmServer, wanted: tuple) -> None:
+    """The load takes up to seconds: off the event loop, so status and the other messages are answered
+    meanwhile (completions wait on the model thread); one change at a time, in the order they came."""
+    async with ls.configuring:
+        await asyncio.to_thread(ls.holder.configure, *wanted)
 
 
 def did_open(ls: CodellmServer, params: types.DidOpenTextDocumentParams):
@@ -242,13 +253,13 @@ def cursor_rests(ls: CodellmServer, params):
     each keystroke after it reads its few new tokens). Params as textDocument/hover's."""
     try:  # pygls gives the params of a method it does not know as nested named tuples
         uri, line, character = params.textDocument.uri, params.position.line, params.position.character
-        if not isinstance(uri, str) or not all(type(n) is int and n >= 0 for n in (line, character)):
+        if not isinstance(uri, str) or not all(type(n) is int and 0 <= n <= UINTEGER_MAX for n in (line, character)):
             raise TypeError
     except (AttributeError, TypeError):  # a notification has no answer to carry an error: logged, dropped
         log.warning("codellm/cursor: params are not {textDocument: {uri}, position: {line, character}}")
         return
     doc = ls.open_document(uri)
-    if doc is not None and prefetch_wanted(ls):
+    if doc is not None and prefetch_wanted(ls) and ls.is_shell(uri, doc.source[:200]):
         log.info("cursor rests at line %d, column %d", line + 1, character + 1)
         start_prefetch(ls, uri, doc, types.Position(line=line, character=character))
 
@@ -259,13 +270,22 @@ def prefetch_wanted(ls: CodellmServer) -> bool:
 
 
 def start_prefetch(ls: CodellmServer, uri: str, doc, position: types.Position) -> None:
-    """Work out the suggestion at `position` in a task of its own (prefetch_at)."""
-    split = cursor_split(doc, position)
-    if split is not None:  # the text as it is now: later edits may be read before the task runs
-        ls.edits += 1
-        task = ls.loop.create_task(prefetch_at(ls, uri, *split[:2], ls.edits))
-        ls.prefetches.add(task)
-        task.add_done_callback(ls.prefetches.discard)
+    """Work out the suggestion at `position` in a task of its own (prefetch_at), on the text as it is
+    now (later edits may be read before the task runs). The task holds the document's text, not a copy
+    of it: a burst of notifications costs no memory per notification."""
+    ls.edits += 1
+    now = DocumentText(doc.source, doc.lines, doc.position_codec)
+    task = ls.loop.create_task(prefetch_at(ls, uri, now, position, ls.edits))
+    ls.tasks.add(task)
+    task.add_done_callback(ls.tasks.discard)
+
+
+@dataclasses.dataclass(frozen=True)
+class DocumentText:
+    """A document's text at one version, as cursor_split reads it."""
+    source: str
+    lines: tuple[str, ...]
+    position_codec: object
 
 
 def cursor_after(doc, changes: list) -> types.Position | None:
@@ -285,13 +305,16 @@ def cursor_after(doc, changes: list) -> types.Position | None:
     return types.Position(line=start.line + len(lines) - 1, character=units)
 
 
-async def prefetch_at(ls: CodellmServer, uri: str, prefix: str, suffix: str, edit: int) -> None:
-    """Work out the suggestion between `prefix` and `suffix` before the editor asks
-    (CompletionService.prefetch); nothing when a newer edit or cursor rest (of any document) has come since."""
+async def prefetch_at(ls: CodellmServer, uri: str, doc: DocumentText, position: types.Position, edit: int) -> None:
+    """Work out the suggestion at `position` of `doc` before the editor asks (CompletionService.prefetch);
+    nothing when a newer edit or cursor rest (of any document) has come since, or the document was closed."""
     try:
-        head = (prefix[:200] + suffix[:200])[:200]  # the document's start, without joining its text again
-        if edit != ls.edits or not ls.is_shell(uri, head) or ls.holder.engine is None:
+        if edit != ls.edits or ls.open_document(uri) is None or ls.holder.engine is None:
             return
+        split = cursor_split(doc, position)
+        if split is None or not ls.is_shell(uri, doc.source[:200]):
+            return
+        prefix, suffix = split[:2]
         context = ls.context.chunks_for(uri, prefix, suffix) if ls.settings.file_context else None
         await ls.service.prefetch(uri, prefix, suffix, context)
     except Exception as exc:  # noqa: BLE001 - a failed prefetch costs nothing: the request runs anew

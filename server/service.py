@@ -12,12 +12,12 @@ import re
 import statistics
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
 from codellm.postprocess import Context, postprocess
-from codellm.prompt import ContextChunk, join_line_endings, split_line_endings
+from codellm.prompt import BUFFER_TAIL_CHARS, SUFFIX_CHARS, ContextChunk, join_line_endings, split_line_endings
 from codellm.shell import choose_mode, text_follows_cursor
 from codellm.threads import MAX_THREADS
 
@@ -199,6 +199,7 @@ class CompletionService:
         self.latest: dict[str, int] = {}
         # (uri, cache key) -> a prefetch's model run, and the event set when a request joins it
         self.inflight: dict[tuple, tuple[asyncio.Future, threading.Event]] = {}
+        self.asked: Counter[tuple] = Counter()  # (uri, cache key) -> requests' model runs under way
         self._ids = 0
         self._ids_lock = threading.Lock()
         self.generation = 0  # counts clear(): a run begun before a settings change keeps no answer
@@ -214,7 +215,8 @@ class CompletionService:
     # ------------------------------------------------------------------ cache
 
     def _cache_key(self, prefix: str, suffix: str, mode: str) -> tuple:
-        return (self.holder.version, hash(prefix[-4096:]), len(prefix), hash(suffix[:2048]), mode)
+        # all the prompt may read of them (codellm.prompt): an edit far above the cursor changes the answer
+        return (self.holder.version, hash(prefix[-BUFFER_TAIL_CHARS:]), len(prefix), hash(suffix[:SUFFIX_CHARS]), mode)
 
     def _from_cache(self, uri: str, key: tuple, prefix: str, suffix: str, mode: str) -> Suggestion | None:
         """The cached answer under `key` (the _cache_key of prefix, suffix and mode), or the rest of the last answer for `uri` when
@@ -278,7 +280,9 @@ class CompletionService:
         cache_key = self._cache_key(prefix, suffix, cache_mode)
         key = (uri, cache_key)
         running = self.inflight.get(key)
-        if running is not None and not prefetch:  # the prefetch for this very place: wait for it
+        if prefetch and (running is not None or self.asked[key]):  # this place is being worked out already
+            return Suggestion("", "skipped")
+        if running is not None:  # the prefetch for this very place: wait for it
             self.counts["joined"] += 1
             running[1].set()  # now a request's run: only a newer request for this document replaces it
             suggestion = dataclasses.replace(await asyncio.shield(running[0]))
@@ -301,11 +305,18 @@ class CompletionService:
             self.inflight[key] = (run, joined)
             run.add_done_callback(lambda done: self.inflight.pop(key) if self.inflight.get(key, (None,))[0] is done
                                   else None)
+        else:
+            self.asked[key] += 1
         try:
             suggestion = await run
         except asyncio.CancelledError:
             cancelled.set()
             raise
+        finally:
+            if not prefetch:
+                self.asked[key] -= 1
+                if not self.asked[key]:
+                    del self.asked[key]
         if suggestion.source == "superseded":
             self.counts["superseded"] += 1
             return suggestion

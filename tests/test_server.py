@@ -265,6 +265,37 @@ def test_a_cursor_rest_with_bad_params_or_for_another_file_does_nothing(bundle_p
     run(main())
 
 
+def test_a_cursor_rest_where_a_request_runs_leaves_the_request_alone(slow_bundle):
+    async def main():
+        async with Session(*slow_server(slow_bundle), init_options={**SLOW, "maxTokens": 40, "prefetch": "always"}) as s:
+            s.open(URI, LONG_DOCUMENT)
+            asked = asyncio.ensure_future(s.inline(URI, END, 0))
+            await wait_for_status(s, lambda st: st.requests == 1)
+            s.cursor(URI, END, 0)  # the editor asked on a click; the rest is told after
+            result = await asked
+            status = await s.status()
+            assert status.superseded == 0 and status.model_runs == 1 and list(result.items)
+    run(main())
+
+
+def test_a_cursor_rest_is_read_after_the_messages_before_it(bundle_path):
+    async def main():
+        async with Session("--model", str(bundle_path)) as s:
+            s.open(URI, SCRIPT)
+            s.open("file:///tmp/work/other.sh", SCRIPT)
+            s.cursor("file:///tmp/work/other.sh", 1, 6)
+            s.client.text_document_did_close(types.DidCloseTextDocumentParams(
+                text_document=types.TextDocumentIdentifier(uri="file:///tmp/work/other.sh")))
+            s.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+                settings={"codellm": {"prefetch": "never"}}))
+            s.cursor(URI, 1, 6)  # prefetch is off by now
+            s.cursor(URI, 2**31, 0)  # past LSP's integers
+            await asyncio.sleep(0.5)
+            status = await s.status()
+            assert status.prefetched == 0 and status.model_runs == 0
+    run(main())
+
+
 def test_lines_end_where_the_editor_ends_them_not_at_form_feeds(bundle_path):
     from codellm.server.lsp import LspLinesWorkspace, cursor_split
     text = "#!/bin/sh\n# page\x0cbreak \u2028 end\r\nfoo_word\rlast"
@@ -284,6 +315,7 @@ def test_lines_end_where_the_editor_ends_them_not_at_form_feeds(bundle_path):
     after_break = workspace.get_text_document("file:///b.sh")  # the empty line after the last line break
     assert cursor_split(after_break, types.Position(line=1, character=9)) == ("ls\n", "", types.Position(line=1, character=0))
     assert cursor_split(after_break, types.Position(line=2, character=0)) is None
+    assert cursor_split(doc, types.Position(line=4, character=0)) is None  # no line break ends "last"
 
     async def main():  # the server's documents split so: a text edit replaces the word at the cursor's line
         async with Session("--model", str(bundle_path), inline=False) as s:
