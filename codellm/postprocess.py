@@ -50,6 +50,16 @@ def indent_of(line: str) -> int:
     return len(line.expandtabs(4)) - len(line.expandtabs(4).lstrip())
 
 
+CONTROL_CHARACTER = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")  # all but tab and line feed
+
+
+def stop_at_a_control_character(text: str, ctx: Context) -> str:
+    """A model can write a byte no one types into a script (a DEL, an escape, a carriage return in
+    LF text): the suggestion ends before it, so it never reaches the editor's buffer."""
+    found = CONTROL_CHARACTER.search(text)
+    return text[:found.start()] if found else text
+
+
 def drop_trailing_whitespace(text: str, ctx: Context) -> str:
     return "\n".join(l.rstrip() for l in text.split("\n")).rstrip("\n") if "\n" in text else text.rstrip()
 
@@ -557,6 +567,7 @@ def keep_buffer_parseable(text: str, ctx: Context) -> str:
 
 
 STEPS = [
+    stop_at_a_control_character,
     drop_repetitive_loops,
     start_at_the_first_real_line,
     stop_at_blank_line,

@@ -295,3 +295,10 @@ def test_the_quote_open_at_the_end_of_a_line():
     assert open_quote('echo "abc') == '"' and open_quote("echo 'a b") == "'"
     assert open_quote('''echo 'a' "b" x''') == "" and open_quote(r'echo \"x') == ""
     assert open_quote(r'echo "a\"b') == '"' and open_quote('''echo "it's''') == '"'
+
+
+def test_a_suggestion_ends_before_a_control_character():
+    ctx = Context('#!/bin/bash\necho "', '"\n', "line")
+    assert postprocess("ok\x7fvice", ctx) == "ok"
+    assert postprocess("\x1b[31mred", ctx) == ""
+    assert postprocess("a\tb", Context("#!/bin/bash\nprintf '%s", "'\n", "line")) == "a\tb"  # a tab stays
