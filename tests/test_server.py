@@ -282,10 +282,6 @@ def test_a_cursor_rest_is_read_after_the_messages_before_it(bundle_path):
     async def main():
         async with Session("--model", str(bundle_path)) as s:
             s.open(URI, SCRIPT)
-            s.open("file:///tmp/work/other.sh", SCRIPT)
-            s.cursor("file:///tmp/work/other.sh", 1, 6)
-            s.client.text_document_did_close(types.DidCloseTextDocumentParams(
-                text_document=types.TextDocumentIdentifier(uri="file:///tmp/work/other.sh")))
             s.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
                 settings={"codellm": {"prefetch": "never"}}))
             s.cursor(URI, 1, 6)  # prefetch is off by now
