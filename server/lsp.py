@@ -219,9 +219,7 @@ def did_change_configuration(ls: CodellmServer, params: types.DidChangeConfigura
         ls.service.clear()
     if {"model_path", "device", "threads"} & set(changed):
         wanted = (ls.settings.model_path, ls.settings.device, ls.settings.threads)
-        task = asyncio.get_running_loop().create_task(configure_model(ls, wanted))
-        ls.tasks.add(task)
-        task.add_done_callback(ls.tasks.discard)
+        in_background(ls, configure_model(ls, wanted))
 
 
 async def configure_model(ls: CodellmServer, wanted: tuple) -> None:
@@ -275,7 +273,13 @@ def start_prefetch(ls: CodellmServer, uri: str, doc, position: types.Position) -
     of it: a burst of notifications costs no memory per notification."""
     ls.edits += 1
     now = DocumentText(doc.source, doc.lines, doc.position_codec)
-    task = ls.loop.create_task(prefetch_at(ls, uri, now, position, ls.edits))
+    in_background(ls, prefetch_at(ls, uri, now, position, ls.edits))
+
+
+def in_background(ls: CodellmServer, work) -> None:
+    """Run the coroutine `work` as a task of the event loop, kept in `ls.tasks` until done (the loop keeps
+    only a weak reference to a task)."""
+    task = asyncio.get_running_loop().create_task(work)
     ls.tasks.add(task)
     task.add_done_callback(ls.tasks.discard)
 
