@@ -167,8 +167,8 @@ class Completer:
     def complete_detailed(self, prefix: str, suffix: str = "", mode: str = "line", max_new_tokens: int | None = None,
                           deadline: float | None = None, should_stop: Callable[[], bool] | None = None,
                           fmt: str | None = None, clean: bool = True, allow_empty: bool = False,
-                          whole_lines_after: float | None = None, cut: float = 0.0,
-                          context: list[ContextChunk] | None = None) -> Completion:
+                          whole_lines_after: float | None = None, whole_words_after: float | None = None,
+                          cut: float = 0.0, context: list[ContextChunk] | None = None) -> Completion:
         """The completion at a cursor between prefix and suffix, with how and why decoding ended.
 
         mode: "line" | "block" | "auto" (codellm.shell.resolve_mode; ValueError otherwise);
@@ -176,7 +176,9 @@ class Completer:
         codellm.prompt.choose_format); deadline: time.monotonic() value after which decoding stops;
         should_stop: polled between steps; whole_lines_after: time.monotonic() value after which a block
         completion ends at its last whole line (or, if no line with content is finished yet, at the end of
-        the first one); clean: apply the shell-aware post-processing (codellm.postprocess) to the raw model
+        the first one); whole_words_after: time.monotonic() value after which a line completion ends at
+        its last whole word with no quote it opened left open (postprocess.safe_cut; stop reason "time
+        budget"; the caller may go on from there: the KV cache holds what was decoded); clean: apply the shell-aware post-processing (codellm.postprocess) to the raw model
         text; allow_empty: let the model answer nothing (by default the first token may not end the answer:
         in line mode neither end of text nor a newline, in block mode not end of text); cut: decoding stops
         before the first token whose probability is below it (stop reason "unsure"), so the answer is the
@@ -195,15 +197,17 @@ class Completer:
         else:
             prompt = build_prompt(self.tokenizer, prefix, suffix, fmt, budget=budget)
         max_new = max(1, min(max_new_tokens or MAX_TOKENS[mode], context - len(prompt.ids)))
-        rules = StopRules(mode, len(prompt.heal), deadline, should_stop, whole_lines_after, cut)
+        line_prefix = prefix.rsplit("\n", 1)[-1]
+        rules = StopRules(mode, len(prompt.heal), deadline, should_stop, whole_lines_after, cut,
+                          whole_words_after=whole_words_after, line_prefix=line_prefix)
         names = name_candidates(prefix, suffix, extra_context) if extra_context else []
         word = typed_word(prefix) if names else ""
         rules.names = [prompt.heal + name[len(word):].encode() for name in names]
         with self.lock, self.reading():
             decoded = self.decode_n_tokens(prompt, max_new, rules, allow_empty)
         text, token_probs = answer_text(decoded, prompt.heal, mode)
-        if decoded.stop == "deadline":  # out of time mid-line: up to the last whole word with quotes closed, or nothing
-            text = safe_cut(text, prefix.rsplit("\n", 1)[-1])
+        if decoded.stop == "deadline" or (decoded.stop == "time budget" and mode == "line"):
+            text = safe_cut(text, line_prefix)  # out of time mid-line: the last whole word, quotes closed, or nothing
         if clean and decoded.stop != "cancelled":
             text = postprocess(text, Context(prefix, suffix, mode))
         return Completion(join_line_endings(text, newline), decoded.stop, mode, len(prompt.ids), decoded.reused,
@@ -269,6 +273,8 @@ class StopRules:
     cut: float = 0.0  # stop before a token of lower probability
     # the output begins with one of these and a word boundary (Completer.names_allowed); [] = free
     names: list[bytes] = field(default_factory=list)
+    whole_words_after: float | None = None  # time.monotonic() value; line mode
+    line_prefix: str = ""  # the cursor's line before the cursor, for safe_cut
 
 
 @dataclass
@@ -298,6 +304,9 @@ def stop_reason(out: bytearray, token: bytes, rules: StopRules) -> StopReason | 
         return "deadline"
     if rules.mode == "block" and rules.whole_lines_after and has_whole_line(new) \
             and time.monotonic() > rules.whole_lines_after:
+        return "time budget"
+    if rules.mode == "line" and rules.whole_words_after and time.monotonic() > rules.whole_words_after \
+            and safe_cut(new.decode("utf-8", "ignore"), rules.line_prefix):
         return "time budget"
     return None
 

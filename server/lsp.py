@@ -193,6 +193,7 @@ def offer_completions(ls: CodellmServer, caps: types.TextDocumentClientCapabilit
     the transport refuses a second initialize)."""
     has_inline = caps is not None and caps.inline_completion is not None
     ls.has_inline = has_inline
+    ls.service.ghost_text = has_inline
     items = ls.settings.completion_items
     if has_inline or items == "never":
         ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())(inline_completion)

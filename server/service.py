@@ -13,7 +13,7 @@ import statistics
 import threading
 import time
 from collections import Counter, OrderedDict, deque
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 from codellm.postprocess import Context, postprocess
@@ -42,6 +42,9 @@ class Settings:
     completion_items: str = "auto"  # popup items: auto (when the client has no inline completion) | always | never
     timeout_ms: int = 2000  # decoding stops after this long
     multiline_ms: int = 40  # a multi-line suggestion ends at the last whole line decoded by this time
+    # a one-line suggestion not finished by this time ends at its last whole word; the rest of the line is
+    # decoded next, from the KV cache, and the keystrokes after get the whole line
+    line_ms: int = 40
     kv_reuse: bool = True  # keep the KV cache between requests (off only to measure what it saves)
     # a suggestion ends before the first token the model gives less than this probability (0: never)
     cut_confidence: float = DEFAULT_CUT_CONFIDENCE
@@ -59,7 +62,7 @@ class Settings:
 
     ALIASES = {"modelPath": "model_path", "model": "model_path", "maxTokens": "max_tokens",
                "completionItems": "completion_items", "timeoutMs": "timeout_ms", "multiLine": "multiline",
-               "multilineMs": "multiline_ms", "minConfidence": "min_confidence",
+               "multilineMs": "multiline_ms", "lineMs": "line_ms", "minConfidence": "min_confidence",
                "cutConfidence": "cut_confidence", "kvReuse": "kv_reuse",
                "fileContext": "file_context", "prefetch": "prefetch"}
 
@@ -166,6 +169,7 @@ SETTING_RULES = {
     "prefetch": _choice("auto", "always", "never"),
     "timeout_ms": _integer(1, 600_000),
     "multiline_ms": _integer(0, 600_000),
+    "line_ms": _integer(0, 600_000),
     "kv_reuse": _flag,
     "file_context": _flag,
     "cut_confidence": _fraction,
@@ -189,6 +193,21 @@ class Suggestion:
     mode: str = "line"
     seconds: float = 0.0
     confidence: float | None = None  # of the model's answer (the product of its tokens' probabilities)
+    # a line cut short by lineMs: how to decode the rest of it (LineRest)
+    rest: LineRest | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass
+class LineRest:
+    """A one-line suggestion cut at a whole word by lineMs, and what decoding the rest of it needs."""
+    uri: str
+    request_id: int  # of the model run that was cut: a newer model run for the document stops the rest
+    prefix: str
+    suffix: str
+    cache_mode: str
+    context: list[ContextChunk] | None
+    text: str  # the part shown
+    confidence: float
 
 
 class CompletionService:
@@ -197,6 +216,10 @@ class CompletionService:
         self.settings = settings
         self.executor = holder.executor  # the model runs on the holder's torch thread
         self.latest: dict[str, int] = {}
+        self.model_runs: dict[str, int] = {}  # uri -> request id of the newest model run for it
+        # the client shows inline completions, which grow as one types: lineMs cuts lines (a popup item
+        # is picked as it is, so popup clients get whole lines)
+        self.ghost_text = True
         # (uri, cache key) -> a prefetch's model run, and the event set when a request joins it
         self.inflight: dict[tuple, tuple[asyncio.Future, threading.Event]] = {}
         self.asked: Counter[tuple] = Counter()  # (uri, cache key) -> requests' model runs under way
@@ -210,7 +233,7 @@ class CompletionService:
         self.confidences: deque[float] = deque(maxlen=1000)  # of the model's non-empty answers
         self.counts = {"requests": 0, "model": 0, "cache_hits": 0, "superseded": 0, "prompt_tokens": 0,
                        "reused_tokens": 0, "shown": 0, "cut": 0, "hidden": 0,
-                       "deadline": 0, "prefetched": 0, "joined": 0}
+                       "deadline": 0, "prefetched": 0, "joined": 0, "line_rests": 0}
 
     # ------------------------------------------------------------------ cache
 
@@ -301,6 +324,7 @@ class CompletionService:
         loop = asyncio.get_running_loop()
         run = loop.run_in_executor(self.executor, self._run_model, uri, request_id, prefix, suffix, mode, cancelled,
                                    allow_empty, cache_mode, context, joined if prefetch else None)
+        self.model_runs[uri] = request_id
         if prefetch:
             self.inflight[key] = (run, joined)
             run.add_done_callback(lambda done: self.inflight.pop(key) if self.inflight.get(key, (None,))[0] is done
@@ -320,7 +344,42 @@ class CompletionService:
         if suggestion.source == "superseded":
             self.counts["superseded"] += 1
             return suggestion
+        if suggestion.rest is not None:
+            self._decode_rest(suggestion.rest)
         return suggestion if prefetch else self._done(suggestion, start)
+
+    def _decode_rest(self, rest: LineRest) -> None:
+        """Decode the rest of a line cut short by lineMs on the model thread, after the answer went out."""
+        run = asyncio.get_running_loop().run_in_executor(self.executor, self._run_rest, rest, self.generation)
+        run.add_done_callback(lambda done: done.cancelled() or done.exception() is None
+                              or log.error("decoding the rest of a line failed: %r", done.exception()))
+
+    def _run_rest(self, rest: LineRest, generation: int) -> None:
+        """Runs on the model thread: the line from where lineMs cut it, as if its shown part had been typed
+        (the KV cache holds the prompt and the part); the whole line replaces the part in the cache, so
+        the next keystroke gets it. Stops once a newer model run for the document starts."""
+        def superseded() -> bool:
+            return self.model_runs.get(rest.uri) != rest.request_id or generation != self.generation
+
+        engine = self.holder.engine
+        if superseded() or engine is None:
+            return
+        result = engine.complete_detailed(clean_text(rest.prefix + rest.text), clean_text(rest.suffix), "line",
+                                          max_new_tokens=self.settings.max_tokens,
+                                          deadline=time.monotonic() + self.settings.timeout_ms / 1000,
+                                          should_stop=superseded, clean=False, allow_empty=True,
+                                          cut=self.settings.cut_confidence, context=rest.context)
+        if result.stop_reason == "cancelled":
+            return
+        whole = postprocess(rest.text + result.text, Context(rest.prefix, rest.suffix, "line"))
+        confidence = rest.confidence * result.confidence_of(max(0, len(whole) - len(rest.text)))
+        log.info("model line rest: %d new in %d calls, stop %s, confidence %.3f, %.1f ms", result.new_tokens,
+                 result.model_calls, result.stop_reason, confidence, result.seconds * 1000)
+        # an unsure or cleaned-away rest leaves the part shown as the answer
+        if whole.startswith(rest.text) and len(whole) > len(rest.text) and confidence >= self.settings.min_confidence \
+                and not superseded():
+            self._remember(rest.uri, rest.prefix, rest.suffix, rest.cache_mode, whole)
+        self.counts["line_rests"] += 1  # counted once the cache has what it gave
 
     def _done(self, suggestion: Suggestion, start: float) -> Suggestion:
         suggestion.seconds = time.perf_counter() - start
@@ -357,6 +416,8 @@ class CompletionService:
                                           max_new_tokens=self.settings.max_tokens, deadline=deadline,
                                           should_stop=superseded, clean=False, allow_empty=allow_empty,
                                           whole_lines_after=now + self.settings.multiline_ms / 1000,
+                                          whole_words_after=now + self.settings.line_ms / 1000 if self.ghost_text
+                                          else None,
                                           cut=self.settings.cut_confidence, context=context)
         if result.stop_reason == "cancelled":
             return Suggestion("", "superseded", mode)
@@ -379,11 +440,15 @@ class CompletionService:
         # out of time is no answer to keep, nor one made under settings that changed meanwhile
         if (text or result.stop_reason not in ("time budget", "deadline")) and generation == self.generation:
             self._remember(uri, prefix, suffix, cache_mode or mode, text)
-        return Suggestion(text, "model", mode, confidence=confidence)
+        rest = None
+        if text and mode == "line" and result.stop_reason == "time budget" and generation == self.generation:
+            rest = LineRest(uri, request_id, prefix, suffix, cache_mode or mode, context, text, confidence)
+        return Suggestion(text, "model", mode, confidence=confidence, rest=rest)
 
     def forget(self, uri: str) -> None:
         self.recent.pop(uri, None)
         self.latest.pop(uri, None)
+        self.model_runs.pop(uri, None)
 
     def clear(self) -> None:
         """Drop every remembered suggestion: after a settings change they may no longer be what it gives
@@ -418,6 +483,7 @@ class CompletionService:
             "shown": self.counts["shown"],
             "cut_unsure": self.counts["cut"],
             "deadline_hits": self.counts["deadline"],
+            "line_rests": self.counts["line_rests"],
             "hidden_unsure": self.counts["hidden"],
             "confidence": {"p50": float(f"{conf[len(conf) // 2]:.3g}") if conf else None,
                            "mean": float(f"{statistics.fmean(conf):.3g}") if conf else None},

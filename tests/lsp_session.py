@@ -13,6 +13,9 @@ from pygls.lsp.client import LanguageClient
 TIMEOUT = 30
 # the test models are random and unsure of everything: by default a session shows whatever they suggest
 SHOW_EVERYTHING = ("--min-confidence", "0", "--cut-confidence", "0")
+# answers are compared with the engine's, which decodes whole lines: no lineMs cut on a busy test machine
+# unless a test asks for one
+WHOLE_LINES = {"lineMs": 600_000}
 
 
 def client_capabilities(inline: bool = True, snippets: bool = True) -> types.ClientCapabilities:
@@ -28,7 +31,7 @@ class Session:
                  snippets: bool = True, confidence_defaults: bool = False, workspace: str | None = None,
                  before_initialize: Callable[[], Awaitable] | None = None):
         self.args = server_args if confidence_defaults else (*server_args, *SHOW_EVERYTHING)
-        self.init_options = init_options
+        self.init_options = {**WHOLE_LINES, **(init_options or {})}
         self.workspace = workspace  # a folder path declared as the workspace
         self.caps = client_capabilities(inline, snippets)
         self.before_initialize = before_initialize  # awaited once the server runs, before `initialize`

@@ -54,3 +54,17 @@ def test_a_block_past_its_time_budget_ends_at_a_whole_line(engine):
     assert quick.stop_reason == "time budget", quick
     assert quick.text and "\n" not in quick.text  # the first line always finishes; nothing after it
     assert full.text.startswith(quick.text + "\n")
+
+
+def test_a_line_past_its_time_budget_ends_at_a_whole_word(engine):
+    import time
+
+    from codellm.postprocess import safe_cut
+    prefix = '#!/bin/bash\nBACKUP_DIR=/var/backups\nfor f in /etc/*.conf; do\n    cp'
+    full = engine.complete_detailed(prefix, "", mode="line", clean=False)
+    assert len(full.text.split()) >= 2, full  # words to cut between
+    quick = engine.complete_detailed(prefix, "", mode="line", clean=False, whole_words_after=time.monotonic())
+    assert quick.stop_reason == "time budget", quick
+    assert quick.text and full.text.startswith(quick.text) and len(quick.text) < len(full.text)
+    assert full.text[len(quick.text)] in " \t"  # a whole word, not part of one
+    assert safe_cut(quick.text + " ", "    cp") == quick.text  # no quote left open

@@ -242,7 +242,7 @@ def test_vscode_settings_are_the_servers_with_matching_types():
     settings = Settings()
     assert settings.update(defaults) == [] and settings.problems == [], "editor defaults are the server's"
     chosen = {"modelPath": "/home/me/models/my-scripts", "device": "cpu", "threads": 2, "maxTokens": 64,
-              "multiline": "never", "multilineMs": 100, "timeoutMs": 500, "completionItems": "always",
+              "multiline": "never", "multilineMs": 100, "lineMs": 80, "timeoutMs": 500, "completionItems": "always",
               "minConfidence": 0.3, "cutConfidence": 0.6, "fileContext": True, "prefetch": "never"}
     assert set(chosen) == exposed
     for setting, value in chosen.items():

@@ -224,6 +224,31 @@ def test_an_edit_starts_the_suggestion_before_the_editor_asks(bundle_path):
     assert status.joined_prefetch + round(status.cache_hit_rate) == 1
 
 
+def test_a_line_cut_by_line_ms_shows_whole_words_then_the_next_keystroke_gets_the_whole_line():
+    """The shipped model (a random one rarely writes two words): with lineMs 0 a line ends at its first
+    whole word; the rest is decoded after the answer goes out, and the next keystroke gets the whole line
+    from the cache, with no model run of its own."""
+    text = '#!/bin/bash\nBACKUP_DIR=/var/backups\nfor f in /etc/*.conf; do\n    cp'
+    line, char = last_position(text)
+    whole = codellm.load(device="cpu").complete(text, "", "line")
+    assert len(whole.split()) >= 2, whole  # words to cut between
+
+    async def main():
+        async with Session("--precision", "fp32", init_options={"lineMs": 0, "prefetch": "never"}) as s:
+            # the C step may answer first; its swap for torch starts a new cache
+            await wait_for_status(s, lambda st: "without torch" not in st.decode_steps, timeout=120)
+            s.open(URI, text)
+            first = [i.insert_text for i in (await s.inline(URI, line, char)).items]
+            assert len(first) == 1 and whole.startswith(first[0]) and whole[len(first[0])] in " \t", (first, whole)
+            await wait_for_status(s, lambda st: st.line_rests == 1)
+            s.edit(URI, line, char, whole[0])
+            after = [i.insert_text for i in (await s.inline(URI, line, char + 1)).items]
+            assert after == [whole[1:]]
+            status = await s.status()
+            assert status.model_runs == 1 and status.cache_hit_rate == 0.5
+    run(main())
+
+
 def first_keystroke_at_a_new_place(bundle_path, rest: bool):
     """Open SCRIPT, (with `rest`) tell the server the cursor rests at the end of `set -e` and let it work,
     then type a character there and ask: the status after."""

@@ -47,6 +47,7 @@ USER_SETTINGS = {
     # decoding bounded by tokens, not by the clock: the same suggestion on a loaded machine
     "codellm.timeoutMs": 600000,
     "codellm.multilineMs": 600000,
+    "codellm.lineMs": 600000,
     # every suggestion shown: this tests the editor's plumbing, not which suggestions the model is sure of
     "codellm.minConfidence": 0,
     "codellm.cutConfidence": 0,
@@ -161,6 +162,7 @@ def expected_suggestions(workspace: Path) -> list[dict]:
         settings = Settings()
         settings.update({"device": "cpu", "timeoutMs": USER_SETTINGS["codellm.timeoutMs"],
                          "multilineMs": USER_SETTINGS["codellm.multilineMs"],
+                         "lineMs": USER_SETTINGS["codellm.lineMs"],
                          "minConfidence": 0, "cutConfidence": 0})
         holder = ModelHolder(lambda message, is_error: None)
         holder.configure(None, "cpu", None)
