@@ -108,7 +108,7 @@ async def type_scripts(server_args: list[str], scripts: list[str], keystrokes: i
             "p95": 1000 * latencies[int(len(latencies) * 0.95)], "mean": 1000 * statistics.fmean(latencies),
             "kv_reuse": status.kv_reuse_ratio, "cache_hits": status.cache_hit_rate, "model_runs": status.model_runs,
             "server_p50": status.latency_ms.p50, "deadline_hits": getattr(status, "deadline_hits", None),
-            "joined_prefetch": getattr(status, "joined_prefetch", 0),
+            "joined_prefetch": getattr(status, "joined_prefetch", 0), "line_rests": getattr(status, "line_rests", 0),
             "over_1s": sum(t > 1.0 for t in latencies)}
 
 
@@ -122,8 +122,14 @@ async def until_torch_serves(client: LanguageClient, timeout: float = 120) -> No
     raise TimeoutError(f"the server did not load torch within {timeout:g} s")
 
 
+# --background rows: (name, --threads, settings besides the defaults); "whole lines": no lineMs cut
+LOAD_ROWS = (("default", None, {}), ("whole lines", None, {"lineMs": 600_000}), ("1 thread", 1, {}),
+             ("2 threads", 2, {}))
+
+
 def load_main(args, scripts, server_args) -> None:
-    """--background N: idle and loaded side by side, for 1 and 2 threads and the default (KV reuse on)."""
+    """--background N: idle and loaded side by side (LOAD_ROWS: the defaults, lines not cut by lineMs,
+    1 and 2 threads; KV reuse on)."""
     from codellm.loadgen import BackgroundLoad, label
 
     print(f"machine: {platform.machine()}, typing {args.keystrokes} keystrokes over {len(scripts)} "
@@ -132,16 +138,16 @@ def load_main(args, scripts, server_args) -> None:
           f"after its keystroke, prefetch {'off' if args.no_prefetch else 'on'}, {rest_label(args.cursor_rest_ms)}, "
           f"{start_label(args.warm)}")
     options = {"kvReuse": True, "prefetch": "never" if args.no_prefetch else "auto"}
-    for threads in (None, 1, 2):
+    for row, threads, settings in LOAD_ROWS:
         for n in (0, args.background):
             extra = ["--threads", str(threads)] if threads else []
             with BackgroundLoad(n):
-                r = asyncio.run(type_scripts(server_args + extra, scripts, args.keystrokes, options, args.debounce_ms,
-                                             args.cursor_rest_ms, args.warm))
-            name = f"{'default' if threads is None else f'{threads} thread' + 's' * (threads > 1)}, {label(n)}"
-            print(f"  {name:20s} end-to-end p50 {r['p50']:6.1f} ms  p95 {r['p95']:6.1f} ms  mean {r['mean']:6.1f} ms"
-                  f"  | deadline hits {r['deadline_hits']}  answers over 1 s {r['over_1s']}  KV reuse {r['kv_reuse']:.1%}  model runs "
-                  f"{r['model_runs']} of {r['requests']} requests", flush=True)
+                r = asyncio.run(type_scripts(server_args + extra, scripts, args.keystrokes, {**options, **settings},
+                                             args.debounce_ms, args.cursor_rest_ms, args.warm))
+            name = f"{row}, {label(n)}"
+            print(f"  {name:24s} end-to-end p50 {r['p50']:6.1f} ms  p95 {r['p95']:6.1f} ms  mean {r['mean']:6.1f} ms"
+                  f"  | deadline hits {r['deadline_hits']}  answers over 1 s {r['over_1s']}  KV reuse {r['kv_reuse']:.1%}  "
+                  f"lines cut {r['line_rests']}  model runs {r['model_runs']} of {r['requests']} requests", flush=True)
 
 
 def rest_label(rest_ms: float) -> str:
