@@ -240,7 +240,7 @@ def test_a_line_cut_by_line_ms_shows_whole_words_then_the_next_keystroke_gets_th
             s.open(URI, text)
             first = [i.insert_text for i in (await s.inline(URI, line, char)).items]
             assert len(first) == 1 and whole.startswith(first[0]) and whole[len(first[0])] in " \t", (first, whole)
-            await wait_for_status(s, lambda st: st.line_rests == 1)
+            await wait_for_status(s, lambda st: st.lines_cut == 1 and st.line_rests == 1)
             s.edit(URI, line, char, whole[0])
             after = [i.insert_text for i in (await s.inline(URI, line, char + 1)).items]
             assert after == [whole[1:]]

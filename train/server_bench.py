@@ -109,6 +109,7 @@ async def type_scripts(server_args: list[str], scripts: list[str], keystrokes: i
             "kv_reuse": status.kv_reuse_ratio, "cache_hits": status.cache_hit_rate, "model_runs": status.model_runs,
             "server_p50": status.latency_ms.p50, "deadline_hits": getattr(status, "deadline_hits", None),
             "joined_prefetch": getattr(status, "joined_prefetch", 0), "line_rests": getattr(status, "line_rests", 0),
+            "lines_cut": getattr(status, "lines_cut", 0),
             "over_1s": sum(t > 1.0 for t in latencies)}
 
 
@@ -147,7 +148,7 @@ def load_main(args, scripts, server_args) -> None:
             name = f"{row}, {label(n)}"
             print(f"  {name:24s} end-to-end p50 {r['p50']:6.1f} ms  p95 {r['p95']:6.1f} ms  mean {r['mean']:6.1f} ms"
                   f"  | deadline hits {r['deadline_hits']}  answers over 1 s {r['over_1s']}  KV reuse {r['kv_reuse']:.1%}  "
-                  f"lines cut {r['line_rests']}  model runs {r['model_runs']} of {r['requests']} requests", flush=True)
+                  f"lines cut {r['lines_cut']} (rest decoded {r['line_rests']})  model runs {r['model_runs']} of {r['requests']} requests", flush=True)
 
 
 def rest_label(rest_ms: float) -> str:

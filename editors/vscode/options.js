@@ -23,7 +23,7 @@ function initializationOptions(config) {
     multiline: config.get("multiline", "auto"),
     maxTokens: integerOrNull(config.get("maxTokens", null)),
     multilineMs: config.get("multilineMs", 40),
-    lineMs: config.get("lineMs", 40),
+    lineMs: config.get("lineMs", 25),
     timeoutMs: config.get("timeoutMs", 2000),
     completionItems: config.get("completionItems", "auto"),
     minConfidence: numberOrNull(config.get("minConfidence", null)),
