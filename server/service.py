@@ -237,9 +237,10 @@ class CompletionService:
 
     # ------------------------------------------------------------------ cache
 
-    def _cache_key(self, prefix: str, suffix: str, mode: str) -> tuple:
-        # all the prompt may read of them (codellm.prompt): an edit far above the cursor changes the answer
-        return (self.holder.version, hash(prefix[-BUFFER_TAIL_CHARS:]), len(prefix), hash(suffix[:SUFFIX_CHARS]), mode)
+    def _cache_key(self, prefix: str, suffix: str, mode: str, version: int | None = None) -> tuple:
+        # all the prompt may read of them (codellm.prompt): an edit far above the cursor changes the answer;
+        # version: of the model that answered (default: the one serving)
+        return (self.holder.version if version is None else version, hash(prefix[-BUFFER_TAIL_CHARS:]), len(prefix), hash(suffix[:SUFFIX_CHARS]), mode)
 
     def _from_cache(self, uri: str, key: tuple, prefix: str, suffix: str, mode: str) -> Suggestion | None:
         """The cached answer under `key` (the _cache_key of prefix, suffix and mode), or the rest of the last answer for `uri` when
@@ -255,12 +256,13 @@ class CompletionService:
                 return Suggestion(text[len(typed):], "typed-ahead", old_mode)
         return None
 
-    def _remember(self, uri: str, prefix: str, suffix: str, mode: str, text: str) -> None:
-        self.cache[self._cache_key(prefix, suffix, mode)] = text
+    def _remember(self, uri: str, prefix: str, suffix: str, mode: str, text: str, version: int) -> None:
+        """Keep an answer of the model of `version` (a model swapped in while it ran does not own it)."""
+        self.cache[self._cache_key(prefix, suffix, mode, version)] = text
         if len(self.cache) > CACHE_ENTRIES:
             self.cache.popitem(last=False)
         if text:
-            self.recent[uri] = (self.holder.version, prefix, suffix, mode, text)
+            self.recent[uri] = (version, prefix, suffix, mode, text)
 
     # ------------------------------------------------------------------ requests
 
@@ -361,6 +363,7 @@ class CompletionService:
         def superseded() -> bool:
             return self.model_runs.get(rest.uri) != rest.request_id or generation != self.generation
 
+        version = self.holder.version  # read first: the holder sets a new engine, then bumps the version
         engine = self.holder.engine
         if superseded() or engine is None:
             return
@@ -378,7 +381,7 @@ class CompletionService:
         # an unsure or cleaned-away rest leaves the part shown as the answer
         if whole.startswith(rest.text) and len(whole) > len(rest.text) and confidence >= self.settings.min_confidence \
                 and not superseded():
-            self._remember(rest.uri, rest.prefix, rest.suffix, rest.cache_mode, whole)
+            self._remember(rest.uri, rest.prefix, rest.suffix, rest.cache_mode, whole, version)
         self.counts["line_rests"] += 1  # counted once the cache has what it gave
 
     def _done(self, suggestion: Suggestion, start: float) -> Suggestion:
@@ -404,6 +407,7 @@ class CompletionService:
             newest = self._ids if prefetch and not joined.is_set() else self.latest.get(uri)
             return cancelled.is_set() or newest != request_id
 
+        version = self.holder.version  # read first: the holder sets a new engine, then bumps the version
         engine = self.holder.engine
         if superseded() or engine is None:
             return Suggestion("", "superseded", mode)
@@ -439,7 +443,7 @@ class CompletionService:
             text = ""
         # out of time is no answer to keep, nor one made under settings that changed meanwhile
         if (text or result.stop_reason not in ("time budget", "deadline")) and generation == self.generation:
-            self._remember(uri, prefix, suffix, cache_mode or mode, text)
+            self._remember(uri, prefix, suffix, cache_mode or mode, text, version)
         rest = None
         if text and mode == "line" and result.stop_reason == "time budget" and generation == self.generation:
             rest = LineRest(uri, request_id, prefix, suffix, cache_mode or mode, context, text, confidence)
