@@ -71,9 +71,7 @@ class LspLinesDocument(TextDocument):
     def _apply_incremental_change(self, change: types.TextDocumentContentChangePartial) -> None:
         lines = self.lines
         where = self._position_codec.range_from_client_units(lines, change.range)
-        start = sum(map(len, lines[:where.start.line])) + where.start.character
-        end = sum(map(len, lines[:where.end.line])) + where.end.character
-        self.replaced = self.source[start:end]
+        self.replaced = self.source[offset_of(lines, where.start):offset_of(lines, where.end)]
         super()._apply_incremental_change(change)
 
 
@@ -146,6 +144,11 @@ class CodellmServer(LanguageServer):
         return is_shell_file(uri, text, self.languages.get(uri))
 
 
+def offset_of(lines: list[str], position: types.Position) -> int:
+    """The index in the document's text of a position given in characters (not client units)."""
+    return sum(map(len, lines[:position.line])) + position.character
+
+
 def cursor_split(doc, position: types.Position) -> tuple[str, str, types.Position] | None:
     """(prefix, suffix, cursor) around a client position; None for a position outside the document. A
     position past the end of its line is the line's end (LSP says so), and `cursor` is the place the
@@ -168,7 +171,7 @@ def cursor_split(doc, position: types.Position) -> tuple[str, str, types.Positio
         except (ValueError, IndexError):
             return None
         col = min(col, len(content))
-    offset = sum(len(l) for l in lines[: position.line]) + col
+    offset = offset_of(lines, types.Position(position.line, col))
     cursor = codec.position_to_client_units(lines, types.Position(position.line, col))
     return source[:offset], source[offset:], cursor
 
