@@ -342,9 +342,9 @@ def did_close(ls: CodellmServer, params: types.DidCloseTextDocumentParams):
     ls.service.forget(params.text_document.uri)
 
 
-async def suggestion_at(ls: CodellmServer, uri: str, position: types.Position, automatic: bool):
-    """(prefix, Suggestion, cursor) at a position of an open shell document (cursor_split); None for any
-    other document or a position outside it."""
+async def suggestion_at(ls: CodellmServer, uri: str, position: types.Position, automatic: bool, popup: bool):
+    """(prefix, Suggestion, cursor) at a position of an open shell document (cursor_split), for a popup
+    item or ghost text; None for any other document or a position outside it."""
     doc = ls.open_document(uri)
     if doc is None:
         return None
@@ -353,12 +353,12 @@ async def suggestion_at(ls: CodellmServer, uri: str, position: types.Position, a
         return None
     prefix, suffix, cursor = split
     context = ls.context.chunks_for(uri, prefix, suffix) if ls.settings.file_context else None
-    return prefix, await ls.service.suggest(uri, prefix, suffix, automatic, context), cursor
+    return prefix, await ls.service.suggest(uri, prefix, suffix, automatic, context, popup), cursor
 
 
 async def inline_completion(ls: CodellmServer, params: types.InlineCompletionParams):
     automatic = params.context.trigger_kind == types.InlineCompletionTriggerKind.Automatic
-    found = await suggestion_at(ls, params.text_document.uri, params.position, automatic)
+    found = await suggestion_at(ls, params.text_document.uri, params.position, automatic, popup=False)
     if not found or not found[1].text:
         return types.InlineCompletionList(items=[])
     _, suggestion, cursor = found
@@ -368,7 +368,7 @@ async def inline_completion(ls: CodellmServer, params: types.InlineCompletionPar
 
 async def completion(ls: CodellmServer, params: types.CompletionParams):
     automatic = params.context is None or params.context.trigger_kind != types.CompletionTriggerKind.Invoked
-    found = await suggestion_at(ls, params.text_document.uri, params.position, automatic)
+    found = await suggestion_at(ls, params.text_document.uri, params.position, automatic, popup=True)
     if not found or not found[1].text:
         return types.CompletionList(is_incomplete=True, items=[])
     prefix, suggestion, cursor = found

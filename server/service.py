@@ -217,8 +217,8 @@ class CompletionService:
         self.executor = holder.executor  # the model runs on the holder's torch thread
         self.latest: dict[str, int] = {}
         self.model_runs: dict[str, int] = {}  # uri -> request id of the newest model run for it
-        # the client shows inline completions, which grow as one types: lineMs cuts lines (a popup item
-        # is picked as it is, so popup clients get whole lines)
+        # the client shows inline completions, which grow as one types: lineMs cuts their lines and those
+        # of prefetches (a popup item is picked as it is shown: popup requests get whole lines)
         self.ghost_text = True
         # (uri, cache key) -> a prefetch's model run, and the event set when a request joins it
         self.inflight: dict[tuple, tuple[asyncio.Future, threading.Event]] = {}
@@ -273,13 +273,13 @@ class CompletionService:
             return self._ids
 
     async def suggest(self, uri: str, prefix: str, suffix: str, automatic: bool = True,
-                      context: list[ContextChunk] | None = None) -> Suggestion:
+                      context: list[ContextChunk] | None = None, popup: bool = False) -> Suggestion:
         """The suggestion at a cursor, in the document's line endings (the work is done on LF text);
-        `context`: chunks of other files, best first (codellm.prompt.ContextChunk).
-        Raises asyncio.CancelledError if the request is cancelled."""
+        `context`: chunks of other files, best first (codellm.prompt.ContextChunk); popup: for a popup
+        item (never cut by lineMs). Raises asyncio.CancelledError if the request is cancelled."""
         prefix, suffix, newline = split_line_endings(prefix, suffix)
         self.last_context = [f"{c.path}:{c.line + 1}: {c.text.split(chr(10), 1)[0]}" for c in (context or [])[:8]]
-        suggestion = await self._suggest(uri, prefix, suffix, automatic, context or None)
+        suggestion = await self._suggest(uri, prefix, suffix, automatic, context or None, popup=popup)
         suggestion.text = join_line_endings(suggestion.text, newline)
         return suggestion
 
@@ -291,7 +291,8 @@ class CompletionService:
         await self._suggest(uri, prefix, suffix, True, context or None, prefetch=True)
 
     async def _suggest(self, uri: str, prefix: str, suffix: str, automatic: bool,
-                       context: list[ContextChunk] | None = None, prefetch: bool = False) -> Suggestion:
+                       context: list[ContextChunk] | None = None, prefetch: bool = False,
+                       popup: bool = False) -> Suggestion:
         start = time.perf_counter()
         self.counts["prefetched" if prefetch else "requests"] += 1
         if automatic and text_follows_cursor(suffix):
@@ -302,6 +303,9 @@ class CompletionService:
         # the model may judge the line complete and suggest nothing
         allow_empty = automatic and mode == "line" and not WORD_CHAR.match(prefix[-1:])
         cache_mode = mode + ("|may-be-empty" if allow_empty else "") + (f"|context {hash(tuple(context))}" if context else "")
+        cut_lines = self.ghost_text and not popup
+        if self.ghost_text and popup:
+            cache_mode += "|whole lines"  # not a line cut for ghost text
         cache_key = self._cache_key(prefix, suffix, cache_mode)
         key = (uri, cache_key)
         running = self.inflight.get(key)
@@ -325,7 +329,7 @@ class CompletionService:
         cancelled, joined = threading.Event(), threading.Event()
         loop = asyncio.get_running_loop()
         run = loop.run_in_executor(self.executor, self._run_model, uri, request_id, prefix, suffix, mode, cancelled,
-                                   allow_empty, cache_mode, context, joined if prefetch else None)
+                                   allow_empty, cache_mode, context, joined if prefetch else None, cut_lines)
         self.model_runs[uri] = request_id
         if prefetch:
             self.inflight[key] = (run, joined)
@@ -395,9 +399,10 @@ class CompletionService:
 
     def _run_model(self, uri: str, request_id: int, prefix: str, suffix: str, mode: str,
                    cancelled: threading.Event, allow_empty: bool = False, cache_mode: str = "",
-                   context: list[ContextChunk] | None = None, joined: threading.Event | None = None) -> Suggestion:
+                   context: list[ContextChunk] | None = None, joined: threading.Event | None = None,
+                   cut_lines: bool = True) -> Suggestion:
         """Runs on the model thread; stops between decode steps once a newer request for the document
-        arrives. A prefetch (`joined` given) stops once any newer request or prefetch arrives, so that edits
+        arrives; cut_lines: a line not finished within lineMs ends at a whole word (LineRest). A prefetch (`joined` given) stops once any newer request or prefetch arrives, so that edits
         to many documents at once do not queue work ahead of what the user asks for, until a request
         joins it (`joined` set)."""
         generation = self.generation
@@ -420,8 +425,7 @@ class CompletionService:
                                           max_new_tokens=self.settings.max_tokens, deadline=deadline,
                                           should_stop=superseded, clean=False, allow_empty=allow_empty,
                                           whole_lines_after=now + self.settings.multiline_ms / 1000,
-                                          whole_words_after=now + self.settings.line_ms / 1000 if self.ghost_text
-                                          else None,
+                                          whole_words_after=now + self.settings.line_ms / 1000 if cut_lines else None,
                                           cut=self.settings.cut_confidence, context=context)
         if result.stop_reason == "cancelled":
             return Suggestion("", "superseded", mode)

@@ -227,14 +227,15 @@ def test_an_edit_starts_the_suggestion_before_the_editor_asks(bundle_path):
 def test_a_line_cut_by_line_ms_shows_whole_words_then_the_next_keystroke_gets_the_whole_line():
     """The shipped model (a random one rarely writes two words): with lineMs 0 a line ends at its first
     whole word; the rest is decoded after the answer goes out, and the next keystroke gets the whole line
-    from the cache, with no model run of its own."""
+    from the cache, with no model run of its own. A popup item, picked as it is shown, is never cut."""
     text = '#!/bin/bash\nBACKUP_DIR=/var/backups\nfor f in /etc/*.conf; do\n    cp'
     line, char = last_position(text)
     whole = codellm.load(device="cpu").complete(text, "", "line")
     assert len(whole.split()) >= 2, whole  # words to cut between
 
     async def main():
-        async with Session("--precision", "fp32", init_options={"lineMs": 0, "prefetch": "never"}) as s:
+        async with Session("--precision", "fp32",
+                           init_options={"lineMs": 0, "prefetch": "never", "completionItems": "always"}) as s:
             # the C step may answer first; its swap for torch starts a new cache
             await wait_for_status(s, lambda st: "without torch" not in st.decode_steps, timeout=120)
             s.open(URI, text)
@@ -246,6 +247,8 @@ def test_a_line_cut_by_line_ms_shows_whole_words_then_the_next_keystroke_gets_th
             assert after == [whole[1:]]
             status = await s.status()
             assert status.model_runs == 1 and status.cache_hit_rate == 0.5
+            (item,) = (await s.completion(URI, line, char + 1)).items  # the same place, as a popup item
+            assert item.filter_text == whole[1:] and (await s.status()).lines_cut == 1
     run(main())
 
 
