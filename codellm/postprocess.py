@@ -24,6 +24,9 @@ class Context:
     mode: str  # "line" | "block"
     parse_check: bool = True
     scan_chars: int = 8000  # how much of the prefix is read to find the blocks open at the cursor
+    # the text is the start of a line decoding stopped in (out of time): a line being a copy of another
+    # is judged once it is whole
+    partial: bool = False
     notes: list = field(default_factory=list)  # which steps changed the text, for logs and tests
 
     @property
@@ -96,7 +99,7 @@ def drop_a_copy_of_the_line_above(text: str, ctx: Context) -> str:
     such as `log_dir=/var/log/myapp` again) is cut there. Block closers may repeat (`fi` after `fi`)."""
     lines = text.split("\n")
     k = first_content_line(lines)
-    if k is None:
+    if k is None or (ctx.partial and len(lines) == 1):
         return text
     if k == 0:
         line, above = ctx.line_prefix + lines[0] + (ctx.rest_of_line if len(lines) == 1 else ""), ctx.line_above
@@ -113,7 +116,7 @@ def drop_a_copy_of_the_next_line(text: str, ctx: Context) -> str:
     """A suggestion whose first line is the next line with content below the cursor (`    usage` above
     an existing `    usage`) is cut there; drop_lines_repeating_the_suffix looks at the lines after it."""
     lines = text.split("\n")
-    if not lines[0].strip() or not ctx.next_lines:
+    if not lines[0].strip() or not ctx.next_lines or (ctx.partial and len(lines) == 1):
         return text
     line = ctx.line_prefix + lines[0] + (ctx.rest_of_line if len(lines) == 1 else "")
     if line.strip() == ctx.next_lines[0].strip() and not CLOSER_LINE.match(line):

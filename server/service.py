@@ -16,6 +16,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
+from codellm.completion import MAX_TOKENS
 from codellm.postprocess import Context, postprocess
 from codellm.prompt import BUFFER_TAIL_CHARS, SUFFIX_CHARS, ContextChunk, join_line_endings, split_line_endings
 from codellm.shell import choose_mode, text_follows_cursor
@@ -201,13 +202,16 @@ class Suggestion:
 class LineRest:
     """A one-line suggestion cut at a whole word by lineMs, and what decoding the rest of it needs."""
     uri: str
-    request_id: int  # of the model run that was cut: a newer model run for the document stops the rest
+    request_id: int  # of the model run that was cut: a newer model run (any document) stops the rest
     prefix: str
     suffix: str
     cache_mode: str
     context: list[ContextChunk] | None
     text: str  # the part shown
     confidence: float
+    tokens: int  # decoded for the part: the rest gets what is left of the token budget
+    version: int  # of the model that decoded the part: another one does not write its rest
+    generation: int  # of the settings it was decoded under
 
 
 class CompletionService:
@@ -216,7 +220,9 @@ class CompletionService:
         self.settings = settings
         self.executor = holder.executor  # the model runs on the holder's torch thread
         self.latest: dict[str, int] = {}
-        self.model_runs: dict[str, int] = {}  # uri -> request id of the newest model run for it
+        self.newest_run = 0  # request id of the newest model run, any document
+        self.pending_rest: int | None = None  # request id of the cut run whose rest is to be decoded
+        self.parts: dict[tuple, int] = {}  # cache key of a cut part -> request id of its run
         # the client shows inline completions, which grow as one types: lineMs cuts their lines and those
         # of prefetches (a popup item is picked as it is shown: popup requests get whole lines)
         self.ghost_text = True
@@ -227,7 +233,8 @@ class CompletionService:
         self._ids_lock = threading.Lock()
         self.generation = 0  # counts clear(): a run begun before a settings change keeps no answer
         self.cache: OrderedDict[tuple, str] = OrderedDict()
-        self.recent: dict[str, tuple] = {}  # uri -> (model version, prefix, suffix, mode, text)
+        # uri -> (model version, prefix, suffix, mode, text, request id of the run if text is a cut part)
+        self.recent: dict[str, tuple] = {}
         self.last_context: list[str] = []  # the best chunks of other files offered with the last request
         self.latencies: deque[float] = deque(maxlen=1000)
         self.confidences: deque[float] = deque(maxlen=1000)  # of the model's non-empty answers
@@ -242,27 +249,45 @@ class CompletionService:
         # version: of the model that answered (default: the one serving)
         return (self.holder.version if version is None else version, hash(prefix[-BUFFER_TAIL_CHARS:]), len(prefix), hash(suffix[:SUFFIX_CHARS]), mode)
 
-    def _from_cache(self, uri: str, key: tuple, prefix: str, suffix: str, mode: str) -> Suggestion | None:
-        """The cached answer under `key` (the _cache_key of prefix, suffix and mode), or the rest of the last answer for `uri` when
-        the text typed since is its start."""
+    def _rest_pending(self, request_id: int | None) -> bool:
+        """The rest of the line the run `request_id` cut is still to come (no newer model run stopped it)."""
+        return request_id is not None and self.pending_rest == request_id and self.newest_run == request_id
+
+    def _from_cache(self, uri: str, key: tuple, prefix: str, suffix: str, mode: str,
+                    popup: bool = False) -> Suggestion | None:
+        """The cached answer under `key` (the _cache_key of prefix, suffix and mode), or the rest of the last
+        answer for `uri` when the text typed since is its start. A cut part counts only while its rest is
+        to come (a popup, never cut, takes none); without it, it is not an answer."""
         if key in self.cache:
-            self.cache.move_to_end(key)
-            return Suggestion(self.cache[key], "cache", mode)
+            if key not in self.parts or self._rest_pending(self.parts[key]):
+                self.cache.move_to_end(key)
+                return Suggestion(self.cache[key], "cache", mode)
+            del self.cache[key], self.parts[key]
         recent = self.recent.get(uri)
         if recent:
-            version, old_prefix, old_suffix, old_mode, text = recent
+            version, old_prefix, old_suffix, old_mode, text, part_of = recent
+            if part_of is not None and (popup or not self._rest_pending(part_of)):
+                return None
             typed = prefix[len(old_prefix):] if prefix.startswith(old_prefix) else None
             if typed and version == self.holder.version and old_suffix == suffix and text.startswith(typed) and len(typed) < len(text):
                 return Suggestion(text[len(typed):], "typed-ahead", old_mode)
         return None
 
-    def _remember(self, uri: str, prefix: str, suffix: str, mode: str, text: str, version: int) -> None:
-        """Keep an answer of the model of `version` (a model swapped in while it ran does not own it)."""
-        self.cache[self._cache_key(prefix, suffix, mode, version)] = text
+    def _remember(self, uri: str, prefix: str, suffix: str, mode: str, text: str, version: int,
+                  part_of: int | None = None) -> None:
+        """Keep an answer of the model of `version` (a model swapped in while it ran does not own it);
+        part_of: the request id of the run, when the answer is a part cut by lineMs."""
+        key = self._cache_key(prefix, suffix, mode, version)
+        self.cache[key] = text
+        self.cache.move_to_end(key)
+        if part_of is None:
+            self.parts.pop(key, None)
+        else:
+            self.parts[key] = part_of
         if len(self.cache) > CACHE_ENTRIES:
-            self.cache.popitem(last=False)
+            self.parts.pop(self.cache.popitem(last=False)[0], None)
         if text:
-            self.recent[uri] = (version, prefix, suffix, mode, text)
+            self.recent[uri] = (version, prefix, suffix, mode, text, part_of)
 
     # ------------------------------------------------------------------ requests
 
@@ -317,7 +342,7 @@ class CompletionService:
             suggestion = dataclasses.replace(await asyncio.shield(running[0]))
             return suggestion if suggestion.source == "superseded" else self._done(suggestion, start)
         request_id = self.next_request_id(uri)
-        cached = self._from_cache(uri, cache_key, prefix, suffix, cache_mode)
+        cached = self._from_cache(uri, cache_key, prefix, suffix, cache_mode, popup)
         if cached:
             if prefetch:
                 return cached
@@ -328,9 +353,9 @@ class CompletionService:
             return Suggestion("", "no-model")
         cancelled, joined = threading.Event(), threading.Event()
         loop = asyncio.get_running_loop()
+        self.newest_run = request_id  # a rest of a line still to decode gives way
         run = loop.run_in_executor(self.executor, self._run_model, uri, request_id, prefix, suffix, mode, cancelled,
                                    allow_empty, cache_mode, context, joined if prefetch else None, cut_lines)
-        self.model_runs[uri] = request_id
         if prefetch:
             self.inflight[key] = (run, joined)
             run.add_done_callback(lambda done: self.inflight.pop(key) if self.inflight.get(key, (None,))[0] is done
@@ -356,37 +381,49 @@ class CompletionService:
 
     def _decode_rest(self, rest: LineRest) -> None:
         """Decode the rest of a line cut short by lineMs on the model thread, after the answer went out."""
-        run = asyncio.get_running_loop().run_in_executor(self.executor, self._run_rest, rest, self.generation)
+        run = asyncio.get_running_loop().run_in_executor(self.executor, self._run_rest, rest)
         run.add_done_callback(lambda done: done.cancelled() or done.exception() is None
                               or log.error("decoding the rest of a line failed: %r", done.exception()))
 
-    def _run_rest(self, rest: LineRest, generation: int) -> None:
+    def _run_rest(self, rest: LineRest) -> None:
         """Runs on the model thread: the line from where lineMs cut it, as if its shown part had been typed
         (the KV cache holds the prompt and the part); the whole line replaces the part in the cache, so
-        the next keystroke gets it. Stops once a newer model run for the document starts."""
+        the next keystroke gets it. Stops once a newer model run (any document) starts: its keystroke
+        comes first. Where the rest is unsure or cleaned away, the part is the answer."""
         def superseded() -> bool:
-            return self.model_runs.get(rest.uri) != rest.request_id or generation != self.generation
+            return self.newest_run != rest.request_id or rest.generation != self.generation \
+                or rest.uri not in self.latest
 
-        version = self.holder.version  # read first: the holder sets a new engine, then bumps the version
-        engine = self.holder.engine
-        if superseded() or engine is None:
-            return
-        result = engine.complete_detailed(clean_text(rest.prefix + rest.text), clean_text(rest.suffix), "line",
-                                          max_new_tokens=self.settings.max_tokens,
-                                          deadline=time.monotonic() + self.settings.timeout_ms / 1000,
-                                          should_stop=superseded, clean=False, allow_empty=True,
-                                          cut=self.settings.cut_confidence, context=rest.context)
-        if result.stop_reason == "cancelled":
-            return
-        whole = postprocess(rest.text + result.text, Context(rest.prefix, rest.suffix, "line"))
-        confidence = rest.confidence * result.confidence_of(max(0, len(whole) - len(rest.text)))
-        log.info("model line rest: %d new in %d calls, stop %s, confidence %.3f, %.1f ms", result.new_tokens,
-                 result.model_calls, result.stop_reason, confidence, result.seconds * 1000)
-        # an unsure or cleaned-away rest leaves the part shown as the answer
-        if whole.startswith(rest.text) and len(whole) > len(rest.text) and confidence >= self.settings.min_confidence \
-                and not superseded():
-            self._remember(rest.uri, rest.prefix, rest.suffix, rest.cache_mode, whole, version)
-        self.counts["line_rests"] += 1  # counted once the cache has what it gave
+        try:
+            version = self.holder.version  # read first: the holder sets a new engine, then bumps the version
+            engine = self.holder.engine
+            if superseded() or engine is None or version != rest.version:
+                return
+            budget = (self.settings.max_tokens or MAX_TOKENS["line"]) - rest.tokens
+            if budget < 1:
+                self._remember(rest.uri, rest.prefix, rest.suffix, rest.cache_mode, rest.text, rest.version)
+                return
+            result = engine.complete_detailed(clean_text(rest.prefix + rest.text), clean_text(rest.suffix), "line",
+                                              max_new_tokens=budget,
+                                              deadline=time.monotonic() + self.settings.timeout_ms / 1000,
+                                              should_stop=superseded, clean=False, allow_empty=True,
+                                              cut=self.settings.cut_confidence, context=rest.context)
+            if result.stop_reason == "cancelled" or superseded():
+                return
+            whole = postprocess(rest.text + result.text, Context(rest.prefix, rest.suffix, "line",
+                                                                 partial=result.stop_reason == "deadline"))
+            confidence = rest.confidence * result.confidence_of(max(0, len(whole) - len(rest.text)))
+            log.info("model line rest: %d new in %d calls, stop %s, confidence %.3f, %.1f ms", result.new_tokens,
+                     result.model_calls, result.stop_reason, confidence, result.seconds * 1000)
+            if whole.startswith(rest.text) and len(whole) > len(rest.text) \
+                    and confidence >= self.settings.min_confidence:
+                self._remember(rest.uri, rest.prefix, rest.suffix, rest.cache_mode, whole, rest.version)
+                self.counts["line_rests"] += 1  # counted once the cache has the whole line
+            else:
+                self._remember(rest.uri, rest.prefix, rest.suffix, rest.cache_mode, rest.text, rest.version)
+        finally:
+            if self.pending_rest == rest.request_id:
+                self.pending_rest = None
 
     def _done(self, suggestion: Suggestion, start: float) -> Suggestion:
         suggestion.seconds = time.perf_counter() - start
@@ -435,7 +472,9 @@ class CompletionService:
         self.counts["reused_tokens"] += result.reused_tokens
         self.counts["cut"] += result.stop_reason == "unsure"
         self.counts["deadline"] += result.stop_reason == "deadline"
-        text = postprocess(result.text, Context(prefix, suffix, mode))
+        # a line cut by lineMs or the deadline is judged as the start of a line
+        cut_short = mode == "line" and result.stop_reason in ("time budget", "deadline")
+        text = postprocess(result.text, Context(prefix, suffix, mode, partial=cut_short))
         confidence = result.confidence_of(len(text))
         if text:
             self.confidences.append(confidence)
@@ -445,24 +484,30 @@ class CompletionService:
         if text and confidence < self.settings.min_confidence:  # unsure: show nothing
             self.counts["hidden"] += 1
             text = ""
-        # out of time is no answer to keep, nor one made under settings that changed meanwhile
-        if (text or result.stop_reason not in ("time budget", "deadline")) and generation == self.generation:
-            self._remember(uri, prefix, suffix, cache_mode or mode, text, version)
         rest = None
         if text and mode == "line" and result.stop_reason == "time budget" and generation == self.generation:
-            rest = LineRest(uri, request_id, prefix, suffix, cache_mode or mode, context, text, confidence)
+            # the part's tokens, less those that only re-typed the end of the prefix (as the rest's will)
+            tokens = sum(start < len(text) and end > 0 for start, end, _ in result.token_probs)
+            rest = LineRest(uri, request_id, prefix, suffix, cache_mode or mode, context, text, confidence, tokens,
+                            version, generation)
+            self.pending_rest = request_id  # before the part is kept: it counts only while this is so
             self.counts["lines_cut"] += 1
+        # out of time is no answer to keep, nor one made under settings that changed meanwhile; a cut
+        # part is kept while its rest is to come
+        if (text or result.stop_reason not in ("time budget", "deadline")) and generation == self.generation:
+            self._remember(uri, prefix, suffix, cache_mode or mode, text, version, request_id if rest else None)
         return Suggestion(text, "model", mode, confidence=confidence, rest=rest)
 
     def forget(self, uri: str) -> None:
         self.recent.pop(uri, None)
         self.latest.pop(uri, None)
-        self.model_runs.pop(uri, None)
 
     def clear(self) -> None:
         """Drop every remembered suggestion: after a settings change they may no longer be what it gives
         (a prefetch still running is not joined either)."""
         self.generation += 1
+        self.pending_rest = None
+        self.parts.clear()
         self.cache.clear()
         self.recent.clear()
         self.inflight.clear()

@@ -141,6 +141,15 @@ def test_a_first_line_repeating_the_lines_around_the_cursor_is_cut():
     assert drop_a_copy_of_the_line_above("fi", ctx) == "fi"  # closers may follow each other
 
 
+def test_the_start_of_a_line_cut_short_is_not_judged_a_copy():
+    # `ls -la` above, `ls` typed: the part ` -la` of ` -la /var/lib` is no copy of it, nor of the next line
+    ctx = Context("ls -la\nls", "\nls -la\n", "line", partial=True)
+    assert drop_a_copy_of_the_line_above(" -la", ctx) == " -la"
+    assert drop_a_copy_of_the_next_line(" -la", ctx) == " -la"
+    whole = Context("ls -la\nls", "\nls -la\n", "line")
+    assert drop_a_copy_of_the_line_above(" -la", whole) == "" and drop_a_copy_of_the_next_line(" -la", whole) == ""
+
+
 def test_indentation_fits_the_block_and_the_file():
     ctx = Context("for f in *; do\n  gzip x\n  ", "\ndone\n", "block")
     text = "  if [ -f x ]; then\n      rm x\n    fi"  # all of it a level too deep
