@@ -7,12 +7,14 @@ import bisect
 import contextlib
 import itertools
 import time
+from functools import cached_property
 from dataclasses import dataclass, field
 from typing import Callable, Literal
 
 from .crossfile import name_candidates, typed_word
 from .lookahead import PromptLookup
-from .postprocess import BLANK_LINE_AFTER_CONTENT, Context, ends_in_loop, first_repeated_line, postprocess, safe_cut
+from .postprocess import (BLANK_LINE_AFTER_CONTENT, Context, cut_context, ends_in_loop, first_repeated_line, postprocess,
+                          safe_cut)
 from .prompt import (ContextChunk, Prompt, build_prompt, build_prompt_with_context, choose_format,
                      join_line_endings, prompt_budget, split_line_endings)
 from .shell import resolve_mode
@@ -197,9 +199,8 @@ class Completer:
         else:
             prompt = build_prompt(self.tokenizer, prefix, suffix, fmt, budget=budget)
         max_new = max(1, min(max_new_tokens or MAX_TOKENS[mode], context - len(prompt.ids)))
-        line_prefix = prefix.rsplit("\n", 1)[-1]
         rules = StopRules(mode, len(prompt.heal), deadline, should_stop, whole_lines_after, cut,
-                          whole_words_after=whole_words_after, line_prefix=line_prefix)
+                          whole_words_after=whole_words_after, prefix=prefix)
         names = name_candidates(prefix, suffix, extra_context) if extra_context else []
         word = typed_word(prefix) if names else ""
         rules.names = [prompt.heal + name[len(word):].encode() for name in names]
@@ -207,7 +208,7 @@ class Completer:
             decoded = self.decode_n_tokens(prompt, max_new, rules, allow_empty)
         text, token_probs = answer_text(decoded, prompt.heal, mode)
         if decoded.stop == "deadline" or (decoded.stop == "time budget" and mode == "line"):
-            text = safe_cut(text, line_prefix)  # out of time mid-line: the last whole word, quotes closed, or nothing
+            text = safe_cut(text, rules.line_prefix)  # out of time mid-line: the last whole word, quotes closed, or nothing
         if clean and decoded.stop != "cancelled":
             text = postprocess(text, Context(prefix, suffix, mode))
         return Completion(join_line_endings(text, newline), decoded.stop, mode, len(prompt.ids), decoded.reused,
@@ -274,7 +275,12 @@ class StopRules:
     # the output begins with one of these and a word boundary (Completer.names_allowed); [] = free
     names: list[bytes] = field(default_factory=list)
     whole_words_after: float | None = None  # time.monotonic() value; line mode
-    line_prefix: str = ""  # the cursor's line before the cursor, for safe_cut
+    prefix: str = ""  # the text before the cursor
+
+    @cached_property
+    def line_prefix(self) -> str:
+        """What safe_cut reads before the output (postprocess.cut_context; worked out once, when needed)."""
+        return cut_context(self.prefix)
 
 
 @dataclass

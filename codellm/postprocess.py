@@ -409,6 +409,21 @@ def _scan_openers(line: str, start: int) -> tuple[list, list[tuple[int, list]]]:
     return at_start, cuts
 
 
+def cut_context(prefix: str, window: int = 1000) -> str:
+    """What safe_cut should read before a suggestion at the end of `prefix`: the cursor's line, or from
+    the start of the line where a quote, `$(` or heredoc still open at the cursor was opened (looked for
+    in the last `window` characters, from a line start), so that a suggestion closing a string begun
+    lines above is read as closing it."""
+    line_start = prefix.rfind("\n") + 1
+    start = prefix.rfind("\n", 0, max(0, len(prefix) - window)) + 1
+    if start >= line_start:
+        return prefix[line_start:]
+    tail = prefix[start:]
+    open_at_cursor, _ = _scan_openers(tail + " ", len(tail))
+    first = min((index for _, index in open_at_cursor), default=len(tail))
+    return tail[tail.rfind("\n", 0, first) + 1:] if first < line_start - start else prefix[line_start:]
+
+
 def safe_cut(text: str, line_prefix: str = "") -> str:
     """The longest start of a suggestion `text` that is safe to show when decoding stopped in the middle
     of it (the deadline): it ends with a whole word (an unescaped space, tab or line end followed it in

@@ -168,7 +168,7 @@ def test_a_block_answer_on_a_blank_line_starts_at_its_first_real_line():
 
 # ------------------------------------------------------------------ the cut when the deadline ends decoding
 
-from codellm.postprocess import open_quote, safe_cut  # noqa: E402
+from codellm.postprocess import cut_context, open_quote, safe_cut  # noqa: E402
 
 
 def test_safe_cut_keeps_whole_words_only():
@@ -311,3 +311,13 @@ def test_a_suggestion_ends_before_a_control_character():
     assert postprocess("ok\x7fvice", ctx) == "ok"
     assert postprocess("\x1b[31mred", ctx) == ""
     assert postprocess("a\tb", Context("#!/bin/bash\nprintf '%s", "'\n", "line")) == "a\tb"  # a tab stays
+
+
+def test_a_cut_reads_a_string_opened_lines_above():
+    # inside `usage="...` begun two lines up, `help"` closes it and `"usage` opens another
+    prefix = '#!/bin/sh\nusage="Usage: backup [options]\n  -h  show '
+    line = 'help" && echo "usage printed"'
+    assert cut_context(prefix) == 'usage="Usage: backup [options]\n  -h  show '
+    assert safe_cut(line, cut_context(prefix)) == 'help" && echo'
+    assert safe_cut(line, "  -h  show ") == 'help" && echo "usage'  # the cursor's line alone misreads it
+    assert cut_context("echo hi\nls -") == "ls -"
