@@ -315,6 +315,11 @@ class CompletionService:
         prefix, suffix, _ = split_line_endings(prefix, suffix)
         await self._suggest(uri, prefix, suffix, True, context or None, prefetch=True)
 
+    def _cache_mode(self, mode: str, allow_empty: bool, context: list[ContextChunk] | None, popup: bool) -> str:
+        """What besides the text tells answers apart in the cache."""
+        return mode + ("|may-be-empty" if allow_empty else "") + (f"|context {hash(tuple(context))}" if context else "") \
+            + ("|whole lines" if self.ghost_text and popup else "")  # a popup's lines are not cut for ghost text
+
     async def _suggest(self, uri: str, prefix: str, suffix: str, automatic: bool,
                        context: list[ContextChunk] | None = None, prefetch: bool = False,
                        popup: bool = False) -> Suggestion:
@@ -327,10 +332,7 @@ class CompletionService:
         # typing on: at the end of a word an answer is wanted; after a space or the end of a statement
         # the model may judge the line complete and suggest nothing
         allow_empty = automatic and mode == "line" and not WORD_CHAR.match(prefix[-1:])
-        cache_mode = mode + ("|may-be-empty" if allow_empty else "") + (f"|context {hash(tuple(context))}" if context else "")
-        cut_lines = self.ghost_text and not popup
-        if self.ghost_text and popup:
-            cache_mode += "|whole lines"  # not a line cut for ghost text
+        cache_mode = self._cache_mode(mode, allow_empty, context, popup)
         cache_key = self._cache_key(prefix, suffix, cache_mode)
         key = (uri, cache_key)
         running = self.inflight.get(key)
@@ -355,7 +357,8 @@ class CompletionService:
         loop = asyncio.get_running_loop()
         self.newest_run = request_id  # a rest of a line still to decode gives way
         run = loop.run_in_executor(self.executor, self._run_model, uri, request_id, prefix, suffix, mode, cancelled,
-                                   allow_empty, cache_mode, context, joined if prefetch else None, cut_lines)
+                                   allow_empty, cache_mode, context, joined if prefetch else None,
+                                   self.ghost_text and not popup)  # popup lines are not cut
         if prefetch:
             self.inflight[key] = (run, joined)
             run.add_done_callback(lambda done: self.inflight.pop(key) if self.inflight.get(key, (None,))[0] is done
@@ -369,9 +372,7 @@ class CompletionService:
             raise
         finally:
             if not prefetch:
-                self.asked[key] -= 1
-                if not self.asked[key]:
-                    del self.asked[key]
+                self.asked -= Counter([key])  # (drops the key at 0)
         if suggestion.source == "superseded":
             self.counts["superseded"] += 1
             return suggestion
@@ -454,24 +455,19 @@ class CompletionService:
         if superseded() or engine is None:
             return Suggestion("", "superseded", mode)
         now = time.monotonic()
-        deadline = now + self.settings.timeout_ms / 1000
         if not self.settings.kv_reuse:
             engine.cache.reset()
         # the engine reads a stable tail of a long prefix and the head of the suffix (codellm.prompt)
-        result = engine.complete_detailed(clean_text(prefix), clean_text(suffix), mode,
-                                          max_new_tokens=self.settings.max_tokens, deadline=deadline,
+        result = engine.complete_detailed(clean_text(prefix), clean_text(suffix), mode, max_new_tokens=self.settings.max_tokens,
+                                          deadline=now + self.settings.timeout_ms / 1000,
                                           should_stop=superseded, clean=False, allow_empty=allow_empty,
                                           whole_lines_after=now + self.settings.multiline_ms / 1000,
                                           whole_words_after=now + self.settings.line_ms / 1000 if cut_lines else None,
                                           cut=self.settings.cut_confidence, context=context)
         if result.stop_reason == "cancelled":
             return Suggestion("", "superseded", mode)
-        self.counts["model"] += 1
         self.holder.answered.set()
-        self.counts["prompt_tokens"] += result.prompt_tokens
-        self.counts["reused_tokens"] += result.reused_tokens
-        self.counts["cut"] += result.stop_reason == "unsure"
-        self.counts["deadline"] += result.stop_reason == "deadline"
+        self._count(result)
         # a line cut by lineMs or the deadline is judged as the start of a line
         cut_short = mode == "line" and result.stop_reason in ("time budget", "deadline")
         text = postprocess(result.text, Context(prefix, suffix, mode, partial=cut_short))
@@ -497,6 +493,14 @@ class CompletionService:
         if (text or result.stop_reason not in ("time budget", "deadline")) and generation == self.generation:
             self._remember(uri, prefix, suffix, cache_mode or mode, text, version, request_id if rest else None)
         return Suggestion(text, "model", mode, confidence=confidence, rest=rest)
+
+    def _count(self, result) -> None:
+        """Add a model run's codellm.completion.Completion to the status figures."""
+        self.counts["model"] += 1
+        self.counts["prompt_tokens"] += result.prompt_tokens
+        self.counts["reused_tokens"] += result.reused_tokens
+        self.counts["cut"] += result.stop_reason == "unsure"
+        self.counts["deadline"] += result.stop_reason == "deadline"
 
     def forget(self, uri: str) -> None:
         self.recent.pop(uri, None)

@@ -108,9 +108,8 @@ async def type_scripts(server_args: list[str], scripts: list[str], keystrokes: i
             "p95": 1000 * latencies[int(len(latencies) * 0.95)], "mean": 1000 * statistics.fmean(latencies),
             "kv_reuse": status.kv_reuse_ratio, "cache_hits": status.cache_hit_rate, "model_runs": status.model_runs,
             "server_p50": status.latency_ms.p50, "deadline_hits": getattr(status, "deadline_hits", None),
-            "joined_prefetch": getattr(status, "joined_prefetch", 0), "line_rests": getattr(status, "line_rests", 0),
-            "lines_cut": getattr(status, "lines_cut", 0),
-            "over_1s": sum(t > 1.0 for t in latencies)}
+            "joined_prefetch": status.joined_prefetch, "line_rests": status.line_rests,
+            "lines_cut": status.lines_cut, "over_1s": sum(t > 1.0 for t in latencies)}
 
 
 async def until_torch_serves(client: LanguageClient, timeout: float = 120) -> None:
