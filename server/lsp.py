@@ -94,7 +94,6 @@ class CodellmServer(LanguageServer):
         self.owner_connection = None  # the connection this server answers (server.transport)
         self.loop = None
         self.loop_thread = None
-        self.has_inline = False  # the client asked for inline completions (initialize)
         self.tasks: set[asyncio.Task] = set()  # running prefetches and model loads, kept until done
         self.edits = 0  # edits that asked for a prefetch: only the newest one's runs
         self.configuring = asyncio.Lock()  # model settings being applied (did_change_configuration)
@@ -195,8 +194,7 @@ def offer_completions(ls: CodellmServer, caps: types.TextDocumentClientCapabilit
     computes the capabilities it advertises from the features registered once that handler returns (and
     the transport refuses a second initialize)."""
     has_inline = caps is not None and caps.inline_completion is not None
-    ls.has_inline = has_inline
-    ls.service.ghost_text = has_inline
+    ls.service.ghost_text = has_inline  # lines cut by lineMs, prefetches on by default
     items = ls.settings.completion_items
     if has_inline or items == "never":
         ls.feature(types.TEXT_DOCUMENT_INLINE_COMPLETION, types.InlineCompletionOptions())(inline_completion)
@@ -268,7 +266,7 @@ def cursor_rests(ls: CodellmServer, params):
 
 def prefetch_wanted(ls: CodellmServer) -> bool:
     prefetch = ls.settings.prefetch
-    return ls.loop is not None and (prefetch == "always" or (prefetch == "auto" and ls.has_inline))
+    return ls.loop is not None and (prefetch == "always" or (prefetch == "auto" and ls.service.ghost_text))
 
 
 def start_prefetch(ls: CodellmServer, uri: str, doc, position: types.Position) -> None:

@@ -218,6 +218,13 @@ class ModelHolder:
                 log.warning("model watcher: %s (%s); watching again", type(exc).__name__, exc)
                 stop.wait(1.0)
 
+    def serving(self) -> tuple:
+        """(version, engine) of the model serving, for a run whose answers are kept under that version. The
+        version is read first: a load sets the engine, then bumps the version, so the pair can hold a
+        newer engine with an older version (its answers then never match) but never the reverse."""
+        version = self.version
+        return version, self.engine
+
     def stop(self) -> None:
         if self._watch_stop:
             self._watch_stop.set()

@@ -396,35 +396,37 @@ class CompletionService:
                 or rest.uri not in self.latest
 
         try:
-            version = self.holder.version  # read first: the holder sets a new engine, then bumps the version
-            engine = self.holder.engine
+            version, engine = self.holder.serving()
             if superseded() or engine is None or version != rest.version:
                 return
-            budget = (self.settings.max_tokens or MAX_TOKENS["line"]) - rest.tokens
-            if budget < 1:
-                self._remember(rest.uri, rest.prefix, rest.suffix, rest.cache_mode, rest.text, rest.version)
-                return
-            result = engine.complete_detailed(clean_text(rest.prefix + rest.text), clean_text(rest.suffix), "line",
-                                              max_new_tokens=budget,
-                                              deadline=time.monotonic() + self.settings.timeout_ms / 1000,
-                                              should_stop=superseded, clean=False, allow_empty=True,
-                                              cut=self.settings.cut_confidence, context=rest.context)
-            if result.stop_reason == "cancelled" or superseded():
-                return
-            whole = postprocess(rest.text + result.text, Context(rest.prefix, rest.suffix, "line",
-                                                                 partial=result.stop_reason == "deadline"))
-            confidence = rest.confidence * result.confidence_of(max(0, len(whole) - len(rest.text)))
-            log.info("model line rest: %d new in %d calls, stop %s, confidence %.3f, %.1f ms", result.new_tokens,
-                     result.model_calls, result.stop_reason, confidence, result.seconds * 1000)
-            if whole.startswith(rest.text) and len(whole) > len(rest.text) \
-                    and confidence >= self.settings.min_confidence:
-                self._remember(rest.uri, rest.prefix, rest.suffix, rest.cache_mode, whole, rest.version)
-                self.counts["line_rests"] += 1  # counted once the cache has the whole line
-            else:
-                self._remember(rest.uri, rest.prefix, rest.suffix, rest.cache_mode, rest.text, rest.version)
+            line = self._whole_line(rest, engine, superseded)
+            if line is not None:
+                self._remember(rest.uri, rest.prefix, rest.suffix, rest.cache_mode, line, rest.version)
+                self.counts["line_rests"] += line != rest.text  # counted once the cache has the whole line
         finally:
             if self.pending_rest == rest.request_id:
                 self.pending_rest = None
+
+    def _whole_line(self, rest: LineRest, engine, superseded) -> str | None:
+        """The cut line with its rest decoded; the part alone where the token budget is spent or the rest
+        is unsure or cleaned away; None when `superseded()` stopped the decoding."""
+        budget = (self.settings.max_tokens or MAX_TOKENS["line"]) - rest.tokens
+        if budget < 1:
+            return rest.text
+        result = engine.complete_detailed(clean_text(rest.prefix + rest.text), clean_text(rest.suffix), "line",
+                                          max_new_tokens=budget,
+                                          deadline=time.monotonic() + self.settings.timeout_ms / 1000,
+                                          should_stop=superseded, clean=False, allow_empty=True,
+                                          cut=self.settings.cut_confidence, context=rest.context)
+        if result.stop_reason == "cancelled" or superseded():
+            return None
+        whole = postprocess(rest.text + result.text, Context(rest.prefix, rest.suffix, "line",
+                                                             partial=result.stop_reason == "deadline"))
+        confidence = rest.confidence * result.confidence_of(max(0, len(whole) - len(rest.text)))
+        log.info("model line rest: %d new in %d calls, stop %s, confidence %.3f, %.1f ms", result.new_tokens,
+                 result.model_calls, result.stop_reason, confidence, result.seconds * 1000)
+        longer = whole.startswith(rest.text) and len(whole) > len(rest.text)
+        return whole if longer and confidence >= self.settings.min_confidence else rest.text
 
     def _done(self, suggestion: Suggestion, start: float) -> Suggestion:
         suggestion.seconds = time.perf_counter() - start
@@ -450,8 +452,7 @@ class CompletionService:
             newest = self._ids if prefetch and not joined.is_set() else self.latest.get(uri)
             return cancelled.is_set() or newest != request_id
 
-        version = self.holder.version  # read first: the holder sets a new engine, then bumps the version
-        engine = self.holder.engine
+        version, engine = self.holder.serving()
         if superseded() or engine is None:
             return Suggestion("", "superseded", mode)
         now = time.monotonic()
