@@ -151,6 +151,9 @@ def stage_line(info) -> str:
     """One training stage of a data card in words; what the card lacks or holds in another form is '?'."""
     if not isinstance(info, dict):
         return "?"
+    if isinstance(info.get("average_of"), list):  # codellm-train average
+        return "weights averaged over " + ", ".join(str(p.get("bundle", "?")) if isinstance(p, dict) else "?"
+                                                    for p in info["average_of"])
 
     def number(key: str, scale: float = 1.0, fmt: str = ".3f") -> str:
         value = info.get(key)

@@ -259,6 +259,11 @@ def english_stage(args, corpus: Path, tok, stage1: Path) -> Path:
     return stage1
 
 
+def cmd_average(args):
+    from .average import average_bundles, parse_weights
+    average_bundles(args.bundle, args.out, parse_weights(args.weights, len(args.bundle)), args.overwrite)
+
+
 def cmd_eval(args):
     from .evaluate import main as evaluate
     evaluate(args)
@@ -306,6 +311,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="share of the budget for an English stage before the shell stage (default 0: at equal "
                         "compute, shell from the start had the lower held-out loss; docs/how-it-works.md)")
     p.set_defaults(func=cmd_all)
+
+    p = sub.add_parser("average", help="one bundle whose weights are the mean of several (stages of one relay)")
+    p.add_argument("bundle", type=bundle_arg, nargs="+",
+                   help="two or more bundles of one model shape and tokenizer (`default`: the shipped model)")
+    p.add_argument("--out", type=Path, required=True, help="where the averaged bundle is written")
+    p.add_argument("--weights", default=None, help="comma-separated weights, one per bundle (default: equal)")
+    p.add_argument("--overwrite", action="store_true", help="replace the bundle already at --out")
+    p.set_defaults(func=cmd_average)
 
     add_eval_parser(sub)
     add_bench_parser(sub)

@@ -89,7 +89,10 @@ def _training_section(stages: dict, curves: list[str]) -> list[str]:
     out = ["## Training", ""]
     rows = []
     for name, st in stages.items():
-        if st:
+        if st.get("average_of"):
+            parts = ", ".join(f"`{p['bundle']}` x {p['weight']:.2f}" for p in st["average_of"])
+            rows.append([name, f"weights averaged: {parts}", "-", "-", "-", "-", "-"])
+        elif st:
             rows.append([name, f"{st['tokens'] / 1e6:.1f}M", st["steps"], f"{st['seconds'] / 60:.0f} min",
                          st["device"], f"{st['train_loss']:.3f}",
                          f"{st['val_loss']:.3f}" if st.get("val_loss") is not None else "-"])

@@ -1,0 +1,114 @@
+"""`codellm-train average`: the weighted mean of bundles, their data cards merged, bad input refused."""
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+import torch
+
+from codellm.bundle import load_bundle, save_bundle
+from conftest import make_model
+from train.average import average_bundles, merged_card
+from train.cli import main as train_main
+from train.datacard import _digest, stage_files
+from train.modelcard import render
+
+
+def corpus(*names: str) -> tuple[str, dict[str, bytes]]:
+    files = {f"deb:{n}": hashlib.sha256(n.encode()).digest() for n in sorted(names)}
+    return _digest(files), files
+
+
+def card(stage_corpus: tuple[str, dict], tokens: int) -> dict:
+    key, files = stage_corpus
+    stage = {"corpus": key, "steps": 1, "tokens": tokens, "seconds": 1.0, "device": "cpu", "train_loss": 2.0,
+             "val_loss": None, "sources": {s: {"files": 1, "bytes": 10, "licence": None} for s in files}}
+    return {"stages": {"language": {"steps": 1, "tokens": 5, "seconds": 1.0, "device": "cpu",
+                                    "train_loss": 3.0, "val_loss": None},
+                       "code": stage},
+            "corpora": {key: files}, "eval": {"splits": {}}}
+
+
+@pytest.fixture
+def two_bundles(tmp_path, tokenizer):
+    first, second = tmp_path / "first", tmp_path / "second"
+    save_bundle(first, make_model(tokenizer, seed=1), tokenizer, card(corpus("a", "b"), 100))
+    save_bundle(second, make_model(tokenizer, seed=2), tokenizer, card(corpus("a", "c"), 200))
+    return first, second
+
+
+def test_the_average_is_the_weighted_mean_of_the_weights(two_bundles, tmp_path):
+    first, second = two_bundles
+    out = tmp_path / "avg"
+    assert train_main(["average", str(first), str(second), "--out", str(out), "--weights", "1,3"]) == 0
+    a, b, avg = (load_bundle(p).model.state_dict() for p in (first, second, out))
+    for name in avg:
+        expected = (0.25 * a[name] + 0.75 * b[name]).half().float()  # bundles store float16
+        assert torch.equal(avg[name], expected), name
+    assert all(not torch.equal(avg[k], a[k]) for k in avg if avg[k].numel() > 1)  # the parts differ
+
+
+def test_the_card_keeps_every_part_and_names_the_average(two_bundles, tmp_path):
+    first, second = two_bundles
+    out = average_bundles([first, second], tmp_path / "avg", [0.5, 0.5], log=lambda *_: None)
+    merged = load_bundle(out).card
+    stages = merged["stages"]
+    # the shared English stage once; the shell stages differ, so the second keeps its own under a new name
+    assert list(stages) == ["language", "code", f"code (of {second})", "average"]
+    assert [p["stages"] for p in stages["average"]["average_of"]] == [["language", "code"],
+                                                                     ["language", f"code (of {second})"]]
+    assert [p["weight"] for p in stages["average"]["average_of"]] == [0.5, 0.5]
+    assert {s for s, _ in stage_files(merged, "code")} == {"deb:a", "deb:b"}
+    assert {s for s, _ in stage_files(merged, f"code (of {second})")} == {"deb:a", "deb:c"}
+    assert "eval" not in merged  # figures belong to the model they were measured on
+    text = render(out, "codellm-train average ...", None, [])
+    assert f"weights averaged: `{first}` x 0.50, `{second}` x 0.50" in text
+
+
+def test_parts_with_the_same_stages_share_them(tmp_path):
+    same = card(corpus("a"), 100)
+    merged = merged_card([same, same], ["x", "y"], [0.5, 0.5])
+    assert list(merged["stages"]) == ["language", "code", "average"]
+    merged_again = merged_card([merged, same], ["avg", "z"], [0.5, 0.5])
+    assert list(merged_again["stages"]) == ["language", "code", "average", "average-2"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    ([], "two bundles or more"),
+    (["SECOND", "--weights", "1"], "1 numbers for 2 bundles"),
+    (["SECOND", "--weights", "1,-1"], "not negative"),
+    (["SECOND", "--weights", "0,0"], "not all 0"),
+    (["SECOND", "--weights", "a,b"], "one number per bundle"),
+])
+def test_bad_arguments_are_refused(two_bundles, tmp_path, capsys, extra, message):
+    first, second = two_bundles
+    args = [str(second) if a == "SECOND" else a for a in extra]
+    assert train_main(["average", str(first), *args, "--out", str(tmp_path / "avg")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "avg").exists()
+
+
+def test_a_different_shape_is_refused(two_bundles, tmp_path, tokenizer, capsys):
+    first, _ = two_bundles
+    deeper = tmp_path / "deeper"
+    save_bundle(deeper, make_model(tokenizer, n_layer=3), tokenizer)
+    assert train_main(["average", str(first), str(deeper), "--out", str(tmp_path / "avg")]) == 2
+    assert "model shape differs" in capsys.readouterr().err
+
+
+def test_nothing_the_user_made_is_replaced(two_bundles, tmp_path, capsys):
+    first, second = two_bundles
+    before = (first / "model.safetensors").read_bytes()
+    assert train_main(["average", str(first), str(second), "--out", str(first), "--overwrite"]) == 2
+    assert "is one of the bundles averaged" in capsys.readouterr().err
+    assert (first / "model.safetensors").read_bytes() == before
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    assert train_main(["average", str(first), str(second), "--out", str(notes)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (notes / "todo.txt").read_text() == "mine"
+    out = tmp_path / "avg"
+    assert train_main(["average", str(first), str(second), "--out", str(out)]) == 0
+    assert train_main(["average", str(first), str(second), "--out", str(out)]) == 2  # exists: asks first
+    assert train_main(["average", str(first), str(second), "--out", str(out), "--overwrite"]) == 0

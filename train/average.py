@@ -1,0 +1,123 @@
+"""`codellm-train average`: one bundle whose weights are the (weighted) mean of several bundles of one
+model shape and tokenizer.
+
+Averaging the weights of models fine-tuned from one starting point lands in a flatter, lower part of
+the loss surface than either end point (stochastic weight averaging, Izmailov et al. 2018,
+arXiv:1803.05407; "model soups", Wortsman et al. 2022, arXiv:2203.05482). The stages of a relay all
+descend from the shipped model, so their average is a candidate of its own, judged by
+`codellm-train eval` like any stage.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from codellm.bundle import BundleError, check_bundle_target, load_bundle, save_bundle
+from codellm.defaults import PACKAGED_BUNDLE
+
+from .datacard import checked_card, compact, corpus_digests, stage_sources
+
+AVERAGE_STAGE = "average"
+
+
+def parse_weights(text: str | None, count: int) -> list[float]:
+    """The mixing weights from a comma-separated list (normalised to sum 1); equal weights for None.
+    Raises ValueError for a count that differs from the bundles', or a weight that is negative,
+    not finite, or a list whose sum is 0."""
+    if text is None:
+        return [1.0 / count] * count
+    try:
+        weights = [float(w) for w in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--weights {text!r}: give one number per bundle, separated by commas") from None
+    if len(weights) != count:
+        raise ValueError(f"--weights has {len(weights)} numbers for {count} bundles")
+    if not all(0 <= w < float("inf") for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--weights {text!r}: weights are finite, not negative, and not all 0")
+    return [w / sum(weights) for w in weights]
+
+
+def average_states(states: list[dict[str, torch.Tensor]], weights: list[float]) -> dict[str, torch.Tensor]:
+    """{name: sum_i weights[i] * states[i][name]}, computed in float32. The states must share their
+    names and shapes (ValueError otherwise)."""
+    names = set(states[0])
+    for state in states[1:]:
+        if set(state) != names or any(state[k].shape != states[0][k].shape for k in names):
+            raise ValueError("the bundles' weights differ in names or shapes")
+    return {k: sum(w * s[k].float() for w, s in zip(weights, states)) for k in states[0]}
+
+
+def _check_same_model(bundles: list) -> None:
+    """BundleError unless every bundle has the first one's model shape, tokenizer and prompt format."""
+    first = bundles[0]
+    for b in bundles[1:]:
+        if b.config.to_dict() != first.config.to_dict():
+            raise BundleError(f"{b.path}: its model shape differs from {first.path}'s; only bundles of one "
+                              "shape can be averaged")
+        if b.tokenizer.to_str() != first.tokenizer.to_str():
+            raise BundleError(f"{b.path}: its tokenizer differs from {first.path}'s")
+        if b.prompt_format != first.prompt_format:
+            raise BundleError(f"{b.path}: prompt format {b.prompt_format} differs from {first.path}'s "
+                              f"{first.prompt_format}")
+
+
+def merged_card(cards: list[dict], names: list[str], weights: list[float]) -> dict:
+    """One data card holding every stage of every part (a stage the parts share once; one that differs
+    under a taken name as `name (of PART)`), every corpus they trained on, and an `average` stage that
+    names the parts, their weights and their stages."""
+    card = {"stages": {}, "corpora": {}}
+    parts = []
+    for part_card, name, weight in zip(cards, names, weights):
+        part_card = checked_card(part_card, f"{name}/data.msgpack")
+        own = []
+        for stage, entry in part_card.get("stages", {}).items():
+            entry = {k: v for k, v in entry.items() if k != "sources_of"}
+            sources = stage_sources(part_card, stage)
+            if sources:
+                entry["sources"] = sources
+            if "corpus" in entry and not corpus_digests(card, entry["corpus"]):
+                card["corpora"][entry["corpus"]] = corpus_digests(part_card, entry["corpus"])
+            key = stage
+            if key in card["stages"] and card["stages"][key] != entry:
+                key = f"{stage} (of {name})"
+            card["stages"].setdefault(key, entry)
+            own.append(key)
+        parts.append({"bundle": name, "weight": round(weight, 6), "stages": own})
+    key, n = AVERAGE_STAGE, 2
+    while key in card["stages"]:
+        key, n = f"{AVERAGE_STAGE}-{n}", n + 1
+    card["stages"][key] = {"average_of": parts}
+    return compact(card)
+
+
+def bundle_name(path: Path) -> str:
+    """How the card names a part: `default` for the shipped model, else the path as given."""
+    return "default" if Path(path).resolve() == PACKAGED_BUNDLE.resolve() else str(path)
+
+
+def average_bundles(paths: list[Path], out: Path, weights: list[float] | None = None, overwrite: bool = False,
+                    log=print) -> Path:
+    """Write the weighted mean of the bundles at `paths` to `out` (stored as float16, like a trained
+    bundle). Raises BundleError for an unreadable bundle, bundles of different shapes or tokenizers,
+    or an `out` that is one of them or holds something else (without `overwrite`); ValueError for
+    fewer than two bundles or a damaged data card."""
+    if len(paths) < 2:
+        raise ValueError("averaging needs two bundles or more")
+    out = Path(out)
+    if any(out.exists() and out.resolve() == Path(p).resolve() for p in paths):
+        raise BundleError(f"{out}: is one of the bundles averaged; write the average to a new folder")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise BundleError(f"{out}: exists; give --overwrite to replace the bundle there, or another --out")
+    check_bundle_target(out, overwrite)
+    weights = weights or [1.0 / len(paths)] * len(paths)
+    bundles = [load_bundle(p) for p in paths]
+    _check_same_model(bundles)
+    names = [bundle_name(p) for p in paths]
+    state = average_states([b.model.state_dict() for b in bundles], weights)
+    model = bundles[0].model
+    model.load_state_dict(state)
+    card = merged_card([b.card for b in bundles], names, weights)
+    save_bundle(out, model, bundles[0].tokenizer, card, prompt_format=bundles[0].prompt_format, overwrite=overwrite)
+    log(f"averaged {len(paths)} bundles into {out}: " + ", ".join(f"{n} x {w:.3f}" for n, w in zip(names, weights)))
+    return out
