@@ -107,16 +107,23 @@ class Settings:
         return changed
 
 
+def _shown(value) -> str:
+    """A setting's value as the message about it quotes it: at most 40 characters."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _integer(low: int, high: int, allow_none: bool = False):
-    def convert(value):
-        if value is None and allow_none:
+    def convert(given):
+        if given is None and allow_none:
             return None
+        value = given
         if isinstance(value, str) and re.fullmatch(r"\s*\d+\s*", value):
             value = int(value)
         elif isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise ValueError(f"must be a whole number from {low} to {high}, got {value!r}")
+            raise ValueError(f"must be a whole number from {low} to {high}, got {_shown(given)}")
         return value
     return convert
 
@@ -128,7 +135,7 @@ def _fraction(value):
         except ValueError:
             pass
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:
-        raise ValueError(f"must be a number from 0 to 1, got {value!r}")
+        raise ValueError(f"must be a number from 0 to 1, got {_shown(value)}")
     return float(value)
 
 
@@ -136,7 +143,7 @@ def _choice(*options: str):
     def convert(value):
         if isinstance(value, str) and value.strip().lower() in options:
             return value.strip().lower()
-        raise ValueError(f"must be one of {', '.join(options)}, got {value!r}")
+        raise ValueError(f"must be one of {', '.join(options)}, got {_shown(value)}")
     return convert
 
 
@@ -145,19 +152,19 @@ def _flag(value):
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise ValueError(f"must be true or false, got {value!r}")
+    raise ValueError(f"must be true or false, got {_shown(value)}")
 
 
 def _path(value):
     if isinstance(value, str) and value.strip() and "\0" not in value:
         return value
-    raise ValueError(f"must be a folder path (a string), got {value!r}")
+    raise ValueError(f"must be a folder path (a string), got {_shown(value)}")
 
 
 def _device(value):
     if isinstance(value, str) and re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value.strip().lower()):
         return value.strip().lower()
-    raise ValueError(f"must be auto, cpu, cuda or mps, got {value!r}")
+    raise ValueError(f"must be auto, cpu, cuda or mps, got {_shown(value)}")
 
 
 SETTING_RULES = {

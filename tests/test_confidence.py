@@ -89,6 +89,14 @@ def test_settings_take_the_thresholds_and_refuse_nonsense():
     assert settings.min_confidence == 0.25 and settings.problems
 
 
+def test_a_huge_setting_is_quoted_short_in_the_message():
+    settings = Settings()
+    settings.update({"lineMs": 1e308, "modelPath": 12345678901234567890 ** 4})
+    assert settings.line_ms == Settings().line_ms
+    assert len(settings.problems) == 2 and all(len(p) < 160 for p in settings.problems), settings.problems
+    assert "got 1e+308" in settings.problems[0]
+
+
 def test_a_suggestion_under_min_confidence_is_not_shown_by_the_real_server(bundle_path):
     uri = "file:///tmp/work/unsure.sh"
     text = "#!/bin/bash\nset -e\nmkdir -p /tmp/backup\ncp "
