@@ -152,8 +152,9 @@ def stage_line(info) -> str:
     if not isinstance(info, dict):
         return "?"
     if isinstance(info.get("average_of"), list):  # codellm-train average
-        return "weights averaged over " + ", ".join(str(p.get("bundle", "?")) if isinstance(p, dict) else "?"
-                                                    for p in info["average_of"])
+        return "weights averaged over " + ", ".join(
+            f"{p.get('bundle', '?')} x {p['weight']:.2f}" if isinstance(p, dict) and isinstance(p.get("weight"), float)
+            else str(p.get("bundle", "?")) if isinstance(p, dict) else "?" for p in info["average_of"])
 
     def number(key: str, scale: float = 1.0, fmt: str = ".3f") -> str:
         value = info.get(key)

@@ -62,7 +62,8 @@ def test_the_card_keeps_every_part_and_names_the_average(two_bundles, tmp_path):
     assert {s for s, _ in stage_files(merged, f"code (of {second})")} == {"deb:a", "deb:c"}
     assert "eval" not in merged  # figures belong to the model they were measured on
     text = render(out, "codellm-train average ...", None, [])
-    assert f"weights averaged: `{first}` x 0.50, `{second}` x 0.50" in text
+    assert f"average: weights averaged, `{first}` x 0.50, `{second}` x 0.50" in text
+    assert "its weights are the mean of 2 models" in text
 
 
 def test_parts_with_the_same_stages_share_them(tmp_path):
@@ -106,9 +107,14 @@ def test_nothing_the_user_made_is_replaced(two_bundles, tmp_path, capsys):
     notes.mkdir()
     (notes / "todo.txt").write_text("mine")
     assert train_main(["average", str(first), str(second), "--out", str(notes)]) == 2
-    assert "--overwrite" in capsys.readouterr().err
+    assert "not a model bundle" in capsys.readouterr().err
     assert (notes / "todo.txt").read_text() == "mine"
+    (tmp_path / "a-file").write_text("mine")
+    assert train_main(["average", str(first), str(second), "--out", str(tmp_path / "a-file"), "--overwrite"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert (tmp_path / "a-file").read_text() == "mine"
     out = tmp_path / "avg"
     assert train_main(["average", str(first), str(second), "--out", str(out)]) == 0
     assert train_main(["average", str(first), str(second), "--out", str(out)]) == 2  # exists: asks first
+    assert "--overwrite" in capsys.readouterr().err
     assert train_main(["average", str(first), str(second), "--out", str(out), "--overwrite"]) == 0

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from codellm.bundle import BundleError, check_bundle_target, load_bundle, save_bundle
+from codellm.bundle import BundleError, check_bundle_target, is_bundle_dir, load_bundle, save_bundle
 from codellm.defaults import PACKAGED_BUNDLE
 
 from .datacard import checked_card, compact, corpus_digests, stage_sources
@@ -107,9 +107,9 @@ def average_bundles(paths: list[Path], out: Path, weights: list[float] | None = 
     out = Path(out)
     if any(out.exists() and out.resolve() == Path(p).resolve() for p in paths):
         raise BundleError(f"{out}: is one of the bundles averaged; write the average to a new folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise BundleError(f"{out}: exists; give --overwrite to replace the bundle there, or another --out")
-    check_bundle_target(out, overwrite)
+    check_bundle_target(out, overwrite)  # a file, or a folder of other things: refused with its own message
+    if is_bundle_dir(out) and not overwrite:
+        raise BundleError(f"{out}: a bundle is there already; give --overwrite to replace it, or another --out")
     weights = weights or [1.0 / len(paths)] * len(paths)
     bundles = [load_bundle(p) for p in paths]
     _check_same_model(bundles)

@@ -51,6 +51,10 @@ def _model_section(bundle, bundle_path: Path, command: str, stages: dict) -> lis
                else "shell scripts with fill-in-the-middle")
     if len(shell_stages) > 1:
         trained += f" ({len(shell_stages)} shell stages)"
+    averages = [st for st in stages.values() if isinstance(st, dict) and st.get("average_of")]
+    if averages:
+        trained += (f"; its weights are the mean of {len(averages[-1]['average_of'])} models of those stages "
+                    "(`codellm-train average`, the training table says which)")
     out += [f"A {bundle.model.num_params() / 1e6:.2f}M-parameter decoder-only transformer (preset `{cfg.preset}`: "
             f"{cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, context {cfg.context_length} tokens, "
             f"byte-level BPE vocabulary of {cfg.vocab_size}), trained from scratch on {trained}. "
@@ -91,7 +95,7 @@ def _training_section(stages: dict, curves: list[str]) -> list[str]:
     for name, st in stages.items():
         if st.get("average_of"):
             parts = ", ".join(f"`{p['bundle']}` x {p['weight']:.2f}" for p in st["average_of"])
-            rows.append([name, f"weights averaged: {parts}", "-", "-", "-", "-", "-"])
+            rows.append([f"{name}: weights averaged, {parts}", "-", "-", "-", "-", "-", "-"])
         elif st:
             rows.append([name, f"{st['tokens'] / 1e6:.1f}M", st["steps"], f"{st['seconds'] / 60:.0f} min",
                          st["device"], f"{st['train_loss']:.3f}",
