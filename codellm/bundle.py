@@ -133,20 +133,28 @@ def _write_bundle(path: Path, model: GPT, tokenizer: Tokenizer, card: dict | Non
         os.chmod(tmp, 0o755)
         for name in BUNDLE_FILES:
             os.chmod(tmp / name, 0o644)
-        if path.is_dir() and os.listdir(path) and not is_bundle_dir(path):  # --overwrite: keep the rest
-            for name in BUNDLE_FILES:
+        if path.is_dir() and not path.is_symlink() and set(os.listdir(path)) - set(BUNDLE_FILES):
+            for name in BUNDLE_FILES:  # other files (hidden ones too: .git) stay; the bundle's are replaced
                 os.replace(tmp / name, path / name)
-        elif path.exists():
+        elif path.exists() or path.is_symlink():
             old = path.with_name(f".{path.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
             os.replace(path, old)
             os.replace(tmp, path)
-            shutil.rmtree(old, ignore_errors=True)
+            _remove(old)
         else:
             os.replace(tmp, path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def _remove(path: Path) -> None:
+    """Remove a folder this module set aside, or a link to one (the link only); nothing if it is gone."""
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 # what a bundle's small files may weigh; the weights are checked against config.json instead
@@ -172,12 +180,14 @@ def _check_weights_header(f, size: int, file: Path, config: ModelConfig) -> int:
     """Check the safetensors header (names, shapes, dtypes, offsets) against config.json before any
     tensor is read; returns the header length."""
     head = f.read(8)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
+    n = int.from_bytes(head, "little")
+    plausible = len(head) == 8 and 2 <= n <= min(MAX_HEADER, size - 8)
+    # a header length whose low byte is 0x80 starts like a pickle: only an implausible length is one
+    if not plausible and (head[:1] == b"\x80" or head[:2] == b"PK"):
         raise BundleError(f"{file}: this is a pickle/zip checkpoint, not safetensors; refusing to load it")
     if len(head) < 8:
         raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt (no header)")
-    n = int.from_bytes(head, "little")
-    if not 2 <= n <= min(MAX_HEADER, size - 8):
+    if not plausible:
         raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt (header size {n})")
     try:
         header = json.loads(f.read(n).decode("utf-8"))

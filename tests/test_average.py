@@ -8,7 +8,7 @@ import torch
 
 from codellm.bundle import load_bundle, save_bundle
 from conftest import make_model
-from train.average import average_bundles, merged_card
+from train.average import average_bundles, merged_card, parse_weights
 from train.cli import main as train_main
 from train.datacard import _digest, stage_files
 from train.modelcard import render
@@ -118,3 +118,38 @@ def test_nothing_the_user_made_is_replaced(two_bundles, tmp_path, capsys):
     assert train_main(["average", str(first), str(second), "--out", str(out)]) == 2  # exists: asks first
     assert "--overwrite" in capsys.readouterr().err
     assert train_main(["average", str(first), str(second), "--out", str(out), "--overwrite"]) == 0
+
+
+def test_names_taken_twice_keep_every_stage_and_an_earlier_average_points_at_its_own(tmp_path):
+    def stage(steps):
+        return {"steps": steps, "tokens": 1, "seconds": 1.0, "device": "cpu", "train_loss": 1.0, "val_loss": None}
+    k1 = {"stages": {"code": stage(1), "code (of k2)": stage(2)}}
+    k2 = {"stages": {"code": stage(3)}}
+    merged = merged_card([k1, k2], ["k1", "k2"], [0.5, 0.5])
+    assert [s["steps"] for s in merged["stages"].values() if "steps" in s] == [1, 2, 3]
+    k2_stages = merged["stages"]["average"]["average_of"][1]["stages"]
+    assert [merged["stages"][s]["steps"] for s in k2_stages] == [3]
+    # an average of averages: each inner average names the stages of its own parts
+    ab = merged_card([{"stages": {"code": stage(1)}}, {"stages": {"code": stage(2)}}], ["a", "b"], [0.5, 0.5])
+    cd = merged_card([{"stages": {"code": stage(3)}}, {"stages": {"code": stage(4)}}], ["c", "d"], [0.5, 0.5])
+    top = merged_card([ab, cd], ["ab", "cd"], [0.5, 0.5])
+    averages = [e for e in top["stages"].values() if "average_of" in e]
+    assert len(averages) == 3
+    for average, expected in zip(averages[:2], ([1, 2], [3, 4])):
+        assert [top["stages"][p["stages"][-1]]["steps"] for p in average["average_of"]] == expected
+
+
+def test_huge_weights_are_scaled_not_lost():
+    assert parse_weights("1e308,1e308", 2) == [0.5, 0.5]
+    assert parse_weights("1,3", 2) == [0.25, 0.75]
+
+
+def test_a_hidden_file_in_the_out_folder_survives_overwrite(two_bundles, tmp_path):
+    first, second = two_bundles
+    out = tmp_path / "avg"
+    assert train_main(["average", str(first), str(second), "--out", str(out)]) == 0
+    (out / ".git").mkdir()
+    (out / ".notes").write_text("mine")
+    assert train_main(["average", str(second), str(first), "--out", str(out), "--overwrite"]) == 0
+    assert (out / ".notes").read_text() == "mine" and (out / ".git").is_dir()
+    assert load_bundle(out).card["stages"]["average"]["average_of"][0]["bundle"] == str(second)

@@ -125,6 +125,13 @@ def test_pickle_weights_are_refused_without_running(bundle_path, tmp_path, write
             pickle.dump(payload, f, protocol=2)
         else:
             torch.save(payload, f)
-    with pytest.raises(BundleError, match="model.safetensors"):
+    with pytest.raises(BundleError, match="model.safetensors: this is a pickle/zip checkpoint"):
         load_bundle(path)
     assert not marker.exists()
+
+
+def test_a_header_length_that_starts_like_a_pickle_is_read_as_safetensors(tmp_path, tokenizer):
+    path = tmp_path / "one-layer"
+    save_bundle(path, make_model(tokenizer, n_layer=1), tokenizer)
+    assert (path / "model.safetensors").read_bytes()[:1] == b"\x80"  # header length 0x...80
+    assert load_bundle(path).config.n_layer == 1

@@ -9,11 +9,13 @@ descend from the shipped model, so their average is a candidate of its own, judg
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from codellm.bundle import BundleError, check_bundle_target, is_bundle_dir, load_bundle, save_bundle
+from codellm.bundle import STORAGE_DTYPES, BundleError, check_bundle_target, is_bundle_dir, load_bundle, save_bundle
+from codellm.bundle_files import CONFIG_FILE
 from codellm.defaults import PACKAGED_BUNDLE
 
 from .datacard import checked_card, compact, corpus_digests, stage_sources
@@ -33,8 +35,9 @@ def parse_weights(text: str | None, count: int) -> list[float]:
         raise ValueError(f"--weights {text!r}: give one number per bundle, separated by commas") from None
     if len(weights) != count:
         raise ValueError(f"--weights has {len(weights)} numbers for {count} bundles")
-    if not all(0 <= w < float("inf") for w in weights) or sum(weights) <= 0:
+    if not all(0 <= w < float("inf") for w in weights) or max(weights) <= 0:
         raise ValueError(f"--weights {text!r}: weights are finite, not negative, and not all 0")
+    weights = [w / max(weights) for w in weights]  # first to at most 1: a sum of huge weights is no inf
     return [w / sum(weights) for w in weights]
 
 
@@ -62,33 +65,58 @@ def _check_same_model(bundles: list) -> None:
                               f"{first.prompt_format}")
 
 
+def _free_name(stages: dict, wanted: str, entry: dict) -> str:
+    """`wanted` if it is free or holds this very entry, else the first free or same `wanted-2`, `-3`, ..."""
+    key, n = wanted, 2
+    while key in stages and stages[key] != entry:
+        key, n = f"{wanted}-{n}", n + 1
+    return key
+
+
+def _part_stages(card: dict, part_card: dict, name: str) -> list[str]:
+    """Add the stages of one part's (checked) card to `card`: one the card holds already is shared, one
+    that differs from a stage of the same name goes in as `stage (of PART)`; corpora come along, and
+    the stage names inside an earlier average are renamed with them. Returns the names it has here."""
+    renamed: dict[str, str] = {}
+    for stage, entry in part_card.get("stages", {}).items():
+        entry = {k: v for k, v in entry.items() if k != "sources_of"}
+        sources = stage_sources(part_card, stage)
+        if sources:
+            entry["sources"] = sources
+        if isinstance(entry.get("average_of"), list):  # an average among the parts: its parts' stages renamed
+            entry["average_of"] = [{**p, "stages": [renamed.get(s, s) for s in p.get("stages", [])]}
+                                   for p in entry["average_of"] if isinstance(p, dict)]
+        if "corpus" in entry and not corpus_digests(card, entry["corpus"]):
+            card["corpora"][entry["corpus"]] = corpus_digests(part_card, entry["corpus"])
+        key = stage if card["stages"].get(stage, entry) == entry else _free_name(card["stages"], f"{stage} (of {name})", entry)
+        card["stages"][key] = entry
+        renamed[stage] = key
+    return list(renamed.values())
+
+
 def merged_card(cards: list[dict], names: list[str], weights: list[float]) -> dict:
     """One data card holding every stage of every part (a stage the parts share once; one that differs
     under a taken name as `name (of PART)`), every corpus they trained on, and an `average` stage that
-    names the parts, their weights and their stages."""
-    card = {"stages": {}, "corpora": {}}
+    names the parts, their weights and their stages. Raises ValueError for a damaged card."""
+    card: dict = {"stages": {}, "corpora": {}}
     parts = []
     for part_card, name, weight in zip(cards, names, weights):
-        part_card = checked_card(part_card, f"{name}/data.msgpack")
-        own = []
-        for stage, entry in part_card.get("stages", {}).items():
-            entry = {k: v for k, v in entry.items() if k != "sources_of"}
-            sources = stage_sources(part_card, stage)
-            if sources:
-                entry["sources"] = sources
-            if "corpus" in entry and not corpus_digests(card, entry["corpus"]):
-                card["corpora"][entry["corpus"]] = corpus_digests(part_card, entry["corpus"])
-            key = stage
-            if key in card["stages"] and card["stages"][key] != entry:
-                key = f"{stage} (of {name})"
-            card["stages"].setdefault(key, entry)
-            own.append(key)
+        own = _part_stages(card, checked_card(part_card, f"{name}/data.msgpack"), name)
         parts.append({"bundle": name, "weight": round(weight, 6), "stages": own})
-    key, n = AVERAGE_STAGE, 2
-    while key in card["stages"]:
-        key, n = f"{AVERAGE_STAGE}-{n}", n + 1
-    card["stages"][key] = {"average_of": parts}
+    entry = {"average_of": parts}
+    card["stages"][_free_name(card["stages"], AVERAGE_STAGE, entry)] = entry
     return compact(card)
+
+
+def storage_dtype(paths: list[Path]) -> str:
+    """The bundles' storage type (config.json `storage_dtype`, float16 where unnamed); float32 where they differ."""
+    kinds = set()
+    for path in paths:
+        try:
+            kinds.add(json.loads((Path(path) / CONFIG_FILE).read_text()).get("storage_dtype", "float16"))
+        except (OSError, ValueError, AttributeError):
+            kinds.add("float16")
+    return kinds.pop() if len(kinds) == 1 and kinds <= set(STORAGE_DTYPES) else "float32"
 
 
 def bundle_name(path: Path) -> str:
@@ -98,13 +126,14 @@ def bundle_name(path: Path) -> str:
 
 def average_bundles(paths: list[Path], out: Path, weights: list[float] | None = None, overwrite: bool = False,
                     log=print) -> Path:
-    """Write the weighted mean of the bundles at `paths` to `out` (stored as float16, like a trained
-    bundle). Raises BundleError for an unreadable bundle, bundles of different shapes or tokenizers,
-    or an `out` that is one of them or holds something else (without `overwrite`); ValueError for
+    """Write the weighted mean of the bundles at `paths` to `out`, stored in the bundles' storage type
+    (float32 where they differ: storage_dtype). Raises BundleError for an unreadable bundle, bundles of different shapes or tokenizers,
+    an `out` that is one of them or holds something else (without `overwrite`), or weights that do not
+    fit the storage type; ValueError for
     fewer than two bundles or a damaged data card."""
     if len(paths) < 2:
         raise ValueError("averaging needs two bundles or more")
-    out = Path(out)
+    out = Path(out) if Path(out).name else Path(out).resolve()  # `.`: the folder it names
     if any(out.exists() and out.resolve() == Path(p).resolve() for p in paths):
         raise BundleError(f"{out}: is one of the bundles averaged; write the average to a new folder")
     check_bundle_target(out, overwrite)  # a file, or a folder of other things: refused with its own message
@@ -115,9 +144,12 @@ def average_bundles(paths: list[Path], out: Path, weights: list[float] | None = 
     _check_same_model(bundles)
     names = [bundle_name(p) for p in paths]
     state = average_states([b.model.state_dict() for b in bundles], weights)
+    storage = storage_dtype(paths)
+    if not all(bool(torch.isfinite(v.to(STORAGE_DTYPES[storage])).all()) for v in state.values()):
+        raise BundleError(f"the average has weights too large for {storage}, the bundles' storage type")
     model = bundles[0].model
     model.load_state_dict(state)
     card = merged_card([b.card for b in bundles], names, weights)
-    save_bundle(out, model, bundles[0].tokenizer, card, prompt_format=bundles[0].prompt_format, overwrite=overwrite)
+    save_bundle(out, model, bundles[0].tokenizer, card, storage, bundles[0].prompt_format, overwrite=overwrite)
     log(f"averaged {len(paths)} bundles into {out}: " + ", ".join(f"{n} x {w:.3f}" for n, w in zip(names, weights)))
     return out

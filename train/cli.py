@@ -379,8 +379,9 @@ def main(argv=None):
               "pip install -e '.[train]' in the codellm folder", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("codellm-train: interrupted; the same command with --resume goes on from what was finished "
-              "(a built corpus, a trained tokenizer, a run's last checkpoint)", file=sys.stderr)
+        print("codellm-train: interrupted; " + ("the same command with --resume goes on from what was finished "
+              "(a built corpus, a trained tokenizer, a run's last checkpoint)" if hasattr(args, "resume")
+              else "run the same command again to finish"), file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError) as exc:
         print(f"codellm-train: error: {exc}", file=sys.stderr)
@@ -390,7 +391,8 @@ def main(argv=None):
         if full:
             where = getattr(exc, "filename", None)
             print(f"codellm-train: error: no space left on the disk{f' writing {where}' if where else ''}; "
-                  "free some space and run the same command again with --resume", file=sys.stderr)
+                  "free some space and run the same command again" + (" with --resume" * hasattr(args, "resume")),
+                  file=sys.stderr)
             return 1
         if isinstance(exc, OSError):
             print(f"codellm-train: error: {exc}", file=sys.stderr)
