@@ -68,7 +68,7 @@ class Completer:
     """Completion at a cursor (prompt, greedy decoding with the stop rules, clean-up) over a model's steps.
 
     A subclass gives the steps and the operations on logits (a row of vocab_size scores in its own type):
-    `prefill(ids) -> (logits, reused)`, `decode_with_guess(token, guess) -> [logits, ...]`, `argmax(logits)`,
+    `prefill(ids, should_stop) -> (logits or None once should_stop() holds, reused)`, `decode_with_guess(token, guess) -> [logits, ...]`, `argmax(logits)`,
     `probability(logits, token)`, `ban(logits, ids)` and `only(logits, ids)` (set to -inf the scores of
     `ids`, or of all but them), `as_ids(list)` (token ids in the form those take), `reading()` (a context
     for the steps); and the attributes tokenizer, config, prompt_format, cache (a kvcache.TokenCache),
@@ -223,7 +223,10 @@ class Completer:
         lookup = PromptLookup(prompt.ids) if self.guess_tokens else None
         guessed: list[int] = []  # tokens after the last one chosen whose logits are in `ready`
         ready: list = []
-        logits, decoded.reused = self.prefill(prompt.ids)
+        logits, decoded.reused = self.prefill(prompt.ids, rules.should_stop)
+        if logits is None:  # a newer request came while the prompt was read
+            decoded.stop = "cancelled"
+            return decoded
         for n_new in range(1, max_new + 1):
             decoded.new_tokens = n_new
             logits = self.mask_logits(logits, out, prompt.heal, rules.mode, allow_empty, rules.names)

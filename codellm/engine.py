@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from typing import Callable
 
 import torch
 
@@ -20,6 +21,10 @@ from .prompt import file_start
 
 NEG_INF = float("-inf")
 TEAM_FROM_TOKENS = 16  # shorter prompt reads are too quick for a thread team to matter
+# a served prompt is read in pieces this long, so that a newer request stops an older one's read within
+# one piece instead of after the whole prompt (300-400 ms for 700 tokens on a busy 2-core CPU). Measured
+# on a 686-token prompt, 2 threads: pieces of 128 read 1.12-1.14x slower than one call, of 256 1.00x
+PREFILL_CHUNK = 256
 
 
 class Engine(Completer):
@@ -79,16 +84,24 @@ class Engine(Completer):
 
     # ------------------------------------------------------------------ model steps
 
-    def prefill(self, ids: list[int]) -> tuple[torch.Tensor, int]:
+    def prefill(self, ids: list[int], should_stop: Callable[[], bool] | None = None
+                ) -> tuple[torch.Tensor | None, int]:
         """Logits (vocab,) after the prompt `ids` (at least one token), computing only what the KV cache
-        lacks; returns (logits, how many tokens' keys/values were reused)."""
+        lacks; returns (logits, how many tokens' keys/values were reused). With `should_stop`, the prompt
+        is read PREFILL_CHUNK tokens at a time and `should_stop()` polled between them: once it is true,
+        (None, reused) comes back, and the cache keeps what was read for the next prompt that shares it."""
         cache = self.cache
         reused = cache.reuse(ids[:-1])  # the last token is always stepped: its logits are wanted
         if len(ids) - reused > 1:  # what is new is read into the cache but for the last token, ...
             if self.load and len(ids) - reused > TEAM_FROM_TOKENS:
                 self.fit_team()
-            self.decoder.read(ids[reused:-1], reused, cache)
-            cache.append(ids[reused:-1])
+            step = PREFILL_CHUNK if should_stop else len(ids)
+            for start in range(reused, len(ids) - 1, step):
+                if start > reused and should_stop():
+                    return None, reused
+                piece = ids[start:min(start + step, len(ids) - 1)]
+                self.decoder.read(piece, start, cache)
+                cache.append(piece)
         return self.decode_one_token(ids[-1]), reused  # ... whose logits always come from a decode step
 
     def fit_team(self) -> None:

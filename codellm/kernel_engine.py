@@ -243,11 +243,14 @@ class KernelEngine(Completer):
         V = self.config.vocab_size
         return [self.logits[t * V:(t + 1) * V].tolist() for t in range(len(tokens))] if rows else []
 
-    def prefill(self, ids: list[int]) -> tuple[list[float], int]:
+    def prefill(self, ids: list[int], should_stop=None) -> tuple[list[float] | None, int]:
         """Logits after the prompt `ids` (at least one token), reading only what the cache lacks, 16
-        tokens per call; returns (logits, how many tokens' keys and values were reused)."""
+        tokens per call; returns (logits, how many tokens' keys and values were reused), or (None, reused)
+        once `should_stop()` (polled between calls) is true."""
         reused = self.cache.reuse(ids[:-1])
         for start in range(reused, len(ids) - 1, MAX_TOKENS):
+            if should_stop and start > reused and should_stop():
+                return None, reused
             piece = ids[start:min(start + MAX_TOKENS, len(ids) - 1)]
             self.run(piece, start, rows=False)
             self.cache.append(piece)

@@ -203,3 +203,24 @@ def test_generated_text_never_holds_a_block_of_lines_twice_in_a_row():
         text = engine.generate(prompt, max_new_tokens=300, seed=seed)
         assert text.strip()
         assert first_repeated_line((prompt + text).split("\n")[:-1]) is None, text
+
+
+def test_a_prompt_read_stops_between_pieces_and_the_next_request_reuses_them(bundle_path, monkeypatch):
+    PREFILL_CHUNK = 32  # pieces shorter than the test model's prompts
+    monkeypatch.setattr("codellm.engine.PREFILL_CHUNK", PREFILL_CHUNK)
+    engine = Engine(load_bundle(bundle_path), "cpu", threads=1, precision="fp32")
+    prefix = "#!/bin/bash\n" + "".join(f"cp /var/log/app{i}.log /backup/app{i}.log\n" for i in range(60))
+    polls = []
+
+    def newer_request() -> bool:
+        polls.append(engine.cache.position)
+        return True
+
+    stopped = engine.complete_detailed(prefix, "\nexit 0\n", "line", should_stop=newer_request)
+    assert stopped.stop_reason == "cancelled" and stopped.text == "" and stopped.new_tokens == 0
+    assert stopped.prompt_tokens > PREFILL_CHUNK + 1  # a prompt of two pieces or more ...
+    assert polls == [PREFILL_CHUNK]  # ... of which one was read before the newer request was seen
+    again = engine.complete_detailed(prefix, "\nexit 0\n", "line", should_stop=lambda: False)
+    assert again.reused_tokens == PREFILL_CHUNK and again.stop_reason != "cancelled"
+    fresh = Engine(load_bundle(bundle_path), "cpu", threads=1, precision="fp32")
+    assert again.text == fresh.complete_detailed(prefix, "\nexit 0\n", "line").text

@@ -190,3 +190,13 @@ def test_the_command_line_writes_the_start_file_then_answers_without_torch(bundl
     assert second.returncode == 0, second.stderr
     assert "torch imported: False" in second.stderr and "without torch" in second.stderr
     assert second.stdout == first.stdout
+
+
+def test_a_prompt_read_by_the_c_step_stops_between_calls(bundle_path, engine):
+    keep_start_file(engine)
+    quick = KernelEngine.open(bundle_path)
+    ids = engine.tokenizer.encode(LONG)
+    assert len(ids) > 2 * kernel.MAX_TOKENS
+    assert quick.prefill(ids, should_stop=lambda: True) == (None, 0)
+    assert quick.cache.position == kernel.MAX_TOKENS  # the first call's tokens are kept for the next prompt
+    assert quick.prefill(ids)[1] == kernel.MAX_TOKENS
