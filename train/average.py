@@ -139,7 +139,7 @@ def average_bundles(paths: list[Path], out: Path, weights: list[float] | None = 
     check_bundle_target(out, overwrite)  # a file, or a folder of other things: refused with its own message
     if is_bundle_dir(out) and not overwrite:
         raise BundleError(f"{out}: a bundle is there already; give --overwrite to replace it, or another --out")
-    weights = weights or [1.0 / len(paths)] * len(paths)
+    weights = weights or parse_weights(None, len(paths))
     bundles = [load_bundle(p) for p in paths]
     _check_same_model(bundles)
     names = [bundle_name(p) for p in paths]
