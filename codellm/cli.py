@@ -152,9 +152,7 @@ def stage_line(info) -> str:
     if not isinstance(info, dict):
         return "?"
     if isinstance(info.get("average_of"), list):  # codellm-train average
-        return "weights averaged over " + ", ".join(
-            f"{p.get('bundle', '?')} x {p['weight']:.2f}" if isinstance(p, dict) and isinstance(p.get("weight"), float)
-            else str(p.get("bundle", "?")) if isinstance(p, dict) else "?" for p in info["average_of"])
+        return "weights averaged over " + ", ".join(map(average_part, info["average_of"]))
 
     def number(key: str, scale: float = 1.0, fmt: str = ".3f") -> str:
         value = info.get(key)
@@ -162,6 +160,14 @@ def stage_line(info) -> str:
 
     return (f"{number('tokens', 1e6, '.1f')}M tokens, {number('steps', 1, '.0f')} steps, "
             f"train loss {number('train_loss')}, val loss {number('val_loss')}")
+
+
+def average_part(part) -> str:
+    """One part of an averaged model in words: its bundle and weight ('?' for what the card lacks)."""
+    if not isinstance(part, dict):
+        return "?"
+    name, weight = str(part.get("bundle", "?")), part.get("weight")
+    return f"{name} x {weight:.2f}" if isinstance(weight, float) else name
 
 
 def cmd_bench(args):

@@ -88,6 +88,7 @@ class Completer:
         line_ends = [i for i, b in enumerate(token_bytes) if b.lstrip(b" \t").startswith((b"\n", b"\r"))]
         self.empty_answer_ids = self.as_ids(line_ends + [eot])
         self.blank_ids = self.as_ids([i for i, b in enumerate(token_bytes) if b and not b.strip()])  # whitespace only
+        self.space_first_ids = self.as_ids([i for i, b in enumerate(token_bytes) if b[:1].isspace()])
         self.special_ids = self.as_ids(sorted(self.tokenizer.special_ids - {eot}))
         self.eot_ids = self.as_ids([eot])
         self._healing_cache: dict = {}
@@ -95,15 +96,43 @@ class Completer:
         self._sorted_tokens = sorted(self._token_id)  # the tokens beginning with some bytes are a range of it
         self._never_first = set(line_ends)
 
-    def healing_allowed(self, heal: bytes):
-        """Ids of the tokens that agree with the backed-off bytes `heal`: those that start with them,
-        and those that are a start of them (the text's own tokens are always among these)."""
-        allowed = self._healing_cache.get(heal)
+    def healing_allowed(self, heal: bytes, typed: bytes = b"", keep_indent: bool = False):
+        """Ids of the tokens that may come next while the backed-off bytes `heal` are re-typed, `typed`
+        (a start of `heal`) written so far: those that start with the rest of `heal` (with keep_indent,
+        not those whose next byte is whitespace: the indentation typed on the cursor's line is the line's
+        indentation), and the next token of a split of `heal` the tokenizer makes (healing_splits)."""
+        key = ("heal", heal, typed, keep_indent)
+        allowed = self._healing_cache.get(key)
         if allowed is None:
-            starting = {self._token_id[b] for b in self._tokens_starting(heal)}
-            allowed = self.as_ids(sorted(starting.union(self._prefix_tokens(heal))))
-            self._remember(heal, allowed)
+            rest = heal[len(typed):]
+            starting = {self._token_id[b] for b in self._tokens_starting(rest)
+                        if not (keep_indent and b[len(rest):len(rest) + 1].isspace())}
+            inside = {self._token_id[split[k]] for split in self.healing_splits(heal) for k in range(len(split))
+                      if b"".join(split[:k]) == typed}
+            # bytes that are not whole UTF-8 text, or a start the splits do not know: any token that fits
+            allowed = self.as_ids(sorted(starting | (inside or set(self._prefix_tokens(rest)))))
+            self._remember(key, allowed)
         return allowed
+
+    def healing_splits(self, heal: bytes) -> set[tuple[bytes, ...]]:
+        """How the tokenizer splits `heal` when some text follows it: the tokens that lie inside `heal`
+        of the tokenization of `heal` + each of HEAL_PROBES (the token that crosses its end left out), so
+        that healing re-types "\n    " as "\n    " or as "\n   " before " echo", never as "\n" and four
+        single spaces, a split the model never saw. Empty if `heal` is not whole UTF-8 text."""
+        try:
+            text = heal.decode()
+        except UnicodeDecodeError:
+            return set()
+        splits = set()
+        for probe in HEAL_PROBES:
+            split, end = [], 0
+            for token in (self.tokenizer.token_bytes[i] for i in self.tokenizer.encode(text + probe)):
+                end += len(token)
+                if end > len(heal):
+                    break
+                split.append(token)
+            splits.add(tuple(split))
+        return splits
 
     def name_tokens(self, rest: bytes) -> tuple[int, ...]:
         """Ids of the tokens that write a start of `rest`, or all of it and then a word boundary."""
@@ -142,18 +171,21 @@ class Completer:
         return sorted(allowed) or None
 
     def mask_logits(self, logits, out: bytearray, heal: bytes, mode: str, allow_empty: bool,
-                    names: list[bytes] | None = None):
+                    names: list[bytes] | None = None, keep_indent: bool = False):
         """The logits with the tokens the next pick may not be set to -inf: special tokens; while the
         backed-off bytes `heal` are re-typed, tokens that disagree with them; while a name of `names` is
         written (names_allowed), tokens that leave every name; before anything is inserted (unless
-        allow_empty), tokens that would end the answer; after a run of blank output, blank tokens.
-        May modify `logits` in place."""
+        allow_empty), tokens that would end the answer, and with keep_indent (the cursor's line holds
+        only its indentation) tokens that begin with whitespace; after a run of blank output, blank
+        tokens. May modify `logits` in place."""
         allowed = self.names_allowed(names, out, heal, allow_empty) if names else None
         if allowed is not None:
             return self.only(logits, self.as_ids(allowed))
         logits = self.ban(logits, self.special_ids)
         if heal and len(out) < len(heal):
-            return self.only(logits, self.healing_allowed(bytes(heal[len(out):])))
+            return self.only(logits, self.healing_allowed(heal, bytes(out), keep_indent))
+        if len(out) <= len(heal) and keep_indent:  # nothing inserted yet on a line of typed indentation
+            logits = self.ban(logits, self.space_first_ids)
         if len(out) <= len(heal) and not allow_empty:  # nothing inserted yet
             return self.ban(logits, self.empty_answer_ids if mode == "line" else self.eot_ids)
         if blank_run_too_long(out[len(heal):]):  # blank lines and spaces only so far: write something
@@ -229,7 +261,8 @@ class Completer:
             return decoded
         for n_new in range(1, max_new + 1):
             decoded.new_tokens = n_new
-            logits = self.mask_logits(logits, out, prompt.heal, rules.mode, allow_empty, rules.names)
+            logits = self.mask_logits(logits, out, prompt.heal, rules.mode, allow_empty, rules.names,
+                                      rules.indent_typed)
             token = self.argmax(logits)
             if token == self.tokenizer.eot_id:
                 decoded.stop = "eot"
@@ -263,6 +296,9 @@ class Completer:
         return decoded
 
 
+# what may follow the backed-off bytes: a word, a number, an option, a variable, a comment, a quote, a
+# space, a line end, nothing (Completer.healing_splits)
+HEAL_PROBES = ("a", "A", "1", "-", "$", "#", '"', "'", "_", "/", ".", "(", " ", " a", "\n", "\t", "")
 NAME_ENDS = frozenset(bytes([c]) for c in b" \t\n\r;&|)<>")  # what may follow a command name
 
 
@@ -279,6 +315,12 @@ class StopRules:
     names: list[bytes] = field(default_factory=list)
     whole_words_after: float | None = None  # time.monotonic() value; line mode
     prefix: str = ""  # the text before the cursor
+
+    @cached_property
+    def indent_typed(self) -> bool:
+        """The cursor's line holds spaces or tabs and nothing else."""
+        line = self.prefix[self.prefix.rfind("\n") + 1:]
+        return bool(line) and not line.strip(" \t")
 
     @cached_property
     def line_prefix(self) -> str:

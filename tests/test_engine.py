@@ -2,6 +2,7 @@
 import time
 
 import pytest
+import torch
 
 import codellm
 from codellm.bundle import BundleError, load_bundle
@@ -31,6 +32,39 @@ def test_token_healing_continues_the_partial_word(engine):
     assert all(table[i].startswith(prompt.heal) or prompt.heal.startswith(table[i]) for i in allowed.tolist())
     original = engine.tokenizer.encode(prefix)
     assert original[-1] in allowed.tolist() or original[-2] in allowed.tolist()  # the text's own split stays possible
+
+
+def test_healing_retypes_indentation_only_as_the_tokenizer_splits_it(engine):
+    table = engine.tokenizer.token_bytes
+    assert [table[i] for i in engine.tokenizer.encode("done\n    echo x")][1:3] == [b"\n   ", b" echo"]
+    heal = b"\n    "
+    first = {table[i] for i in engine.healing_allowed(heal).tolist()}
+    assert b"\n   " in first  # "\n    echo" is "\n   " + " echo"
+    assert not first & {b"\n", b"\n ", b"\n  "}  # never a line end and single spaces, a split never trained on
+    then = {table[i] for i in engine.healing_allowed(heal, b"\n   ").tolist()}
+    assert {b" echo", b" "} <= then
+    kept = {table[i] for i in engine.healing_allowed(heal, b"\n   ", keep_indent=True).tolist()}
+    assert b" echo" in kept and not any(t[1:2].isspace() for t in kept)  # no indentation beyond what was typed
+
+
+def test_healing_bytes_that_are_not_whole_text_still_have_tokens(engine):
+    table = engine.tokenizer.token_bytes
+    heal = "é".encode()[:1]  # half a character: no split of it as text
+    allowed = engine.healing_allowed(heal).tolist()
+    assert allowed and all(table[i].startswith(heal) or heal.startswith(table[i]) for i in allowed)
+
+
+def test_a_line_of_typed_indentation_is_answered_at_that_indentation(engine):
+    table = engine.tokenizer.token_bytes
+    heal = b"\n    "
+    masked = engine.mask_logits(torch.zeros(len(table)), bytearray(heal), heal, "line", False, None, True)
+    assert all(masked[i] == float("-inf") for i, t in enumerate(table) if t[:1].isspace())
+    free = engine.mask_logits(torch.zeros(len(table)), bytearray(heal), heal, "line", False, None, False)
+    assert free[table.index(b" echo")] == 0
+    for prefix in ["if true; then\n    ", "for f in *; do\n\t", "case $1 in\n  a)\n    "]:
+        for mode in ("line", "block"):
+            result = engine.complete_detailed(prefix, "\ndone\n", mode=mode, clean=False)
+            assert not result.text[:1].isspace(), (prefix, mode, result.text)
 
 
 def test_completion_text_is_what_follows_the_prefix(engine):
