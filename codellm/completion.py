@@ -88,7 +88,8 @@ class Completer:
         line_ends = [i for i, b in enumerate(token_bytes) if b.lstrip(b" \t").startswith((b"\n", b"\r"))]
         self.empty_answer_ids = self.as_ids(line_ends + [eot])
         self.blank_ids = self.as_ids([i for i, b in enumerate(token_bytes) if b and not b.strip()])  # whitespace only
-        self.space_first_ids = self.as_ids([i for i, b in enumerate(token_bytes) if b[:1].isspace()])
+        self.space_first_ids = self.as_ids([i for i, b in enumerate(token_bytes)  # NBSP and the like too
+                                            if b[:1].isspace() or b.decode("utf-8", "ignore")[:1].isspace()])
         self.special_ids = self.as_ids(sorted(self.tokenizer.special_ids - {eot}))
         self.eot_ids = self.as_ids([eot])
         self._healing_cache: dict = {}
@@ -235,6 +236,7 @@ class Completer:
                           whole_words_after=whole_words_after, prefix=prefix)
         names = name_candidates(prefix, suffix, extra_context) if extra_context else []
         word = typed_word(prefix) if names else ""
+        rules.keep_indent = indentation_typed(prefix, suffix)
         rules.names = [prompt.heal + name[len(word):].encode() for name in names]
         with self.lock, self.reading():
             decoded = self.decode_n_tokens(prompt, max_new, rules, allow_empty)
@@ -262,7 +264,7 @@ class Completer:
         for n_new in range(1, max_new + 1):
             decoded.new_tokens = n_new
             logits = self.mask_logits(logits, out, prompt.heal, rules.mode, allow_empty, rules.names,
-                                      rules.indent_typed)
+                                      rules.keep_indent)
             token = self.argmax(logits)
             if token == self.tokenizer.eot_id:
                 decoded.stop = "eot"
@@ -315,12 +317,7 @@ class StopRules:
     names: list[bytes] = field(default_factory=list)
     whole_words_after: float | None = None  # time.monotonic() value; line mode
     prefix: str = ""  # the text before the cursor
-
-    @cached_property
-    def indent_typed(self) -> bool:
-        """The cursor's line holds spaces or tabs and nothing else."""
-        line = self.prefix[self.prefix.rfind("\n") + 1:]
-        return bool(line) and not line.strip(" \t")
+    keep_indent: bool = False  # the cursor ends the indentation of a line of nothing else (indentation_typed)
 
     @cached_property
     def line_prefix(self) -> str:
@@ -391,6 +388,13 @@ def has_whole_line(new: bytes | bytearray) -> bool:
     """Some line with content has been finished (ended by a newline)."""
     end = new.rfind(b"\n")
     return end > 0 and bool(new[:end].strip())
+
+
+def indentation_typed(prefix: str, suffix: str) -> bool:
+    """The cursor's line holds only spaces and tabs before the cursor, and no more of them after it:
+    what was typed is the line's indentation."""
+    line = prefix[prefix.rfind("\n") + 1:]
+    return bool(line) and not line.strip(" \t") and suffix[:1] not in (" ", "\t")
 
 
 def blank_run_too_long(new: bytes | bytearray) -> bool:

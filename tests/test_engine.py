@@ -6,6 +6,7 @@ import torch
 
 import codellm
 from codellm.bundle import BundleError, load_bundle
+from codellm.completion import indentation_typed
 from codellm.engine import Engine
 from codellm.shell import choose_mode, closing_text, open_blocks
 
@@ -61,6 +62,8 @@ def test_a_line_of_typed_indentation_is_answered_at_that_indentation(engine):
     assert all(masked[i] == float("-inf") for i, t in enumerate(table) if t[:1].isspace())
     free = engine.mask_logits(torch.zeros(len(table)), bytearray(heal), heal, "line", False, None, False)
     assert free[table.index(b" echo")] == 0
+    assert not indentation_typed("if true; then\n  ", "  echo hi\nfi\n")  # the cursor is inside the indentation
+    assert indentation_typed("if true; then\n\t", "\nfi\n") and not indentation_typed("x", "")
     for prefix in ["if true; then\n    ", "for f in *; do\n\t", "case $1 in\n  a)\n    "]:
         for mode in ("line", "block"):
             result = engine.complete_detailed(prefix, "\ndone\n", mode=mode, clean=False)
