@@ -330,7 +330,7 @@ class CompletionService:
     async def _suggest(self, uri: str, prefix: str, suffix: str, automatic: bool,
                        context: list[ContextChunk] | None = None, prefetch: bool = False,
                        popup: bool = False) -> Suggestion:
-        start = time.perf_counter()
+        start, arrived = time.perf_counter(), time.monotonic()
         self.counts["prefetched" if prefetch else "requests"] += 1
         if automatic and text_follows_cursor(suffix):
             self.next_request_id(uri)
@@ -365,7 +365,7 @@ class CompletionService:
         self.newest_run = request_id  # a rest of a line still to decode gives way
         run = loop.run_in_executor(self.executor, self._run_model, uri, request_id, prefix, suffix, mode, cancelled,
                                    allow_empty, cache_mode, context, joined if prefetch else None,
-                                   self.ghost_text and not popup)  # popup lines are not cut
+                                   self.ghost_text and not popup, arrived)  # popup lines are not cut
         if prefetch:
             self.inflight[key] = (run, joined)
             run.add_done_callback(lambda done: self.inflight.pop(key) if self.inflight.get(key, (None,))[0] is done
@@ -447,9 +447,11 @@ class CompletionService:
     def _run_model(self, uri: str, request_id: int, prefix: str, suffix: str, mode: str,
                    cancelled: threading.Event, allow_empty: bool = False, cache_mode: str = "",
                    context: list[ContextChunk] | None = None, joined: threading.Event | None = None,
-                   cut_lines: bool = True) -> Suggestion:
+                   cut_lines: bool = True, arrived: float | None = None) -> Suggestion:
         """Runs on the model thread; stops between decode steps once a newer request for the document
-        arrives; cut_lines: a line not finished within lineMs ends at a whole word (LineRest). A prefetch (`joined` given) stops once any newer request or prefetch arrives, so that edits
+        arrives; cut_lines: a line not finished within lineMs ends at a whole word (LineRest). The time
+        budgets (lineMs, multilineMs, the deadline) count from `arrived` (time.monotonic() when the
+        request came), so time spent waiting for the model thread is part of them. A prefetch (`joined` given) stops once any newer request or prefetch arrives, so that edits
         to many documents at once do not queue work ahead of what the user asks for, until a request
         joins it (`joined` set)."""
         generation = self.generation
@@ -462,7 +464,7 @@ class CompletionService:
         version, engine = self.holder.serving()
         if superseded() or engine is None:
             return Suggestion("", "superseded", mode)
-        now = time.monotonic()
+        now = time.monotonic() if arrived is None else arrived
         if not self.settings.kv_reuse:
             engine.cache.reset()
         # the engine reads a stable tail of a long prefix and the head of the suffix (codellm.prompt)

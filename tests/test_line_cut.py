@@ -121,3 +121,20 @@ def test_a_popup_takes_no_cut_part_typed_ahead(holder):
         item = await typed
         assert item.source == "model" and item.text == whole[1:]
     asyncio.run(main())
+
+
+def test_time_waiting_for_the_model_thread_counts_toward_line_ms(holder):
+    whole = whole_line(holder)
+
+    async def main():
+        service = service_with(holder, lineMs=300)  # far more than the shipped model needs for the line
+        release = hold_model_thread(service)
+        ask = asyncio.ensure_future(service.suggest(URI, PREFIX, ""))
+        await asyncio.sleep(0.4)  # the request waits for the model thread past its lineMs
+        release.set()
+        part = (await ask).text
+        assert whole.startswith(part) and len(part) < len(whole), (part, whole)
+        assert service.status()["lines_cut"] == 1
+        await model_thread_done(service)
+        assert (await service.suggest(URI, PREFIX, "")).text == whole  # the rest came after the answer
+    asyncio.run(main())
