@@ -4,6 +4,7 @@ torch here: the C step's engine (codellm.kernel_engine) answers with it before t
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import contextlib
 import itertools
 import time
@@ -47,6 +48,9 @@ class Completion:
     # the tokens it was allowed to pick (token healing and the first-token rules narrow that set). Tokens
     # that only re-type the backed-off part of a word sit at (0, 0); a line end after the text at its end.
     token_probs: list[tuple[int, int, float]] = field(default_factory=list)  # (start, end, probability)
+    # the first token that wrote past the backed-off bytes, and the output before it: `avoid` for an
+    # answer without that start (complete_detailed)
+    first_choice: tuple[bytes, int] | None = None
 
     @property
     def confidence(self) -> float:
@@ -203,7 +207,8 @@ class Completer:
                           deadline: float | None = None, should_stop: Callable[[], bool] | None = None,
                           fmt: str | None = None, clean: bool = True, allow_empty: bool = False,
                           whole_lines_after: float | None = None, whole_words_after: float | None = None,
-                          cut: float = 0.0, context: list[ContextChunk] | None = None) -> Completion:
+                          cut: float = 0.0, context: list[ContextChunk] | None = None,
+                          avoid: tuple[bytes, int] | None = None) -> Completion:
         """The completion at a cursor between prefix and suffix, with how and why decoding ended.
 
         mode: "line" | "block" | "auto" (codellm.shell.resolve_mode; ValueError otherwise);
@@ -218,8 +223,11 @@ class Completer:
         in line mode neither end of text nor a newline, in block mode not end of text); cut: decoding stops
         before the first token whose probability is below it (stop reason "unsure"), so the answer is the
         part the model is sure of; the probabilities are in Completion.token_probs; context: chunks of other files, best first,
-        shown before the prefix (codellm.prompt.build_prompt_with_context).
-        Text with CRLF line endings is read as LF text; the answer comes back with CRLF."""
+        shown before the prefix (codellm.prompt.build_prompt_with_context); avoid: a Completion's
+        first_choice, a start the answer may not take. With clean, an answer the post-processing removes
+        whole (a copy of the line above, say) is decoded once more without its first token. Text with CRLF line endings is read as LF text; the answer comes
+        back with CRLF."""
+        given = prefix, suffix
         prefix, suffix, newline = split_line_endings(prefix, suffix)
         mode = resolve_mode(mode, prefix, suffix)
         extra_context = context
@@ -227,26 +235,32 @@ class Completer:
         fmt = fmt or choose_format(suffix, self.prompt_format)
         start_time = time.perf_counter()
         budget = prompt_budget(context, max_new_tokens)
-        if extra_context:
-            prompt = build_prompt_with_context(self.tokenizer, extra_context, prefix, suffix, fmt, budget)
-        else:
-            prompt = build_prompt(self.tokenizer, prefix, suffix, fmt, budget=budget)
+        prompt = (build_prompt_with_context(self.tokenizer, extra_context, prefix, suffix, fmt, budget) if extra_context
+                  else build_prompt(self.tokenizer, prefix, suffix, fmt, budget=budget))
         max_new = max(1, min(max_new_tokens or MAX_TOKENS[mode], context - len(prompt.ids)))
         rules = StopRules(mode, len(prompt.heal), deadline, should_stop, whole_lines_after, cut,
                           whole_words_after=whole_words_after, prefix=prefix)
         names = name_candidates(prefix, suffix, extra_context) if extra_context else []
         word = typed_word(prefix) if names else ""
-        rules.keep_indent = indentation_typed(prefix, suffix)
+        rules.keep_indent, rules.avoid = indentation_typed(prefix, suffix), avoid
         rules.names = [prompt.heal + name[len(word):].encode() for name in names]
         with self.lock, self.reading():
             decoded = self.decode_n_tokens(prompt, max_new, rules, allow_empty)
         text, token_probs = answer_text(decoded, prompt.heal, mode)
         if decoded.stop == "deadline" or (decoded.stop == "time budget" and mode == "line"):
             text = safe_cut(text, rules.line_prefix)  # out of time mid-line: the last whole word, quotes closed, or nothing
-        if clean and decoded.stop != "cancelled":
-            text = postprocess(text, Context(prefix, suffix, mode))
-        return Completion(join_line_endings(text, newline), decoded.stop, mode, len(prompt.ids), decoded.reused,
-                          decoded.new_tokens, time.perf_counter() - start_time, decoded.model_calls, token_probs)
+        raw, text = text, postprocess(text, Context(prefix, suffix, mode)) if clean and decoded.stop != "cancelled" else text
+        result = Completion(join_line_endings(text, newline), decoded.stop, mode, len(prompt.ids), decoded.reused,
+                            decoded.new_tokens, time.perf_counter() - start_time, decoded.model_calls, token_probs,
+                            decoded.first_choice)
+        if clean and raw.strip() and not text.strip() and avoid is None and decoded.first_choice:
+            again = self.complete_detailed(*given, mode, max_new_tokens, deadline, should_stop, fmt, clean,
+                                           allow_empty, whole_lines_after, whole_words_after, cut, extra_context,
+                                           avoid=decoded.first_choice)
+            return dataclasses.replace(again, new_tokens=again.new_tokens + result.new_tokens,
+                                       model_calls=again.model_calls + result.model_calls,
+                                       seconds=time.perf_counter() - start_time)
+        return result
 
     def decode_n_tokens(self, prompt: Prompt, max_new: int, rules: StopRules, allow_empty: bool) -> Decoded:
         """Greedy decoding after `prompt` (prefilled first) until a stop rule holds or `max_new` tokens;
@@ -265,6 +279,8 @@ class Completer:
             decoded.new_tokens = n_new
             logits = self.mask_logits(logits, out, prompt.heal, rules.mode, allow_empty, rules.names,
                                       rules.keep_indent)
+            if rules.avoid is not None and rules.avoid[0] == out:  # the start an earlier answer took
+                logits = self.ban(logits, self.as_ids([rules.avoid[1]]))
             token = self.argmax(logits)
             if token == self.tokenizer.eot_id:
                 decoded.stop = "eot"
@@ -276,6 +292,8 @@ class Completer:
             decoded.probs.append((len(out), p))
             if lookup is not None:
                 lookup.append(token)
+            if decoded.first_choice is None and len(out) + len(token_bytes[token]) > len(prompt.heal):
+                decoded.first_choice = (bytes(out), token)
             out += token_bytes[token]
             decoded.stop = stop_reason(out, token_bytes[token], rules)
             if decoded.stop:
@@ -318,6 +336,7 @@ class StopRules:
     whole_words_after: float | None = None  # time.monotonic() value; line mode
     prefix: str = ""  # the text before the cursor
     keep_indent: bool = False  # the cursor ends the indentation of a line of nothing else (indentation_typed)
+    avoid: tuple[bytes, int] | None = None  # after this output, not this token (Completion.first_choice)
 
     @cached_property
     def line_prefix(self) -> str:
@@ -335,6 +354,7 @@ class Decoded:
     reused: int = 0
     new_tokens: int = 0
     model_calls: int = 1  # the prefill's last token is the first
+    first_choice: tuple[bytes, int] | None = None  # Completion.first_choice
 
 
 def stop_reason(out: bytearray, token: bytes, rules: StopRules) -> StopReason | None:

@@ -16,7 +16,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
-from codellm.completion import MAX_TOKENS
+from codellm.completion import MAX_TOKENS, Completion
 from codellm.postprocess import Context, postprocess
 from codellm.prompt import BUFFER_TAIL_CHARS, SUFFIX_CHARS, ContextChunk, join_line_endings, split_line_endings
 from codellm.shell import choose_mode, text_follows_cursor
@@ -387,6 +387,28 @@ class CompletionService:
             self._decode_rest(suggestion.rest)
         return suggestion if prefetch else self._done(suggestion, start)
 
+    def _model_text(self, engine, prefix: str, suffix: str, mode: str, now: float, superseded, allow_empty: bool,
+                    cut_lines: bool, context: list[ContextChunk] | None, avoid=None) -> tuple[Completion, str]:
+        """The engine's answer and its post-processed text; where the post-processing removes a whole
+        answer (a copy of the line above, say), the answer without its first token, as the engine's
+        clean mode does (Completion.first_choice)."""
+        # the engine reads a stable tail of a long prefix and the head of the suffix (codellm.prompt)
+        result = engine.complete_detailed(clean_text(prefix), clean_text(suffix), mode, max_new_tokens=self.settings.max_tokens,
+                                          deadline=now + self.settings.timeout_ms / 1000,
+                                          should_stop=superseded, clean=False, allow_empty=allow_empty,
+                                          whole_lines_after=now + self.settings.multiline_ms / 1000,
+                                          whole_words_after=now + self.settings.line_ms / 1000 if cut_lines else None,
+                                          cut=self.settings.cut_confidence, context=context, avoid=avoid)
+        if result.stop_reason == "cancelled":
+            return result, ""
+        # a line cut by lineMs or the deadline is judged as the start of a line
+        cut_short = mode == "line" and result.stop_reason in ("time budget", "deadline")
+        text = postprocess(result.text, Context(prefix, suffix, mode, partial=cut_short))
+        if result.text.strip() and not text.strip() and avoid is None and result.first_choice:
+            return self._model_text(engine, prefix, suffix, mode, now, superseded, allow_empty, cut_lines, context,
+                                    result.first_choice)
+        return result, text
+
     def _decode_rest(self, rest: LineRest) -> None:
         """Decode the rest of a line cut short by lineMs on the model thread, after the answer went out."""
         run = asyncio.get_running_loop().run_in_executor(self.executor, self._run_rest, rest)
@@ -467,20 +489,11 @@ class CompletionService:
         now = time.monotonic() if arrived is None else arrived
         if not self.settings.kv_reuse:
             engine.cache.reset()
-        # the engine reads a stable tail of a long prefix and the head of the suffix (codellm.prompt)
-        result = engine.complete_detailed(clean_text(prefix), clean_text(suffix), mode, max_new_tokens=self.settings.max_tokens,
-                                          deadline=now + self.settings.timeout_ms / 1000,
-                                          should_stop=superseded, clean=False, allow_empty=allow_empty,
-                                          whole_lines_after=now + self.settings.multiline_ms / 1000,
-                                          whole_words_after=now + self.settings.line_ms / 1000 if cut_lines else None,
-                                          cut=self.settings.cut_confidence, context=context)
+        result, text = self._model_text(engine, prefix, suffix, mode, now, superseded, allow_empty, cut_lines, context)
         if result.stop_reason == "cancelled":
             return Suggestion("", "superseded", mode)
         self.holder.answered.set()
         self._count(result)
-        # a line cut by lineMs or the deadline is judged as the start of a line
-        cut_short = mode == "line" and result.stop_reason in ("time budget", "deadline")
-        text = postprocess(result.text, Context(prefix, suffix, mode, partial=cut_short))
         confidence = result.confidence_of(len(text))
         if text:
             self.confidences.append(confidence)

@@ -68,3 +68,14 @@ def test_a_line_past_its_time_budget_ends_at_a_whole_word(engine):
     assert quick.text and full.text.startswith(quick.text) and len(quick.text) < len(full.text)
     assert full.text[len(quick.text)] in " \t"  # a whole word, not part of one
     assert safe_cut(quick.text + " ", "    cp") == quick.text  # no quote left open
+
+
+def test_an_answer_cleaned_away_whole_gives_way_to_the_next_choice(engine):
+    # the model's first choice after the last body line of a function is a copy of that line
+    prefix = 'last_word()\n{\n    read first rest\n    echo "$rest"\n'
+    suffix = "\n\n# Get the value of a key in a desktop file.\nget_key()\n{\n"
+    raw = engine.complete_detailed(prefix, suffix, mode="line", clean=False)
+    assert raw.text.strip() == 'echo "$rest"' and raw.first_choice is not None
+    answer = engine.complete_detailed(prefix, suffix, mode="line")
+    assert answer.text.strip() and answer.text.strip() != 'echo "$rest"', answer.text
+    assert answer.new_tokens > raw.new_tokens  # both runs are counted

@@ -70,6 +70,14 @@ def test_a_line_of_typed_indentation_is_answered_at_that_indentation(engine):
             assert not result.text[:1].isspace(), (prefix, mode, result.text)
 
 
+def test_an_answer_can_avoid_the_start_an_earlier_one_took(engine):
+    prefix = "#!/bin/sh\nfor f in *.txt; do\n    "
+    first = engine.complete_detailed(prefix, "\ndone\n", mode="line", clean=False)
+    assert first.first_choice is not None and first.first_choice[0] == b"\n    "[:len(first.first_choice[0])]
+    other = engine.complete_detailed(prefix, "\ndone\n", mode="line", clean=False, avoid=first.first_choice)
+    assert other.first_choice[0] == first.first_choice[0] and other.first_choice[1] != first.first_choice[1]
+
+
 def test_completion_text_is_what_follows_the_prefix(engine):
     # greedy with healing: the prefix plus the answer must re-tokenize to what the model produced
     prefix = "mkdir -p /tmp/backup && cp"

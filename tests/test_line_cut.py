@@ -138,3 +138,14 @@ def test_time_waiting_for_the_model_thread_counts_toward_line_ms(holder):
         await model_thread_done(service)
         assert (await service.suggest(URI, PREFIX, "")).text == whole  # the rest came after the answer
     asyncio.run(main())
+
+
+def test_an_answer_cleaned_away_whole_gives_way_to_the_next_choice(holder):
+    prefix = 'last_word()\n{\n    read first rest\n    echo "$rest"\n'  # the model's first choice: a copy of that line
+    suffix = "\n\n# Get the value of a key in a desktop file.\nget_key()\n{\n"
+
+    async def main():
+        service = service_with(holder, lineMs=600_000, multiline="never")
+        got = await service.suggest("file:///tmp/work/words.sh", prefix, suffix)
+        assert got.text.strip() and got.text.strip() != 'echo "$rest"', got.text
+    asyncio.run(main())
