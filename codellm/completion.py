@@ -253,14 +253,26 @@ class Completer:
         result = Completion(join_line_endings(text, newline), decoded.stop, mode, len(prompt.ids), decoded.reused,
                             decoded.new_tokens, time.perf_counter() - start_time, decoded.model_calls, token_probs,
                             decoded.first_choice)
-        if clean and raw.strip() and not text.strip() and avoid is None and decoded.first_choice:
-            again = self.complete_detailed(*given, mode, max_new_tokens, deadline, should_stop, fmt, clean,
-                                           allow_empty, whole_lines_after, whole_words_after, cut, extra_context,
+        left = (max_new_tokens or MAX_TOKENS[mode]) - decoded.new_tokens
+        if clean and avoid is None and worth_another_try(result, raw, text, left):
+            again = self.complete_detailed(*given, mode, left, deadline, should_stop, fmt, clean, allow_empty,
+                                           whole_lines_after, whole_words_after, cut, extra_context,
                                            avoid=decoded.first_choice)
-            return dataclasses.replace(again, new_tokens=again.new_tokens + result.new_tokens,
-                                       model_calls=again.model_calls + result.model_calls,
-                                       seconds=time.perf_counter() - start_time)
+            again.text = "" if a_piece_of_the_line_above(prefix, again.text) else again.text
+            return after_another_try(result, again, time.perf_counter() - start_time)
         return result
+
+    def pick(self, logits, out: bytearray, avoid: tuple[bytes, int] | None) -> tuple[int, float]:
+        """The greedy token and its probability; where `avoid` (an output and a token) applies to `out`, the
+        best other token, with the probability the model gave it (not raised by leaving one token out).
+        May modify `logits` in place."""
+        if avoid is None or avoid[0] != out:
+            token = self.argmax(logits)
+            return token, self.probability(logits, token)
+        kept = 1.0 - self.probability(logits, avoid[1])
+        logits = self.ban(logits, self.as_ids([avoid[1]]))
+        token = self.argmax(logits)
+        return token, self.probability(logits, token) * kept
 
     def decode_n_tokens(self, prompt: Prompt, max_new: int, rules: StopRules, allow_empty: bool) -> Decoded:
         """Greedy decoding after `prompt` (prefilled first) until a stop rule holds or `max_new` tokens;
@@ -279,21 +291,18 @@ class Completer:
             decoded.new_tokens = n_new
             logits = self.mask_logits(logits, out, prompt.heal, rules.mode, allow_empty, rules.names,
                                       rules.keep_indent)
-            if rules.avoid is not None and rules.avoid[0] == out:  # the start an earlier answer took
-                logits = self.ban(logits, self.as_ids([rules.avoid[1]]))
-            token = self.argmax(logits)
+            token, p = self.pick(logits, out, rules.avoid)
             if token == self.tokenizer.eot_id:
                 decoded.stop = "eot"
                 break
-            p = self.probability(logits, token)
             if p < rules.cut:
                 decoded.stop = "unsure"
                 break
             decoded.probs.append((len(out), p))
             if lookup is not None:
                 lookup.append(token)
-            if decoded.first_choice is None and len(out) + len(token_bytes[token]) > len(prompt.heal):
-                decoded.first_choice = (bytes(out), token)
+            if decoded.first_choice is None and (bytes(out) + token_bytes[token])[len(prompt.heal):].strip():
+                decoded.first_choice = (bytes(out), token)  # the first token that writes more than whitespace
             out += token_bytes[token]
             decoded.stop = stop_reason(out, token_bytes[token], rules)
             if decoded.stop:
@@ -408,6 +417,29 @@ def has_whole_line(new: bytes | bytearray) -> bool:
     """Some line with content has been finished (ended by a newline)."""
     end = new.rfind(b"\n")
     return end > 0 and bool(new[:end].strip())
+
+
+def worth_another_try(first: Completion, raw: str, cleaned: str, tokens_left: int) -> bool:
+    """The cleaning removed the whole answer (`raw` became `cleaned`) of a run that ended on its own (not
+    cancelled, not out of time) with tokens left: the model may try again without its first choice."""
+    return bool(raw.strip()) and not cleaned.strip() and first.first_choice is not None \
+        and first.stop_reason not in ("cancelled", "deadline") and tokens_left > 0
+
+
+def a_piece_of_the_line_above(prefix: str, text: str) -> bool:
+    """The cursor's line with `text` after it is part of the last line above with content (a second try
+    that left out only the first token of a copy of that line)."""
+    line = (prefix[prefix.rfind("\n") + 1:] + text).strip()
+    above = next((l for l in reversed(prefix.split("\n")[:-1]) if l.strip()), "")
+    return bool(text.strip()) and bool(line) and line in above
+
+
+def after_another_try(first: Completion, again: Completion, seconds: float) -> Completion:
+    """The second try's answer, counted as one request: the first run's prompt and KV reuse, both runs'
+    tokens and calls."""
+    return dataclasses.replace(again, prompt_tokens=first.prompt_tokens, reused_tokens=first.reused_tokens,
+                               new_tokens=first.new_tokens + again.new_tokens,
+                               model_calls=first.model_calls + again.model_calls, seconds=seconds)
 
 
 def indentation_typed(prefix: str, suffix: str) -> bool:

@@ -16,7 +16,7 @@ from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
-from codellm.completion import MAX_TOKENS, Completion
+from codellm.completion import MAX_TOKENS, Completion, a_piece_of_the_line_above, after_another_try, worth_another_try
 from codellm.postprocess import Context, postprocess
 from codellm.prompt import BUFFER_TAIL_CHARS, SUFFIX_CHARS, ContextChunk, join_line_endings, split_line_endings
 from codellm.shell import choose_mode, text_follows_cursor
@@ -388,12 +388,15 @@ class CompletionService:
         return suggestion if prefetch else self._done(suggestion, start)
 
     def _model_text(self, engine, prefix: str, suffix: str, mode: str, now: float, superseded, allow_empty: bool,
-                    cut_lines: bool, context: list[ContextChunk] | None, avoid=None) -> tuple[Completion, str]:
+                    cut_lines: bool, context: list[ContextChunk] | None, avoid=None,
+                    tokens: int | None = None) -> tuple[Completion, str]:
         """The engine's answer and its post-processed text; where the post-processing removes a whole
         answer (a copy of the line above, say), the answer without its first token, as the engine's
-        clean mode does (Completion.first_choice)."""
+        clean mode does (Completion.first_choice, codellm.completion.worth_another_try), within what is
+        left of the token budget and the time budgets."""
+        tokens = tokens or self.settings.max_tokens or MAX_TOKENS[mode]
         # the engine reads a stable tail of a long prefix and the head of the suffix (codellm.prompt)
-        result = engine.complete_detailed(clean_text(prefix), clean_text(suffix), mode, max_new_tokens=self.settings.max_tokens,
+        result = engine.complete_detailed(clean_text(prefix), clean_text(suffix), mode, max_new_tokens=tokens,
                                           deadline=now + self.settings.timeout_ms / 1000,
                                           should_stop=superseded, clean=False, allow_empty=allow_empty,
                                           whole_lines_after=now + self.settings.multiline_ms / 1000,
@@ -404,9 +407,11 @@ class CompletionService:
         # a line cut by lineMs or the deadline is judged as the start of a line
         cut_short = mode == "line" and result.stop_reason in ("time budget", "deadline")
         text = postprocess(result.text, Context(prefix, suffix, mode, partial=cut_short))
-        if result.text.strip() and not text.strip() and avoid is None and result.first_choice:
-            return self._model_text(engine, prefix, suffix, mode, now, superseded, allow_empty, cut_lines, context,
-                                    result.first_choice)
+        if avoid is None and worth_another_try(result, result.text, text, tokens - result.new_tokens):
+            again, text = self._model_text(engine, prefix, suffix, mode, now, superseded, allow_empty, cut_lines,
+                                           context, result.first_choice, tokens - result.new_tokens)
+            text = "" if again.stop_reason == "cancelled" or a_piece_of_the_line_above(prefix, text) else text
+            return after_another_try(result, again, result.seconds + again.seconds), text
         return result, text
 
     def _decode_rest(self, rest: LineRest) -> None:
@@ -438,7 +443,8 @@ class CompletionService:
 
     def _whole_line(self, rest: LineRest, engine, superseded) -> str | None:
         """The cut line with its rest decoded; the part alone where the token budget is spent or the rest
-        is unsure or cleaned away; None when `superseded()` stopped the decoding."""
+        is unsure or cleaned away; nothing where the whole line is cleaned away; None when `superseded()`
+        stopped the decoding."""
         budget = (self.settings.max_tokens or MAX_TOKENS["line"]) - rest.tokens
         if budget < 1:
             return rest.text
@@ -454,6 +460,8 @@ class CompletionService:
         confidence = rest.confidence * result.confidence_of(max(0, len(whole) - len(rest.text)))
         log.info("model line rest: %d new in %d calls, stop %s, confidence %.3f, %.1f ms", result.new_tokens,
                  result.model_calls, result.stop_reason, confidence, result.seconds * 1000)
+        if not whole.strip() and result.stop_reason != "deadline":
+            return ""  # the whole line is cleaned away (a copy of the line above, say): its start is no answer
         longer = whole.startswith(rest.text) and len(whole) > len(rest.text)
         return whole if longer and confidence >= self.settings.min_confidence else rest.text
 

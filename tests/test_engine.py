@@ -6,7 +6,7 @@ import torch
 
 import codellm
 from codellm.bundle import BundleError, load_bundle
-from codellm.completion import indentation_typed
+from codellm.completion import a_piece_of_the_line_above, indentation_typed
 from codellm.engine import Engine
 from codellm.shell import choose_mode, closing_text, open_blocks
 
@@ -76,6 +76,23 @@ def test_an_answer_can_avoid_the_start_an_earlier_one_took(engine):
     assert first.first_choice is not None and first.first_choice[0] == b"\n    "[:len(first.first_choice[0])]
     other = engine.complete_detailed(prefix, "\ndone\n", mode="line", clean=False, avoid=first.first_choice)
     assert other.first_choice[0] == first.first_choice[0] and other.first_choice[1] != first.first_choice[1]
+
+
+def test_the_token_picked_instead_of_an_avoided_one_keeps_the_probability_the_model_gave_it(engine):
+    logits = torch.full((len(engine.tokenizer.token_bytes),), -30.0)
+    logits[10], logits[11] = 2.0, 1.0
+    given = torch.softmax(logits, -1)
+    assert engine.pick(logits.clone(), bytearray(b"x"), None)[0] == 10
+    token, p = engine.pick(logits.clone(), bytearray(b"x"), (b"x", 10))
+    assert token == 11 and abs(p - float(given[11])) < 1e-4
+    assert engine.pick(logits.clone(), bytearray(b"y"), (b"x", 10))[0] == 10  # another output: not avoided
+
+
+def test_a_second_try_is_no_piece_of_the_line_above():
+    assert a_piece_of_the_line_above('    java -cp "${JAR}" \\\n    ', '"${JAR}" \\')
+    assert a_piece_of_the_line_above("mkdir -p /a\n\nmk", "dir -p /a")
+    assert not a_piece_of_the_line_above("mkdir -p /a\n", "}")
+    assert not a_piece_of_the_line_above("mkdir -p /a\n", "")
 
 
 def test_completion_text_is_what_follows_the_prefix(engine):

@@ -149,3 +149,18 @@ def test_an_answer_cleaned_away_whole_gives_way_to_the_next_choice(holder):
         got = await service.suggest("file:///tmp/work/words.sh", prefix, suffix)
         assert got.text.strip() and got.text.strip() != 'echo "$rest"', got.text
     asyncio.run(main())
+
+
+def test_a_line_cut_whose_whole_is_cleaned_away_leaves_no_answer_behind(holder):
+    prefix = 'last_word()\n{\n    read first rest\n    echo "$rest"\n'  # the model's first choice: a copy of that line
+    suffix = "\n\n# Get the value of a key in a desktop file.\nget_key()\n{\n"
+    uri = "file:///tmp/work/words2.sh"
+
+    async def main():
+        service = service_with(holder, lineMs=0, multiline="never")
+        part = (await service.suggest(uri, prefix, suffix)).text
+        assert 'echo "$rest"'.startswith(part.strip()) and part.strip(), part  # a start of the copy went out
+        await model_thread_done(service)
+        again = await service.suggest(uri, prefix, suffix)  # its rest made it a copy: nothing is kept
+        assert (again.source, again.text) == ("cache", "")
+    asyncio.run(main())
