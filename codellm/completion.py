@@ -51,6 +51,7 @@ class Completion:
     # the first token that wrote past the backed-off bytes, and the output before it: `avoid` for an
     # answer without that start (complete_detailed)
     first_choice: tuple[bytes, int] | None = None
+    first_choice_probability: float = 1.0  # so any other answer has at most 1 minus this confidence
 
     @property
     def confidence(self) -> float:
@@ -252,9 +253,9 @@ class Completer:
         raw, text = text, postprocess(text, Context(prefix, suffix, mode)) if clean and decoded.stop != "cancelled" else text
         result = Completion(join_line_endings(text, newline), decoded.stop, mode, len(prompt.ids), decoded.reused,
                             decoded.new_tokens, time.perf_counter() - start_time, decoded.model_calls, token_probs,
-                            decoded.first_choice)
+                            decoded.first_choice, decoded.first_choice_probability)
         left = (max_new_tokens or MAX_TOKENS[mode]) - decoded.new_tokens
-        if clean and avoid is None and worth_another_try(result, raw, text, left):
+        if clean and avoid is None and worth_another_try(result, raw, text, left, cut):
             again = self.complete_detailed(*given, mode, left, deadline, should_stop, fmt, clean, allow_empty,
                                            whole_lines_after, whole_words_after, cut, extra_context,
                                            avoid=decoded.first_choice)
@@ -303,6 +304,7 @@ class Completer:
                 lookup.append(token)
             if decoded.first_choice is None and (bytes(out) + token_bytes[token])[len(prompt.heal):].strip():
                 decoded.first_choice = (bytes(out), token)  # the first token that writes more than whitespace
+                decoded.first_choice_probability = p
             out += token_bytes[token]
             decoded.stop = stop_reason(out, token_bytes[token], rules)
             if decoded.stop:
@@ -364,6 +366,7 @@ class Decoded:
     new_tokens: int = 0
     model_calls: int = 1  # the prefill's last token is the first
     first_choice: tuple[bytes, int] | None = None  # Completion.first_choice
+    first_choice_probability: float = 1.0
 
 
 def stop_reason(out: bytearray, token: bytes, rules: StopRules) -> StopReason | None:
@@ -419,11 +422,13 @@ def has_whole_line(new: bytes | bytearray) -> bool:
     return end > 0 and bool(new[:end].strip())
 
 
-def worth_another_try(first: Completion, raw: str, cleaned: str, tokens_left: int) -> bool:
+def worth_another_try(first: Completion, raw: str, cleaned: str, tokens_left: int, floor: float = 0.0) -> bool:
     """The cleaning removed the whole answer (`raw` became `cleaned`) of a run that ended on its own (not
-    cancelled, not out of time) with tokens left: the model may try again without its first choice."""
+    cancelled, not out of time) with tokens left, and another answer could reach the confidence `floor`
+    (at most 1 minus its first choice's probability): the model may try again without that choice."""
     return bool(raw.strip()) and not cleaned.strip() and first.first_choice is not None \
-        and first.stop_reason not in ("cancelled", "deadline") and tokens_left > 0
+        and first.stop_reason not in ("cancelled", "deadline") and tokens_left > 0 \
+        and 1.0 - first.first_choice_probability >= floor
 
 
 def a_piece_of_the_line_above(prefix: str, text: str) -> bool:

@@ -407,7 +407,8 @@ class CompletionService:
         # a line cut by lineMs or the deadline is judged as the start of a line
         cut_short = mode == "line" and result.stop_reason in ("time budget", "deadline")
         text = postprocess(result.text, Context(prefix, suffix, mode, partial=cut_short))
-        if avoid is None and worth_another_try(result, result.text, text, tokens - result.new_tokens):
+        floor = max(self.settings.cut_confidence, self.settings.min_confidence)  # what the answer must reach
+        if avoid is None and worth_another_try(result, result.text, text, tokens - result.new_tokens, floor):
             again, text = self._model_text(engine, prefix, suffix, mode, now, superseded, allow_empty, cut_lines,
                                            context, result.first_choice, tokens - result.new_tokens)
             text = "" if again.stop_reason == "cancelled" or a_piece_of_the_line_above(prefix, text) else text

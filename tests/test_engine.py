@@ -1,4 +1,5 @@
 """Engine behaviour: stop rules, token healing, modes, seeded generation, the public API."""
+import dataclasses
 import time
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 
 import codellm
 from codellm.bundle import BundleError, load_bundle
-from codellm.completion import a_piece_of_the_line_above, indentation_typed
+from codellm.completion import Completion, a_piece_of_the_line_above, indentation_typed, worth_another_try
 from codellm.engine import Engine
 from codellm.shell import choose_mode, closing_text, open_blocks
 
@@ -86,6 +87,15 @@ def test_the_token_picked_instead_of_an_avoided_one_keeps_the_probability_the_mo
     token, p = engine.pick(logits.clone(), bytearray(b"x"), (b"x", 10))
     assert token == 11 and abs(p - float(given[11])) < 1e-4
     assert engine.pick(logits.clone(), bytearray(b"y"), (b"x", 10))[0] == 10  # another output: not avoided
+
+
+def test_no_second_try_that_could_not_reach_the_confidence_shown():
+    first = Completion("", "newline", "line", 10, 0, 5, 0.01, first_choice=(b"", 7), first_choice_probability=0.9)
+    assert worth_another_try(first, "echo x", "", tokens_left=40, floor=0.05)
+    assert not worth_another_try(first, "echo x", "", tokens_left=40, floor=0.2)  # another answer: at most 0.1
+    assert not worth_another_try(first, "echo x", "echo x", tokens_left=40)  # the cleaning kept it
+    assert not worth_another_try(dataclasses.replace(first, stop_reason="deadline"), "echo x", "", 40)
+    assert not worth_another_try(first, "echo x", "", tokens_left=0)
 
 
 def test_a_second_try_is_no_piece_of_the_line_above():
