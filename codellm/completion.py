@@ -256,7 +256,7 @@ class Completer:
                             decoded.first_choice, decoded.first_choice_probability)
         left = (max_new_tokens or MAX_TOKENS[mode]) - decoded.new_tokens
         if clean and avoid is None and worth_another_try(result, raw, text, left, cut):
-            again = self.complete_detailed(*given, mode, left, deadline, should_stop, fmt, clean, allow_empty,
+            again = self.complete_detailed(*given, mode, max_new_tokens, deadline, should_stop, fmt, clean, allow_empty,
                                            whole_lines_after, whole_words_after, cut, extra_context,
                                            avoid=decoded.first_choice)
             again.text = "" if a_piece_of_the_line_above(prefix, again.text) else again.text

@@ -388,15 +388,15 @@ class CompletionService:
         return suggestion if prefetch else self._done(suggestion, start)
 
     def _model_text(self, engine, prefix: str, suffix: str, mode: str, now: float, superseded, allow_empty: bool,
-                    cut_lines: bool, context: list[ContextChunk] | None, avoid=None,
-                    tokens: int | None = None) -> tuple[Completion, str]:
+                    cut_lines: bool, context: list[ContextChunk] | None, avoid=None) -> tuple[Completion, str]:
         """The engine's answer and its post-processed text; where the post-processing removes a whole
         answer (a copy of the line above, say), the answer without its first token, as the engine's
         clean mode does (Completion.first_choice, codellm.completion.worth_another_try), within what is
-        left of the token budget and the time budgets."""
-        tokens = tokens or self.settings.max_tokens or MAX_TOKENS[mode]
-        # the engine reads a stable tail of a long prefix and the head of the suffix (codellm.prompt)
-        result = engine.complete_detailed(clean_text(prefix), clean_text(suffix), mode, max_new_tokens=tokens,
+        left of the time budgets."""
+        # the engine reads a stable tail of a long prefix and the head of the suffix (codellm.prompt); the
+        # window depends on max_new_tokens: None (the default budget) keeps line and block answers on one
+        result = engine.complete_detailed(clean_text(prefix), clean_text(suffix), mode,
+                                          max_new_tokens=self.settings.max_tokens,
                                           deadline=now + self.settings.timeout_ms / 1000,
                                           should_stop=superseded, clean=False, allow_empty=allow_empty,
                                           whole_lines_after=now + self.settings.multiline_ms / 1000,
@@ -408,9 +408,10 @@ class CompletionService:
         cut_short = mode == "line" and result.stop_reason in ("time budget", "deadline")
         text = postprocess(result.text, Context(prefix, suffix, mode, partial=cut_short))
         floor = max(self.settings.cut_confidence, self.settings.min_confidence)  # what the answer must reach
-        if avoid is None and worth_another_try(result, result.text, text, tokens - result.new_tokens, floor):
+        left = (self.settings.max_tokens or MAX_TOKENS[mode]) - result.new_tokens
+        if avoid is None and worth_another_try(result, result.text, text, left, floor):
             again, text = self._model_text(engine, prefix, suffix, mode, now, superseded, allow_empty, cut_lines,
-                                           context, result.first_choice, tokens - result.new_tokens)
+                                           context, result.first_choice)
             text = "" if again.stop_reason == "cancelled" or a_piece_of_the_line_above(prefix, text) else text
             return after_another_try(result, again, result.seconds + again.seconds), text
         return result, text
