@@ -566,3 +566,18 @@ def test_tcp_refuses_non_loopback():
     r = subprocess.run([sys.executable, "-m", "codellm.server.cli", "--tcp", "0", "--host", "0.0.0.0"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "only loopback" in r.stderr
+
+
+def test_a_block_answer_and_a_line_answer_at_one_place_share_the_kv_cache(bundle_path):
+    """Block and line answers read the same prompt window, so typing on after a block answer reads only
+    the new characters (a window that depends on the mode re-reads the whole prompt)."""
+    async def main():
+        async with Session("--model", str(bundle_path)) as s:
+            s.open(URI, LONG_DOCUMENT)
+            await s.inline(URI, END, 0)  # an empty line: a block answer
+            s.edit(URI, END, 0, "e")
+            await s.inline(URI, END, 1)  # a line with content: a line answer
+            return await s.status()
+    status = run(main())
+    assert status.model_runs == 2 and status.requests == 2
+    assert status.kv_reuse_ratio > 0.45  # the second run read only the new tokens: about half of all read
