@@ -96,6 +96,8 @@ class Completer:
         self.space_first_ids = self.as_ids([i for i, b in enumerate(token_bytes)  # NBSP and the like too
                                             if b[:1].isspace() or b.decode("utf-8", "ignore")[:1].isspace()])
         self.special_ids = self.as_ids(sorted(self.tokenizer.special_ids - {eot}))
+        # tokens whose first byte past any whitespace starts a comment
+        self.comment_first_ids = self.as_ids([i for i, b in enumerate(token_bytes) if b.lstrip().startswith(b"#")])
         self.eot_ids = self.as_ids([eot])
         self._healing_cache: dict = {}
         self._token_id = {b: i for i, b in enumerate(token_bytes) if b and i not in self.tokenizer.special_ids}
@@ -177,17 +179,20 @@ class Completer:
         return sorted(allowed) or None
 
     def mask_logits(self, logits, out: bytearray, heal: bytes, mode: str, allow_empty: bool,
-                    names: list[bytes] | None = None, keep_indent: bool = False):
+                    names: list[bytes] | None = None, keep_indent: bool = False, code_first: bool = False):
         """The logits with the tokens the next pick may not be set to -inf: special tokens; while the
         backed-off bytes `heal` are re-typed, tokens that disagree with them; while a name of `names` is
         written (names_allowed), tokens that leave every name; before anything is inserted (unless
         allow_empty), tokens that would end the answer, and with keep_indent (the cursor's line holds
-        only its indentation) tokens that begin with whitespace; after a run of blank output, blank
-        tokens. May modify `logits` in place."""
+        only its indentation) tokens that begin with whitespace; with code_first, while only whitespace
+        was written, tokens that start a comment; after a run of blank output, blank tokens. May modify
+        `logits` in place."""
         allowed = self.names_allowed(names, out, heal, allow_empty) if names else None
         if allowed is not None:
             return self.only(logits, self.as_ids(allowed))
         logits = self.ban(logits, self.special_ids)
+        if code_first and not out[len(heal):].strip():
+            logits = self.ban(logits, self.comment_first_ids)
         if heal and len(out) < len(heal):
             return self.only(logits, self.healing_allowed(heal, bytes(out), keep_indent))
         if len(out) <= len(heal) and keep_indent:  # nothing inserted yet on a line of typed indentation
@@ -243,7 +248,9 @@ class Completer:
                           whole_words_after=whole_words_after, prefix=prefix)
         names = name_candidates(prefix, suffix, extra_context) if extra_context else []
         word = typed_word(prefix) if names else ""
-        rules.keep_indent, rules.avoid = indentation_typed(prefix, suffix), avoid
+        # a line of typed indentation is answered at it; a file's start (nothing above) at the left margin
+        rules.keep_indent, rules.avoid = indentation_typed(prefix, suffix) or not prefix.strip(), avoid
+        rules.code_first = code_expected(prefix, suffix)
         rules.names = [prompt.heal + name[len(word):].encode() for name in names]
         with self.lock, self.reading():
             decoded = self.decode_n_tokens(prompt, max_new, rules, allow_empty)
@@ -291,7 +298,7 @@ class Completer:
         for n_new in range(1, max_new + 1):
             decoded.new_tokens = n_new
             logits = self.mask_logits(logits, out, prompt.heal, rules.mode, allow_empty, rules.names,
-                                      rules.keep_indent)
+                                      rules.keep_indent, rules.code_first)
             token, p = self.pick(logits, out, rules.avoid)
             if token == self.tokenizer.eot_id:
                 decoded.stop = "eot"
@@ -348,6 +355,7 @@ class StopRules:
     prefix: str = ""  # the text before the cursor
     keep_indent: bool = False  # the cursor ends the indentation of a line of nothing else (indentation_typed)
     avoid: tuple[bytes, int] | None = None  # after this output, not this token (Completion.first_choice)
+    code_first: bool = False  # the answer's first content may not be a comment (code_expected)
 
     @cached_property
     def line_prefix(self) -> str:
@@ -452,6 +460,14 @@ def indentation_typed(prefix: str, suffix: str) -> bool:
     what was typed is the line's indentation."""
     line = prefix[prefix.rfind("\n") + 1:]
     return bool(line) and not line.strip(" \t") and suffix[:1] not in (" ", "\t")
+
+
+def code_expected(prefix: str, suffix: str) -> bool:
+    """Nothing but indentation is on the cursor's line and text is above it: the answer starts with code,
+    not a comment. A comment is the author's own words, which a model rarely guesses; the code after a
+    comment is what it can write (a person who wants a comment types `#`, and the comment is completed)."""
+    line = prefix[prefix.rfind("\n") + 1:]
+    return not line.strip() and not suffix.split("\n", 1)[0].strip() and bool(prefix.strip())
 
 
 def blank_run_too_long(new: bytes | bytearray) -> bool:

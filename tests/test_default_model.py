@@ -79,3 +79,12 @@ def test_an_answer_cleaned_away_whole_gives_way_to_the_next_choice(engine):
     answer = engine.complete_detailed(prefix, suffix, mode="line")
     assert answer.text.strip() and answer.text.strip() != 'echo "$rest"', answer.text
     assert answer.new_tokens > raw.new_tokens  # both runs are counted
+
+
+def test_a_description_comment_leads_to_code_and_a_file_start_to_a_shebang(engine):
+    for prefix in ("#!/bin/bash\nset -e\n# compress every log file older than a week\n",
+                   "#!/bin/sh\nset -eu\n\nNAME=app\n\n"):
+        for mode in ("line", "block"):
+            text = engine.complete(prefix, "", mode=mode)
+            assert text.strip() and not text.lstrip().startswith("#"), (prefix, mode, text)
+    assert engine.complete("", "", mode="line").startswith("#!")

@@ -7,7 +7,8 @@ import torch
 
 import codellm
 from codellm.bundle import BundleError, load_bundle
-from codellm.completion import Completion, a_piece_of_the_line_above, indentation_typed, worth_another_try
+from codellm.completion import (Completion, a_piece_of_the_line_above, code_expected, indentation_typed,
+                                worth_another_try)
 from codellm.engine import Engine
 from codellm.shell import choose_mode, closing_text, open_blocks
 
@@ -296,3 +297,21 @@ def test_a_prompt_read_stops_between_pieces_and_the_next_request_reuses_them(bun
     assert again.reused_tokens == PREFILL_CHUNK and again.stop_reason != "cancelled"
     fresh = Engine(load_bundle(bundle_path), "cpu", threads=1, precision="fp32")
     assert again.text == fresh.complete_detailed(prefix, "\nexit 0\n", "line").text
+
+
+def test_an_answer_on_a_line_of_nothing_but_indentation_starts_with_code(engine):
+    table = engine.tokenizer.token_bytes
+    comment_first = [i for i, t in enumerate(table) if t.lstrip().startswith(b"#")]
+    assert comment_first
+    heal = b"\n    "
+    for out in (heal, heal + b"\n  "):  # nothing yet, or only whitespace: no token that starts a comment
+        masked = engine.mask_logits(torch.zeros(len(table)), bytearray(out), heal, "block", False, code_first=True)
+        assert all(masked[i] == float("-inf") for i in comment_first)
+        assert masked[table.index(b" echo")] == 0
+    after_code = engine.mask_logits(torch.zeros(len(table)), bytearray(heal + b"echo\n"), heal, "block", False,
+                                    code_first=True)
+    assert all(after_code[i] == 0 for i in comment_first)  # a comment later in the answer is fine
+    assert code_expected("set -e\n# clean up\n", "\nexit 0\n") and code_expected("ls\n    ", "  \n")
+    assert not code_expected("", "")  # a file's start: a shebang (`#!`) is the answer to expect
+    assert not code_expected("set -e\n# clean", "")  # a comment being typed is completed
+    assert not code_expected("set -e\n", "echo hi\n")  # text after the cursor: not an answer's start
