@@ -463,11 +463,22 @@ def indentation_typed(prefix: str, suffix: str) -> bool:
 
 
 def code_expected(prefix: str, suffix: str) -> bool:
-    """Nothing but indentation is on the cursor's line and text is above it: the answer starts with code,
-    not a comment. A comment is the author's own words, which a model rarely guesses; the code after a
-    comment is what it can write (a person who wants a comment types `#`, and the comment is completed)."""
-    line = prefix[prefix.rfind("\n") + 1:]
-    return not line.strip() and not suffix.split("\n", 1)[0].strip() and bool(prefix.strip())
+    """Nothing but indentation (spaces, tabs) is on the cursor's line and text is above it: the answer
+    starts with code, not a comment. A comment is the author's own words, which a model rarely guesses; the
+    code after a comment is what it can write (a person who wants a comment types `#`, and the comment is
+    completed). Inside a comment block (comment lines right above and right below) a comment may come."""
+    lines_above = prefix.split("\n")
+    cursor_line, rest_of_line = lines_above[-1], suffix.split("\n", 1)[0]
+    if cursor_line.strip(" \t") or rest_of_line.strip(" \t") or not prefix.strip():
+        return False
+    line_above = lines_above[-2] if len(lines_above) > 1 else ""
+    line_below = suffix.split("\n", 2)[1] if suffix.count("\n") >= 1 else ""
+    return not (is_comment(line_above) and is_comment(line_below))
+
+
+def is_comment(line: str) -> bool:
+    """A line of a comment only (a shebang counts)."""
+    return line.lstrip(" \t").startswith("#")
 
 
 def blank_run_too_long(new: bytes | bytearray) -> bool:

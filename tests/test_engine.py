@@ -315,3 +315,7 @@ def test_an_answer_on_a_line_of_nothing_but_indentation_starts_with_code(engine)
     assert not code_expected("", "")  # a file's start: a shebang (`#!`) is the answer to expect
     assert not code_expected("set -e\n# clean", "")  # a comment being typed is completed
     assert not code_expected("set -e\n", "echo hi\n")  # text after the cursor: not an answer's start
+    # inside a comment block (a comment right above and right below) a comment may come
+    assert not code_expected("# Backs up /srv\n# every night\n", "\n# Usage: backup.sh\nset -e\n")
+    assert code_expected("# Backs up /srv\n", "\n\n# Step two\n")  # a blank line below: not one block
+    assert not code_expected("ls\n\u00a0\u00a0", "\n")  # a no-break space is a character to bash, not indentation
