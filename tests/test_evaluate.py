@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from codellm.train.corpus import record, write_records
-from codellm.train.evaluate import block_openers, call_points, round_robin, with_siblings_open
+from codellm.train.evaluate import block_openers, call_points, cut_points, round_robin, with_siblings_open
 from codellm.train.recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
 
 from conftest import ENGLISH_SAMPLES, SHELL_SAMPLES
@@ -32,6 +32,21 @@ def test_block_openers_are_the_only_open_block():
     prefixes = block_openers([HELDOUT], 10, random.Random(0))
     assert sorted(p.rstrip("\n").rsplit("\n", 1)[-1] for p in prefixes) == [
         'for f in "$@"; do', "if [ -d /tmp/out ]; then", "log() {"]
+
+
+def test_cut_points_of_a_file_stay_when_another_file_joins_the_split():
+    other = 'mkdir -p "$HOME/.cache"\ncp -r build/* /opt/app/\nchmod +x /opt/app/run\nexit 0\n'
+    alone = cut_points([HELDOUT], 40)
+    joined = cut_points([other, HELDOUT], 40)
+    assert {p["kind"] for p in alone} == {"line_start", "mid_line"}
+    for point in alone:  # the cut at the end of the line is the line's text after the cut
+        assert HELDOUT.startswith(point["prefix"] + point["target"])
+        assert point["suffix"] == HELDOUT[len(point["prefix"] + point["target"]):]
+    key = lambda p: (p["kind"], p["prefix"], p["target"])
+    assert sorted(map(key, alone)) == sorted(key(p) for p in joined if p["file"] == 1)
+    few = cut_points([other, HELDOUT], 6)
+    assert len(few) == 6 and {key(p) for p in few if p["file"] == 1} <= set(map(key, alone))
+    assert [key(p) for p in cut_points([HELDOUT], 40, seed=1)] != [key(p) for p in alone]
 
 
 def test_cross_file_cuts_only_where_another_file_is_needed():

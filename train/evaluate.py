@@ -7,6 +7,7 @@ baseline and the same model without the suffix.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -91,38 +92,49 @@ def shellcheck_errors(text: str) -> bool | None:
         os.unlink(f.name)
 
 
-def cut_points(files: list[str], n: int, rng: random.Random) -> list[dict]:
-    """n cut points, half at line starts and half mid-line, over lines with something to predict."""
-    candidates = []
+def cut_points(files: list[str], n: int, seed: int = 0) -> list[dict]:
+    """Up to n cut points, about half at line starts and half mid-line, over lines with something to predict.
+
+    Each line's rank, kind and column come from a hash of (seed, its file's text, its offset), not from
+    one shuffle of all lines: a file added to or dropped from the split changes only its own points, so
+    figures of corpora built on different days are measured on the same lines where the files agree."""
+    ranked = []
     for fi, text in enumerate(files):
+        digest = hashlib.sha256(text.encode()).hexdigest()
         offset = 0
         for line in text.split("\n"):
             if line.strip() and not line.lstrip().startswith("#") and len(line) < 300:
-                candidates.append((fi, offset, line))
+                key = hashlib.sha256(f"{seed}:{digest}:{offset}".encode()).digest()
+                ranked.append((key, fi, offset, line))
             offset += len(line) + 1
-    rng.shuffle(candidates)
+    ranked.sort()
     points = []
-    for k, (fi, offset, line) in enumerate(candidates[:n]):
-        text = files[fi]
+    for key, fi, offset, line in ranked:
+        if len(points) == n:
+            break
         indent = len(line) - len(line.lstrip())
-        if k % 2 == 0:  # line start: after the indentation, as a person would be
+        if key[-1] % 2 == 0:  # line start: after the indentation, as a person would be
             col, kind = indent, "line_start"
+        elif len(line.strip()) >= 4:
+            col, kind = indent + 1 + int.from_bytes(key[-9:-1], "big") % (len(line) - 1 - indent), "mid_line"
         else:
-            if len(line.strip()) < 4:
-                continue
-            col, kind = rng.randint(indent + 1, len(line) - 1), "mid_line"
-        cut = offset + col
-        end = offset + len(line)
-        prev_lines = text[:offset].rstrip("\n").split("\n")
-        previous = next((l for l in reversed(prev_lines) if l.strip()), "")
-        points.append({"file": fi, "kind": kind, "prefix": text[:cut], "suffix": text[end:],
-                       "target": text[cut:end], "baseline": previous[col:] if kind == "mid_line" else previous.strip()})
+            continue
+        points.append(cut_point(files[fi], fi, offset, line, col, kind))
     return points
 
 
+def cut_point(text: str, fi: int, offset: int, line: str, col: int, kind: str) -> dict:
+    """The completion task of cutting `line` (at `offset` of file `fi`, text `text`) at column `col`, with
+    the repeat-previous-line baseline's guess."""
+    cut, end = offset + col, offset + len(line)
+    prev_lines = text[:offset].rstrip("\n").split("\n")
+    previous = next((l for l in reversed(prev_lines) if l.strip()), "")
+    return {"file": fi, "kind": kind, "prefix": text[:cut], "suffix": text[end:], "target": text[cut:end],
+            "baseline": previous[col:] if kind == "mid_line" else previous.strip()}
+
+
 def line_completion(engine: Engine, files: list[str], n: int, seed: int = 0) -> dict:
-    rng = random.Random(seed)
-    points = cut_points(files, n, rng)
+    points = cut_points(files, n, seed)
     parses = {i: bash_parses(t) for i, t in enumerate(files)}
     rows = {"fim": [], "no_suffix": [], "baseline": []}
     syntax_ok, syntax_total = 0, 0
