@@ -24,12 +24,14 @@ def parse_location(spec: str) -> tuple[str, int, int]:
 
 
 def split_at(text: str, line: int, col: int) -> tuple[str, str]:
-    """Prefix and suffix around a 1-based (line, column) position; the column counts characters."""
+    """Prefix and suffix around a 1-based (line, column) position; the column counts characters, and the
+    carriage return of a CRLF line ending is not one of them."""
     lines = text.split("\n")
     if not 1 <= line <= len(lines):
         raise ValueError(f"line {line} is outside the file (1-{len(lines)})")
-    if not 1 <= col <= len(lines[line - 1]) + 1:
-        raise ValueError(f"column {col} is outside line {line} (1-{len(lines[line - 1]) + 1})")
+    last = len(lines[line - 1].removesuffix("\r")) + 1
+    if not 1 <= col <= last:
+        raise ValueError(f"column {col} is outside line {line} (1-{last})")
     offset = sum(len(l) + 1 for l in lines[: line - 1]) + col - 1
     return text[:offset], text[offset:]
 

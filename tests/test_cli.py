@@ -63,6 +63,9 @@ def test_corrupt_model_is_a_clear_error(tmp_path):
 def test_split_at():
     assert split_at("ab\ncd\n", 2, 2) == ("ab\nc", "d\n")
     assert split_at("ab\ncd\n", 3, 1) == ("ab\ncd\n", "")
+    assert split_at("ab\r\ncd\r\n", 1, 3) == ("ab", "\r\ncd\r\n")  # the line's end is before its CR
+    with pytest.raises(ValueError, match="1-3"):
+        split_at("ab\r\ncd\r\n", 1, 4)
     with pytest.raises(ValueError):
         split_at("ab\n", 1, 9)
 
