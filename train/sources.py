@@ -208,8 +208,9 @@ def _fetch_npm(spec: PackageSpec, work: Path, dest: Path, cache: Path) -> bool:
 def _fetch_pypi(spec: PackageSpec, work: Path, dest: Path, cache: Path) -> bool:
     # source distributions only: wheels rarely carry the build and CI scripts. pip reads a package's
     # metadata before it keeps the file, with this environment's build tools first (quick) and, where
-    # the package needs others (pillow needs pybind11), in an environment of its own
-    download = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", ":all:",
+    # the package needs others (pillow needs pybind11), in an environment of its own, whose tools come
+    # as wheels (`--no-binary :all:` would compile Cython and the like from source for minutes each)
+    download = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", spec.name,
                 "-d", str(work), spec.name]
     if not (_run(download[:-3] + ["--no-build-isolation"] + download[-3:], work, timeout=600)
             or _run(download, work, timeout=900)):
