@@ -295,6 +295,43 @@ class StdoutBytes:
         self.stream.close()
 
 
+async def read_in_loop(running: asyncio.AbstractEventLoop, fd: int, conn: Connection, stop: threading.Event) -> bool:
+    """Feed what arrives on `fd` to `conn` from the event loop itself until end of file or `stop`: no
+    reader thread has to wake the loop for each keystroke, a hand-off that costs milliseconds when other
+    processes hold the cores. False, having read nothing, where the loop cannot watch `fd` (a regular
+    file; Windows pipes)."""
+    ended = running.create_future()
+
+    def on_readable() -> None:
+        try:
+            data = os.read(fd, 1 << 16)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if data:
+            conn.feed(data)
+        if (not data or stop.is_set()) and not ended.done():
+            ended.set_result(None)
+
+    try:
+        was_blocking = os.get_blocking(fd)
+        os.set_blocking(fd, False)
+    except (OSError, ValueError):
+        return False
+    try:
+        running.add_reader(fd, on_readable)
+    except (NotImplementedError, OSError, ValueError):  # epoll refuses regular files
+        os.set_blocking(fd, was_blocking)
+        return False
+    try:
+        await ended
+    finally:
+        running.remove_reader(fd)
+        os.set_blocking(fd, was_blocking)  # a terminal's shell expects its stdin as it was
+    return True
+
+
 def serve_stdio(ls) -> None:
     """Serve one editor over stdin/stdout until stdin closes or `exit` arrives."""
     writer = StdoutBytes(sys.stdout.buffer)
@@ -305,7 +342,9 @@ def serve_stdio(ls) -> None:
 
     async def loop():
         running = asyncio.get_running_loop()
-        while not ls._stop_event.is_set():
+        if await read_in_loop(running, fd, conn, ls._stop_event):
+            return
+        while not ls._stop_event.is_set():  # a file or a platform the loop cannot watch: a reader thread
             data = await running.run_in_executor(reader, os.read, fd, 1 << 16)
             if not data:
                 break
