@@ -1,7 +1,9 @@
 """`codellm-train eval BUNDLE`: held-out loss, line completion, and syntax of generated scripts.
 
 Line completion follows the CodeXGLUE protocol: held-out files are cut at line starts and at random
-mid-line points; the target is the rest of the line; greedy decoding with the real suffix. EM is
+mid-line points (drawn per line from a hash of its file and place, so that corpora built on different days
+share the points of the files they share); the target is the rest of the line; greedy decoding with the
+real suffix. EM is
 whitespace-split equality, ES the Levenshtein similarity (0-100). Beside it: the repeat-previous-line
 baseline and the same model without the suffix.
 """
