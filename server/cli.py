@@ -127,7 +127,7 @@ def main(argv=None) -> int:
             print(f"codellm-serve: cannot listen on {args.host}:{args.tcp}: {exc.strerror or exc}", file=sys.stderr)
             return 2
     else:
-        serve_stdio(ls)
+        return serve_stdio(ls)
     return 0
 
 

@@ -299,7 +299,10 @@ async def read_in_loop(running: asyncio.AbstractEventLoop, fd: int, conn: Connec
     """Feed what arrives on `fd` to `conn` from the event loop itself until end of file or `stop`: no
     reader thread has to wake the loop for each keystroke, a hand-off that costs milliseconds when other
     processes hold the cores. False, having read nothing, where the loop cannot watch `fd` (a regular
-    file; Windows pipes)."""
+    file; Windows pipes) or `fd` is a terminal (its non-blocking flag is the shell's too, and a killed
+    server could not put it back)."""
+    if os.isatty(fd):
+        return False
     ended = running.create_future()
 
     def on_readable() -> None:
@@ -332,8 +335,9 @@ async def read_in_loop(running: asyncio.AbstractEventLoop, fd: int, conn: Connec
     return True
 
 
-def serve_stdio(ls) -> None:
-    """Serve one editor over stdin/stdout until stdin closes or `exit` arrives."""
+def serve_stdio(ls) -> int:
+    """Serve one editor over stdin/stdout until stdin closes or `exit` arrives. Returns the exit status:
+    1 after an `exit` that no `shutdown` came before (as the protocol asks), else 0."""
     writer = StdoutBytes(sys.stdout.buffer)
     ls._stop_event = threading.Event()
     conn = Connection(ls, writer.write, writer)
@@ -350,15 +354,19 @@ def serve_stdio(ls) -> None:
                 break
             conn.feed(data)
 
+    status = 0
     try:
         asyncio.run(loop())
     except BrokenPipeError:
         log.warning("the connection to the editor is lost; shutting down")
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
         pass
+    except SystemExit as stop:  # the `exit` notification
+        status = stop.code if isinstance(stop.code, int) else 0
     finally:
         reader.shutdown(wait=False)
         ls.shutdown()
+    return status
 
 
 def server_token() -> str:

@@ -5,6 +5,7 @@ import json
 import os
 import queue
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -99,6 +100,43 @@ def test_protocol_errors_are_answered_and_never_end_the_server(bundle_path):
     finally:
         server.proc.kill()
         server.proc.wait()
+
+
+def test_exit_without_shutdown_ends_the_server_with_status_one(bundle_path):
+    """The protocol's rule: `exit` after `shutdown` ends with 0, a bare `exit` with 1."""
+    server = RawServer("--model", str(bundle_path))
+    try:
+        initialize(server, Answers(server))
+        server.send("exit", request=False)
+        assert server.proc.wait(30) == 1
+    finally:
+        server.proc.kill()
+        server.proc.wait()
+
+
+@pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
+def test_a_server_killed_on_a_terminal_leaves_the_terminal_blocking(bundle_path):
+    """Run by hand in a shell, stdin is the shell's terminal: its non-blocking flag is shared, so the server
+    must not set it (a SIGTERM would leave the shell's stdin non-blocking)."""
+    main, tty = os.openpty()
+    termios_mode = pytest.importorskip("tty")
+    termios_mode.setraw(tty)  # bytes as they come, not lines, and no echo
+    proc = subprocess.Popen([sys.executable, "-m", "codellm.server.cli", "--model", str(bundle_path)], stdin=tty,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"capabilities": {}}})
+        os.write(main, b"Content-Length: %d\r\n\r\n%s" % (len(body), body.encode()))
+        ready, _, _ = select.select([proc.stdout], [], [], 60)
+        assert ready and b"capabilities" in proc.stdout.read1(1 << 16)  # it reads the terminal
+        assert os.get_blocking(tty)
+        proc.terminate()
+        proc.wait(30)
+        assert os.get_blocking(tty)
+    finally:
+        proc.kill()
+        proc.wait()
+        os.close(main)
+        os.close(tty)
 
 
 def test_documents_never_opened_are_never_read(bundle_path, tmp_path):
