@@ -295,46 +295,6 @@ class StdoutBytes:
         self.stream.close()
 
 
-async def read_in_loop(running: asyncio.AbstractEventLoop, fd: int, conn: Connection, stop: threading.Event) -> bool:
-    """Feed what arrives on `fd` to `conn` from the event loop itself until end of file or `stop`: no
-    reader thread has to wake the loop for each keystroke, a hand-off that costs milliseconds when other
-    processes hold the cores. False, having read nothing, where the loop cannot watch `fd` (a regular
-    file; Windows pipes) or `fd` is a terminal (its non-blocking flag is the shell's too, and a killed
-    server could not put it back)."""
-    if os.isatty(fd):
-        return False
-    ended = running.create_future()
-
-    def on_readable() -> None:
-        try:
-            data = os.read(fd, 1 << 16)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            data = b""
-        if data:
-            conn.feed(data)
-        if (not data or stop.is_set()) and not ended.done():
-            ended.set_result(None)
-
-    try:
-        was_blocking = os.get_blocking(fd)
-        os.set_blocking(fd, False)
-    except (OSError, ValueError):
-        return False
-    try:
-        running.add_reader(fd, on_readable)
-    except (NotImplementedError, OSError, ValueError):  # epoll refuses regular files
-        os.set_blocking(fd, was_blocking)
-        return False
-    try:
-        await ended
-    finally:
-        running.remove_reader(fd)
-        os.set_blocking(fd, was_blocking)  # a terminal's shell expects its stdin as it was
-    return True
-
-
 def serve_stdio(ls) -> int:
     """Serve one editor over stdin/stdout until stdin closes or `exit` arrives. Returns the exit status:
     1 after an `exit` that no `shutdown` came before (as the protocol asks), else 0."""
@@ -346,9 +306,7 @@ def serve_stdio(ls) -> int:
 
     async def loop():
         running = asyncio.get_running_loop()
-        if await read_in_loop(running, fd, conn, ls._stop_event):
-            return
-        while not ls._stop_event.is_set():  # a file or a platform the loop cannot watch: a reader thread
+        while not ls._stop_event.is_set():
             data = await running.run_in_executor(reader, os.read, fd, 1 << 16)
             if not data:
                 break

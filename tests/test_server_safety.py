@@ -116,8 +116,8 @@ def test_exit_without_shutdown_ends_the_server_with_status_one(bundle_path):
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
 def test_a_server_killed_on_a_terminal_leaves_the_terminal_blocking(bundle_path):
-    """Run by hand in a shell, stdin is the shell's terminal: its non-blocking flag is shared, so the server
-    must not set it (a SIGTERM would leave the shell's stdin non-blocking)."""
+    """Run by hand in a shell, stdin is the shell's terminal, whose non-blocking flag the shell shares: the
+    server reads it as it is, so a SIGTERM cannot leave the shell's stdin non-blocking."""
     main, tty = os.openpty()
     termios_mode = pytest.importorskip("tty")
     termios_mode.setraw(tty)  # bytes as they come, not lines, and no echo
