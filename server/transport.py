@@ -6,7 +6,7 @@ body of this one (or waits for bytes that never come), and a huge one asks for t
 a frame whose length is wrong, missing, misspelt or absurd is recovered from the JSON itself and the
 next header; bodies that cannot be read are answered -32700, requests without `jsonrpc` or `method`
 -32600, requests before `initialize` -32002 and requests after `shutdown` -32600. No frame ends the
-server.
+server. `exit` ends it once the requests still in flight (which `shutdown` cancels) have been answered.
 
 Over TCP only one connection is served: the first that sends `initialize` with the server's token in
 `initializationOptions.token`. Any other connection gets errors and never sees a byte meant for the
@@ -23,7 +23,6 @@ import re
 import secrets
 import sys
 import threading
-from concurrent.futures import ThreadPoolExecutor
 
 from pygls.exceptions import JsonRpcException
 
@@ -39,6 +38,8 @@ TOKEN_ENV = "CODELLM_TOKEN"
 HEADER_START = re.compile(rb"(?im)^[A-Za-z][A-Za-z0-9-]{0,63}[ \t]*:|content-[a-z]{1,32}[ \t]*:")
 HEADER_END = re.compile(rb"\r?\n\r?\n")
 CONTENT_LENGTH = re.compile(rb"(?im)^content-length[ \t]*:[ \t]*(\d{1,12})[ \t]*\r?$")
+
+EXIT_GRACE_S = 2.0  # the longest `exit` waits for answers still being written
 
 PARSE_ERROR, INVALID_REQUEST, NOT_INITIALIZED, REQUEST_FAILED = -32700, -32600, -32002, -32803
 
@@ -180,6 +181,7 @@ class Connection:
         self.framer = Framer()
         self.initialized = False
         self.shut_down = False
+        self.exiting: asyncio.Task | None = None  # an `exit` waiting for the answers still being written
 
     @property
     def owner(self) -> bool:
@@ -226,7 +228,7 @@ class Connection:
             return
         if method == "exit" and not is_request:
             if self.owner or (self.token is None and not self.initialized):
-                self.dispatch(message)
+                self.exit_when_answered(message)
             return
         if not self.initialized:
             if method != "initialize":
@@ -253,6 +255,23 @@ class Connection:
         if method == "shutdown" and is_request:
             self.shut_down = True
         self.dispatch(message)
+
+    def exit_when_answered(self, message: dict) -> None:
+        """Carry out `exit` once every request still running has written its answer. An editor that closes
+        sends `shutdown` and `exit` together: `shutdown` cancels the requests in flight, and their
+        cancellation errors must reach the editor before the process ends. Raises SystemExit (now or
+        from the task in `exiting`)."""
+        running = [f for f in self.ls.protocol._request_futures.values()  # pygls' requests in flight
+                   if isinstance(f, asyncio.Future) and not f.done()]
+        if not running or self.exiting:
+            self.dispatch(message)
+            return
+
+        async def when_answered():
+            await asyncio.wait(running, timeout=EXIT_GRACE_S)
+            self.dispatch(message)
+
+        self.exiting = asyncio.get_running_loop().create_task(when_answered())
 
     def admit(self, message: dict) -> bool:
         """Whether this connection may become the server's client (always, over stdio)."""
@@ -301,16 +320,19 @@ def serve_stdio(ls) -> int:
     writer = StdoutBytes(sys.stdout.buffer)
     ls._stop_event = threading.Event()
     conn = Connection(ls, writer.write, writer)
-    reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="codellm-stdin")
-    fd = sys.stdin.fileno()
 
     async def loop():
         running = asyncio.get_running_loop()
+        chunks: asyncio.Queue[bytes] = asyncio.Queue()
+        # a daemon thread: a process ending while the editor keeps stdin open must not wait for its read
+        threading.Thread(target=read_stdin, args=(running, chunks), name="codellm-stdin", daemon=True).start()
         while not ls._stop_event.is_set():
-            data = await running.run_in_executor(reader, os.read, fd, 1 << 16)
+            data = await chunks.get()
             if not data:
                 break
             conn.feed(data)
+        if conn.exiting:
+            await conn.exiting  # the editor closed its end after `exit`: finish that exit
 
     status = 0
     try:
@@ -322,9 +344,25 @@ def serve_stdio(ls) -> int:
     except SystemExit as stop:  # the `exit` notification
         status = stop.code if isinstance(stop.code, int) else 0
     finally:
-        reader.shutdown(wait=False)
+        if conn.exiting and conn.exiting.done() and not conn.exiting.cancelled():
+            conn.exiting.exception()  # the SystemExit above came from this task: seen, not a lost error
         ls.shutdown()
     return status
+
+
+def read_stdin(loop: asyncio.AbstractEventLoop, chunks: asyncio.Queue) -> None:
+    """Hand what stdin brings to the event loop as it comes; b"" at its end (or when it cannot be read)."""
+    fd = sys.stdin.fileno()
+    data = b"x"
+    while data:
+        try:
+            data = os.read(fd, 1 << 16)
+        except OSError:
+            data = b""
+        try:
+            loop.call_soon_threadsafe(chunks.put_nowait, data)
+        except RuntimeError:
+            return  # the loop has closed: the server is ending
 
 
 def server_token() -> str:

@@ -384,3 +384,36 @@ def test_a_model_change_loads_off_the_event_loop_and_the_serving_model_answers_m
             assert status.model_error is None and status.parameters > 30_000_000
 
     asyncio.run(main())
+
+
+def test_requests_in_flight_at_shutdown_are_answered_before_the_server_exits(bundle_path):
+    """An editor that closes right after typing sends completions, `shutdown` and `exit` at once: every
+    request gets its answer (a result, or the error of a request cancelled) before the process ends,
+    even while the editor keeps its end of stdin open."""
+    server = RawServer("--model", str(bundle_path), "--min-confidence", "0", "--cut-confidence", "0")
+    answers = Answers(server)
+    try:
+        initialize(server, answers)
+        server.send("textDocument/didOpen", {"textDocument": {"uri": URI, "languageId": "shellscript",
+                                                              "version": 1, "text": SCRIPT}}, request=False)
+        line = SCRIPT.count("\n")
+        pending = [server.send("textDocument/inlineCompletion", {
+            "textDocument": {"uri": URI}, "position": {"line": line, "character": len(SCRIPT.split("\n")[-1])},
+            "context": {"triggerKind": 1}}) for _ in range(3)]
+        pending.append(server.send("codellm/status"))
+        bye = server.send("shutdown")
+        server.send("exit", request=False)
+        assert server.proc.wait(60) == 0
+        order = []
+        while not server.responses.empty():
+            msg = server.responses.get()
+            if "method" not in msg:
+                order.append(msg["id"])
+                answers.by_id[msg["id"]] = msg
+        assert set(pending) <= set(order), f"requests left unanswered: {set(pending) - set(order)}"
+        assert "result" in answers.by_id[bye]
+        assert all("result" in answers.by_id[msg_id] or answers.by_id[msg_id]["error"]["code"] == -32800
+                   for msg_id in pending)
+    finally:
+        server.proc.kill()
+        server.proc.wait()
