@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 from codellm.train.corpus import record, write_records
-from codellm.train.evaluate import block_openers, call_points, cut_points, round_robin, with_siblings_open
+from codellm.train.evaluate import (block_openers, better_on_every_split, call_points, cut_points, paired_difference,
+                                    round_robin, with_siblings_open)
 from codellm.train.recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
 
 from conftest import ENGLISH_SAMPLES, SHELL_SAMPLES
@@ -102,7 +103,8 @@ def test_two_bundles_compare_on_every_split(bundle_path, tmp_path, capsys):
         assert 0 <= figures["block_completion"]["bash_n_pass"] <= 100
     assert "block after opener" in run.stdout and "held-out split val_user" in run.stdout
     # the same bundle twice is not better than itself
-    assert "on every split: no" in run.stdout
+    assert "not worse beyond doubt: no" in run.stdout
+    assert "line ES with suffix, val_user, first - second bundle, same 4 cut points: +0.00" in run.stdout
     from codellm.train.evaluate import print_table
     results[0]["splits"]["val"]["shell_loss"]["loss"] = 1e15  # a cell wider than any default column
     capsys.readouterr()
@@ -132,3 +134,25 @@ def test_evaluating_the_shipped_model_leaves_its_files_as_they_are(tmp_path):
     assert (PACKAGED_BUNDLE / "data.msgpack").read_bytes() == card  # the installed model's card is not written
     assert {p.name: p.stat().st_mtime_ns for p in PACKAGED_BUNDLE.parent.iterdir()} == before
     assert json.loads((tmp_path / "default-eval.json").read_text())["splits"]  # the results, in the working folder
+
+
+def test_paired_difference_tells_a_real_change_from_noise():
+    rng = random.Random(3)
+    old = [rng.uniform(0, 100) for _ in range(300)]
+    noise = [x + rng.gauss(0, 5) for x in old]
+    worse = [x - 10 for x in old]
+    assert paired_difference(noise, old)["low"] < 0 < paired_difference(noise, old)["high"]
+    assert paired_difference(worse, old)["high"] < 0 and paired_difference(worse, old)["mean"] == -10
+    assert paired_difference(old[:5], old) is None  # not the same points
+
+
+def test_a_lower_loss_with_worse_line_completion_is_not_better():
+    def results(loss, es):
+        return {"splits": {s: {"shell_loss": {"loss": loss}, "line_completion": {"es_per_point": es}}
+                           for s in ("val", "val_user")}}
+    rng = random.Random(4)
+    old_es = [rng.uniform(0, 100) for _ in range(200)]
+    old = results(2.0, old_es)
+    assert better_on_every_split(results(1.9, [x + rng.gauss(0, 3) for x in old_es]), old)
+    assert not better_on_every_split(results(1.9, [x - 8 for x in old_es]), old)
+    assert not better_on_every_split(results(2.1, old_es), old)

@@ -9,6 +9,7 @@ baseline and the same model without the suffix.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -160,6 +161,8 @@ def line_completion(engine: Engine, files: list[str], n: int, seed: int = 0) -> 
                 result[name][kind] = {"em": round(100 * sum(r[1] for r in sel) / len(sel), 1),
                                       "es": round(sum(r[2] for r in sel) / len(sel), 1), "n": len(sel)}
     result["syntax_kept_parseable"] = round(100 * syntax_ok / max(1, syntax_total), 1)
+    # per cut point, for comparing two bundles point by point (the points depend only on the files)
+    result["es_per_point"] = [round(r[2], 1) for r in rows["fim"]]
     times.sort()
     result["latency_ms"] = {"p50": round(1000 * times[len(times) // 2], 1),
                             "p95": round(1000 * times[int(len(times) * 0.95)], 1)} if times else {}
@@ -517,11 +520,47 @@ def print_table(all_results: list[dict]) -> None:
         print(f"{key:40s}" + "".join(f"{v:>{width}s}" for v in values))
 
 
+def paired_difference(new: list[float], old: list[float], resamples: int = 2000, seed: int = 0) -> dict | None:
+    """The mean of new[i] - old[i] over paired measurements (the same cut points, two bundles) and its 95%
+    percentile bootstrap interval (Efron & Tibshirani, "An Introduction to the Bootstrap", 1993): an
+    interval that holds 0 says the two cannot be told apart on these points. None when the lists are
+    empty or of different lengths (the bundles were not measured on the same points)."""
+    if not new or len(new) != len(old):
+        return None
+    diffs = [a - b for a, b in zip(new, old)]
+    rng = random.Random(seed)
+    means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(resamples))
+    return {"mean": round(sum(diffs) / len(diffs), 2), "low": round(means[int(0.025 * resamples)], 2),
+            "high": round(means[int(0.975 * resamples) - 1], 2), "n": len(diffs)}
+
+
+def line_es_difference(new: dict, old: dict, split: str) -> dict | None:
+    """paired_difference of line ES with the suffix on `split` (new - old), None where not measured."""
+    a, b = (r["splits"].get(split, {}).get("line_completion", {}).get("es_per_point") for r in (new, old))
+    return paired_difference(a or [], b or [])
+
+
 def better_on_every_split(new: dict, old: dict) -> bool:
-    """True when `new` has a lower held-out shell loss than `old` on every split both were measured on."""
+    """True when `new` has a lower held-out shell loss than `old` on every split both were measured on,
+    and its line completion (ES with the suffix, point by point) is not worse beyond doubt on any of
+    them: the 95% interval of the difference does not lie wholly below 0."""
     shared = set(new["splits"]) & set(old["splits"])
+
+    def not_worse(split: str) -> bool:
+        diff = line_es_difference(new, old, split)
+        return diff is None or diff["high"] >= 0
+
     return bool(shared) and all(new["splits"][s]["shell_loss"]["loss"] < old["splits"][s]["shell_loss"]["loss"]
-                                for s in shared)
+                                and not_worse(s) for s in shared)
+
+
+def print_differences(new: dict, old: dict) -> None:
+    """Line ES with the suffix, new - old, point by point per split, with its 95% interval."""
+    for split in HELDOUT_SPLITS:
+        diff = line_es_difference(new, old, split)
+        if diff:
+            print(f"line ES with suffix, {split}, first - second bundle, same {diff['n']} cut points: "
+                  f"{diff['mean']:+.2f} (95% interval {diff['low']:+.2f} .. {diff['high']:+.2f})")
 
 
 def write_into_card(bundle_path: Path, results: dict) -> None:
@@ -530,7 +569,9 @@ def write_into_card(bundle_path: Path, results: dict) -> None:
     card_path = bundle_path / CARD_FILE
     card = msgpack.unpackb(card_path.read_bytes(), raw=False)
     card = card if isinstance(card, dict) else {}
-    card["eval"] = {k: v for k, v in results.items() if k != "bundle"}
+    card["eval"] = copy.deepcopy({k: v for k, v in results.items() if k != "bundle"})
+    for split in card["eval"].get("splits", {}).values():
+        (split.get("line_completion") or {}).pop("es_per_point", None)  # in the results file only
     tmp = card_path.with_name(f".{card_path.name}.tmp")
     try:
         tmp.write_bytes(msgpack.packb(card, use_bin_type=True))
@@ -578,9 +619,10 @@ def main(args) -> None:
     out.write_text(json.dumps(results if len(results) > 1 else results[0], indent=2))
     print(f"results written to {out}")
     if len(results) > 1:
+        print_differences(results[0], results[1])
         verdict = better_on_every_split(results[0], results[1])
-        print(f"{args.bundle[0]} has a lower held-out shell loss than {args.bundle[1]} on every split: "
-              f"{'yes' if verdict else 'no'}")
+        print(f"{args.bundle[0]} has a lower held-out shell loss than {args.bundle[1]} on every split, and line "
+              f"completion not worse beyond doubt: {'yes' if verdict else 'no'}")
     for bundle, result in zip(args.bundle, results):
         if bundle in cards:
             write_into_card(bundle, result)
