@@ -122,13 +122,11 @@ def main(argv=None) -> int:
         if not 0 <= args.tcp <= 65535:
             parser.error(f"--tcp {args.tcp}: a port is 0-65535")
         try:
-            serve_tcp(ls, args.host, args.tcp, token, announce)
+            return serve_tcp(ls, args.host, args.tcp, token, announce)
         except OSError as exc:  # the port is taken, or not ours to bind
             print(f"codellm-serve: cannot listen on {args.host}:{args.tcp}: {exc.strerror or exc}", file=sys.stderr)
             return 2
-    else:
-        return serve_stdio(ls)
-    return 0
+    return serve_stdio(ls)
 
 
 if __name__ == "__main__":

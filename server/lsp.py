@@ -34,7 +34,18 @@ UINTEGER_MAX = 2**31 - 1  # LSP's uinteger
 
 class CodellmProtocol(LanguageServerProtocol):
     """Answers a request whose parameters cannot be read with an error, instead of leaving the client
-    waiting forever; accepts requests that omit `params` (allowed by JSON-RPC)."""
+    waiting forever; accepts requests that omit `params` (allowed by JSON-RPC). Keeps the ids of the
+    requests not answered yet (`unanswered`), which `exit` waits for."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.unanswered: set = set()  # ids of the client's requests whose answer is not written yet
+
+    def _send_response(self, msg_id, result=None, error=None):
+        try:
+            super()._send_response(msg_id, result, error)
+        finally:
+            self.unanswered.discard(msg_id)  # written, or lost with the connection: nothing to wait for
 
     def structure_message(self, data):
         if isinstance(data, dict) and "jsonrpc" in data and "method" in data and "params" not in data:
@@ -324,7 +335,8 @@ async def prefetch_at(ls: CodellmServer, uri: str, doc: DocumentText, position: 
         context = ls.context.chunks_for(uri, prefix, suffix) if ls.settings.file_context else None
         await ls.service.prefetch(uri, prefix, suffix, context)
     except Exception as exc:  # noqa: BLE001 - a failed prefetch costs nothing: the request runs anew
-        log.warning("prefetch failed: %s", type(exc).__name__)
+        if not ls.holder.stopped:  # (after `shutdown` the model thread takes no more work: not a fault)
+            log.warning("prefetch failed: %s", type(exc).__name__)
 
 
 def remember_open(ls: CodellmServer, uri: str) -> None:

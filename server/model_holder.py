@@ -44,6 +44,7 @@ class ModelHolder:
         self._watch_stop: threading.Event | None = None
         self._load_lock = threading.Lock()
         self.quiet = False
+        self.stopped = False  # set by stop(): the model thread takes no more work
         self.answered = threading.Event()  # set by the first completion the model gave (CompletionService)
         # a load started with the process, before the editor's settings came (codellm.server.cli)
         self.early = early
@@ -226,6 +227,7 @@ class ModelHolder:
         return version, self.engine
 
     def stop(self) -> None:
+        self.stopped = True
         if self._watch_stop:
             self._watch_stop.set()
         self.executor.shutdown(wait=False, cancel_futures=True)

@@ -6,7 +6,8 @@ body of this one (or waits for bytes that never come), and a huge one asks for t
 a frame whose length is wrong, missing, misspelt or absurd is recovered from the JSON itself and the
 next header; bodies that cannot be read are answered -32700, requests without `jsonrpc` or `method`
 -32600, requests before `initialize` -32002 and requests after `shutdown` -32600. No frame ends the
-server. `exit` ends it once the requests still in flight (which `shutdown` cancels) have been answered.
+server. `exit` ends it once the requests still in flight (which `shutdown` cancels) have been answered;
+what comes after `exit` is not read.
 
 Over TCP only one connection is served: the first that sends `initialize` with the server's token in
 `initializationOptions.token`. Any other connection gets errors and never sees a byte meant for the
@@ -15,6 +16,7 @@ editor, and its disconnect ends nothing.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
 import json
 import logging
@@ -207,6 +209,8 @@ class Connection:
                 log.warning("message not handled: %s", type(exc).__name__)
 
     def handle(self, message) -> None:
+        if self.exiting:
+            return  # `exit` has come: nothing more is read
         if message is BadFrame:
             self.error(None, PARSE_ERROR, "Parse error: the body is not JSON")
             return
@@ -257,21 +261,23 @@ class Connection:
         self.dispatch(message)
 
     def exit_when_answered(self, message: dict) -> None:
-        """Carry out `exit` once every request still running has written its answer. An editor that closes
-        sends `shutdown` and `exit` together: `shutdown` cancels the requests in flight, and their
-        cancellation errors must reach the editor before the process ends. Raises SystemExit (now or
-        from the task in `exiting`)."""
-        running = [f for f in self.ls.protocol._request_futures.values()  # pygls' requests in flight
-                   if isinstance(f, asyncio.Future) and not f.done()]
-        if not running or self.exiting:
+        """Carry out `exit` once every request dispatched has written its answer (or EXIT_GRACE_S have
+        passed). An editor that closes sends `shutdown` and `exit` together: `shutdown` cancels the
+        requests in flight, and their cancellation errors must reach the editor before the process ends.
+        Raises SystemExit (now or from the task in `exiting`)."""
+        unanswered = self.ls.protocol.unanswered
+        if not unanswered:
             self.dispatch(message)
             return
+        loop = asyncio.get_running_loop()
 
         async def when_answered():
-            await asyncio.wait(running, timeout=EXIT_GRACE_S)
+            deadline = loop.time() + EXIT_GRACE_S
+            while unanswered and loop.time() < deadline:
+                await asyncio.sleep(0.005)
             self.dispatch(message)
 
-        self.exiting = asyncio.get_running_loop().create_task(when_answered())
+        self.exiting = loop.create_task(when_answered())
 
     def admit(self, message: dict) -> bool:
         """Whether this connection may become the server's client (always, over stdio)."""
@@ -293,6 +299,8 @@ class Connection:
 
     def dispatch(self, message: dict) -> None:
         protocol = self.ls.protocol
+        if "method" in message and valid_id(message.get("id")):
+            protocol.unanswered.add(message["id"])
         try:
             structured = protocol.structure_message(message)
         except JsonRpcException:
@@ -301,14 +309,28 @@ class Connection:
 
 
 class StdoutBytes:
-    def __init__(self, stream):
+    """The editor's end of stdout. Once a write fails (the editor has closed it), later writes are
+    dropped and `on_lost` is called once, from the thread that wrote."""
+
+    def __init__(self, stream, on_lost=None):
         self.stream = stream
         self.lock = threading.Lock()
+        self.lost = False
+        self.on_lost = on_lost
 
     def write(self, data: bytes) -> None:
         with self.lock:
-            self.stream.write(data)
-            self.stream.flush()
+            if self.lost:
+                return
+            try:
+                self.stream.write(data)
+                self.stream.flush()
+            except (OSError, ValueError):  # a broken pipe, or a closed stream
+                self.lost = True
+        if self.lost:
+            log.warning("the connection to the editor is lost; shutting down")
+            if self.on_lost:
+                self.on_lost()
 
     def close(self) -> None:
         self.stream.close()
@@ -317,13 +339,26 @@ class StdoutBytes:
 def serve_stdio(ls) -> int:
     """Serve one editor over stdin/stdout until stdin closes or `exit` arrives. Returns the exit status:
     1 after an `exit` that no `shutdown` came before (as the protocol asks), else 0."""
-    writer = StdoutBytes(sys.stdout.buffer)
     ls._stop_event = threading.Event()
+    writer = StdoutBytes(sys.stdout.buffer)
     conn = Connection(ls, writer.write, writer)
 
     async def loop():
         running = asyncio.get_running_loop()
-        chunks: asyncio.Queue[bytes] = asyncio.Queue()
+        chunks: asyncio.Queue[bytes] = asyncio.Queue(STDIN_CHUNKS)
+
+        def wake() -> None:  # the editor is gone: end the loop without waiting for stdin
+            if not chunks.full():  # (a full queue: the loop is not waiting, and checks the stop event next)
+                chunks.put_nowait(b"")
+
+        def lost() -> None:
+            ls._stop_event.set()
+            try:
+                running.call_soon_threadsafe(wake)
+            except RuntimeError:
+                pass  # the loop has ended already
+
+        writer.on_lost = lost
         # a daemon thread: a process ending while the editor keeps stdin open must not wait for its read
         threading.Thread(target=read_stdin, args=(running, chunks), name="codellm-stdin", daemon=True).start()
         while not ls._stop_event.is_set():
@@ -331,7 +366,7 @@ def serve_stdio(ls) -> int:
             if not data:
                 break
             conn.feed(data)
-        if conn.exiting:
+        if conn.exiting and not writer.lost:
             await conn.exiting  # the editor closed its end after `exit`: finish that exit
 
     status = 0
@@ -350,18 +385,26 @@ def serve_stdio(ls) -> int:
     return status
 
 
+STDIN_CHUNKS = 16  # chunks of up to 64 KiB read ahead of the event loop; a client writing faster waits
+
+
 def read_stdin(loop: asyncio.AbstractEventLoop, chunks: asyncio.Queue) -> None:
-    """Hand what stdin brings to the event loop as it comes; b"" at its end (or when it cannot be read)."""
-    fd = sys.stdin.fileno()
+    """Hand what stdin brings to the event loop as it comes; b"" at its end (or when it cannot be read:
+    no stdin at all, when the process started with fd 0 closed). Waits while `chunks` is full, so that a
+    client that writes faster than the server reads is held back by the pipe, not buffered here."""
+    try:
+        fd = sys.stdin.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = None
     data = b"x"
     while data:
         try:
-            data = os.read(fd, 1 << 16)
+            data = os.read(fd, 1 << 16) if fd is not None else b""
         except OSError:
             data = b""
         try:
-            loop.call_soon_threadsafe(chunks.put_nowait, data)
-        except RuntimeError:
+            asyncio.run_coroutine_threadsafe(chunks.put(data), loop).result()
+        except (RuntimeError, concurrent.futures.CancelledError):
             return  # the loop has closed: the server is ending
 
 
@@ -369,9 +412,10 @@ def server_token() -> str:
     return os.environ.get(TOKEN_ENV) or secrets.token_urlsafe(24)
 
 
-def serve_tcp(ls, host: str, port: int, token: str, announce=None) -> None:
+def serve_tcp(ls, host: str, port: int, token: str, announce=None) -> int:
     """Listen on host:port; serve the first connection that initializes with `token`. The server ends
-    when that connection closes, as it does when an editor closes stdio."""
+    when that connection closes, as it does when an editor closes stdio. Returns the exit status, as
+    serve_stdio does. Raises OSError when host:port cannot be bound."""
     ls._stop_event = threading.Event()
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
@@ -386,6 +430,8 @@ def serve_tcp(ls, host: str, port: int, token: str, announce=None) -> None:
                 if not data:
                     break
                 conn.feed(data)
+            if conn.exiting:
+                await conn.exiting  # the editor closed its end after `exit`: finish that exit
         except (ConnectionError, OSError):
             pass
         finally:
@@ -410,5 +456,8 @@ def serve_tcp(ls, host: str, port: int, token: str, announce=None) -> None:
 
     try:
         asyncio.run(main())
-    except (KeyboardInterrupt, SystemExit):
+    except KeyboardInterrupt:
         pass
+    except SystemExit as stop:  # the `exit` notification
+        return stop.code if isinstance(stop.code, int) else 0
+    return 0

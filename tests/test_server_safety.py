@@ -387,33 +387,79 @@ def test_a_model_change_loads_off_the_event_loop_and_the_serving_model_answers_m
 
 
 def test_requests_in_flight_at_shutdown_are_answered_before_the_server_exits(bundle_path):
-    """An editor that closes right after typing sends completions, `shutdown` and `exit` at once: every
-    request gets its answer (a result, or the error of a request cancelled) before the process ends,
-    even while the editor keeps its end of stdin open."""
+    """An editor that closes right after typing sends edits, completions, `shutdown` and `exit` at once:
+    every request gets its answer (a result, or the error of a request cancelled, by `shutdown` or by
+    `$/cancelRequest`) before the process ends, even while the editor keeps its end of stdin open. A
+    second `exit` changes nothing, and a request after `exit` is not read."""
     server = RawServer("--model", str(bundle_path), "--min-confidence", "0", "--cut-confidence", "0")
     answers = Answers(server)
     try:
         initialize(server, answers)
         server.send("textDocument/didOpen", {"textDocument": {"uri": URI, "languageId": "shellscript",
                                                               "version": 1, "text": SCRIPT}}, request=False)
-        line = SCRIPT.count("\n")
-        pending = [server.send("textDocument/inlineCompletion", {
-            "textDocument": {"uri": URI}, "position": {"line": line, "character": len(SCRIPT.split("\n")[-1])},
-            "context": {"triggerKind": 1}}) for _ in range(3)]
+        line, text, pending = SCRIPT.count("\n"), SCRIPT.split("\n")[-1], []
+        for version in range(2, 102):  # typing " x x x ...", a completion asked every fifth key
+            server.send("textDocument/didChange", {
+                "textDocument": {"uri": URI, "version": version},
+                "contentChanges": [{"range": {"start": {"line": line, "character": len(text)},
+                                              "end": {"line": line, "character": len(text)}},
+                                    "text": " x"[version % 2]}]}, request=False)
+            text += " x"[version % 2]
+            if version % 5 == 0:
+                pending.append(server.send("textDocument/inlineCompletion", {
+                    "textDocument": {"uri": URI}, "position": {"line": line, "character": len(text)},
+                    "context": {"triggerKind": 2}}))
+        server.send("$/cancelRequest", {"id": pending[-1]}, request=False)
         pending.append(server.send("codellm/status"))
         bye = server.send("shutdown")
         server.send("exit", request=False)
+        server.send("exit", request=False)
+        after = server.send("codellm/status")
         assert server.proc.wait(60) == 0
-        order = []
+        time.sleep(0.5)  # the reader thread takes the last bytes of stdout
         while not server.responses.empty():
             msg = server.responses.get()
             if "method" not in msg:
-                order.append(msg["id"])
                 answers.by_id[msg["id"]] = msg
-        assert set(pending) <= set(order), f"requests left unanswered: {set(pending) - set(order)}"
+        assert set(pending) <= set(answers.by_id), f"unanswered: {set(pending) - set(answers.by_id)}"
         assert "result" in answers.by_id[bye]
         assert all("result" in answers.by_id[msg_id] or answers.by_id[msg_id]["error"]["code"] == -32800
                    for msg_id in pending)
+        assert after not in answers.by_id
     finally:
         server.proc.kill()
         server.proc.wait()
+
+
+def test_a_shutdown_after_exit_does_not_change_its_status(bundle_path):
+    """`exit` with no `shutdown` before it ends with 1, even while it waits for answers and a `shutdown`
+    comes after it."""
+    server = RawServer("--model", str(bundle_path), "--min-confidence", "0", "--cut-confidence", "0")
+    answers = Answers(server)
+    try:
+        initialize(server, answers)
+        server.send("textDocument/didOpen", {"textDocument": {"uri": URI, "languageId": "shellscript",
+                                                              "version": 1, "text": SCRIPT}}, request=False)
+        asked = server.send("textDocument/inlineCompletion", {
+            "textDocument": {"uri": URI}, "position": {"line": SCRIPT.count("\n"), "character": 8},
+            "context": {"triggerKind": 1}})
+        server.send("exit", request=False)
+        server.send("shutdown")
+        assert server.proc.wait(60) == 1
+        assert answers.get(asked, timeout=5)
+    finally:
+        server.proc.kill()
+        server.proc.wait()
+
+
+def test_a_server_started_without_stdin_ends_at_once(bundle_path):
+    """With file descriptor 0 closed there is no editor: the server ends with status 0 and no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "codellm.server.cli", "--model", str(bundle_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: os.close(0))
+    try:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0
+        assert b"Traceback" not in err, err.decode(errors="replace")
+    finally:
+        proc.kill()
+        proc.wait()
