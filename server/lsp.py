@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import logging
 import os
@@ -39,13 +40,17 @@ class CodellmProtocol(LanguageServerProtocol):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.unanswered: set = set()  # ids of the client's requests whose answer is not written yet
+        # the client's requests whose answer is not written yet: id -> how many (a careless client may
+        # reuse an id while its first request runs)
+        self.unanswered: collections.Counter = collections.Counter()
 
     def _send_response(self, msg_id, result=None, error=None):
         try:
             super()._send_response(msg_id, result, error)
-        finally:
-            self.unanswered.discard(msg_id)  # written, or lost with the connection: nothing to wait for
+        finally:  # written, or lost with the connection: nothing to wait for
+            self.unanswered[msg_id] -= 1
+            if self.unanswered[msg_id] <= 0:
+                del self.unanswered[msg_id]
 
     def structure_message(self, data):
         if isinstance(data, dict) and "jsonrpc" in data and "method" in data and "params" not in data:

@@ -5,8 +5,8 @@ pygls' own reader trusts every `Content-Length`: one wrong value and it reads th
 body of this one (or waits for bytes that never come), and a huge one asks for that much memory. Here
 a frame whose length is wrong, missing, misspelt or absurd is recovered from the JSON itself and the
 next header; bodies that cannot be read are answered -32700, requests without `jsonrpc` or `method`
--32600, requests before `initialize` -32002 and requests after `shutdown` -32600. No frame ends the
-server. `exit` ends it once the requests still in flight (which `shutdown` cancels) have been answered;
+-32600, requests before `initialize` -32002, requests after `shutdown` -32600, and a notification sent
+with an id (which pygls would never answer) -32600. No frame ends the server. `exit` ends it once the requests still in flight (which `shutdown` cancels) have been answered;
 what comes after `exit` is not read.
 
 Over TCP only one connection is served: the first that sends `initialize` with the server's token in
@@ -42,6 +42,7 @@ HEADER_END = re.compile(rb"\r?\n\r?\n")
 CONTENT_LENGTH = re.compile(rb"(?im)^content-length[ \t]*:[ \t]*(\d{1,12})[ \t]*\r?$")
 
 EXIT_GRACE_S = 2.0  # the longest `exit` waits for answers still being written
+STDIN_CHUNKS = 16  # chunks of up to 64 KiB read ahead of the event loop; a client writing faster waits
 
 PARSE_ERROR, INVALID_REQUEST, NOT_INITIALIZED, REQUEST_FAILED = -32700, -32600, -32002, -32803
 
@@ -109,16 +110,15 @@ class Framer:
         header; failing that, the frame is answered as unparseable and reading goes on at the next header."""
         buf = self.buf
         complete = n is not None and len(buf) - h >= n
-        starts = [m.start() for m in HEADER_START.finditer(buf, max(h, self.scan_from))]
         if n is not None and not complete:
             # still arriving, or the length is too long: then the next header follows the JSON value
-            end = json_end(buf, h) if starts else None
+            end = json_end(buf, h) if self._header_block_after(h) else None
             if end is None:
-                self.scan_from = max(h, len(buf) - 64)
                 return WAIT
             message = parse(bytes(buf[h:end]))
             self._consume(end)
             return message
+        starts = [m.start() for m in HEADER_START.finditer(buf, max(h, self.scan_from))]
         end = json_end(buf, h)
         if end is not None:
             message = parse(bytes(buf[h:end]))
@@ -133,6 +133,16 @@ class Framer:
             return WAIT
         self._consume(h + n if complete else len(buf))
         return BadFrame
+
+    def _header_block_after(self, h: int) -> bool:
+        """Whether a whole header block (a header line, then a blank line) has come in after buf[h] since
+        the last look. A JSON body holds no blank line in its strings (a raw line break there is not
+        JSON), so `Content-Type:` in a script's text does not make every chunk read the body again."""
+        buf = self.buf
+        found = any(HEADER_START.search(buf, max(h, end.start() - MAX_HEADER), end.start() + 1)
+                    for end in HEADER_END.finditer(buf, max(h, self.scan_from)))
+        self.scan_from = max(h, len(buf) - 3)  # a blank line may be cut between two chunks
+        return found
 
 
 DECODER = json.JSONDecoder()
@@ -175,15 +185,18 @@ class Connection:
     """One client connection: its framing state and what it may do. `owner` connections talk to the
     language server; over TCP a connection becomes the owner with the right token."""
 
-    def __init__(self, ls, write, protocol_writer, token: str | None = None):
+    def __init__(self, ls, write, protocol_writer, token: str | None = None, on_exit=None):
         self.ls = ls
         self.write = write  # bytes -> None
         self.protocol_writer = protocol_writer  # what pygls writes the editor's answers to
         self.token = token
+        self.on_exit = on_exit  # called once `exit` has been carried out (the transport then ends)
         self.framer = Framer()
         self.initialized = False
         self.shut_down = False
+        self.exit_received = False  # nothing is read after `exit`
         self.exiting: asyncio.Task | None = None  # an `exit` waiting for the answers still being written
+        self.exit_status: int | None = None  # set once `exit` has been carried out: 0 after `shutdown`, else 1
 
     @property
     def owner(self) -> bool:
@@ -209,7 +222,7 @@ class Connection:
                 log.warning("message not handled: %s", type(exc).__name__)
 
     def handle(self, message) -> None:
-        if self.exiting:
+        if self.exit_received:
             return  # `exit` has come: nothing more is read
         if message is BadFrame:
             self.error(None, PARSE_ERROR, "Parse error: the body is not JSON")
@@ -230,8 +243,11 @@ class Connection:
                 self.error(msg_id, INVALID_REQUEST, "Invalid request: needs jsonrpc '2.0', a method name and an id "
                                                     "that is a number or a string")
             return
-        if method == "exit" and not is_request:
-            if self.owner or (self.token is None and not self.initialized):
+        if method == "exit":
+            if is_request:  # `exit` is a notification: one with an id ends nothing and waits for nothing
+                self.error(msg_id, INVALID_REQUEST, "Invalid request: exit is a notification (send it without id)")
+            elif self.owner or (self.token is None and not self.initialized):
+                self.exit_received = True
                 self.exit_when_answered(message)
             return
         if not self.initialized:
@@ -262,12 +278,12 @@ class Connection:
 
     def exit_when_answered(self, message: dict) -> None:
         """Carry out `exit` once every request dispatched has written its answer (or EXIT_GRACE_S have
-        passed). An editor that closes sends `shutdown` and `exit` together: `shutdown` cancels the
-        requests in flight, and their cancellation errors must reach the editor before the process ends.
-        Raises SystemExit (now or from the task in `exiting`)."""
+        passed), now or from the task in `exiting`. An editor that closes sends `shutdown` and `exit`
+        together: `shutdown` cancels the requests in flight, and their cancellation errors must reach the
+        editor before the process ends."""
         unanswered = self.ls.protocol.unanswered
         if not unanswered:
-            self.dispatch(message)
+            self.carry_out_exit(message)
             return
         loop = asyncio.get_running_loop()
 
@@ -275,9 +291,22 @@ class Connection:
             deadline = loop.time() + EXIT_GRACE_S
             while unanswered and loop.time() < deadline:
                 await asyncio.sleep(0.005)
-            self.dispatch(message)
+            self.carry_out_exit(message)
 
         self.exiting = loop.create_task(when_answered())
+
+    def carry_out_exit(self, message: dict) -> None:
+        """pygls closes the writer and raises SystemExit with the status; the status is kept here and the
+        transport told, so that the process ends through its own loop and not through an exception raised
+        in a task."""
+        try:
+            self.dispatch(message)
+            status = 0
+        except SystemExit as stop:
+            status = stop.code if isinstance(stop.code, int) else 0
+        self.exit_status = status
+        if self.on_exit:
+            self.on_exit()
 
     def admit(self, message: dict) -> bool:
         """Whether this connection may become the server's client (always, over stdio)."""
@@ -299,12 +328,18 @@ class Connection:
 
     def dispatch(self, message: dict) -> None:
         protocol = self.ls.protocol
-        if "method" in message and valid_id(message.get("id")):
-            protocol.unanswered.add(message["id"])
         try:
             structured = protocol.structure_message(message)
         except JsonRpcException:
             return  # CodellmProtocol has answered the request
+        if getattr(structured, "method", None) is not None and valid_id(getattr(structured, "id", None)):
+            protocol.unanswered[structured.id] += 1  # a request: it will be answered, and `exit` waits for that
+        elif "method" in message and "id" in message:
+            # pygls reads a notification's method sent with an id as a notification, and a request with
+            # an error as an answer: neither would be answered, and the client would wait for ever
+            self.error(message["id"], INVALID_REQUEST, f"Invalid request: {message['method']} is a notification, "
+                                                       "or the request carries a result or an error")
+            return
         protocol.handle_message(structured)
 
 
@@ -333,6 +368,8 @@ class StdoutBytes:
                 self.on_lost()
 
     def close(self) -> None:
+        with self.lock:
+            self.lost = True  # closed by `exit`: a late answer is dropped without a word
         self.stream.close()
 
 
@@ -347,18 +384,18 @@ def serve_stdio(ls) -> int:
         running = asyncio.get_running_loop()
         chunks: asyncio.Queue[bytes] = asyncio.Queue(STDIN_CHUNKS)
 
-        def wake() -> None:  # the editor is gone: end the loop without waiting for stdin
+        def wake() -> None:  # end the loop without waiting for stdin
             if not chunks.full():  # (a full queue: the loop is not waiting, and checks the stop event next)
                 chunks.put_nowait(b"")
 
-        def lost() -> None:
+        def end() -> None:  # the editor is gone, or `exit` has been carried out; from any thread
             ls._stop_event.set()
             try:
                 running.call_soon_threadsafe(wake)
             except RuntimeError:
                 pass  # the loop has ended already
 
-        writer.on_lost = lost
+        writer.on_lost = conn.on_exit = end
         # a daemon thread: a process ending while the editor keeps stdin open must not wait for its read
         threading.Thread(target=read_stdin, args=(running, chunks), name="codellm-stdin", daemon=True).start()
         while not ls._stop_event.is_set():
@@ -366,26 +403,16 @@ def serve_stdio(ls) -> int:
             if not data:
                 break
             conn.feed(data)
-        if conn.exiting and not writer.lost:
-            await conn.exiting  # the editor closed its end after `exit`: finish that exit
+        if conn.exiting:
+            await conn.exiting  # stdin ended after `exit`: finish that exit
 
-    status = 0
     try:
         asyncio.run(loop())
-    except BrokenPipeError:
-        log.warning("the connection to the editor is lost; shutting down")
     except KeyboardInterrupt:
         pass
-    except SystemExit as stop:  # the `exit` notification
-        status = stop.code if isinstance(stop.code, int) else 0
     finally:
-        if conn.exiting and conn.exiting.done() and not conn.exiting.cancelled():
-            conn.exiting.exception()  # the SystemExit above came from this task: seen, not a lost error
         ls.shutdown()
-    return status
-
-
-STDIN_CHUNKS = 16  # chunks of up to 64 KiB read ahead of the event loop; a client writing faster waits
+    return conn.exit_status or 0
 
 
 def read_stdin(loop: asyncio.AbstractEventLoop, chunks: asyncio.Queue) -> None:
@@ -423,6 +450,8 @@ def serve_tcp(ls, host: str, port: int, token: str, announce=None) -> int:
             if not writer.is_closing():
                 writer.write(data)
 
+        nonlocal status
+        # `exit` closes the connection (pygls closes its writer), so reading ends, as when the editor closes
         conn = Connection(ls, write, writer, token)
         try:
             while not ls._stop_event.is_set():
@@ -437,11 +466,13 @@ def serve_tcp(ls, host: str, port: int, token: str, announce=None) -> int:
         finally:
             writer.close()
             if conn.owner:
-                log.info("the editor disconnected; shutting down")
+                if conn.exit_status is None:
+                    log.info("the editor disconnected; shutting down")
+                status = conn.exit_status or 0
                 ls.shutdown()
                 finished.set()
 
-    finished = None
+    finished, status = None, 0
 
     async def main():
         nonlocal finished
@@ -458,6 +489,4 @@ def serve_tcp(ls, host: str, port: int, token: str, announce=None) -> int:
         asyncio.run(main())
     except KeyboardInterrupt:
         pass
-    except SystemExit as stop:  # the `exit` notification
-        return stop.code if isinstance(stop.code, int) else 0
-    return 0
+    return status

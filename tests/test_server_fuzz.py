@@ -181,3 +181,29 @@ def test_fuzz_then_correct_answers_with_bounded_memory(bundle_path):
     finally:
         server.proc.kill()
         server.proc.wait()
+
+
+def test_a_body_naming_http_headers_is_read_in_one_pass(monkeypatch):
+    """A script with `curl -H "Content-Type: ..."` lines, sent in chunks as a pipe delivers it, looks
+    like header starts all through its body: the framer must not read the body again for each chunk
+    (quadratic in its size: minutes for tens of MB) but take it whole once it has come."""
+    from codellm.server import transport
+    calls = []
+    json_end = transport.json_end
+    monkeypatch.setattr(transport, "json_end", lambda buf, h: calls.append(h) or json_end(buf, h))
+    text = 'curl -H "Content-Type: application/json" -d @body.json "$URL"\n' * 20_000  # 1.3 MB
+    body = json.dumps({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
+        "uri": "file:///a.sh", "languageId": "shellscript", "version": 1, "text": text}}}).encode()
+    stream = b"Content-Length: %d\r\n\r\n" % len(body) + body
+    framer, got = transport.Framer(), []
+    for at in range(0, len(stream), 1 << 16):
+        got += framer.feed(stream[at:at + (1 << 16)])
+    assert len(got) == 1 and got[0]["params"]["textDocument"]["text"] == text
+    assert len(calls) <= 1
+    # a length too long still finds the next frame, whose header follows the body
+    short = json.dumps({"jsonrpc": "2.0", "id": 7, "method": "codellm/status"}).encode()
+    stream = b"Content-Length: %d\r\n\r\n" % (len(body) + 500) + body + b"Content-Length: %d\r\n\r\n" % len(short) + short
+    framer, got = transport.Framer(), []
+    for at in range(0, len(stream), 1 << 16):
+        got += framer.feed(stream[at:at + (1 << 16)])
+    assert [m.get("id") for m in got] == [None, 7]

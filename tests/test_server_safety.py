@@ -102,6 +102,26 @@ def test_protocol_errors_are_answered_and_never_end_the_server(bundle_path):
         server.proc.wait()
 
 
+def test_a_notification_sent_as_a_request_is_answered_with_an_error(bundle_path):
+    """`exit` or `initialized` with an id, or a request that carries an error, would otherwise never be
+    answered (pygls reads them as a notification or an answer), and `exit` with an id ended the server
+    at once: each gets -32600, and the server goes on."""
+    server = RawServer("--model", str(bundle_path))
+    answers = Answers(server)
+    try:
+        initialize(server, answers)
+        sent = [server.send("exit"), server.send("initialized", {}), server.send("$/cancelRequest", {"id": 1})]
+        server.send_bytes(b'{"jsonrpc": "2.0", "id": 900, "method": "codellm/status", "error": {"code": 1, '
+                          b'"message": "x"}}')
+        for msg_id in [*sent, 900]:
+            assert answers.get(msg_id)["error"]["code"] == -32600
+        assert "result" in answers.get(server.send("codellm/status"))
+        assert server.proc.poll() is None
+    finally:
+        server.proc.kill()
+        server.proc.wait()
+
+
 def test_exit_without_shutdown_ends_the_server_with_status_one(bundle_path):
     """The protocol's rule: `exit` after `shutdown` ends with 0, a bare `exit` with 1."""
     server = RawServer("--model", str(bundle_path))
@@ -253,6 +273,33 @@ def test_tcp_serves_one_client_with_the_token_and_survives_others(bundle_path):
         assert proc.poll() is None
         editor.close()
         assert proc.wait(30) == 0  # the editor's own disconnect ends the server, as over stdio
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.parametrize("shut_down", [True, False])
+def test_tcp_exit_ends_the_server_with_the_protocols_status_and_a_clean_log(bundle_path, shut_down):
+    """Over TCP as over stdio: `exit` after `shutdown` ends with 0, a bare `exit` with 1; a completion in
+    flight is answered first, and the log holds no traceback or asyncio error."""
+    proc = subprocess.Popen([sys.executable, "-m", "codellm.server.cli", "--model", str(bundle_path), "--tcp", "0"],
+                            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stderr.readline()
+        port, token = re.search(r"listening on 127\.0\.0\.1:(\d+); token (\S+)", line).groups()
+        editor = TcpClient(int(port))
+        assert "result" in editor.initialize(1, token)
+        editor.send({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
+            "uri": URI, "languageId": "shellscript", "version": 1, "text": SCRIPT}}})
+        editor.send({"jsonrpc": "2.0", "id": 2, "method": "textDocument/inlineCompletion", "params": {
+            "textDocument": {"uri": URI}, "position": {"line": 2, "character": 8}, "context": {"triggerKind": 1}}})
+        if shut_down:
+            editor.send({"jsonrpc": "2.0", "id": 3, "method": "shutdown"})
+        editor.send({"jsonrpc": "2.0", "method": "exit"})
+        assert proc.wait(60) == (0 if shut_down else 1)
+        assert editor.answer(2, timeout=5)
+        log = proc.stderr.read()
+        assert "Traceback" not in log and "ERROR" not in log, log
     finally:
         proc.kill()
         proc.wait()
