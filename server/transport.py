@@ -451,6 +451,7 @@ def serve_tcp(ls, host: str, port: int, token: str, announce=None) -> int:
                 writer.write(data)
 
         nonlocal status
+        others[asyncio.current_task()] = writer
         # `exit` closes the connection (pygls closes its writer), so reading ends, as when the editor closes
         conn = Connection(ls, write, writer, token)
         try:
@@ -465,6 +466,7 @@ def serve_tcp(ls, host: str, port: int, token: str, announce=None) -> int:
             pass
         finally:
             writer.close()
+            others.pop(asyncio.current_task(), None)
             if conn.owner:
                 if conn.exit_status is None:
                     log.info("the editor disconnected; shutting down")
@@ -473,6 +475,7 @@ def serve_tcp(ls, host: str, port: int, token: str, announce=None) -> int:
                 finished.set()
 
     finished, status = None, 0
+    others: dict[asyncio.Task, asyncio.StreamWriter] = {}  # the connections being served
 
     async def main():
         nonlocal finished
@@ -484,6 +487,10 @@ def serve_tcp(ls, host: str, port: int, token: str, announce=None) -> int:
             announce(bound[0], bound[1])
         async with server:
             await finished.wait()
+            for writer in others.values():  # end the other connections' reading, so that none is cut off
+                writer.close()
+            if others:
+                await asyncio.wait(list(others), timeout=1.0)
 
     try:
         asyncio.run(main())

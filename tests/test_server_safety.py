@@ -287,10 +287,12 @@ def test_tcp_exit_ends_the_server_with_the_protocols_status_and_a_clean_log(bund
     try:
         line = proc.stderr.readline()
         port, token = re.search(r"listening on 127\.0\.0\.1:(\d+); token (\S+)", line).groups()
+        intruder = TcpClient(int(port))  # another connection, still open when the server ends
         editor = TcpClient(int(port))
         assert "result" in editor.initialize(1, token)
         editor.send({"jsonrpc": "2.0", "method": "textDocument/didOpen", "params": {"textDocument": {
             "uri": URI, "languageId": "shellscript", "version": 1, "text": SCRIPT}}})
+        intruder.send({"jsonrpc": "2.0", "method": "exit"})  # not the editor's: ends nothing
         editor.send({"jsonrpc": "2.0", "id": 2, "method": "textDocument/inlineCompletion", "params": {
             "textDocument": {"uri": URI}, "position": {"line": 2, "character": 8}, "context": {"triggerKind": 1}}})
         if shut_down:
@@ -298,6 +300,7 @@ def test_tcp_exit_ends_the_server_with_the_protocols_status_and_a_clean_log(bund
         editor.send({"jsonrpc": "2.0", "method": "exit"})
         assert proc.wait(60) == (0 if shut_down else 1)
         assert editor.answer(2, timeout=5)
+        assert intruder.closed.wait(5)
         log = proc.stderr.read()
         assert "Traceback" not in log and "ERROR" not in log, log
     finally:
