@@ -15,10 +15,11 @@ from typing import Callable, Literal
 from .crossfile import name_candidates, typed_word
 from .lookahead import PromptLookup
 from .postprocess import (BLANK_LINE_AFTER_CONTENT, Context, cut_context, ends_in_loop, first_repeated_line, postprocess,
-                          safe_cut)
+                          safe_cut, text_open_at_end)
 from .prompt import (ContextChunk, Prompt, build_prompt, build_prompt_with_context, choose_format,
                      join_line_endings, prompt_budget, split_line_endings)
 from .shell import resolve_mode
+from .tokenizer import clean_text
 
 MAX_TOKENS = {"line": 48, "block": 160}
 MAX_LINE_BYTES = 240  # a suggested line longer than this is a runaway, not shell
@@ -231,9 +232,9 @@ class Completer:
         part the model is sure of; the probabilities are in Completion.token_probs; context: chunks of other files, best first,
         shown before the prefix (codellm.prompt.build_prompt_with_context); avoid: a Completion's
         first_choice, a start the answer may not take. With clean, an answer the post-processing removes
-        whole (a copy of the line above, say) is decoded once more without its first token. Text with CRLF line endings is read as LF text; the answer comes
+        whole (a copy of the line above, say) is decoded once more without its first token. A lone surrogate is read as U+FFFD. Text with CRLF line endings is read as LF text; the answer comes
         back with CRLF."""
-        given = prefix, suffix
+        given = prefix, suffix = clean_text(prefix), clean_text(suffix)
         prefix, suffix, newline = split_line_endings(prefix, suffix)
         mode = resolve_mode(mode, prefix, suffix)
         extra_context = context
@@ -466,14 +467,15 @@ def code_expected(prefix: str, suffix: str) -> bool:
     """Nothing but indentation (spaces, tabs) is on the cursor's line and text is above it: the answer
     starts with code, not a comment. A comment is the author's own words, which a model rarely guesses; the
     code after a comment is what it can write (a person who wants a comment types `#`, and the comment is
-    completed). Inside a comment block (comment lines right above and right below) a comment may come."""
+    completed). Inside a comment block (comment lines right above and right below) a comment may come, and
+    in a heredoc body or a quoted string, which hold text, anything may."""
     lines_above = prefix.split("\n")
     cursor_line, rest_of_line = lines_above[-1], suffix.split("\n", 1)[0]
     if cursor_line.strip(" \t") or rest_of_line.strip(" \t") or not prefix.strip():
         return False
     line_above = lines_above[-2] if len(lines_above) > 1 else ""
     line_below = suffix.split("\n", 2)[1] if suffix.count("\n") >= 1 else ""
-    return not (is_comment(line_above) and is_comment(line_below))
+    return not (is_comment(line_above) and is_comment(line_below)) and not text_open_at_end(prefix)
 
 
 def is_comment(line: str) -> bool:

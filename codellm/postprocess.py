@@ -78,6 +78,16 @@ def drop_overlap_with_rest_of_line(text: str, ctx: Context) -> str:
     return text
 
 
+def keep_the_comment_after_the_cursor(text: str, ctx: Context) -> str:
+    """Where a comment begins right after the cursor (`    |# stop here`), an answer ending in a word gets
+    a space after it: a `#` joined to a word begins no comment, and `exit 1# stop here` runs `exit 1#`."""
+    before = ctx.line_prefix
+    if not text or text[-1] in WORD_BREAKS or not ctx.rest_of_line.startswith("#") \
+            or (before and before[-1] not in WORD_BREAKS) or open_quote(before) or text_open_at_end(ctx.prefix):
+        return text  # `${x|#y}`, `"a |#b"`, a heredoc body: that `#` is no comment
+    return text + " "
+
+
 def drop_lines_repeating_the_suffix(text: str, ctx: Context) -> str:
     """Stop before generated lines that are already the next lines of the file."""
     upcoming = [l.strip() for l in ctx.next_lines[:3]]
@@ -424,6 +434,15 @@ def cut_context(prefix: str, window: int = 1000) -> str:
     return tail[tail.rfind("\n", 0, first) + 1:] if first < line_start - start else prefix[line_start:]
 
 
+def text_open_at_end(prefix: str, window: int = 4000) -> bool:
+    """The end of `prefix` is inside a heredoc body or a quoted string (the innermost opener there; read
+    from a line start in its last `window` characters): what is typed there is text, not commands."""
+    start = prefix.rfind("\n", 0, max(0, len(prefix) - window)) + 1
+    tail = prefix[start:]
+    open_here, _ = _scan_openers(tail + " ", len(tail))
+    return bool(open_here) and (open_here[-1][0] in ("'", '"', "$'") or open_here[-1][0].startswith("<<"))
+
+
 def safe_cut(text: str, line_prefix: str = "") -> str:
     """The longest start of a suggestion `text` that is safe to show when decoding stopped in the middle
     of it (the deadline): it ends with a whole word (an unescaped space, tab or line end followed it in
@@ -598,6 +617,7 @@ STEPS = [
     close_the_block_it_writes,
     drop_overlap_with_rest_of_line,
     drop_trailing_whitespace,
+    keep_the_comment_after_the_cursor,
     keep_buffer_parseable,
 ]
 

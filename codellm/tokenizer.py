@@ -1,6 +1,7 @@
 """Byte-level BPE tokenizer (HF `tokenizers`) with the special tokens of the prompt format."""
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Iterable
@@ -12,6 +13,7 @@ ENDOFTEXT = "<|endoftext|>"
 FIM_PREFIX = "<|fim_prefix|>"
 FIM_SUFFIX = "<|fim_suffix|>"
 FIM_MIDDLE = "<|fim_middle|>"
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # what a bad JSON escape or a surrogateescape'd argv leaves
 SPECIAL_TOKENS = [ENDOFTEXT, FIM_PREFIX, FIM_SUFFIX, FIM_MIDDLE]
 
 
@@ -81,11 +83,12 @@ class Tokenizer:
         return self.hf.get_vocab_size()
 
     def encode(self, text: str) -> list[int]:
-        """Text to ids; special-token strings inside user text are encoded as ordinary text."""
-        return self.hf.encode(text, add_special_tokens=False).ids if text else []
+        """Text to ids; special-token strings inside user text are encoded as ordinary text, a lone
+        surrogate as U+FFFD."""
+        return self.hf.encode(clean_text(text), add_special_tokens=False).ids if text else []
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in self.hf.encode_batch([clean_text(t) for t in texts], add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.decode_bytes(ids).decode("utf-8", errors="replace")
@@ -130,3 +133,9 @@ def token_pieces(tok: Tokenizer, text: str) -> list[tuple[int, str]]:
         pieces.append((i, piece))
         pending = pending[complete:]
     return pieces
+
+
+def clean_text(text: str) -> str:
+    """`text` with each lone surrogate (which no UTF-8 holds, so neither the tokenizer nor bash can take
+    it) replaced by U+FFFD; the length in UTF-16 units, which editors count positions in, is kept."""
+    return LONE_SURROGATE.sub("\ufffd", text) if LONE_SURROGATE.search(text) else text

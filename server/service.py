@@ -185,15 +185,6 @@ SETTING_RULES = {
 }
 
 
-def clean_text(text: str) -> str:
-    """Text the tokenizer can take: lone surrogates (from bad escapes in JSON) become U+FFFD."""
-    try:
-        text.encode("utf-8")
-        return text
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "replace").decode("utf-8")
-
-
 @dataclass
 class Suggestion:
     text: str
@@ -395,7 +386,7 @@ class CompletionService:
         left of the time budgets."""
         # the engine reads a stable tail of a long prefix and the head of the suffix (codellm.prompt); the
         # window depends on max_new_tokens: None (the default budget) keeps line and block answers on one
-        result = engine.complete_detailed(clean_text(prefix), clean_text(suffix), mode,
+        result = engine.complete_detailed(prefix, suffix, mode,
                                           max_new_tokens=self.settings.max_tokens,
                                           deadline=now + self.settings.timeout_ms / 1000,
                                           should_stop=superseded, clean=False, allow_empty=allow_empty,
@@ -450,7 +441,7 @@ class CompletionService:
         budget = (self.settings.max_tokens or MAX_TOKENS["line"]) - rest.tokens
         if budget < 1:
             return rest.text
-        result = engine.complete_detailed(clean_text(rest.prefix + rest.text), clean_text(rest.suffix), "line",
+        result = engine.complete_detailed(rest.prefix + rest.text, rest.suffix, "line",
                                           max_new_tokens=budget,
                                           deadline=time.monotonic() + self.settings.timeout_ms / 1000,
                                           should_stop=superseded, clean=False, allow_empty=True,

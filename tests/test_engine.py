@@ -319,3 +319,17 @@ def test_an_answer_on_a_line_of_nothing_but_indentation_starts_with_code(engine)
     assert not code_expected("# Backs up /srv\n# every night\n", "\n# Usage: backup.sh\nset -e\n")
     assert code_expected("# Backs up /srv\n", "\n\n# Step two\n")  # a blank line below: not one block
     assert not code_expected("ls\n\u00a0\u00a0", "\n")  # a no-break space is a character to bash, not indentation
+    # a heredoc body or a quoted string holds text: a `#` line there is data, not a comment to avoid
+    assert not code_expected("cat <<EOF\n# line 1\n", "\nEOF\n")
+    assert not code_expected("help='\n# line 1\n", "\n'\n")
+    assert code_expected("cat <<EOF\n# line 1\nEOF\n", "\nexit 0\n")  # after the body: code again
+    assert code_expected('x="$(\n', '\n)"\n')  # inside a command substitution: commands
+
+
+def test_a_lone_surrogate_in_the_text_is_read_as_a_replacement_character(engine):
+    """A bad JSON escape or an argv read with surrogateescape leaves lone surrogates, which no UTF-8
+    holds: the engine answers instead of raising from the tokenizer."""
+    for prefix, suffix in (("#!/bin/bash\necho \ud800\n", "\n"), ("#!/bin/bash\n", "\necho \udcff\n")):
+        for mode in ("line", "block"):
+            assert isinstance(engine.complete_detailed(prefix, suffix, mode).text, str)
+    assert engine.tokenizer.encode("a\udc80b") == engine.tokenizer.encode("a\ufffdb")

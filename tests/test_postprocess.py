@@ -321,3 +321,25 @@ def test_a_cut_reads_a_string_opened_lines_above():
     assert safe_cut(line, cut_context(prefix)) == 'help" && echo'
     assert safe_cut(line, "  -h  show ") == 'help" && echo "usage'  # the cursor's line alone misreads it
     assert cut_context("echo hi\nls -") == "ls -"
+
+
+def test_an_answer_before_a_comment_leaves_it_a_comment():
+    """`#` begins a comment only at a word's start: `exit 1` typed before `# stop here` gets a space."""
+    from codellm.postprocess import keep_the_comment_after_the_cursor as keep
+
+    def after(text, prefix, suffix):
+        return keep(text, Context(prefix, suffix, "line"))
+
+    assert after("exit 1", "if x; then\n    ", "# stop here\nfi\n") == "exit 1 "
+    assert after("echo\nls", "\n", "# end\n") == "echo\nls "  # a block's last line meets the comment
+    assert after("exit 1;", "\n    ", "# stop\n") == "exit 1;"  # a `;` already ends the word
+    assert after("exit 1 ", "\n    ", "# stop\n") == "exit 1 "
+    assert after("name", 'echo "${file', "#*/}\"\n") == "name"  # ${file#pattern}: no comment there
+    assert after("a ", 'echo "', '#b"\n') == "a "
+    assert after("x", 'echo " ', '#b"\n') == "x"  # inside quotes a `#` is text
+    assert after("data", "cat <<EOF\n", "# line\nEOF\n") == "data"  # a heredoc body is text
+    assert after("exit 1", "\n    ", "echo hi\n") == "exit 1"  # no comment after the cursor
+    script = "if true; then\n    " + after("exit 1", "if true; then\n    ", "# stop\nfi\n") + "# stop\nfi\n"
+    if shutil.which("bash"):
+        run = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
+        assert run.returncode == 1 and not run.stderr  # `exit 1# stop` would fail with "numeric argument required"
