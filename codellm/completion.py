@@ -258,6 +258,8 @@ class Completer:
         text, token_probs = answer_text(decoded, prompt.heal, mode)
         if decoded.stop == "deadline" or (decoded.stop == "time budget" and mode == "line"):
             text = safe_cut(text, rules.line_prefix)  # out of time mid-line: the last whole word, quotes closed, or nothing
+        if decoded.stop == "unsure":
+            text = without_a_bare_comment_start(text, rules.line_prefix)
         raw, text = text, postprocess(text, Context(prefix, suffix, mode)) if clean and decoded.stop != "cancelled" else text
         result = Completion(join_line_endings(text, newline), decoded.stop, mode, len(prompt.ids), decoded.reused,
                             decoded.new_tokens, time.perf_counter() - start_time, decoded.model_calls, token_probs,
@@ -411,6 +413,16 @@ def answer_text(decoded: Decoded, heal: bytes, mode: str) -> tuple[str, list[tup
         inserted = inserted[:inserted.rfind(b"\n")]  # the unfinished last line goes
     text = inserted.decode("utf-8", errors="ignore").rstrip("\r")
     return text, token_offsets(decoded.probs, out, len(heal), inserted, len(text))
+
+
+def without_a_bare_comment_start(text: str, line_prefix: str) -> str:
+    """An answer cut where the model grew unsure, whose last line is only a `#` (a comment whose words it
+    could not guess), ends before that line: the person writes the comment's words anyway, and a lone
+    `#` is one more suggestion to read and reject. `line_prefix`: the cursor's line before the cursor."""
+    lines = (line_prefix + text).split("\n")
+    if lines[-1].strip(" \t") != "#":
+        return text
+    return text[:len(text) - len(lines[-1])].rstrip(" \t\n") if len(lines) > 1 else ""
 
 
 def token_offsets(probs: list[tuple[int, float]], out: bytes, heal: int, inserted: bytes,

@@ -8,7 +8,7 @@ import torch
 import codellm
 from codellm.bundle import BundleError, load_bundle
 from codellm.completion import (Completion, a_piece_of_the_line_above, code_expected, indentation_typed,
-                                worth_another_try)
+                                without_a_bare_comment_start, worth_another_try)
 from codellm.engine import Engine
 from codellm.shell import choose_mode, closing_text, open_blocks
 
@@ -333,3 +333,12 @@ def test_a_lone_surrogate_in_the_text_is_read_as_a_replacement_character(engine)
         for mode in ("line", "block"):
             assert isinstance(engine.complete_detailed(prefix, suffix, mode).text, str)
     assert engine.tokenizer.encode("a\udc80b") == engine.tokenizer.encode("a\ufffdb")
+
+
+def test_an_answer_cut_unsure_at_a_bare_comment_start_drops_it():
+    assert without_a_bare_comment_start("#", "") == "" and without_a_bare_comment_start("#", "    ") == ""
+    assert without_a_bare_comment_start("\n\n#", "#!/bin/bash") == ""
+    assert without_a_bare_comment_start("fi\n\n  #", "") == "fi"
+    assert without_a_bare_comment_start("# Clean", "") == "# Clean"  # words the model was sure of stay
+    assert without_a_bare_comment_start("#", "echo ${file") == "#"  # ${file#...}: no comment start
+    assert without_a_bare_comment_start("exit 1", "") == "exit 1"
