@@ -180,9 +180,10 @@ def cmd_bench(args):
 def cmd_tokenize(args):
     from .bundle import load_bundle
     from .defaults import default_bundle_path
-    from .tokenizer import token_pieces
+    from .tokenizer import clean_text, token_pieces
     path = Path(args.text)
     text = read_text(args.text) if args.text == "-" or (len(args.text) < 4096 and path.is_file()) else args.text
+    text = clean_text(text)  # bytes of an argument that are not UTF-8 come as lone surrogates
     tok = load_bundle(args.model or default_bundle_path()).tokenizer
     pieces = token_pieces(tok, text)
     colour = sys.stdout.isatty() and not args.plain

@@ -117,3 +117,15 @@ def test_complete_can_apply_the_editors_confidence_thresholds(bundle_path):
 def test_a_missing_file_is_named_plainly(tmp_path):
     r = run("complete", f"{tmp_path / 'nofile.sh'}:1:1")
     assert r.returncode == 2 and r.stderr.strip() == f"codellm: error: {tmp_path / 'nofile.sh'}: no such file or directory"
+
+
+def test_arguments_with_bytes_that_are_not_utf8_are_read_not_refused(bundle_path):
+    """Python hands such bytes of argv over as lone surrogates; generate and tokenize read them as U+FFFD."""
+    args = [b"tokenize", b"--plain", b"--model", os.fsencode(bundle_path), b"a\xffb"]
+    r = subprocess.run([sys.executable.encode(), b"-m", b"codellm.cli", *args], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert b"3 characters, 5 bytes" in r.stdout  # a, U+FFFD (3 bytes), b
+    args = [b"generate", b"--model", os.fsencode(bundle_path), b"--prompt", b"echo \xff", b"--max-length", b"4",
+            b"--temperature", b"0"]
+    r = subprocess.run([sys.executable.encode(), b"-m", b"codellm.cli", *args], capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr
