@@ -17,7 +17,7 @@ def engine(monkeypatch_module=None):
 def test_default_bundle_is_shipped_and_valid():
     bundle = load_bundle(PACKAGED_BUNDLE)
     assert bundle.model.num_params() > 1_000_000
-    assert sum(p.stat().st_size for p in PACKAGED_BUNDLE.iterdir()) < 25 * 1024 * 1024
+    assert sum(p.stat().st_size for p in PACKAGED_BUNDLE.iterdir()) < 25_000_000  # 25 MB
     stages = bundle.card["stages"]
     assert {"language", "code"} <= set(stages) and stage_files(bundle.card, "code")
     assert "eval" in bundle.card
