@@ -240,11 +240,17 @@ def ends_in_loop(line: bytes) -> bool:
 
 def repetition_cut(text: str) -> int | None:
     """Where to cut a loop: the end of the first copy of a chunk (not a rule drawn with - = # * and
-    the like) repeated as REPEATED_CHUNK says."""
+    the like) repeated as REPEATED_CHUNK says. The copy found may begin mid-word (`f $DIR/$f.con` in
+    `$f $DIR/$f.conf $DIR/$f.conf`): the cut then moves on through the next copy to the first space or
+    tab, so that it ends a word."""
     for match in REPEATED_CHUNK.finditer(text):
         unit = match.group(1) or match.group(2)
-        if not set(unit) <= RULE_CHARS:
-            return match.start() + len(unit)
+        if set(unit) <= RULE_CHARS:
+            continue
+        end = match.start() + len(unit)
+        if text[end - 1] not in " \t" and any(c in " \t" for c in unit):
+            end += next(k for k, c in enumerate(text[end:end + len(unit)]) if c in " \t")
+        return end
     return None
 
 

@@ -343,3 +343,10 @@ def test_an_answer_before_a_comment_leaves_it_a_comment():
     if shutil.which("bash"):
         run = subprocess.run(["bash", "-c", script], capture_output=True, text=True)
         assert run.returncode == 1 and not run.stderr  # `exit 1# stop` would fail with "numeric argument required"
+
+
+def test_a_loop_found_mid_word_is_cut_at_the_end_of_a_word():
+    """The chunk found to repeat can begin inside a word; the cut then ends that word, not inside it."""
+    looped = ' -a $f $BACKUP_DIR/etc/backups/$f.conf $BACKUP_DIR/etc/backups/$f.conf'
+    assert drop_repetitive_loops(looped, Context("cp", "", "line")) == ' -a $f $BACKUP_DIR/etc/backups/$f.conf'
+    assert drop_repetitive_loops("echo abcabcabcabc", Context("", "", "line")) == "echo abc"  # no word to end
