@@ -396,3 +396,22 @@ def test_once_the_download_budget_is_spent_only_held_out_packages_are_fetched(tm
     assert asked[0] == "kept-out" and "npm:kept-out" in got
     assert len(got) < 10 and sorted(got) == sorted(f"npm:{n}" for n in asked)  # the rest never started
     assert not (tmp_path / "failed").exists()  # left for a later build, not failed
+
+
+def test_a_corpus_is_kept_as_its_change_from_the_earlier_corpus_nearest_it():
+    """Whole list, then part of it (a download budget), then the whole list again: the third corpus is
+    stored as a small change from the first, not as the thousands of files it adds back to the second."""
+    import msgpack
+    from codellm.train.datacard import _digest, compact
+    shas = [hashlib.sha256(str(k).encode()).digest() for k in range(3000)]
+    whole = dict(sorted((f"debian:p{k:03d}", b"".join(sorted(shas[10 * k:10 * k + 10]))) for k in range(300)))
+    part = {source: digests for source, digests in whole.items() if source < "debian:p020"}
+    again = dict(whole, **{"npm:new": shas[0]})  # (sorted as corpus_files makes them)
+    keys = [_digest(c) for c in (whole, part, again)]
+    card = compact({"corpora": dict(zip(keys, (whole, part, again))),
+                    "stages": {name: {"corpus": key} for name, key in zip(("code", "code-2", "code-3"), keys)}})
+    assert card["corpus_changes"][keys[2]]["base"] == keys[0]
+    assert len(msgpack.packb(card["corpus_changes"][keys[2]])) < 200  # one file added, one source
+    assert sorted(stage_files(card, "code-3")) == sorted(
+        (source, digests[k:k + 32]) for source, digests in again.items() for k in range(0, len(digests), 32))
+    assert compact(card) == card

@@ -42,8 +42,8 @@ def _digest(files: dict[str, bytes]) -> str:
 def compact(card: dict) -> dict:
     """The card with every file list in its compact form: per-stage lists of the oldest form
     ([[source, path, sha256], ...]) moved into `corpora`, each corpus after the first stored as its
-    change from the corpus of the stage before it (in `corpus_changes`: digests added and removed per
-    source, and the sources dropped whole), and per-source counts that repeat an earlier stage's
+    change from the earlier corpus it differs least from (in `corpus_changes`: digests added and removed
+    per source, and the sources dropped whole), and per-source counts that repeat an earlier stage's
     replaced by its name (`sources_of`). Idempotent."""
     corpora = card.setdefault("corpora", {})
     for stage in card.get("stages", {}).values():
@@ -57,13 +57,18 @@ def compact(card: dict) -> dict:
             stage["corpus"] = key
     order = list(dict.fromkeys(s.get("corpus") for s in card.get("stages", {}).values() if s.get("corpus")))
     changes = card.setdefault("corpus_changes", {})
-    for base, key in zip(order, order[1:]):
-        if key in corpora and base != key:
-            change = _change(corpus_digests(card, base), corpora[key])
-            if _size(change["added"]) + _size(change["removed"]) + 64 * len(change["dropped_sources"]) \
-                    < _size(corpora[key]):
-                changes[key] = {"base": base, **change}
-                del corpora[key]
+    whole = {key: corpus_digests(card, key) for key in order}
+    for i, key in enumerate(order[1:], 1):
+        if not whole[key]:
+            continue  # a corpus the card does not hold
+        # the smallest change from any earlier corpus: a corpus built from part of the list and the
+        # whole-list corpus after it differ by thousands of sources, that whole list and an earlier one
+        # by little
+        base, change = min(((base, _change(whole[base], whole[key])) for base in order[:i] if whole[base]),
+                           key=lambda pair: _change_size(pair[1]), default=(None, None))
+        if change is not None and _change_size(change) < _size(whole[key]):
+            changes[key] = {"base": base, **change}
+            corpora.pop(key, None)
     if not changes:
         del card["corpus_changes"]
     _share_sources(card.get("stages", {}))
@@ -96,6 +101,11 @@ def stage_sources(card: dict, stage: str) -> dict:
 
 def _size(files: dict[str, bytes]) -> int:
     return sum(len(d) for d in files.values())
+
+
+def _change_size(change: dict) -> int:
+    """Bytes a corpus change takes in the card, about (a dropped source's name counted as 64)."""
+    return _size(change["added"]) + _size(change["removed"]) + 64 * len(change["dropped_sources"])
 
 
 def _split(digests: bytes) -> Counter:
