@@ -80,7 +80,7 @@ def _data_section(stages: dict) -> list[str]:
            f"- Skipped shell files: {', '.join(f'{k} {v}' for k, v in sh.get('skipped', {}).items())}.",
            *_curation_lines(summary),
            "- Every training file's sha256 and source is listed in the bundle's `data.msgpack` (each corpus after "
-           "the first as the files it adds to and drops from the one before; `codellm.train.datacard.stage_files`).", ""]
+           "the first as the files it adds to and drops from the earlier corpus nearest it; `codellm.train.datacard.stage_files`).", ""]
     sources = sorted(stage_sources({"stages": stages}, shell_stages[-1]).items(), key=lambda kv: -kv[1]["bytes"])
     rows = [[name, v["files"], f"{v['bytes'] / 1e6:.2f}", v.get("licence") or "-"] for name, v in sources[:25]]
     out += [_fmt_table(rows, ["source", "files", "MB", "licence"]), "",
