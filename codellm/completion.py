@@ -15,7 +15,7 @@ from typing import Callable, Literal
 from .crossfile import name_candidates, typed_word
 from .lookahead import PromptLookup
 from .postprocess import (BLANK_LINE_AFTER_CONTENT, Context, cut_context, ends_in_loop, first_repeated_line, postprocess,
-                          safe_cut, text_open_at_end)
+                          safe_cut, sure_part, text_open_at_end)
 from .prompt import (ContextChunk, Prompt, build_prompt, build_prompt_with_context, choose_format,
                      join_line_endings, prompt_budget, split_line_endings)
 from .shell import resolve_mode
@@ -180,14 +180,17 @@ class Completer:
         return sorted(allowed) or None
 
     def mask_logits(self, logits, out: bytearray, heal: bytes, mode: str, allow_empty: bool,
-                    names: list[bytes] | None = None, keep_indent: bool = False, code_first: bool = False):
+                    names: list[bytes] | None = None, keep_indent: bool = False, code_first: bool = False,
+                    start_doubt: list[float] | None = None):
         """The logits with the tokens the next pick may not be set to -inf: special tokens; while the
         backed-off bytes `heal` are re-typed, tokens that disagree with them; while a name of `names` is
         written (names_allowed), tokens that leave every name; before anything is inserted (unless
         allow_empty), tokens that would end the answer, and with keep_indent (the cursor's line holds
         only its indentation) tokens that begin with whitespace; with code_first, while only whitespace
-        was written, tokens that start a comment; after a run of blank output, blank tokens. May modify
-        `logits` in place."""
+        was written, tokens that start a comment; after a run of blank output, blank tokens. Where the
+        first token may not end the answer, the probability the model gave to ending it is appended to
+        `start_doubt` (the caller scales the pick by what is left: an answer forced on a line the model
+        would end is not one it is sure of). May modify `logits` in place."""
         allowed = self.names_allowed(names, out, heal, allow_empty) if names else None
         if allowed is not None:
             return self.only(logits, self.as_ids(allowed))
@@ -199,7 +202,10 @@ class Completer:
         if len(out) <= len(heal) and keep_indent:  # nothing inserted yet on a line of typed indentation
             logits = self.ban(logits, self.space_first_ids)
         if len(out) <= len(heal) and not allow_empty:  # nothing inserted yet
-            return self.ban(logits, self.empty_answer_ids if mode == "line" else self.eot_ids)
+            ends = self.empty_answer_ids if mode == "line" else self.eot_ids
+            if start_doubt is not None:
+                start_doubt.append(self.probability_mass(logits, ends))
+            return self.ban(logits, ends)
         if blank_run_too_long(out[len(heal):]):  # blank lines and spaces only so far: write something
             logits = self.ban(logits, self.blank_ids)
             if not allow_empty:
@@ -259,7 +265,8 @@ class Completer:
         if decoded.stop == "deadline" or (decoded.stop == "time budget" and mode == "line"):
             text = safe_cut(text, rules.line_prefix)  # out of time mid-line: the last whole word, quotes closed, or nothing
         if decoded.stop == "unsure":
-            text = without_a_bare_comment_start(text, rules.line_prefix)
+            at_word_end = not decoded.turned_down or decoded.turned_down[:1].isspace()
+            text = sure_part(without_a_bare_comment_start(text, rules.line_prefix), rules.line_prefix, at_word_end)
         raw, text = text, postprocess(text, Context(prefix, suffix, mode)) if clean and decoded.stop != "cancelled" else text
         result = Completion(join_line_endings(text, newline), decoded.stop, mode, len(prompt.ids), decoded.reused,
                             decoded.new_tokens, time.perf_counter() - start_time, decoded.model_calls, token_probs,
@@ -300,14 +307,17 @@ class Completer:
             return decoded
         for n_new in range(1, max_new + 1):
             decoded.new_tokens = n_new
+            doubt: list[float] = []
             logits = self.mask_logits(logits, out, prompt.heal, rules.mode, allow_empty, rules.names,
-                                      rules.keep_indent, rules.code_first)
+                                      rules.keep_indent, rules.code_first, doubt)
             token, p = self.pick(logits, out, rules.avoid)
+            p *= 1.0 - sum(doubt)  # the model's own odds that anything should come at all
             if token == self.tokenizer.eot_id:
                 decoded.stop = "eot"
                 break
             if p < rules.cut:
                 decoded.stop = "unsure"
+                decoded.turned_down = b"" if token == self.tokenizer.eot_id else token_bytes[token]
                 break
             decoded.probs.append((len(out), p))
             if lookup is not None:
@@ -378,6 +388,7 @@ class Decoded:
     model_calls: int = 1  # the prefill's last token is the first
     first_choice: tuple[bytes, int] | None = None  # Completion.first_choice
     first_choice_probability: float = 1.0
+    turned_down: bytes | None = None  # stop "unsure": the token turned down (b"" for the end of text)
 
 
 def stop_reason(out: bytearray, token: bytes, rules: StopRules) -> StopReason | None:
@@ -404,13 +415,17 @@ def stop_reason(out: bytearray, token: bytes, rules: StopRules) -> StopReason | 
 
 def answer_text(decoded: Decoded, heal: bytes, mode: str) -> tuple[str, list[tuple[int, int, float]]]:
     """The text to insert from the decoded output (the re-typed heal bytes dropped; in line mode the first
-    line; after "time budget" the whole lines) and its tokens' (start, end, probability)."""
+    line; in block mode after "time budget", or after "unsure" inside a line past the first, the whole
+    lines) and its tokens' (start, end, probability)."""
     out = bytes(decoded.out)
     inserted = out[len(heal):] if out.startswith(heal) else b""
     if mode == "line":
         inserted = inserted.split(b"\n", 1)[0]
     elif decoded.stop == "time budget":
         inserted = inserted[:inserted.rfind(b"\n")]  # the unfinished last line goes
+    elif decoded.stop == "unsure" and b"\n" in inserted and decoded.turned_down not in (b"", None) \
+            and not decoded.turned_down.startswith(b"\n"):
+        inserted = inserted[:inserted.rfind(b"\n")]  # a later line cut mid-way goes: the whole lines stay
     text = inserted.decode("utf-8", errors="ignore").rstrip("\r")
     return text, token_offsets(decoded.probs, out, len(heal), inserted, len(text))
 

@@ -134,6 +134,11 @@ class Engine(Completer):
         """The probability of `token` under the (masked) logits it was picked from."""
         return float(torch.exp(logits[token].float() - torch.logsumexp(logits.float(), dim=-1)))
 
+    def probability_mass(self, logits: torch.Tensor, ids: torch.Tensor) -> float:
+        """The probability of any of `ids` under the (masked) logits."""
+        total = torch.logsumexp(logits.float(), dim=-1)
+        return float(torch.exp(torch.logsumexp(logits[ids].float(), dim=-1) - total)) if len(ids) else 0.0
+
     def as_ids(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long, device=self.device)
 

@@ -270,6 +270,11 @@ class KernelEngine(Completer):
         top = max(logits)
         return math.exp(logits[token] - top) / math.fsum(math.exp(x - top) for x in logits)
 
+    def probability_mass(self, logits: list[float], ids: list[int]) -> float:
+        """The probability of any of `ids` under the (masked) logits."""
+        top = max(logits)
+        return math.fsum(math.exp(logits[i] - top) for i in ids) / math.fsum(math.exp(x - top) for x in logits)
+
     def ban(self, logits: list[float], ids: list[int]) -> list[float]:
         for i in ids:
             logits[i] = NEG_INF

@@ -440,13 +440,19 @@ def cut_context(prefix: str, window: int = 1000) -> str:
     return tail[tail.rfind("\n", 0, first) + 1:] if first < line_start - start else prefix[line_start:]
 
 
+def open_at_end(text: str, window: int = 4000) -> list[str]:
+    """The quotes, expansions and heredocs open at the end of `text`, outermost first (kinds as
+    _scan_openers names them); read from a line start in its last `window` characters."""
+    start = text.rfind("\n", 0, max(0, len(text) - window)) + 1
+    tail = text[start:]
+    return [kind for kind, _ in _scan_openers(tail + " ", len(tail))[0]]
+
+
 def text_open_at_end(prefix: str, window: int = 4000) -> bool:
-    """The end of `prefix` is inside a heredoc body or a quoted string (the innermost opener there; read
-    from a line start in its last `window` characters): what is typed there is text, not commands."""
-    start = prefix.rfind("\n", 0, max(0, len(prefix) - window)) + 1
-    tail = prefix[start:]
-    open_here, _ = _scan_openers(tail + " ", len(tail))
-    return bool(open_here) and (open_here[-1][0] in ("'", '"', "$'") or open_here[-1][0].startswith("<<"))
+    """The end of `prefix` is inside a heredoc body or a quoted string (the innermost opener there): what
+    is typed there is text, not commands."""
+    open_here = open_at_end(prefix, window)
+    return bool(open_here) and (open_here[-1] in ("'", '"', "$'") or open_here[-1].startswith("<<"))
 
 
 def safe_cut(text: str, line_prefix: str = "") -> str:
@@ -464,6 +470,27 @@ def safe_cut(text: str, line_prefix: str = "") -> str:
         if state == start[:len(state)] and backslashes % 2 == 0:
             return kept[len(line_prefix):]
     return ""
+
+
+# a word begun with punctuation alone: an option's dash, a `$` or `[` with nothing after them yet
+PUNCTUATION_WORD_START = re.compile(r"[-$\[]+")
+DANGLING_OPERATOR = re.compile(r"\s*(&&|\|\||\|)\s*$")
+
+
+def sure_part(text: str, line_prefix: str = "", at_word_end: bool = False) -> str:
+    """What is worth showing of an answer cut before the first token the model was unsure of: it leaves
+    open no quote, `$(`, `${` or heredoc it opened itself and ends in no `\\` (safe_cut, with the cut
+    point counting as a word end), ends in no `|`, `||` or `&&` whose right side is missing, and, where
+    the cut fell inside a word (`at_word_end` False), not in a word begun with punctuation alone (`-`,
+    `--`, `$`, `[--`). `line_prefix`: the cursor's line before the cursor."""
+    kept = safe_cut(text + " ", line_prefix)
+    if kept == text.rstrip(" \t\n"):
+        kept = text  # nothing cut: as it came, a trailing space included
+    if not at_word_end or kept != text:
+        last = re.split(r"[ \t\n]", line_prefix + kept)[-1]
+        if last and PUNCTUATION_WORD_START.fullmatch(last):
+            kept = kept[:max(0, len(kept) - len(last))].rstrip(" \t\n")
+    return DANGLING_OPERATOR.sub("", kept)
 
 
 BLANK_LINE_AFTER_CONTENT = re.compile(r"\S[^\n]*\n[ \t]*\n")
@@ -539,8 +566,9 @@ def close_the_block_it_writes(text: str, ctx: Context) -> str:
     if not opens_block(opener) or not before or before[-1] not in CLOSER_OF:
         return text
     body = [line for line in text.split("\n") if line.strip() and not line.lstrip().startswith("#")]
-    if not body or open_blocks(window + text) != before:
-        return text  # no body yet, or the suggestion closed the block, or left blocks of its own open
+    if not body or open_blocks(window + text) != before or open_at_end(window + text):
+        return text  # no body yet, the suggestion closed the block, left blocks of its own open, or ends
+        # inside a string, a command substitution or a heredoc, where a closer would be text
     upcoming = ctx.next_lines[0] if ctx.next_lines else None
     if upcoming is not None and (indent_of(upcoming) > indent_of(opener) or CLOSER_LINE.match(upcoming)
                                  or upcoming.lstrip().startswith(("else", "elif"))):

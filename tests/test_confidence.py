@@ -183,3 +183,22 @@ def test_settings_are_read_flat_or_under_a_codellm_key():
         settings = Settings()
         assert sorted(settings.update(options)) == ["file_context", "min_confidence"]
         assert settings.file_context is False and settings.min_confidence == 0.4
+
+
+def test_an_answer_forced_where_the_model_would_end_keeps_the_models_doubt(engine, tokenizer):
+    """Where the first token may not end the answer (allow_empty False), the token picked carries the
+    probability the model gave it, not one raised by leaving the end out: at the end of a finished line
+    a continuation the model doubts is cut, not shown at the odds it had among the rest."""
+    a = tokenizer.encode("echo")[0]
+    eot, vocab = tokenizer.eot_id, tokenizer.vocab_size
+    rest = [i for i, t in enumerate(tokenizer.token_bytes) if i != a and i not in tokenizer.special_ids
+            and t and not t.lstrip(b" \t").startswith((b"\n", b"\r")) and not t.decode("utf-8", "ignore")[:1].isspace()]
+    first = torch.full((vocab,), NEG_INF)
+    first[eot], first[a], first[rest] = math.log(0.6), math.log(0.3), math.log(0.1 / len(rest))
+    engine.decoder = ScriptedDecoder({a: row(vocab, eot, 0.9, rest)}, first=first)
+    engine.guess_tokens = 0
+    engine.cache.reset()
+    forced = engine.complete_detailed("", "", "block", clean=False)
+    assert forced.text == tokenizer.decode([a]) and forced.confidence == pytest.approx(0.3, rel=1e-4)
+    assert engine.complete_detailed("", "", "block", clean=False, cut=0.5).text == ""
+    assert engine.complete_detailed("", "", "block", clean=False, allow_empty=True).text == ""  # it ends

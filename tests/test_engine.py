@@ -342,3 +342,13 @@ def test_an_answer_cut_unsure_at_a_bare_comment_start_drops_it():
     assert without_a_bare_comment_start("# Clean", "") == "# Clean"  # words the model was sure of stay
     assert without_a_bare_comment_start("#", "echo ${file") == "#"  # ${file#...}: no comment start
     assert without_a_bare_comment_start("exit 1", "") == "exit 1"
+
+
+def test_a_block_cut_unsure_inside_a_later_line_keeps_its_whole_lines():
+    from codellm.completion import Decoded, answer_text
+    cut_mid_line = Decoded(out=bytearray(b"echo hi\n  if [ -"), stop="unsure", turned_down=b"z")
+    assert answer_text(cut_mid_line, b"", "block")[0] == "echo hi"
+    at_line_end = Decoded(out=bytearray(b"echo hi\n  ls"), stop="unsure", turned_down=b"\n")
+    assert answer_text(at_line_end, b"", "block")[0] == "echo hi\n  ls"
+    first_line = Decoded(out=bytearray(b"echo hi"), stop="unsure", turned_down=b" there")
+    assert answer_text(first_line, b"", "block")[0] == "echo hi"  # the cursor's own line stays

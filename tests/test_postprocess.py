@@ -295,7 +295,9 @@ def test_a_block_body_that_stops_before_its_closer_gets_it_where_nothing_after_t
             ("    for x in a; do", Context(opener, "", "block")),  # a block of its own left open
             ("    # nothing yet", Context(opener, "", "block")),  # no body
             ("    usage", Context(opener, "", "line")),
-            ("    a)", Context('case "$1" in\n', "", "block"))]  # case items: left to the model
+            ("    a)", Context('case "$1" in\n', "", "block")),  # case items: left to the model
+            ("    sed -e 's/^", Context(opener, "", "block")),  # a `fi` there would be part of the string
+            ("    x=`ls |", Context(opener, "", "block"))]
     for text, ctx in kept:
         assert close_the_block_it_writes(text, ctx) == text, (text, ctx.suffix)
 
@@ -350,3 +352,18 @@ def test_a_loop_found_mid_word_is_cut_at_the_end_of_a_word():
     looped = ' -a $f $BACKUP_DIR/etc/backups/$f.conf $BACKUP_DIR/etc/backups/$f.conf'
     assert drop_repetitive_loops(looped, Context("cp", "", "line")) == ' -a $f $BACKUP_DIR/etc/backups/$f.conf'
     assert drop_repetitive_loops("echo abcabcabcabc", Context("", "", "line")) == "echo abc"  # no word to end
+
+
+def test_the_sure_part_of_an_answer_cut_unsure_is_worth_showing():
+    """Cut before a token the model doubts, an answer keeps no quote or expansion it opened, no dangling
+    operator and, inside a word, no word begun with punctuation alone."""
+    from codellm.postprocess import sure_part
+    assert sure_part('ho "', "    ec") == "ho"  # `echo "` would leave a string open to the end of the file
+    assert sure_part('"$__', "while [ ") == "" and sure_part(' "$', "  case") == ""
+    assert sure_part("-", "ls ") == "" and sure_part("--", "mandb ") == "" and sure_part("[--", "\t") == ""
+    assert sure_part("-a $f --", "cp ") == "-a $f"
+    assert sure_part(" ||", 'sync -d "$x"', at_word_end=True) == "" and sure_part("\\", "x ") == ""
+    assert sure_part('"', 'echo "hello') == '"'  # closing the person's own string
+    assert sure_part(" do_reload_", "if is_call") == " do_reload_"  # a word's sure start stays
+    assert sure_part("-", "tar -czf ", at_word_end=True) == "-"  # a whole word `-` (stdout) stays
+    assert sure_part("echo ", "") == "echo "  # nothing cut: as it came
