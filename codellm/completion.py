@@ -262,11 +262,7 @@ class Completer:
         with self.lock, self.reading():
             decoded = self.decode_n_tokens(prompt, max_new, rules, allow_empty)
         text, token_probs = answer_text(decoded, prompt.heal, mode)
-        if decoded.stop == "deadline" or (decoded.stop == "time budget" and mode == "line"):
-            text = safe_cut(text, rules.line_prefix)  # out of time mid-line: the last whole word, quotes closed, or nothing
-        if decoded.stop == "unsure":
-            at_word_end = not decoded.turned_down or decoded.turned_down[:1].isspace()
-            text = sure_part(without_a_bare_comment_start(text, rules.line_prefix), rules.line_prefix, at_word_end)
+        text = shown_part(text, decoded, rules.line_prefix, mode)
         raw, text = text, postprocess(text, Context(prefix, suffix, mode)) if clean and decoded.stop != "cancelled" else text
         result = Completion(join_line_endings(text, newline), decoded.stop, mode, len(prompt.ids), decoded.reused,
                             decoded.new_tokens, time.perf_counter() - start_time, decoded.model_calls, token_probs,
@@ -428,6 +424,18 @@ def answer_text(decoded: Decoded, heal: bytes, mode: str) -> tuple[str, list[tup
         inserted = inserted[:inserted.rfind(b"\n")]  # a later line cut mid-way goes: the whole lines stay
     text = inserted.decode("utf-8", errors="ignore").rstrip("\r")
     return text, token_offsets(decoded.probs, out, len(heal), inserted, len(text))
+
+
+def shown_part(text: str, decoded: Decoded, line_prefix: str, mode: str) -> str:
+    """What of an answer decoding stopped early in is shown: out of time mid-line, the last whole word
+    with quotes closed (postprocess.safe_cut); cut where the model grew unsure, the part worth showing
+    (postprocess.sure_part, without_a_bare_comment_start)."""
+    if decoded.stop == "deadline" or (decoded.stop == "time budget" and mode == "line"):
+        return safe_cut(text, line_prefix)
+    if decoded.stop == "unsure":
+        at_word_end = not decoded.turned_down or decoded.turned_down[:1].isspace()
+        return sure_part(without_a_bare_comment_start(text, line_prefix), line_prefix, at_word_end)
+    return text
 
 
 def without_a_bare_comment_start(text: str, line_prefix: str) -> str:
