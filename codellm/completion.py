@@ -15,7 +15,7 @@ from typing import Callable, Literal
 from .crossfile import name_candidates, typed_word
 from .lookahead import PromptLookup
 from .postprocess import (BLANK_LINE_AFTER_CONTENT, Context, cut_context, ends_in_loop, first_repeated_line, postprocess,
-                          safe_cut, sure_part, text_open_at_end)
+                          WORD_BREAKS, safe_cut, sure_part, text_open_at_end)
 from .prompt import (ContextChunk, Prompt, build_prompt, build_prompt_with_context, choose_format,
                      join_line_endings, prompt_budget, split_line_endings)
 from .shell import resolve_mode
@@ -411,17 +411,13 @@ def stop_reason(out: bytearray, token: bytes, rules: StopRules) -> StopReason | 
 
 def answer_text(decoded: Decoded, heal: bytes, mode: str) -> tuple[str, list[tuple[int, int, float]]]:
     """The text to insert from the decoded output (the re-typed heal bytes dropped; in line mode the first
-    line; in block mode after "time budget", or after "unsure" inside a line past the first, the whole
-    lines) and its tokens' (start, end, probability)."""
+    line; after "time budget" the whole lines) and its tokens' (start, end, probability)."""
     out = bytes(decoded.out)
     inserted = out[len(heal):] if out.startswith(heal) else b""
     if mode == "line":
         inserted = inserted.split(b"\n", 1)[0]
     elif decoded.stop == "time budget":
         inserted = inserted[:inserted.rfind(b"\n")]  # the unfinished last line goes
-    elif decoded.stop == "unsure" and b"\n" in inserted and decoded.turned_down not in (b"", None) \
-            and not decoded.turned_down.startswith(b"\n"):
-        inserted = inserted[:inserted.rfind(b"\n")]  # a later line cut mid-way goes: the whole lines stay
     text = inserted.decode("utf-8", errors="ignore").rstrip("\r")
     return text, token_offsets(decoded.probs, out, len(heal), inserted, len(text))
 
@@ -429,11 +425,14 @@ def answer_text(decoded: Decoded, heal: bytes, mode: str) -> tuple[str, list[tup
 def shown_part(text: str, decoded: Decoded, line_prefix: str, mode: str) -> str:
     """What of an answer decoding stopped early in is shown: out of time mid-line, the last whole word
     with quotes closed (postprocess.safe_cut); cut where the model grew unsure, the part worth showing
-    (postprocess.sure_part, without_a_bare_comment_start)."""
+    (postprocess.sure_part, without_a_bare_comment_start), in block mode without a later line it cut."""
     if decoded.stop == "deadline" or (decoded.stop == "time budget" and mode == "line"):
         return safe_cut(text, line_prefix)
     if decoded.stop == "unsure":
-        at_word_end = not decoded.turned_down or decoded.turned_down[:1].isspace()
+        turned_down = decoded.turned_down or b""
+        at_word_end = turned_down[:1] in (b"", *(c.encode() for c in WORD_BREAKS))
+        if mode == "block" and "\n" in text and turned_down[:1] not in (b"", b"\n"):
+            text, at_word_end = text[:text.rfind("\n")], True  # a later line cut mid-way goes: whole lines stay
         return sure_part(without_a_bare_comment_start(text, line_prefix), line_prefix, at_word_end)
     return text
 

@@ -241,15 +241,16 @@ def ends_in_loop(line: bytes) -> bool:
 def repetition_cut(text: str) -> int | None:
     """Where to cut a loop: the end of the first copy of a chunk (not a rule drawn with - = # * and
     the like) repeated as REPEATED_CHUNK says. The copy found may begin mid-word (`f $DIR/$f.con` in
-    `$f $DIR/$f.conf $DIR/$f.conf`): the cut then moves on through the next copy to the first space or
-    tab, so that it ends a word."""
+    `$f $DIR/$f.conf $DIR/$f.conf`): the cut then moves on through the next copy to the first word end
+    (an unescaped blank outside any quote the loop opened), if there is one."""
     for match in REPEATED_CHUNK.finditer(text):
         unit = match.group(1) or match.group(2)
         if set(unit) <= RULE_CHARS:
             continue
         end = match.start() + len(unit)
-        if text[end - 1] not in " \t" and any(c in " \t" for c in unit):
-            end += next(k for k, c in enumerate(text[end:end + len(unit)]) if c in " \t")
+        if text[end - 1] not in " \t":
+            state, cuts = _scan_openers(text, match.start())
+            end = next((i for i, at in cuts if end <= i < end + len(unit) and at == state), end)
         return end
     return None
 
@@ -440,19 +441,24 @@ def cut_context(prefix: str, window: int = 1000) -> str:
     return tail[tail.rfind("\n", 0, first) + 1:] if first < line_start - start else prefix[line_start:]
 
 
-def open_at_end(text: str, window: int = 4000) -> list[str]:
-    """The quotes, expansions and heredocs open at the end of `text`, outermost first (kinds as
-    _scan_openers names them); read from a line start in its last `window` characters."""
+def open_at_end(text: str, window: int = 4000) -> list[tuple[str, int]]:
+    """The quotes, expansions and heredocs open at the end of `text`, outermost first, as (kind as
+    _scan_openers names it, index in `text`); read from a line start in its last `window` characters."""
     start = text.rfind("\n", 0, max(0, len(text) - window)) + 1
     tail = text[start:]
-    return [kind for kind, _ in _scan_openers(tail + " ", len(tail))[0]]
+    return [(kind, start + index) for kind, index in _scan_openers(tail + " ", len(tail))[0]]
+
+
+def is_text_opener(kind: str) -> bool:
+    """A quote or heredoc: what it holds is text, not commands."""
+    return kind in ("'", '"', "$'") or kind.startswith("<<")
 
 
 def text_open_at_end(prefix: str, window: int = 4000) -> bool:
     """The end of `prefix` is inside a heredoc body or a quoted string (the innermost opener there): what
     is typed there is text, not commands."""
     open_here = open_at_end(prefix, window)
-    return bool(open_here) and (open_here[-1] in ("'", '"', "$'") or open_here[-1].startswith("<<"))
+    return bool(open_here) and is_text_opener(open_here[-1][0])
 
 
 def safe_cut(text: str, line_prefix: str = "") -> str:
@@ -486,11 +492,25 @@ def sure_part(text: str, line_prefix: str = "", at_word_end: bool = False) -> st
     kept = safe_cut(text + " ", line_prefix)
     if kept == text.rstrip(" \t\n"):
         kept = text  # nothing cut: as it came, a trailing space included
-    if not at_word_end or kept != text:
+    elif kept:
+        at_word_end = True  # safe_cut ends at a word end
+    if not at_word_end:
         last = re.split(r"[ \t\n]", line_prefix + kept)[-1]
         if last and PUNCTUATION_WORD_START.fullmatch(last):
             kept = kept[:max(0, len(kept) - len(last))].rstrip(" \t\n")
-    return DANGLING_OPERATOR.sub("", kept)
+    return without_a_dangling_operator(kept, line_prefix)
+
+
+def without_a_dangling_operator(text: str, line_prefix: str = "") -> str:
+    """`text` less a `|`, `||` or `&&` it ends in, where that is an operator: not escaped, not part of
+    `>|`, not in quotes or a comment on its line."""
+    match = DANGLING_OPERATOR.search(text)
+    if not match:
+        return text
+    line = (line_prefix + text[:match.start(1)]).rsplit("\n", 1)[-1]
+    if line.endswith(("\\", ">")) or open_quote(line) or len(code_of_line(line + "|")) <= len(line):
+        return text
+    return text[:match.start()]
 
 
 BLANK_LINE_AFTER_CONTENT = re.compile(r"\S[^\n]*\n[ \t]*\n")
@@ -566,9 +586,11 @@ def close_the_block_it_writes(text: str, ctx: Context) -> str:
     if not opens_block(opener) or not before or before[-1] not in CLOSER_OF:
         return text
     body = [line for line in text.split("\n") if line.strip() and not line.lstrip().startswith("#")]
-    if not body or open_blocks(window + text) != before or open_at_end(window + text):
-        return text  # no body yet, the suggestion closed the block, left blocks of its own open, or ends
-        # inside a string, a command substitution or a heredoc, where a closer would be text
+    open_here = open_at_end(window + text)
+    if not body or open_blocks(window + text) != before or \
+            any(is_text_opener(kind) or index >= len(window) for kind, index in open_here):
+        return text  # no body yet, the suggestion closed the block, left blocks or `$(` of its own
+        # open, or ends inside a string or heredoc, where a closer would be text
     upcoming = ctx.next_lines[0] if ctx.next_lines else None
     if upcoming is not None and (indent_of(upcoming) > indent_of(opener) or CLOSER_LINE.match(upcoming)
                                  or upcoming.lstrip().startswith(("else", "elif"))):

@@ -345,10 +345,14 @@ def test_an_answer_cut_unsure_at_a_bare_comment_start_drops_it():
 
 
 def test_a_block_cut_unsure_inside_a_later_line_keeps_its_whole_lines():
-    from codellm.completion import Decoded, answer_text
-    cut_mid_line = Decoded(out=bytearray(b"echo hi\n  if [ -"), stop="unsure", turned_down=b"z")
-    assert answer_text(cut_mid_line, b"", "block")[0] == "echo hi"
-    at_line_end = Decoded(out=bytearray(b"echo hi\n  ls"), stop="unsure", turned_down=b"\n")
-    assert answer_text(at_line_end, b"", "block")[0] == "echo hi\n  ls"
-    first_line = Decoded(out=bytearray(b"echo hi"), stop="unsure", turned_down=b" there")
-    assert answer_text(first_line, b"", "block")[0] == "echo hi"  # the cursor's own line stays
+    from codellm.completion import Decoded, shown_part
+
+    def shown(text, turned_down, line_prefix=""):
+        return shown_part(text, Decoded(stop="unsure", turned_down=turned_down), line_prefix, "block")
+
+    assert shown("echo hi\n  if [ -", b"z") == "echo hi"
+    assert shown("echo hi\n  ls", b"\n") == "echo hi\n  ls"
+    assert shown("echo hi", b" there") == "echo hi"  # the cursor's own line stays
+    # the line kept ended where a newline followed: its last word is whole
+    assert shown('    curl -fsSL "$url" | tar -xzf -\n    cd ', b"build", "    ") == '    curl -fsSL "$url" | tar -xzf -'
+    assert shown_part("cat -", Decoded(stop="unsure", turned_down=b";"), "", "line") == "cat -"  # `;` ends a word

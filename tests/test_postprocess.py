@@ -367,3 +367,28 @@ def test_the_sure_part_of_an_answer_cut_unsure_is_worth_showing():
     assert sure_part(" do_reload_", "if is_call") == " do_reload_"  # a word's sure start stays
     assert sure_part("-", "tar -czf ", at_word_end=True) == "-"  # a whole word `-` (stdout) stays
     assert sure_part("echo ", "") == "echo "  # nothing cut: as it came
+
+
+def test_the_sure_part_keeps_escapes_quotes_comments_and_whole_words():
+    from codellm.postprocess import sure_part
+    assert sure_part('tar -czf - "$dir', "", True) == "tar -czf -"  # cut back to a word end: `-` is whole
+    assert sure_part('grep -- "foo', "", True) == "grep --"
+    assert sure_part("echo \\|", "", True) == "echo \\|"  # an escaped `|` is no operator
+    assert sure_part("echo x >|", "", True) == "echo x >|"  # `>|` is a redirection
+    assert sure_part("a |", 'echo "x ', True) == "a |"  # in the person's own string
+    assert sure_part("| ", "# pipe ", True) == "| "  # in a comment
+
+
+def test_a_loop_cut_moves_only_to_a_real_word_end():
+    for looped, first in (("cd ~/My\\ Drive\\ Drive\\ Drive\\ Drive", "cd ~/My\\ Drive"),
+                          ('echo x"a b"x"a b"x"a b"x"a b"', 'echo x"a b"'),
+                          ("echo 'x y''x y''x y''x y'", "echo 'x y'")):
+        assert drop_repetitive_loops(looped, Context("", "", "line")) == first, looped
+
+
+def test_a_block_inside_a_subshell_still_gets_its_closer():
+    from codellm.postprocess import close_the_block_it_writes
+    ctx = Context("#!/bin/bash\nfiles=$(\n  for f in *; do\n", "\n)\n", "block")
+    assert close_the_block_it_writes('    echo "$f"', ctx) == '    echo "$f"\n  done'
+    ctx = Context("#!/bin/bash\n(\n  if [ -f x ]; then\n", "\n)\n", "block")
+    assert close_the_block_it_writes("    rm x", ctx) == "    rm x\n  fi"
