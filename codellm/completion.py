@@ -313,7 +313,7 @@ class Completer:
                 break
             if p < rules.cut:
                 decoded.stop = "unsure"
-                decoded.turned_down = b"" if token == self.tokenizer.eot_id else token_bytes[token]
+                decoded.turned_down = token_bytes[token]  # (never the end of text: that stopped above)
                 break
             decoded.probs.append((len(out), p))
             if lookup is not None:
@@ -384,7 +384,7 @@ class Decoded:
     model_calls: int = 1  # the prefill's last token is the first
     first_choice: tuple[bytes, int] | None = None  # Completion.first_choice
     first_choice_probability: float = 1.0
-    turned_down: bytes | None = None  # stop "unsure": the token turned down (b"" for the end of text)
+    turned_down: bytes | None = None  # stop "unsure": the token turned down
 
 
 def stop_reason(out: bytearray, token: bytes, rules: StopRules) -> StopReason | None:
@@ -430,7 +430,7 @@ def shown_part(text: str, decoded: Decoded, line_prefix: str, mode: str) -> str:
         return safe_cut(text, line_prefix)
     if decoded.stop == "unsure":
         turned_down = decoded.turned_down or b""
-        at_word_end = turned_down[:1] in (b"", *(c.encode() for c in WORD_BREAKS))
+        at_word_end = turned_down[:1] in WORD_BREAKS.encode()  # (b"" too: nothing was turned down)
         if mode == "block" and "\n" in text and turned_down[:1] not in (b"", b"\n"):
             text, at_word_end = text[:text.rfind("\n")], True  # a later line cut mid-way goes: whole lines stay
         return sure_part(without_a_bare_comment_start(text, line_prefix), line_prefix, at_word_end)
