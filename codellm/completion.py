@@ -53,6 +53,7 @@ class Completion:
     # answer without that start (complete_detailed)
     first_choice: tuple[bytes, int] | None = None
     first_choice_probability: float = 1.0  # so any other answer has at most 1 minus this confidence
+    line_cut: bool = False  # the last line ends where decoding stopped before the model ended it
 
     @property
     def confidence(self) -> float:
@@ -262,11 +263,12 @@ class Completer:
         with self.lock, self.reading():
             decoded = self.decode_n_tokens(prompt, max_new, rules, allow_empty)
         text, token_probs = answer_text(decoded, prompt.heal, mode)
-        text = shown_part(text, decoded, rules.line_prefix, mode)
-        raw, text = text, postprocess(text, Context(prefix, suffix, mode)) if clean and decoded.stop != "cancelled" else text
+        text, line_cut = shown_part(text, decoded, rules.line_prefix, mode)
+        raw, text = text, postprocess(text, Context(prefix, suffix, mode, line_cut=line_cut)) \
+            if clean and decoded.stop != "cancelled" else text
         result = Completion(join_line_endings(text, newline), decoded.stop, mode, len(prompt.ids), decoded.reused,
                             decoded.new_tokens, time.perf_counter() - start_time, decoded.model_calls, token_probs,
-                            decoded.first_choice, decoded.first_choice_probability)
+                            decoded.first_choice, decoded.first_choice_probability, line_cut)
         left = (max_new_tokens or MAX_TOKENS[mode]) - decoded.new_tokens
         if clean and avoid is None and worth_another_try(result, raw, text, left, cut):
             again = self.complete_detailed(*given, mode, max_new_tokens, deadline, should_stop, fmt, clean, allow_empty,
@@ -422,19 +424,21 @@ def answer_text(decoded: Decoded, heal: bytes, mode: str) -> tuple[str, list[tup
     return text, token_offsets(decoded.probs, out, len(heal), inserted, len(text))
 
 
-def shown_part(text: str, decoded: Decoded, line_prefix: str, mode: str) -> str:
+def shown_part(text: str, decoded: Decoded, line_prefix: str, mode: str) -> tuple[str, bool]:
     """What of an answer decoding stopped early in is shown: out of time mid-line, the last whole word
     with quotes closed (postprocess.safe_cut); cut where the model grew unsure, the part worth showing
-    (postprocess.sure_part, without_a_bare_comment_start), in block mode without a later line it cut."""
+    (postprocess.sure_part, without_a_bare_comment_start), in block mode without a later line it cut.
+    Also whether its last line is cut short (the model had not ended it)."""
     if decoded.stop == "deadline" or (decoded.stop == "time budget" and mode == "line"):
-        return safe_cut(text, line_prefix)
+        return safe_cut(text, line_prefix), True
     if decoded.stop == "unsure":
         turned_down = decoded.turned_down or b""
         at_word_end = turned_down[:1] in WORD_BREAKS.encode()  # (b"" too: nothing was turned down)
-        if mode == "block" and "\n" in text and turned_down[:1] not in (b"", b"\n"):
-            text, at_word_end = text[:text.rfind("\n")], True  # a later line cut mid-way goes: whole lines stay
-        return sure_part(without_a_bare_comment_start(text, line_prefix), line_prefix, at_word_end)
-    return text
+        line_cut = turned_down[:1] not in (b"", b"\n")
+        if mode == "block" and "\n" in text and line_cut:
+            text, at_word_end, line_cut = text[:text.rfind("\n")], True, False  # a later line cut mid-way goes
+        return sure_part(without_a_bare_comment_start(text, line_prefix), line_prefix, at_word_end), line_cut
+    return text, False
 
 
 def without_a_bare_comment_start(text: str, line_prefix: str) -> str:

@@ -27,6 +27,9 @@ class Context:
     # the text is the start of a line decoding stopped in (out of time): a line being a copy of another
     # is judged once it is whole
     partial: bool = False
+    # the answer's last line ends where decoding stopped before the model ended that line (out of time, or
+    # unsure of the next token): no block is closed after half a command
+    line_cut: bool = False
     notes: list = field(default_factory=list)  # which steps changed the text, for logs and tests
 
     @property
@@ -68,13 +71,75 @@ def drop_trailing_whitespace(text: str, ctx: Context) -> str:
 
 
 def drop_overlap_with_rest_of_line(text: str, ctx: Context) -> str:
-    """The model often re-types what already follows the cursor (a closing quote, `; then`): cut it."""
+    """The model often re-types what already follows the cursor (a closing quote, `; then`): cut it; an
+    answer that is only a copy of the start of that text (`}` before the function's `}`) goes whole."""
     rest = ctx.rest_of_line.strip()
     if not rest or "\n" in text:
         return text
+    if text.strip() and rest.startswith(text.strip()):
+        return ""
     for k in range(min(len(text), len(rest)), 0, -1):
         if text.endswith(rest[:k]) and text[:-k].strip():
             return text[:-k].rstrip() if rest[:k].strip() else text[:-k]
+    return text
+
+
+# what may follow the cursor and be closed by a suggestion that re-types it
+CLOSERS = ")]}\"'`"
+
+
+def stop_where_the_line_is_closed(text: str, ctx: Context) -> str:
+    """Where the rest of the line begins with a closer (`"`, `)`, `}`, `]`, often put there by the editor
+    as the person typed the opener), an answer that closes the same thing itself and goes on
+    (`$# -gt 0 ]; do` before `]`, `}/` before `}"`) would leave that closer doubled after it: it ends
+    where it would close it, before the closer's blank for `]`."""
+    rest = ctx.rest_of_line.lstrip(" \t")
+    if not rest or rest[0] not in CLOSERS or "\n" in text:
+        return text
+    closer = rest[0]
+    before = cut_context(ctx.prefix)
+    open_before = open_at_end(before)
+    for p, c in enumerate(text):
+        if c != closer:
+            continue
+        if closer == "]":
+            if (p == 0 or text[p - 1] in " \t") and open_at_end(before + text[:p]) == open_before:
+                return text[:p]  # the test's own `]`, as a word, where nothing the answer opened is open
+        elif open_before and open_at_end(before + text[:p + 1]) == open_before[:-1]:
+            return text[:p].rstrip(" \t")  # it closes what was open before the cursor
+    return text
+
+
+def stop_before_a_word_after_the_cursor(text: str, ctx: Context) -> str:
+    """An answer ending in a word character, right before a word character after the cursor (`echo b`
+    typed into `|fi`, `then` before `then`), would run into that word and make one new word: shown as
+    nothing."""
+    rest = ctx.rest_of_line
+    if rest[:1] and WORD_CHAR.match(rest[0]) and text and WORD_CHAR.match(text[-1]):
+        return ""
+    return text
+
+
+WORD_CHAR = re.compile(r"[\w]")
+
+
+def keep_the_heredoc_open(text: str, ctx: Context) -> str:
+    """In a heredoc body that the file ends further down, an answer line that is the delimiter would end
+    the heredoc early and turn the rest of its body into commands: the answer ends before that line."""
+    open_here = open_at_end(ctx.prefix)
+    if not open_here or not open_here[-1][0].startswith("<<"):
+        return text
+    operator, delimiter = open_here[-1][0].split(" ", 1)
+
+    def is_delimiter(line: str) -> bool:
+        return (line.lstrip("\t") if operator == "<<-" else line) == delimiter
+
+    lines = (ctx.line_prefix + text).split("\n")
+    if not any(is_delimiter(line) for line in ctx.suffix.split("\n")):
+        return text  # the file does not end it yet: an answer may
+    for k, line in enumerate(lines):
+        if is_delimiter(line):
+            return "\n".join(lines[:k])[len(ctx.line_prefix):].rstrip(" \t\n") if k else ""
     return text
 
 
@@ -495,7 +560,7 @@ def sure_part(text: str, line_prefix: str = "", at_word_end: bool = False) -> st
     elif kept:
         at_word_end = True  # safe_cut ends at a word end
     if not at_word_end:
-        last = re.split(r"[ \t\n]", line_prefix + kept)[-1]
+        last = re.split(r"[ \t\n]", line_prefix + kept)[-1].lstrip("\"'")  # `"$`: a quote the person opened
         if last and PUNCTUATION_WORD_START.fullmatch(last):
             kept = kept[:max(0, len(kept) - len(last))].rstrip(" \t\n")
     return without_a_dangling_operator(kept, line_prefix)
@@ -578,7 +643,7 @@ def close_the_block_it_writes(text: str, ctx: Context) -> str:
     its body and stops with the block still open gets the closer on a line of its own, at the opener's
     indentation, when nothing after the cursor closes it (the file ends, or goes on at the opener's
     indentation or lower): a person writing an `if` expects its `fi`."""
-    if ctx.mode != "block" or ctx.rest_of_line.strip():
+    if ctx.mode != "block" or ctx.rest_of_line.strip() or ctx.partial or ctx.line_cut:
         return text
     opener = ctx.line_prefix if ctx.line_prefix.strip() else ctx.line_above
     window = scan_window(ctx)
@@ -673,6 +738,9 @@ STEPS = [
     close_the_block_it_writes,
     drop_overlap_with_rest_of_line,
     drop_trailing_whitespace,
+    stop_where_the_line_is_closed,
+    stop_before_a_word_after_the_cursor,
+    keep_the_heredoc_open,
     keep_the_comment_after_the_cursor,
     keep_buffer_parseable,
 ]

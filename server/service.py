@@ -397,7 +397,7 @@ class CompletionService:
             return result, ""
         # a line cut by lineMs or the deadline is judged as the start of a line
         cut_short = mode == "line" and result.stop_reason in ("time budget", "deadline")
-        text = postprocess(result.text, Context(prefix, suffix, mode, partial=cut_short))
+        text = postprocess(result.text, Context(prefix, suffix, mode, partial=cut_short, line_cut=result.line_cut))
         floor = max(self.settings.cut_confidence, self.settings.min_confidence)  # what the answer must reach
         left = (self.settings.max_tokens or MAX_TOKENS[mode]) - result.new_tokens
         if avoid is None and worth_another_try(result, result.text, text, left, floor):

@@ -350,9 +350,10 @@ def test_a_block_cut_unsure_inside_a_later_line_keeps_its_whole_lines():
     def shown(text, turned_down, line_prefix=""):
         return shown_part(text, Decoded(stop="unsure", turned_down=turned_down), line_prefix, "block")
 
-    assert shown("echo hi\n  if [ -", b"z") == "echo hi"
-    assert shown("echo hi\n  ls", b"\n") == "echo hi\n  ls"
-    assert shown("echo hi", b" there") == "echo hi"  # the cursor's own line stays
+    assert shown("echo hi\n  if [ -", b"z") == ("echo hi", False)
+    assert shown("echo hi\n  ls", b"\n") == ("echo hi\n  ls", False)
+    assert shown("echo hi", b" there") == ("echo hi", True)  # the cursor's own line stays, cut short
     # the line kept ended where a newline followed: its last word is whole
-    assert shown('    curl -fsSL "$url" | tar -xzf -\n    cd ', b"build", "    ") == '    curl -fsSL "$url" | tar -xzf -'
-    assert shown_part("cat -", Decoded(stop="unsure", turned_down=b";"), "", "line") == "cat -"  # `;` ends a word
+    assert shown('    curl -fsSL "$url" | tar -xzf -\n    cd ', b"build", "    ") == \
+        ('    curl -fsSL "$url" | tar -xzf -', False)
+    assert shown_part("cat -", Decoded(stop="unsure", turned_down=b";"), "", "line") == ("cat -", True)  # `;` ends a word

@@ -392,3 +392,63 @@ def test_a_block_inside_a_subshell_still_gets_its_closer():
     assert close_the_block_it_writes('    echo "$f"', ctx) == '    echo "$f"\n  done'
     ctx = Context("#!/bin/bash\n(\n  if [ -f x ]; then\n", "\n)\n", "block")
     assert close_the_block_it_writes("    rm x", ctx) == "    rm x\n  fi"
+
+
+def parses(text: str) -> bool:
+    return subprocess.run(["bash", "-n"], input=text.encode(), capture_output=True, timeout=10).returncode == 0
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_an_answer_that_only_retypes_what_follows_the_cursor_is_not_shown():
+    function = '#!/bin/bash\ncleanup() {\n    rm -f "$tmp"\n'
+    assert parses(function + "}\n") and not parses(function + "}}\n")  # what showing `}` there would do
+    assert postprocess("}", Context(function, "}\n", "line")) == ""
+    assert postprocess(" -e", Context("set", " -e\n", "line")) == ""  # `set -e -e`
+    assert postprocess("fi", Context("if x; then\n  echo a\n", "fi\n", "line")) == ""  # `fifi`
+    assert postprocess("then", Context("if x; ", "then\n", "line")) == ""
+    assert postprocess('"', Context('echo "$x', '"\n', "line")) == ""  # `""`
+
+
+def test_an_answer_ends_where_it_would_close_what_follows_the_cursor():
+    def shown(text, prefix, rest):
+        return postprocess(text, Context(prefix, rest + "\n", "line"))
+
+    assert shown("}/", 'echo "${HOME', '}"') == ""  # `${HOME}/}"`
+    assert shown("$# -gt 0 ]; do", "while [ ", "]") == "$# -gt 0 "  # `]; do]`: the blank before `]` stays
+    assert shown('-f "$1" ]; then', "if [ ", "]") == '-f "$1" '
+    assert shown('$1" ]; then', 'if [ -f "', '" ]') == "$1"  # `"$1" ]; then" ]`
+    assert shown('$HOME/x" | tee y', 'echo "', '"') == "$HOME/x"
+    # quotes and brackets the answer opens itself are not what follows the cursor closes
+    assert shown('"a b" c)', "x=$(ls ", ")") == '"a b" c'
+    assert shown('"$x" = "a ]" ]; then', "if [ ", "]") == '"$x" = "a ]" '
+    assert shown('$x"', 'echo "', '"') == "$x"
+    assert shown('"$x" "$y', 'echo ', '"') == '"$x" "$y'  # opens its own strings: nothing of the line's closed
+
+
+def test_an_answer_does_not_run_into_the_word_after_the_cursor():
+    assert postprocess("  echo b", Context("if x; then\n  echo a\n", "fi\n", "line")) == ""  # `  echo bfi`
+    assert postprocess("echo", Context("", ' "$x"\n', "line")) == "echo"  # a blank between them
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_an_answer_does_not_end_a_heredoc_the_file_ends_further_down():
+    prefix = "#!/bin/sh\ncat >out.h <<-EOF\nstatic int a[] = {\n\t$(uniset --32 cat:Me)\n};\n"
+    suffix = "\nstatic int b[] = {\n};\nEOF\n"
+    assert parses(prefix + suffix) and not parses(prefix + "EOF" + suffix)
+    assert postprocess("EOF", Context(prefix, suffix, "line")) == ""
+    assert postprocess("int c;\n\tEOF\nrm -f x", Context(prefix, suffix, "block")) == "int c;"
+    assert postprocess("EOF", Context(prefix, "", "line")) == "EOF"  # the file does not end it: the answer may
+
+
+def test_the_sure_part_leaves_no_bare_dollar_or_dash_in_the_persons_quotes():
+    from codellm.postprocess import sure_part
+    assert sure_part("$", 'mkdir -p "') == ""  # `mkdir -p "$"`
+    assert sure_part("-", 'ls "') == ""
+    assert sure_part("$dir", 'mkdir -p "') == "$dir"
+
+
+def test_no_closer_is_written_after_a_line_cut_short():
+    from codellm.postprocess import close_the_block_it_writes
+    opener = "usage() {\n"
+    assert close_the_block_it_writes("    echo", Context(opener, "", "block")) == "    echo\n}"
+    assert close_the_block_it_writes("    echo", Context(opener, "", "block", line_cut=True)) == "    echo"
