@@ -112,11 +112,19 @@ def stop_where_the_line_is_closed(text: str, ctx: Context) -> str:
 
 def stop_before_a_word_after_the_cursor(text: str, ctx: Context) -> str:
     """An answer ending in a word character, right before a word character after the cursor (`echo b`
-    typed into `|fi`, `then` before `then`), would run into that word and make one new word: shown as
-    nothing."""
-    rest = ctx.rest_of_line
-    if rest[:1] and WORD_CHAR.match(rest[0]) and text and WORD_CHAR.match(text[-1]):
+    typed into `|fi`, `then` before `then`), would run into that word and make one new word, and so
+    would a `}` that closes a group (`exit` typed into `|}`): such an answer is shown as nothing. Before
+    a test's `]` it gets a blank. `${x|}` and `${a[i|]}` are completed as they are."""
+    rest = ctx.rest_of_line[:1]
+    if not rest or not text or not WORD_CHAR.match(text[-1]):
+        return text
+    if WORD_CHAR.match(rest):
         return ""
+    last_word = re.split(r"[ \t\n]", ctx.line_prefix + text)[-1]
+    if rest == "}" and not any(kind == "${" for kind, _ in open_at_end(ctx.prefix + text)):
+        return ""
+    if rest == "]" and last_word.count("[") <= last_word.count("]"):
+        return text + " "  # the test's `]` is a word of its own
     return text
 
 

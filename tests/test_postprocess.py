@@ -428,6 +428,10 @@ def test_an_answer_ends_where_it_would_close_what_follows_the_cursor():
 def test_an_answer_does_not_run_into_the_word_after_the_cursor():
     assert postprocess("  echo b", Context("if x; then\n  echo a\n", "fi\n", "line")) == ""  # `  echo bfi`
     assert postprocess("echo", Context("", ' "$x"\n', "line")) == "echo"  # a blank between them
+    assert postprocess("\texit", Context("die () {\n\techo $@\n", "}\n", "line")) == ""  # `exit}`
+    assert postprocess("-f $file", Context("if [ ", "]; then\n", "line")) == "-f $file "  # not `[ -f $file]`
+    assert postprocess("ME", Context("echo ${HO", "}\n", "line")) == "ME"
+    assert postprocess("dx", Context("echo ${a[i", "]}\n", "line")) == "dx"
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
