@@ -438,7 +438,7 @@ def shown_part(text: str, decoded: Decoded, line_prefix: str, mode: str) -> tupl
         if mode == "block" and "\n" in text and line_cut:
             text, at_word_end, line_cut = text[:text.rfind("\n")], True, False  # a later line cut mid-way goes
         return sure_part(without_a_bare_comment_start(text, line_prefix), line_prefix, at_word_end), line_cut
-    return text, False
+    return text, decoded.stop in ("max_tokens", "context") and not text.endswith("\n")
 
 
 def without_a_bare_comment_start(text: str, line_prefix: str) -> str:

@@ -67,7 +67,13 @@ def stop_at_a_control_character(text: str, ctx: Context) -> str:
 
 
 def drop_trailing_whitespace(text: str, ctx: Context) -> str:
-    return "\n".join(l.rstrip() for l in text.split("\n")).rstrip("\n") if "\n" in text else text.rstrip()
+    """Blanks at line ends go; a one-line answer keeps one before a word after the cursor (`sudo |apt`)."""
+    if "\n" in text:
+        return "\n".join(l.rstrip() for l in text.split("\n")).rstrip("\n")
+    stripped = text.rstrip()
+    if stripped != text and stripped and re.match(r"[\w$/.~-]", ctx.rest_of_line[:1]):
+        return stripped + " "
+    return stripped
 
 
 def drop_overlap_with_rest_of_line(text: str, ctx: Context) -> str:
@@ -77,7 +83,9 @@ def drop_overlap_with_rest_of_line(text: str, ctx: Context) -> str:
     if not rest or "\n" in text:
         return text
     if text.strip() and rest.startswith(text.strip()):
-        return ""
+        before = cut_context(ctx.prefix)  # `)` before `)` in `$((1+2|)`: both are needed
+        closes_more = len(open_at_end(before + text + rest)) < len(open_at_end(before + rest))
+        return text if closes_more else ""
     for k in range(min(len(text), len(rest)), 0, -1):
         if text.endswith(rest[:k]) and text[:-k].strip():
             return text[:-k].rstrip() if rest[:k].strip() else text[:-k]
@@ -99,36 +107,60 @@ def stop_where_the_line_is_closed(text: str, ctx: Context) -> str:
     closer = rest[0]
     before = cut_context(ctx.prefix)
     open_before = open_at_end(before)
-    for p, c in enumerate(text):
-        if c != closer:
+    p = 0
+    while p < len(text):
+        if text.startswith("'\\''", p):
+            p += 4  # `'\''` closes a quote to write a `'` and opens it again
             continue
-        if closer == "]":
-            if (p == 0 or text[p - 1] in " \t") and open_at_end(before + text[:p]) == open_before:
-                return text[:p]  # the test's own `]`, as a word, where nothing the answer opened is open
-        elif open_before and open_at_end(before + text[:p + 1]) == open_before[:-1]:
-            return text[:p].rstrip(" \t")  # it closes what was open before the cursor
+        if text[p] == closer:
+            if closer == "]":
+                if (p == 0 or text[p - 1] in " \t") and open_at_end(before + text[:p]) == open_before:
+                    return text[:p]  # the test's own `]`, as a word, where nothing the answer opened is open
+            elif open_before and open_at_end(before + text[:p + 1]) == open_before[:-1] \
+                    and not closes_something(before + text[:p + 1], closer):
+                return text[:p].rstrip(" \t")  # it closes what the closer after the cursor would close
+        p += 1
     return text
+
+
+def closes_something(text: str, closer: str) -> bool:
+    """`closer` typed after `text` closes a quote or expansion open there (`)` after `$((1+2)`)."""
+    return len(open_at_end(text + closer)) < len(open_at_end(text))
 
 
 def stop_before_a_word_after_the_cursor(text: str, ctx: Context) -> str:
     """An answer ending in a word character, right before a word character after the cursor (`echo b`
     typed into `|fi`, `then` before `then`), would run into that word and make one new word, and so
     would a `}` that closes a group (`exit` typed into `|}`): such an answer is shown as nothing. Before
-    a test's `]` it gets a blank. `${x|}` and `${a[i|]}` are completed as they are."""
+    a test's `]` an answer gets a blank (`[ -f "$file" ]`). In quotes and heredoc bodies, and for
+    `${x|}`, `${a[i|]}` and brace expansions (`file{,|}`), the answer stays as it is."""
     rest = ctx.rest_of_line[:1]
-    if not rest or not text or not WORD_CHAR.match(text[-1]):
+    if not rest or not text or text[-1] in " \t" or text_open_at_end(ctx.prefix + text):
+        return text
+    last_word = re.split(r"[ \t\n]", ctx.line_prefix + text)[-1]
+    if rest == "]" and last_word.count("[") <= last_word.count("]"):
+        return text + " "  # the test's `]` is a word of its own
+    if not WORD_CHAR.match(text[-1]):
         return text
     if WORD_CHAR.match(rest):
         return ""
-    last_word = re.split(r"[ \t\n]", ctx.line_prefix + text)[-1]
-    if rest == "}" and not any(kind == "${" for kind, _ in open_at_end(ctx.prefix + text)):
+    if rest == "}" and "{" not in last_word and not any(kind == "${" for kind, _ in open_at_end(ctx.prefix + text)):
         return ""
-    if rest == "]" and last_word.count("[") <= last_word.count("]"):
-        return text + " "  # the test's `]` is a word of its own
     return text
 
 
 WORD_CHAR = re.compile(r"[\w]")
+
+
+def delimiter_comes_first(suffix: str, is_delimiter, delimiter: str) -> bool:
+    """A line of `suffix` is the delimiter before any line opens another heredoc with that delimiter."""
+    for line in suffix.split("\n"):
+        if is_delimiter(line):
+            return True
+        openers = (_heredoc_opener(line, match.start()) for match in re.finditer("<<", line))
+        if any(opener and opener[0].split(" ", 1)[1] == delimiter for opener in openers):
+            return False
+    return False
 
 
 def keep_the_heredoc_open(text: str, ctx: Context) -> str:
@@ -143,8 +175,8 @@ def keep_the_heredoc_open(text: str, ctx: Context) -> str:
         return (line.lstrip("\t") if operator == "<<-" else line) == delimiter
 
     lines = (ctx.line_prefix + text).split("\n")
-    if not any(is_delimiter(line) for line in ctx.suffix.split("\n")):
-        return text  # the file does not end it yet: an answer may
+    if not delimiter_comes_first(ctx.suffix, is_delimiter, delimiter):
+        return text  # the file does not end it yet (a later `<<EOF` owns the next `EOF`): an answer may
     for k, line in enumerate(lines):
         if is_delimiter(line):
             return "\n".join(lines[:k])[len(ctx.line_prefix):].rstrip(" \t\n") if k else ""

@@ -357,3 +357,6 @@ def test_a_block_cut_unsure_inside_a_later_line_keeps_its_whole_lines():
     assert shown('    curl -fsSL "$url" | tar -xzf -\n    cd ', b"build", "    ") == \
         ('    curl -fsSL "$url" | tar -xzf -', False)
     assert shown_part("cat -", Decoded(stop="unsure", turned_down=b";"), "", "line") == ("cat -", True)  # `;` ends a word
+    # out of tokens, the last line is as unfinished as the model left it
+    assert shown_part("    rm -f", Decoded(stop="max_tokens"), "", "block") == ("    rm -f", True)
+    assert shown_part("    rm -f x\n", Decoded(stop="max_tokens"), "", "block") == ("    rm -f x\n", False)

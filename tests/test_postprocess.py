@@ -456,3 +456,24 @@ def test_no_closer_is_written_after_a_line_cut_short():
     opener = "usage() {\n"
     assert close_the_block_it_writes("    echo", Context(opener, "", "block")) == "    echo\n}"
     assert close_the_block_it_writes("    echo", Context(opener, "", "block", line_cut=True)) == "    echo"
+
+
+def test_text_after_the_cursor_in_quotes_heredocs_and_brace_expansions_is_completed_up_to():
+    def shown(text, prefix, suffix, mode="line"):
+        return postprocess(text, Context(prefix, suffix, mode))
+
+    assert shown("$1", "awk '{print ", "}' file\n") == "$1"  # in quotes a `}` closes no group
+    assert shown("ME", "cat > app.env <<EOF\nhome=${HO", "}\nEOF\n") == "ME"
+    assert shown(".bak", "cp file{,", "}\n") == ".bak"  # a brace expansion
+    assert shown(")", "echo $((1+2", ")\n") == ")"  # both parentheses are needed
+    assert shown("'\\''s fine", "echo 'it", "'\n") == "'\\''s fine"  # closes the quote to open it again
+    assert shown('-f "$file"', "if [ ", "]; then\n") == '-f "$file" '  # not `[ -f "$file"]`
+    assert shown("sudo ", "  ", "apt-get install -y curl\n") == "sudo "  # its blank stays
+
+
+def test_a_heredoc_delimiter_further_down_that_a_later_heredoc_opens_does_not_end_this_one():
+    later = "\n\nsystemctl restart app\ncat > /etc/other.conf <<EOF\nx=1\nEOF\n"
+    body = "\nport=8080\nhost=localhost\nEOF"
+    assert postprocess(body, Context("cat > /etc/app.conf <<EOF", later, "block")) == body
+    usage = "usage() {\n  cat <<'EOF'\nUsage: $0 [-h]\n"
+    assert postprocess("EOF", Context(usage, "\n}\n\nversion() {\n  cat <<EOF\nv1.0\nEOF\n}\n", "line")) == "EOF"
