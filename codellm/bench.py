@@ -12,8 +12,8 @@ and decoding, on a random-weight Llama of the same size written as a GGUF q8_0 f
 a temporary folder, with one thread and with the engine's thread count. Both are skipped with a hint when
 not installed.
 
-`--background N` measures again with N busy processes on the machine (codellm.loadgen), started and
-ended by the bench, and shows idle and loaded figures side by side for 1 and 2 threads.
+`--background N` measures instead prefill, decode and completion times with the engine idle and with N busy
+processes on the machine (codellm.loadgen, started and ended by the bench), side by side for 1 and 2 threads.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from .bundle import Bundle, load_bundle
 from .config import ModelConfig
 from .device import choose_device
 from .engine import PRECISIONS, Engine
-from .loadgen import BackgroundLoad, label
+from .loadgen import BackgroundLoad, described, label
 from .model import GPT
 from .tokenizer import Tokenizer
 
@@ -303,7 +303,7 @@ def load_comparison(bundle: Bundle, device, prompt: list[int], args) -> None:
         for n in loads:
             with BackgroundLoad(n):
                 results[threads, n] = engine_times(engine, prompt, args.repeats)
-    print(f"load: idle vs {args.background} busy background processes (precision auto, medians of {args.repeats})")
+    print(f"load: idle vs {described(args.background)} (precision auto, medians of {args.repeats})")
     print(f"  {'':40}" + "".join(f"{f'{t}T ' + label(n):>14}" for t, n in columns) + "  loaded/idle 1T, 2T")
     for key, name in keys:
         ratios = "  ".join(f"{results[t, args.background][key] / results[t, 0][key]:5.2f}x" for t in (1, 2))

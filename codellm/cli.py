@@ -12,6 +12,7 @@ prefer_passive_waits()  # before torch loads (it loads the OpenMP runtime): see 
 
 from .bundle_files import BundleError  # noqa: E402
 from .config import PRECISION_HELP, PRECISIONS  # noqa: E402
+from .loadgen import background_count  # noqa: E402
 
 
 def parse_location(spec: str) -> tuple[str, int, int]:
@@ -255,13 +256,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="engine speed: prefill, decode, cache reuse, beside HF transformers "
                                      "and llama.cpp")
-    p.add_argument("--preset", default="nano")
-    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--preset", default="nano", help="with no --model: a random model of this size (default nano)")
+    p.add_argument("--repeats", type=int, default=15, help="timings per figure, of which the median is shown (default 15)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp comparison")
-    p.add_argument("--background", type=int, default=0, metavar="N",
-                   help="also measure with N busy processes running (started and ended by the bench): "
-                        "idle and loaded side by side, for 1 and 2 threads")
+    p.add_argument("--background", type=background_count, default=0, metavar="N",
+                   help="instead, prefill, decode and completion times with the engine idle and with N busy "
+                        "processes running (started and ended by the bench), side by side, for 1 and 2 threads")
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("tokenize", help="show how text splits into tokens")
@@ -294,6 +295,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         args.func(args)
+    except KeyboardInterrupt:
+        print("codellm: interrupted", file=sys.stderr)
+        return 130
     except (BundleError, ValueError, OSError) as exc:  # OSError: a FILE that is missing, a directory, ...
         message = f"{exc.filename}: {exc.strerror.lower()}" if isinstance(exc, OSError) and exc.filename \
             and exc.strerror else str(exc)

@@ -15,7 +15,8 @@ from typing import Callable, Literal
 from .crossfile import name_candidates, typed_word
 from .lookahead import PromptLookup
 from .postprocess import (BLANK_LINE_AFTER_CONTENT, Context, cut_context, ends_in_loop, first_repeated_line, postprocess,
-                          WORD_BREAKS, safe_cut, sure_part, text_open_at_end)
+                          WORD_BREAKS, safe_cut, sure_part, text_open_at_end,
+                          without_a_dangling_operator)
 from .prompt import (ContextChunk, Prompt, build_prompt, build_prompt_with_context, choose_format,
                      join_line_endings, prompt_budget, split_line_endings)
 from .shell import resolve_mode
@@ -426,11 +427,12 @@ def answer_text(decoded: Decoded, heal: bytes, mode: str) -> tuple[str, list[tup
 
 def shown_part(text: str, decoded: Decoded, line_prefix: str, mode: str) -> tuple[str, bool]:
     """What of an answer decoding stopped early in is shown: out of time mid-line, the last whole word
-    with quotes closed (postprocess.safe_cut); cut where the model grew unsure, the part worth showing
+    with quotes and tests closed (postprocess.safe_cut) and no `|`, `||` or `&&` left without its right
+    side (which bash would join to the next line); cut where the model grew unsure, the part worth showing
     (postprocess.sure_part, without_a_bare_comment_start), in block mode without a later line it cut.
     Also whether its last line is cut short (the model had not ended it)."""
     if decoded.stop == "deadline" or (decoded.stop == "time budget" and mode == "line"):
-        return safe_cut(text, line_prefix), True
+        return without_a_dangling_operator(safe_cut(text, line_prefix), line_prefix), True
     if decoded.stop == "unsure":
         turned_down = decoded.turned_down or b""
         at_word_end = turned_down[:1] in WORD_BREAKS.encode()  # (b"" too: nothing was turned down)

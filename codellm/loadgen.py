@@ -9,8 +9,10 @@ interpreter exit (atexit) for any still running; only processes this module star
 """
 from __future__ import annotations
 
+import argparse
 import atexit
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -27,6 +29,8 @@ BUSY = ("import os, sys, time\n"
         "        t = time.monotonic()\n"
         "        if os.getppid() != parent:\n"
         "            break\n")
+
+MAX_BACKGROUND = 64  # each process spins on a core: more only thrashes the machine the bench measures
 
 _started: set[subprocess.Popen] = set()
 _lock = threading.Lock()
@@ -91,5 +95,18 @@ class BackgroundLoad:
         self.stop()
 
 
+def background_count(text: str) -> int:
+    """The argparse type of `--background N`: a whole number from 0 to MAX_BACKGROUND, so that a wrong
+    value is refused before any measuring starts. Raises argparse.ArgumentTypeError otherwise."""
+    if not re.fullmatch(r"[0-9]+", text.strip()) or int(text) > MAX_BACKGROUND:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of busy processes from 0 to {MAX_BACKGROUND}")
+    return int(text)
+
+
 def label(n: int) -> str:
     return "idle" if n == 0 else f"{n} busy"
+
+
+def described(n: int) -> str:
+    """`2 busy background processes`, `1 busy background process`."""
+    return f"{n} busy background process{'' if n == 1 else 'es'}"

@@ -230,10 +230,15 @@ def drop_a_copy_of_the_line_above(text: str, ctx: Context) -> str:
 
 def drop_a_copy_of_the_next_line(text: str, ctx: Context) -> str:
     """A suggestion whose first line is the next line with content below the cursor (`    usage` above
-    an existing `    usage`) is cut there; drop_lines_repeating_the_suffix looks at the lines after it."""
+    an existing `    usage`) is cut there; drop_lines_repeating_the_suffix looks at the lines after it. A
+    line cut short (ctx.partial) is dropped when it is the first half or more of the next line, words of it."""
     lines = text.split("\n")
-    if not lines[0].strip() or not ctx.next_lines or (ctx.partial and len(lines) == 1):
+    if not lines[0].strip() or not ctx.next_lines:
         return text
+    if ctx.partial and len(lines) == 1:  # cut short: most of the next line copied so far is a copy too
+        start, below = (ctx.line_prefix + lines[0]).strip(), ctx.next_lines[0].strip()
+        copies = start != below and below.startswith(start)  # the whole line may yet go on otherwise
+        return "" if copies and " " in start and 2 * len(start) >= len(below) else text
     line = ctx.line_prefix + lines[0] + (ctx.rest_of_line if len(lines) == 1 else "")
     if line.strip() == ctx.next_lines[0].strip() and not CLOSER_LINE.match(line):
         return ""
@@ -589,9 +594,24 @@ def safe_cut(text: str, line_prefix: str = "") -> str:
     for i, state in reversed(cuts):
         kept = line[:i].rstrip(" \t\n")
         backslashes = len(kept) - len(kept.rstrip("\\"))
-        if state == start[:len(state)] and backslashes % 2 == 0:
+        if state == start[:len(state)] and backslashes % 2 == 0 and not opens_a_test(kept[len(line_prefix):]):
             return kept[len(line_prefix):]
     return ""
+
+
+# `[` and `[[` as words that begin a test, and the `]` and `]]` that end one (quoted text taken out first)
+TEST_OPENER = re.compile(r"(?<![^\s;&|(!])(\[\[?)(?=\s|$)")
+TEST_CLOSER = re.compile(r"(?<=\s)(\]\]?)(?=$|[\s;&|)])")
+QUOTED = re.compile(r"'[^']*'|\"(?:\\.|[^\"\\])*\"")
+
+
+def opens_a_test(text: str) -> bool:
+    """`text` begins a `[ ... ]` or `[[ ... ]]` test it does not end (`if [[ -d`): bash -n accepts a
+    `[[` cut short when the next line goes on it, and a `[` missing its `]` fails only when run."""
+    code = QUOTED.sub("''", text)
+    opened = [m.group(1) for m in TEST_OPENER.finditer(code)]
+    closed = [m.group(1) for m in TEST_CLOSER.finditer(code)]
+    return opened.count("[") > closed.count("]") or opened.count("[[") > closed.count("]]")
 
 
 # a word begun with punctuation alone: an option's dash, a `$` or `[` with nothing after them yet

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
 
 from lsprotocol import types
+
+from codellm.loadgen import BackgroundLoad, background_count
 from pygls.lsp.client import LanguageClient
 
 SCRIPT = "#!/bin/bash\n# archive the reports of the day\nset -euo pipefail\n\nSRC=/srv/reports\nDEST=/backup\n\n"
@@ -50,11 +53,10 @@ async def first_suggestion(server_args: list[str]) -> dict:
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m codellm.server.coldstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="bundle (default: the shipped model)")
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--background", type=int, default=0, metavar="N",
+    parser.add_argument("--runs", type=int, default=5, help="server starts measured (default 5)")
+    parser.add_argument("--background", type=background_count, default=0, metavar="N",
                         help="with N busy processes running (codellm.loadgen)")
     args = parser.parse_args(argv)
-    from codellm.loadgen import BackgroundLoad
 
     server_args = (["--model", args.model] if args.model else []) + ["--min-confidence", "0", "--cut-confidence", "0"]
     runs = []
@@ -73,4 +75,10 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the server and the busy processes are ended on the way out
+        sys.exit(130)
+    except BrokenPipeError:  # `| head`: what was left to print goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

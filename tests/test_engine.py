@@ -360,3 +360,21 @@ def test_a_block_cut_unsure_inside_a_later_line_keeps_its_whole_lines():
     # out of tokens, the last line is as unfinished as the model left it
     assert shown_part("    rm -f", Decoded(stop="max_tokens"), "", "block") == ("    rm -f", True)
     assert shown_part("    rm -f x\n", Decoded(stop="max_tokens"), "", "block") == ("    rm -f x\n", False)
+
+
+def test_out_of_time_an_answer_leaves_no_operator_without_its_right_side_nor_a_test_open():
+    from codellm.completion import Decoded, shown_part
+
+    def at_deadline(text, line_prefix=""):
+        return shown_part(text, Decoded(stop="deadline"), line_prefix, "line")[0]
+
+    # bash joins a line ending in `|` or `&&` to the next one, which would then run in the pipeline
+    assert at_deadline("cat /etc/passwd | ") == "cat /etc/passwd"
+    assert at_deadline("make -j4 && ") == "make -j4" and at_deadline("make -j4 && make ") == "make -j4 && make"
+    assert at_deadline("git push origin main 2>&1 | ") == "git push origin main 2>&1"
+    # a test cut short goes whole: `[[ -n "$x" && -d` swallows the next line, `[ $N -gt 0` lacks its `]`
+    assert at_deadline('if [[ -d "${rootfs}" ') == "if"
+    assert at_deadline("if [ $N -gt 0 ") == "if"
+    assert at_deadline('[ -f "$x" ] && [ -d ') == '[ -f "$x" ]'
+    assert at_deadline("]]; then echo ", 'if [[ -f "$x" ') == "]]; then echo"  # closing one begun before
+    assert at_deadline('echo "[ a" b ') == 'echo "[ a" b'  # quoted, no test

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from codellm.loadgen import BackgroundLoad
+from codellm.loadgen import BackgroundLoad, background_count, described
 
 
 def running(pid: int) -> bool:
@@ -74,3 +74,17 @@ def test_processes_end_themselves_when_the_bench_is_killed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     pids = [int(p) for p in out.stdout.split()]
     assert len(pids) == 1 and wait_gone(pids, timeout=15)
+
+
+@pytest.mark.parametrize("command", [["codellm.server.coldstart"], ["codellm.train.server_bench"]])
+@pytest.mark.parametrize("value", ["-1", "65", "1_0", "abc", "", "\u0663"])
+def test_a_wrong_process_count_is_refused_before_anything_runs(command, value):
+    out = subprocess.run([sys.executable, "-m", *command, "--background", value],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "whole number of busy processes from 0 to 64" in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""  # refused by the parser: nothing measured
+
+
+def test_the_count_is_read_as_a_whole_number():
+    assert background_count("2") == 2 and background_count(" 0 ") == 0
+    assert described(1) == "1 busy background process" and described(2) == "2 busy background processes"

@@ -480,3 +480,11 @@ def test_a_heredoc_delimiter_further_down_that_a_later_heredoc_opens_does_not_en
     assert postprocess(body, Context("cat > /etc/app.conf <<EOF", later, "block")) == body
     usage = "usage() {\n  cat <<'EOF'\nUsage: $0 [-h]\n"
     assert postprocess("EOF", Context(usage, "\n}\n\nversion() {\n  cat <<EOF\nv1.0\nEOF\n}\n", "line")) == "EOF"
+
+
+def test_a_line_cut_short_that_copies_most_of_the_next_line_is_dropped():
+    prefix, suffix = "#!/bin/bash\nfor f in *; do\n\t", "\n\tif [ $N -gt 0 ]; then\n\t\techo x\n\tfi\ndone\n"
+    ctx = Context(prefix, suffix, "line", partial=True, line_cut=True)
+    assert drop_a_copy_of_the_next_line("if [ $N -gt 0", ctx) == ""
+    assert drop_a_copy_of_the_next_line("if [ -f", ctx) == "if [ -f"  # another line
+    assert drop_a_copy_of_the_next_line("if", ctx) == "if"  # one word says little

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import platform
 import random
 import statistics
@@ -23,6 +24,7 @@ from pathlib import Path
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
+from codellm.loadgen import background_count
 from codellm.server import keystrokes
 from codellm.server.service import Settings
 
@@ -130,11 +132,11 @@ LOAD_ROWS = (("default", None, {}), ("whole lines", None, {"lineMs": 600_000}), 
 def load_main(args, scripts, server_args) -> None:
     """--background N: idle and loaded side by side (LOAD_ROWS: the defaults, lines not cut by lineMs,
     1 and 2 threads; KV reuse on)."""
-    from codellm.loadgen import BackgroundLoad, label
+    from codellm.loadgen import BackgroundLoad, described, label
 
     print(f"machine: {platform.machine()}, typing {args.keystrokes} keystrokes over {len(scripts)} "
           f"{'' if args.scripts_dir else 'held-out '}"
-          f"scripts; idle vs {args.background} busy background processes; each request {args.debounce_ms:g} ms "
+          f"scripts; idle vs {described(args.background)}; each request {args.debounce_ms:g} ms "
           f"after its keystroke, prefetch {'off' if args.no_prefetch else 'on'}, {rest_label(args.cursor_rest_ms)}, "
           f"{start_label(args.warm)}")
     options = {"kvReuse": True, "prefetch": "never" if args.no_prefetch else "auto"}
@@ -163,7 +165,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="bundle (default: the shipped model)")
     parser.add_argument("--corpus", type=Path, default=Path("data/corpus"), help="corpus with a held-out split")
     parser.add_argument("--scripts-dir", type=Path, default=None, help="a folder of .sh files instead")
-    parser.add_argument("--scripts", type=int, default=8)
+    parser.add_argument("--scripts", type=int, default=8, help="held-out scripts typed (default 8)")
     parser.add_argument("--keystrokes", type=int, default=600,
                         help="keystrokes typed (with --typing: characters of regions per split)")
     parser.add_argument("--server-log", default=None,
@@ -175,7 +177,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="with --typing: also sweep the thresholds and draw taken-of-shown against "
                              "keystrokes saved into this PNG")
     parser.add_argument("--threads", type=int, default=None, help="the server's CPU threads")
-    parser.add_argument("--background", type=int, default=0, metavar="N",
+    parser.add_argument("--background", type=background_count, default=0, metavar="N",
                         help="type with the server idle and with N busy processes running (started and ended "
                              "by the bench), side by side, for the default thread count, 1 and 2 threads")
     parser.add_argument("--file-context", action=argparse.BooleanOptionalAction, default=True,
@@ -196,7 +198,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "(python -m codellm.server.coldstart measures the first suggestion)")
     parser.add_argument("--no-prefetch", action="store_true",
                         help="with --background: the server does not start suggestions before it is asked")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.background and args.typing:
+        parser.error("--background measures latency; --typing measures keystrokes saved: give one of them")
+    if args.background and args.threads:
+        parser.error("--background already types with the default threads, 1 and 2: leave out --threads")
+    return args
 
 
 def main(argv=None) -> None:
@@ -264,4 +271,10 @@ def typing_main(args) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # the server and the busy processes are ended on the way out
+        sys.exit(130)
+    except BrokenPipeError:  # `| head`: what was left to print goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
