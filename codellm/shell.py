@@ -3,10 +3,8 @@ and, from where a cursor sits in a script, how much to suggest (one line or a bl
 open there and what would close them."""
 from __future__ import annotations
 
-import os
 import re
 import subprocess
-import tempfile
 from typing import Literal
 
 Mode = Literal["line", "block"]
@@ -36,20 +34,19 @@ BASH_N_TIMEOUT_S = 5
 
 
 def bash_parses(text: str) -> bool:
-    """`bash -n` finds no syntax error. (It reports some, such as a broken `[[ ]]`, with exit status 0.)
+    """`bash -n` finds no syntax error. It reports some, such as a broken `[[ ]]` ("conditional binary
+    operator expected", "unexpected argument"), with exit status 0: those count as errors too.
 
+    The text goes to bash on its standard input (no file is left behind if the process is killed).
     Where bash cannot judge (it is missing, or takes over BASH_N_TIMEOUT_S to read the text) the text
     counts as parsing: `bash -n` only reads, so a timeout means a slow machine or a huge file, not a
     syntax error, and an editor must not cut a completion on a guess."""
-    with tempfile.NamedTemporaryFile("w", suffix=".sh", delete=False, encoding="utf-8", errors="replace") as f:
-        f.write(text)
     try:
-        run = subprocess.run(["bash", "-n", f.name], capture_output=True, timeout=BASH_N_TIMEOUT_S)
-        return run.returncode == 0 and b"syntax error" not in run.stderr
+        run = subprocess.run(["bash", "-n"], input=text.encode("utf-8", errors="replace"), capture_output=True,
+                             timeout=BASH_N_TIMEOUT_S)
+        return run.returncode == 0 and b"syntax error" not in run.stderr and b"expected" not in run.stderr
     except (subprocess.TimeoutExpired, OSError):
         return True
-    finally:
-        os.unlink(f.name)
 
 
 # ------------------------------------------------------------------ line or block

@@ -1,5 +1,6 @@
 """Shell knowledge in one place: which files are shell scripts, bash -n, line or block."""
 import subprocess
+import tempfile
 
 from codellm import shell
 from codellm.shell import bash_parses, choose_mode, is_shell_file, resolve_mode, text_follows_cursor
@@ -11,6 +12,20 @@ def test_shell_files_by_name_language_and_shebang():
     assert is_shell_file("run", b"#!/usr/bin/env bash\nset -e\n") and is_shell_file("run", "#!/bin/busybox sh\n")
     assert is_shell_file("run", b"#!/usr/bin/env -S zsh -f\n")
     assert not is_shell_file("run.py", b"#!/usr/bin/env python3\n") and not is_shell_file("notes.txt", "hello")
+
+
+def test_a_broken_test_that_bash_n_exits_0_on_does_not_parse_and_no_file_is_written(tmp_path, monkeypatch):
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None  # read TMPDIR again
+    try:
+        # bash -n exits 0 here ("conditional binary operator expected"), and `echo done` joins the test
+        assert not bash_parses('[[ -n "$x" && -d\necho done\n')
+        assert not bash_parses("[[ -f\necho done\n")
+        assert bash_parses('[[ -n "$x" && -d /tmp ]]\necho done\n')
+        assert bash_parses("cat <<EOF\nnot ended\n")  # a warning only
+        assert list(tmp_path.iterdir()) == []
+    finally:
+        tempfile.tempdir = None
 
 
 def test_a_bash_n_timeout_counts_as_parsing(monkeypatch):
