@@ -183,13 +183,14 @@ class Completer:
 
     def mask_logits(self, logits, out: bytearray, heal: bytes, mode: str, allow_empty: bool,
                     names: list[bytes] | None = None, keep_indent: bool = False, code_first: bool = False,
-                    start_doubt: list[float] | None = None):
+                    start_doubt: list[float] | None = None, opening: bytes = b""):
         """The logits with the tokens the next pick may not be set to -inf: special tokens; while the
         backed-off bytes `heal` are re-typed, tokens that disagree with them; while a name of `names` is
         written (names_allowed), tokens that leave every name; before anything is inserted (unless
         allow_empty), tokens that would end the answer, and with keep_indent (the cursor's line holds
         only its indentation) tokens that begin with whitespace; with code_first, while only whitespace
-        was written, tokens that start a comment; after a run of blank output, blank tokens. Where the
+        was written, tokens that start a comment; until `opening` is written, tokens that leave it; after
+        a run of blank output, blank tokens. Where the
         first token may not end the answer, the probability the model gave to ending it is appended to
         `start_doubt` (the caller scales the pick by what is left: an answer forced on a line the model
         would end is not one it is sure of). May modify `logits` in place."""
@@ -201,6 +202,9 @@ class Completer:
             logits = self.ban(logits, self.comment_first_ids)
         if heal and len(out) < len(heal):
             return self.only(logits, self.healing_allowed(heal, bytes(out), keep_indent))
+        written = bytes(out[len(heal):])
+        if len(written) < len(opening) and opening.startswith(written):  # the answer begins with `opening`
+            return self.only(logits, self.healing_allowed(opening, written))
         if len(out) <= len(heal) and keep_indent:  # nothing inserted yet on a line of typed indentation
             logits = self.ban(logits, self.space_first_ids)
         if len(out) <= len(heal) and not allow_empty:  # nothing inserted yet
@@ -260,6 +264,8 @@ class Completer:
         # a line of typed indentation is answered at it; a file's start (nothing above) at the left margin
         rules.keep_indent, rules.avoid = indentation_typed(prefix, suffix) or not prefix.strip(), avoid
         rules.code_first = code_expected(prefix, suffix)
+        # an empty file's first line is its shebang: a model may also rate `:` or a comment likely there
+        rules.opening = b"#!" if not prefix and not suffix.strip() else b""
         rules.names = [prompt.heal + name[len(word):].encode() for name in names]
         with self.lock, self.reading():
             decoded = self.decode_n_tokens(prompt, max_new, rules, allow_empty)
@@ -308,7 +314,7 @@ class Completer:
             decoded.new_tokens = n_new
             doubt: list[float] = []
             logits = self.mask_logits(logits, out, prompt.heal, rules.mode, allow_empty, rules.names,
-                                      rules.keep_indent, rules.code_first, doubt)
+                                      rules.keep_indent, rules.code_first, doubt, rules.opening)
             token, p = self.pick(logits, out, rules.avoid)
             p *= 1.0 - sum(doubt)  # the model's own odds that anything should come at all
             if token == self.tokenizer.eot_id:
@@ -368,6 +374,7 @@ class StopRules:
     keep_indent: bool = False  # the cursor ends the indentation of a line of nothing else (indentation_typed)
     avoid: tuple[bytes, int] | None = None  # after this output, not this token (Completion.first_choice)
     code_first: bool = False  # the answer's first content may not be a comment (code_expected)
+    opening: bytes = b""  # the bytes the answer must begin with
 
     @cached_property
     def line_prefix(self) -> str:

@@ -64,6 +64,12 @@ def test_the_card_keeps_every_part_and_names_the_average(two_bundles, tmp_path):
     text = render(out, "codellm-train average ...", None, [])
     assert f"average: weights averaged, `{first}` x 0.50, `{second}` x 0.50" in text
     assert "its weights are the mean of 2 models" in text
+    # a stage trained on from the mean: the card says training went on from it
+    bundle = load_bundle(out)
+    later = dict(merged, stages={**merged["stages"], "code-2": dict(stages["code"], tokens=300)})
+    save_bundle(tmp_path / "later", bundle.model, bundle.tokenizer, later)
+    text = render(tmp_path / "later", "codellm-train code --from ...", None, [])
+    assert "its weights are the mean" not in text and "training went on from a mean of 2 models" in text
 
 
 def test_parts_with_the_same_stages_share_them(tmp_path):

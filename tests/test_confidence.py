@@ -13,6 +13,8 @@ from codellm.server.service import Settings
 from lsp_session import Session
 
 NEG_INF = float("-inf")
+# text below the cursor, so that the answer at the file's start is not held to a shebang (an empty file's is)
+FILE_BELOW = "\n\nexit 0\n"
 
 
 @pytest.fixture
@@ -57,16 +59,16 @@ def test_the_cut_stops_before_a_low_probability_token(engine, tokenizer):
                                       c: row(vocab, eot, 0.9, rest)}, first=row(vocab, a, 0.9, rest))
     engine.guess_tokens = 0
     engine.cache.reset()
-    whole = engine.complete_detailed("", "", "line", clean=False)
+    whole = engine.complete_detailed("", FILE_BELOW, "line", clean=False)
     assert whole.text == tokenizer.decode([a, b, c]) and whole.stop_reason == "eot"
     assert whole.confidence == pytest.approx(0.9 * 0.8 * 0.1, rel=1e-4)
-    cut = engine.complete_detailed("", "", "line", clean=False, cut=0.5)
+    cut = engine.complete_detailed("", FILE_BELOW, "line", clean=False, cut=0.5)
     assert cut.text == tokenizer.decode([a, b]) and cut.stop_reason == "unsure"
     assert cut.confidence == pytest.approx(0.72, rel=1e-4)
     assert [p for _, _, p in cut.token_probs] == pytest.approx([0.9, 0.8], rel=1e-4)
     first = len(tokenizer.decode([a]))
     assert cut.confidence_of(first) == pytest.approx(0.9, rel=1e-4)  # a shortened text keeps its own odds
-    assert engine.complete_detailed("", "", "line", clean=False, cut=0.95).text == ""
+    assert engine.complete_detailed("", FILE_BELOW, "line", clean=False, cut=0.95).text == ""
 
 
 def test_confidence_is_the_same_with_guessed_tokens_and_counts_the_healed_word(engine):
@@ -198,7 +200,22 @@ def test_an_answer_forced_where_the_model_would_end_keeps_the_models_doubt(engin
     engine.decoder = ScriptedDecoder({a: row(vocab, eot, 0.9, rest)}, first=first)
     engine.guess_tokens = 0
     engine.cache.reset()
-    forced = engine.complete_detailed("", "", "block", clean=False)
+    forced = engine.complete_detailed("", FILE_BELOW, "block", clean=False)
     assert forced.text == tokenizer.decode([a]) and forced.confidence == pytest.approx(0.3, rel=1e-4)
-    assert engine.complete_detailed("", "", "block", clean=False, cut=0.5).text == ""
-    assert engine.complete_detailed("", "", "block", clean=False, allow_empty=True).text == ""  # it ends
+    assert engine.complete_detailed("", FILE_BELOW, "block", clean=False, cut=0.5).text == ""
+    assert engine.complete_detailed("", FILE_BELOW, "block", clean=False, allow_empty=True).text == ""  # it ends
+
+
+def test_an_empty_files_answer_begins_with_a_shebang_even_where_the_model_rates_another_start_higher(
+        engine, tokenizer):
+    colon, shebang = tokenizer.encode(":")[0], tokenizer.encode("#!/bin/bash")
+    vocab, eot = tokenizer.vocab_size, tokenizer.eot_id
+    rest = [i for i, t in enumerate(tokenizer.token_bytes) if i not in tokenizer.special_ids and t]
+    first = row(vocab, colon, 0.9, rest)  # `:` first, as a model trained on scripts that begin so may rate it
+    engine.decoder = ScriptedDecoder({colon: row(vocab, eot, 0.99, rest), shebang[-1]: row(vocab, eot, 0.99, rest)},
+                                     first=first)
+    engine.guess_tokens = 0
+    engine.cache.reset()
+    assert engine.complete_detailed("", "", "line", clean=False).text.startswith("#!")
+    engine.cache.reset()  # with text below the cursor, the model's own start stands
+    assert engine.complete_detailed("", FILE_BELOW, "line", clean=False).text.startswith(":")

@@ -52,9 +52,13 @@ def _model_section(bundle, bundle_path: Path, command: str, stages: dict) -> lis
     if len(shell_stages) > 1:
         trained += f" ({len(shell_stages)} shell stages)"
     averages = [st for st in stages.values() if isinstance(st, dict) and st.get("average_of")]
-    if averages:
+    last = list(stages.values())[-1] if stages else None
+    if averages and last is averages[-1]:
         trained += (f"; its weights are the mean of {len(averages[-1]['average_of'])} models of those stages "
                     "(`codellm-train average`, the training table says which)")
+    elif averages:
+        trained += (f"; training went on from a mean of {len(averages[-1]['average_of'])} models of earlier "
+                    "stages (`codellm-train average`, the training table says which)")
     out += [f"A {bundle.model.num_params() / 1e6:.2f}M-parameter decoder-only transformer (preset `{cfg.preset}`: "
             f"{cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, context {cfg.context_length} tokens, "
             f"byte-level BPE vocabulary of {cfg.vocab_size}), trained from scratch on {trained}. "
