@@ -263,9 +263,7 @@ class Completer:
         word = typed_word(prefix) if names else ""
         # a line of typed indentation is answered at it; a file's start (nothing above) at the left margin
         rules.keep_indent, rules.avoid = indentation_typed(prefix, suffix) or not prefix.strip(), avoid
-        rules.code_first = code_expected(prefix, suffix)
-        # an empty file's first line is its shebang: a model may also rate `:` or a comment likely there
-        rules.opening = b"#!" if not prefix and not suffix.strip() else b""
+        rules.code_first, rules.opening = code_expected(prefix, suffix), opening_of(prefix, suffix)
         rules.names = [prompt.heal + name[len(word):].encode() for name in names]
         with self.lock, self.reading():
             decoded = self.decode_n_tokens(prompt, max_new, rules, allow_empty)
@@ -508,6 +506,12 @@ def indentation_typed(prefix: str, suffix: str) -> bool:
     what was typed is the line's indentation."""
     line = prefix[prefix.rfind("\n") + 1:]
     return bool(line) and not line.strip(" \t") and suffix[:1] not in (" ", "\t")
+
+
+def opening_of(prefix: str, suffix: str) -> bytes:
+    """What the answer must begin with: an empty file's first line is its shebang (a model may rate `:`
+    or a comment likelier there); elsewhere nothing."""
+    return b"#!" if not prefix and not suffix.strip() else b""
 
 
 def code_expected(prefix: str, suffix: str) -> bool:
