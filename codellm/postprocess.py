@@ -594,7 +594,7 @@ def safe_cut(text: str, line_prefix: str = "") -> str:
     for i, state in reversed(cuts):
         kept = line[:i].rstrip(" \t\n")
         backslashes = len(kept) - len(kept.rstrip("\\"))
-        if state == start[:len(state)] and backslashes % 2 == 0 and not opens_a_test(kept[len(line_prefix):]):
+        if state == start[:len(state)] and backslashes % 2 == 0 and not opens_a_test(kept[len(line_prefix):], line_prefix):
             return kept[len(line_prefix):]
     return ""
 
@@ -605,13 +605,21 @@ TEST_CLOSER = re.compile(r"(?<=\s)(\]\]?)(?=$|[\s;&|)])")
 QUOTED = re.compile(r"'[^']*'|\"(?:\\.|[^\"\\])*\"")
 
 
-def opens_a_test(text: str) -> bool:
-    """`text` begins a `[ ... ]` or `[[ ... ]]` test it does not end (`if [[ -d`): bash -n accepts a
-    `[[` cut short when the next line goes on it, and a `[` missing its `]` fails only when run."""
-    code = QUOTED.sub("''", text)
+def opens_a_test(text: str, line_prefix: str = "") -> bool:
+    """`text` begins a `[ ... ]` or `[[ ... ]]` test on its last line that it does not end (`if [[ -d`):
+    bash -n accepts a `[[` cut short when the next line goes on it, and a `[` missing its `]` fails only
+    when run. Read on the last line, comments and quoted text left out, the cursor's line before it
+    (`line_prefix`) counted, so that a quote the person opened holds a `[` as text."""
+    before = "" if "\n" in text else line_prefix
+    return any(now > then for now, then in zip(_tests_open(before + text.rsplit("\n", 1)[-1]), _tests_open(before)))
+
+
+def _tests_open(line: str) -> tuple[int, int]:
+    """How many `[` and `[[` tests `line` begins and does not end."""
+    code = QUOTED.sub("''", code_of_line(line))
     opened = [m.group(1) for m in TEST_OPENER.finditer(code)]
     closed = [m.group(1) for m in TEST_CLOSER.finditer(code)]
-    return opened.count("[") > closed.count("]") or opened.count("[[") > closed.count("]]")
+    return opened.count("[") - closed.count("]"), opened.count("[[") - closed.count("]]")
 
 
 # a word begun with punctuation alone: an option's dash, a `$` or `[` with nothing after them yet

@@ -488,3 +488,12 @@ def test_a_line_cut_short_that_copies_most_of_the_next_line_is_dropped():
     assert drop_a_copy_of_the_next_line("if [ $N -gt 0", ctx) == ""
     assert drop_a_copy_of_the_next_line("if [ -f", ctx) == "if [ -f"  # another line
     assert drop_a_copy_of_the_next_line("if", ctx) == "if"  # one word says little
+
+
+def test_a_bracket_in_text_is_no_test_left_open():
+    # heredoc bodies, comments and a quote the person opened hold `[` as text
+    assert safe_cut("cat <<EOF\nPress [ Enter to go on\nEOF\necho done now") == \
+        "cat <<EOF\nPress [ Enter to go on\nEOF\necho done"
+    assert safe_cut('echo "a" # menu: [ 1\necho b c') == 'echo "a" # menu: [ 1\necho b'
+    assert safe_cut('[ 1/3: copy" && cp a b', 'echo "Step ') == '[ 1/3: copy" && cp a'
+    assert safe_cut("if [[ -d x ") == "if"  # a test begun in the answer itself still goes
