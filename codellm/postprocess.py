@@ -4,7 +4,6 @@ Every step takes (text, ctx) and returns the text to keep; `postprocess` runs th
 """
 from __future__ import annotations
 
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -279,13 +278,6 @@ def indent_unit(ctx: Context) -> str | None:
     return " " * (steps.most_common(1)[0][0] if steps else 4)
 
 
-def spaces_per_level(leads: list[str]) -> int:
-    """The step of a suggestion's indentation in spaces (the greatest common divisor of its space-only
-    leads: 2 for a model writing two-space levels), 4 where it has none or no usual step (2, 4 or 8)."""
-    step = math.gcd(*(len(lead) for lead in leads if lead and not lead.strip(" ")))
-    return step if step in (2, 4, 8) else 4
-
-
 CONTINUED = re.compile(r"(\\|\||&&|\(|,|\[|=)\s*$")  # the line goes on below, where it may sit anywhere
 
 
@@ -317,9 +309,6 @@ def fit_indentation_to_the_block(text: str, ctx: Context) -> str:
 
     lines = text.split("\n")
     leads = [line[:len(line) - len(line.lstrip())] for line in lines]
-    if unit == "\t":  # a level the suggestion indents by in spaces becomes a tab
-        step = spaces_per_level(leads)
-        leads = [lead.replace(" " * step, "\t") for lead in leads]
     shift = 0  # columns taken off the lines after the first
     if not ctx.line_prefix.strip() and lines[0].strip():
         typed, lead = width(ctx.line_prefix), width(leads[0])

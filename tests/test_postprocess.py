@@ -156,9 +156,6 @@ def test_indentation_fits_the_block_and_the_file():
     assert fit_indentation_to_the_block(text, ctx) == "if [ -f x ]; then\n    rm x\n  fi"
     ctx = Context("main() {\n\tfor f in *; do\n\t\techo\n\t\t", "\n", "block")
     assert fit_indentation_to_the_block("    rm x\n        ls", ctx) == "rm x\n\t\tls"
-    ctx = Context("if true; then\n\tfoo\nfi\nif x; then\n", "\nfi\n", "block")  # two-space levels in a tab file
-    assert fit_indentation_to_the_block("  echo a\n  if y; then\n    echo b\n  fi", ctx) == \
-        "\techo a\n\tif y; then\n\t\techo b\n\tfi"
     ctx = Context("x=1\nfoo \\\n", "\n", "block")  # a continued line may sit anywhere
     assert fit_indentation_to_the_block("        --all", ctx) == "        --all"
 
