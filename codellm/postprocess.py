@@ -236,7 +236,8 @@ def drop_a_copy_of_the_next_line(text: str, ctx: Context) -> str:
         return text
     if ctx.partial and len(lines) == 1:  # cut short: most of the next line copied so far is a copy too
         start, below = (ctx.line_prefix + lines[0]).strip(), ctx.next_lines[0].strip()
-        copies = start != below and below.startswith(start)  # the whole line may yet go on otherwise
+        copies = below.startswith(start) and below[len(start):len(start) + 1].isspace()  # whole words of it
+        copies = copies and not CLOSER_LINE.match(below)
         return "" if copies and " " in start and 2 * len(start) >= len(below) else text
     line = ctx.line_prefix + lines[0] + (ctx.rest_of_line if len(lines) == 1 else "")
     if line.strip() == ctx.next_lines[0].strip() and not CLOSER_LINE.match(line):
@@ -643,7 +644,9 @@ def without_a_dangling_operator(text: str, line_prefix: str = "") -> str:
     line = (line_prefix + text[:match.start(1)]).rsplit("\n", 1)[-1]
     if line.endswith(("\\", ">")) or open_quote(line) or len(code_of_line(line + "|")) <= len(line):
         return text
-    return text[:match.start()]
+    kept = text[:match.start()]
+    escaped = (len(kept) - len(kept.rstrip("\\"))) % 2  # `cd My\ &&`: the escaped space stays, no line joins
+    return kept + text[match.start():match.start(1)][:1] if escaped else kept
 
 
 BLANK_LINE_AFTER_CONTENT = re.compile(r"\S[^\n]*\n[ \t]*\n")

@@ -378,3 +378,8 @@ def test_out_of_time_an_answer_leaves_no_operator_without_its_right_side_nor_a_t
     assert at_deadline('[ -f "$x" ] && [ -d ') == '[ -f "$x" ]'
     assert at_deadline("]]; then echo ", 'if [[ -f "$x" ') == "]]; then echo"  # closing one begun before
     assert at_deadline('echo "[ a" b ') == 'echo "[ a" b'  # quoted, no test
+
+
+def test_out_of_time_an_escaped_blank_before_a_dropped_operator_stays():
+    from codellm.completion import Decoded, shown_part
+    assert shown_part("cd My\\ && ", Decoded(stop="deadline"), "", "line")[0] == "cd My\\ "

@@ -494,3 +494,10 @@ def test_a_bracket_in_text_is_no_test_left_open():
     assert safe_cut('echo "a" # menu: [ 1\necho b c') == 'echo "a" # menu: [ 1\necho b'
     assert safe_cut('[ 1/3: copy" && cp a b', 'echo "Step ') == '[ 1/3: copy" && cp a'
     assert safe_cut("if [[ -d x ") == "if"  # a test begun in the answer itself still goes
+
+
+def test_a_line_cut_short_before_another_word_or_above_a_closer_is_no_copy():
+    ctx = Context("#!/bin/bash\n", "\nrm -rf build-debug\n", "line", partial=True, line_cut=True)
+    assert drop_a_copy_of_the_next_line("rm -rf build", ctx) == "rm -rf build"
+    ctx = Context("if a; then\n  if b; then\n    x\n  ", "\nfi # end of outer\n", "line", partial=True, line_cut=True)
+    assert drop_a_copy_of_the_next_line("fi # end of", ctx) == "fi # end of"
