@@ -110,3 +110,15 @@ def label(n: int) -> str:
 def described(n: int) -> str:
     """`2 busy background processes`, `1 busy background process`."""
     return f"{n} busy background process{'' if n == 1 else 'es'}"
+
+
+def run_bench(main) -> None:
+    """Run a bench's `main()` as a command: Ctrl-C exits with status 130 and a closed output pipe
+    (`| head`) with 1, neither with a traceback; the busy processes are ended on the way out (atexit)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except BrokenPipeError:  # what was left to print goes nowhere
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)

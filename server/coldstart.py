@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
 import time
 
 from lsprotocol import types
 
-from codellm.loadgen import BackgroundLoad, background_count
+from codellm.loadgen import BackgroundLoad, background_count, run_bench
 from pygls.lsp.client import LanguageClient
 
 SCRIPT = "#!/bin/bash\n# archive the reports of the day\nset -euo pipefail\n\nSRC=/srv/reports\nDEST=/backup\n\n"
@@ -75,10 +74,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # the server and the busy processes are ended on the way out
-        sys.exit(130)
-    except BrokenPipeError:  # `| head`: what was left to print goes nowhere
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    run_bench(main)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import platform
 import random
 import statistics
@@ -24,7 +23,7 @@ from pathlib import Path
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
-from codellm.loadgen import background_count
+from codellm.loadgen import background_count, run_bench
 from codellm.server import keystrokes
 from codellm.server.service import Settings
 
@@ -271,10 +270,4 @@ def typing_main(args) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except KeyboardInterrupt:  # the server and the busy processes are ended on the way out
-        sys.exit(130)
-    except BrokenPipeError:  # `| head`: what was left to print goes nowhere
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(1)
+    run_bench(main)
