@@ -63,10 +63,9 @@ def cmd_generate(args):
 
 
 def open_engine(model: str | None, device: str | None, precision: str):
-    """The engine for one completion: the one without torch (codellm.kernel_engine) where the bundle has
-    a start file and the settings are its own (CPU, precision auto), as the server's first answers are;
-    else the torch engine. Returns (engine, keep): call keep() once the answer is out, to write the start
-    file the next command reads (nothing to do after the engine without torch)."""
+    """The engine for one completion: the one without torch (codellm.kernel_engine, which writes the
+    bundle's start file first if there is none) where the settings are its own (CPU, precision auto) and
+    the C step runs here, as the server's first answers are; else the torch engine."""
     from .defaults import default_bundle_path
 
     path = Path(model) if model else default_bundle_path()
@@ -75,12 +74,10 @@ def open_engine(model: str | None, device: str | None, precision: str):
 
         engine = KernelEngine.open(path)
         if engine is not None:
-            return engine, lambda: None
+            return engine
     from . import load
-    from .kernel_engine import keep_start_file
 
-    engine = load(str(path), device, precision=precision)
-    return engine, lambda: keep_start_file(engine)
+    return load(str(path), device, precision=precision)
 
 
 def probability(value: str) -> float:
@@ -104,7 +101,7 @@ def cmd_complete(args):
         for f in args.context:
             given.setdefault(str(Path(f).resolve()), f)
         context = choose_context(prefix, suffix, [(p, read_context_file(f)) for p, f in given.items()], [], doc_path)
-    engine, keep = open_engine(args.model, args.device, args.precision)
+    engine = open_engine(args.model, args.device, args.precision)
     result = engine.complete_detailed(prefix, suffix, args.mode, context=context, cut=args.cut_confidence)
     confidence = result.confidence_of(len(result.text))
     hidden = bool(result.text) and confidence < args.min_confidence  # as the editor would: nothing shown
@@ -121,7 +118,6 @@ def cmd_complete(args):
             print(f"[context {chunk.path}:{chunk.line + 1}: {chunk.text.splitlines()[0][:60]}]", file=sys.stderr)
         print(f"[decode steps: {engine.step_name}]", file=sys.stderr)
     sys.stdout.flush()
-    keep()
 
 
 def cmd_info(args):

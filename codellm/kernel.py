@@ -8,7 +8,6 @@ through PyTorch as before.
 """
 from __future__ import annotations
 
-import json
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # torch loads with the engine: this module is read without it too (codellm.kernel_engine)
@@ -27,7 +26,7 @@ MAX_TOKENS = 16  # tokens per call (the C side's limit)
 # and a team whose threads wait for each other falls apart when another process holds a core.
 ONE_THREAD_BELOW = 16_000_000
 BLOCK = 16  # matrix rows per packed block (the C side's layout)
-START_FORMAT = "1"  # the layout of the start file KernelStep.save writes; codellm.kernel_engine reads no other
+START_FORMAT = "1"  # the layout of the start file codellm.fold writes; codellm.kernel_engine reads no other
 # the variant of the int8 products picked for this CPU when the module loaded
 LOADED_INSTRUCTIONS = _decode_kernel.instructions() if _decode_kernel else None
 
@@ -55,18 +54,6 @@ def cpu_decoding() -> str:
     return f"PyTorch (C step {why})"
 
 
-def pack_rows(weight: torch.Tensor) -> torch.Tensor:
-    """int8 (rows, in) -> (blocks, in, BLOCK): the weights of BLOCK consecutive rows side by side for each
-    input, rows padded with zeros to a multiple of BLOCK."""
-    import torch
-
-    rows, columns = weight.shape
-    padding = -rows % BLOCK
-    if padding:
-        weight = torch.cat((weight, weight.new_zeros(padding, columns)))
-    return weight.view(-1, BLOCK, columns).transpose(1, 2).contiguous()
-
-
 class KernelStep:
     """`run(tokens, pos, cache)` for a `codellm.decode.Decoder` with int8 weights on CPU. Holds the packed weights
     and the tensors whose addresses the C side uses, so that they live as long as it does."""
@@ -74,13 +61,15 @@ class KernelStep:
     def __init__(self, decoder):
         import torch
 
+        from .fold import pack_rows
+
         if not built():
             raise RuntimeError("the C decode step is not built (a C compiler with OpenMP is needed at install)")
         model, cfg = decoder.model, decoder.model.cfg
         self.model = model
         self.vocab_size = cfg.vocab_size
         self.embed = decoder.embed.float().contiguous()
-        self.matrices = [(pack_rows(weight), scale.float().contiguous())
+        self.matrices = [(torch.from_numpy(pack_rows(weight.numpy())), scale.float().contiguous())
                          for weight, scale in zip(decoder.matrices, decoder.scales)]
         self.rotary = [table.contiguous() for table in decoder.rotary]
         C, D = cfg.d_model, cfg.head_dim
@@ -123,18 +112,3 @@ class KernelStep:
         logits = torch.empty(len(tokens), self.vocab_size)
         _decode_kernel.decode(self._model, tokens, pos, logits.data_ptr(), self.threads)
         return logits
-
-    def save(self, digest: str) -> bytes:
-        """What the C step reads (the embedding, the packed int8 matrices and their scales, the rotary
-        tables) and its sizes, as the bytes of a safetensors file for codellm.kernel_engine to answer
-        from without torch. `digest`: the bundle's content digest (Bundle.digest), kept in the metadata
-        with the layout's format (START_FORMAT)."""
-        from safetensors.torch import save
-
-        tensors = {"embed": self.embed}
-        for i, (weight, scale) in enumerate(self.matrices):
-            tensors[f"matrix.{i}.weight"], tensors[f"matrix.{i}.scale"] = weight, scale
-        tensors.update({f"rotary.{i}": table for i, table in enumerate(self.rotary)})
-        meta = {"format": START_FORMAT, "digest": digest, "sizes": json.dumps(self._sizes),
-                "eps": json.dumps(self._eps), "parameters": str(self.model.num_params())}
-        return save(tensors, metadata=meta)

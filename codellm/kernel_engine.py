@@ -1,9 +1,9 @@
 """Completion without torch: the C decode step (codellm/_decode_kernel.c) over a start file.
 
 A start file holds what the C step reads (the embedding, the packed int8 matrices with their scales,
-the rotary tables: codellm.kernel.KernelStep.save), written by the torch engine the first time it
-serves a bundle on a CPU with the C step, and kept in the user's cache under the bundle's content
-digest. `import torch` takes 1.5-2 s; a server answers its first requests with a KernelEngine (a
+the rotary tables), folded from the bundle's weights with NumPy (codellm.fold) the first time a bundle
+is opened on a CPU with the C step, and kept in the user's cache under the bundle's content digest.
+`import torch` takes 1.5-2 s; a server answers its first requests with a KernelEngine (a
 fraction of that to open) while torch loads, then moves to codellm.engine.Engine, whose prompt reading
 is faster on long prompts. Both compute a decode step the same way; prompts are read here by decode
 calls of 16 tokens.
@@ -20,7 +20,8 @@ import threading
 import time
 from pathlib import Path
 
-from .bundle_files import BUNDLE_FILES, CONFIG_FILE, TOKENIZER_FILE, content_digest, parse_config, parse_tokenizer
+from .bundle_files import (BUNDLE_FILES, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, content_digest, parse_config,
+                           parse_tokenizer)
 from .completion import Completer
 from .kernel import BLOCK, MAX_TOKENS, ONE_THREAD_BELOW, START_FORMAT, available
 from .kvcache import TokenCache
@@ -52,20 +53,22 @@ def start_file(digest: str) -> Path:
     return start_dir() / f"{digest}.v{START_FORMAT}.safetensors"
 
 
-def keep_start_file(engine) -> Path | None:
-    """Write the start file of a codellm.engine.Engine's bundle unless it is there, and keep only the
-    START_FILES_KEPT newest. Only for an engine whose decode steps are the C step (precision "auto" on a
-    CPU that has it). Never raises: a start file that cannot be written costs the next start its speed only."""
-    step, digest = engine.decoder.c_step, engine.bundle.digest
-    if step is None or not digest or engine.precision != "auto":
-        return None
-    path = start_file(digest)
+def write_start_file(path: Path, files: dict[str, bytes], digest: str) -> Path | None:
+    """Fold the bundle of `files` (its file name -> bytes, content digest `digest`) into its start file at
+    `path` (codellm.fold) and keep only the START_FILES_KEPT newest. Never raises: a bundle it cannot fold
+    (the torch engine then reads it and says what is wrong) or a start file that cannot be written (a
+    full disk, a cache folder that is a file) returns None, and torch serves instead."""
+    started = time.perf_counter()
     try:
-        if path.is_file():
-            os.utime(path)  # the newest used: kept when others go
-            return path
+        from .fold import fold
+
+        config, _ = parse_config(files[CONFIG_FILE], path)
+        data = fold(files[WEIGHTS_FILE], config, digest)
+    except Exception as exc:  # noqa: BLE001 - NumPy missing, a bundle torch will report on
+        log.info("start file not folded (%s: %s): torch serves", type(exc).__name__, exc)
+        return None
+    try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        data = step.save(digest)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
         try:
             with open(tmp, "wb") as f:
@@ -74,11 +77,11 @@ def keep_start_file(engine) -> Path | None:
         finally:
             tmp.unlink(missing_ok=True)
         prune_start_files(path)
-        return path
-    except Exception as exc:  # noqa: BLE001 - a full disk, a cache folder that is a file, a library missing
-        log.warning("start file not written to %s (%s: %s): the next start waits for torch",
-                    path.parent, type(exc).__name__, getattr(exc, "strerror", None) or exc)
+    except OSError as exc:
+        log.warning("start file not written to %s (%s): torch serves", path.parent, exc.strerror or exc)
         return None
+    log.info("start file written to %s in %.2f s", path, time.perf_counter() - started)
+    return path
 
 
 def prune_start_files(keep: Path) -> None:
@@ -96,6 +99,13 @@ def prune_start_files(keep: Path) -> None:
     for tmp in keep.parent.glob(".*.safetensors.*.tmp"):
         if age(tmp) > STALE_TEMP_S:
             tmp.unlink(missing_ok=True)
+
+
+def touch(path: Path) -> None:
+    try:
+        os.utime(path)
+    except OSError:  # a read-only cache: the file is still used
+        pass
 
 
 class StartFile:
@@ -206,23 +216,27 @@ class KernelEngine(Completer):
     @classmethod
     def open(cls, path: str | Path, threads: int | None = None) -> "KernelEngine | None":
         """The engine for the bundle at `path` (decode steps of large models on `threads`), or None where
-        it cannot answer: no start file for these bundle bytes, the C step not built or not for this CPU,
-        an unreadable bundle (the torch engine then loads it and reports the problem), a damaged start
-        file (deleted, so that the torch engine writes it again)."""
+        it cannot answer: the C step not built or not for this CPU, an unreadable bundle or one that
+        cannot be folded (the torch engine then loads it and reports the problem), a start file that
+        cannot be written. A missing start file is written first (codellm.fold: a fraction of a second);
+        a damaged one is deleted, and written again by the next start."""
         path = Path(path)
-        if not available() or not any(start_dir().glob("*.safetensors")):
-            return None  # known before the bundle is read and hashed
+        if not available():
+            return None
         try:
             files = {name: (path / name).read_bytes() for name in BUNDLE_FILES}
         except OSError:
             return None  # the torch engine reads the bundle and says what is wrong
-        start = start_file(content_digest([files[name] for name in BUNDLE_FILES]))
-        if not start.is_file():
+        digest = content_digest([files[name] for name in BUNDLE_FILES])
+        start = start_file(digest)
+        if start.is_file():
+            touch(start)  # the newest used: kept when others go
+        elif write_start_file(start, files, digest) is None:
             return None
         try:
             return cls(path, files, start, threads)
         except Exception as exc:  # noqa: BLE001 - a cache file: whatever is wrong with it, torch serves instead
-            log.warning("start file %s not used (%s: %s); the torch engine writes it again", start,
+            log.warning("start file %s not used (%s: %s); the next start writes it again", start,
                         type(exc).__name__, exc)
             start.unlink(missing_ok=True)  # a damaged one would otherwise slow every start
             return None

@@ -1,8 +1,9 @@
 """`python -m codellm.server.coldstart`: how long an editor waits, from starting `codellm-serve` over stdio,
 for its first suggestion. A real LSP client starts the server, initialises, opens a script and asks for
 an inline completion at once; reported per run: the `initialize` answer and the first suggestion, in
-seconds since the server process was started, and which engine gave it (the first start of a bundle
-writes the start file that later starts answer from, codellm.kernel_engine); then the medians of each kind."""
+seconds since the server process was started, whether the bundle's start file was there (the first start
+of a bundle writes it, codellm.kernel_engine) and which engine gave it; then the medians of first and
+later starts."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,9 @@ import time
 
 from lsprotocol import types
 
+from codellm.bundle_files import bundle_digest
+from codellm.defaults import bundle_arg, default_bundle_path
+from codellm.kernel_engine import start_file
 from codellm.loadgen import BackgroundLoad, background_count, run_bench
 from pygls.lsp.client import LanguageClient
 
@@ -58,16 +62,19 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
 
     server_args = (["--model", args.model] if args.model else []) + ["--min-confidence", "0", "--cut-confidence", "0"]
+    start = start_file(bundle_digest(bundle_arg(args.model) if args.model else default_bundle_path()) or "")
     runs = []
     with BackgroundLoad(args.background):
         for _ in range(args.runs):
-            r = asyncio.run(first_suggestion(server_args))
+            first_start = not start.is_file()
+            r = {**asyncio.run(first_suggestion(server_args)), "first_start": first_start}
             runs.append(r)
             print(f"  initialize answered {r['initialize']:5.2f} s, first suggestion {r['first']:5.2f} s "
-                  f"({'start file, before torch' if r['without_torch'] else 'torch engine'}; {r['text'][:40]!r})",
+                  f"({'no start file yet' if first_start else 'start file there'}; "
+                  f"{'C step without torch' if r['without_torch'] else 'torch engine'}; {r['text'][:40]!r})",
                   flush=True)
-    for without_torch, how in ((False, "from the torch engine"), (True, "from the start file, before torch")):
-        kind = [r for r in runs if r["without_torch"] == without_torch]
+    for first_start, how in ((True, "with no start file yet"), (False, "with the start file there")):
+        kind = [r for r in runs if r["first_start"] == first_start]
         if kind:
             print(f"median of {len(kind)} {how}: initialize {statistics.median(r['initialize'] for r in kind):.2f} s, "
                   f"first suggestion {statistics.median(r['first'] for r in kind):.2f} s after the server was started")

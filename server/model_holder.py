@@ -254,12 +254,9 @@ def build_engine(path: Path, device: str | None, threads: int | None, precision:
     from codellm.device import choose_device
     from codellm.engine import Engine
 
-    from codellm.kernel_engine import keep_start_file
-
     bundle = load_bundle(path, device=choose_device(device))
     engine = Engine(bundle, device, threads, precision)
     warm_up(engine)
-    keep_start_file(engine)  # the next start answers from it before torch has loaded
     return bundle, engine
 
 

@@ -1,5 +1,6 @@
-"""The engine without torch: answers from a start file as the torch engine does, and refuses every start
-file that is not its bundle's (or is damaged) rather than reading past it."""
+"""The engine without torch: folds a bundle into its start file with NumPy as the torch engine folds it,
+answers from it as the torch engine does, and refuses every start file that is not its bundle's (or is
+damaged) rather than reading past it."""
 import json
 import os
 import subprocess
@@ -11,7 +12,7 @@ from codellm import kernel
 from codellm.bundle_files import bundle_digest
 from codellm.engine import Engine
 from codellm.bundle import load_bundle
-from codellm.kernel_engine import START_FILES_KEPT, KernelEngine, keep_start_file, start_file
+from codellm.kernel_engine import START_FILES_KEPT, KernelEngine, start_file
 
 from conftest import make_model
 
@@ -32,17 +33,58 @@ def engine(bundle_path, cache_home):
     return Engine(load_bundle(bundle_path), "cpu", 1, "auto")
 
 
-def test_no_start_file_no_engine_then_one_after_the_torch_engine_served(bundle_path, engine):
-    assert KernelEngine.open(bundle_path) is None
-    path = keep_start_file(engine)
-    assert path == start_file(bundle_digest(bundle_path)) and path.is_file()
-    quick = KernelEngine.open(bundle_path)
-    assert quick is not None and quick.digest == engine.digest
-    assert quick.num_params() == engine.num_params() and "without torch" in quick.step_name
+def start_tensors(engine) -> dict:
+    """What the torch engine's C step reads, by the start file's names."""
+    step = engine.decoder.c_step
+    tensors = {"embed": step.embed}
+    for i, (weight, scale) in enumerate(step.matrices):
+        tensors[f"matrix.{i}.weight"], tensors[f"matrix.{i}.scale"] = weight, scale
+    tensors.update({f"rotary.{i}": table for i, table in enumerate(step.rotary)})
+    return {name: t.numpy() for name, t in tensors.items()}
+
+
+@pytest.mark.parametrize("storage,overrides", [("float16", {}), ("float32", {"tie_embeddings": False}),
+                                               ("bfloat16", {"qk_norm": False})])
+def test_the_first_open_folds_the_start_file_as_the_torch_engine_folds_the_weights(tmp_path, tokenizer, cache_home,
+                                                                                  storage, overrides):
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from codellm.bundle import save_bundle
+
+    path = tmp_path / "bundle"
+    save_bundle(path, make_model(tokenizer, seed=3, **overrides), tokenizer, storage_dtype=storage)
+    assert not start_file(bundle_digest(path)).exists()
+    quick = KernelEngine.open(path)
+    assert quick is not None and start_file(bundle_digest(path)).is_file() and "without torch" in quick.step_name
+    engine = Engine(load_bundle(path), "cpu", 1, "auto")
+    assert quick.digest == engine.digest and quick.num_params() == engine.num_params()
+    folded, want = load_file(start_file(quick.digest)), start_tensors(engine)
+    assert folded.keys() == want.keys()
+    for name, tensor in want.items():
+        assert folded[name].dtype == tensor.dtype and folded[name].shape == tensor.shape, name
+        if name.startswith("rotary"):  # cos and sin rounded from float64 here, torch's own float32 ones there
+            np.testing.assert_allclose(folded[name], tensor, rtol=0, atol=4e-7 * max(1.0, np.abs(tensor).max()))
+        else:  # the same float32 operations: the same int8 weights and scales
+            np.testing.assert_array_equal(folded[name], tensor, err_msg=name)
+
+
+def test_a_bundle_that_cannot_be_folded_is_left_to_the_torch_engine(tmp_path, tokenizer, cache_home):
+    import torch
+
+    from codellm.bundle import BundleError, save_bundle
+
+    model = make_model(tokenizer)
+    with torch.no_grad():
+        model.blocks[0].mlp.up.weight[3, 5] = float("nan")
+    path = tmp_path / "nan"
+    save_bundle(path, model, tokenizer)
+    assert KernelEngine.open(path) is None and not start_file(bundle_digest(path)).exists()
+    with pytest.raises(BundleError, match="not finite|non-finite|NaN"):
+        load_bundle(path)  # the torch engine says what is wrong
 
 
 def test_it_answers_what_the_torch_engine_answers(bundle_path, engine):
-    keep_start_file(engine)
     quick = KernelEngine.open(bundle_path)
     for prefix in SHORT:  # prompts read by decode steps alone: the same computation, the same numbers
         ids = engine.tokenizer.encode(prefix)
@@ -66,7 +108,8 @@ def test_it_answers_what_the_torch_engine_answers(bundle_path, engine):
 def test_another_bundles_or_a_damaged_start_file_is_refused(bundle_path, engine, tmp_path, tokenizer):
     from codellm.bundle import save_bundle
 
-    path = keep_start_file(engine)
+    assert KernelEngine.open(bundle_path) is not None
+    path = start_file(engine.digest)
     data = path.read_bytes()
     other = tmp_path / "other"
     save_bundle(other, make_model(tokenizer, seed=1), tokenizer)
@@ -83,47 +126,53 @@ def test_another_bundles_or_a_damaged_start_file_is_refused(bundle_path, engine,
                     b"\x10" + bytes(7) + b"[" * 16):
         path.write_bytes(damaged)
         assert KernelEngine.open(bundle_path) is None
-        assert not path.exists()  # gone: the torch engine writes it again, instead of every start trying it
-    assert keep_start_file(engine) == path and KernelEngine.open(bundle_path) is not None
+        assert not path.exists()  # gone: the next start writes it again, instead of every start trying it
+    assert KernelEngine.open(bundle_path) is not None and len(path.read_bytes()) == len(data)
 
 
-def test_start_files_of_old_bundles_go_and_an_unwritable_cache_costs_nothing(engine, cache_home, monkeypatch, tmp_path):
+def test_start_files_of_old_bundles_go_and_an_unwritable_cache_costs_nothing(bundle_path, engine, cache_home, monkeypatch,
+                                                                           tmp_path):
     folder = start_file("x").parent
     folder.mkdir(parents=True)
     for i in range(START_FILES_KEPT + 2):
         (folder / f"{i:032x}.safetensors").write_bytes(b"old")
         os.utime(folder / f"{i:032x}.safetensors", (i, i))
-    path = keep_start_file(engine)
+    assert KernelEngine.open(bundle_path) is not None
+    path = start_file(engine.digest)
     kept = sorted(p.name for p in folder.iterdir())
     assert len(kept) == START_FILES_KEPT and path.name in kept and f"{START_FILES_KEPT + 1:032x}.safetensors" in kept
     path.unlink()
-    monkeypatch.setattr(type(engine.decoder.c_step), "save", lambda *_: (_ for _ in ()).throw(ImportError("numpy")))
-    assert keep_start_file(engine) is None and not any(folder.glob(".*.tmp"))  # a library missing: no model lost
+    import codellm.fold
+
+    monkeypatch.setattr(codellm.fold, "fold", lambda *_: (_ for _ in ()).throw(ImportError("numpy")))
+    assert KernelEngine.open(bundle_path) is None and not any(folder.glob(".*.tmp"))  # a library missing: no model lost
     monkeypatch.undo()
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
     (tmp_path / "a-file").write_text("not a folder")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))  # no cache folder can be made there
-    assert keep_start_file(engine) is None and (tmp_path / "a-file").read_text() == "not a folder"
+    assert KernelEngine.open(bundle_path) is None and (tmp_path / "a-file").read_text() == "not a folder"
 
 
-def test_it_imports_and_answers_without_torch(bundle_path, engine, cache_home):
-    keep_start_file(engine)
+def test_it_folds_imports_and_answers_without_torch(bundle_path, engine, cache_home):
+    assert not start_file(engine.digest).exists()  # written by the process below, without torch
     code = ("import sys\nfrom codellm.kernel_engine import KernelEngine\n"
             f"e = KernelEngine.open({str(bundle_path)!r})\n"
             "print(repr(e.complete('for f in *.txt; do\\n\\tech', '\\ndone\\n')), 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "XDG_CACHE_HOME": str(cache_home)}, check=True).stdout
     text = engine.complete("for f in *.txt; do\n\tech", "\ndone\n")
+    assert start_file(engine.digest).is_file()
     assert out.split() == [repr(text), "False"] or out.strip() == f"{text!r} False"
 
 
-def test_the_cold_start_bench_starts_from_torch_then_from_the_start_file(bundle_path, cache_home):
+def test_the_cold_start_bench_writes_the_start_file_then_starts_from_it(bundle_path, cache_home):
     out = subprocess.run([sys.executable, "-m", "codellm.server.coldstart", "--model", str(bundle_path), "--runs", "2"],
                          capture_output=True, text=True, timeout=300, check=True,
                          env={**os.environ, "XDG_CACHE_HOME": str(cache_home)}).stdout
     runs = [line for line in out.splitlines() if "first suggestion" in line and line.startswith("  ")]
-    assert len(runs) == 2 and "(torch engine;" in runs[0] and "(start file, before torch;" in runs[1]
-    assert "median of 1 from the torch engine" in out and "median of 1 from the start file, before torch" in out
+    assert len(runs) == 2 and "(no start file yet; C step without torch;" in runs[0]
+    assert "(start file there; C step without torch;" in runs[1]
+    assert "median of 1 with no start file yet" in out and "median of 1 with the start file there" in out
 
 
 def test_a_torch_engine_that_failed_to_load_is_loaded_by_the_next_reload(bundle_path, engine, monkeypatch):
@@ -132,7 +181,6 @@ def test_a_torch_engine_that_failed_to_load_is_loaded_by_the_next_reload(bundle_
     from codellm.engine import Engine as TorchEngine
     from codellm.server.model_holder import EarlyLoad, ModelHolder
 
-    keep_start_file(engine)
     early = EarlyLoad(str(bundle_path), None, None, "auto")
     monkeypatch.setattr(early, "load_torch_engine", lambda done, answered: None)  # the test plays its part
     holder = ModelHolder(lambda message, is_error: None, early)
@@ -159,7 +207,6 @@ def test_the_torch_engine_is_handed_over_off_the_model_thread(bundle_path, engin
 
     from codellm.server.model_holder import EarlyLoad
 
-    keep_start_file(engine)
     early = EarlyLoad(str(bundle_path), None, None, "auto")
     assert early.future.result()[2] is None  # the engine without torch came first
     handed = []
@@ -175,7 +222,7 @@ def test_the_torch_engine_is_handed_over_off_the_model_thread(bundle_path, engin
     early.executor.shutdown()
 
 
-def test_the_command_line_writes_the_start_file_then_answers_without_torch(bundle_path, cache_home, tmp_path):
+def test_the_command_line_writes_the_start_file_and_answers_without_torch(bundle_path, cache_home, tmp_path):
     script = tmp_path / "s.sh"
     script.write_text("#!/bin/bash\nfor f in *.txt; do\n\tech\ndone\n")
     # the command as a user runs it, with a check at exit of whether torch was imported
@@ -185,7 +232,7 @@ def test_the_command_line_writes_the_start_file_then_answers_without_torch(bundl
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_home)}
     first = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
     assert first.returncode == 0, first.stderr
-    assert "torch imported: True" in first.stderr and start_file(bundle_digest(bundle_path)).is_file()
+    assert "torch imported: False" in first.stderr and start_file(bundle_digest(bundle_path)).is_file()
     second = subprocess.run(args, capture_output=True, text=True, env=env, timeout=120)
     assert second.returncode == 0, second.stderr
     assert "torch imported: False" in second.stderr and "without torch" in second.stderr
@@ -193,7 +240,6 @@ def test_the_command_line_writes_the_start_file_then_answers_without_torch(bundl
 
 
 def test_a_prompt_read_by_the_c_step_stops_between_calls(bundle_path, engine):
-    keep_start_file(engine)
     quick = KernelEngine.open(bundle_path)
     ids = engine.tokenizer.encode(LONG)
     assert len(ids) > 2 * kernel.MAX_TOKENS

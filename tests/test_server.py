@@ -63,7 +63,7 @@ def test_inline_completion_matches_the_engine_and_sits_at_the_cursor(bundle_path
 
 
 @pytest.mark.skipif(not kernel.available(), reason="no C decode step here (not built, or no AVX2)")
-def test_a_second_start_answers_before_torch_loads_then_moves_to_torch(bundle_path, tmp_path, monkeypatch):
+def test_every_start_answers_before_torch_loads_then_moves_to_torch(bundle_path, tmp_path, monkeypatch):
     from codellm.bundle_files import bundle_digest
     from codellm.kernel_engine import start_file
 
@@ -72,10 +72,10 @@ def test_a_second_start_answers_before_torch_loads_then_moves_to_torch(bundle_pa
     torch_loaded = lambda status: "without torch" not in status.decode_steps  # noqa: E731
 
     async def main():
-        async with Session("--model", str(bundle_path)) as s:  # the first start: torch, and a start file written
-            assert torch_loaded(await s.status())
-        assert start_file(bundle_digest(bundle_path)).is_file()
-        async with Session("--model", str(bundle_path)) as s:
+        assert not start_file(bundle_digest(bundle_path)).exists()
+        async with Session("--model", str(bundle_path)) as s:  # the first start writes the start file, no torch
+            assert not torch_loaded(await s.status()) and start_file(bundle_digest(bundle_path)).is_file()
+        async with Session("--model", str(bundle_path)) as s:  # the next ones read it
             assert not torch_loaded(await s.status())
             s.open(URI, prefix)
             result = await s.inline(URI, *last_position(prefix))
