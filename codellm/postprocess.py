@@ -591,8 +591,8 @@ def safe_cut(text: str, line_prefix: str = "") -> str:
 
 # `[` and `[[` as words that begin a test, and the `]` and `]]` that end one (quoted text taken out first)
 TEST_OPENER = re.compile(r"(?<![^\s;&|(!])(\[\[?)(?=\s|$)")
-TEST_CLOSER = re.compile(r"(?<=\s)(\]\]?)(?=$|[\s;&|)])")
-QUOTED = re.compile(r"'[^']*'|\"(?:\\.|[^\"\\])*\"")
+TEST_CLOSER = re.compile(r"(?<=\s)(\]\]?)(?=$|[\s;&|)<>])")  # `[ -f x ]>/dev/null` ends it too
+QUOTED = re.compile(r"\$'(?:\\.|[^'\\])*'|'[^']*'|\"(?:\\.|[^\"\\])*\"")  # a $'...' string may hold \'
 
 
 def opens_a_test(text: str, line_prefix: str = "") -> bool:

@@ -35,7 +35,8 @@ BASH_N_TIMEOUT_S = 5
 
 def bash_parses(text: str) -> bool:
     """`bash -n` finds no syntax error. It reports some, such as a broken `[[ ]]` ("conditional binary
-    operator expected", "unexpected argument"), with exit status 0: those count as errors too.
+    operator expected", "unexpected argument"), with exit status 0: those count as errors too (its
+warnings, such as a heredoc's delimiter wanted at the end, which names the delimiter, do not).
 
     The text goes to bash on its standard input (no file is left behind if the process is killed).
     Where bash cannot judge (it is missing, or takes over BASH_N_TIMEOUT_S to read the text) the text
@@ -44,7 +45,8 @@ def bash_parses(text: str) -> bool:
     try:
         run = subprocess.run(["bash", "-n"], input=text.encode("utf-8", errors="replace"), capture_output=True,
                              timeout=BASH_N_TIMEOUT_S)
-        return run.returncode == 0 and b"syntax error" not in run.stderr and b"expected" not in run.stderr
+        errors = b"\n".join(line for line in run.stderr.splitlines() if b"warning:" not in line)
+        return run.returncode == 0 and b"syntax error" not in errors and b"expected" not in errors
     except (subprocess.TimeoutExpired, OSError):
         return True
 

@@ -494,6 +494,8 @@ def test_a_bracket_in_text_is_no_test_left_open():
     assert safe_cut('echo "a" # menu: [ 1\necho b c') == 'echo "a" # menu: [ 1\necho b'
     assert safe_cut('[ 1/3: copy" && cp a b', 'echo "Step ') == '[ 1/3: copy" && cp a'
     assert safe_cut("if [[ -d x ") == "if"  # a test begun in the answer itself still goes
+    assert safe_cut("[ a' && echo ok", "x=$'it\\'s ") == "[ a' && echo"  # $'...' holds an escaped quote
+    assert safe_cut("> /dev/null && echo ok", "[ -f x ]") == "> /dev/null && echo"  # `]>` ends the test
 
 
 def test_a_line_cut_short_before_another_word_or_above_a_closer_is_no_copy():

@@ -23,6 +23,7 @@ def test_a_broken_test_that_bash_n_exits_0_on_does_not_parse_and_no_file_is_writ
         assert not bash_parses("[[ -f\necho done\n")
         assert bash_parses('[[ -n "$x" && -d /tmp ]]\necho done\n')
         assert bash_parses("cat <<EOF\nnot ended\n")  # a warning only
+        assert bash_parses("cat <<expected\nnot ended\n")  # the warning names the delimiter: still no error
         assert list(tmp_path.iterdir()) == []
     finally:
         tempfile.tempdir = None
