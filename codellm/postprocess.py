@@ -614,7 +614,7 @@ def _tests_open(line: str) -> tuple[int, int]:
 
 # a word begun with punctuation alone: an option's dash, a `$` or `[` with nothing after them yet
 PUNCTUATION_WORD_START = re.compile(r"[-$\[]+")
-DANGLING_OPERATOR = re.compile(r"\s*(&&|\|\||\|)\s*$")
+DANGLING_OPERATOR = re.compile(r"\s*(&&|\|\||\|&|\|)\s*$")
 
 
 def sure_part(text: str, line_prefix: str = "", at_word_end: bool = False) -> str:
@@ -636,7 +636,7 @@ def sure_part(text: str, line_prefix: str = "", at_word_end: bool = False) -> st
 
 
 def without_a_dangling_operator(text: str, line_prefix: str = "") -> str:
-    """`text` less a `|`, `||` or `&&` it ends in, where that is an operator: not escaped, not part of
+    """`text` less a `|`, `|&`, `||` or `&&` it ends in, where that is an operator: not escaped, not part of
     `>|`, not in quotes or a comment on its line."""
     match = DANGLING_OPERATOR.search(text)
     if not match:

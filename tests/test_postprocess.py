@@ -363,6 +363,7 @@ def test_the_sure_part_of_an_answer_cut_unsure_is_worth_showing():
     assert sure_part("-", "ls ") == "" and sure_part("--", "mandb ") == "" and sure_part("[--", "\t") == ""
     assert sure_part("-a $f --", "cp ") == "-a $f"
     assert sure_part(" ||", 'sync -d "$x"', at_word_end=True) == "" and sure_part("\\", "x ") == ""
+    assert sure_part("make 2>&1 |&", "", at_word_end=True) == "make 2>&1"  # `|&` pipes stderr too
     assert sure_part('"', 'echo "hello') == '"'  # closing the person's own string
     assert sure_part(" do_reload_", "if is_call") == " do_reload_"  # a word's sure start stays
     assert sure_part("-", "tar -czf ", at_word_end=True) == "-"  # a whole word `-` (stdout) stays
