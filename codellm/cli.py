@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import re
 import sys
 from pathlib import Path
@@ -282,6 +283,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def report_warnings() -> None:
+    """What the library warns of (a start file that cannot be written, ...) on stderr, as `codellm: ...`."""
+    logger = logging.getLogger("codellm")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("codellm: %(message)s"))
+        handler.setLevel(logging.WARNING)
+        logger.addHandler(handler)
+
+
 def main(argv=None):
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -289,6 +300,7 @@ def main(argv=None):
     if stdin_locations:  # "-:LINE:COL" looks like an option to argparse: pass it after "--"
         argv = [a for a in argv if a not in stdin_locations] + ["--", *stdin_locations]
     args = parser.parse_args(argv)
+    report_warnings()
     try:
         args.func(args)
     except KeyboardInterrupt:

@@ -65,7 +65,7 @@ def write_start_file(path: Path, files: dict[str, bytes], digest: str) -> Path |
         config, _ = parse_config(files[CONFIG_FILE], path)
         data = fold(files[WEIGHTS_FILE], config, digest)
     except Exception as exc:  # noqa: BLE001 - NumPy missing, a bundle torch will report on
-        log.info("start file not folded (%s: %s): torch serves", type(exc).__name__, exc)
+        log.info("start file not folded (%s: %s): the model loads with torch", type(exc).__name__, exc)
         return None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -78,7 +78,8 @@ def write_start_file(path: Path, files: dict[str, bytes], digest: str) -> Path |
             tmp.unlink(missing_ok=True)
         prune_start_files(path)
     except OSError as exc:
-        log.warning("start file not written to %s (%s): torch serves", path.parent, exc.strerror or exc)
+        log.warning("start file not written to %s (%s): the model loads with torch, a slower start "
+                    "($XDG_CACHE_HOME says where start files go)", path.parent, exc.strerror or exc)
         return None
     log.info("start file written to %s in %.2f s", path, time.perf_counter() - started)
     return path
@@ -218,8 +219,8 @@ class KernelEngine(Completer):
         """The engine for the bundle at `path` (decode steps of large models on `threads`), or None where
         it cannot answer: the C step not built or not for this CPU, an unreadable bundle or one that
         cannot be folded (the torch engine then loads it and reports the problem), a start file that
-        cannot be written. A missing start file is written first (codellm.fold: a fraction of a second);
-        a damaged one is deleted, and written again by the next start."""
+        cannot be written. A missing start file is written first (codellm.fold: a fraction of a second),
+        and so is a damaged one, which is deleted first. Never raises."""
         path = Path(path)
         if not available():
             return None
@@ -231,14 +232,24 @@ class KernelEngine(Completer):
         start = start_file(digest)
         if start.is_file():
             touch(start)  # the newest used: kept when others go
-        elif write_start_file(start, files, digest) is None:
+            engine = cls._from_start_file(path, files, start, threads)
+            if engine is not None:
+                return engine
+        if write_start_file(start, files, digest) is None:
             return None
+        return cls._from_start_file(path, files, start, threads)
+
+    @classmethod
+    def _from_start_file(cls, path: Path, files: dict[str, bytes], start: Path, threads: int | None):
+        """The engine over the start file `start`, or None where it fails its checks (then deleted)."""
         try:
             return cls(path, files, start, threads)
-        except Exception as exc:  # noqa: BLE001 - a cache file: whatever is wrong with it, torch serves instead
-            log.warning("start file %s not used (%s: %s); the next start writes it again", start,
-                        type(exc).__name__, exc)
-            start.unlink(missing_ok=True)  # a damaged one would otherwise slow every start
+        except Exception as exc:  # noqa: BLE001 - a cache file: whatever is wrong with it, it is written again
+            log.warning("start file not used (%s: %s)", type(exc).__name__, exc)
+            try:
+                start.unlink(missing_ok=True)  # a damaged one would otherwise slow every start
+            except OSError as error:
+                log.warning("start file %s not deleted (%s)", start, error.strerror or error)
             return None
 
     @property

@@ -26,6 +26,7 @@ TYPED = "tar -czf \"$DEST/reports-$(date +%F).tar.gz\" "
 
 async def first_suggestion(server_args: list[str]) -> dict:
     client = LanguageClient("codellm-coldstart", "1")
+    client.feature(types.WINDOW_SHOW_MESSAGE)(lambda params: None)  # a missing model: codellm/status says it
     start = time.perf_counter()
     await client.start_io(sys.executable, "-m", "codellm.server.cli", *server_args)
     caps = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
@@ -49,14 +50,22 @@ async def first_suggestion(server_args: list[str]) -> dict:
     await client.shutdown_async(None)
     client.exit(None)
     await client.stop()
+    if status.model_error:  # no model: the time measured would be that of an empty answer
+        raise SystemExit(f"coldstart: the server loaded no model: {status.model_error}")
     return {"initialize": initialized, "first": answered, "text": items[0].insert_text if items else "",
             "without_torch": "without torch" in (status.decode_steps or "")}
+
+
+def positive_int(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of 1 or more, not {value!r}")
+    return int(value)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="python -m codellm.server.coldstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="bundle (default: the shipped model)")
-    parser.add_argument("--runs", type=int, default=5, help="server starts measured (default 5)")
+    parser.add_argument("--runs", type=positive_int, default=5, help="server starts measured (default 5)")
     parser.add_argument("--background", type=background_count, default=0, metavar="N",
                         help="with N busy processes running (codellm.loadgen)")
     args = parser.parse_args(argv)

@@ -105,7 +105,7 @@ def test_it_answers_what_the_torch_engine_answers(bundle_path, engine):
     assert quick.prefill(ids)[1] == len(ids) - 1  # asked again: all but the last token come from the cache
 
 
-def test_another_bundles_or_a_damaged_start_file_is_refused(bundle_path, engine, tmp_path, tokenizer):
+def test_another_bundles_or_a_damaged_start_file_is_folded_again(bundle_path, engine, tmp_path, tokenizer):
     from codellm.bundle import save_bundle
 
     assert KernelEngine.open(bundle_path) is not None
@@ -114,7 +114,9 @@ def test_another_bundles_or_a_damaged_start_file_is_refused(bundle_path, engine,
     other = tmp_path / "other"
     save_bundle(other, make_model(tokenizer, seed=1), tokenizer)
     os.link(path, start_file(bundle_digest(other)))  # another bundle's name on this bundle's start file
-    assert KernelEngine.open(other) is None and not start_file(bundle_digest(other)).exists()
+    quick = KernelEngine.open(other)
+    assert quick is not None and quick.digest == bundle_digest(other) != engine.digest
+    assert os.stat(start_file(quick.digest)).st_ino != os.stat(path).st_ino  # its own start file now
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
     entry = header["embed"]
@@ -125,9 +127,23 @@ def test_another_bundles_or_a_damaged_start_file_is_refused(bundle_path, engine,
                     (1 << 40).to_bytes(8, "little") + data[8:], len(not_a_dict).to_bytes(8, "little") + not_a_dict,
                     b"\x10" + bytes(7) + b"[" * 16):
         path.write_bytes(damaged)
-        assert KernelEngine.open(bundle_path) is None
-        assert not path.exists()  # gone: the next start writes it again, instead of every start trying it
-    assert KernelEngine.open(bundle_path) is not None and len(path.read_bytes()) == len(data)
+        assert KernelEngine.open(bundle_path) is not None  # the damaged file refused, the bundle folded again
+        assert len(path.read_bytes()) == len(data)
+
+
+def test_a_damaged_start_file_that_cannot_be_deleted_or_written_leaves_it_to_torch(bundle_path, engine,
+                                                                                 monkeypatch):
+    from pathlib import Path
+
+    assert KernelEngine.open(bundle_path) is not None
+    path = start_file(engine.digest)
+    path.write_bytes(b"")
+
+    def read_only(*_, **__):  # as a cache on a read-only file system answers
+        raise OSError(30, "Read-only file system")
+    monkeypatch.setattr(Path, "unlink", read_only)
+    monkeypatch.setattr(os, "replace", read_only)
+    assert KernelEngine.open(bundle_path) is None and path.read_bytes() == b""  # no exception: torch loads
 
 
 def test_start_files_of_old_bundles_go_and_an_unwritable_cache_costs_nothing(bundle_path, engine, cache_home, monkeypatch,
@@ -173,6 +189,15 @@ def test_the_cold_start_bench_writes_the_start_file_then_starts_from_it(bundle_p
     assert len(runs) == 2 and "(no start file yet; C step without torch;" in runs[0]
     assert "(start file there; C step without torch;" in runs[1]
     assert "median of 1 with no start file yet" in out and "median of 1 with the start file there" in out
+
+
+def test_the_cold_start_bench_refuses_no_runs_and_a_start_with_no_model(tmp_path, cache_home):
+    bench = [sys.executable, "-m", "codellm.server.coldstart"]
+    none = subprocess.run([*bench, "--runs", "0"], capture_output=True, text=True, timeout=60)
+    assert none.returncode == 2 and "--runs" in none.stderr
+    missing = subprocess.run([*bench, "--runs", "1", "--model", str(tmp_path / "nothing")], capture_output=True,
+                             text=True, timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(cache_home)})
+    assert missing.returncode == 1 and "loaded no model" in missing.stderr and "first suggestion" not in missing.stdout
 
 
 def test_a_torch_engine_that_failed_to_load_is_loaded_by_the_next_reload(bundle_path, engine, monkeypatch):
