@@ -9,10 +9,8 @@ import json
 import os
 import shutil
 import signal
-import stat
 import tempfile
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,11 +21,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load, save_file
 
 from .bundle_files import (BUNDLE_FILES, CARD_FILE, CONFIG_FILE, FORMAT_VERSION, STORAGE_DTYPE_NAMES,  # noqa: F401
-                           TOKENIZER_FILE, WEIGHTS_FILE, BundleError, bundle_digest, content_digest, parse_config,
-                           parse_tokenizer)
+                           TOKENIZER_FILE, WEIGHTS_FILE, BundleError, read_bundle_files)
 from .config import ModelConfig
 from .model import GPT
-from .prompt import DEFAULT_FORMAT, FIM_FORMATS
+from .prompt import DEFAULT_FORMAT
 from .tokenizer import Tokenizer
 
 STORAGE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -157,179 +154,6 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-# what a bundle's small files may weigh; the weights are checked against config.json instead
-SIZE_LIMITS = {CONFIG_FILE: 1 << 20, TOKENIZER_FILE: 256 << 20, CARD_FILE: 1 << 30}
-WEIGHT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}  # safetensors names of the float dtypes
-MAX_HEADER = 100 << 20
-STABLE_TRIES, STABLE_WAIT = 25, 0.2  # a bundle being copied is read again, for up to 5 s
-
-
-class _Changed(Exception):
-    """The bundle changed while it was read (a copy or a swap in progress): read it again."""
-
-
-def _expected_tensors(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Names and shapes of the tensors a bundle must hold, from a model built without memory."""
-    with torch.device("meta"):  # no memory, no values (on the meta device torch.nn.init's functions would
-        model = GPT(config, init=False)  # run as Python decompositions that import torch._dynamo: seconds)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()
-            if not (config.tie_embeddings and k == "lm_head.weight")}
-
-
-def _check_weights_header(f, size: int, file: Path, config: ModelConfig) -> int:
-    """Check the safetensors header (names, shapes, dtypes, offsets) against config.json before any
-    tensor is read; returns the header length."""
-    head = f.read(8)
-    n = int.from_bytes(head, "little")
-    plausible = len(head) == 8 and 2 <= n <= min(MAX_HEADER, size - 8)
-    # a header length whose low byte is 0x80 starts like a pickle: only an implausible length is one
-    if not plausible and (head[:1] == b"\x80" or head[:2] == b"PK"):
-        raise BundleError(f"{file}: this is a pickle/zip checkpoint, not safetensors; refusing to load it")
-    if len(head) < 8:
-        raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt (no header)")
-    if not plausible:
-        raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt (header size {n})")
-    try:
-        header = json.loads(f.read(n).decode("utf-8"))
-    except (ValueError, RecursionError):
-        raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt (bad header)") from None
-    if not isinstance(header, dict):
-        raise BundleError(f"{file}: not a readable safetensors file (bad header)")
-    header.pop("__metadata__", None)
-    expected = _expected_tensors(config)
-    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
-    if missing or unexpected:
-        raise BundleError(f"{file}: tensors do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    end = 0
-    for name, shape in expected.items():
-        info = header[name]
-        dtype = info.get("dtype") if isinstance(info, dict) else None
-        if dtype not in WEIGHT_DTYPES:
-            raise BundleError(f"{file}: tensor {name} has dtype {dtype!r}; weights must be floating point "
-                              f"({', '.join(WEIGHT_DTYPES)})")
-        if tuple(info.get("shape") or ()) != shape:
-            raise BundleError(f"{file}: tensor {name} has shape {tuple(info.get('shape') or ())}, "
-                              f"config.json implies {shape}")
-        offsets = info.get("data_offsets")
-        numel = 1
-        for dim in shape:
-            numel *= dim
-        if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
-                or offsets[1] - offsets[0] != numel * WEIGHT_DTYPES[dtype] or offsets[0] < 0):
-            raise BundleError(f"{file}: tensor {name} has bad data offsets {offsets!r}")
-        end = max(end, offsets[1])
-    if size != 8 + n + end:
-        raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt "
-                          f"({size} bytes, its header describes {8 + n + end})")
-    return n
-
-
-def _identity(st: os.stat_result) -> tuple:
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
-class _Directory:
-    """A bundle directory opened once, so that a folder renamed over `path` meanwhile is not mixed in;
-    remembers the identity of each file read, to tell whether anything changed since."""
-
-    def __init__(self, path: Path):
-        self.path = path
-        try:
-            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        except (FileNotFoundError, NotADirectoryError):
-            raise BundleError(f"{path}: model bundle not found (expected a directory with "
-                              f"{', '.join(BUNDLE_FILES)})") from None
-        self.seen: dict[str, tuple] = {}
-
-    def close(self) -> None:
-        os.close(self.fd)
-
-    def still_the_same(self) -> bool:
-        try:
-            if _identity(os.stat(self.path))[:2] != _identity(os.fstat(self.fd))[:2]:
-                return False
-            return all(_identity(os.stat(name, dir_fd=self.fd)) == key for name, key in self.seen.items())
-        except OSError:
-            return False
-
-    def check_complete(self) -> None:
-        """Raises BundleError for a missing file (_Changed if the bundle changed meanwhile)."""
-        for name in BUNDLE_FILES:
-            if not _exists_at(self.fd, name):
-                if not self.still_the_same():
-                    raise _Changed()
-                raise BundleError(f"{self.path / name}: missing file; the bundle is incomplete")
-
-    def open_member(self, name: str):
-        """(binary file, size) of a regular file of the bundle."""
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=self.fd)  # a FIFO must not block
-        except FileNotFoundError:
-            if not self.still_the_same():
-                raise _Changed() from None
-            raise BundleError(f"{self.path / name}: missing file; the bundle is incomplete") from None
-        f = os.fdopen(fd, "rb")
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            f.close()
-            raise BundleError(f"{self.path / name}: not a regular file")
-        self.seen[name] = _identity(st)
-        return f, st.st_size
-
-    def read_small(self, name: str) -> bytes:
-        f, size = self.open_member(name)
-        with f:
-            if size > SIZE_LIMITS[name]:
-                raise BundleError(f"{self.path / name}: {size} bytes, more than a bundle's {name} may have "
-                                  f"({SIZE_LIMITS[name]})")
-            return f.read(SIZE_LIMITS[name] + 1)
-
-    def read_weights(self, config: ModelConfig) -> bytes:
-        """The weights file, once its header agrees with `config`. Raises _Changed if any file read so
-        far changed meanwhile."""
-        f, size = self.open_member(WEIGHTS_FILE)
-        with f:
-            _check_weights_header(f, size, self.path / WEIGHTS_FILE, config)
-            f.seek(0)
-            data = f.read()
-        if not self.still_the_same():
-            raise _Changed()
-        return data
-
-
-def _read_snapshot(path: Path, device, dtype) -> Bundle:
-    """One attempt at reading every file of the bundle from the same directory. Raises _Changed if
-    anything changed."""
-    directory = _Directory(path)
-    try:
-        directory.check_complete()
-        config_bytes = directory.read_small(CONFIG_FILE)
-        config, raw = parse_config(config_bytes, path / CONFIG_FILE)
-        tokenizer_bytes = directory.read_small(TOKENIZER_FILE)
-        tokenizer = parse_tokenizer(tokenizer_bytes, path / TOKENIZER_FILE, config)
-        card_bytes = directory.read_small(CARD_FILE)
-        try:
-            card = msgpack.unpackb(card_bytes, raw=False)
-        except (msgpack.UnpackException, ValueError, TypeError) as exc:
-            raise BundleError(f"{path / CARD_FILE}: corrupt data card ({type(exc).__name__}: {exc})") from None
-        weights = directory.read_weights(config)
-        files = {CONFIG_FILE: config_bytes, TOKENIZER_FILE: tokenizer_bytes, CARD_FILE: card_bytes, WEIGHTS_FILE: weights}
-        digest = content_digest([files[name] for name in BUNDLE_FILES])
-        state = _load_weights(weights, path / WEIGHTS_FILE)  # the bytes go after it
-        del weights, files
-        model = GPT(config, init=False)  # every weight comes next (_check_weights_header saw them all)
-        model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
-        model.to(device=device, dtype=dtype).eval()
-        return Bundle(config, tokenizer, model, card if isinstance(card, dict) else {},
-                      raw.get("prompt_format", DEFAULT_FORMAT), path, digest)
-    except BundleError:
-        if not directory.still_the_same():
-            raise _Changed() from None
-        raise
-    finally:
-        directory.close()
-
-
 def _load_weights(data: bytes, file: Path) -> dict[str, torch.Tensor]:
     """The tensors of safetensors bytes; raises BundleError for unreadable or non-finite ones."""
     try:
@@ -342,22 +166,15 @@ def _load_weights(data: bytes, file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _exists_at(dfd: int, name: str) -> bool:
-    try:
-        os.stat(name, dir_fd=dfd, follow_symlinks=False)
-        return True
-    except FileNotFoundError:
-        return False
-
-
 def load_bundle(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Bundle:
-    """Read and check a bundle: config.json first (every field's type and range), then the weights'
-    header against it, before anything is allocated. A bundle that changes while it is read (being
-    copied, or a folder renamed over `path`) is read again once it holds still."""
+    """Read and check a bundle (codellm.bundle_files.read_bundle_files: config.json first, every field's
+    type and range, then the weights' header against it, before anything is allocated; a bundle being
+    copied is read again once it holds still), then its tensors: NaN or infinite weights are refused."""
     path = Path(path).expanduser()
-    for attempt in range(STABLE_TRIES):
-        try:
-            return _read_snapshot(path, device, dtype)
-        except _Changed:
-            time.sleep(STABLE_WAIT)
-    raise BundleError(f"{path}: the bundle kept changing while it was read; try again once it is written")
+    read = read_bundle_files(path)
+    state = _load_weights(read.files.pop(WEIGHTS_FILE), path / WEIGHTS_FILE)  # the bytes go after it
+    model = GPT(read.config, init=False)  # every weight comes next (the header check saw them all)
+    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    model.to(device=device, dtype=dtype).eval()
+    return Bundle(read.config, read.tokenizer, model, read.card, read.raw.get("prompt_format", DEFAULT_FORMAT),
+                  path, read.digest)

@@ -1,11 +1,19 @@
-"""What a model bundle folder holds, read without torch: the file names, the config and tokenizer
-checks, and the content digest that tells one bundle's bytes from another's. codellm.bundle reads the
-weights; codellm.kernel_engine answers from a bundle before torch has loaded."""
+"""What a model bundle folder holds, read without torch: the file names, every file read and checked
+(config, tokenizer, data card, the weights' header), and the content digest that tells one bundle's
+bytes from another's. codellm.bundle makes torch tensors of the weights; codellm.fold folds them for
+codellm.kernel_engine, which answers from a bundle before torch has loaded."""
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import os
+import stat
+import time
+from dataclasses import dataclass
 from pathlib import Path
+
+import msgpack
 
 from .config import ModelConfig
 from .prompt import DEFAULT_FORMAT, FIM_FORMATS
@@ -72,3 +80,224 @@ def parse_tokenizer(data: bytes, file: Path, config: ModelConfig) -> Tokenizer:
         raise BundleError(f"{file}: vocabulary has {tokenizer.vocab_size} tokens but "
                           f"config.json says vocab_size {config.vocab_size}")
     return tokenizer
+
+
+# ------------------------------------------------------------------ reading a bundle's files, checked
+
+# what a bundle's small files may weigh; the weights are checked against config.json instead
+SIZE_LIMITS = {CONFIG_FILE: 1 << 20, TOKENIZER_FILE: 256 << 20, CARD_FILE: 1 << 30}
+WEIGHT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}  # safetensors names of the float dtypes
+MAX_HEADER = 100 << 20
+STABLE_TRIES, STABLE_WAIT = 25, 0.2  # a bundle being copied is read again, for up to 5 s
+
+
+@dataclass
+class BundleFiles:
+    """A bundle's four files as read at one moment, each checked: the config, the tokenizer, the data
+    card, and the weights' header (names, shapes, dtypes, offsets) against the config. The tensors
+    themselves are read by whoever needs them (codellm.bundle with torch, codellm.fold with NumPy)."""
+    path: Path
+    files: dict[str, bytes]  # file name -> bytes
+    config: ModelConfig
+    raw: dict  # config.json as a whole
+    tokenizer: Tokenizer
+    card: dict
+    digest: str  # content_digest of the files
+
+
+def expected_weights(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Name -> shape of the tensors a bundle's model.safetensors holds (codellm.model.GPT's state dict,
+    less lm_head.weight where the embeddings are tied)."""
+    C, F, D = config.d_model, config.mlp_ratio * config.d_model, config.head_dim
+    shapes = {"embed.weight": (config.vocab_size, C), "norm.weight": (C,)}
+    if not config.tie_embeddings:
+        shapes["lm_head.weight"] = (config.vocab_size, C)
+    for i in range(config.n_layer):
+        block = {"attn.qkv.weight": (3 * C, C), "attn.proj.weight": (C, C), "attn_norm.weight": (C,),
+                 "mlp.up.weight": (F, C), "mlp.down.weight": (C, F), "mlp_norm.weight": (C,)}
+        if config.qk_norm:
+            block.update({"attn.q_norm.weight": (D,), "attn.k_norm.weight": (D,)})
+        shapes.update({f"blocks.{i}.{name}": shape for name, shape in block.items()})
+    return shapes
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def check_weights_header(f, size: int, file: Path, config: ModelConfig) -> int:
+    """Check the safetensors header of the open weights file `f` (`size` bytes) against `config`: the
+    tensors config.json implies and no others, each a float dtype of its shape, laid end to end over the
+    whole file. Returns the header length; raises BundleError naming `file`."""
+    head = f.read(8)
+    n = int.from_bytes(head, "little")
+    plausible = len(head) == 8 and 2 <= n <= min(MAX_HEADER, size - 8)
+    # a header length whose low byte is 0x80 starts like a pickle: only an implausible length is one
+    if not plausible and (head[:1] == b"\x80" or head[:2] == b"PK"):
+        raise BundleError(f"{file}: this is a pickle/zip checkpoint, not safetensors; refusing to load it")
+    if not plausible:
+        raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt "
+                          f"({'no header' if len(head) < 8 else f'header size {n}'})")
+    try:
+        header = json.loads(f.read(n).decode("utf-8"))
+    except (ValueError, RecursionError):
+        raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt (bad header)") from None
+    meta = header.pop("__metadata__", {}) if isinstance(header, dict) else None
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise BundleError(f"{file}: not a readable safetensors file (bad header)")
+    expected = expected_weights(config)
+    missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise BundleError(f"{file}: tensors do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    spans = sorted(_tensor_span(name, header[name], shape, file) for name, shape in expected.items())
+    end = 0
+    for begin, stop, name in spans:
+        if begin != end:
+            raise BundleError(f"{file}: tensor {name} has bad data offsets (not where the one before ends)")
+        end = stop
+    if size != 8 + n + end:
+        raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt "
+                          f"({size} bytes, its header describes {8 + n + end})")
+    return n
+
+
+def _tensor_span(name: str, info, shape: tuple[int, ...], file: Path) -> tuple[int, int, str]:
+    """(begin, end, name) of a tensor's bytes after the header, once its dtype and shape are checked."""
+    dtype = info.get("dtype") if isinstance(info, dict) else None
+    if not isinstance(dtype, str) or dtype not in WEIGHT_DTYPES:
+        raise BundleError(f"{file}: tensor {name} has dtype {dtype!r}; weights must be floating point "
+                          f"({', '.join(WEIGHT_DTYPES)})")
+    got = info.get("shape")
+    if not isinstance(got, list) or not all(_is_int(d) for d in got) or tuple(got) != shape:
+        raise BundleError(f"{file}: tensor {name} has shape {got!r}, config.json implies {shape}")
+    offsets = info.get("data_offsets")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
+            or offsets[0] < 0 or offsets[1] - offsets[0] != math.prod(shape) * WEIGHT_DTYPES[dtype]):
+        raise BundleError(f"{file}: tensor {name} has bad data offsets {offsets!r}")
+    return offsets[0], offsets[1], name
+
+
+class _Changed(Exception):
+    """The bundle changed while it was read (a copy or a swap in progress): read it again."""
+
+
+def _identity(st: os.stat_result) -> tuple:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+class _Directory:
+    """A bundle directory opened once, so that a folder renamed over `path` meanwhile is not mixed in;
+    remembers the identity of each file read, to tell whether anything changed since."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except (FileNotFoundError, NotADirectoryError):
+            raise BundleError(f"{path}: model bundle not found (expected a directory with "
+                              f"{', '.join(BUNDLE_FILES)})") from None
+        self.seen: dict[str, tuple] = {}
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def still_the_same(self) -> bool:
+        try:
+            if _identity(os.stat(self.path))[:2] != _identity(os.fstat(self.fd))[:2]:
+                return False
+            return all(_identity(os.stat(name, dir_fd=self.fd)) == key for name, key in self.seen.items())
+        except OSError:
+            return False
+
+    def check_complete(self) -> None:
+        """Raises BundleError for a missing file (_Changed if the bundle changed meanwhile)."""
+        for name in BUNDLE_FILES:
+            if not _exists_at(self.fd, name):
+                if not self.still_the_same():
+                    raise _Changed()
+                raise BundleError(f"{self.path / name}: missing file; the bundle is incomplete")
+
+    def open_member(self, name: str):
+        """(binary file, size) of a regular file of the bundle."""
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK, dir_fd=self.fd)  # a FIFO must not block
+        except FileNotFoundError:
+            if not self.still_the_same():
+                raise _Changed() from None
+            raise BundleError(f"{self.path / name}: missing file; the bundle is incomplete") from None
+        f = os.fdopen(fd, "rb")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            f.close()
+            raise BundleError(f"{self.path / name}: not a regular file")
+        self.seen[name] = _identity(st)
+        return f, st.st_size
+
+    def read_small(self, name: str) -> bytes:
+        f, size = self.open_member(name)
+        with f:
+            if size > SIZE_LIMITS[name]:
+                raise BundleError(f"{self.path / name}: {size} bytes, more than a bundle's {name} may have "
+                                  f"({SIZE_LIMITS[name]})")
+            return f.read(SIZE_LIMITS[name] + 1)
+
+    def read_weights(self, config: ModelConfig) -> bytes:
+        """The weights file, once its header agrees with `config`. Raises _Changed if any file read so
+        far changed meanwhile."""
+        f, size = self.open_member(WEIGHTS_FILE)
+        with f:
+            check_weights_header(f, size, self.path / WEIGHTS_FILE, config)
+            f.seek(0)
+            data = f.read()
+        if not self.still_the_same():
+            raise _Changed()
+        return data
+
+
+def _exists_at(dfd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dfd, follow_symlinks=False)
+        return True
+    except FileNotFoundError:
+        return False
+
+
+def _read_snapshot(path: Path) -> BundleFiles:
+    """One attempt at reading every file of the bundle from the same directory. Raises _Changed if
+    anything changed."""
+    directory = _Directory(path)
+    try:
+        directory.check_complete()
+        config_bytes = directory.read_small(CONFIG_FILE)
+        config, raw = parse_config(config_bytes, path / CONFIG_FILE)
+        tokenizer_bytes = directory.read_small(TOKENIZER_FILE)
+        tokenizer = parse_tokenizer(tokenizer_bytes, path / TOKENIZER_FILE, config)
+        card_bytes = directory.read_small(CARD_FILE)
+        try:
+            card = msgpack.unpackb(card_bytes, raw=False)
+        except (msgpack.UnpackException, ValueError, TypeError) as exc:
+            raise BundleError(f"{path / CARD_FILE}: corrupt data card ({type(exc).__name__}: {exc})") from None
+        weights = directory.read_weights(config)
+        files = {CONFIG_FILE: config_bytes, TOKENIZER_FILE: tokenizer_bytes, CARD_FILE: card_bytes, WEIGHTS_FILE: weights}
+        return BundleFiles(path, files, config, raw, tokenizer, card if isinstance(card, dict) else {},
+                           content_digest([files[name] for name in BUNDLE_FILES]))
+    except BundleError:
+        if not directory.still_the_same():
+            raise _Changed() from None
+        raise
+    finally:
+        directory.close()
+
+
+def read_bundle_files(path: str | Path) -> BundleFiles:
+    """Read and check a bundle's files (BundleFiles): config.json first (every field's type and range),
+    then the weights' header against it, before the weights are read. A bundle that changes while it is
+    read (being copied, or a folder renamed over `path`) is read again once it holds still. Raises
+    BundleError naming the file at fault."""
+    path = Path(path).expanduser()
+    for _ in range(STABLE_TRIES):
+        try:
+            return _read_snapshot(path)
+        except _Changed:
+            time.sleep(STABLE_WAIT)
+    raise BundleError(f"{path}: the bundle kept changing while it was read; try again once it is written")

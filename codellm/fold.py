@@ -13,6 +13,7 @@ import math
 
 import numpy as np
 
+from .bundle_files import expected_weights
 from .config import ModelConfig
 from .kernel import BLOCK, START_FORMAT
 
@@ -20,45 +21,21 @@ STORED = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8")
 
 
 def read_weights(data: bytes, config: ModelConfig) -> dict[str, np.ndarray]:
-    """The float32 tensors of model.safetensors bytes, by name. Raises ValueError for a file that is not
-    safetensors, a tensor of another shape or dtype than config.json implies, or a non-finite weight."""
-    if len(data) < 8 or int.from_bytes(data[:8], "little") > len(data) - 8:
-        raise ValueError("not a safetensors file")
+    """The float32 tensors, by name, of model.safetensors bytes whose header agrees with `config`
+    (codellm.bundle_files.check_weights_header, which read_bundle_files runs). Raises ValueError for a
+    weight that is not finite, as codellm.bundle does."""
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8:8 + n])
-    if not isinstance(header, dict):
-        raise ValueError("not a safetensors header")
     weights = {}
     for name, shape in expected_weights(config).items():
-        entry = header.get(name)
-        if not isinstance(entry, dict) or entry.get("dtype") not in STORED or tuple(entry.get("shape", ())) != shape:
-            raise ValueError(f"tensor {name} missing or of another shape or dtype")
-        stored = STORED[entry["dtype"]]
-        begin, end = entry.get("data_offsets", (0, -1))
-        if not 0 <= begin <= end <= len(data) - 8 - n or end - begin != math.prod(shape) * stored.itemsize:
-            raise ValueError(f"tensor {name} outside the file")
-        raw = np.frombuffer(data, stored, math.prod(shape), 8 + n + begin)
+        entry = header[name]
+        raw = np.frombuffer(data, STORED[entry["dtype"]], math.prod(shape), 8 + n + entry["data_offsets"][0])
         # bfloat16 is the top half of a float32
         values = (raw.astype(np.uint32) << 16).view(np.float32) if entry["dtype"] == "BF16" else raw.astype(np.float32)
         if not np.isfinite(values).all():
-            raise ValueError(f"tensor {name} has values that are not finite")
+            raise ValueError(f"tensor {name} holds NaN or infinite values")
         weights[name] = values.reshape(shape)
     return weights
-
-
-def expected_weights(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of the weights the start file is folded from (codellm.model.GPT's state dict)."""
-    C, F, D = config.d_model, config.mlp_ratio * config.d_model, config.head_dim
-    shapes = {"embed.weight": (config.vocab_size, C), "norm.weight": (C,)}
-    if not config.tie_embeddings:
-        shapes["lm_head.weight"] = (config.vocab_size, C)
-    for i in range(config.n_layer):
-        block = {"attn.qkv.weight": (3 * C, C), "attn.proj.weight": (C, C), "attn_norm.weight": (C,),
-                 "mlp.up.weight": (F, C), "mlp.down.weight": (C, F), "mlp_norm.weight": (C,)}
-        if config.qk_norm:
-            block.update({"attn.q_norm.weight": (D,), "attn.k_norm.weight": (D,)})
-        shapes.update({f"blocks.{i}.{name}": shape for name, shape in block.items()})
-    return shapes
 
 
 def to_bfloat16(x: np.ndarray) -> np.ndarray:
@@ -113,7 +90,8 @@ def rotary_tables(config: ModelConfig, weights: dict, layer: int, cos: np.ndarra
 
 def fold(data: bytes, config: ModelConfig, digest: str) -> bytes:
     """The start file's bytes (safetensors) of the bundle whose model.safetensors bytes are `data` and
-    whose content digest is `digest`. Raises ValueError where the weights cannot be read (see read_weights)."""
+    whose content digest is `digest` (its header checked: read_weights). Raises ValueError for a weight
+    that is not finite."""
     from safetensors.numpy import save
 
     weights = read_weights(data, config)

@@ -16,12 +16,12 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 import time
 from pathlib import Path
 
-from .bundle_files import (BUNDLE_FILES, CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, content_digest, parse_config,
-                           parse_tokenizer)
+from .bundle_files import WEIGHTS_FILE, BundleFiles, read_bundle_files
 from .completion import Completer
 from .kernel import BLOCK, MAX_TOKENS, ONE_THREAD_BELOW, START_FORMAT, available
 from .kvcache import TokenCache
@@ -36,6 +36,7 @@ FLOAT_BYTES = 4
 
 
 STALE_TEMP_S = 600  # a temporary file this old is left by a writer that was killed
+START_NAME = re.compile(r"[0-9a-f]{32}(\.v\w+)?\.safetensors")  # start files of any version, and no other file
 
 
 def start_dir() -> Path:
@@ -53,20 +54,26 @@ def start_file(digest: str) -> Path:
     return start_dir() / f"{digest}.v{START_FORMAT}.safetensors"
 
 
-def write_start_file(path: Path, files: dict[str, bytes], digest: str) -> Path | None:
-    """Fold the bundle of `files` (its file name -> bytes, content digest `digest`) into its start file at
-    `path` (codellm.fold) and keep only the START_FILES_KEPT newest. Never raises: a bundle it cannot fold
-    (the torch engine then reads it and says what is wrong) or a start file that cannot be written (a
-    full disk, a cache folder that is a file) returns None, and torch serves instead."""
+def fold_start_file(read: BundleFiles) -> bytes | None:
+    """The start file's bytes of a bundle read and checked (codellm.fold), or None where it cannot be
+    folded (NumPy missing, a weight that is not finite): the torch engine then reads the bundle and says
+    what is wrong. Never raises."""
     started = time.perf_counter()
     try:
         from .fold import fold
 
-        config, _ = parse_config(files[CONFIG_FILE], path)
-        data = fold(files[WEIGHTS_FILE], config, digest)
-    except Exception as exc:  # noqa: BLE001 - NumPy missing, a bundle torch will report on
+        data = fold(read.files[WEIGHTS_FILE], read.config, read.digest)
+    except Exception as exc:  # noqa: BLE001 - the torch engine reports on the bundle
         log.info("start file not folded (%s: %s): the model loads with torch", type(exc).__name__, exc)
         return None
+    log.info("start file folded in %.2f s", time.perf_counter() - started)
+    return data
+
+
+def save_start_file(path: Path, data: bytes) -> None:
+    """Write a start file's bytes to `path` (through a temporary file: a reader never sees half of it)
+    and keep only the START_FILES_KEPT newest. Never raises: a start file that cannot be written (a full
+    disk, a read-only cache, a cache folder that is a file) costs each start a fold."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
@@ -78,11 +85,8 @@ def write_start_file(path: Path, files: dict[str, bytes], digest: str) -> Path |
             tmp.unlink(missing_ok=True)
         prune_start_files(path)
     except OSError as exc:
-        log.warning("start file not written to %s (%s): the model loads with torch, a slower start "
+        log.warning("start file not written to %s (%s): each start folds the model again "
                     "($XDG_CACHE_HOME says where start files go)", path.parent, exc.strerror or exc)
-        return None
-    log.info("start file written to %s in %.2f s", path, time.perf_counter() - started)
-    return path
 
 
 def prune_start_files(keep: Path) -> None:
@@ -94,7 +98,8 @@ def prune_start_files(keep: Path) -> None:
         except FileNotFoundError:
             return 0.0
 
-    files = sorted((p for p in keep.parent.glob("*.safetensors") if p != keep), key=age)
+    files = sorted((p for p in keep.parent.glob("*.safetensors") if p != keep and START_NAME.fullmatch(p.name)),
+                   key=age)
     for old in files[START_FILES_KEPT - 1:]:
         old.unlink(missing_ok=True)
     for tmp in keep.parent.glob(".*.safetensors.*.tmp"):
@@ -114,9 +119,12 @@ class StartFile:
     with SIGBUS), every tensor checked against the model's sizes before the C step is given an address
     in it. Raises ValueError for a file of another bundle, of another format, or a damaged one."""
 
-    def __init__(self, path: Path, digest: str, sizes: tuple):
-        with open(path, "rb") as f:
-            self.data = bytearray(f.read())  # writable: ctypes takes addresses of writable buffers only
+    def __init__(self, path: Path, digest: str, sizes: tuple, data: bytes | None = None):
+        """`data`: the file's bytes where they are at hand (just folded), else the file at `path` is read."""
+        if data is None:
+            with open(path, "rb") as f:
+                data = f.read()
+        self.data = bytearray(data)  # writable: ctypes takes addresses of writable buffers only
         self._check(path, digest, sizes)
 
     def _check(self, path: Path, digest: str, sizes: tuple) -> None:
@@ -185,18 +193,17 @@ class KernelEngine(Completer):
     device = "cpu"
     precision = "auto"
 
-    def __init__(self, path: Path, files: dict[str, bytes], start: Path, threads: int | None = None):
+    def __init__(self, read: BundleFiles, start: Path, threads: int | None = None, data: bytes | None = None):
+        """`read`: the bundle; `start`: its start file, whose bytes are `data` where they are at hand."""
         from . import _decode_kernel
 
-        self.path = path
-        self.config, raw = parse_config(files[CONFIG_FILE], path / CONFIG_FILE)
-        self.tokenizer = parse_tokenizer(files[TOKENIZER_FILE], path / TOKENIZER_FILE, self.config)
-        self.prompt_format = raw.get("prompt_format", DEFAULT_FORMAT)
-        self.digest = content_digest([files[name] for name in BUNDLE_FILES])
+        self.path = read.path
+        self.config, self.tokenizer, self.digest = read.config, read.tokenizer, read.digest
+        self.prompt_format = read.raw.get("prompt_format", DEFAULT_FORMAT)
         cfg = self.config
         sizes = (cfg.n_layer, cfg.n_head, cfg.d_model, cfg.mlp_ratio * cfg.d_model, cfg.vocab_size,
                  cfg.context_length, int(cfg.qk_norm))
-        self.start = StartFile(start, self.digest, sizes)
+        self.start = StartFile(start, self.digest, sizes, data)
         self.cache = KernelCache(cfg.n_layer, cfg.n_head, cfg.context_length, cfg.head_dim)
         matrices = [(self.start.address(f"matrix.{i}.weight"), self.start.address(f"matrix.{i}.scale"),
                      shape[0], self.start.header[f"matrix.{i}.weight"]["shape"][1])
@@ -217,34 +224,35 @@ class KernelEngine(Completer):
     @classmethod
     def open(cls, path: str | Path, threads: int | None = None) -> "KernelEngine | None":
         """The engine for the bundle at `path` (decode steps of large models on `threads`), or None where
-        it cannot answer: the C step not built or not for this CPU, an unreadable bundle or one that
-        cannot be folded (the torch engine then loads it and reports the problem), a start file that
-        cannot be written. A missing start file is written first (codellm.fold: a fraction of a second),
-        and so is a damaged one, which is deleted first. Never raises."""
-        path = Path(path)
+        it cannot answer: the C step not built or not for this CPU, a bundle that fails its checks or
+        cannot be folded (the torch engine then loads it and reports the problem). A missing or damaged
+        start file is folded (codellm.fold: a fraction of a second) and written for the next start, where
+        that can be done. Never raises."""
         if not available():
             return None
         try:
-            files = {name: (path / name).read_bytes() for name in BUNDLE_FILES}
-        except OSError:
-            return None  # the torch engine reads the bundle and says what is wrong
-        digest = content_digest([files[name] for name in BUNDLE_FILES])
-        start = start_file(digest)
+            read = read_bundle_files(path)
+        except Exception:  # noqa: BLE001 - the torch engine reads the bundle again and says what is wrong
+            return None
+        start = start_file(read.digest)
         if start.is_file():
             touch(start)  # the newest used: kept when others go
-            engine = cls._from_start_file(path, files, start, threads)
+            engine = cls._from_start_file(read, start, threads)
             if engine is not None:
                 return engine
-        if write_start_file(start, files, digest) is None:
+        data = fold_start_file(read)
+        if data is None:
             return None
-        return cls._from_start_file(path, files, start, threads)
+        save_start_file(start, data)
+        return cls._from_start_file(read, start, threads, data)
 
     @classmethod
-    def _from_start_file(cls, path: Path, files: dict[str, bytes], start: Path, threads: int | None):
-        """The engine over the start file `start`, or None where it fails its checks (then deleted)."""
+    def _from_start_file(cls, read: BundleFiles, start: Path, threads: int | None, data: bytes | None = None):
+        """The engine over the start file `start` (bytes `data`, else read from it), or None where it fails
+        its checks (then deleted)."""
         try:
-            return cls(path, files, start, threads)
-        except Exception as exc:  # noqa: BLE001 - a cache file: whatever is wrong with it, it is written again
+            return cls(read, start, threads, data)
+        except Exception as exc:  # noqa: BLE001 - a cache file: whatever is wrong with it, it is folded again
             log.warning("start file not used (%s: %s)", type(exc).__name__, exc)
             try:
                 start.unlink(missing_ok=True)  # a damaged one would otherwise slow every start

@@ -69,6 +69,82 @@ def test_the_first_open_folds_the_start_file_as_the_torch_engine_folds_the_weigh
             np.testing.assert_array_equal(folded[name], tensor, err_msg=name)
 
 
+def rewrite_weights(path, change) -> None:
+    """Rewrite model.safetensors of the bundle at `path` with its header changed by `change(header)`."""
+    data = (path / "model.safetensors").read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + n])
+    body = change(header, data[8 + n:])
+    text = json.dumps(header).encode()
+    (path / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + body)
+
+
+def overlap(header, body):
+    """blocks.0.attn.proj.weight read from where blocks.0.attn.qkv.weight begins."""
+    begin, end = header["blocks.0.attn.proj.weight"]["data_offsets"]
+    at = header["blocks.0.attn.qkv.weight"]["data_offsets"][0]
+    header["blocks.0.attn.proj.weight"]["data_offsets"] = [at, at + end - begin]
+    return body
+
+
+@pytest.mark.parametrize("damage", [
+    lambda h, b: b + bytes(64),  # bytes after the data
+    lambda h, b: (h.update({"extra": {"dtype": "F16", "shape": [1], "data_offsets": [len(b), len(b) + 2]}}), b + bytes(2))[1],
+    overlap,
+    lambda h, b: (h["norm.weight"].update(shape=[float(h["norm.weight"]["shape"][0])]), b)[1],  # a float size
+    lambda h, b: (h["norm.weight"].update(shape=h["norm.weight"]["shape"][0]), b)[1],  # not a list
+    lambda h, b: (h["norm.weight"].update(dtype=["F16"]), b)[1],
+    lambda h, b: (h.update({"__metadata__": [1, 2]}), b)[1],
+])
+def test_a_bundle_the_torch_engine_refuses_is_not_served_without_it(tmp_path, tokenizer, cache_home, damage):
+    from codellm.bundle import BundleError, save_bundle
+
+    path = tmp_path / "bundle"
+    save_bundle(path, make_model(tokenizer), tokenizer)
+    rewrite_weights(path, damage)
+    with pytest.raises(BundleError):  # a clear error, never a traceback of another kind
+        load_bundle(path)
+    assert KernelEngine.open(path) is None and not start_file(bundle_digest(path)).exists()
+
+
+def test_a_config_that_disagrees_with_the_weights_or_a_corrupt_card_is_refused_by_both(tmp_path, tokenizer, cache_home):
+    from codellm.bundle import BundleError, save_bundle
+
+    path = tmp_path / "bundle"
+    save_bundle(path, make_model(tokenizer), tokenizer)
+    config = json.loads((path / "config.json").read_text())
+    for change in ({"n_layer": 1}, {"qk_norm": False}):
+        (path / "config.json").write_text(json.dumps({**config, "model": {**config["model"], **change}}))
+        with pytest.raises(BundleError, match="do not match config.json"):
+            load_bundle(path)
+        assert KernelEngine.open(path) is None
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "data.msgpack").write_bytes(b"\xc1")
+    with pytest.raises(BundleError, match="corrupt data card"):
+        load_bundle(path)
+    assert KernelEngine.open(path) is None
+
+
+def test_a_bundle_file_that_is_a_fifo_is_refused_without_waiting(tmp_path, tokenizer, cache_home):
+    from codellm.bundle import save_bundle
+
+    path = tmp_path / "bundle"
+    save_bundle(path, make_model(tokenizer), tokenizer)
+    (path / "model.safetensors").unlink()
+    os.mkfifo(path / "model.safetensors")  # nothing ever writes to it: a blocking read would never end
+    assert KernelEngine.open(path) is None
+
+
+def test_the_weights_a_bundle_holds_are_the_models_state(tokenizer):
+    from codellm.bundle_files import expected_weights
+
+    for overrides in ({}, {"tie_embeddings": False}, {"qk_norm": False}):
+        model = make_model(tokenizer, **overrides)
+        state = {k: tuple(v.shape) for k, v in model.state_dict().items()
+                 if not (model.cfg.tie_embeddings and k == "lm_head.weight")}
+        assert expected_weights(model.cfg) == state
+
+
 def test_a_bundle_that_cannot_be_folded_is_left_to_the_torch_engine(tmp_path, tokenizer, cache_home):
     import torch
 
@@ -131,8 +207,8 @@ def test_another_bundles_or_a_damaged_start_file_is_folded_again(bundle_path, en
         assert len(path.read_bytes()) == len(data)
 
 
-def test_a_damaged_start_file_that_cannot_be_deleted_or_written_leaves_it_to_torch(bundle_path, engine,
-                                                                                 monkeypatch):
+def test_a_damaged_start_file_that_cannot_be_deleted_or_written_is_folded_for_this_start(bundle_path, engine,
+                                                                                      monkeypatch):
     from pathlib import Path
 
     assert KernelEngine.open(bundle_path) is not None
@@ -143,7 +219,8 @@ def test_a_damaged_start_file_that_cannot_be_deleted_or_written_leaves_it_to_tor
         raise OSError(30, "Read-only file system")
     monkeypatch.setattr(Path, "unlink", read_only)
     monkeypatch.setattr(os, "replace", read_only)
-    assert KernelEngine.open(bundle_path) is None and path.read_bytes() == b""  # no exception: torch loads
+    quick = KernelEngine.open(bundle_path)  # no exception, and no wait for torch
+    assert quick is not None and quick.digest == engine.digest and path.read_bytes() == b""
 
 
 def test_start_files_of_old_bundles_go_and_an_unwritable_cache_costs_nothing(bundle_path, engine, cache_home, monkeypatch,
@@ -161,12 +238,24 @@ def test_start_files_of_old_bundles_go_and_an_unwritable_cache_costs_nothing(bun
     import codellm.fold
 
     monkeypatch.setattr(codellm.fold, "fold", lambda *_: (_ for _ in ()).throw(ImportError("numpy")))
-    assert KernelEngine.open(bundle_path) is None and not any(folder.glob(".*.tmp"))  # a library missing: no model lost
+    assert KernelEngine.open(bundle_path) is None and not any(folder.glob(".*.tmp"))  # a library missing: torch
     monkeypatch.undo()
     monkeypatch.setenv("XDG_CACHE_HOME", str(cache_home))
     (tmp_path / "a-file").write_text("not a folder")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))  # no cache folder can be made there
-    assert KernelEngine.open(bundle_path) is None and (tmp_path / "a-file").read_text() == "not a folder"
+    assert KernelEngine.open(bundle_path) is not None and (tmp_path / "a-file").read_text() == "not a folder"
+
+
+def test_only_start_files_are_pruned_from_the_start_folder(bundle_path, cache_home, tmp_path):
+    mine = tmp_path / "my-models"  # the start folder a link to a folder of the person's own files
+    mine.mkdir()
+    for i in range(START_FILES_KEPT + 2):
+        (mine / f"my-model-{i}.safetensors").write_bytes(b"weights")
+        os.utime(mine / f"my-model-{i}.safetensors", (i, i))
+    start_file("x").parent.parent.mkdir(parents=True)
+    start_file("x").parent.symlink_to(mine)
+    assert KernelEngine.open(bundle_path) is not None
+    assert len(list(mine.glob("my-model-*.safetensors"))) == START_FILES_KEPT + 2
 
 
 def test_it_folds_imports_and_answers_without_torch(bundle_path, engine, cache_home):
