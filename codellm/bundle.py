@@ -154,10 +154,11 @@ def _remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _load_weights(data: bytes, file: Path) -> dict[str, torch.Tensor]:
-    """The tensors of safetensors bytes; raises BundleError for unreadable or non-finite ones."""
+def _load_weights(data: bytes, file: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of safetensors bytes as `dtype`; raises BundleError for unreadable ones, or ones not
+    finite in `dtype` (a float64 1e300 is infinite as float32)."""
     try:
-        state = safetensors_load(data)
+        state = {name: tensor.to(dtype) for name, tensor in safetensors_load(data).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt ({exc})") from None
     for name, tensor in state.items():
@@ -172,9 +173,9 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu", dtype: tor
     copied is read again once it holds still), then its tensors: NaN or infinite weights are refused."""
     path = Path(path).expanduser()
     read = read_bundle_files(path)
-    state = _load_weights(read.files.pop(WEIGHTS_FILE), path / WEIGHTS_FILE)  # the bytes go after it
+    state = _load_weights(read.files.pop(WEIGHTS_FILE), path / WEIGHTS_FILE, dtype)  # the bytes go after it
     model = GPT(read.config, init=False)  # every weight comes next (the header check saw them all)
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    model.load_state_dict(state, strict=False)
     model.to(device=device, dtype=dtype).eval()
     return Bundle(read.config, read.tokenizer, model, read.card, read.raw.get("prompt_format", DEFAULT_FORMAT),
                   path, read.digest)

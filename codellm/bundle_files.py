@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
+import safetensors
+from safetensors import SafetensorError
 
 from .config import ModelConfig
 from .prompt import DEFAULT_FORMAT, FIM_FORMATS
@@ -79,15 +81,18 @@ def parse_tokenizer(data: bytes, file: Path, config: ModelConfig) -> Tokenizer:
     if tokenizer.vocab_size != config.vocab_size:
         raise BundleError(f"{file}: vocabulary has {tokenizer.vocab_size} tokens but "
                           f"config.json says vocab_size {config.vocab_size}")
+    if max(tokenizer.hf.get_vocab().values(), default=-1) >= config.vocab_size:  # ids with gaps between them
+        raise BundleError(f"{file}: token ids reach past vocab_size {config.vocab_size}")
     return tokenizer
 
 
 # ------------------------------------------------------------------ reading a bundle's files, checked
 
 # what a bundle's small files may weigh; the weights are checked against config.json instead
-SIZE_LIMITS = {CONFIG_FILE: 1 << 20, TOKENIZER_FILE: 256 << 20, CARD_FILE: 1 << 30}
+SIZE_LIMITS = {CONFIG_FILE: 1 << 20, TOKENIZER_FILE: 256 << 20, CARD_FILE: 256 << 20}
+CARD_ITEMS = 1 << 20  # entries of one list or map of the data card: a card of tiny maps would fill memory
 WEIGHT_DTYPES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8}  # safetensors names of the float dtypes
-MAX_HEADER = 100 << 20
+MAX_HEADER = 1 << 20  # a bundle's header names a few hundred tensors: a few tens of kB
 STABLE_TRIES, STABLE_WAIT = 25, 0.2  # a bundle being copied is read again, for up to 5 s
 
 
@@ -196,6 +201,8 @@ class _Directory:
         except (FileNotFoundError, NotADirectoryError):
             raise BundleError(f"{path}: model bundle not found (expected a directory with "
                               f"{', '.join(BUNDLE_FILES)})") from None
+        except OSError as exc:  # no permission, a symlink loop, ...
+            raise BundleError(f"{path}: model bundle not readable ({exc.strerror or exc})") from None
         self.seen: dict[str, tuple] = {}
 
     def close(self) -> None:
@@ -225,13 +232,14 @@ class _Directory:
             if not self.still_the_same():
                 raise _Changed() from None
             raise BundleError(f"{self.path / name}: missing file; the bundle is incomplete") from None
-        f = os.fdopen(fd, "rb")
+        except OSError as exc:  # no permission, a symlink loop, ...
+            raise BundleError(f"{self.path / name}: not readable ({exc.strerror or exc})") from None
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            f.close()
+        if not stat.S_ISREG(st.st_mode):  # a directory, a FIFO, a device
+            os.close(fd)
             raise BundleError(f"{self.path / name}: not a regular file")
         self.seen[name] = _identity(st)
-        return f, st.st_size
+        return os.fdopen(fd, "rb"), st.st_size
 
     def read_small(self, name: str) -> bytes:
         f, size = self.open_member(name)
@@ -251,6 +259,10 @@ class _Directory:
             data = f.read()
         if not self.still_the_same():
             raise _Changed()
+        try:  # the header once more, by the safetensors library's own stricter parser (what torch reads with)
+            safetensors.deserialize(data)
+        except SafetensorError as exc:
+            raise BundleError(f"{self.path / WEIGHTS_FILE}: not a readable safetensors file ({exc})") from None
         return data
 
 
@@ -274,13 +286,17 @@ def _read_snapshot(path: Path) -> BundleFiles:
         tokenizer = parse_tokenizer(tokenizer_bytes, path / TOKENIZER_FILE, config)
         card_bytes = directory.read_small(CARD_FILE)
         try:
-            card = msgpack.unpackb(card_bytes, raw=False)
+            card = msgpack.unpackb(card_bytes, raw=False, max_array_len=CARD_ITEMS, max_map_len=CARD_ITEMS)
         except (msgpack.UnpackException, ValueError, TypeError) as exc:
             raise BundleError(f"{path / CARD_FILE}: corrupt data card ({type(exc).__name__}: {exc})") from None
         weights = directory.read_weights(config)
         files = {CONFIG_FILE: config_bytes, TOKENIZER_FILE: tokenizer_bytes, CARD_FILE: card_bytes, WEIGHTS_FILE: weights}
         return BundleFiles(path, files, config, raw, tokenizer, card if isinstance(card, dict) else {},
                            content_digest([files[name] for name in BUNDLE_FILES]))
+    except OSError as exc:  # a read that failed (EIO from a /proc file, a disk error)
+        raise BundleError(f"{path}: a file of the bundle could not be read ({exc.strerror or exc})") from None
+    except MemoryError:
+        raise BundleError(f"{path}: the bundle is too large for this machine's memory") from None
     except BundleError:
         if not directory.still_the_same():
             raise _Changed() from None

@@ -36,7 +36,8 @@ FLOAT_BYTES = 4
 
 
 STALE_TEMP_S = 600  # a temporary file this old is left by a writer that was killed
-START_NAME = re.compile(r"[0-9a-f]{32}(\.v\w+)?\.safetensors")  # start files of any version, and no other file
+START_NAME = re.compile(r"[0-9a-f]{32}(\.v\d+)?\.safetensors")  # start files of any version, and no other file
+TEMP_NAME = re.compile(r"\.[0-9a-f]{32}\.v\d+\.safetensors\.\d+\.\d+\.tmp")  # save_start_file's temporaries
 
 
 def start_dir() -> Path:
@@ -103,8 +104,15 @@ def prune_start_files(keep: Path) -> None:
     for old in files[START_FILES_KEPT - 1:]:
         old.unlink(missing_ok=True)
     for tmp in keep.parent.glob(".*.safetensors.*.tmp"):
-        if age(tmp) > STALE_TEMP_S:
+        if TEMP_NAME.fullmatch(tmp.name) and age(tmp) > STALE_TEMP_S:
             tmp.unlink(missing_ok=True)
+
+
+def is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except OSError:  # a folder that cannot be searched, a name too long: no start file to use
+        return False
 
 
 def touch(path: Path) -> None:
@@ -235,7 +243,7 @@ class KernelEngine(Completer):
         except Exception:  # noqa: BLE001 - the torch engine reads the bundle again and says what is wrong
             return None
         start = start_file(read.digest)
-        if start.is_file():
+        if is_file(start):
             touch(start)  # the newest used: kept when others go
             engine = cls._from_start_file(read, start, threads)
             if engine is not None:

@@ -151,7 +151,7 @@ def build_prompt(tok: Tokenizer, prefix: str, suffix: str = "", fmt: str = "spm"
     prefix_ids = tok.encode(prefix[start:])
     while len(prefix_ids) > prefix_budget:  # denser text than guessed: drop whole lines from the front
         cut = prefix.find("\n", start + 1)
-        start = cut + 1 if 0 < cut < len(prefix) - 1 else start + max(1, len(prefix) - start) // 4
+        start = cut + 1 if 0 < cut < len(prefix) - 1 else start + max(1, (len(prefix) - start) // 4)
         prefix_ids = tok.encode(prefix[start:])
     if fmt == "plain" and start == 0:
         prefix_ids = file_start(tok, prefix_ids)

@@ -95,6 +95,7 @@ def overlap(header, body):
     lambda h, b: (h["norm.weight"].update(shape=h["norm.weight"]["shape"][0]), b)[1],  # not a list
     lambda h, b: (h["norm.weight"].update(dtype=["F16"]), b)[1],
     lambda h, b: (h.update({"__metadata__": [1, 2]}), b)[1],
+    lambda h, b: (h["norm.weight"].update(x=float("nan")), b)[1],  # `NaN` is not JSON
 ])
 def test_a_bundle_the_torch_engine_refuses_is_not_served_without_it(tmp_path, tokenizer, cache_home, damage):
     from codellm.bundle import BundleError, save_bundle
@@ -121,6 +122,38 @@ def test_a_config_that_disagrees_with_the_weights_or_a_corrupt_card_is_refused_b
     (path / "config.json").write_text(json.dumps(config))
     (path / "data.msgpack").write_bytes(b"\xc1")
     with pytest.raises(BundleError, match="corrupt data card"):
+        load_bundle(path)
+    assert KernelEngine.open(path) is None
+
+
+def test_a_folder_in_place_of_a_file_gaps_in_token_ids_or_a_card_of_a_million_maps_are_refused(tmp_path, tokenizer,
+                                                                                             cache_home):
+    import msgpack
+
+    from codellm.bundle import BundleError, save_bundle
+
+    path = tmp_path / "bundle"
+    save_bundle(path, make_model(tokenizer), tokenizer)
+    card = (path / "data.msgpack").read_bytes()
+    (path / "data.msgpack").write_bytes(msgpack.packb([{}] * (2 << 20)))
+    with pytest.raises(BundleError, match="corrupt data card"):
+        load_bundle(path)
+    assert KernelEngine.open(path) is None
+    (path / "data.msgpack").write_bytes(card)
+    config = (path / "config.json").read_bytes()
+    (path / "config.json").unlink()
+    (path / "config.json").mkdir()
+    with pytest.raises(BundleError, match="config.json: not a regular file"):
+        load_bundle(path)
+    assert KernelEngine.open(path) is None
+    (path / "config.json").rmdir()
+    (path / "config.json").write_bytes(config)
+    tok = json.loads((path / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    last = max(vocab, key=vocab.get)
+    vocab[last] = 10 * len(vocab)  # as many tokens, one of them past the model's vocabulary
+    (path / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(BundleError, match="past vocab_size"):
         load_bundle(path)
     assert KernelEngine.open(path) is None
 
@@ -250,12 +283,13 @@ def test_only_start_files_are_pruned_from_the_start_folder(bundle_path, cache_ho
     mine = tmp_path / "my-models"  # the start folder a link to a folder of the person's own files
     mine.mkdir()
     for i in range(START_FILES_KEPT + 2):
-        (mine / f"my-model-{i}.safetensors").write_bytes(b"weights")
-        os.utime(mine / f"my-model-{i}.safetensors", (i, i))
+        for name in (f"my-model-{i}.safetensors", f"{i:032x}.vacation.safetensors", f".{i:032x}.safetensors.bak.tmp"):
+            (mine / name).write_bytes(b"weights")
+            os.utime(mine / name, (i, i))
     start_file("x").parent.parent.mkdir(parents=True)
     start_file("x").parent.symlink_to(mine)
     assert KernelEngine.open(bundle_path) is not None
-    assert len(list(mine.glob("my-model-*.safetensors"))) == START_FILES_KEPT + 2
+    assert len(list(mine.iterdir())) == 3 * (START_FILES_KEPT + 2) + 1  # theirs, and the start file
 
 
 def test_it_folds_imports_and_answers_without_torch(bundle_path, engine, cache_home):

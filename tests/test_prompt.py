@@ -108,3 +108,11 @@ def test_a_long_buffer_is_read_from_a_stable_tail_and_the_head_of_its_suffix(tok
         assert whole == build_prompt(tokenizer, prefix[tail:], suffix[:SUFFIX_CHARS], fmt, budget=300)
     assert choose_format(" \n", "spm") == "plain" and choose_format("fi\n", "spm") == "spm"
     assert prompt_budget(1024) == 1024 - ANSWER_RESERVE and prompt_budget(64, 1000) == 32
+
+
+def test_a_tiny_budget_still_gives_a_prompt(tokenizer):
+    """A bundle may have a context of a few tokens: the prompt is cut to it, without looping."""
+    for budget in range(1, 14):
+        prompt = build_prompt(tokenizer, "#!/bin/bash\necho hello world\nfor f in *; do\n\tec", "\ndone\n", "spm",
+                              budget=budget)
+        assert len(prompt.ids) <= budget + 4  # the FIM sentinels, whatever the budget
