@@ -9,11 +9,9 @@ that the very first start of a bundle answers without waiting for `import torch`
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 
-from .bundle_files import expected_weights
 from .config import ModelConfig
 from .kernel import BLOCK, START_FORMAT
 
@@ -22,19 +20,19 @@ STORED = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8")
 
 def read_weights(data: bytes, config: ModelConfig) -> dict[str, np.ndarray]:
     """The float32 tensors, by name, of model.safetensors bytes whose header agrees with `config`
-    (codellm.bundle_files.check_weights_header, which read_bundle_files runs). Raises ValueError for a
-    weight that is not finite, as codellm.bundle does."""
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + n])
+    (codellm.bundle_files.check_weights_header, which read_bundle_files runs). Read by the safetensors
+    library, as codellm.bundle reads them: raises safetensors.SafetensorError for a header it refuses, and
+    ValueError for a weight that is not finite."""
+    from safetensors import deserialize
+
     weights = {}
-    for name, shape in expected_weights(config).items():
-        entry = header[name]
-        raw = np.frombuffer(data, STORED[entry["dtype"]], math.prod(shape), 8 + n + entry["data_offsets"][0])
+    for name, tensor in deserialize(data):
+        raw = np.frombuffer(tensor["data"], STORED[tensor["dtype"]])
         # bfloat16 is the top half of a float32
-        values = (raw.astype(np.uint32) << 16).view(np.float32) if entry["dtype"] == "BF16" else raw.astype(np.float32)
+        values = (raw.astype(np.uint32) << 16).view(np.float32) if tensor["dtype"] == "BF16" else raw.astype(np.float32)
         if not np.isfinite(values).all():
             raise ValueError(f"tensor {name} holds NaN or infinite values")
-        weights[name] = values.reshape(shape)
+        weights[name] = values.reshape(tensor["shape"])
     return weights
 
 
