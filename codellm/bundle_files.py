@@ -22,7 +22,10 @@ from .tokenizer import Tokenizer
 FORMAT_VERSION = 1
 CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, CARD_FILE = "config.json", "tokenizer.json", "model.safetensors", "data.msgpack"
 BUNDLE_FILES = (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, CARD_FILE)
-STORAGE_DTYPE_NAMES = ("float32", "float16", "bfloat16")
+STORAGE_DTYPE_NAMES = ("float32", "float16", "bfloat16", "int8")
+# int8 storage: each matrix (embedding, projections) as int8 with a float32 scale per row, SCALE_SUFFIX
+# after its name; norm weights stay float (codellm.bundle.quantise_rows)
+QUANTISED, SCALE_SUFFIX = "int8", ".scale"
 
 
 class BundleError(ValueError):
@@ -70,6 +73,11 @@ def parse_config(data: bytes, file: Path) -> tuple[ModelConfig, dict]:
         raise BundleError(f"{file}: {exc}") from None
 
 
+def storage_of(raw: dict) -> str:
+    """The storage type config.json names (parse_config checked it; float32 where it names none)."""
+    return raw.get("storage_dtype", "float32")
+
+
 def parse_tokenizer(data: bytes, file: Path, config: ModelConfig) -> Tokenizer:
     """The tokenizer of tokenizer.json bytes, checked against `config`; raises BundleError naming `file`."""
     try:
@@ -109,9 +117,9 @@ class BundleFiles:
     digest: str  # content_digest of the files
 
 
-def expected_weights(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+def expected_weights(config: ModelConfig, storage: str = "float16") -> dict[str, tuple[int, ...]]:
     """Name -> shape of the tensors a bundle's model.safetensors holds (codellm.model.GPT's state dict,
-    less lm_head.weight where the embeddings are tied)."""
+    less lm_head.weight where the embeddings are tied; with `storage` int8, each matrix's row scales too)."""
     C, F, D = config.d_model, config.mlp_ratio * config.d_model, config.head_dim
     shapes = {"embed.weight": (config.vocab_size, C), "norm.weight": (C,)}
     if not config.tie_embeddings:
@@ -122,6 +130,8 @@ def expected_weights(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         if config.qk_norm:
             block.update({"attn.q_norm.weight": (D,), "attn.k_norm.weight": (D,)})
         shapes.update({f"blocks.{i}.{name}": shape for name, shape in block.items()})
+    if storage == QUANTISED:
+        shapes.update({name + SCALE_SUFFIX: shape[:1] for name, shape in list(shapes.items()) if len(shape) == 2})
     return shapes
 
 
@@ -129,10 +139,11 @@ def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def check_weights_header(f, size: int, file: Path, config: ModelConfig) -> int:
-    """Check the safetensors header of the open weights file `f` (`size` bytes) against `config`: the
-    tensors config.json implies and no others, each a float dtype of its shape, laid end to end over the
-    whole file. Returns the header length; raises BundleError naming `file`."""
+def check_weights_header(f, size: int, file: Path, config: ModelConfig, storage: str = "float16") -> int:
+    """Check the safetensors header of the open weights file `f` (`size` bytes) against `config` and its
+    `storage` type: the tensors config.json implies and no others, each of its shape and a float dtype
+    (int8 for a matrix stored so), laid end to end over the whole file. Returns the header length;
+    raises BundleError naming `file`."""
     head = f.read(8)
     n = int.from_bytes(head, "little")
     plausible = len(head) == 8 and 2 <= n <= min(MAX_HEADER, size - 8)
@@ -149,11 +160,13 @@ def check_weights_header(f, size: int, file: Path, config: ModelConfig) -> int:
     meta = header.pop("__metadata__", {}) if isinstance(header, dict) else None
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise BundleError(f"{file}: not a readable safetensors file (bad header)")
-    expected = expected_weights(config)
+    expected = expected_weights(config, storage)
     missing, unexpected = sorted(set(expected) - set(header)), sorted(set(header) - set(expected))
     if missing or unexpected:
         raise BundleError(f"{file}: tensors do not match config.json (missing {missing[:5]}, unexpected {unexpected[:5]})")
-    spans = sorted(_tensor_span(name, header[name], shape, file) for name, shape in expected.items())
+    quantised = storage == QUANTISED
+    spans = sorted(_tensor_span(name, header[name], shape, file, quantised and len(shape) == 2)
+                   for name, shape in expected.items())
     end = 0
     for begin, stop, name in spans:
         if begin != end:
@@ -165,18 +178,20 @@ def check_weights_header(f, size: int, file: Path, config: ModelConfig) -> int:
     return n
 
 
-def _tensor_span(name: str, info, shape: tuple[int, ...], file: Path) -> tuple[int, int, str]:
-    """(begin, end, name) of a tensor's bytes after the header, once its dtype and shape are checked."""
+def _tensor_span(name: str, info, shape: tuple[int, ...], file: Path, int8: bool = False) -> tuple[int, int, str]:
+    """(begin, end, name) of a tensor's bytes after the header, once its dtype (I8 where `int8`, else a
+    float type) and shape are checked."""
     dtype = info.get("dtype") if isinstance(info, dict) else None
-    if not isinstance(dtype, str) or dtype not in WEIGHT_DTYPES:
-        raise BundleError(f"{file}: tensor {name} has dtype {dtype!r}; weights must be floating point "
-                          f"({', '.join(WEIGHT_DTYPES)})")
+    allowed = {"I8": 1} if int8 else WEIGHT_DTYPES
+    if not isinstance(dtype, str) or dtype not in allowed:
+        raise BundleError(f"{file}: tensor {name} has dtype {dtype!r}; " + (
+            "a matrix of an int8 bundle must be I8" if int8 else f"weights must be floating point ({', '.join(WEIGHT_DTYPES)})"))
     got = info.get("shape")
     if not isinstance(got, list) or not all(_is_int(d) for d in got) or tuple(got) != shape:
         raise BundleError(f"{file}: tensor {name} has shape {got!r}, config.json implies {shape}")
     offsets = info.get("data_offsets")
     if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets)
-            or offsets[0] < 0 or offsets[1] - offsets[0] != math.prod(shape) * WEIGHT_DTYPES[dtype]):
+            or offsets[0] < 0 or offsets[1] - offsets[0] != math.prod(shape) * allowed[dtype]):
         raise BundleError(f"{file}: tensor {name} has bad data offsets {offsets!r}")
     return offsets[0], offsets[1], name
 
@@ -248,12 +263,12 @@ class _Directory:
                                   f"({SIZE_LIMITS[name]})")
             return f.read(SIZE_LIMITS[name] + 1)
 
-    def read_weights(self, config: ModelConfig) -> bytes:
-        """The weights file, once its header agrees with `config`. Raises _Changed if any file read so
-        far changed meanwhile."""
+    def read_weights(self, config: ModelConfig, storage: str) -> bytes:
+        """The weights file, once its header agrees with `config` and `storage`. Raises _Changed if any
+        file read so far changed meanwhile."""
         f, size = self.open_member(WEIGHTS_FILE)
         with f:
-            check_weights_header(f, size, self.path / WEIGHTS_FILE, config)
+            check_weights_header(f, size, self.path / WEIGHTS_FILE, config, storage)
             f.seek(0)
             data = f.read()
         if not self.still_the_same():
@@ -284,7 +299,7 @@ def _read_snapshot(path: Path) -> BundleFiles:
             card = msgpack.unpackb(card_bytes, raw=False, max_array_len=CARD_ITEMS, max_map_len=CARD_ITEMS)
         except (msgpack.UnpackException, ValueError, TypeError) as exc:
             raise BundleError(f"{path / CARD_FILE}: corrupt data card ({type(exc).__name__}: {exc})") from None
-        weights = directory.read_weights(config)
+        weights = directory.read_weights(config, storage_of(raw))
         files = {CONFIG_FILE: config_bytes, TOKENIZER_FILE: tokenizer_bytes, CARD_FILE: card_bytes, WEIGHTS_FILE: weights}
         return BundleFiles(path, files, config, raw, tokenizer, card if isinstance(card, dict) else {},
                            content_digest([files[name] for name in BUNDLE_FILES]))

@@ -12,27 +12,35 @@ import json
 
 import numpy as np
 
+from .bundle_files import SCALE_SUFFIX
 from .config import ModelConfig
 from .kernel import BLOCK, START_FORMAT
 
-STORED = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8"), "BF16": np.dtype("<u2")}
+STORED = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "F64": np.dtype("<f8"), "BF16": np.dtype("<u2"),
+          "I8": np.dtype("i1")}
 
 
 def read_weights(data: bytes, config: ModelConfig) -> dict[str, np.ndarray]:
     """The float32 tensors, by name, of model.safetensors bytes whose header agrees with `config`
     (codellm.bundle_files.check_weights_header, which read_bundle_files runs). Read by the safetensors
-    library, as codellm.bundle reads them: raises safetensors.SafetensorError for a header it refuses, and
-    ValueError for a weight that is not finite."""
+    library, as codellm.bundle reads them (int8 matrices times their row scales, as
+    codellm.bundle.dequantise_rows computes them): raises safetensors.SafetensorError for a header it
+    refuses, and ValueError for a weight that is not finite."""
     from safetensors import deserialize
 
-    weights = {}
+    stored = {}
     for name, tensor in deserialize(data):
         raw = np.frombuffer(tensor["data"], STORED[tensor["dtype"]])
         # bfloat16 is the top half of a float32
         values = (raw.astype(np.uint32) << 16).view(np.float32) if tensor["dtype"] == "BF16" else raw.astype(np.float32)
-        if not np.isfinite(values).all():
+        stored[name] = (values.reshape(tensor["shape"]), tensor["dtype"] == "I8")
+    weights = {}
+    for name, (values, int8) in stored.items():
+        if name.endswith(SCALE_SUFFIX) and name[:-len(SCALE_SUFFIX)] in stored:
+            continue
+        weights[name] = values * stored[name + SCALE_SUFFIX][0][:, None] if int8 else values
+        if not np.isfinite(weights[name]).all():
             raise ValueError(f"tensor {name} holds NaN or infinite values")
-        weights[name] = values.reshape(tensor["shape"])
     return weights
 
 

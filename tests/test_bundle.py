@@ -32,6 +32,48 @@ def test_round_trip_is_bit_exact(tokenizer, tmp_path, dtype):
     assert loaded.config == model.cfg
 
 
+def test_int8_storage_keeps_each_matrix_within_half_a_step_of_its_row_scale(tokenizer, tmp_path):
+    from safetensors.torch import load_file
+
+    model = make_model(tokenizer)
+    save_bundle(tmp_path / "b", model, tokenizer, storage_dtype="int8")
+    stored = load_file(tmp_path / "b" / "model.safetensors")
+    loaded = load_bundle(tmp_path / "b").model.state_dict()
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight":  # tied to the embedding
+            continue
+        if tensor.ndim == 2:
+            assert stored[name].dtype == torch.int8 and stored[name + ".scale"].shape == tensor.shape[:1], name
+            step = tensor.abs().amax(dim=1, keepdim=True) / 127
+            assert bool(((loaded[name] - tensor).abs() <= step / 2 + 1e-7).all()), name
+            assert not torch.equal(loaded[name], tensor), name  # rounded, not stored whole
+        else:
+            assert torch.equal(loaded[name], tensor), name
+    assert (tmp_path / "b" / "model.safetensors").stat().st_size < 0.3 * model.num_params() * 4
+
+
+@pytest.mark.parametrize("damage", ["scale missing", "matrix as float", "norm as int8", "scale of wrong length"])
+def test_a_damaged_int8_bundle_is_refused_naming_the_tensor(tokenizer, tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    save_bundle(tmp_path / "b", make_model(tokenizer), tokenizer, storage_dtype="int8")
+    file = tmp_path / "b" / "model.safetensors"
+    state = load_file(file)
+    if damage == "scale missing":
+        del state["blocks.0.mlp.up.weight.scale"]
+    elif damage == "matrix as float":
+        state["blocks.0.mlp.up.weight"] = state["blocks.0.mlp.up.weight"].float()
+    elif damage == "norm as int8":
+        state["norm.weight"] = state["norm.weight"].to(torch.int8)
+    else:
+        state["embed.weight.scale"] = state["embed.weight.scale"][:-1]
+    save_file(state, file)
+    name = {"scale missing": "missing", "matrix as float": "blocks.0.mlp.up.weight",
+            "norm as int8": "norm.weight", "scale of wrong length": "embed.weight.scale"}[damage]
+    with pytest.raises(BundleError, match=f"model.safetensors: .*{name}"):
+        load_bundle(tmp_path / "b")
+
+
 def test_saving_again_replaces_atomically(tokenizer, tmp_path):
     save_bundle(tmp_path / "b", make_model(tokenizer, seed=1), tokenizer)
     save_bundle(tmp_path / "b", make_model(tokenizer, seed=2), tokenizer)

@@ -44,7 +44,7 @@ def start_tensors(engine) -> dict:
 
 
 @pytest.mark.parametrize("storage,overrides", [("float16", {}), ("float32", {"tie_embeddings": False}),
-                                               ("bfloat16", {"qk_norm": False})])
+                                               ("bfloat16", {"qk_norm": False}), ("int8", {})])
 def test_the_first_open_folds_the_start_file_as_the_torch_engine_folds_the_weights(tmp_path, tokenizer, cache_home,
                                                                                   storage, overrides):
     import numpy as np

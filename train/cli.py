@@ -26,6 +26,12 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--warmup-steps", type=int, default=50,
                    help="steps of linear learning-rate warmup (default 50; at most a tenth of --max-steps)")
     g.add_argument("--context-length", type=int, default=None)
+    g.add_argument("--layers", type=int, default=None,
+                   help="with --from: grow the bundle's model to this many layers first (block expansion: new "
+                        "layers that start out adding nothing, train/grow.py); default: the bundle's")
+    g.add_argument("--storage", choices=["float16", "bfloat16", "float32", "int8"], default=None,
+                   help="how the bundle written stores its weights (int8: each matrix as int8 with a scale per "
+                        "row, half float16's size); default: the --from bundle's, else float16")
     g.add_argument("--fim-rate", type=float, default=0.5)
     g.add_argument("--pair-share", type=share(MAX_PAIR_SHARE), default=None,
                    help="code stage: share of the training characters that are comment-to-command scripts "
@@ -130,10 +136,14 @@ def bundle_arg(value: str) -> Path:
 def check_from(args) -> None:
     """Refuse, before the corpus is built, a --from the run could not continue (stages.parent_bundle)."""
     if args.from_bundle is None:
+        if getattr(args, "layers", None) is not None:
+            raise ValueError("--layers grows the model of a bundle: give --from BUNDLE (a new model's size "
+                             "is --model-size)")
         return
     from codellm.tokenizer import Tokenizer
     from .stages import parent_bundle
-    parent_bundle(args.from_bundle, Tokenizer.load(args.tokenizer) if args.tokenizer else None, args.context_length)
+    parent_bundle(args.from_bundle, Tokenizer.load(args.tokenizer) if args.tokenizer else None, args.context_length,
+                  getattr(args, "layers", None))
 
 
 def check_out(args, runs: list[tuple[Path, Path]] = ()) -> None:
@@ -217,11 +227,14 @@ def cmd_stage(args):
         tok = trained_tokenizer(corpus, work / "tokenizer.json", args.resume)
     run_stage(args.stage, corpus, args.out, train_config(args), tok, args.from_bundle, args.model_size,
               args.context_length, args.fim_rate, args.device, args.resume, threads=args.threads,
-              overwrite=args.overwrite, **mix_options(args))
+              overwrite=args.overwrite, n_layer=args.layers, storage=args.storage, **mix_options(args))
 
 
 def cmd_all(args):
     from .stages import run_folder, run_stage
+    if args.layers is not None:
+        raise ValueError("--layers grows the model of a bundle (`codellm-train code --from BUNDLE --layers N`); "
+                         "`all` trains a new model, sized by --model-size")
     work = args.out.with_name(args.out.name + ".work")
     check_out(args, [(run_folder(work / "stage1", "language"), work / "stage1"), (run_folder(args.out, "code"), args.out)])
     corpus = ensure_corpus(args, work / "corpus")
@@ -236,7 +249,8 @@ def cmd_all(args):
     else:  # shell from the start (the English share of the code stage still mixes prose in)
         from_bundle, model_size, context_length = None, args.model_size, args.context_length
     run_stage("code", corpus, args.out, cfg, tok, from_bundle, model_size, context_length, args.fim_rate,
-              args.device, args.resume, threads=args.threads, overwrite=args.overwrite, **mix_options(args))
+              args.device, args.resume, threads=args.threads, overwrite=args.overwrite, storage=args.storage,
+              **mix_options(args))
 
 
 def english_stage(args, corpus: Path, tok, stage1: Path) -> Path:

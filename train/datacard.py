@@ -189,9 +189,11 @@ def stage_files(card: dict, stage: str) -> list[tuple[str, bytes]]:
     return [(source, digests[k:k + 32]) for source, digests in files.items() for k in range(0, len(digests), 32)]
 
 
-def data_card(corpus: Path, stage: str, result, cfg, previous: dict | None, mix: dict | None = None) -> dict:
+def data_card(corpus: Path, stage: str, result, cfg, previous: dict | None, mix: dict | None = None,
+              shape: dict | None = None) -> dict:
     """The card of `previous` (a copy) with this stage added under a new key (`code`, `code-2`, ...);
-    `mix` records how the stage mixed its data (FIM rate, context rate, pair share)."""
+    `mix` records how the stage mixed its data (FIM rate, context rate, pair share), `shape` the model's
+    layers and parameters where a stage changed them (train.grow)."""
     summary = json.loads((corpus / SUMMARY_FILE).read_text()) if (corpus / SUMMARY_FILE).exists() else {}
     card = compact(copy.deepcopy(previous or {}))
     card.pop("eval", None)  # held-out figures belong to the model they were measured on
@@ -212,5 +214,6 @@ def data_card(corpus: Path, stage: str, result, cfg, previous: dict | None, mix:
         "train_loss": result.train_loss, "val_loss": result.val_loss,
         "train_config": cfg.to_dict(),
         **({"mix": mix} if mix else {}),
+        **({"shape": shape} if shape else {}),
     }
     return compact(card)

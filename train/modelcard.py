@@ -59,9 +59,14 @@ def _model_section(bundle, bundle_path: Path, command: str, stages: dict) -> lis
     elif averages:
         trained += (f"; training went on from a mean of {len(averages[-1]['average_of'])} models of earlier "
                     "stages (`codellm-train average`, the training table says which)")
-    out += [f"A {bundle.model.num_params() / 1e6:.2f}M-parameter decoder-only transformer (preset `{cfg.preset}`: "
+    grown = [name for name, st in stages.items() if isinstance(st, dict) and st.get("shape")]
+    if grown:
+        trained += f"; grown to {cfg.n_layer} layers by block expansion at stage `{grown[-1]}` (train/grow.py)"
+    preset = f"preset `{cfg.preset}`: " if cfg.preset != "custom" else ""
+    storage = ("; weights stored as int8 with a float32 scale per row" if bundle.storage_dtype == "int8" else "")
+    out += [f"A {bundle.model.num_params() / 1e6:.2f}M-parameter decoder-only transformer ({preset}"
             f"{cfg.n_layer} layers, d_model {cfg.d_model}, {cfg.n_head} heads, context {cfg.context_length} tokens, "
-            f"byte-level BPE vocabulary of {cfg.vocab_size}), trained from scratch on {trained}. "
+            f"byte-level BPE vocabulary of {cfg.vocab_size}), trained from scratch on {trained}{storage}. "
             f"Prompt format at serving time: {bundle.prompt_format.upper()}.", ""]
     out += ["Reproduce it with:", "", "```bash", command, "```", ""]
     return out

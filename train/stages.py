@@ -59,10 +59,12 @@ def with_context_length(model: GPT, context_length: int) -> GPT:
     return longer
 
 
-def parent_bundle(path: Path, tokenizer: Tokenizer | None = None, context_length: int | None = None):
+def parent_bundle(path: Path, tokenizer: Tokenizer | None = None, context_length: int | None = None,
+                  n_layer: int | None = None):
     """The bundle a stage continues from (`--from`), with its data card checked (the compact form, in
     `bundle.card`). Raises ValueError, before any work, for a folder that is no readable bundle, a damaged
-    card, a `context_length` shorter than the bundle's, or a `tokenizer` that is not the bundle's."""
+    card, a `context_length` shorter than the bundle's, an `n_layer` below its layers, or a `tokenizer`
+    that is not the bundle's."""
     from codellm.bundle import BUNDLE_FILES, BundleError
     if not all((path / name).is_file() for name in BUNDLE_FILES):
         raise ValueError(f"--from {path}: no model bundle there (it needs {', '.join(BUNDLE_FILES)}); "
@@ -75,25 +77,31 @@ def parent_bundle(path: Path, tokenizer: Tokenizer | None = None, context_length
     if context_length and context_length < bundle.config.context_length:
         raise ValueError(f"--context-length {context_length} is shorter than the bundle's "
                          f"{bundle.config.context_length}; a context can only grow")
+    if n_layer is not None and n_layer < bundle.config.n_layer:
+        raise ValueError(f"--layers {n_layer} is fewer than the bundle's {bundle.config.n_layer}; a model can only grow")
     if tokenizer is not None and tokenizer.to_str() != bundle.tokenizer.to_str():
         raise ValueError(f"--from {path}: its tokenizer is not the one given (--tokenizer)")
     return bundle
 
 
 def init_model(model_size: str | None, from_bundle: Path | None, tok: Tokenizer, context_length: int | None,
-               device: torch.device) -> tuple[GPT, dict]:
-    """The model a stage starts from and the data card it carries on: `from_bundle`'s (parent_bundle, with
-    its errors), its context grown to `context_length`; else a new `model_size` model and an empty card."""
+               device: torch.device, n_layer: int | None = None) -> tuple[GPT, dict, str]:
+    """The model a stage starts from, the data card it carries on and the parent's storage type:
+    `from_bundle`'s (parent_bundle, with its errors), its context grown to `context_length` and its depth
+    to `n_layer` (train.grow); else a new `model_size` model, an empty card and float16."""
     if from_bundle:
-        bundle = parent_bundle(from_bundle, tok, context_length)
+        bundle = parent_bundle(from_bundle, tok, context_length, n_layer)
         model = bundle.model
         if context_length and context_length != model.cfg.context_length:
             model = with_context_length(model, context_length)
-        return model.to(device), bundle.card
+        if n_layer and n_layer != model.cfg.n_layer:
+            from .grow import grown
+            model = grown(model, n_layer)
+        return model.to(device), bundle.card, bundle.storage_dtype
     overrides = {"vocab_size": tok.vocab_size}
     if context_length:
         overrides["context_length"] = context_length
-    return GPT(ModelConfig.from_preset(model_size or "nano", **overrides)).to(device), {}
+    return GPT(ModelConfig.from_preset(model_size or "nano", **overrides)).to(device), {}, "float16"
 
 
 def run_folder(out: Path, stage: str) -> Path:
@@ -130,12 +138,15 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
               fim_rate: float = 0.5, device: str | None = None, resume: bool = False, run_dir: Path | None = None,
               threads: int | None = None, log=print, overwrite: bool = False,
               context_rate: float = CONTEXT_RATE_IN_CODE_STAGE, pair_share: float = PAIR_SHARE_IN_CODE_STAGE,
-              user_share: float = USER_SHARE_IN_CODE_STAGE) -> Path:
+              user_share: float = USER_SHARE_IN_CODE_STAGE, n_layer: int | None = None,
+              storage: str | None = None) -> Path:
     """Train one stage and save a bundle at `out`. stage: "language" (English, plain) or "code" (shell, FIM;
     a `context_rate` share of the files also with context from their package's files, codellm.prompt;
     comment-to-command scripts as a `pair_share` of the characters; user-style files drawn again up to a
     `user_share` of the shell characters). Raises ValueError for a pair share outside [0, MAX_PAIR_SHARE],
-    a user share outside [0, MAX_USER_SHARE] or a context rate outside [0, 1]."""
+    a user share outside [0, MAX_USER_SHARE] or a context rate outside [0, 1]. `n_layer` grows the
+    `from_bundle` model's depth first (train.grow); the bundle is stored as `storage` (default: as
+    `from_bundle` is, else float16)."""
     if not (0 <= pair_share <= MAX_PAIR_SHARE and 0 <= context_rate <= 1 and 0 <= user_share <= MAX_USER_SHARE):
         raise ValueError(f"--pair-share must be in [0, {MAX_PAIR_SHARE}], --user-share in [0, {MAX_USER_SHARE}] "
                          f"and --context-rate in [0, 1] (got {pair_share}, {user_share} and {context_rate})")
@@ -147,7 +158,7 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
             raise ValueError("a tokenizer or --from BUNDLE is needed")
         tokenizer = load_bundle(from_bundle).tokenizer
     torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights
-    model, card = init_model(model_size, from_bundle, tokenizer, context_length, dev)
+    model, card, parent_storage = init_model(model_size, from_bundle, tokenizer, context_length, dev, n_layer)
     if stage == "language":
         mix = Mixture(read_texts(corpus / ENGLISH_FILE, "train"))
         val = Mixture(read_texts(corpus / ENGLISH_FILE, "val"))
@@ -166,8 +177,9 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
         mix_used = {"fim_rate": fim_rate, "context_rate": context_rate, "pair_share": pair_share,
                     "user_share": user_share} \
             if stage == "code" else None
-        card = data_card(corpus, stage, result, cfg, card, mix_used)
-        save_bundle(out, model, tokenizer, card, overwrite=overwrite)
+        shape = {"n_layer": model.cfg.n_layer, "parameters": model.num_params()} if n_layer else None
+        card = data_card(corpus, stage, result, cfg, card, mix_used, shape)
+        save_bundle(out, model, tokenizer, card, storage or parent_storage, overwrite=overwrite)
         log(f"stage {stage}: {result.steps} steps, {result.tokens / 1e6:.2f}M tokens, {result.seconds:.0f}s, "
             f"train loss {result.train_loss:.3f}" + (f", val loss {result.val_loss:.3f}" if result.val_loss else "")
             + f"; bundle written to {out}")
