@@ -66,6 +66,7 @@ def test_a_stage_grows_the_bundle_and_stores_it_as_int8(bundle_path, tmp_path):
 
 
 @pytest.mark.parametrize("flags,message", [(["--layers", "1"], "fewer than the bundle's 2"),
+                                           (["--layers", "100000"], "from 1 to"),
                                            (["--layers", "4", "--no-from"], "give --from")])
 def test_a_model_that_cannot_grow_so_is_refused_before_any_work(bundle_path, tmp_path, flags, message):
     source = [] if "--no-from" in flags else ["--from", str(bundle_path)]

@@ -79,6 +79,11 @@ def parent_bundle(path: Path, tokenizer: Tokenizer | None = None, context_length
                          f"{bundle.config.context_length}; a context can only grow")
     if n_layer is not None and n_layer < bundle.config.n_layer:
         raise ValueError(f"--layers {n_layer} is fewer than the bundle's {bundle.config.n_layer}; a model can only grow")
+    if n_layer is not None:
+        try:
+            ModelConfig.from_dict({**bundle.config.to_dict(), "n_layer": n_layer})
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"--layers {n_layer}: {exc}") from None
     if tokenizer is not None and tokenizer.to_str() != bundle.tokenizer.to_str():
         raise ValueError(f"--from {path}: its tokenizer is not the one given (--tokenizer)")
     return bundle
