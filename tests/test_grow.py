@@ -74,3 +74,14 @@ def test_a_model_that_cannot_grow_so_is_refused_before_any_work(bundle_path, tmp
     r = subprocess.run(TRAIN + ["code", *source, "--corpus", str(tmp_path / "none"), "--out", str(tmp_path / "o"),
                                 "--max-steps", "1", *flags], capture_output=True, text=True, timeout=120)
     assert r.returncode != 0 and message in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_resuming_with_another_depth_is_refused(tokenizer, tmp_path):
+    from codellm.train.checkpoint import check_same_shape
+
+    model, bigger = make_model(tokenizer), grown(make_model(tokenizer), 3)
+    check_same_shape(tmp_path / "c", bigger.state_dict(), bigger)
+    with pytest.raises(ValueError, match="another model shape"):
+        check_same_shape(tmp_path / "c", bigger.state_dict(), model)
+    with pytest.raises(ValueError, match="another model shape"):
+        check_same_shape(tmp_path / "c", model.state_dict(), bigger)

@@ -48,11 +48,23 @@ def read_checkpoint_state(run_dir: Path) -> dict | None:
         return json.loads(f.metadata()["state"])
 
 
+def check_same_shape(path: Path, saved: dict, model: torch.nn.Module) -> None:
+    """ValueError unless the checkpoint holds every parameter of `model`, of the same shapes: a run
+    resumed with another --layers (or --from) would otherwise load a mix of two models."""
+    own = dict(model.named_parameters())
+    wrong = [k for k in own if k not in saved or saved[k].shape != own[k].shape]
+    wrong += [k for k in saved if k not in own and k not in model.state_dict()]
+    if wrong:
+        raise ValueError(f"{path}: this checkpoint is of another model shape than this run's (e.g. {wrong[0]}); "
+                         "resume with the --from and --layers the run started with")
+
+
 def load_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     path = run_dir / CHECKPOINT_FILE
     tensors = load_file(str(path))
     state = read_checkpoint_state(run_dir)
     model_state = {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    check_same_shape(path, model_state, model)
     model.load_state_dict(model_state, strict=False)
     opt_state = optimizer.state_dict()
     params = [p for g in opt_state["param_groups"] for p in g["params"]]
