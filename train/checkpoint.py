@@ -51,9 +51,9 @@ def read_checkpoint_state(run_dir: Path) -> dict | None:
 def check_same_shape(path: Path, saved: dict, model: torch.nn.Module) -> None:
     """ValueError unless the checkpoint holds every parameter of `model`, of the same shapes: a run
     resumed with another --layers (or --from) would otherwise load a mix of two models."""
-    own = dict(model.named_parameters())
+    own, known = dict(model.named_parameters()), set(model.state_dict())
     wrong = [k for k in own if k not in saved or saved[k].shape != own[k].shape]
-    wrong += [k for k in saved if k not in own and k not in model.state_dict()]
+    wrong += [k for k in saved if k not in known]
     if wrong:
         raise ValueError(f"{path}: this checkpoint is of another model shape than this run's (e.g. {wrong[0]}); "
                          "resume with the --from and --layers the run started with")
