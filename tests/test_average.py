@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -159,3 +160,19 @@ def test_a_hidden_file_in_the_out_folder_survives_overwrite(two_bundles, tmp_pat
     assert train_main(["average", str(second), str(first), "--out", str(out), "--overwrite"]) == 0
     assert (out / ".notes").read_text() == "mine" and (out / ".git").is_dir()
     assert load_bundle(out).card["stages"]["average"]["average_of"][0]["bundle"] == str(second)
+
+
+def test_the_average_keeps_the_storage_the_loader_reads_when_config_names_none(tmp_path, tokenizer):
+    """A config.json without `storage_dtype` holds float32 weights (as the loader reads it): the mean stays float32."""
+    parts = []
+    for seed, name in ((1, "a"), (2, "b")):
+        path = tmp_path / name
+        save_bundle(path, make_model(tokenizer, seed=seed), tokenizer, card(corpus(name), 100), storage_dtype="float32")
+        config = json.loads((path / "config.json").read_text())
+        del config["storage_dtype"]
+        (path / "config.json").write_text(json.dumps(config))
+        parts.append(path)
+    out = average_bundles(parts, tmp_path / "avg", [0.5, 0.5], log=lambda *_: None)
+    assert json.loads((out / "config.json").read_text())["storage_dtype"] == "float32"
+    a, b, avg = (load_bundle(p).model.state_dict() for p in (*parts, out))
+    assert all(torch.equal(avg[k], 0.5 * a[k] + 0.5 * b[k]) for k in avg)

@@ -9,13 +9,11 @@ descend from the shipped model, so their average is a candidate of its own, judg
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from codellm.bundle import STORAGE_DTYPES, BundleError, check_bundle_target, is_bundle_dir, load_bundle, save_bundle
-from codellm.bundle_files import CONFIG_FILE
 from codellm.defaults import PACKAGED_BUNDLE
 
 from .datacard import checked_card, compact, corpus_digests, stage_sources
@@ -108,15 +106,10 @@ def merged_card(cards: list[dict], names: list[str], weights: list[float]) -> di
     return compact(card)
 
 
-def storage_dtype(paths: list[Path]) -> str:
-    """The bundles' storage type (config.json `storage_dtype`, float16 where unnamed); float32 where they differ."""
-    kinds = set()
-    for path in paths:
-        try:
-            kinds.add(json.loads((Path(path) / CONFIG_FILE).read_text()).get("storage_dtype", "float16"))
-        except (OSError, ValueError, AttributeError):
-            kinds.add("float16")
-    return kinds.pop() if len(kinds) == 1 and kinds <= set(STORAGE_DTYPES) else "float32"
+def shared_storage(bundles: list) -> str:
+    """The storage type the loaded bundles share (as their config.json names it); float32 where they differ."""
+    kinds = {b.storage_dtype for b in bundles}
+    return kinds.pop() if len(kinds) == 1 else "float32"
 
 
 def bundle_name(path: Path) -> str:
@@ -127,7 +120,7 @@ def bundle_name(path: Path) -> str:
 def average_bundles(paths: list[Path], out: Path, weights: list[float] | None = None, overwrite: bool = False,
                     log=print) -> Path:
     """Write the weighted mean of the bundles at `paths` to `out`, stored in the bundles' storage type
-    (float32 where they differ: storage_dtype). Raises BundleError for an unreadable bundle, bundles of different shapes or tokenizers,
+    (float32 where they differ: shared_storage). Raises BundleError for an unreadable bundle, bundles of different shapes or tokenizers,
     an `out` that is one of them or holds something else (without `overwrite`), or weights that do not
     fit the storage type; ValueError for
     fewer than two bundles or a damaged data card."""
@@ -144,7 +137,7 @@ def average_bundles(paths: list[Path], out: Path, weights: list[float] | None = 
     _check_same_model(bundles)
     names = [bundle_name(p) for p in paths]
     state = average_states([b.model.state_dict() for b in bundles], weights)
-    storage = storage_dtype(paths)
+    storage = shared_storage(bundles)
     if not all(bool(torch.isfinite(v.to(STORAGE_DTYPES[storage])).all()) for v in state.values()):
         raise BundleError(f"the average has weights too large for {storage}, the bundles' storage type")
     model = bundles[0].model
