@@ -38,7 +38,8 @@ def read_weights(data: bytes, config: ModelConfig) -> dict[str, np.ndarray]:
     for name, (values, int8) in stored.items():
         if name.endswith(SCALE_SUFFIX) and name[:-len(SCALE_SUFFIX)] in stored:
             continue
-        weights[name] = values * stored[name + SCALE_SUFFIX][0][:, None] if int8 else values
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below, by name
+            weights[name] = values * stored[name + SCALE_SUFFIX][0][:, None] if int8 else values
         if not np.isfinite(weights[name]).all():
             raise ValueError(f"tensor {name} holds NaN or infinite values")
     return weights

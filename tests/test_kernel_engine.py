@@ -394,3 +394,23 @@ def test_a_prompt_read_by_the_c_step_stops_between_calls(bundle_path, engine):
     assert quick.prefill(ids, should_stop=lambda: True) == (None, 0)
     assert quick.cache.position == kernel.MAX_TOKENS  # the first call's tokens are kept for the next prompt
     assert quick.prefill(ids)[1] == kernel.MAX_TOKENS
+
+
+def test_an_int8_scale_that_overflows_is_refused_without_numpy_warnings(tmp_path, tokenizer, cache_home):
+    import warnings
+
+    from safetensors.torch import load_file, save_file
+
+    from codellm.bundle import BundleError, save_bundle
+
+    path = tmp_path / "huge"
+    save_bundle(path, make_model(tokenizer), tokenizer, storage_dtype="int8")
+    state = load_file(path / "model.safetensors")
+    state["blocks.0.mlp.up.weight.scale"][0] = 3e38  # finite itself, infinite once times 127
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert KernelEngine.open(path) is None
+    assert [str(w.message) for w in caught] == []
+    with pytest.raises(BundleError, match="NaN or infinite"):
+        load_bundle(path)
