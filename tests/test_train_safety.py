@@ -50,11 +50,26 @@ def test_out_holding_the_users_files_is_refused_then_overwritten_only_where_aske
     assert (mine / "notes.txt").read_text() == "my notes"  # the user's files stay
     assert set(before) <= {p.name for p in mine.iterdir()}
     assert isinstance(codellm.load(str(mine), device="cpu").complete("echo ", "", "line"), str)
-    # a bundle this command wrote is replaced without --overwrite
+
+
+def test_a_trained_bundle_is_replaced_only_with_overwrite_and_never_the_from_bundle(tmp_path):
+    mine = scripts(tmp_path / "mine")
     out = tmp_path / "model"
-    for _ in range(2):
-        r = train("code", "--code-data", str(mine), "--out", str(out), "--max-steps", "2", *SMALL)
-        assert r.returncode == 0, r.stderr[-3000:]
+    r = train("code", "--code-data", str(mine), "--out", str(out), "--max-steps", "2", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    trained = (out / "model.safetensors").read_bytes()
+    r = train("code", "--code-data", str(mine), "--out", str(out), "--max-steps", "2", "--seed", "9", *SMALL)
+    assert r.returncode != 0 and "a bundle is there already" in r.stderr and "--overwrite" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert (out / "model.safetensors").read_bytes() == trained  # the first run's model is kept
+    r = train("code", "--code-data", str(mine), "--from", str(out), "--out", str(out), "--max-steps", "2",
+              "--overwrite", *SMALL[2:])
+    assert r.returncode != 0 and "--from bundle" in r.stderr and "Traceback" not in r.stderr
+    assert (out / "model.safetensors").read_bytes() == trained  # even --overwrite never replaces the parent
+    r = train("code", "--code-data", str(mine), "--out", str(out), "--max-steps", "2", "--seed", "9",
+              "--overwrite", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "model.safetensors").read_bytes() != trained
 
 
 def test_kill_during_the_english_corpus_step_then_resume(tmp_path):

@@ -147,19 +147,33 @@ def check_from(args) -> None:
 
 
 def check_out(args, runs: list[tuple[Path, Path]] = ()) -> None:
-    """Refuse, before any work, an --out that is a file or a folder of someone's files, and (without
-    --resume or --overwrite) a new run where an earlier one was cut short: `runs` are (run folder, bundle
-    folder) pairs, and a checkpoint newer than its stage's bundle would be replaced by the new run."""
-    from codellm.bundle import WEIGHTS_FILE, check_bundle_target
+    """Refuse, before any work, an --out that is a file or a folder of someone's files, the --from bundle
+    itself, and (without --overwrite) a bundle already there or, without --resume, a new run where an
+    earlier one was cut short: `runs` are (run folder, bundle folder) pairs, and a checkpoint newer than its
+    stage's bundle would be replaced by the new run."""
+    from codellm.bundle import check_bundle_target, is_bundle_dir
     from .checkpoint import CHECKPOINT_FILE
     check_bundle_target(args.out, args.overwrite)
-    if args.resume or args.overwrite:
+    parent = getattr(args, "from_bundle", None)
+    if parent is not None and args.out.exists() and args.out.resolve() == Path(parent).resolve():
+        raise SystemExit(f"{args.out}: is the --from bundle this run starts from; write the new model to another --out")
+    if args.overwrite:
         return
-    for run_dir, bundle in runs:
-        checkpoint, weights = run_dir / CHECKPOINT_FILE, bundle / WEIGHTS_FILE
-        if checkpoint.exists() and (not weights.exists() or checkpoint.stat().st_mtime > weights.stat().st_mtime):
-            raise SystemExit(f"{run_dir} holds the checkpoint of an unfinished run: give --resume to continue "
-                             "it, --overwrite to start over (the checkpoint is replaced), or another --out")
+    checkpoints = [run_dir / CHECKPOINT_FILE for run_dir, _ in runs]
+    if not args.resume:
+        for checkpoint, (run_dir, bundle) in zip(checkpoints, runs):
+            if checkpoint.exists() and newer_than_bundle(checkpoint, bundle):
+                raise SystemExit(f"{run_dir} holds the checkpoint of an unfinished run: give --resume to continue "
+                                 "it, --overwrite to start over (the checkpoint is replaced), or another --out")
+    if is_bundle_dir(args.out) and not (args.resume and any(c.exists() for c in checkpoints)):
+        raise SystemExit(f"{args.out}: a bundle is there already; give --overwrite to replace it, or another --out")
+
+
+def newer_than_bundle(checkpoint: Path, bundle: Path) -> bool:
+    """Whether `checkpoint` was written after the bundle of its stage (or the stage wrote none)."""
+    from codellm.bundle import WEIGHTS_FILE
+    weights = bundle / WEIGHTS_FILE
+    return not weights.exists() or checkpoint.stat().st_mtime > weights.stat().st_mtime
 
 
 def ensure_corpus(args, default_dir: Path) -> Path:
