@@ -21,7 +21,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as safetensors_load, save_file
 
 from .bundle_files import (BUNDLE_FILES, CARD_FILE, CONFIG_FILE, FORMAT_VERSION, QUANTISED, SCALE_SUFFIX,  # noqa: F401
-                           STORAGE_DTYPE_NAMES, TOKENIZER_FILE, WEIGHTS_FILE, BundleError, read_bundle_files, storage_of)
+                           STORAGE_DTYPE_NAMES, TOKENIZER_FILE, WEIGHTS_FILE, BundleError, quantised_fault, read_bundle_files,
+                           storage_of)
 from .config import ModelConfig
 from .model import GPT
 from .prompt import DEFAULT_FORMAT
@@ -189,9 +190,14 @@ def _load_weights(data: bytes, file: Path, dtype: torch.dtype) -> dict[str, torc
     """The tensors of safetensors bytes as `dtype` (int8 matrices times their row scales); raises
     BundleError for unreadable ones, or ones not finite in `dtype` (a float64 1e300 is infinite as float32)."""
     try:
-        state = {name: tensor.to(dtype) for name, tensor in dequantise_rows(safetensors_load(data)).items()}
+        stored = safetensors_load(data)
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise BundleError(f"{file}: not a readable safetensors file, truncated or corrupt ({exc})") from None
+    for name, tensor in stored.items():
+        fault = tensor.dtype == torch.int8 and quantised_fault(int(tensor.min()), float(stored[name + SCALE_SUFFIX].min()))
+        if fault:
+            raise BundleError(f"{file}: int8 tensor {name} {fault}")
+    state = {name: tensor.to(dtype) for name, tensor in dequantise_rows(stored).items()}
     for name, tensor in state.items():
         if not bool(torch.isfinite(tensor).all()):
             raise BundleError(f"{file}: tensor {name} holds NaN or infinite values")

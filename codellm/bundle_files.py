@@ -26,10 +26,24 @@ STORAGE_DTYPE_NAMES = ("float32", "float16", "bfloat16", "int8")
 # int8 storage: each matrix (embedding, projections) as int8 with a float32 scale per row, SCALE_SUFFIX
 # after its name; norm weights stay float (codellm.bundle.quantise_rows)
 QUANTISED, SCALE_SUFFIX = "int8", ".scale"
+# the smallest row scale the writer gives (a row of zeros: its largest magnitude floored at 1e-12, / 127),
+# less float32 rounding
+MIN_ROW_SCALE = 1e-12 / 127 * (1 - 1e-6)
 
 
 class BundleError(ValueError):
     """A model bundle is missing, incomplete or corrupt. The message names the file and the problem."""
+
+
+def quantised_fault(smallest_entry: int, smallest_scale: float) -> str | None:
+    """Why an int8 matrix, given its smallest entry and smallest row scale, is not one the writer makes
+    (entries in -127..127; row scales finite and at least MIN_ROW_SCALE), or None. A zero, negative or
+    subnormal scale would load silently as another model: zero rows, or rows turned around."""
+    if smallest_entry < -127:
+        return "holds -128, outside the -127..127 the writer uses"
+    if not smallest_scale >= MIN_ROW_SCALE:  # NaN fails this too
+        return f"has a row scale of {smallest_scale:.3g}; row scales are positive, at least {MIN_ROW_SCALE:.3g}"
+    return None
 
 
 def content_digest(files: list[bytes]) -> str:

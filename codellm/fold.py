@@ -12,7 +12,7 @@ import json
 
 import numpy as np
 
-from .bundle_files import SCALE_SUFFIX
+from .bundle_files import SCALE_SUFFIX, quantised_fault
 from .config import ModelConfig
 from .kernel import BLOCK, START_FORMAT
 
@@ -32,14 +32,19 @@ def read_weights(data: bytes, config: ModelConfig) -> dict[str, np.ndarray]:
     for name, tensor in deserialize(data):
         raw = np.frombuffer(tensor["data"], STORED[tensor["dtype"]])
         # bfloat16 is the top half of a float32
-        values = (raw.astype(np.uint32) << 16).view(np.float32) if tensor["dtype"] == "BF16" else raw.astype(np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused below, by name
+            values = (raw.astype(np.uint32) << 16).view(np.float32) if tensor["dtype"] == "BF16" else raw.astype(np.float32)
         stored[name] = (values.reshape(tensor["shape"]), tensor["dtype"] == "I8")
     weights = {}
     for name, (values, int8) in stored.items():
         if name.endswith(SCALE_SUFFIX) and name[:-len(SCALE_SUFFIX)] in stored:
             continue
+        scale = stored[name + SCALE_SUFFIX][0] if int8 else None
+        fault = int8 and values.size and quantised_fault(int(values.min()), float(scale.min()))
+        if fault:
+            raise ValueError(f"int8 tensor {name} {fault}")
         with np.errstate(over="ignore", invalid="ignore"):  # an overflow is refused just below, by name
-            weights[name] = values * stored[name + SCALE_SUFFIX][0][:, None] if int8 else values
+            weights[name] = values * scale[:, None] if int8 else values
         if not np.isfinite(weights[name]).all():
             raise ValueError(f"tensor {name} holds NaN or infinite values")
     return weights

@@ -414,3 +414,47 @@ def test_an_int8_scale_that_overflows_is_refused_without_numpy_warnings(tmp_path
     assert [str(w.message) for w in caught] == []
     with pytest.raises(BundleError, match="NaN or infinite"):
         load_bundle(path)
+
+
+@pytest.mark.parametrize("scale, entry, fault", [(0.0, None, "row scale of 0"), (-0.02, None, "row scale of -0.02"),
+                                                  (1e-30, None, "row scale of 1e-30"), (None, -128, "-128")])
+def test_an_int8_matrix_the_writer_never_makes_is_refused_by_both_loaders(tmp_path, tokenizer, cache_home,
+                                                                           scale, entry, fault):
+    """A zero, negative or vanishing row scale, or a -128 entry, would load as another model: refused."""
+    from safetensors.torch import load_file, save_file
+
+    from codellm.bundle import BundleError, save_bundle
+
+    path = tmp_path / "odd"
+    save_bundle(path, make_model(tokenizer), tokenizer, storage_dtype="int8")
+    state = load_file(path / "model.safetensors")
+    if scale is not None:
+        state["blocks.0.attn.qkv.weight.scale"][3] = scale
+    else:
+        state["blocks.0.attn.qkv.weight"][3, 0] = entry
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    assert KernelEngine.open(path) is None
+    with pytest.raises(BundleError, match=f"blocks.0.attn.qkv.weight .*{fault}"):
+        load_bundle(path)
+
+
+def test_a_float64_weight_beyond_float32_is_refused_without_numpy_warnings(tmp_path, tokenizer, cache_home):
+    import warnings
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from codellm.bundle import BundleError, save_bundle
+
+    path = tmp_path / "wide"
+    save_bundle(path, make_model(tokenizer), tokenizer, storage_dtype="float32")
+    state = load_file(path / "model.safetensors")
+    state["blocks.0.mlp.up.weight"] = state["blocks.0.mlp.up.weight"].to(torch.float64)
+    state["blocks.0.mlp.up.weight"][0, 0] = 1e300
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert KernelEngine.open(path) is None
+    assert [str(w.message) for w in caught] == []
+    with pytest.raises(BundleError, match="NaN or infinite"):
+        load_bundle(path)
