@@ -253,3 +253,23 @@ def test_a_from_bundle_the_options_do_not_fit_is_refused_before_the_corpus(bundl
         r = train("code", "--from", str(bundle_path), "--code-data", str(code), "--out", str(tmp_path / "m"),
                   "--tokenizer", str(bad), "--max-steps", "1")
         assert r.returncode == 2 and str(bad) in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_a_run_resumed_from_another_from_bundle_of_the_same_shape_is_refused(tmp_path):
+    code = scripts(tmp_path / "scripts")
+    corpus = ["--code-data", str(code), "--corpus", str(tmp_path / "corpus")]
+    for name, seed in (("a", "1"), ("b", "2")):  # two bundles of one shape and tokenizer, different weights
+        r = train("code", *corpus, "--out", str(tmp_path / name), "--max-steps", "2", "--seed", seed, *SMALL)
+        assert r.returncode == 0, r.stderr[-3000:]
+    out = tmp_path / "child"
+    common = ["code", "--corpus", str(tmp_path / "corpus"), "--out", str(out), "--max-steps", "6",
+              "--checkpoint-every", "2", *SMALL[2:]]
+    r = train(*common, "--from", str(tmp_path / "a"), "--stop-after", "3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    checkpoint = tmp_path / "child.code-run" / "checkpoint.safetensors"
+    saved = checkpoint.read_bytes()
+    r = train(*common, "--from", str(tmp_path / "b"), "--resume")
+    assert r.returncode != 0 and "another --from bundle" in r.stderr and "Traceback" not in r.stderr
+    assert checkpoint.read_bytes() == saved and not out.exists()
+    r = train(*common, "--from", str(tmp_path / "a"), "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]

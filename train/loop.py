@@ -49,6 +49,7 @@ class TrainConfig:
     compile: str = "off"  # on | off | auto: on for time budgets of COMPILE_AUTO_MIN_SECONDS or more
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with bf16 hardware, else fp32; or fp32, bf16
     stop_after: int | None = None  # stop (as if killed) after this step; for tests of resume
+    parent: str = ""  # content digest of the bundle the run starts from (--from); "" for a new model
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -348,8 +349,13 @@ def start_state(model: GPT, optimizer, cfg: TrainConfig, run_dir: Path, resume: 
                 log) -> dict:
     """A new run's state, or on resume the last checkpoint's (with metrics.jsonl cut back to it)."""
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "elapsed": 0.0, "max_steps": cfg.max_steps,
-             "history": []}
-    if resume and read_checkpoint_state(run_dir) is not None:
+             "history": [], "parent": cfg.parent}
+    saved = read_checkpoint_state(run_dir) if resume else None
+    if saved is not None:
+        if saved.get("parent", cfg.parent) != cfg.parent:  # checkpoints written before the field: not known
+            raise ValueError(f"{run_dir}: this run started from another --from bundle than the one given (or that "
+                             "bundle has changed since); resume with the bundle the run started from, or give "
+                             "--overwrite to start over")
         state = load_checkpoint(run_dir, model, optimizer)
         log(f"resumed from {run_dir} at step {state['step']}")
         if cfg.max_steps and state.get("max_steps") and cfg.max_steps != state["max_steps"]:
