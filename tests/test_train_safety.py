@@ -273,3 +273,11 @@ def test_a_run_resumed_from_another_from_bundle_of_the_same_shape_is_refused(tmp
     assert checkpoint.read_bytes() == saved and not out.exists()
     r = train(*common, "--from", str(tmp_path / "a"), "--resume")
     assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.parametrize("flag, value", [("--max-steps", "0"), ("--time-budget", "-5"), ("--num-epochs", "nan"),
+                                         ("--batch-size", "0"), ("--warmup-steps", "-1"), ("--checkpoint-every", "0")])
+def test_a_count_or_budget_that_cannot_train_is_refused_at_once(tmp_path, flag, value):
+    r = train("code", "--code-data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), flag, value, timeout=60)
+    assert r.returncode == 2 and f"argument {flag}: {value!r} is not" in r.stderr
+    assert list(tmp_path.iterdir()) == []  # no run folder, no corpus, no bundle

@@ -16,14 +16,14 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--out", type=Path, required=True, help="where the trained bundle is written")
     g.add_argument("--model-size", default=None, help="preset for a new model: test, nano, mini, tiny, small, medium")
-    g.add_argument("--batch-size", type=int, default=16, help="sequences per step, over all processes")
-    g.add_argument("--grad-accum", type=int, default=1)
+    g.add_argument("--batch-size", type=above(int), default=16, help="sequences per step, over all processes")
+    g.add_argument("--grad-accum", type=above(int), default=1)
     g.add_argument("--learning-rate", type=float, default=None,
                    help="default 2e-3 for a new model, 5e-4 when starting from a bundle")
-    g.add_argument("--num-epochs", type=float, default=None)
-    g.add_argument("--max-steps", type=int, default=None)
-    g.add_argument("--time-budget", type=float, default=None, help="seconds (for `all`: both stages together)")
-    g.add_argument("--warmup-steps", type=int, default=50,
+    g.add_argument("--num-epochs", type=above(float), default=None)
+    g.add_argument("--max-steps", type=above(int), default=None)
+    g.add_argument("--time-budget", type=above(float), default=None, help="seconds (for `all`: both stages together)")
+    g.add_argument("--warmup-steps", type=above(int, -1), default=50,
                    help="steps of linear learning-rate warmup (default 50; at most a tenth of --max-steps)")
     g.add_argument("--context-length", type=int, default=None)
     g.add_argument("--layers", type=int, default=None,
@@ -46,13 +46,13 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                         "share of the others does so with definitions from their folder (default 0.2; 0: no context examples at all)")
     g.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     g.add_argument("--overwrite", action="store_true",
-                   help="write the bundle into --out even if that folder holds other files (only the bundle's "
-                        "own files in it are replaced; without this, such a folder is refused)")
+                   help="write the bundle into --out even if that folder holds a bundle or other files (only the "
+                        "bundle's own files in it are replaced; without this, such a folder is refused)")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    g.add_argument("--threads", type=int, default=None)
+    g.add_argument("--threads", type=above(int), default=None)
     g.add_argument("--seed", type=int, default=1337)
-    g.add_argument("--checkpoint-every", type=int, default=100)
-    g.add_argument("--eval-every", type=int, default=200)
+    g.add_argument("--checkpoint-every", type=above(int), default=100)
+    g.add_argument("--eval-every", type=above(int), default=200)
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="torch.compile the model: about 30 s of compiling, then faster steps; auto: on for a "
                         f"--time-budget of {COMPILE_AUTO_MIN_SECONDS // 60} minutes or more (off if compiling fails)")
@@ -96,6 +96,20 @@ def train_config(args) -> TrainConfig:
                        max_steps=args.max_steps, num_epochs=num_epochs, time_budget=args.time_budget,
                        warmup_steps=args.warmup_steps, seed=args.seed, checkpoint_every=args.checkpoint_every,
                        eval_every=args.eval_every, compile=args.compile, precision=args.precision, stop_after=args.stop_after)
+
+
+def above(kind: type, bound: float = 0):
+    """An argparse type: a finite int or float greater than `bound`, refused before any work starts."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = float("nan")
+        if not bound < value < float("inf"):  # also refuses nan
+            wanted = f"an integer of at least {bound + 1}" if kind is int else f"a number above {bound:g}"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+        return value
+    return parse
 
 
 def share(upper: float):
