@@ -176,3 +176,14 @@ def test_the_average_keeps_the_storage_the_loader_reads_when_config_names_none(t
     assert json.loads((out / "config.json").read_text())["storage_dtype"] == "float32"
     a, b, avg = (load_bundle(p).model.state_dict() for p in (*parts, out))
     assert all(torch.equal(avg[k], 0.5 * a[k] + 0.5 * b[k]) for k in avg)
+
+
+def test_bundles_of_different_storage_types_average_to_float32_and_say_so(tmp_path, tokenizer, capsys):
+    parts = []
+    for seed, storage in ((1, "float16"), (2, "int8")):
+        path = tmp_path / storage
+        save_bundle(path, make_model(tokenizer, seed=seed), tokenizer, card(corpus(storage), 100), storage_dtype=storage)
+        parts.append(path)
+    assert train_main(["average", *map(str, parts), "--out", str(tmp_path / "avg")]) == 0
+    assert load_bundle(tmp_path / "avg").storage_dtype == "float32"
+    assert "stored as float32, as their storage types differ" in capsys.readouterr().out

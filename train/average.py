@@ -144,5 +144,7 @@ def average_bundles(paths: list[Path], out: Path, weights: list[float] | None = 
     model.load_state_dict(state)
     card = merged_card([b.card for b in bundles], names, weights)
     save_bundle(out, model, bundles[0].tokenizer, card, storage, bundles[0].prompt_format, overwrite=overwrite)
-    log(f"averaged {len(paths)} bundles into {out}: " + ", ".join(f"{n} x {w:.3f}" for n, w in zip(names, weights)))
+    log(f"averaged {len(paths)} bundles into {out} (stored as {storage}"
+        + (", as their storage types differ" if len({b.storage_dtype for b in bundles}) > 1 else "") + "): "
+        + ", ".join(f"{n} x {w:.3f}" for n, w in zip(names, weights)))
     return out

@@ -357,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("average", help="one bundle whose weights are the mean of several (stages of one relay)")
     p.add_argument("bundle", type=bundle_arg, nargs="+",
                    help="two or more bundles of one model shape and tokenizer (`default`: the shipped model)")
-    p.add_argument("--out", type=Path, required=True, help="where the averaged bundle is written")
+    p.add_argument("--out", type=Path, required=True,
+                   help="where the averaged bundle is written, stored as the bundles are (float32 where their "
+                        "storage types differ)")
     p.add_argument("--weights", default=None, help="comma-separated weights, one per bundle (default: equal)")
     p.add_argument("--overwrite", action="store_true", help="replace the bundle already at --out")
     p.set_defaults(func=cmd_average)
