@@ -139,8 +139,9 @@ def cmd_info(args):
         return
     cfg = bundle.config
     print(f"model: {bundle.path}")
-    print(f"  preset {cfg.preset}, {bundle.model.num_params() / 1e6:.2f}M parameters, vocab {cfg.vocab_size}, "
-          f"context {cfg.context_length}, prompt format {bundle.prompt_format}")
+    print(f"  preset {cfg.preset}, {bundle.model.num_params() / 1e6:.2f}M parameters ({cfg.n_layer} layers, "
+          f"d_model {cfg.d_model}), vocab {cfg.vocab_size}, context {cfg.context_length}, stored as "
+          f"{bundle.storage_dtype}, prompt format {bundle.prompt_format}")
     stages = bundle.card.get("stages")
     for stage, info in (stages.items() if isinstance(stages, dict) else ()):
         print(f"  stage {stage}: {stage_line(info)}")

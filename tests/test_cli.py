@@ -53,6 +53,10 @@ def test_info_prints_parameter_counts(bundle_path):
         assert preset in r.stdout
     assert "parameters" in r.stdout
     assert "decode steps on CPU: " in r.stdout
+    from codellm.bundle import load_bundle
+    bundle = load_bundle(bundle_path)
+    assert f"({bundle.config.n_layer} layers, d_model {bundle.config.d_model})" in r.stdout
+    assert f"stored as {bundle.storage_dtype}," in r.stdout
 
 
 def test_corrupt_model_is_a_clear_error(tmp_path):
