@@ -81,6 +81,21 @@ def open_engine(model: str | None, device: str | None, precision: str):
     return load(str(path), device, precision=precision)
 
 
+def number(kind: type, least: float, most: float = float("inf")):
+    """An argparse type: a finite int or float from `least` to `most`, refused before any work starts."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = float("nan")
+        if not (least <= value <= most and value < float("inf")):  # also refuses nan
+            wanted = (f"an integer of at least {least}" if kind is int else f"a number of at least {least:g}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}"
+                                             + (f" and at most {most:g}" if most < float("inf") else ""))
+        return value
+    return parse
+
+
 def probability(value: str) -> float:
     try:
         p = float(value)
@@ -135,6 +150,8 @@ def cmd_info(args):
         path = args.model or default_bundle_path()
         bundle = load_bundle(path)
     except BundleError as exc:
+        if args.model:  # the model asked for: its fault is the command's error
+            raise
         print(f"model: {exc}")
         return
     cfg = bundle.config
@@ -239,12 +256,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a prompt")
     p.add_argument("--prompt", required=True, help=r"text to continue; \n means newline")
-    p.add_argument("--max-length", type=int, default=200, help="new tokens at most (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0: greedy (default 0.8)")
-    p.add_argument("--top-k", type=int, default=50, help="sample among the k likeliest tokens (default 50)")
-    p.add_argument("--top-p", type=float, default=0.95,
+    p.add_argument("--max-length", type=number(int, 1), default=200, help="new tokens at most (default 200)")
+    p.add_argument("--temperature", type=number(float, 0), default=0.8, help="sampling temperature; 0: greedy (default 0.8)")
+    p.add_argument("--top-k", type=number(int, 0), default=50,
+                   help="sample among the k likeliest tokens (default 50; 0: all)")
+    p.add_argument("--top-p", type=probability, default=0.95,
                    help="sample among the likeliest tokens holding this much probability (default 0.95)")
-    p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text (default: random)")
+    p.add_argument("--seed", type=number(int, 0, 2**63 - 1), default=None,
+                   help="the same seed gives the same text (default: random)")
     p.set_defaults(func=cmd_generate)
 
     add_complete_parser(sub)
@@ -255,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="engine speed: prefill, decode, cache reuse, beside HF transformers "
                                      "and llama.cpp")
     p.add_argument("--preset", default="nano", help="with no --model: a random model of this size (default nano)")
-    p.add_argument("--repeats", type=int, default=15, help="timings per figure, of which the median is shown (default 15)")
+    p.add_argument("--repeats", type=number(int, 1), default=15, help="timings per figure, of which the median is shown (default 15)")
     p.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     p.add_argument("--no-llamacpp", action="store_true", help="skip the llama.cpp comparison")
     p.add_argument("--background", type=background_count, default=0, metavar="N",

@@ -133,3 +133,18 @@ def test_arguments_with_bytes_that_are_not_utf8_are_read_not_refused(bundle_path
             b"--temperature", b"0"]
     r = subprocess.run([sys.executable.encode(), b"-m", b"codellm.cli", *args], capture_output=True, timeout=120)
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize("flags", [["generate", "--prompt", "x", "--temperature", "nan"],
+                                   ["generate", "--prompt", "x", "--top-k", "-5"],
+                                   ["generate", "--prompt", "x", "--top-p", "2"],
+                                   ["generate", "--prompt", "x", "--max-length", "0"],
+                                   ["bench", "--repeats", "0"]])
+def test_sampling_and_bench_numbers_that_mean_nothing_are_refused_at_once(flags):
+    r = run(*flags)
+    assert r.returncode == 2 and f"argument {flags[-2]}: " in r.stderr and "Traceback" not in r.stderr
+
+
+def test_info_on_a_broken_model_it_was_given_fails(tmp_path):
+    r = run("info", "--model", str(tmp_path))
+    assert r.returncode == 2 and "missing file" in r.stderr and "presets" in r.stdout

@@ -70,6 +70,15 @@ def test_a_trained_bundle_is_replaced_only_with_overwrite_and_never_the_from_bun
               "--overwrite", *SMALL)
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "model.safetensors").read_bytes() != trained
+    # --out through a link: the bundle goes where the link points, and the link stays a link
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    before = (out / "model.safetensors").read_bytes()
+    r = train("code", "--code-data", str(mine), "--out", str(link), "--max-steps", "2", "--seed", "5",
+              "--overwrite", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert link.is_symlink() and (out / "model.safetensors").read_bytes() != before
+    assert not (tmp_path / "link.code-run").exists() and (tmp_path / "model.code-run").is_dir()
 
 
 def test_kill_during_the_english_corpus_step_then_resume(tmp_path):
@@ -264,20 +273,60 @@ def test_a_run_resumed_from_another_from_bundle_of_the_same_shape_is_refused(tmp
     out = tmp_path / "child"
     common = ["code", "--corpus", str(tmp_path / "corpus"), "--out", str(out), "--max-steps", "6",
               "--checkpoint-every", "2", *SMALL[2:]]
-    r = train(*common, "--from", str(tmp_path / "a"), "--stop-after", "3")
+    r = train(*common, "--from", str(tmp_path / "a"), "--stop-after", "2")
     assert r.returncode == 0, r.stderr[-3000:]
     checkpoint = tmp_path / "child.code-run" / "checkpoint.safetensors"
+    # a checkpoint written before the parent was recorded resumes, and records it from then on
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    with safe_open(str(checkpoint), "pt") as f:
+        state = json.loads(f.metadata()["state"])
+    parent = state.pop("parent")
+    assert parent
+    save_file(load_file(str(checkpoint)), str(checkpoint), metadata={"state": json.dumps(state)})
+    r = train(*common, "--from", str(tmp_path / "a"), "--resume", "--stop-after", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    with safe_open(str(checkpoint), "pt") as f:
+        assert json.loads(f.metadata()["state"])["parent"] == parent
     saved = checkpoint.read_bytes()
     r = train(*common, "--from", str(tmp_path / "b"), "--resume")
     assert r.returncode != 0 and "another --from bundle" in r.stderr and "Traceback" not in r.stderr
+    assert "without --resume, with --overwrite" in r.stderr
     assert checkpoint.read_bytes() == saved and not out.exists()
+    r = train(*common, "--resume")
+    assert r.returncode != 0 and "resume it with that --from" in r.stderr
     r = train(*common, "--from", str(tmp_path / "a"), "--resume")
     assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
+    # the finished run resumed again: nothing trained, the bundle's bytes left as they are
+    written = {f.name: f.read_bytes() for f in out.iterdir()}
+    r = train(*common, "--from", str(tmp_path / "a"), "--resume")
+    assert r.returncode == 0 and "finished already" in r.stdout, r.stderr[-3000:]
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == written
 
 
 @pytest.mark.parametrize("flag, value", [("--max-steps", "0"), ("--time-budget", "-5"), ("--num-epochs", "nan"),
-                                         ("--batch-size", "0"), ("--warmup-steps", "-1"), ("--checkpoint-every", "0")])
+                                         ("--batch-size", "0"), ("--warmup-steps", "-1"), ("--checkpoint-every", "0"),
+                                         ("--context-length", "-5"), ("--learning-rate", "0"), ("--fim-rate", "nan"),
+                                         ("--seed", "99999999999999999999999"), ("--model-size", "bogus")])
 def test_a_count_or_budget_that_cannot_train_is_refused_at_once(tmp_path, flag, value):
     r = train("code", "--code-data", str(tmp_path / "none"), "--out", str(tmp_path / "o"), flag, value, timeout=60)
-    assert r.returncode == 2 and f"argument {flag}: {value!r} is not" in r.stderr
+    assert r.returncode == 2 and f"argument {flag}: " in r.stderr and value in r.stderr
     assert list(tmp_path.iterdir()) == []  # no run folder, no corpus, no bundle
+
+
+@pytest.mark.parametrize("command", [["tokenizer", "--vocab-size", "-1"], ["pack", "--max-mb", "nan"],
+                                     ["eval", "x", "--blocks", "-1"], ["bench", "--steps", "0"],
+                                     ["corpus", "--english-mb", "inf"]])
+def test_other_subcommands_refuse_numbers_that_mean_nothing(tmp_path, command):
+    r = train(*command, *(["--out", str(tmp_path / "o")] if command[0] in ("tokenizer", "pack") else []),
+              *(["--corpus", str(tmp_path / "c")] if command[0] in ("pack", "corpus") else []), timeout=60)
+    assert r.returncode == 2 and f"argument {command[-2]}: {command[-1]!r} is not" in r.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_all_with_one_step_and_an_english_stage_is_refused_before_any_work(tmp_path):
+    code = scripts(tmp_path / "scripts")
+    r = train("all", "--code-data", str(code), "--out", str(tmp_path / "m"), "--max-steps", "1",
+              "--language-share", "0.5", *SMALL, timeout=60)
+    assert r.returncode != 0 and "no step for the shell stage" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["scripts"]

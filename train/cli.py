@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from codellm.config import LIMITS, PRESETS
+
 from .loop import COMPILE_AUTO_MIN_SECONDS, TrainConfig, TrainingStopped, distributed
 from .pairs import MAX_PAIR_SHARE
 from .data import MAX_USER_SHARE
@@ -14,25 +16,25 @@ from .data import MAX_USER_SHARE
 
 def add_training_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--out", type=Path, required=True, help="where the trained bundle is written")
-    g.add_argument("--model-size", default=None, help="preset for a new model: test, nano, mini, tiny, small, medium")
+    g.add_argument("--out", type=out_path, required=True, help="where the trained bundle is written")
+    g.add_argument("--model-size", choices=list(PRESETS), default=None, help="preset for a new model: test, nano, mini, tiny, small, medium")
     g.add_argument("--batch-size", type=above(int), default=16, help="sequences per step, over all processes")
     g.add_argument("--grad-accum", type=above(int), default=1)
-    g.add_argument("--learning-rate", type=float, default=None,
+    g.add_argument("--learning-rate", type=above(float), default=None,
                    help="default 2e-3 for a new model, 5e-4 when starting from a bundle")
     g.add_argument("--num-epochs", type=above(float), default=None)
     g.add_argument("--max-steps", type=above(int), default=None)
     g.add_argument("--time-budget", type=above(float), default=None, help="seconds (for `all`: both stages together)")
     g.add_argument("--warmup-steps", type=above(int, -1), default=50,
                    help="steps of linear learning-rate warmup (default 50; at most a tenth of --max-steps)")
-    g.add_argument("--context-length", type=int, default=None)
+    g.add_argument("--context-length", type=above(int, 0, LIMITS["context_length"][1]), default=None)
     g.add_argument("--layers", type=int, default=None,
                    help="with --from: grow the bundle's model to this many layers first (block expansion: new "
                         "layers that start out adding nothing, train/grow.py); default: the bundle's")
     g.add_argument("--storage", choices=["float16", "bfloat16", "float32", "int8"], default=None,
                    help="how the bundle written stores its weights (int8: each matrix as int8 with a scale per "
                         "row, half float16's size); default: the --from bundle's, else float16")
-    g.add_argument("--fim-rate", type=float, default=0.5)
+    g.add_argument("--fim-rate", type=share(1.0), default=0.5)
     g.add_argument("--pair-share", type=share(MAX_PAIR_SHARE), default=None,
                    help="code stage: share of the training characters that are comment-to-command scripts "
                         "(pairs.py), drawn again in new orders when the pairs are fewer (default 0.2; 0: off; at most 0.9)")
@@ -50,7 +52,7 @@ def add_training_flags(p: argparse.ArgumentParser) -> None:
                         "bundle's own files in it are replaced; without this, such a folder is refused)")
     g.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
     g.add_argument("--threads", type=above(int), default=None)
-    g.add_argument("--seed", type=int, default=1337)
+    g.add_argument("--seed", type=above(int, -1, 2**32 - 1), default=1337)
     g.add_argument("--checkpoint-every", type=above(int), default=100)
     g.add_argument("--eval-every", type=above(int), default=200)
     g.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
@@ -71,7 +73,7 @@ def add_corpus_flags(p: argparse.ArgumentParser, corpus_default: str | None) -> 
                    help="a text file, folder, or TinyStories-format file (repeatable)")
     p.add_argument("--packages", type=Path, default=None, help="package list for the default recipe")
     p.add_argument("--cache", type=Path, default=None, help="download cache (default: <corpus>/cache)")
-    p.add_argument("--english-mb", type=float, default=40.0, help="cap on English text from the recipe")
+    p.add_argument("--english-mb", type=share(100_000), default=40.0, help="cap on English text from the recipe")
     p.add_argument("--retry-failed", action="store_true",
                    help="ask again for packages whose download failed in an earlier build")
     p.add_argument("--cached-only", action="store_true",
@@ -98,18 +100,26 @@ def train_config(args) -> TrainConfig:
                        eval_every=args.eval_every, compile=args.compile, precision=args.precision, stop_after=args.stop_after)
 
 
-def above(kind: type, bound: float = 0):
-    """An argparse type: a finite int or float greater than `bound`, refused before any work starts."""
+def above(kind: type, bound: float = 0, most: float = float("inf")):
+    """An argparse type: a finite int or float greater than `bound` and at most `most`, refused before
+    any work starts."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             value = float("nan")
-        if not bound < value < float("inf"):  # also refuses nan
+        if not (bound < value <= most and value < float("inf")):  # also refuses nan
             wanted = f"an integer of at least {bound + 1}" if kind is int else f"a number above {bound:g}"
-            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not {wanted}"
+                                             + (f" and at most {most:g}" if most < float("inf") else ""))
         return value
     return parse
+
+
+def out_path(text: str) -> Path:
+    """--out as the folder it names: `~` expanded, a link followed (the bundle goes where the link
+    points, its run folder beside it), `.` and `..` resolved."""
+    return Path(text).expanduser().resolve()
 
 
 def share(upper: float):
@@ -149,6 +159,9 @@ def bundle_arg(value: str) -> Path:
 
 def check_from(args) -> None:
     """Refuse, before the corpus is built, a --from the run could not continue (stages.parent_bundle)."""
+    if args.from_bundle is not None and args.model_size:
+        raise ValueError("--model-size sizes a new model; --from continues a bundle at its own size "
+                         "(grow its depth with --layers)")
     if args.from_bundle is None:
         if getattr(args, "layers", None) is not None:
             raise ValueError("--layers grows the model of a bundle: give --from BUNDLE (a new model's size "
@@ -181,6 +194,19 @@ def check_out(args, runs: list[tuple[Path, Path]] = ()) -> None:
                                  "it, --overwrite to start over (the checkpoint is replaced), or another --out")
     if is_bundle_dir(args.out) and not (args.resume and any(c.exists() for c in checkpoints)):
         raise SystemExit(f"{args.out}: a bundle is there already; give --overwrite to replace it, or another --out")
+
+
+def finished_already(args, run_dir: Path, bundle: Path) -> bool:
+    """With --resume: whether the run in `run_dir` finished (its bundle written after its last checkpoint).
+    Said so; nothing is trained and the bundle is left as it is (its children's --from digest holds)."""
+    from codellm.bundle import is_bundle_dir
+    from .checkpoint import CHECKPOINT_FILE
+    checkpoint = run_dir / CHECKPOINT_FILE
+    if not (args.resume and not args.overwrite and is_bundle_dir(bundle) and checkpoint.exists()
+            and not newer_than_bundle(checkpoint, bundle)):
+        return False
+    print(f"codellm-train: the run in {run_dir} finished already; its bundle is {bundle} (nothing to resume)")
+    return True
 
 
 def newer_than_bundle(checkpoint: Path, bundle: Path) -> bool:
@@ -248,6 +274,8 @@ def cmd_stage(args):
     from .stages import run_folder, run_stage
     check_from(args)
     check_out(args, [(run_folder(args.out, args.stage), args.out)])
+    if finished_already(args, run_folder(args.out, args.stage), args.out):
+        return
     work = args.out.with_name(args.out.name + ".work")
     corpus = ensure_corpus(args, work / "corpus")
     tok = Tokenizer.load(args.tokenizer) if args.tokenizer else None
@@ -263,8 +291,13 @@ def cmd_all(args):
     if args.layers is not None:
         raise ValueError("--layers grows the model of a bundle (`codellm-train code --from BUNDLE --layers N`); "
                          "`all` trains a new model, sized by --model-size")
+    if args.max_steps == 1 and args.language_share > 0:
+        raise ValueError("--max-steps 1 leaves no step for the shell stage after the English one "
+                         "(--language-share): give 2 or more")
     work = args.out.with_name(args.out.name + ".work")
     check_out(args, [(run_folder(work / "stage1", "language"), work / "stage1"), (run_folder(args.out, "code"), args.out)])
+    if finished_already(args, run_folder(args.out, "code"), args.out):
+        return
     corpus = ensure_corpus(args, work / "corpus")
     tok_path = work / "tokenizer.json"
     tok = trained_tokenizer(corpus, tok_path, args.resume)
@@ -328,13 +361,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pack", help="pack a corpus folder into one file (to train elsewhere, e.g. on a GPU)")
     p.add_argument("--corpus", type=Path, required=True, help="a corpus folder built by `codellm-train corpus`")
     p.add_argument("--out", type=Path, required=True, help="the pack file to write")
-    p.add_argument("--max-mb", type=float, default=60.0, help="refuse to write a pack larger than this")
+    p.add_argument("--max-mb", type=above(float), default=60.0, help="refuse to write a pack larger than this")
     p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("tokenizer", help="train the BPE tokenizer on a corpus")
     p.add_argument("--corpus", type=Path, default=Path("data/corpus"))
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--vocab-size", type=above(int, 511, LIMITS["vocab_size"][1]), default=8192,
+                   help="tokens in the vocabulary (default 8192)")
     p.set_defaults(func=cmd_tokenizer)
 
     for stage, help_text in (("language", "stage 1: English text"), ("code", "stage 2: shell scripts with FIM")):
@@ -357,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("average", help="one bundle whose weights are the mean of several (stages of one relay)")
     p.add_argument("bundle", type=bundle_arg, nargs="+",
                    help="two or more bundles of one model shape and tokenizer (`default`: the shipped model)")
-    p.add_argument("--out", type=Path, required=True,
+    p.add_argument("--out", type=out_path, required=True,
                    help="where the averaged bundle is written, stored as the bundles are (float32 where their "
                         "storage types differ)")
     p.add_argument("--weights", default=None, help="comma-separated weights, one per bundle (default: equal)")
@@ -377,16 +411,16 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--corpus", type=Path, default=Path("data/corpus"),
                    help="a corpus folder built by `codellm-train corpus`, with held-out splits (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="JSON results (default: <first bundle>/../<name>-eval.json)")
-    p.add_argument("--samples", type=int, default=400, help="line-completion cut points")
-    p.add_argument("--scripts", type=int, default=20, help="generated whole scripts")
-    p.add_argument("--pairs", type=int, default=300, help="held-out comment-to-command pairs per split")
-    p.add_argument("--blocks", type=int, default=100,
+    p.add_argument("--samples", type=above(int, -1), default=400, help="line-completion cut points")
+    p.add_argument("--scripts", type=above(int, -1), default=20, help="generated whole scripts")
+    p.add_argument("--pairs", type=above(int, -1), default=300, help="held-out comment-to-command pairs per split")
+    p.add_argument("--blocks", type=above(int, -1), default=100,
                    help="held-out block openers per split completed in block mode (body present, bash -n)")
-    p.add_argument("--cross-file", type=int, default=200, metavar="N",
+    p.add_argument("--cross-file", type=above(int, -1), default=200, metavar="N",
                    help="cut points at calls of functions from a sourced file of the same package (and as many "
                         "ordinary ones in those scripts), completed with and without that file as context "
                         "(0: skip)")
-    p.add_argument("--keystrokes", type=int, default=300,
+    p.add_argument("--keystrokes", type=above(int, -1), default=300,
                    help="characters of held-out regions per split typed into a real server, keystroke by "
                         "keystroke (0: skip the keystroke evaluation)")
     p.add_argument("--keystroke-curve", type=Path, default=None, metavar="PNG",
@@ -399,9 +433,9 @@ def add_eval_parser(sub) -> None:
 def add_bench_parser(sub) -> None:
     p = sub.add_parser("bench", help="training tokens/s per preset, beside HF transformers")
     p.add_argument("--presets", default="nano", help="comma-separated presets")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--context-length", type=int, default=256)
-    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--batch-size", type=above(int), default=16)
+    p.add_argument("--context-length", type=above(int), default=256)
+    p.add_argument("--steps", type=above(int), default=6)
     p.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
     p.set_defaults(func=cmd_bench)
 

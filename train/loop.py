@@ -352,11 +352,9 @@ def start_state(model: GPT, optimizer, cfg: TrainConfig, run_dir: Path, resume: 
              "history": [], "parent": cfg.parent}
     saved = read_checkpoint_state(run_dir) if resume else None
     if saved is not None:
-        if saved.get("parent", cfg.parent) != cfg.parent:  # checkpoints written before the field: not known
-            raise ValueError(f"{run_dir}: this run started from another --from bundle than the one given (or that "
-                             "bundle has changed since); resume with the bundle the run started from, or give "
-                             "--overwrite to start over")
+        check_same_parent(run_dir, saved.get("parent", cfg.parent), cfg.parent)  # older checkpoints: not known
         state = load_checkpoint(run_dir, model, optimizer)
+        state["parent"] = cfg.parent  # recorded from now on where an older checkpoint had none
         log(f"resumed from {run_dir} at step {state['step']}")
         if cfg.max_steps and state.get("max_steps") and cfg.max_steps != state["max_steps"]:
             log(f"note: the run goes on to its own {state['max_steps']} steps (--max-steps {cfg.max_steps} "
@@ -369,6 +367,20 @@ def start_state(model: GPT, optimizer, cfg: TrainConfig, run_dir: Path, resume: 
         elif metrics.exists():
             keep_metrics_until(metrics, state["step"])
     return state
+
+
+def check_same_parent(run_dir: Path, started: str, given: str) -> None:
+    """ValueError unless a run resumes from the bundle it started from (content digests; "": a new model)."""
+    if started == given:
+        return
+    if not started:
+        what = "trained a new model (no --from); resume it without --from"
+    elif not given:
+        what = "started from a --from bundle; resume it with that --from"
+    else:
+        what = ("started from another --from bundle than the one given (or that bundle has changed since); "
+                "resume it with the bundle it started from")
+    raise ValueError(f"{run_dir}: this run {what}, or start over: the same command without --resume, with --overwrite")
 
 
 def train_step(run: StageRun, log) -> tuple[float, float]:
