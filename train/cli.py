@@ -9,7 +9,7 @@ from pathlib import Path
 
 from codellm.config import LIMITS, PRESETS
 
-from .loop import COMPILE_AUTO_MIN_SECONDS, TrainConfig, TrainingStopped, distributed
+from .loop import COMPILE_AUTO_MIN_SECONDS, TrainConfig, TrainingStopped, close_distributed, distributed
 from .pairs import MAX_PAIR_SHARE
 from .data import MAX_USER_SHARE
 
@@ -445,6 +445,14 @@ TRAINING_EXTRAS = ("datasketch", "tqdm", "matplotlib")  # pyproject.toml's [trai
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    try:
+        return run_command(args)
+    finally:
+        close_distributed()
+
+
+def run_command(args) -> int:
+    """Runs one parsed subcommand; returns the exit status, with errors the user can fix said in a line."""
     try:
         args.func(args)
     except TrainingStopped as exc:

@@ -83,6 +83,13 @@ def distributed() -> tuple[int, int]:
     return (torch.distributed.get_rank() if world > 1 else 0), world
 
 
+def close_distributed() -> None:
+    """Leaves the process group, if one was joined: a group left to interpreter exit can abort the
+    process ("terminate called without an active exception") after a run that finished."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 def lr_at(step: int, progress: float, cfg: TrainConfig, max_steps: int | None = None) -> float:
     """Linear warmup over warmup_steps (at most a tenth of `max_steps`, so that a short fine-tune reaches
     its learning rate), constant, then a linear warmdown over the last share of progress."""
