@@ -151,6 +151,12 @@ def test_huge_weights_are_scaled_not_lost():
     assert parse_weights("1,3", 2) == [0.25, 0.75]
 
 
+def test_a_weight_of_minus_zero_is_zero():
+    import math
+    weights = parse_weights("1,-0", 2)
+    assert weights == [1.0, 0.0] and math.copysign(1, weights[1]) == 1  # printed 0.000, not -0.000
+
+
 def test_a_hidden_file_in_the_out_folder_survives_overwrite(two_bundles, tmp_path):
     first, second = two_bundles
     out = tmp_path / "avg"

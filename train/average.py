@@ -35,7 +35,7 @@ def parse_weights(text: str | None, count: int) -> list[float]:
         raise ValueError(f"--weights has {len(weights)} numbers for {count} bundles")
     if not all(0 <= w < float("inf") for w in weights) or max(weights) <= 0:
         raise ValueError(f"--weights {text!r}: weights are finite, not negative, and not all 0")
-    weights = [w / max(weights) for w in weights]  # first to at most 1: a sum of huge weights is no inf
+    weights = [abs(w) / max(weights) for w in weights]  # -0 is 0; first to at most 1: a sum of huge weights is no inf
     return [w / sum(weights) for w in weights]
 
 
