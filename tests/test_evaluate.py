@@ -99,9 +99,11 @@ def test_two_bundles_compare_on_every_split(bundle_path, tmp_path, capsys):
         figures = results[0]["splits"][split]
         assert figures["heldout_files"] == 1 and figures["shell_loss"]["loss"] > 0
         assert figures["comment_to_command"]["n"] == 1
+        assert figures["comment_to_command"]["model_command_share"] in (0.0, 100.0)  # one pair: all or none
         assert figures["block_completion"]["n"] == 3
         assert 0 <= figures["block_completion"]["bash_n_pass"] <= 100
     assert "block after opener" in run.stdout and "held-out split val_user" in run.stdout
+    assert "the model's own choice: command %" in run.stdout
     # the same bundle twice is not better than itself
     assert "not worse beyond doubt: no" in run.stdout
     assert "line ES with suffix, val_user, first - second bundle, same 4 cut points: +0.00" in run.stdout

@@ -218,20 +218,27 @@ HELDOUT_SPLITS = {"val": "Debian packages", "val_user": "npm/PyPI packages"}
 
 
 def comment_to_command(engine: Engine, pairs: list[str], n: int = 300, seed: int = 0) -> dict | None:
-    """After `#!/bin/bash\n# <description>\n`, the greedy first line: the share that is a command (not a
-    comment, not empty) and the share whose command name (pairs.command_name) is the held-out one's."""
+    """After `#!/bin/bash\n# <description>\n`, the greedy first line as served (engine.complete, which
+    starts code after a comment: code_expected): the share that is a command (not a comment, not empty) and
+    the share whose command name (pairs.command_name) is the held-out one's. `model_command_share` is the
+    model's own choice, without that rule: the share of plain greedy continuations whose first line with
+    text is not a comment."""
     if not pairs or n <= 0:
         return None
     picked = random.Random(seed).sample(pairs, min(n, len(pairs)))
-    command, right_name = 0, 0
+    command, right_name, own = 0, 0, 0
     for doc in picked:
         prompt, target = doc.rstrip("\n").rsplit("\n", 1)
         guess = engine.complete(prompt + "\n", "", mode="line").split("\n", 1)[0]
         is_command = bool(guess.strip()) and not guess.lstrip().startswith("#")
         command += is_command
         right_name += is_command and command_name(guess) == command_name(target)
+        plain = engine.generate(prompt + "\n", max_new_tokens=24, temperature=0)
+        first = next((line for line in plain.split("\n") if line.strip()), "")
+        own += bool(first) and not first.lstrip().startswith("#")
     return {"n": len(picked), "command_share": round(100 * command / len(picked), 1),
-            "right_command_share": round(100 * right_name / len(picked), 1)}
+            "right_command_share": round(100 * right_name / len(picked), 1),
+            "model_command_share": round(100 * own / len(picked), 1)}
 
 
 def block_openers(files: list[str], n: int, rng: random.Random) -> list[str]:
@@ -475,6 +482,8 @@ def _cells(r: dict) -> list[tuple[str, str]]:
     c2c = r.get("comment_to_command")
     rows.append(("comment -> command % / right name %",
                  f"{c2c['command_share']} / {c2c['right_command_share']} (n={c2c['n']})" if c2c else "-"))
+    own = (c2c or {}).get("model_command_share")  # results written before it have none
+    rows.append(("  the model's own choice: command %", f"{own}" if own is not None else "-"))
     blk = r.get("block_completion")
     rows.append(("block after opener: body % / bash -n %",
                  f"{blk['with_body']} / {blk['bash_n_pass']} (n={blk['n']})" if blk else "-"))

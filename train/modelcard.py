@@ -172,7 +172,10 @@ def _split_section(split: str, r: dict, ev: dict) -> list[str]:
     if c2c:
         out += [f"After `#!/bin/bash` and a held-out description comment ({c2c['n']} pairs), the first greedy "
                 f"line is a command in {c2c['command_share']}% of cases, running the right command in "
-                f"{c2c['right_command_share']}%.", ""]
+                f"{c2c['right_command_share']}%." + (
+                    f" Served answers start with code after a comment line; left to itself, the model's greedy "
+                    f"first line is a command in {c2c['model_command_share']}%." if "model_command_share" in c2c
+                    else ""), ""]
     return out
 
 
