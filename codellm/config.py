@@ -62,7 +62,7 @@ class ModelConfig:
 # against nano at equal CPU time (docs/how-it-works.md); tiny/small/medium: GPU sizes.
 PRESETS: dict[str, dict] = {
     "test": dict(n_layer=2, n_head=2, d_model=64, context_length=256),
-    "nano": dict(n_layer=6, n_head=4, d_model=256, context_length=512),
+    "nano": dict(n_layer=6, n_head=4, d_model=256, context_length=1024),  # the shipped model's shape
     "mini": dict(n_layer=8, n_head=5, d_model=320, context_length=1024),
     "tiny": dict(n_layer=11, n_head=4, d_model=256, context_length=1024),
     "small": dict(n_layer=14, n_head=8, d_model=512, context_length=1024),

@@ -23,6 +23,16 @@ def test_default_bundle_is_shipped_and_valid():
     assert "eval" in bundle.card
 
 
+def test_rebuilding_the_default_model_gives_its_shape():
+    """`codellm-train all` trains the preset named in the shipped config: the same layers, width and
+    context length, so a rebuilt model is served with the shipped model's window."""
+    from codellm.config import ModelConfig
+    shipped = load_bundle(PACKAGED_BUNDLE).config
+    rebuilt = ModelConfig.from_preset(shipped.preset, vocab_size=shipped.vocab_size)
+    for field in ("n_layer", "n_head", "d_model", "context_length", "mlp_ratio"):
+        assert getattr(rebuilt, field) == getattr(shipped, field), field
+
+
 def test_if_block_continues(engine):
     text = engine.complete('#!/bin/bash\nif [ -z "$1" ]; then\n', "", mode="auto")
     first = next(l for l in text.split("\n") if l.strip())
