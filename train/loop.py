@@ -5,6 +5,7 @@ Runs alone or under `torchrun` (DDP: gloo on CPU, nccl on CUDA); rank 0 alone wr
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import random
@@ -87,6 +88,7 @@ def close_distributed() -> None:
     """Leaves the process group, if one was joined: a group left to interpreter exit can abort the
     process ("terminate called without an active exception") after a run that finished."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gc.collect()  # a DDP wrapper left in a reference cycle holds the group's threads past its destruction
         torch.distributed.destroy_process_group()
 
 

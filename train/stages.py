@@ -190,4 +190,6 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
         log(f"stage {stage}: {result.steps} steps, {result.tokens / 1e6:.2f}M tokens, {result.seconds:.0f}s, "
             f"train loss {result.train_loss:.3f}" + (f", val loss {result.val_loss:.3f}" if result.val_loss else "")
             + f"; bundle written to {out}")
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank waits for the bundle: one that exits first can take rank 0 down
     return out
