@@ -330,3 +330,22 @@ def test_all_with_one_step_and_an_english_stage_is_refused_before_any_work(tmp_p
               "--language-share", "0.5", *SMALL, timeout=60)
     assert r.returncode != 0 and "no step for the shell stage" in r.stderr and "Traceback" not in r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["scripts"]
+
+
+def test_a_run_resumed_with_another_context_length_is_refused(tmp_path):
+    code = scripts(tmp_path / "scripts")
+    out = tmp_path / "run"
+    common = ["code", "--code-data", str(code), "--corpus", str(tmp_path / "corpus"), "--out", str(out),
+              "--max-steps", "4", "--checkpoint-every", "1", "--model-size", "test", "--batch-size", "4",
+              "--precision", "fp32", "--warmup-steps", "2"]
+    r = train(*common, "--context-length", "64", "--stop-after", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    checkpoint = tmp_path / "run.code-run" / "checkpoint.safetensors"
+    saved = checkpoint.read_bytes()
+    r = train(*common, "--context-length", "128", "--resume")  # a preset's default that changed is the same case
+    assert r.returncode == 2 and "64-token context" in r.stderr and "--context-length 64" in r.stderr
+    assert "Traceback" not in r.stderr and checkpoint.read_bytes() == saved and not out.exists()
+    r = train(*common, "--context-length", "64", "--resume")
+    assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
+    tokens = [json.loads(line)["tokens"] for line in (tmp_path / "run.code-run" / "metrics.jsonl").open()]
+    assert tokens == [4 * 64 * step for step in range(1, 5)]  # every step of 64-token windows

@@ -358,12 +358,14 @@ def start_state(model: GPT, optimizer, cfg: TrainConfig, run_dir: Path, resume: 
                 log) -> dict:
     """A new run's state, or on resume the last checkpoint's (with metrics.jsonl cut back to it)."""
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "tokens": 0, "elapsed": 0.0, "max_steps": cfg.max_steps,
-             "history": [], "parent": cfg.parent}
+             "history": [], "parent": cfg.parent, "context_length": model.cfg.context_length}
     saved = read_checkpoint_state(run_dir) if resume else None
     if saved is not None:
         check_same_parent(run_dir, saved.get("parent", cfg.parent), cfg.parent)  # older checkpoints: not known
+        check_same_context(run_dir, saved.get("context_length", model.cfg.context_length), model.cfg.context_length)
         state = load_checkpoint(run_dir, model, optimizer)
         state["parent"] = cfg.parent  # recorded from now on where an older checkpoint had none
+        state["context_length"] = model.cfg.context_length
         log(f"resumed from {run_dir} at step {state['step']}")
         if cfg.max_steps and state.get("max_steps") and cfg.max_steps != state["max_steps"]:
             log(f"note: the run goes on to its own {state['max_steps']} steps (--max-steps {cfg.max_steps} "
@@ -390,6 +392,15 @@ def check_same_parent(run_dir: Path, started: str, given: str) -> None:
         what = ("started from another --from bundle than the one given (or that bundle has changed since); "
                 "resume it with the bundle it started from")
     raise ValueError(f"{run_dir}: this run {what}, or start over: the same command without --resume, with --overwrite")
+
+
+def check_same_context(run_dir: Path, started: int, given: int) -> None:
+    """ValueError unless a run resumes with the context length (tokens) it trained with: a preset's
+    default or a --context-length that changed would otherwise switch the run's windows midway."""
+    if started != given:
+        raise ValueError(f"{run_dir}: this run trained with a {started}-token context, this command gives "
+                         f"{given}; resume it with --context-length {started}, or start over: the same command "
+                         "without --resume, with --overwrite")
 
 
 def train_step(run: StageRun, log) -> tuple[float, float]:
