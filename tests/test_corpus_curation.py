@@ -5,6 +5,8 @@ import random
 import subprocess
 import sys
 
+import pytest
+
 import codellm
 from codellm.train.corpus import read_records, record
 from codellm.train.datacard import stage_files
@@ -191,6 +193,44 @@ def test_a_packed_corpus_trains_a_few_steps_on_cpu(bundle_path, tmp_path):
     assert card["stages"]["code"]["steps"] == 3
     shas = {hashlib.sha256(script(k, lines=30).encode()).hexdigest() for k in range(12)}
     assert {digest.hex() for _, digest in stage_files(card, "code")} == shas
+
+
+def test_a_pack_over_its_limit_keeps_the_shell_whole_and_samples_english(tmp_path):
+    from codellm.train.corpus import write_records
+    from codellm.train.packed import pack_corpus, unpack_corpus
+    from codellm.train.recipe import ENGLISH_FILE
+    rng = random.Random(0)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    shell = [rec(script(k, lines=30), f"pkg{k}") for k in range(12)] + [rec(script(99), "held", "val")]
+    shell[0] = {**shell[0], "sha256": "0" * 64}  # a digest that is not the text's own travels as it is
+    english = [record(" ".join("".join(rng.choice("abcdefghij") for _ in range(6)) for _ in range(800)),
+                      "debian-doc:words", f"/doc{k}.txt") for k in range(60)]  # ~340 KB that barely compress
+    write_records(corpus / SHELL_FILE, shell)
+    write_records(corpus / ENGLISH_FILE, english)
+    whole = pack_corpus(corpus, tmp_path / "whole.pack", log=lambda *_: None)
+    limit = (whole - 100_000) / 1e6
+    size = pack_corpus(corpus, tmp_path / "fit.pack", max_mb=limit, log=lambda *_: None)
+    assert size <= limit * 1e6
+    out = unpack_corpus(tmp_path / "fit.pack", tmp_path / "unpacked")
+    assert list(read_records(out / SHELL_FILE)) == shell  # every script, split and digest as it was
+    sampled = list(read_records(out / ENGLISH_FILE))
+    assert 0 < len(sampled) < len(english) and all(r in english for r in sampled)
+    with pytest.raises(ValueError, match="over --max-mb"):  # too large even without English
+        pack_corpus(corpus, tmp_path / "tiny.pack", max_mb=0.001, log=lambda *_: None)
+    assert not (tmp_path / "tiny.pack").exists()
+
+
+def test_a_pack_of_the_earlier_format_still_unpacks(tmp_path):
+    import lzma
+    import msgpack
+    from codellm.train.corpus import write_records
+    from codellm.train.packed import unpack_corpus
+    write_records(tmp_path / SHELL_FILE, [rec(script(1), "pkg")])
+    blob = lzma.compress((tmp_path / SHELL_FILE).read_bytes())
+    (tmp_path / "old.pack").write_bytes(msgpack.packb({"format": "codellm-corpus-pack/1", "files": {SHELL_FILE: blob}}))
+    out = unpack_corpus(tmp_path / "old.pack", tmp_path / "unpacked")
+    assert list(read_records(out / SHELL_FILE)) == [rec(script(1), "pkg")]
 
 
 def test_a_damaged_pack_is_a_clear_error(bundle_path, tmp_path):
