@@ -1,6 +1,7 @@
 """Corpus curation: near-duplicates, held-out near-copies, the per-source cap, licence comments,
 comment-to-command pairs, and the one-file corpus pack that a GPU run trains from."""
 import hashlib
+import json
 import random
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from codellm.train.corpus import read_records, record
 from codellm.train.datacard import stage_files
 from codellm.train.curate import cap_per_source, drop_near_duplicates, strip_licence_comments
 from codellm.train.pairs import Pair, command_name, opens_block, pair_scripts, pairs_from_manual, pairs_from_script
-from codellm.train.recipe import PAIRS_FILE, SHELL_FILE, CorpusBuild, curate_shell, write_pairs
+from codellm.train.recipe import PAIRS_FILE, SHELL_FILE, SUMMARY_FILE, CorpusBuild, curate_shell, write_pairs
 from codellm.train.sources import PackageSpec, fetch_order
 
 TRAIN = [sys.executable, "-m", "codellm.train.cli"]
@@ -208,6 +209,7 @@ def test_a_pack_over_its_limit_keeps_the_shell_whole_and_samples_english(tmp_pat
                       "debian-doc:words", f"/doc{k}.txt") for k in range(60)]  # ~340 KB that barely compress
     write_records(corpus / SHELL_FILE, shell)
     write_records(corpus / ENGLISH_FILE, english)
+    (corpus / SUMMARY_FILE).write_text(json.dumps({"english": {"files": len(english), "bytes": 1}, "shell": {}}))
     whole = pack_corpus(corpus, tmp_path / "whole.pack", log=lambda *_: None)
     limit = (whole - 100_000) / 1e6
     size = pack_corpus(corpus, tmp_path / "fit.pack", max_mb=limit, log=lambda *_: None)
@@ -216,9 +218,33 @@ def test_a_pack_over_its_limit_keeps_the_shell_whole_and_samples_english(tmp_pat
     assert list(read_records(out / SHELL_FILE)) == shell  # every script, split and digest as it was
     sampled = list(read_records(out / ENGLISH_FILE))
     assert 0 < len(sampled) < len(english) and all(r in english for r in sampled)
+    summary = json.loads((out / SUMMARY_FILE).read_text())["english"]  # the data card's figures: the sample's
+    assert summary["files"] == len(sampled) and summary["sampled_from_files"] == len(english)
     with pytest.raises(ValueError, match="over --max-mb"):  # too large even without English
         pack_corpus(corpus, tmp_path / "tiny.pack", max_mb=0.001, log=lambda *_: None)
     assert not (tmp_path / "tiny.pack").exists()
+    before = (corpus / SHELL_FILE).read_bytes()
+    for inside in (corpus / SHELL_FILE, corpus, corpus / "sub" / "x.pack"):
+        with pytest.raises(ValueError, match="inside the corpus folder"):
+            pack_corpus(corpus, inside, log=lambda *_: None)
+    assert (corpus / SHELL_FILE).read_bytes() == before
+
+
+def test_english_that_compresses_well_together_is_left_out_where_only_that_fits(tmp_path):
+    from codellm.train.corpus import write_records
+    from codellm.train.packed import pack_corpus, unpack_corpus
+    from codellm.train.recipe import ENGLISH_FILE
+    rng = random.Random(1)
+    page = " ".join("".join(rng.choice("abcdefghij") for _ in range(6)) for _ in range(1500))
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    write_records(corpus / SHELL_FILE, [rec(script(k), f"pkg{k}") for k in range(3)])
+    shell_only = pack_corpus(corpus, tmp_path / "shell.pack", log=lambda *_: None)
+    write_records(corpus / ENGLISH_FILE, [record(f"{page} {k}", "doc:same", f"/d{k}") for k in range(200)])
+    size = pack_corpus(corpus, tmp_path / "fit.pack", max_mb=(shell_only + 200) / 1e6, log=lambda *_: None)
+    assert size <= shell_only + 200
+    out = unpack_corpus(tmp_path / "fit.pack", tmp_path / "unpacked")
+    assert list(read_records(out / ENGLISH_FILE)) == [] and len(list(read_records(out / SHELL_FILE))) == 3
 
 
 def test_a_pack_of_the_earlier_format_still_unpacks(tmp_path):
