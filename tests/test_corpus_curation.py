@@ -5,6 +5,7 @@ import json
 import random
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ ONLY_TRAINING_DEPENDENCIES = """
 import sys
 for name in ("pygls", "lsprotocol", "watchfiles", "datasketch", "tqdm", "matplotlib"):
     sys.modules[name] = None  # as if not installed: importing it raises ModuleNotFoundError
-from codellm.train.cli import main
+from train.cli import main  # from the repository's root, as where codellm is not installed (python3 -m train.cli)
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -188,7 +189,8 @@ def test_a_packed_corpus_trains_a_few_steps_on_cpu(bundle_path, tmp_path):
     # as on a GPU machine: nothing but torch, tokenizers, safetensors, msgpack and numpy to import
     r = subprocess.run([sys.executable, "-c", ONLY_TRAINING_DEPENDENCIES, "code", "--from", str(bundle_path),
                         "--corpus", str(pack), "--out", str(out), "--batch-size", "4", "--precision", "fp32",
-                        "--max-steps", "3"], capture_output=True, text=True, timeout=300)
+                        "--max-steps", "3"], capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parent.parent)
     assert r.returncode == 0, r.stderr[-2000:]
     card = codellm.load(str(out), device="cpu").bundle.card
     assert card["stages"]["code"]["steps"] == 3
@@ -340,7 +342,6 @@ def test_a_damaged_chain_of_corpus_changes_is_a_clear_error():
 
 
 def test_a_sh_first_line_that_hands_over_to_tcl_is_not_shell():
-    from pathlib import Path
     from codellm.train.corpus import shell_text_or_reason
     tcl = b'#!/bin/sh\n# the next line restarts using wish \\\nexec wish "$0" "$@"\nbutton .b -text hi\n'
     assert shell_text_or_reason(Path("gui"), tcl) == (None, "not shell")
@@ -349,7 +350,6 @@ def test_a_sh_first_line_that_hands_over_to_tcl_is_not_shell():
 
 
 def test_an_autotest_suite_is_generated_text():
-    from pathlib import Path
     from codellm.train.corpus import shell_text_or_reason
     suite = b"#! /bin/sh\n# Generated from testsuite.at by GNU Autoconf 2.71.\nat_x=1\n"
     assert shell_text_or_reason(Path("testsuite"), suite) == (None, "generated")
