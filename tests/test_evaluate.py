@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from codellm.train.corpus import record, write_records
-from codellm.train.evaluate import (block_openers, better_on_every_split, call_points, cut_points, paired_difference,
+from codellm.train.evaluate import (block_openers, better_on_every_split, fallen_figures, call_points, cut_points, paired_difference,
                                     round_robin, with_siblings_open)
 from codellm.train.recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
 
@@ -158,3 +158,14 @@ def test_a_lower_loss_with_worse_line_completion_is_not_better():
     assert better_on_every_split(results(1.9, [x + rng.gauss(0, 3) for x in old_es]), old)
     assert not better_on_every_split(results(1.9, [x - 8 for x in old_es]), old)
     assert not better_on_every_split(results(2.1, old_es), old)
+
+
+def test_figures_the_rule_does_not_weigh_are_named_where_they_fell():
+    def results(scripts, blocks, right):
+        return {"whole_scripts": {"n": 40, "bash_n_pass": scripts, "shellcheck_pass": None},
+                "splits": {"val": {"block_completion": {"n": 60, "bash_n_pass": blocks},
+                                   "comment_to_command": {"n": 150, "right_command_share": right}},
+                           "val_user": {"block_completion": None, "comment_to_command": None}}}
+    fallen = fallen_figures(results(87.5, 70.0, 4.0), results(92.5, 68.3, 4.0))
+    assert fallen == ["whole scripts bash -n % 92.5 -> 87.5 (n=40)"]
+    assert fallen_figures(results(92.5, 68.3, 4.0), results(92.5, 68.3, 4.0)) == []
