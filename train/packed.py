@@ -16,7 +16,7 @@ from pathlib import Path
 
 import msgpack
 
-from .corpus import sha256
+from .corpus import read_records, sha256
 from .recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE, SUMMARY_FILE
 
 PACK_FORMAT = "codellm-corpus-pack/2"
@@ -66,10 +66,11 @@ def english_sample(records: list, share: float) -> list[dict]:
     return kept
 
 
-def read_corpus_records(path: Path) -> list:
-    """A corpus file's records; ValueError naming the file when it is not a msgpack stream of UTF-8."""
+def read_corpus_records(path: Path) -> list[dict]:
+    """A corpus file's records (corpus.read_records); ValueError naming the file when it is not a msgpack
+    stream of UTF-8."""
     try:
-        return list(msgpack.Unpacker(io.BytesIO(path.read_bytes()), raw=False))
+        return list(read_records(path))
     except (ValueError, msgpack.UnpackException) as exc:
         raise ValueError(f"{path}: not a readable corpus file ({type(exc).__name__}: {exc})") from None
 
@@ -99,12 +100,12 @@ def pack_corpus(corpus: Path, out: Path, max_mb: float = 60.0, log=print) -> int
     files, english = {}, None
     for name in PACKED_FILES:
         if (corpus / name).exists():
-            raw = (corpus / name).read_bytes()
             if name in RECORD_FILES:
                 records = read_corpus_records(corpus / name)
                 english = records if name == ENGLISH_FILE else english
-                raw = without_digests(records)
-            files[name] = compress(raw)
+                files[name] = compress(without_digests(records))
+            else:
+                files[name] = compress((corpus / name).read_bytes())
             log(f"  {name}: {(corpus / name).stat().st_size / 1e6:.1f} MB -> {len(files[name]) / 1e6:.1f} MB")
     data = packed(files)
     if len(data) > max_mb * 1e6 and english:

@@ -179,7 +179,7 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
     log(f"stage {stage}: {model.num_params() / 1e6:.2f}M parameters on {dev} "
         f"({'bf16 autocast' if use_bf16(dev, cfg.precision) else 'fp32'}), {len(mix.texts)} documents")
     result = train_stage(model, tokenizer, mix, val, cfg, run_dir, dev, resume=resume, log=log)
-    rank, _ = distributed()
+    rank, world = distributed()
     if rank == 0 and not (cfg.stop_after and result.steps < (cfg.max_steps or 0)):
         mix_used = {"fim_rate": fim_rate, "context_rate": context_rate, "pair_share": pair_share,
                     "user_share": user_share} \
@@ -190,6 +190,6 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
         log(f"stage {stage}: {result.steps} steps, {result.tokens / 1e6:.2f}M tokens, {result.seconds:.0f}s, "
             f"train loss {result.train_loss:.3f}" + (f", val loss {result.val_loss:.3f}" if result.val_loss else "")
             + f"; bundle written to {out}")
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if world > 1:
         torch.distributed.barrier()  # every rank waits for the bundle: one that exits first can take rank 0 down
     return out
