@@ -55,12 +55,19 @@ def content_digest(files: list[bytes]) -> str:
     return h.hexdigest()
 
 
-def bundle_digest(path: str | Path) -> str | None:
-    """content_digest of the bundle files at `path` as they are now; None if one cannot be read."""
+def bundle_digest(path: str | Path, names: tuple[str, ...] = BUNDLE_FILES) -> str | None:
+    """content_digest of the bundle files at `path` (`names`, all by default) as they are now; None if one
+    cannot be read."""
     try:
-        return content_digest([(Path(path) / name).read_bytes() for name in BUNDLE_FILES])
+        return content_digest([(Path(path) / name).read_bytes() for name in names])
     except OSError:
         return None
+
+
+def model_digest(path: str | Path) -> str | None:
+    """bundle_digest of the files that make the model (config, tokenizer, weights): the same after an
+    evaluation writes its figures into the data card."""
+    return bundle_digest(path, (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE))
 
 
 def parse_config(data: bytes, file: Path) -> tuple[ModelConfig, dict]:

@@ -304,6 +304,37 @@ def test_a_run_resumed_from_another_from_bundle_of_the_same_shape_is_refused(tmp
     assert {f.name: f.read_bytes() for f in out.iterdir()} == written
 
 
+def test_a_run_resumes_after_its_from_bundle_was_evaluated(tmp_path):
+    """An evaluation writes its figures into the data card of the bundle a run started from: the model is
+    the same, so the run resumes; a checkpoint that recorded the whole bundle's digest resumes too."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from codellm.bundle_files import bundle_digest
+    from train.evaluate import write_into_card
+    code = scripts(tmp_path / "scripts")
+    parent = tmp_path / "a"
+    r = train("code", "--code-data", str(code), "--corpus", str(tmp_path / "corpus"), "--out", str(parent),
+              "--max-steps", "2", *SMALL)
+    assert r.returncode == 0, r.stderr[-3000:]
+    common = ["code", "--corpus", str(tmp_path / "corpus"), "--out", str(tmp_path / "child"), "--from", str(parent),
+              "--max-steps", "8", "--checkpoint-every", "2", *SMALL[2:]]
+    r = train(*common, "--stop-after", "2")
+    assert r.returncode == 0, r.stderr[-3000:]
+    whole = bundle_digest(parent)
+    write_into_card(parent, {"bundle": str(parent), "splits": {"val": {"loss": 2.0}}})
+    assert bundle_digest(parent) != whole
+    r = train(*common, "--resume", "--stop-after", "4")
+    assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
+    checkpoint = tmp_path / "child.code-run" / "checkpoint.safetensors"
+    with safe_open(str(checkpoint), "pt") as f:
+        state = json.loads(f.metadata()["state"])
+    state["parent"] = bundle_digest(parent)  # as a checkpoint written before model digests recorded it
+    save_file(load_file(str(checkpoint)), str(checkpoint), metadata={"state": json.dumps(state)})
+    r = train(*common, "--resume", "--stop-after", "6")
+    assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
+
+
 @pytest.mark.parametrize("flag, value", [("--max-steps", "0"), ("--time-budget", "-5"), ("--num-epochs", "nan"),
                                          ("--batch-size", "0"), ("--warmup-steps", "-1"), ("--checkpoint-every", "0"),
                                          ("--context-length", "-5"), ("--learning-rate", "0"), ("--fim-rate", "nan"),

@@ -50,7 +50,8 @@ class TrainConfig:
     compile: str = "off"  # on | off | auto: on for time budgets of COMPILE_AUTO_MIN_SECONDS or more
     precision: str = "auto"  # auto: bf16 autocast on CUDA and on CPUs with bf16 hardware, else fp32; or fp32, bf16
     stop_after: int | None = None  # stop (as if killed) after this step; for tests of resume
-    parent: str = ""  # content digest of the bundle the run starts from (--from); "" for a new model
+    parent: str = ""  # model_digest of the bundle the run starts from (--from); "" for a new model
+    parent_whole: str = ""  # its bundle_digest (data card included), which older checkpoints recorded
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -361,7 +362,8 @@ def start_state(model: GPT, optimizer, cfg: TrainConfig, run_dir: Path, resume: 
              "history": [], "parent": cfg.parent, "context_length": model.cfg.context_length}
     saved = read_checkpoint_state(run_dir) if resume else None
     if saved is not None:
-        check_same_parent(run_dir, saved.get("parent", cfg.parent), cfg.parent)  # older checkpoints: not known
+        started = saved.get("parent", cfg.parent)  # older checkpoints: not known
+        check_same_parent(run_dir, cfg.parent if started == cfg.parent_whole else started, cfg.parent)
         check_same_context(run_dir, saved.get("context_length", model.cfg.context_length), model.cfg.context_length)
         state = load_checkpoint(run_dir, model, optimizer)
         state["parent"] = cfg.parent  # recorded from now on where an older checkpoint had none
@@ -381,7 +383,7 @@ def start_state(model: GPT, optimizer, cfg: TrainConfig, run_dir: Path, resume: 
 
 
 def check_same_parent(run_dir: Path, started: str, given: str) -> None:
-    """ValueError unless a run resumes from the bundle it started from (content digests; "": a new model)."""
+    """ValueError unless a run resumes from the bundle it started from (model digests; "": a new model)."""
     if started == given:
         return
     if not started:

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from codellm.bundle import load_bundle, save_bundle
-from codellm.bundle_files import bundle_digest
+from codellm.bundle_files import bundle_digest, model_digest
 from codellm.config import ModelConfig
 from codellm.device import choose_device, set_threads
 from codellm.model import GPT
@@ -165,7 +165,8 @@ def run_stage(stage: str, corpus: Path, out: Path, cfg: TrainConfig, tokenizer: 
         tokenizer = load_bundle(from_bundle).tokenizer
     torch.manual_seed(cfg.seed)  # the same seed gives the same initial weights
     model, card, parent_storage = init_model(model_size, from_bundle, tokenizer, context_length, dev, n_layer)
-    cfg.parent = bundle_digest(from_bundle) if from_bundle else ""
+    cfg.parent = model_digest(from_bundle) if from_bundle else ""
+    cfg.parent_whole = bundle_digest(from_bundle) if from_bundle else ""
     if stage == "language":
         mix = Mixture(read_texts(corpus / ENGLISH_FILE, "train"))
         val = Mixture(read_texts(corpus / ENGLISH_FILE, "val"))
