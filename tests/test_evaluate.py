@@ -87,7 +87,7 @@ def test_two_bundles_compare_on_every_split(bundle_path, tmp_path, capsys):
     out = tmp_path / "eval.json"
     run = subprocess.run([sys.executable, "-m", "codellm.train.cli", "eval", str(bundle_path), str(bundle_path),
                           "--corpus", str(tmp_path), "--samples", "4", "--pairs", "2", "--blocks", "3",
-                          "--scripts", "0", "--keystrokes", "0", "--no-card", "--out", str(out)],
+                          "--scripts", "2", "--keystrokes", "0", "--no-card", "--out", str(out)],
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr
     results = json.loads(out.read_text())
@@ -107,6 +107,8 @@ def test_two_bundles_compare_on_every_split(bundle_path, tmp_path, capsys):
     # the same bundle twice is not better than itself
     assert "not worse beyond doubt: no" in run.stdout
     assert "line ES with suffix, val_user, first - second bundle, same 4 cut points: +0.00" in run.stdout
+    assert "whole scripts bash -n %, first - second bundle, same 2 prompts: +0.0" in run.stdout
+    assert len(results[0]["whole_scripts"]["per_script"]["bash_n_pass"]) == 2
     from codellm.train.evaluate import print_table
     results[0]["splits"]["val"]["shell_loss"]["loss"] = 1e15  # a cell wider than any default column
     capsys.readouterr()
@@ -158,6 +160,17 @@ def test_a_lower_loss_with_worse_line_completion_is_not_better():
     assert better_on_every_split(results(1.9, [x + rng.gauss(0, 3) for x in old_es]), old)
     assert not better_on_every_split(results(1.9, [x - 8 for x in old_es]), old)
     assert not better_on_every_split(results(2.1, old_es), old)
+
+
+def test_whole_scripts_that_fell_beyond_doubt_are_not_better():
+    def results(loss, passes):
+        return {"splits": {"val": {"shell_loss": {"loss": loss}}},
+                "whole_scripts": {"n": len(passes), "per_script": {"bash_n_pass": passes, "shellcheck_pass": None}}}
+    old = results(2.0, [100] * 40)
+    assert better_on_every_split(results(1.9, [100] * 38 + [0] * 2), old)  # two of forty: may be chance
+    assert not better_on_every_split(results(1.9, [100] * 30 + [0] * 10), old)
+    assert better_on_every_split(results(1.9, [100] * 30 + [0] * 10), results(2.0, [100] * 30 + [0] * 10))
+    assert better_on_every_split(results(1.9, [100] * 40), {"splits": old["splits"]})  # not measured: no weight
 
 
 def test_figures_the_rule_does_not_weigh_are_named_where_they_fell():

@@ -211,10 +211,15 @@ def whole_scripts(engine: Engine, n: int, seed: int = 0) -> dict:
         if checked else None,
         "ended_by_model": round(100 * sum(r["finished"] for r in results) / max(1, len(results)), 1),
         "examples": [r["script"] for r in results[:3]],
+        # script by script (1 pass, 0 fail), for comparing two bundles on the same prompts and seeds
+        "per_script": {"bash_n_pass": [100 * r["parses"] for r in results],
+                       "shellcheck_pass": [100 * (not r["shellcheck_error"]) for r in results]
+                       if len(checked) == len(results) else None},
     }
 
 
 HELDOUT_SPLITS = {"val": "Debian packages", "val_user": "npm/PyPI packages"}
+WHOLE_SCRIPT_SHARES = {"bash_n_pass": "whole scripts bash -n %", "shellcheck_pass": "whole scripts shellcheck-clean %"}
 
 
 def comment_to_command(engine: Engine, pairs: list[str], n: int = 300, seed: int = 0) -> dict | None:
@@ -549,26 +554,33 @@ def line_es_difference(new: dict, old: dict, split: str) -> dict | None:
     return paired_difference(a or [], b or [])
 
 
+def whole_script_difference(new: dict, old: dict, key: str) -> dict | None:
+    """paired_difference of the whole scripts' `key` share (bash_n_pass, shellcheck_pass; new - old, in
+    points of %), script by script over the same prompts and seeds; None where not measured so."""
+    a, b = (((r.get("whole_scripts") or {}).get("per_script") or {}).get(key) for r in (new, old))
+    return paired_difference(a or [], b or [])
+
+
 def better_on_every_split(new: dict, old: dict) -> bool:
     """True when `new` has a lower held-out shell loss than `old` on every split both were measured on,
-    and its line completion (ES with the suffix, point by point) is not worse beyond doubt on any of
-    them: the 95% interval of the difference does not lie wholly below 0."""
+    and neither its line completion (ES with the suffix, point by point) on any of them nor its whole
+    scripts (bash -n, shellcheck, script by script) are worse beyond doubt: the 95% interval of the
+    difference does not lie wholly below 0."""
     shared = set(new["splits"]) & set(old["splits"])
-
-    def not_worse(split: str) -> bool:
-        diff = line_es_difference(new, old, split)
-        return diff is None or diff["high"] >= 0
-
-    return bool(shared) and all(new["splits"][s]["shell_loss"]["loss"] < old["splits"][s]["shell_loss"]["loss"]
-                                and not_worse(s) for s in shared)
+    diffs = [line_es_difference(new, old, s) for s in shared]
+    diffs += [whole_script_difference(new, old, key) for key in WHOLE_SCRIPT_SHARES]
+    return (bool(shared) and all(new["splits"][s]["shell_loss"]["loss"] < old["splits"][s]["shell_loss"]["loss"]
+                                 for s in shared)
+            and all(d is None or d["high"] >= 0 for d in diffs))
 
 
 def figures_outside_the_rule(r: dict) -> dict[str, tuple[float, int]]:
-    """{label: (share %, sample count)} of the figures better_on_every_split does not weigh: generated
-    whole scripts, block bodies that parse, the right command after a description."""
+    """{label: (share %, sample count)} of the figures better_on_every_split does not weigh, or weighs only
+    for a fall beyond doubt: generated whole scripts, block bodies that parse, the right command after a
+    description."""
     out = {}
     scripts = r.get("whole_scripts") or {}
-    for key, label in (("bash_n_pass", "whole scripts bash -n %"), ("shellcheck_pass", "whole scripts shellcheck-clean %")):
+    for key, label in WHOLE_SCRIPT_SHARES.items():
         if scripts.get(key) is not None:
             out[label] = (scripts[key], scripts["n"])
     for split, figures in r["splits"].items():
@@ -588,12 +600,18 @@ def fallen_figures(new: dict, old: dict) -> list[str]:
 
 
 def print_differences(new: dict, old: dict) -> None:
-    """Line ES with the suffix, new - old, point by point per split, with its 95% interval."""
+    """Line ES with the suffix per split and the whole scripts' shares, new - old, point by point (script
+    by script), with the 95% interval."""
     for split in HELDOUT_SPLITS:
         diff = line_es_difference(new, old, split)
         if diff:
             print(f"line ES with suffix, {split}, first - second bundle, same {diff['n']} cut points: "
                   f"{diff['mean']:+.2f} (95% interval {diff['low']:+.2f} .. {diff['high']:+.2f})")
+    for key, label in WHOLE_SCRIPT_SHARES.items():
+        diff = whole_script_difference(new, old, key)
+        if diff:
+            print(f"{label}, first - second bundle, same {diff['n']} prompts: "
+                  f"{diff['mean']:+.1f} (95% interval {diff['low']:+.1f} .. {diff['high']:+.1f})")
 
 
 def write_into_card(bundle_path: Path, results: dict) -> None:
@@ -605,6 +623,7 @@ def write_into_card(bundle_path: Path, results: dict) -> None:
     card["eval"] = copy.deepcopy({k: v for k, v in results.items() if k != "bundle"})
     for split in card["eval"].get("splits", {}).values():
         (split.get("line_completion") or {}).pop("es_per_point", None)  # in the results file only
+    (card["eval"].get("whole_scripts") or {}).pop("per_script", None)
     tmp = card_path.with_name(f".{card_path.name}.tmp")
     try:
         tmp.write_bytes(msgpack.packb(card, use_bin_type=True))
@@ -655,7 +674,7 @@ def main(args) -> None:
         print_differences(results[0], results[1])
         verdict = better_on_every_split(results[0], results[1])
         print(f"{args.bundle[0]} has a lower held-out shell loss than {args.bundle[1]} on every split, and line "
-              f"completion not worse beyond doubt: {'yes' if verdict else 'no'}")
+              f"completion and whole scripts not worse beyond doubt: {'yes' if verdict else 'no'}")
         fallen = fallen_figures(results[0], results[1])
         if fallen:  # a few samples each: a fall may be chance, so measure it again with more before shipping
             print(f"lower in {args.bundle[0]}, outside that rule: " + "; ".join(fallen))
