@@ -20,6 +20,8 @@ import msgpack
 
 from codellm import shell
 
+from .atomic_write import atomic_write
+
 ENDOFTEXT = "<|endoftext|>"
 MAX_FILE_BYTES = 1_000_000
 
@@ -71,16 +73,14 @@ def record(text: str, source: str, path: str, licence: str = "", split: str = "t
 
 
 def write_records(path: Path, records: Iterable[dict]) -> int:
-    """Write records to a msgpack stream atomically; returns how many were written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """Write records to a msgpack stream atomically (a failure leaves the file as it was); returns how many
+    were written."""
     n = 0
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         packer = msgpack.Packer()
         for rec in records:
             f.write(packer.pack(rec))
             n += 1
-    os.replace(tmp, path)
     return n
 
 

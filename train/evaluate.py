@@ -31,6 +31,7 @@ from codellm.device import choose_device
 from codellm.engine import Engine
 from codellm.shell import bash_parses
 
+from .atomic_write import write_bytes
 from .corpus import USER_HELDOUT, read_records, read_texts
 from .pairs import command_name
 from .recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
@@ -624,12 +625,7 @@ def write_into_card(bundle_path: Path, results: dict) -> None:
     for split in card["eval"].get("splits", {}).values():
         (split.get("line_completion") or {}).pop("es_per_point", None)  # in the results file only
     (card["eval"].get("whole_scripts") or {}).pop("per_script", None)
-    tmp = card_path.with_name(f".{card_path.name}.tmp")
-    try:
-        tmp.write_bytes(msgpack.packb(card, use_bin_type=True))
-        os.replace(tmp, card_path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes(card_path, msgpack.packb(card, use_bin_type=True))
 
 
 def check_writable(args, out: Path, cards: list[Path]) -> None:

@@ -23,6 +23,7 @@ from codellm.device import cpu_has_bf16
 from codellm.model import GPT
 from codellm.tokenizer import Tokenizer
 
+from .atomic_write import write_bytes
 from .checkpoint import load_checkpoint, read_checkpoint_state, save_checkpoint
 from .data import IGNORE, Mixture, build_epoch
 from .loss import next_token_loss
@@ -505,9 +506,7 @@ def keep_metrics_until(metrics: Path, step: int) -> None:
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 kept[record["step"]] = line if line.endswith("\n") else line + "\n"
-    tmp = metrics.with_name(f".{metrics.name}.tmp")
-    tmp.write_text("".join(kept[k] for k in sorted(kept)), encoding="utf-8")
-    os.replace(tmp, metrics)
+    write_bytes(metrics, "".join(kept[k] for k in sorted(kept)).encode("utf-8"))
 
 
 def plot_losses(history: list[dict], path: Path, title: str | None = None) -> bool:

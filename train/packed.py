@@ -11,11 +11,11 @@ from __future__ import annotations
 import io
 import json
 import lzma
-import os
 from pathlib import Path
 
 import msgpack
 
+from .atomic_write import write_bytes
 from .corpus import read_records, sha256
 from .recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE, SUMMARY_FILE
 
@@ -117,7 +117,7 @@ def pack_corpus(corpus: Path, out: Path, max_mb: float = 60.0, log=print) -> int
     if len(data) > max_mb * 1e6:
         raise ValueError(f"the pack would be {len(data):,} bytes, over --max-mb {max_mb:g} "
                          f"({max_mb * 1e6:,.0f} bytes) even without English")
-    write_file(out, data)
+    write_bytes(out, data)
     log(f"packed {corpus} into {out}: {len(data) / 1e6:.1f} MB")
     return len(data)
 
@@ -149,18 +149,6 @@ def sampled_summary(summary: bytes, sample: list[dict], total: int) -> bytes:
     return json.dumps(data, indent=1).encode()
 
 
-def write_file(path: Path, data: bytes) -> None:
-    """Writes `path` through a temporary sibling renamed over it: a failed write leaves what was there."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def packed(files: dict[str, bytes]) -> bytes:
     return msgpack.packb({"format": PACK_FORMAT, "files": files}, use_bin_type=True)
 
@@ -182,5 +170,5 @@ def unpack_corpus(pack: Path, dest: Path) -> Path:
         raise ValueError(f"{pack}: the pack holds no {SHELL_FILE}")
     dest.mkdir(parents=True, exist_ok=True)
     for name, blob in files.items():
-        write_file(dest / name, blob)
+        write_bytes(dest / name, blob)
     return dest

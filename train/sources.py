@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from importlib import resources
 
+from .atomic_write import write_bytes
+
 
 KINDS = ("binary", "source", "doc", "npm", "pypi")
 
@@ -99,13 +101,12 @@ def _private_apt_config(cache: Path) -> dict:
             lines.append(f"deb-src [trusted=yes] {uri} {suite} main")
     (root / "sources.list").write_text("\n".join(lines) + "\n")
     (root / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
-    conf.with_suffix(".tmp").write_text(
+    write_bytes(conf, (
         f'Dir::State::Lists "{lists}";\n'
         f'Dir::Etc::SourceList "{root / "sources.list"}";\n'
         f'Dir::Etc::SourceParts "{root / "none"}";\n'
         f'Dir::Cache "{root / "cache"}";\n'
-    )
-    conf.with_suffix(".tmp").replace(conf)
+    ).encode())
     return dict(os.environ, APT_CONFIG=str(conf))
 
 
