@@ -47,6 +47,9 @@ def test_the_average_is_the_weighted_mean_of_the_weights(two_bundles, tmp_path):
         expected = (0.25 * a[name] + 0.75 * b[name]).half().float()  # bundles store float16
         assert torch.equal(avg[name], expected), name
     assert all(not torch.equal(avg[k], a[k]) for k in avg if avg[k].numel() > 1)  # the parts differ
+    # weights led by a minus sign (-0 is 0) are read as the value, not as an option
+    assert train_main(["average", str(first), str(second), "--out", str(tmp_path / "b"), "--weights", "-0,1"]) == 0
+    assert all(torch.equal(v, b[k].half().float()) for k, v in load_bundle(tmp_path / "b").model.state_dict().items())
 
 
 def test_the_card_keeps_every_part_and_names_the_average(two_bundles, tmp_path):
@@ -85,6 +88,7 @@ def test_parts_with_the_same_stages_share_them(tmp_path):
     ([], "two bundles or more"),
     (["SECOND", "--weights", "1"], "1 numbers for 2 bundles"),
     (["SECOND", "--weights", "1,-1"], "not negative"),
+    (["SECOND", "--weights", "-1,1"], "not negative"),  # led by a minus sign: read as the value
     (["SECOND", "--weights", "0,0"], "not all 0"),
     (["SECOND", "--weights", "a,b"], "one number per bundle"),
 ])

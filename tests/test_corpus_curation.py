@@ -257,8 +257,11 @@ def test_a_pack_of_the_earlier_format_still_unpacks(tmp_path):
     write_records(tmp_path / SHELL_FILE, [rec(script(1), "pkg")])
     blob = lzma.compress((tmp_path / SHELL_FILE).read_bytes())
     (tmp_path / "old.pack").write_bytes(msgpack.packb({"format": "codellm-corpus-pack/1", "files": {SHELL_FILE: blob}}))
+    (tmp_path / "unpacked").mkdir()
+    (tmp_path / "unpacked" / PAIRS_FILE).write_bytes(b"pairs of an earlier unpack")
     out = unpack_corpus(tmp_path / "old.pack", tmp_path / "unpacked")
     assert list(read_records(out / SHELL_FILE)) == [rec(script(1), "pkg")]
+    assert not (out / PAIRS_FILE).exists()  # the folder holds this pack's corpus only
 
 
 def test_a_damaged_pack_is_a_clear_error(bundle_path, tmp_path):

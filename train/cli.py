@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -444,11 +445,22 @@ TRAINING_EXTRAS = ("datasketch", "tqdm", "matplotlib")  # pyproject.toml's [trai
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(joined_weights(sys.argv[1:] if argv is None else list(argv)))
     try:
         return run_command(args)
     finally:
         close_distributed()
+
+
+def joined_weights(argv: list[str]) -> list[str]:
+    """`--weights -0.5,1` as `--weights=-0.5,1`: argparse takes a value led by a minus sign (that is not one
+    plain number) for an option and would refuse it."""
+    out = list(argv)
+    for i, arg in enumerate(out[:-1]):
+        if arg == "--weights" and re.match(r"-[\d.]", out[i + 1]):
+            out[i:i + 2] = [f"--weights={out[i + 1]}"]
+            break
+    return out
 
 
 def run_command(args) -> int:

@@ -154,7 +154,9 @@ def packed(files: dict[str, bytes]) -> bytes:
 
 
 def unpack_corpus(pack: Path, dest: Path) -> Path:
-    """Unpack a corpus pack into the folder `dest` (atomically per file); returns dest.
+    """Unpack a corpus pack into the folder `dest` (atomically per file); returns dest. A corpus file
+    in `dest` that the pack lacks (left by an earlier unpack) is removed: the folder then holds the pack's
+    corpus only, not stale pairs or English from another.
 
     Raises ValueError naming the file when it is not a corpus pack or is damaged."""
     pack = Path(pack)
@@ -171,4 +173,6 @@ def unpack_corpus(pack: Path, dest: Path) -> Path:
     dest.mkdir(parents=True, exist_ok=True)
     for name, blob in files.items():
         write_bytes(dest / name, blob)
+    for name in set(PACKED_FILES) - set(files):
+        (dest / name).unlink(missing_ok=True)
     return dest
