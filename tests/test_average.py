@@ -89,6 +89,7 @@ def test_parts_with_the_same_stages_share_them(tmp_path):
     (["SECOND", "--weights", "1"], "1 numbers for 2 bundles"),
     (["SECOND", "--weights", "1,-1"], "not negative"),
     (["SECOND", "--weights", "-1,1"], "not negative"),  # led by a minus sign: read as the value
+    (["SECOND", "--weig", "-1,1"], "not negative"),  # an abbreviation argparse takes too
     (["SECOND", "--weights", "0,0"], "not all 0"),
     (["SECOND", "--weights", "a,b"], "one number per bundle"),
 ])

@@ -257,11 +257,30 @@ def test_a_pack_of_the_earlier_format_still_unpacks(tmp_path):
     write_records(tmp_path / SHELL_FILE, [rec(script(1), "pkg")])
     blob = lzma.compress((tmp_path / SHELL_FILE).read_bytes())
     (tmp_path / "old.pack").write_bytes(msgpack.packb({"format": "codellm-corpus-pack/1", "files": {SHELL_FILE: blob}}))
-    (tmp_path / "unpacked").mkdir()
-    (tmp_path / "unpacked" / PAIRS_FILE).write_bytes(b"pairs of an earlier unpack")
     out = unpack_corpus(tmp_path / "old.pack", tmp_path / "unpacked")
     assert list(read_records(out / SHELL_FILE)) == [rec(script(1), "pkg")]
-    assert not (out / PAIRS_FILE).exists()  # the folder holds this pack's corpus only
+
+
+def test_unpacking_removes_another_packs_files_but_never_the_users(tmp_path):
+    import lzma
+    import msgpack
+    from codellm.train.corpus import write_records
+    from codellm.train.packed import unpack_corpus
+    write_records(tmp_path / SHELL_FILE, [rec(script(1), "pkg")])
+    write_records(tmp_path / PAIRS_FILE, [rec("# list files\nls\n", "pkg")])
+    blobs = {name: lzma.compress((tmp_path / name).read_bytes()) for name in (SHELL_FILE, PAIRS_FILE)}
+    for name, files in (("full.pack", blobs), ("shell.pack", {SHELL_FILE: blobs[SHELL_FILE]})):
+        (tmp_path / name).write_bytes(msgpack.packb({"format": "codellm-corpus-pack/1", "files": files}))
+    out = tmp_path / "unpacked"
+    unpack_corpus(tmp_path / "full.pack", out)
+    assert (out / PAIRS_FILE).exists()
+    unpack_corpus(tmp_path / "shell.pack", out)
+    assert not (out / PAIRS_FILE).exists()  # another pack's pairs would have trained beside this pack's shell
+    unpack_corpus(tmp_path / "full.pack", out)
+    (out / PAIRS_FILE).write_bytes((tmp_path / PAIRS_FILE).read_bytes() + b"\x80")  # changed since: made here
+    (out / "my-notes.txt").write_text("mine")
+    unpack_corpus(tmp_path / "shell.pack", out)
+    assert (out / PAIRS_FILE).exists() and (out / "my-notes.txt").read_text() == "mine"
 
 
 def test_a_damaged_pack_is_a_clear_error(bundle_path, tmp_path):

@@ -107,7 +107,7 @@ def test_two_bundles_compare_on_every_split(bundle_path, tmp_path, capsys):
     # the same bundle twice is not better than itself
     assert "not worse beyond doubt: no" in run.stdout
     assert "line ES with suffix, val_user, first - second bundle, same 4 cut points: +0.00" in run.stdout
-    assert "whole scripts bash -n %, first - second bundle, same 2 prompts: +0.0" in run.stdout
+    assert "whole scripts bash -n %, first - second bundle, same 2 prompts: +0.0 (0 fell, 0 rose" in run.stdout
     assert len(results[0]["whole_scripts"]["per_script"]["bash_n_pass"]) == 2
     from codellm.train.evaluate import print_table
     results[0]["splits"]["val"]["shell_loss"]["loss"] = 1e15  # a cell wider than any default column
@@ -169,6 +169,12 @@ def test_whole_scripts_that_fell_beyond_doubt_are_not_better():
     old = results(2.0, [100] * 40)
     assert better_on_every_split(results(1.9, [100] * 38 + [0] * 2), old)  # two of forty: may be chance
     assert not better_on_every_split(results(1.9, [100] * 30 + [0] * 10), old)
+    # one script of one, or four of four, falling may be chance (p = 1/2, 1/16); six of six is not (1/64)
+    assert better_on_every_split(results(1.9, [0]), results(2.0, [100]))
+    assert better_on_every_split(results(1.9, [0] * 4 + [100] * 36), old)
+    assert not better_on_every_split(results(1.9, [0] * 6 + [100] * 34), old)
+    # six falling and six rising is a wash
+    assert better_on_every_split(results(1.9, [0] * 6 + [100] * 34), results(2.0, [100] * 6 + [0] * 6 + [100] * 28))
     assert better_on_every_split(results(1.9, [100] * 30 + [0] * 10), results(2.0, [100] * 30 + [0] * 10))
     assert better_on_every_split(results(1.9, [100] * 40), {"splits": old["splits"]})  # not measured: no weight
 

@@ -455,11 +455,12 @@ def main(argv=None):
 def joined_weights(argv: list[str]) -> list[str]:
     """`--weights -0.5,1` as `--weights=-0.5,1`: argparse takes a value led by a minus sign (that is not one
     plain number) for an option and would refuse it."""
-    out = list(argv)
-    for i, arg in enumerate(out[:-1]):
-        if arg == "--weights" and re.match(r"-[\d.]", out[i + 1]):
-            out[i:i + 2] = [f"--weights={out[i + 1]}"]
-            break
+    out, i = list(argv), 0
+    while i < len(out) - 1:
+        arg = out[i]
+        if len(arg) > 2 and "--weights".startswith(arg) and re.match(r"-[\d.]", out[i + 1]):  # or --weig
+            out[i:i + 2] = [f"{arg}={out[i + 1]}"]
+        i += 1
     return out
 
 

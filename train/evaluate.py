@@ -555,24 +555,35 @@ def line_es_difference(new: dict, old: dict, split: str) -> dict | None:
     return paired_difference(a or [], b or [])
 
 
-def whole_script_difference(new: dict, old: dict, key: str) -> dict | None:
-    """paired_difference of the whole scripts' `key` share (bash_n_pass, shellcheck_pass; new - old, in
-    points of %), script by script over the same prompts and seeds; None where not measured so."""
+def whole_script_change(new: dict, old: dict, key: str) -> dict | None:
+    """How the whole scripts' `key` (bash_n_pass, shellcheck_pass) changed from `old` to `new`, script by
+    script over the same prompts and seeds: {"n", "fell" (scripts that pass in old only), "rose" (in new
+    only), "mean" (new - old, points of %), "p_worse"}; None where not measured so. p_worse is the exact
+    one-sided sign test on the scripts that differ (McNemar, Psychometrika 12, 1947, in its exact binomial
+    form): the chance of at least `fell` of them falling were both bundles equally good."""
     a, b = (((r.get("whole_scripts") or {}).get("per_script") or {}).get(key) for r in (new, old))
-    return paired_difference(a or [], b or [])
+    if not a or not b or len(a) != len(b):
+        return None
+    fell = sum(x < y for x, y in zip(a, b))
+    rose = sum(x > y for x, y in zip(a, b))
+    differ = fell + rose
+    p_worse = sum(math.comb(differ, k) for k in range(fell, differ + 1)) / 2 ** differ
+    return {"n": len(a), "fell": fell, "rose": rose, "mean": (sum(a) - sum(b)) / len(a), "p_worse": p_worse}
 
 
 def better_on_every_split(new: dict, old: dict) -> bool:
     """True when `new` has a lower held-out shell loss than `old` on every split both were measured on,
     and neither its line completion (ES with the suffix, point by point) on any of them nor its whole
-    scripts (bash -n, shellcheck, script by script) are worse beyond doubt: the 95% interval of the
-    difference does not lie wholly below 0."""
+    scripts (bash -n, shellcheck, script by script) are worse beyond doubt: for line completion the 95%
+    interval of the difference does not lie wholly below 0, for whole scripts the one-sided sign test's
+    p_worse is not under 2.5%."""
     shared = set(new["splits"]) & set(old["splits"])
     diffs = [line_es_difference(new, old, s) for s in shared]
-    diffs += [whole_script_difference(new, old, key) for key in WHOLE_SCRIPT_SHARES]
+    changes = [whole_script_change(new, old, key) for key in WHOLE_SCRIPT_SHARES]
     return (bool(shared) and all(new["splits"][s]["shell_loss"]["loss"] < old["splits"][s]["shell_loss"]["loss"]
                                  for s in shared)
-            and all(d is None or d["high"] >= 0 for d in diffs))
+            and all(d is None or d["high"] >= 0 for d in diffs)
+            and all(c is None or c["p_worse"] >= 0.025 for c in changes))
 
 
 def figures_outside_the_rule(r: dict) -> dict[str, tuple[float, int]]:
@@ -601,18 +612,18 @@ def fallen_figures(new: dict, old: dict) -> list[str]:
 
 
 def print_differences(new: dict, old: dict) -> None:
-    """Line ES with the suffix per split and the whole scripts' shares, new - old, point by point (script
-    by script), with the 95% interval."""
+    """Line ES with the suffix per split, new - old point by point with the 95% interval, and the whole
+    scripts' shares, script by script (whole_script_change)."""
     for split in HELDOUT_SPLITS:
         diff = line_es_difference(new, old, split)
         if diff:
             print(f"line ES with suffix, {split}, first - second bundle, same {diff['n']} cut points: "
                   f"{diff['mean']:+.2f} (95% interval {diff['low']:+.2f} .. {diff['high']:+.2f})")
     for key, label in WHOLE_SCRIPT_SHARES.items():
-        diff = whole_script_difference(new, old, key)
-        if diff:
-            print(f"{label}, first - second bundle, same {diff['n']} prompts: "
-                  f"{diff['mean']:+.1f} (95% interval {diff['low']:+.1f} .. {diff['high']:+.1f})")
+        c = whole_script_change(new, old, key)
+        if c:
+            print(f"{label}, first - second bundle, same {c['n']} prompts: {c['mean']:+.1f} ({c['fell']} fell, "
+                  f"{c['rose']} rose; chance of as many falling were both as good: {c['p_worse']:.3f})")
 
 
 def write_into_card(bundle_path: Path, results: dict) -> None:
@@ -673,7 +684,8 @@ def main(args) -> None:
               f"completion and whole scripts not worse beyond doubt: {'yes' if verdict else 'no'}")
         fallen = fallen_figures(results[0], results[1])
         if fallen:  # a few samples each: a fall may be chance, so measure it again with more before shipping
-            print(f"lower in {args.bundle[0]}, outside that rule: " + "; ".join(fallen))
+            print(f"lower in {args.bundle[0]} (not beyond doubt, or not weighed by that rule; few samples "
+                  "each: measure again with more before shipping): " + "; ".join(fallen))
     for bundle, result in zip(args.bundle, results):
         if bundle in cards:
             write_into_card(bundle, result)

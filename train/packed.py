@@ -8,6 +8,7 @@ split points. Unpacking needs only the standard library and msgpack.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import lzma
@@ -23,6 +24,7 @@ PACK_FORMAT = "codellm-corpus-pack/2"
 READABLE_FORMATS = ("codellm-corpus-pack/1", PACK_FORMAT)
 PACKED_FILES = (SHELL_FILE, PAIRS_FILE, ENGLISH_FILE, SUMMARY_FILE)
 RECORD_FILES = (SHELL_FILE, PAIRS_FILE, ENGLISH_FILE)
+UNPACKED_FILE = ".unpacked.json"  # {file: sha256 of the bytes written} of the last unpack into a folder
 
 
 def compress(data: bytes) -> bytes:
@@ -155,8 +157,8 @@ def packed(files: dict[str, bytes]) -> bytes:
 
 def unpack_corpus(pack: Path, dest: Path) -> Path:
     """Unpack a corpus pack into the folder `dest` (atomically per file); returns dest. A corpus file
-    in `dest` that the pack lacks (left by an earlier unpack) is removed: the folder then holds the pack's
-    corpus only, not stale pairs or English from another.
+    an earlier unpack wrote there, unchanged since, that this pack lacks is removed (stale_unpacked): the
+    folder then holds this pack's corpus, not another's pairs or English; files made otherwise stay.
 
     Raises ValueError naming the file when it is not a corpus pack or is damaged."""
     pack = Path(pack)
@@ -171,8 +173,32 @@ def unpack_corpus(pack: Path, dest: Path) -> Path:
     if SHELL_FILE not in files:
         raise ValueError(f"{pack}: the pack holds no {SHELL_FILE}")
     dest.mkdir(parents=True, exist_ok=True)
+    for name in stale_unpacked(dest, set(files)):
+        (dest / name).unlink()
     for name, blob in files.items():
         write_bytes(dest / name, blob)
-    for name in set(PACKED_FILES) - set(files):
-        (dest / name).unlink(missing_ok=True)
+    write_bytes(dest / UNPACKED_FILE, json.dumps({n: file_digest(b) for n, b in files.items()}).encode())
     return dest
+
+
+def file_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def stale_unpacked(dest: Path, keep: set[str]) -> list[str]:
+    """The corpus files in `dest` outside `keep` whose bytes are still those an earlier unpack wrote
+    (recorded in UNPACKED_FILE): another pack's, not the user's."""
+    try:
+        written = json.loads((dest / UNPACKED_FILE).read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(written, dict):
+        return []
+    stale = []
+    for name in sorted(set(PACKED_FILES) & set(written) - keep):
+        try:
+            if file_digest((dest / name).read_bytes()) == written[name]:
+                stale.append(name)
+        except OSError:
+            pass
+    return stale
