@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import sys
 import time
 
 from lsprotocol import types
@@ -20,6 +19,8 @@ from codellm.kernel_engine import start_file
 from codellm.loadgen import BackgroundLoad, background_count, run_bench
 from pygls.lsp.client import LanguageClient
 
+from .spawn import serve_command
+
 SCRIPT = "#!/bin/bash\n# archive the reports of the day\nset -euo pipefail\n\nSRC=/srv/reports\nDEST=/backup\n\n"
 TYPED = "tar -czf \"$DEST/reports-$(date +%F).tar.gz\" "
 
@@ -28,7 +29,7 @@ async def first_suggestion(server_args: list[str]) -> dict:
     client = LanguageClient("codellm-coldstart", "1")
     client.feature(types.WINDOW_SHOW_MESSAGE)(lambda params: None)  # a missing model: codellm/status says it
     start = time.perf_counter()
-    await client.start_io(sys.executable, "-m", "codellm.server.cli", *server_args)
+    await client.start_io(*serve_command(server_args))
     caps = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
         inline_completion=types.InlineCompletionClientCapabilities()))
     await asyncio.wait_for(client.initialize_async(types.InitializeParams(capabilities=caps)), 120)

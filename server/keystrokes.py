@@ -21,13 +21,14 @@ from __future__ import annotations
 import asyncio
 import random
 import re
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Awaitable, Callable
 
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
+
+from .spawn import serve_command, server_stderr
 
 POLICIES = ("whole", "word")
 NEXT_WORD = re.compile(r"\s*(\w+|[^\w\s]+)")
@@ -158,11 +159,18 @@ class Typist:
         self.documents = 0
 
     async def __aenter__(self) -> "Typist":
-        await self.client.start_io(sys.executable, "-m", "codellm.server.cli", *self.server_args)
+        """Starts the server; raises RuntimeError with the server's own last words if it does not start."""
+        await self.client.start_io(*serve_command(self.server_args))
         caps = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
             inline_completion=types.InlineCompletionClientCapabilities()))
-        await asyncio.wait_for(self.client.initialize_async(types.InitializeParams(
-            capabilities=caps, initialization_options=self.options)), REQUEST_TIMEOUT)
+        try:
+            await asyncio.wait_for(self.client.initialize_async(types.InitializeParams(
+                capabilities=caps, initialization_options=self.options)), REQUEST_TIMEOUT)
+        except Exception as exc:
+            said = await server_stderr(self.client._server)
+            await self.__aexit__()
+            raise RuntimeError(f"codellm-serve did not start ({type(exc).__name__}: {exc})"
+                               + (f"; it said:\n{said}" if said else "")) from None
         self.client.initialized(types.InitializedParams())
         return self
 
@@ -172,7 +180,7 @@ class Typist:
             self.client.exit(None)
             await asyncio.wait_for(self.client.stop(), 10)
         except Exception:
-            if self.client._server:
+            if self.client._server and self.client._server.returncode is None:
                 self.client._server.kill()
 
     def configure(self, settings: dict) -> None:

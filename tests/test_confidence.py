@@ -179,6 +179,21 @@ def test_typing_into_the_real_server(bundle_path):
     assert status.requests == tally.requests
 
 
+def test_the_server_starts_from_a_folder_holding_a_folder_named_codellm(bundle_path, tmp_path, monkeypatch):
+    """Run from where a clone of the project sits (`~/codellm`), the measuring client's server still
+    imports the installed package; a server that cannot start says why."""
+    (tmp_path / "codellm").mkdir()
+    monkeypatch.chdir(tmp_path)
+
+    async def status(args):
+        async with Typist(args) as typist:
+            return await typist.status()
+
+    assert asyncio.run(asyncio.wait_for(status(["--model", str(bundle_path)]), 240)).requests == 0
+    with pytest.raises(RuntimeError, match="(?s)codellm-serve did not start.*--threads"):
+        asyncio.run(asyncio.wait_for(status(["--threads", "0"]), 240))
+
+
 def test_settings_are_read_flat_or_under_a_codellm_key():
     assert Settings().file_context is True  # on unless turned off
     for options in ({"fileContext": False, "minConfidence": 0.4}, {"codellm": {"fileContext": False, "minConfidence": 0.4}}):

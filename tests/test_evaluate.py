@@ -105,7 +105,7 @@ def test_two_bundles_compare_on_every_split(bundle_path, tmp_path, capsys):
     assert "block after opener" in run.stdout and "held-out split val_user" in run.stdout
     assert "the model's own choice: command %" in run.stdout
     # the same bundle twice is not better than itself
-    assert "not worse beyond doubt: no" in run.stdout
+    assert "not worse beyond doubt)? no" in run.stdout
     assert "line ES with suffix, val_user, first - second bundle, same 4 cut points: +0.00" in run.stdout
     assert "whole scripts bash -n %, first - second bundle, same 2 prompts: +0.0 (0 fell, 0 rose" in run.stdout
     assert len(results[0]["whole_scripts"]["per_script"]["bash_n_pass"]) == 2

@@ -680,8 +680,8 @@ def main(args) -> None:
     if len(results) > 1:
         print_differences(results[0], results[1])
         verdict = better_on_every_split(results[0], results[1])
-        print(f"{args.bundle[0]} has a lower held-out shell loss than {args.bundle[1]} on every split, and line "
-              f"completion and whole scripts not worse beyond doubt: {'yes' if verdict else 'no'}")
+        print(f"is {args.bundle[0]} better than {args.bundle[1]} on every split (a lower held-out shell loss; line "
+              f"completion and whole scripts not worse beyond doubt)? {'yes' if verdict else 'no'}")
         fallen = fallen_figures(results[0], results[1])
         if fallen:  # a few samples each: a fall may be chance, so measure it again with more before shipping
             print(f"lower in {args.bundle[0]} (not beyond doubt, or not weighed by that rule; few samples "

@@ -26,6 +26,7 @@ from pygls.lsp.client import LanguageClient
 from codellm.loadgen import background_count, run_bench
 from codellm.server import keystrokes
 from codellm.server.service import Settings
+from codellm.server.spawn import serve_command
 
 from .corpus import read_texts
 from .recipe import SHELL_FILE
@@ -60,7 +61,7 @@ async def type_scripts(server_args: list[str], scripts: list[str], keystrokes: i
     with PyTorch (its first seconds answer from the start file while torch loads: codellm.server.coldstart
     measures those)."""
     client = LanguageClient("codellm-bench", "1")
-    await client.start_io(sys.executable, "-m", "codellm.server.cli", *server_args)
+    await client.start_io(*serve_command(server_args))
     caps = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
         inline_completion=types.InlineCompletionClientCapabilities()))
     await client.initialize_async(types.InitializeParams(capabilities=caps, initialization_options=options))
