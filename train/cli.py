@@ -412,18 +412,18 @@ def add_eval_parser(sub) -> None:
     p.add_argument("--corpus", type=Path, default=Path("data/corpus"),
                    help="a corpus folder built by `codellm-train corpus`, with held-out splits (default: %(default)s)")
     p.add_argument("--out", type=Path, default=None, help="JSON results (default: <first bundle>/../<name>-eval.json)")
-    p.add_argument("--samples", type=above(int, -1), default=400, help="line-completion cut points")
-    p.add_argument("--scripts", type=above(int, -1), default=20, help="generated whole scripts")
-    p.add_argument("--pairs", type=above(int, -1), default=300, help="held-out comment-to-command pairs per split")
+    p.add_argument("--samples", type=above(int, -1), default=400, help="line-completion cut points per split (default: %(default)s)")
+    p.add_argument("--scripts", type=above(int, -1), default=20, help="generated whole scripts (default: %(default)s)")
+    p.add_argument("--pairs", type=above(int, -1), default=300, help="held-out comment-to-command pairs per split (default: %(default)s)")
     p.add_argument("--blocks", type=above(int, -1), default=100,
-                   help="held-out block openers per split completed in block mode (body present, bash -n)")
+                   help="held-out block openers per split completed in block mode (body present, bash -n; default: %(default)s)")
     p.add_argument("--cross-file", type=above(int, -1), default=200, metavar="N",
                    help="cut points at calls of functions from a sourced file of the same package (and as many "
                         "ordinary ones in those scripts), completed with and without that file as context "
-                        "(0: skip)")
+                        "(0: skip; default: %(default)s)")
     p.add_argument("--keystrokes", type=above(int, -1), default=300,
                    help="characters of held-out regions per split typed into a real server, keystroke by "
-                        "keystroke (0: skip the keystroke evaluation)")
+                        "keystroke (0: skip the keystroke evaluation; default: %(default)s)")
     p.add_argument("--keystroke-curve", type=Path, default=None, metavar="PNG",
                    help="also sweep the confidence thresholds and draw taken-of-shown against keystrokes saved")
     p.add_argument("--no-card", action="store_true", help="do not write the results into the bundle's data card")

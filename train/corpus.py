@@ -64,6 +64,11 @@ class Counts:
         return {"files": self.kept, "bytes": self.kept_bytes, "skipped": dict(self.skipped)}
 
 
+def in_words(counts: dict) -> str:
+    """A count of reasons as a log reads it: "none", or "12 duplicate, 3 not utf-8"."""
+    return ", ".join(f"{n} {reason}" for reason, n in counts.items()) or "none"
+
+
 def sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 

@@ -20,6 +20,8 @@ import hashlib
 import re
 from collections import Counter, defaultdict
 
+from .corpus import in_words
+
 NEAR_DUPLICATE_JACCARD = 0.8
 HELDOUT_JACCARD = 0.5
 SHINGLE_WORDS = 5
@@ -169,7 +171,7 @@ def drop_near_duplicates(records: list[dict], log=print) -> tuple[list[dict], Co
         else:
             kept_index.insert(f"k{k}", sig)
             keep[k] = True
-    log(f"near-duplicates: {dict(dropped)} (MinHash {NUM_PERM} permutations, word {SHINGLE_WORDS}-grams, "
+    log(f"near-duplicates: {in_words(dropped)} (MinHash {NUM_PERM} permutations, word {SHINGLE_WORDS}-grams, "
         f"Jaccard >= {NEAR_DUPLICATE_JACCARD}; >= {HELDOUT_JACCARD} to a held-out file, or "
         f"{HELDOUT_WINDOW_LINES} code lines in a row shared with one)")
     return [r for r, k in zip(records, keep) if k], dropped

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from .corpus import (Counts, code_data_records, english_records_from_docs, english_records_from_machine,
+from .corpus import (Counts, in_words, code_data_records, english_records_from_docs, english_records_from_machine,
                      language_data_records, read_records, record, sha256, shell_records_from_tree, write_records)
 from .curate import (HELDOUT_CODE, HELDOUT_JACCARD, NEAR_DUPLICATE_JACCARD, NUM_PERM, SHINGLE_WORDS, SOURCE_CAP,
                      HeldOutCode, cap_per_source, drop_near_duplicates, strip_licence_comments)
@@ -69,9 +69,9 @@ def report_build(build: CorpusBuild, summary: dict, n_shell: int, n_english: int
     shell_counts, english_counts = build.shell_counts, build.english_counts
     build.log(f"English: {n_english} documents, {english_counts.kept_bytes / 1e6:.1f} MB; "
               f"shell: {n_shell} files, {summary['shell_curation']['bytes_after'] / 1e6:.1f} MB after curation "
-              f"({summary['shell_val_files']} + {summary['shell_val_user_files']} held out) from "
+              f"(held out: {summary['shell_val_files']} in val, {summary['shell_val_user_files']} in val_user) from "
               f"{sum(1 for v in build.sources.values() if v['files'])} sources; comment-to-command pairs: "
-              f"{n_pairs}; skipped: shell {dict(shell_counts.skipped)}, English {dict(english_counts.skipped)}")
+              f"{n_pairs}; skipped: shell {in_words(shell_counts.skipped)}, English {in_words(english_counts.skipped)}")
     if n_shell == 0 and n_english == 0:
         raise ValueError("no usable text found: every input was empty, binary, non-UTF-8 or a duplicate "
                          f"(skipped: {dict(shell_counts.skipped) or dict(english_counts.skipped)})")
