@@ -141,12 +141,14 @@ def test_a_full_disk_is_one_clear_line(tmp_path):
     try:
         r = train("code", "--code-data", str(code), "--corpus", str(tmp_path / "corpus"), "--out",
                   str(disk / "model"), "--max-steps", "3", "--checkpoint-every", "1", *SMALL)
+        half_written = sorted(p.name for p in disk.rglob(".*.tmp"))
     finally:
         subprocess.run(["umount", str(disk)], check=True)
     assert r.returncode == 1, r.stderr[-3000:]
     assert "Traceback" not in r.stderr
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("codellm-train: error: no space left") and "--resume" in last
+    assert half_written == []  # the partial checkpoint is removed, not left filling the disk
 
 
 def card_of(path):

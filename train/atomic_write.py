@@ -11,14 +11,16 @@ from pathlib import Path
 @contextmanager
 def atomic_write(path: Path, mode: str = "wb", **open_args) -> Iterator:
     """Opens a temporary sibling of `path` (hidden, `.NAME.tmp`) for writing; when the block ends without
-    an error it replaces `path` (os.replace: atomic on one file system), else it is removed and the error
-    goes on. Creates `path`'s folder if missing."""
+    an error it is flushed to disk and replaces `path` (os.replace: atomic on one file system), else it is
+    removed and the error goes on. Creates `path`'s folder if missing."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
         with open(tmp, mode, **open_args) as f:
             yield f
+            f.flush()
+            os.fsync(f.fileno())  # so a power cut after the rename cannot leave an empty file
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -1,18 +1,19 @@
 """Training checkpoints in one safetensors file (model, optimizer moments, RNG) with JSON metadata.
 
-Written to a temporary file and renamed, so a killed run never leaves a partial checkpoint. Nothing
+Written through atomic_write, so a killed run or a full disk never leaves a partial checkpoint. Nothing
 is pickled: optimizer state and RNG states are stored as tensors, the rest as JSON.
 """
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from safetensors import safe_open
+
+from .atomic_write import write_bytes
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
 
@@ -32,11 +33,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, optimizer: torch.opti
         tensors["rng.cuda"] = torch.cuda.get_rng_state()
     meta = dict(state, python_rng=_encode_python_rng(random.getstate()))
     path = run_dir / CHECKPOINT_FILE
-    tmp = run_dir / f".{CHECKPOINT_FILE}.tmp"
-    save_file(tensors, str(tmp), metadata={"state": json.dumps(meta)})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_bytes(path, save(tensors, metadata={"state": json.dumps(meta)}))
     return path
 
 

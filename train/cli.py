@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import errno
-import os
 import re
 import sys
 from pathlib import Path
@@ -247,8 +246,7 @@ def trained_tokenizer(corpus: Path, path: Path, resume: bool = False):
             return Tokenizer.load(path)
         except Exception:  # noqa: BLE001 - the tokenizers library raises plain exceptions
             pass
-    tmp = path.with_name(f".{path.name}.tmp")
-    first_process_then_all(lambda: (train_tokenizer(corpus, tmp), os.replace(tmp, path)))
+    first_process_then_all(lambda: train_tokenizer(corpus, path))
     return Tokenizer.load(path)
 
 

@@ -15,6 +15,7 @@ from codellm.device import choose_device, set_threads
 from codellm.model import GPT
 from codellm.tokenizer import Tokenizer
 
+from .atomic_write import write_bytes
 from .corpus import read_records, read_texts
 from .data import MAX_USER_SHARE, USER_SHARE_IN_CODE_STAGE, Mixture, is_user_style, read_texts_with_places
 from .pairs import MAX_PAIR_SHARE, PAIR_SHARE_IN_CODE_STAGE, pair_scripts
@@ -41,8 +42,7 @@ def train_tokenizer(corpus: Path, out: Path, vocab_size: int = 8192, max_mb: flo
         budget -= len(t)
     start = time.time()
     tok = Tokenizer.train(picked, vocab_size=vocab_size)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tok.save(out)
+    write_bytes(out, tok.to_str().encode("utf-8"))  # a kill midway leaves no half-written tokenizer
     sample = "".join(read_texts(corpus / SHELL_FILE, "val")[:50]) or "".join(picked[:20])
     log(f"tokenizer: {tok.vocab_size} tokens from {sum(map(len, picked)) / 1e6:.1f} MB in {time.time() - start:.0f}s; "
         f"{len(sample.encode()) / max(1, len(tok.encode(sample))):.2f} bytes/token on held-out shell")
