@@ -5,6 +5,7 @@ import argparse
 import ipaddress
 import logging
 import os
+import re
 import socket
 import sys
 
@@ -13,11 +14,15 @@ from codellm.threads import check_threads, prefer_passive_waits, threads_from_en
 prefer_passive_waits()  # before torch loads (it loads the OpenMP runtime): see codellm.threads
 
 TOKEN_ENV = "CODELLM_TOKEN"
+# what a library's log line may show of its arguments: message ids and LSP method names
+# ("workspace/foo", "$/cancelRequest"), which the client chose and no document holds
+PROTOCOL_WORD = re.compile(r"\d{1,12}|\$?/?[A-Za-z]+(?:/[A-Za-z$]+)+")
 
 
 class NoDocumentText(logging.Filter):
     """Other libraries' log lines carry whole messages (buffer contents) in their arguments and
-    tracebacks: keep their wording, never their values. codellm's own lines never hold document text."""
+    tracebacks: keep their wording and their message ids and method names, never other values.
+    codellm's own lines never hold document text."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "codellm" or record.name.startswith("codellm."):
@@ -25,14 +30,20 @@ class NoDocumentText(logging.Filter):
         template = str(record.msg).split("\n", 1)[0]
         if record.args:
             try:
-                n = len(record.args) if isinstance(record.args, tuple) else 1
-                template = template % (("…",) * n)
+                args = record.args if isinstance(record.args, tuple) else (record.args,)
+                template = template % tuple(shown_argument(a) for a in args)
             except (TypeError, ValueError):
                 template = template.split("%", 1)[0] + "…"
         if record.exc_info and record.exc_info[0] is not None:
             template += f" ({record.exc_info[0].__name__})"
         record.msg, record.args, record.exc_info, record.exc_text, record.stack_info = template, (), None, None, None
         return True
+
+
+def shown_argument(arg):
+    """`arg` where it is a message id or a method name, else an ellipsis."""
+    text = str(arg) if isinstance(arg, (str, int)) and not isinstance(arg, bool) else ""
+    return arg if PROTOCOL_WORD.fullmatch(text) else "…"
 
 
 def setup_logging(log_file: str | None, verbose: bool) -> None:
