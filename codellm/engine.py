@@ -89,7 +89,10 @@ class Engine(Completer):
         """Logits (vocab,) after the prompt `ids` (at least one token), computing only what the KV cache
         lacks; returns (logits, how many tokens' keys/values were reused). With `should_stop`, the prompt
         is read PREFILL_CHUNK tokens at a time and `should_stop()` polled between them: once it is true,
-        (None, reused) comes back, and the cache keeps what was read for the next prompt that shares it."""
+        (None, reused) comes back, and the cache keeps what was read for the next prompt that shares it.
+        Raises ValueError for no tokens."""
+        if not ids:
+            raise ValueError("prefill needs at least one token")
         cache = self.cache
         reused = cache.reuse(ids[:-1])  # the last token is always stepped: its logits are wanted
         if len(ids) - reused > 1:  # what is new is read into the cache but for the last token, ...

@@ -287,7 +287,9 @@ class KernelEngine(Completer):
     def prefill(self, ids: list[int], should_stop=None) -> tuple[list[float] | None, int]:
         """Logits after the prompt `ids` (at least one token), reading only what the cache lacks, 16
         tokens per call; returns (logits, how many tokens' keys and values were reused), or (None, reused)
-        once `should_stop()` (polled between calls) is true."""
+        once `should_stop()` (polled between calls) is true. Raises ValueError for no tokens."""
+        if not ids:
+            raise ValueError("prefill needs at least one token")
         reused = self.cache.reuse(ids[:-1])
         for start in range(reused, len(ids) - 1, MAX_TOKENS):
             if should_stop and start > reused and should_stop():

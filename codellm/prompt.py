@@ -157,7 +157,11 @@ def build_prompt(tok: Tokenizer, prefix: str, suffix: str = "", fmt: str = "spm"
         prefix_ids = file_start(tok, prefix_ids)
     heal_bytes = b""
     if heal:
-        prefix_ids, heal_bytes = heal_split(tok, prefix_ids)
+        healed, heal_bytes = heal_split(tok, prefix_ids)
+        if healed or fmt != "plain":
+            prefix_ids = healed
+        else:  # a plain prompt of one partial word would be no prompt at all: the model reads it whole
+            heal_bytes = b""
     return Prompt(assemble(tok, fmt, prefix_ids, suffix_ids), heal_bytes)
 
 

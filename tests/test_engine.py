@@ -122,6 +122,11 @@ def test_token_budget_and_deadline_and_cancel(engine):
     assert r.stop_reason in ("cancelled", "eot") and r.new_tokens <= 1
 
 
+def test_prefill_of_no_tokens_is_a_clear_error(engine):
+    with pytest.raises(ValueError, match="at least one token"):
+        engine.prefill([])
+
+
 def test_second_request_reuses_the_cache(engine):
     prefix = "#!/bin/sh\nset -e\nfor x in a b c; do\n  echo $x\ndone\n" * 3
     engine.complete_detailed(prefix, "\nexit 0\n", mode="line")

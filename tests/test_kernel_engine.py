@@ -458,3 +458,9 @@ def test_a_float64_weight_beyond_float32_is_refused_without_numpy_warnings(tmp_p
     assert [str(w.message) for w in caught] == []
     with pytest.raises(BundleError, match="NaN or infinite"):
         load_bundle(path)
+
+
+def test_prefill_of_no_tokens_is_a_clear_error_without_torch_too(bundle_path, cache_home):
+    quick = KernelEngine.open(bundle_path)
+    with pytest.raises(ValueError, match="at least one token"):
+        quick.prefill([])

@@ -42,6 +42,13 @@ def test_build_prompt_fits_budget_and_keeps_the_end_of_the_prefix(tokenizer):
                 + prompt.heal).endswith(SCRIPT[4970:5000].encode() + b"ec")
 
 
+def test_a_plain_prompt_is_never_empty_however_small_its_budget(tokenizer):
+    prefix = SCRIPT[:3000] + "ech"
+    for budget in (1, 2, 4, 8):
+        prompt = build_prompt(tokenizer, prefix, fmt="plain", budget=budget)
+        assert prompt.ids and prefix.encode().endswith(tokenizer.decode_bytes(prompt.ids) + prompt.heal)
+
+
 def test_spm_prompt_grows_only_at_its_end_while_typing(tokenizer):
     suffix = "\nfi\n"
     before = build_prompt(tokenizer, SCRIPT[:2000] + "if [ -z", suffix, "spm", budget=300, heal=False).ids
