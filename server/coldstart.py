@@ -19,7 +19,7 @@ from codellm.kernel_engine import start_file
 from codellm.loadgen import BackgroundLoad, background_count, run_bench
 from pygls.lsp.client import LanguageClient
 
-from .spawn import serve_command
+from .spawn import start_server, stop_server
 
 SCRIPT = "#!/bin/bash\n# archive the reports of the day\nset -euo pipefail\n\nSRC=/srv/reports\nDEST=/backup\n\n"
 TYPED = "tar -czf \"$DEST/reports-$(date +%F).tar.gz\" "
@@ -29,12 +29,11 @@ async def first_suggestion(server_args: list[str]) -> dict:
     client = LanguageClient("codellm-coldstart", "1")
     client.feature(types.WINDOW_SHOW_MESSAGE)(lambda params: None)  # a missing model: codellm/status says it
     start = time.perf_counter()
-    await client.start_io(*serve_command(server_args))
-    caps = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
-        inline_completion=types.InlineCompletionClientCapabilities()))
-    await asyncio.wait_for(client.initialize_async(types.InitializeParams(capabilities=caps)), 120)
+    try:
+        await start_server(client, server_args)
+    except RuntimeError as exc:  # the server's own words say why: no traceback of this client's
+        raise SystemExit(f"coldstart: {exc}") from None
     initialized = time.perf_counter() - start
-    client.initialized(types.InitializedParams())
     uri = "file:///coldstart/archive.sh"
     text = SCRIPT + TYPED
     client.text_document_did_open(types.DidOpenTextDocumentParams(text_document=types.TextDocumentItem(
@@ -48,9 +47,7 @@ async def first_suggestion(server_args: list[str]) -> dict:
     items = result.items if result and not isinstance(result, list) else (result or [])
     # which engine gave it: torch takes over a second or more after a start without it
     status = await asyncio.wait_for(client.protocol.send_request_async("codellm/status", None), 30)
-    await client.shutdown_async(None)
-    client.exit(None)
-    await client.stop()
+    await stop_server(client)
     if status.model_error:  # no model: the time measured would be that of an empty answer
         raise SystemExit(f"coldstart: the server loaded no model: {status.model_error}")
     return {"initialize": initialized, "first": answered, "text": items[0].insert_text if items else "",

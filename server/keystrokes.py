@@ -28,7 +28,7 @@ from typing import Awaitable, Callable
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
-from .spawn import serve_command, server_stderr
+from .spawn import start_server, stop_server
 
 POLICIES = ("whole", "word")
 NEXT_WORD = re.compile(r"\s*(\w+|[^\w\s]+)")
@@ -160,28 +160,11 @@ class Typist:
 
     async def __aenter__(self) -> "Typist":
         """Starts the server; raises RuntimeError with the server's own last words if it does not start."""
-        await self.client.start_io(*serve_command(self.server_args))
-        caps = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
-            inline_completion=types.InlineCompletionClientCapabilities()))
-        try:
-            await asyncio.wait_for(self.client.initialize_async(types.InitializeParams(
-                capabilities=caps, initialization_options=self.options)), REQUEST_TIMEOUT)
-        except Exception as exc:
-            said = await server_stderr(self.client._server)
-            await self.__aexit__()
-            raise RuntimeError(f"codellm-serve did not start ({type(exc).__name__}: {exc})"
-                               + (f"; it said:\n{said}" if said else "")) from None
-        self.client.initialized(types.InitializedParams())
+        await start_server(self.client, self.server_args, self.options, REQUEST_TIMEOUT)
         return self
 
     async def __aexit__(self, *exc) -> None:
-        try:
-            await asyncio.wait_for(self.client.shutdown_async(None), 10)
-            self.client.exit(None)
-            await asyncio.wait_for(self.client.stop(), 10)
-        except Exception:
-            if self.client._server and self.client._server.returncode is None:
-                self.client._server.kill()
+        await stop_server(self.client)
 
     def configure(self, settings: dict) -> None:
         """workspace/didChangeConfiguration (the server then clears its result cache)."""

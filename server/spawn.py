@@ -1,9 +1,11 @@
-"""Starting `codellm-serve` as a child process of this Python, for the LSP clients that measure it
-(keystroke evaluation, server bench, cold start)."""
+"""Starting and stopping `codellm-serve` as a child process of this Python, for the LSP clients that
+measure it (keystroke evaluation, server bench, cold start)."""
 from __future__ import annotations
 
 import asyncio
 import sys
+
+from lsprotocol import types
 
 # `python -m` puts the current folder first on the import path, where a folder named codellm (a clone of
 # the project, a user's own) would hide the installed package: the child drops that entry first.
@@ -27,3 +29,33 @@ async def server_stderr(process, limit: int = 2000) -> str:
     except (asyncio.TimeoutError, OSError, ValueError):
         return ""
     return data.decode("utf-8", "replace").strip()[-limit:]
+
+
+async def start_server(client, server_args: list[str], options: dict | None = None, timeout: float = 120) -> None:
+    """Starts codellm-serve under `client` (a pygls LanguageClient) and initializes it as an editor with
+    inline completion would, `options` as its initializationOptions. Raises RuntimeError holding the
+    server's own last words (its stderr) when it exits or gives no answer within `timeout` seconds; the
+    server is then stopped."""
+    await client.start_io(*serve_command(server_args))
+    caps = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
+        inline_completion=types.InlineCompletionClientCapabilities()))
+    try:
+        await asyncio.wait_for(client.initialize_async(types.InitializeParams(
+            capabilities=caps, initialization_options=options)), timeout)
+    except Exception as exc:
+        said = await server_stderr(client._server)
+        await stop_server(client)
+        raise RuntimeError(f"codellm-serve did not start ({type(exc).__name__}: {exc})"
+                           + (f"; it said:\n{said}" if said else "")) from None
+    client.initialized(types.InitializedParams())
+
+
+async def stop_server(client) -> None:
+    """shutdown and exit, as an editor closes; the process is killed where it does not answer."""
+    try:
+        await asyncio.wait_for(client.shutdown_async(None), 10)
+        client.exit(None)
+        await asyncio.wait_for(client.stop(), 10)
+    except Exception:  # noqa: BLE001 - whatever went wrong, the process must not outlive the client
+        if client._server and client._server.returncode is None:
+            client._server.kill()

@@ -321,6 +321,10 @@ def test_the_cold_start_bench_refuses_no_runs_and_a_start_with_no_model(tmp_path
     missing = subprocess.run([*bench, "--runs", "1", "--model", str(tmp_path / "nothing")], capture_output=True,
                              text=True, timeout=300, env={**os.environ, "XDG_CACHE_HOME": str(cache_home)})
     assert missing.returncode == 1 and "loaded no model" in missing.stderr and "first suggestion" not in missing.stdout
+    broken = subprocess.run([*bench, "--runs", "1", "--model", str(tmp_path / "nothing")], capture_output=True,
+                            text=True, timeout=300, env={**os.environ, "CODELLM_THREADS": "many"})
+    assert broken.returncode == 1 and "Traceback" not in broken.stderr, broken.stderr
+    assert "coldstart: codellm-serve did not start" in broken.stderr and "CODELLM_THREADS='many'" in broken.stderr
 
 
 def test_a_torch_engine_that_failed_to_load_is_loaded_by_the_next_reload(bundle_path, engine, monkeypatch):

@@ -88,3 +88,12 @@ def test_a_wrong_process_count_is_refused_before_anything_runs(command, value):
 def test_the_count_is_read_as_a_whole_number():
     assert background_count("2") == 2 and background_count(" 0 ") == 0
     assert described(1) == "1 busy background process" and described(2) == "2 busy background processes"
+
+
+def test_a_server_that_cannot_start_is_reported_in_its_own_words(tmp_path, bundle_path):
+    (tmp_path / "a.sh").write_text("#!/bin/sh\necho one\necho two\necho three\n" * 4)
+    out = subprocess.run([sys.executable, "-m", "codellm.train.server_bench", "--model", str(bundle_path),
+                          "--scripts-dir", str(tmp_path), "--keystrokes", "4"], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "CODELLM_THREADS": "many"})
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "server_bench: codellm-serve did not start" in out.stderr and "CODELLM_THREADS='many'" in out.stderr

@@ -26,7 +26,7 @@ from pygls.lsp.client import LanguageClient
 from codellm.loadgen import background_count, run_bench
 from codellm.server import keystrokes
 from codellm.server.service import Settings
-from codellm.server.spawn import serve_command
+from codellm.server.spawn import start_server, stop_server
 
 from .corpus import read_texts
 from .recipe import SHELL_FILE
@@ -61,11 +61,10 @@ async def type_scripts(server_args: list[str], scripts: list[str], keystrokes: i
     with PyTorch (its first seconds answer from the start file while torch loads: codellm.server.coldstart
     measures those)."""
     client = LanguageClient("codellm-bench", "1")
-    await client.start_io(*serve_command(server_args))
-    caps = types.ClientCapabilities(text_document=types.TextDocumentClientCapabilities(
-        inline_completion=types.InlineCompletionClientCapabilities()))
-    await client.initialize_async(types.InitializeParams(capabilities=caps, initialization_options=options))
-    client.initialized(types.InitializedParams())
+    try:
+        await start_server(client, server_args, options)
+    except RuntimeError as exc:  # the server's own words say why: no traceback of this client's
+        raise SystemExit(f"server_bench: {exc}") from None
     if warm:
         await until_torch_serves(client)
     latencies = []
@@ -102,9 +101,7 @@ async def type_scripts(server_args: list[str], scripts: list[str], keystrokes: i
                 context=types.InlineCompletionContext(trigger_kind=types.InlineCompletionTriggerKind.Automatic))), 60)
             latencies.append(time.perf_counter() - t0)
     status = await client.protocol.send_request_async("codellm/status", None)
-    await client.shutdown_async(None)
-    client.exit(None)
-    await client.stop()
+    await stop_server(client)
     latencies.sort()
     return {"requests": len(latencies), "p50": 1000 * latencies[len(latencies) // 2],
             "p95": 1000 * latencies[int(len(latencies) * 0.95)], "mean": 1000 * statistics.fmean(latencies),
