@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from codellm.bundle import load_bundle, save_bundle
+from codellm.bundle_files import model_digest
 from conftest import make_model
 from train.average import average_bundles, merged_card, parse_weights
 from train.cli import main as train_main
@@ -52,21 +53,26 @@ def test_the_average_is_the_weighted_mean_of_the_weights(two_bundles, tmp_path):
     assert all(torch.equal(v, b[k].half().float()) for k, v in load_bundle(tmp_path / "b").model.state_dict().items())
 
 
+def part_name(path) -> str:
+    return f"{path.name}@{model_digest(path)[:8]}"
+
+
 def test_the_card_keeps_every_part_and_names_the_average(two_bundles, tmp_path):
     first, second = two_bundles
     out = average_bundles([first, second], tmp_path / "avg", [0.5, 0.5], log=lambda *_: None)
     merged = load_bundle(out).card
     stages = merged["stages"]
     # the shared English stage once; the shell stages differ, so the second keeps its own under a new name
-    assert list(stages) == ["language", "code", f"code (of {second})", "average"]
-    assert [p["stages"] for p in stages["average"]["average_of"]] == [["language", "code"],
-                                                                     ["language", f"code (of {second})"]]
+    # that names its bundle by folder and digest, not by the path typed
+    renamed = f"code (of {part_name(second)})"
+    assert list(stages) == ["language", "code", renamed, "average"]
+    assert [p["stages"] for p in stages["average"]["average_of"]] == [["language", "code"], ["language", renamed]]
     assert [p["weight"] for p in stages["average"]["average_of"]] == [0.5, 0.5]
     assert {s for s, _ in stage_files(merged, "code")} == {"deb:a", "deb:b"}
-    assert {s for s, _ in stage_files(merged, f"code (of {second})")} == {"deb:a", "deb:c"}
+    assert {s for s, _ in stage_files(merged, renamed)} == {"deb:a", "deb:c"}
     assert "eval" not in merged  # figures belong to the model they were measured on
     text = render(out, "codellm-train average ...", None, [])
-    assert f"average: weights averaged, `{first}` x 0.50, `{second}` x 0.50" in text
+    assert f"average: weights averaged, `{part_name(first)}` x 0.50, `{part_name(second)}` x 0.50" in text
     assert "its weights are the mean of 2 models" in text
     # a stage trained on from the mean: the card says training went on from it
     bundle = load_bundle(out)
@@ -170,7 +176,7 @@ def test_a_hidden_file_in_the_out_folder_survives_overwrite(two_bundles, tmp_pat
     (out / ".notes").write_text("mine")
     assert train_main(["average", str(second), str(first), "--out", str(out), "--overwrite"]) == 0
     assert (out / ".notes").read_text() == "mine" and (out / ".git").is_dir()
-    assert load_bundle(out).card["stages"]["average"]["average_of"][0]["bundle"] == str(second)
+    assert load_bundle(out).card["stages"]["average"]["average_of"][0]["bundle"] == part_name(second)
 
 
 def test_the_average_keeps_the_storage_the_loader_reads_when_config_names_none(tmp_path, tokenizer):

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from codellm.bundle import STORAGE_DTYPES, BundleError, check_bundle_target, is_bundle_dir, load_bundle, save_bundle
+from codellm.bundle_files import model_digest
 from codellm.defaults import PACKAGED_BUNDLE
 
 from .datacard import checked_card, compact, corpus_digests, stage_sources
@@ -113,8 +114,11 @@ def shared_storage(bundles: list) -> str:
 
 
 def bundle_name(path: Path) -> str:
-    """How the card names a part: `default` for the shipped model, else the path as given."""
-    return "default" if Path(path).resolve() == PACKAGED_BUNDLE.resolve() else str(path)
+    """How the card names a part: its folder's name (`default` for the shipped model), `@` and the
+    first 8 hex digits of its model digest, which tell apart two folders of one name or one folder's models
+    over time; the path is not kept (it may hold a home folder and means nothing elsewhere)."""
+    folder = "default" if Path(path).resolve() == PACKAGED_BUNDLE.resolve() else Path(path).resolve().name
+    return f"{folder}@{(model_digest(path) or '')[:8]}"
 
 
 def average_bundles(paths: list[Path], out: Path, weights: list[float] | None = None, overwrite: bool = False,
