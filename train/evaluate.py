@@ -586,7 +586,7 @@ def better_on_every_split(new: dict, old: dict) -> bool:
             and all(c is None or c["p_worse"] >= 0.025 for c in changes))
 
 
-def figures_outside_the_rule(r: dict) -> dict[str, tuple[float, int]]:
+def secondary_shares(r: dict) -> dict[str, tuple[float, int]]:
     """{label: (share %, sample count)} of the figures better_on_every_split does not weigh, or weighs only
     for a fall beyond doubt: generated whole scripts, block bodies that parse, the right command after a
     description."""
@@ -605,8 +605,8 @@ def figures_outside_the_rule(r: dict) -> dict[str, tuple[float, int]]:
 
 
 def fallen_figures(new: dict, old: dict) -> list[str]:
-    """The figures outside the rule on which `new` is lower than `old`, as "label old -> new (n=N)"."""
-    a, b = figures_outside_the_rule(new), figures_outside_the_rule(old)
+    """The secondary shares on which `new` is lower than `old`, as "label old -> new (n=N)"."""
+    a, b = secondary_shares(new), secondary_shares(old)
     return [f"{label} {b[label][0]} -> {a[label][0]} (n={a[label][1]})" for label in a
             if label in b and a[label][0] < b[label][0]]
 
