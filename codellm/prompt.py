@@ -157,11 +157,9 @@ def build_prompt(tok: Tokenizer, prefix: str, suffix: str = "", fmt: str = "spm"
         prefix_ids = file_start(tok, prefix_ids)
     heal_bytes = b""
     if heal:
-        healed, heal_bytes = heal_split(tok, prefix_ids)
-        if healed or fmt != "plain":
-            prefix_ids = healed
-        else:  # a plain prompt of one partial word would be no prompt at all: the model reads it whole
-            heal_bytes = b""
+        prefix_ids, heal_bytes = heal_split(tok, prefix_ids)
+    if fmt == "plain" and not prefix_ids:  # a budget under one word or character: read its last token whole
+        prefix_ids, heal_bytes = tok.encode(prefix[-8:])[-1:] or [tok.eot_id], b""
     return Prompt(assemble(tok, fmt, prefix_ids, suffix_ids), heal_bytes)
 
 

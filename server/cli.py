@@ -16,7 +16,7 @@ prefer_passive_waits()  # before torch loads (it loads the OpenMP runtime): see 
 TOKEN_ENV = "CODELLM_TOKEN"
 # what a library's log line may show of its arguments: message ids and LSP method names
 # ("workspace/foo", "$/cancelRequest"), which the client chose and no document holds
-PROTOCOL_WORD = re.compile(r"\d{1,12}|\$?/?[A-Za-z]+(?:/[A-Za-z$]+)+")
+PROTOCOL_WORD = re.compile(r"\d{1,12}|(?:\$|[A-Za-z][\w-]*)(?:/[A-Za-z][\w-]*)+", re.ASCII)
 
 
 class NoDocumentText(logging.Filter):

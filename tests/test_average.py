@@ -204,3 +204,12 @@ def test_bundles_of_different_storage_types_average_to_float32_and_say_so(tmp_pa
     assert train_main(["average", *map(str, parts), "--out", str(tmp_path / "avg")]) == 0
     assert load_bundle(tmp_path / "avg").storage_dtype == "float32"
     assert "stored as float32, as their storage types differ" in capsys.readouterr().out
+
+
+def test_a_damaged_card_is_named_by_the_path_given(two_bundles, tmp_path, capsys):
+    first, second = two_bundles
+    import msgpack
+    (second / "data.msgpack").write_bytes(msgpack.packb({"stages": {"code": "not a stage"}}))
+    assert train_main(["average", str(first), str(second), "--out", str(tmp_path / "avg")]) != 0
+    assert f"{second}/data.msgpack" in capsys.readouterr().err
+    assert not (tmp_path / "avg").exists()

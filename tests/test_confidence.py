@@ -234,3 +234,15 @@ def test_an_empty_files_answer_begins_with_a_shebang_even_where_the_model_rates_
     assert engine.complete_detailed("", "", "line", clean=False).text.startswith("#!")
     engine.cache.reset()  # with text below the cursor, the model's own start stands
     assert engine.complete_detailed("", FILE_BELOW, "line", clean=False).text.startswith(":")
+
+
+def test_a_server_that_never_answers_is_killed_and_reported_in_its_own_words(bundle_path):
+    """Started for TCP, the server listens on a port and says so, and never answers over stdio."""
+    from pygls.lsp.client import LanguageClient
+
+    from codellm.server.spawn import start_server
+
+    client = LanguageClient("codellm-test", "1")
+    with pytest.raises(RuntimeError, match=r"(?s)did not start \(no answer within 5 s\).*listening on 127\.0\.0\.1"):
+        asyncio.run(start_server(client, ["--tcp", "0", "--model", str(bundle_path)], timeout=5))
+    assert client._server.returncode is not None  # killed, not left running

@@ -43,10 +43,12 @@ def test_build_prompt_fits_budget_and_keeps_the_end_of_the_prefix(tokenizer):
 
 
 def test_a_plain_prompt_is_never_empty_however_small_its_budget(tokenizer):
-    prefix = SCRIPT[:3000] + "ech"
-    for budget in (1, 2, 4, 8):
-        prompt = build_prompt(tokenizer, prefix, fmt="plain", budget=budget)
-        assert prompt.ids and prefix.encode().endswith(tokenizer.decode_bytes(prompt.ids) + prompt.heal)
+    for prefix in (SCRIPT[:3000] + "ech", "x" * 50 + "\U0001F600", "echo 日本語", "", "  "):
+        for budget in (1, 2, 4, 8):
+            prompt = build_prompt(tokenizer, prefix, fmt="plain", budget=budget)
+            assert 1 <= len(prompt.ids) <= budget, (prefix, budget)
+            text = tokenizer.decode_bytes([i for i in prompt.ids if i not in tokenizer.special_ids])
+            assert prefix.encode().endswith(text + prompt.heal)
 
 
 def test_spm_prompt_grows_only_at_its_end_while_typing(tokenizer):

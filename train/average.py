@@ -146,9 +146,10 @@ def average_bundles(paths: list[Path], out: Path, weights: list[float] | None = 
         raise BundleError(f"the average has weights too large for {storage}, the bundles' storage type")
     model = bundles[0].model
     model.load_state_dict(state)
-    card = merged_card([b.card for b in bundles], names, weights)
+    cards = [checked_card(b.card, f"{p}/data.msgpack") for b, p in zip(bundles, paths)]  # named where it is
+    card = merged_card(cards, names, weights)
     save_bundle(out, model, bundles[0].tokenizer, card, storage, bundles[0].prompt_format, overwrite=overwrite)
     log(f"averaged {len(paths)} bundles into {out} (stored as {storage}"
         + (", as their storage types differ" if len({b.storage_dtype for b in bundles}) > 1 else "") + "): "
-        + ", ".join(f"{n} x {w:.3f}" for n, w in zip(names, weights)))
+        + ", ".join(f"{p} ({n}) x {w:.3f}" for p, n, w in zip(paths, names, weights)))
     return out
