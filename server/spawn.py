@@ -42,9 +42,9 @@ class StderrTail:
 
 
 async def start_server(client, server_args: list[str], options: dict | None = None,
-                       timeout: float = 120) -> StderrTail:
+                       timeout: float = 120) -> None:
     """Starts codellm-serve under `client` (a pygls LanguageClient) and initializes it as an editor with
-    inline completion would, `options` as its initializationOptions; returns the reader of its stderr.
+    inline completion would, `options` as its initializationOptions; its stderr is drained all along.
     Raises RuntimeError holding the server's own last words (its stderr) when it exits or gives no answer
     within `timeout` seconds; the server is then killed."""
     await client.start_io(*serve_command(server_args))
@@ -61,7 +61,6 @@ async def start_server(client, server_args: list[str], options: dict | None = No
         said = await stderr.text()
         raise RuntimeError(f"codellm-serve did not start ({why})" + (f"; it said:\n{said}" if said else "")) from None
     client.initialized(types.InitializedParams())
-    return stderr
 
 
 async def stop_server(client) -> None:

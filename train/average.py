@@ -93,14 +93,15 @@ def _part_stages(card: dict, part_card: dict, name: str) -> list[str]:
     return list(renamed.values())
 
 
-def merged_card(cards: list[dict], names: list[str], weights: list[float]) -> dict:
+def merged_card(cards: list[dict], names: list[str], weights: list[float], places: list[str] | None = None) -> dict:
     """One data card holding every stage of every part (a stage the parts share once; one that differs
     under a taken name as `name (of PART)`), every corpus they trained on, and an `average` stage that
-    names the parts, their weights and their stages. Raises ValueError for a damaged card."""
+    names the parts, their weights and their stages. Raises ValueError for a damaged card, named by its
+    `places` (the bundles' folders; the names where none are given)."""
     card: dict = {"stages": {}, "corpora": {}}
     parts = []
-    for part_card, name, weight in zip(cards, names, weights):
-        own = _part_stages(card, checked_card(part_card, f"{name}/data.msgpack"), name)
+    for part_card, name, weight, place in zip(cards, names, weights, places or names):
+        own = _part_stages(card, checked_card(part_card, f"{place}/data.msgpack"), name)
         parts.append({"bundle": name, "weight": round(weight, 6), "stages": own})
     entry = {"average_of": parts}
     card["stages"][_free_name(card["stages"], AVERAGE_STAGE, entry)] = entry
@@ -146,8 +147,7 @@ def average_bundles(paths: list[Path], out: Path, weights: list[float] | None = 
         raise BundleError(f"the average has weights too large for {storage}, the bundles' storage type")
     model = bundles[0].model
     model.load_state_dict(state)
-    cards = [checked_card(b.card, f"{p}/data.msgpack") for b, p in zip(bundles, paths)]  # named where it is
-    card = merged_card(cards, names, weights)
+    card = merged_card([b.card for b in bundles], names, weights, [str(p) for p in paths])
     save_bundle(out, model, bundles[0].tokenizer, card, storage, bundles[0].prompt_format, overwrite=overwrite)
     log(f"averaged {len(paths)} bundles into {out} (stored as {storage}"
         + (", as their storage types differ" if len({b.storage_dtype for b in bundles}) > 1 else "") + "): "
