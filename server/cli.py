@@ -27,7 +27,8 @@ class NoDocumentText(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name == "codellm" or record.name.startswith("codellm."):
             return True
-        template = str(record.msg).split("\n", 1)[0]
+        # a message that is not a format string (an exception object, a dict) is a value: name its type
+        template = record.msg.split("\n", 1)[0] if isinstance(record.msg, str) else type(record.msg).__name__
         if record.args:
             try:
                 args = record.args if isinstance(record.args, tuple) else (record.args,)

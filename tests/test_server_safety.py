@@ -2,6 +2,7 @@
 protocol misuse, documents never opened, a second TCP connection, bad settings, logs."""
 import asyncio
 import json
+import logging
 import os
 import queue
 import re
@@ -382,6 +383,17 @@ def test_no_document_text_in_the_log(bundle_path, tmp_path):
     assert secret not in text
     for method in ("workspace/noSuchNotification", "$/noSuchNotice", "my-ext2/doThing"):
         assert method in text  # a method name the server ignored is named
+
+
+def test_a_library_logging_a_value_shows_its_type_only():
+    from codellm.server.cli import NoDocumentText
+    secret = "SECRET_4711_DO_NOT_LOG"
+    shown = []
+    for msg in (ValueError(f"echo {secret}"), {"text": secret}, "Failed on %s\n%s"):
+        record = logging.LogRecord("somelib", logging.ERROR, __file__, 1, msg, (), None)
+        assert NoDocumentText().filter(record)
+        shown.append(record.getMessage())
+    assert shown == ["ValueError", "dict", "Failed on %s"]
 
 
 def test_a_setting_the_editor_clears_goes_back_to_the_command_lines(bundle_path):
