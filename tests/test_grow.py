@@ -42,6 +42,17 @@ def test_the_grown_model_computes_what_the_trained_one_did(tokenizer, layers):
     assert all(bigger.blocks[j].attn.proj.weight.grad.abs().sum() > 0 for j in new)
 
 
+def test_a_model_grown_into_a_presets_shape_is_named_by_it():
+    """nano (6 layers) grown to 11 layers has tiny's shape, so `codellm-train all --model-size tiny`
+    rebuilds it; grown to 12 it is a shape of its own."""
+    from codellm.config import ModelConfig
+    from codellm.model import GPT
+    nano = GPT(ModelConfig.from_preset("nano", vocab_size=512))
+    assert grown(nano, 11).cfg == ModelConfig.from_preset("tiny", vocab_size=512)
+    assert grown(nano, 12).cfg.preset == "custom"
+    assert grown(nano, 6).cfg.preset == "nano"
+
+
 def test_a_stage_grows_the_bundle_and_stores_it_as_int8(bundle_path, tmp_path):
     scripts = tmp_path / "scripts"
     scripts.mkdir()

@@ -30,16 +30,20 @@ def expansion(old: int, new: int) -> list[tuple[int, bool]]:
     return order
 
 
+def preset_of(cfg: dict) -> str:
+    """The name of the preset with this shape (a preset's every field equal), else "custom": a model grown
+    into a preset's shape is rebuilt from scratch by that preset."""
+    return next((name for name, shape in PRESETS.items() if all(cfg[k] == v for k, v in shape.items())), "custom")
+
+
 def grown(model: GPT, n_layer: int) -> GPT:
     """`model` with `n_layer` blocks (block expansion, see the module docstring): the same function,
     each new block a copy of the one before it with zero output projections. `model` itself is
     unchanged. Raises ValueError for fewer blocks than it has."""
     order = expansion(model.cfg.n_layer, n_layer)
-    cfg = model.cfg.to_dict()
-    preset = cfg["preset"]
-    if PRESETS.get(preset, {}).get("n_layer", n_layer) != n_layer:
-        cfg["preset"] = "custom"  # no longer the preset's shape
-    bigger = GPT(ModelConfig.from_dict({**cfg, "n_layer": n_layer}))
+    cfg = {**model.cfg.to_dict(), "n_layer": n_layer}
+    cfg["preset"] = preset_of(cfg)
+    bigger = GPT(ModelConfig.from_dict(cfg))
     old = model.state_dict()
     state = {k: v.clone() for k, v in old.items() if not k.startswith("blocks.")}
     for j, (i, copy) in enumerate(order):
