@@ -51,6 +51,8 @@ def test_a_model_grown_into_a_presets_shape_is_named_by_it():
     assert grown(nano, 11).cfg == ModelConfig.from_preset("tiny", vocab_size=512)
     assert grown(nano, 12).cfg.preset == "custom"
     assert grown(nano, 6).cfg.preset == "nano"
+    short = GPT(ModelConfig.from_preset("nano", vocab_size=512, context_length=512))  # a preset's override
+    assert grown(short, 11).cfg == ModelConfig.from_preset("tiny", vocab_size=512, context_length=512)
 
 
 def test_a_stage_grows_the_bundle_and_stores_it_as_int8(bundle_path, tmp_path):

@@ -31,9 +31,11 @@ def expansion(old: int, new: int) -> list[tuple[int, bool]]:
 
 
 def preset_of(cfg: dict) -> str:
-    """The name of the preset with this shape (a preset's every field equal), else "custom": a model grown
-    into a preset's shape is rebuilt from scratch by that preset."""
-    return next((name for name, shape in PRESETS.items() if all(cfg[k] == v for k, v in shape.items())), "custom")
+    """The name of the preset with this shape (its every field equal but the context length, which a
+    preset takes as an override: `--model-size nano --context-length 512` is still nano), else "custom":
+    a model grown into a preset's shape is rebuilt from scratch by that preset."""
+    return next((name for name, shape in PRESETS.items()
+                 if all(cfg[k] == v for k, v in shape.items() if k != "context_length")), "custom")
 
 
 def grown(model: GPT, n_layer: int) -> GPT:
