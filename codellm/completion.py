@@ -125,6 +125,17 @@ class Completer:
             self._remember(key, allowed)
         return allowed
 
+    def healing_line_ends(self, heal: bytes, typed: bytes = b""):
+        """Ids of the tokens that write the rest of the backed-off bytes `heal` (`typed` written so far) and
+        then end the line before anything else: after them a line completion would be empty. None if none."""
+        key = ("heal ends", heal, typed)
+        if key not in self._healing_cache:
+            rest = heal[len(typed):]
+            ends = [self._token_id[b] for b in self._tokens_starting(rest)
+                    if b[len(rest):].lstrip(b" \t").startswith((b"\n", b"\r"))]
+            self._remember(key, self.as_ids(ends) if ends else None)
+        return self._healing_cache[key]
+
     def healing_splits(self, heal: bytes) -> set[tuple[bytes, ...]]:
         """How the tokenizer splits `heal` when some text follows it: the tokens that lie inside `heal`
         of the tokenization of `heal` + each of HEAL_PROBES (the token that crosses its end left out), so
@@ -201,22 +212,29 @@ class Completer:
         if code_first and not out[len(heal):].strip():
             logits = self.ban(logits, self.comment_first_ids)
         if heal and len(out) < len(heal):
-            return self.only(logits, self.healing_allowed(heal, bytes(out), keep_indent))
+            logits = self.only(logits, self.healing_allowed(heal, bytes(out), keep_indent))
+            ends = self.healing_line_ends(heal, bytes(out)) if mode == "line" and not allow_empty else None
+            # a token that re-types the backed-off bytes and then ends the line would answer nothing
+            return self.ban_ending(logits, ends, start_doubt) if ends is not None else logits
         written = bytes(out[len(heal):])
         if len(written) < len(opening) and opening.startswith(written):  # the answer begins with `opening`
             return self.only(logits, self.healing_allowed(opening, written))
         if len(out) <= len(heal) and keep_indent:  # nothing inserted yet on a line of typed indentation
             logits = self.ban(logits, self.space_first_ids)
         if len(out) <= len(heal) and not allow_empty:  # nothing inserted yet
-            ends = self.empty_answer_ids if mode == "line" else self.eot_ids
-            if start_doubt is not None:
-                start_doubt.append(self.probability_mass(logits, ends))
-            return self.ban(logits, ends)
+            return self.ban_ending(logits, self.empty_answer_ids if mode == "line" else self.eot_ids, start_doubt)
         if blank_run_too_long(out[len(heal):]):  # blank lines and spaces only so far: write something
             logits = self.ban(logits, self.blank_ids)
             if not allow_empty:
                 logits = self.ban(logits, self.eot_ids)
         return logits
+
+    def ban_ending(self, logits, ends, start_doubt: list[float] | None):
+        """`logits` with the tokens `ends` (which would end the answer before it has begun) banned; their
+        probability is appended to `start_doubt`."""
+        if start_doubt is not None:
+            start_doubt.append(self.probability_mass(logits, ends))
+        return self.ban(logits, ends)
 
     def complete(self, prefix: str, suffix: str = "", mode: str = "line", **kwargs) -> str:
         """The text to insert between prefix and suffix. mode: "line" | "block" | "auto"."""

@@ -72,6 +72,26 @@ def test_a_line_of_typed_indentation_is_answered_at_that_indentation(engine):
             assert not result.text[:1].isspace(), (prefix, mode, result.text)
 
 
+def test_a_token_that_retypes_a_backed_off_line_end_and_ends_the_line_is_no_answer():
+    # the cursor on an empty line: the prompt backs off the "\n" before it, and a token such as "\n\n"
+    # would re-type it and end the cursor's line at once, an empty answer the first-token rule bans
+    engine = codellm.load(device="cpu")  # the shipped tokenizer has such tokens; the tests' small one has none
+    table = engine.tokenizer.token_bytes
+    heal = b"\n"
+    ending = [i for i, t in enumerate(table) if t.startswith(b"\n") and t[1:].strip(b" \t")[:1] == b"\n"]
+    assert ending  # the tokenizer has such tokens
+    blank = ending[0]
+    logits = torch.zeros(len(table))
+    logits[blank] = 5.0
+    doubt = []
+    masked = engine.mask_logits(logits.clone(), bytearray(), heal, "line", False, start_doubt=doubt)
+    assert masked[blank] == float("-inf") and masked[table.index(b"\n")] == 0
+    assert all(masked[i] == float("-inf") for i in ending)
+    assert len(doubt) == 1 and doubt[0] > 0.5  # the model's wish to end the line lowers the answer's confidence
+    assert engine.mask_logits(logits.clone(), bytearray(), heal, "line", True)[blank] == 5.0  # allow_empty
+    assert engine.mask_logits(logits.clone(), bytearray(), heal, "block", False)[blank] == 5.0  # a blank line then code
+
+
 def test_an_answer_can_avoid_the_start_an_earlier_one_took(engine):
     prefix = "#!/bin/sh\nfor f in *.txt; do\n    "
     first = engine.complete_detailed(prefix, "\ndone\n", mode="line", clean=False)
