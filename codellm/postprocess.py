@@ -353,8 +353,9 @@ def repetition_cut(text: str) -> int | None:
     """Where to cut a loop: the end of the first copy of a chunk (not a rule drawn with - = # * and
     the like) repeated as REPEATED_CHUNK says. The copy found may begin mid-word (`f $DIR/$f.con` in
     `$f $DIR/$f.conf $DIR/$f.conf`): the cut then moves on through the next copy to the first word end
-    (an unescaped blank outside any quote the loop opened), if there is one."""
-    for match in REPEATED_CHUNK.finditer(text):
+    (an unescaped blank outside any quote the loop opened), if there is one. The last copy may lack the
+    blank it ended with (`pkg pkg pkg`): decoding stopped on the blank, and answers are stripped at the end."""
+    for match in REPEATED_CHUNK.finditer(text + " "):
         unit = match.group(1) or match.group(2)
         if set(unit) <= RULE_CHARS:
             continue

@@ -347,6 +347,16 @@ def test_an_answer_before_a_comment_leaves_it_a_comment():
         assert run.returncode == 1 and not run.stderr  # `exit 1# stop` would fail with "numeric argument required"
 
 
+def test_a_loop_whose_last_copy_lost_its_trailing_blank_is_cut():
+    # decoding stops once "libpq-dev " is written three times; the answer's end is stripped of the blank
+    for looped, first in [("libpq-dev libpq-dev libpq-dev", "libpq-dev"),
+                          ("xe vm-list $name_label $name_label $name_label", "xe vm-list $name_label"),
+                          ("'list' 'list' 'list'", "'list'")]:
+        assert drop_repetitive_loops(looped, Context("", "", "line")) == first
+    assert drop_repetitive_loops("echo a a", Context("", "", "line")) == "echo a a"  # twice is no loop
+    assert drop_repetitive_loops("ls -la", Context("", "", "line")) == "ls -la"
+
+
 def test_a_loop_found_mid_word_is_cut_at_the_end_of_a_word():
     """The chunk found to repeat can begin inside a word; the cut then ends that word, not inside it."""
     looped = ' -a $f $BACKUP_DIR/etc/backups/$f.conf $BACKUP_DIR/etc/backups/$f.conf'
