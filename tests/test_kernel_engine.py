@@ -400,24 +400,37 @@ def test_a_prompt_read_by_the_c_step_stops_between_calls(bundle_path, engine):
     assert quick.prefill(ids)[1] == kernel.MAX_TOKENS
 
 
-def test_an_int8_scale_that_overflows_is_refused_without_numpy_warnings(tmp_path, tokenizer, cache_home):
-    import warnings
-
+def tampered_bundle(path, tokenizer, storage_dtype: str, tamper) -> None:
+    """A bundle at `path` whose weights `tamper(state)` changed after it was written."""
     from safetensors.torch import load_file, save_file
 
-    from codellm.bundle import BundleError, save_bundle
+    from codellm.bundle import save_bundle
 
-    path = tmp_path / "huge"
-    save_bundle(path, make_model(tokenizer), tokenizer, storage_dtype="int8")
+    save_bundle(path, make_model(tokenizer), tokenizer, storage_dtype=storage_dtype)
     state = load_file(path / "model.safetensors")
-    state["blocks.0.mlp.up.weight.scale"][0] = 3e38  # finite itself, infinite once times 127
+    tamper(state)
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def assert_refused_by_both_loaders_without_warnings(path, match: str) -> None:
+    import warnings
+
+    from codellm.bundle import BundleError
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert KernelEngine.open(path) is None
     assert [str(w.message) for w in caught] == []
-    with pytest.raises(BundleError, match="NaN or infinite"):
+    with pytest.raises(BundleError, match=match):
         load_bundle(path)
+
+
+def test_an_int8_scale_that_overflows_is_refused_without_numpy_warnings(tmp_path, tokenizer, cache_home):
+    def overflow(state):
+        state["blocks.0.mlp.up.weight.scale"][0] = 3e38  # finite itself, infinite once times 127
+
+    tampered_bundle(tmp_path / "huge", tokenizer, "int8", overflow)
+    assert_refused_by_both_loaders_without_warnings(tmp_path / "huge", "NaN or infinite")
 
 
 @pytest.mark.parametrize("scale, entry, fault", [(0.0, None, "row scale of 0"), (-0.02, None, "row scale of -0.02"),
@@ -425,43 +438,25 @@ def test_an_int8_scale_that_overflows_is_refused_without_numpy_warnings(tmp_path
 def test_an_int8_matrix_the_writer_never_makes_is_refused_by_both_loaders(tmp_path, tokenizer, cache_home,
                                                                            scale, entry, fault):
     """A zero, negative or vanishing row scale, or a -128 entry, would load as another model: refused."""
-    from safetensors.torch import load_file, save_file
+    def odd(state):
+        if scale is not None:
+            state["blocks.0.attn.qkv.weight.scale"][3] = scale
+        else:
+            state["blocks.0.attn.qkv.weight"][3, 0] = entry
 
-    from codellm.bundle import BundleError, save_bundle
-
-    path = tmp_path / "odd"
-    save_bundle(path, make_model(tokenizer), tokenizer, storage_dtype="int8")
-    state = load_file(path / "model.safetensors")
-    if scale is not None:
-        state["blocks.0.attn.qkv.weight.scale"][3] = scale
-    else:
-        state["blocks.0.attn.qkv.weight"][3, 0] = entry
-    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-    assert KernelEngine.open(path) is None
-    with pytest.raises(BundleError, match=f"blocks.0.attn.qkv.weight .*{fault}"):
-        load_bundle(path)
+    tampered_bundle(tmp_path / "odd", tokenizer, "int8", odd)
+    assert_refused_by_both_loaders_without_warnings(tmp_path / "odd", f"blocks.0.attn.qkv.weight .*{fault}")
 
 
 def test_a_float64_weight_beyond_float32_is_refused_without_numpy_warnings(tmp_path, tokenizer, cache_home):
-    import warnings
-
     import torch
-    from safetensors.torch import load_file, save_file
 
-    from codellm.bundle import BundleError, save_bundle
+    def widen(state):
+        state["blocks.0.mlp.up.weight"] = state["blocks.0.mlp.up.weight"].to(torch.float64)
+        state["blocks.0.mlp.up.weight"][0, 0] = 1e300
 
-    path = tmp_path / "wide"
-    save_bundle(path, make_model(tokenizer), tokenizer, storage_dtype="float32")
-    state = load_file(path / "model.safetensors")
-    state["blocks.0.mlp.up.weight"] = state["blocks.0.mlp.up.weight"].to(torch.float64)
-    state["blocks.0.mlp.up.weight"][0, 0] = 1e300
-    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        assert KernelEngine.open(path) is None
-    assert [str(w.message) for w in caught] == []
-    with pytest.raises(BundleError, match="NaN or infinite"):
-        load_bundle(path)
+    tampered_bundle(tmp_path / "wide", tokenizer, "float32", widen)
+    assert_refused_by_both_loaders_without_warnings(tmp_path / "wide", "NaN or infinite")
 
 
 def test_prefill_of_no_tokens_is_a_clear_error_without_torch_too(bundle_path, cache_home):
