@@ -38,6 +38,13 @@ class RawServer:
                 self.answered.add(msg["id"])
             self.responses.put(msg)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.proc.kill()
+        self.proc.wait()
+
     def send_bytes(self, body: bytes):
         self.proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
         self.proc.stdin.flush()
@@ -142,8 +149,7 @@ def wait_until_torch_serves(server: RawServer, timeout: float = 120) -> None:
 
 
 def test_fuzz_then_correct_answers_with_bounded_memory(bundle_path):
-    server = RawServer("--model", str(bundle_path), "--min-confidence", "0", "--cut-confidence", "0")
-    try:
+    with RawServer("--model", str(bundle_path), "--min-confidence", "0", "--cut-confidence", "0") as server:
         init = server.send("initialize", {"processId": None, "rootUri": None, "capabilities": {
             "textDocument": {"inlineCompletion": {}, "completion": {}}}})
         assert "capabilities" in server.wait_for(init)["result"]
@@ -178,9 +184,6 @@ def test_fuzz_then_correct_answers_with_bounded_memory(bundle_path):
         assert not unanswered, f"{len(unanswered)} requests got no answer"
         end_rss = server.rss_mb()
         assert end_rss - warm_rss < 300, (warm_rss, end_rss)
-    finally:
-        server.proc.kill()
-        server.proc.wait()
 
 
 def test_a_body_naming_http_headers_is_read_in_one_pass(monkeypatch):

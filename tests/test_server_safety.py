@@ -63,24 +63,19 @@ def initialize(server: RawServer, answers: Answers, options=None):
 
 @pytest.mark.parametrize("kind", sorted(BROKEN_HEADERS))
 def test_a_broken_frame_is_recovered_and_later_requests_answered(bundle_path, kind):
-    server = RawServer("--model", str(bundle_path))
-    answers = Answers(server)
-    try:
+    with RawServer("--model", str(bundle_path)) as server:
+        answers = Answers(server)
         initialize(server, answers)
         broken = send_broken(server, kind)
         after = server.send("codellm/status")
         assert "result" in answers.get(after)  # the server still hears
         assert "result" in answers.get(broken)  # and read the broken frame's request from its JSON
         assert server.proc.poll() is None
-    finally:
-        server.proc.kill()
-        server.proc.wait()
 
 
 def test_protocol_errors_are_answered_and_never_end_the_server(bundle_path):
-    server = RawServer("--model", str(bundle_path))
-    answers = Answers(server)
-    try:
+    with RawServer("--model", str(bundle_path)) as server:
+        answers = Answers(server)
         early = server.send("codellm/status")
         assert answers.get(early)["error"]["code"] == -32002  # before initialize
         initialize(server, answers)
@@ -98,18 +93,14 @@ def test_protocol_errors_are_answered_and_never_end_the_server(bundle_path):
         assert answers.get(late)["error"]["code"] == -32600  # after shutdown: an error, not silence
         server.send("exit", request=False)
         assert server.proc.wait(30) == 0
-    finally:
-        server.proc.kill()
-        server.proc.wait()
 
 
 def test_a_notification_sent_as_a_request_is_answered_with_an_error(bundle_path):
     """`exit` or `initialized` with an id, or a request that carries an error, would otherwise never be
     answered (pygls reads them as a notification or an answer), and `exit` with an id ended the server
     at once: each gets -32600, and the server goes on."""
-    server = RawServer("--model", str(bundle_path))
-    answers = Answers(server)
-    try:
+    with RawServer("--model", str(bundle_path)) as server:
+        answers = Answers(server)
         initialize(server, answers)
         sent = [server.send("exit"), server.send("initialized", {}), server.send("$/cancelRequest", {"id": 1})]
         server.send_bytes(b'{"jsonrpc": "2.0", "id": 900, "method": "codellm/status", "error": {"code": 1, '
@@ -118,21 +109,14 @@ def test_a_notification_sent_as_a_request_is_answered_with_an_error(bundle_path)
             assert answers.get(msg_id)["error"]["code"] == -32600
         assert "result" in answers.get(server.send("codellm/status"))
         assert server.proc.poll() is None
-    finally:
-        server.proc.kill()
-        server.proc.wait()
 
 
 def test_exit_without_shutdown_ends_the_server_with_status_one(bundle_path):
     """The protocol's rule: `exit` after `shutdown` ends with 0, a bare `exit` with 1."""
-    server = RawServer("--model", str(bundle_path))
-    try:
+    with RawServer("--model", str(bundle_path)) as server:
         initialize(server, Answers(server))
         server.send("exit", request=False)
         assert server.proc.wait(30) == 1
-    finally:
-        server.proc.kill()
-        server.proc.wait()
 
 
 @pytest.mark.skipif(not hasattr(os, "openpty"), reason="needs a pseudo-terminal")
@@ -352,9 +336,8 @@ def test_settings_are_converted_or_rejected_by_name(bundle_path):
 def test_no_document_text_in_the_log(bundle_path, tmp_path):
     secret = "SECRET_4711_DO_NOT_LOG"
     log = tmp_path / "server.log"
-    server = RawServer("--model", str(bundle_path), "--log-file", str(log), "-v")
-    answers = Answers(server)
-    try:
+    with RawServer("--model", str(bundle_path), "--log-file", str(log), "-v") as server:
+        answers = Answers(server)
         initialize(server, answers)
         doc = f"#!/bin/sh\necho {secret}\n"
         # invalid notifications and requests that carry document text
@@ -375,9 +358,6 @@ def test_no_document_text_in_the_log(bundle_path, tmp_path):
                                                            "context": {"triggerKind": 1}})
         assert "result" in answers.get(ok)
         assert "result" in answers.get(server.send("codellm/status"))
-    finally:
-        server.proc.kill()
-        server.proc.wait()
     text = log.read_text()
     assert "completion" in text  # the log is written
     assert secret not in text
@@ -457,9 +437,8 @@ def test_requests_in_flight_at_shutdown_are_answered_before_the_server_exits(bun
     every request gets its answer (a result, or the error of a request cancelled, by `shutdown` or by
     `$/cancelRequest`) before the process ends, even while the editor keeps its end of stdin open. A
     second `exit` changes nothing, and a request after `exit` is not read."""
-    server = RawServer("--model", str(bundle_path), "--min-confidence", "0", "--cut-confidence", "0")
-    answers = Answers(server)
-    try:
+    with RawServer("--model", str(bundle_path), "--min-confidence", "0", "--cut-confidence", "0") as server:
+        answers = Answers(server)
         initialize(server, answers)
         server.send("textDocument/didOpen", {"textDocument": {"uri": URI, "languageId": "shellscript",
                                                               "version": 1, "text": SCRIPT}}, request=False)
@@ -492,17 +471,13 @@ def test_requests_in_flight_at_shutdown_are_answered_before_the_server_exits(bun
         assert all("result" in answers.by_id[msg_id] or answers.by_id[msg_id]["error"]["code"] == -32800
                    for msg_id in pending)
         assert after not in answers.by_id
-    finally:
-        server.proc.kill()
-        server.proc.wait()
 
 
 def test_a_shutdown_after_exit_does_not_change_its_status(bundle_path):
     """`exit` with no `shutdown` before it ends with 1, even while it waits for answers and a `shutdown`
     comes after it."""
-    server = RawServer("--model", str(bundle_path), "--min-confidence", "0", "--cut-confidence", "0")
-    answers = Answers(server)
-    try:
+    with RawServer("--model", str(bundle_path), "--min-confidence", "0", "--cut-confidence", "0") as server:
+        answers = Answers(server)
         initialize(server, answers)
         server.send("textDocument/didOpen", {"textDocument": {"uri": URI, "languageId": "shellscript",
                                                               "version": 1, "text": SCRIPT}}, request=False)
@@ -513,9 +488,6 @@ def test_a_shutdown_after_exit_does_not_change_its_status(bundle_path):
         server.send("shutdown")
         assert server.proc.wait(60) == 1
         assert answers.get(asked, timeout=5)
-    finally:
-        server.proc.kill()
-        server.proc.wait()
 
 
 def test_a_server_started_without_stdin_ends_at_once(bundle_path):
