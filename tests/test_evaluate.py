@@ -8,7 +8,7 @@ import sys
 
 from codellm.train.corpus import record, write_records
 from codellm.train.evaluate import (block_openers, better_on_every_split, fallen_figures, call_points, cut_points, paired_difference,
-                                    round_robin, with_siblings_open)
+                                    round_robin, with_siblings_open, cross_file_points)
 from codellm.train.recipe import ENGLISH_FILE, PAIRS_FILE, SHELL_FILE
 
 from conftest import ENGLISH_SAMPLES, SHELL_SAMPLES
@@ -66,13 +66,28 @@ def test_sibling_scripts_open_come_from_the_same_package_only():
     records = [{"source": src, "path": f"/{name}.sh", "text": f"#!/bin/bash\necho {src} {name}\nexit 0\n"}
                for src in ("npm:a", "npm:b") for name in ("x", "y", "z")] + \
               [{"source": "npm:alone", "path": "/only.sh", "text": "#!/bin/bash\necho alone\nexit 0\n"}]
-    points = with_siblings_open(records, 100, random.Random(0))
+    points = with_siblings_open(records, 100, seed=0)
     assert points and len({p["doc_path"] for p in points}) >= 2
     for p in points:
         own = next(r for r in records if r["path"] == p["doc_path"] and r["text"] == p["prefix"] + p["target"] + p["suffix"])
         assert own["source"] != "npm:alone"
         assert len(p["open_docs"]) == 2 and p["doc_path"] not in dict(p["open_docs"])
         assert all(text.split()[2] == own["source"] for _, text in p["open_docs"])
+
+
+def test_two_bundles_are_measured_on_the_same_cross_file_cuts():
+    lib = "log_info() { echo \"$*\"; }\nfetch_release() { curl -fsSLO \"$1\"; }\n"
+    records = [{"source": f"npm:{pkg}", "path": f"/{name}.sh",
+                "text": f"#!/bin/bash\n. ./lib.sh\nlog_info {pkg} {name}\nmkdir -p out/{name}\n"
+                        f"fetch_release v{k}\ntar -xzf v{k}.tar.gz -C out/{name}\nexit 0\n"}
+               for pkg in ("a", "b") for k, name in enumerate(("x", "y", "z"))]
+    records += [{"source": f"npm:{pkg}", "path": "/lib.sh", "text": lib} for pkg in ("a", "b")]
+    first, second = cross_file_points(records, seed=0), cross_file_points(records, seed=0)
+    assert first["other_cuts"] and first["open_docs"] and first == second
+    # the ordinary cuts are each script's own cut points for that seed, whatever else the sample holds
+    for p in first["other_cuts"]:
+        text = p["prefix"] + p["target"] + p["suffix"]
+        assert (p["prefix"], p["target"]) in {(q["prefix"], q["target"]) for q in cut_points([text], 20, 0)}
 
 
 def test_cross_file_sample_takes_each_package_in_turn():

@@ -319,10 +319,12 @@ def round_robin(groups: list[list[dict]], n: int) -> list[dict]:
 SIBLINGS_OPEN = 3  # other scripts of the package open in the editor beside the one typed in
 
 
-def with_siblings_open(records: list[dict], n: int, rng: random.Random) -> list[dict]:
+def with_siblings_open(records: list[dict], n: int, seed: int = 0) -> list[dict]:
     """Up to `n` cut points (cut_points) in held-out scripts of packages of two or more files, each with
     SIBLINGS_OPEN other scripts of its package as open documents and what it sources: the context the
-    server gives a person editing one script of a project beside others."""
+    server gives a person editing one script of a project beside others. The same records and seed give
+    the same points, so two bundles are measured on the same cuts."""
+    rng = random.Random(seed)
     points = []
     for package, files in sorted(package_files(records).items()):
         paths = sorted(files)
@@ -331,19 +333,16 @@ def with_siblings_open(records: list[dict], n: int, rng: random.Random) -> list[
             open_docs = [(p, files[p]) for p in rng.sample(others, min(SIBLINGS_OPEN, len(others)))]
             sourced = crossfile.read_sourced(files[doc_path], doc_path, files.get, ["/"])
             points += [{**p, "doc_path": doc_path, "sourced": sourced, "open_docs": open_docs}
-                       for p in cut_points([files[doc_path]], 3, rng)]
+                       for p in cut_points([files[doc_path]], 3, seed)]
     rng.shuffle(points)
     return points[:n]
 
 
-def cross_file(engine: Engine, records: list[dict], n: int = 200, others: int = 200, seed: int = 0) -> dict | None:
-    """Line completion where the answer needs another file: held-out scripts that source a file of their
-    own package, cut at the first call of each function that file defines (and the script does not), with
-    and without the sourced file's definitions as context (codellm.crossfile), same model; the sample takes
-    each package in turn. Beside it, ordinary cut
-    points (cut_points) in the same scripts, with and without the context, to show nothing is lost, and
-    cut points in scripts with sibling scripts open (with_siblings_open).
-    EM as in line_completion; "name" is the share whose first word is the called function."""
+def cross_file_points(records: list[dict], n: int = 200, others: int = 200, seed: int = 0) -> dict | None:
+    """The cut points of cross_file by kind ("call_start", "call_mid", "other_cuts", "open_docs"), with
+    "scripts" and "packages" counting the scripts and packages that have calls, or None where no held-out
+    script sources a file of its package. The same records and seed give the same points,
+    so two bundles are measured on the same cuts."""
     rng = random.Random(seed)
     calls: dict[str, list[dict]] = {}
     plain = []
@@ -356,7 +355,7 @@ def cross_file(engine: Engine, records: list[dict], n: int = 200, others: int = 
             names = {crossfile.function_name(c.text) for _, t in sourced for c in crossfile.definitions(t, "")} - own
             for p in call_points(text, names):
                 calls.setdefault(package, []).append({**p, "doc_path": doc_path, "sourced": sourced})
-            for p in cut_points([text], max(4, others // 10), rng):
+            for p in cut_points([text], max(4, others // 10), seed):
                 plain.append({**p, "doc_path": doc_path, "sourced": sourced})
     if not calls:
         return None
@@ -366,7 +365,25 @@ def cross_file(engine: Engine, records: list[dict], n: int = 200, others: int = 
     picked = {kind: round_robin([[p for p in points if p["kind"] == kind] for points in calls.values()], n // 2)
               for kind in ("call_start", "call_mid")}
     picked["other_cuts"] = plain[:others]
-    picked["open_docs"] = with_siblings_open(records, others, rng)
+    picked["open_docs"] = with_siblings_open(records, others, seed)
+    picked["scripts"] = len({p["doc_path"] for points in calls.values() for p in points})
+    picked["packages"] = len(calls)
+    return picked
+
+
+def cross_file(engine: Engine, records: list[dict], n: int = 200, others: int = 200, seed: int = 0) -> dict | None:
+    """Line completion where the answer needs another file: held-out scripts that source a file of their
+    own package, cut at the first call of each function that file defines (and the script does not), with
+    and without the sourced file's definitions as context (codellm.crossfile), same model; the sample takes
+    each package in turn. Beside it, ordinary cut
+    points (cut_points) in the same scripts, with and without the context, to show nothing is lost, and
+    cut points in scripts with sibling scripts open (with_siblings_open); the points come from
+    cross_file_points.
+    EM as in line_completion; "name" is the share whose first word is the called function."""
+    picked = cross_file_points(records, n, others, seed)
+    if picked is None:
+        return None
+    counts = {key: picked.pop(key) for key in ("scripts", "packages")}
     result = {}
     for kind, points in picked.items():
         rows = {"with_context": [], "without": []}
@@ -379,9 +396,7 @@ def cross_file(engine: Engine, records: list[dict], n: int = 200, others: int = 
         result[kind] = {label: {"em": round(100 * sum(r[0] for r in items) / max(1, len(items)), 1),
                                 "first_word": round(100 * sum(r[1] for r in items) / max(1, len(items)), 1),
                                 "n": len(items)} for label, items in rows.items()}
-    result["scripts"] = len({p["doc_path"] for points in calls.values() for p in points})
-    result["packages"] = len(calls)
-    return result
+    return {**result, **counts}
 
 
 # ------------------------------------------------------------------ keystroke evaluation (a real server typing)
