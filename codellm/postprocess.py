@@ -354,17 +354,24 @@ def repetition_cut(text: str) -> int | None:
     the like) repeated as REPEATED_CHUNK says. The copy found may begin mid-word (`f $DIR/$f.con` in
     `$f $DIR/$f.conf $DIR/$f.conf`): the cut then moves on through the next copy to the first word end
     (an unescaped blank outside any quote the loop opened), if there is one. The last copy may lack the
-    blank it ended with (`pkg pkg pkg`): decoding stopped on the blank, and answers are stripped at the end."""
-    for match in REPEATED_CHUNK.finditer(text + " "):
+    blank it ended with (`pkg pkg pkg`, `pkg\tpkg\tpkg`): decoding stopped on the blank, and answers are
+    stripped at the end; the blanks before the last word stand for it. An escaped blank ends no word."""
+    lost = "" if text[-1:].isspace() else (re.search(r"[ \t]*(?=\S*$)", text).group(0) or " ")
+    for match in REPEATED_CHUNK.finditer(text + lost):
         unit = match.group(1) or match.group(2)
         if set(unit) <= RULE_CHARS:
             continue
         end = match.start() + len(unit)
-        if text[end - 1] not in " \t":
+        if text[end - 1] not in " \t" or escaped(text, end - 1):
             state, cuts = _scan_openers(text, match.start())
             end = next((i for i, at in cuts if end <= i < end + len(unit) and at == state), end)
         return end
     return None
+
+
+def escaped(text: str, i: int) -> bool:
+    """The character at `i` follows an odd run of backslashes."""
+    return (i - len(text[:i].rstrip("\\"))) % 2 == 1
 
 
 def first_repeated_line(lines: list, start: int = 1) -> int | None:
@@ -390,6 +397,7 @@ def drop_repetitive_loops(text: str, ctx: Context) -> str:
     if cut is None:
         return text
     text = re.sub(r"\s*(&&|\|\||\|)?\s*$", "", text[:cut])  # no dangling && or |
+    text = text[:-1] if escaped(text + " ", len(text)) else text  # nor a backslash that would join the next line
     return text + open_quote(text.rsplit("\n", 1)[-1])  # a loop inside a string ends the string
 
 

@@ -351,8 +351,11 @@ def test_a_loop_whose_last_copy_lost_its_trailing_blank_is_cut():
     # decoding stops once "libpq-dev " is written three times; the answer's end is stripped of the blank
     for looped, first in [("libpq-dev libpq-dev libpq-dev", "libpq-dev"),
                           ("xe vm-list $name_label $name_label $name_label", "xe vm-list $name_label"),
-                          ("'list' 'list' 'list'", "'list'")]:
+                          ("'list' 'list' 'list'", "'list'"), ("libpq-dev\tlibpq-dev\tlibpq-dev", "libpq-dev"),
+                          ("ab  ab  ab", "ab")]:
         assert drop_repetitive_loops(looped, Context("", "", "line")) == first
+    # an escaped blank ends no word, and the cut leaves no backslash to join the next line
+    assert drop_repetitive_loops("cp a\\ a\\ a\\", Context("", "", "line")) == "cp a"
     assert drop_repetitive_loops("echo a a", Context("", "", "line")) == "echo a a"  # twice is no loop
     assert drop_repetitive_loops("ls -la", Context("", "", "line")) == "ls -la"
 
