@@ -362,16 +362,16 @@ def repetition_cut(text: str) -> int | None:
         if set(unit) <= RULE_CHARS:
             continue
         end = match.start() + len(unit)
-        if text[end - 1] not in " \t" or escaped(text, end - 1):
+        if text[end - 1] not in " \t" or ends_in_an_escape(text[:end - 1]):
             state, cuts = _scan_openers(text, match.start())
             end = next((i for i, at in cuts if end <= i < end + len(unit) and at == state), end)
         return end
     return None
 
 
-def escaped(text: str, i: int) -> bool:
-    """The character at `i` follows an odd run of backslashes."""
-    return (i - len(text[:i].rstrip("\\"))) % 2 == 1
+def ends_in_an_escape(text: str) -> bool:
+    """`text` ends in an odd run of backslashes: the character after it is escaped (a line end: joined)."""
+    return (len(text) - len(text.rstrip("\\"))) % 2 == 1
 
 
 def first_repeated_line(lines: list, start: int = 1) -> int | None:
@@ -397,7 +397,7 @@ def drop_repetitive_loops(text: str, ctx: Context) -> str:
     if cut is None:
         return text
     text = re.sub(r"\s*(&&|\|\||\|)?\s*$", "", text[:cut])  # no dangling && or |
-    text = text[:-1] if escaped(text + " ", len(text)) else text  # nor a backslash that would join the next line
+    text = text[:-1] if ends_in_an_escape(text) else text  # nor a backslash that would join the next line
     return text + open_quote(text.rsplit("\n", 1)[-1])  # a loop inside a string ends the string
 
 
@@ -592,8 +592,7 @@ def safe_cut(text: str, line_prefix: str = "") -> str:
     start, cuts = _scan_openers(line, len(line_prefix))
     for i, state in reversed(cuts):
         kept = line[:i].rstrip(" \t\n")
-        backslashes = len(kept) - len(kept.rstrip("\\"))
-        if state == start[:len(state)] and backslashes % 2 == 0 and not opens_a_test(kept[len(line_prefix):], line_prefix):
+        if state == start[:len(state)] and not ends_in_an_escape(kept) and not opens_a_test(kept[len(line_prefix):], line_prefix):
             return kept[len(line_prefix):]
     return ""
 
@@ -654,7 +653,7 @@ def without_a_dangling_operator(text: str, line_prefix: str = "") -> str:
     if line.endswith(("\\", ">")) or open_quote(line) or len(code_of_line(line + "|")) <= len(line):
         return text
     kept = text[:match.start()]
-    escaped = (len(kept) - len(kept.rstrip("\\"))) % 2  # `cd My\ &&`: the escaped space stays, no line joins
+    escaped = ends_in_an_escape(kept)  # `cd My\ &&`: the escaped space stays, no line joins
     return kept + text[match.start():match.start(1)][:1] if escaped else kept
 
 
