@@ -82,8 +82,9 @@ def test_two_bundles_are_measured_on_the_same_cross_file_cuts():
                         f"fetch_release v{k}\ntar -xzf v{k}.tar.gz -C out/{name}\nexit 0\n"}
                for pkg in ("a", "b") for k, name in enumerate(("x", "y", "z"))]
     records += [{"source": f"npm:{pkg}", "path": "/lib.sh", "text": lib} for pkg in ("a", "b")]
-    first, second = cross_file_points(records, seed=0), cross_file_points(records, seed=0)
-    assert first["other_cuts"] and first["open_docs"] and first == second
+    (first, counts), second = cross_file_points(records, seed=0), cross_file_points(records, seed=0)
+    assert first["other_cuts"] and first["open_docs"] and (first, counts) == second
+    assert counts["packages"] == 2
     # the ordinary cuts are each script's own cut points for that seed, whatever else the sample holds
     for p in first["other_cuts"]:
         text = p["prefix"] + p["target"] + p["suffix"]

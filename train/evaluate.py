@@ -338,11 +338,12 @@ def with_siblings_open(records: list[dict], n: int, seed: int = 0) -> list[dict]
     return points[:n]
 
 
-def cross_file_points(records: list[dict], n: int = 200, others: int = 200, seed: int = 0) -> dict | None:
-    """The cut points of cross_file by kind ("call_start", "call_mid", "other_cuts", "open_docs"), with
-    "scripts" and "packages" counting the scripts and packages that have calls, or None where no held-out
-    script sources a file of its package. The same records and seed give the same points,
-    so two bundles are measured on the same cuts."""
+def cross_file_points(records: list[dict], n: int = 200, others: int = 200,
+                      seed: int = 0) -> tuple[dict, dict] | None:
+    """The cut points of cross_file by kind ("call_start", "call_mid", "other_cuts", "open_docs"), and
+    {"scripts", "packages"}: how many scripts and packages have calls; None where no held-out script
+    sources a file of its package. The same records and seed give the same points, so two bundles are
+    measured on the same cuts."""
     rng = random.Random(seed)
     calls: dict[str, list[dict]] = {}
     plain = []
@@ -366,9 +367,8 @@ def cross_file_points(records: list[dict], n: int = 200, others: int = 200, seed
               for kind in ("call_start", "call_mid")}
     picked["other_cuts"] = plain[:others]
     picked["open_docs"] = with_siblings_open(records, others, seed)
-    picked["scripts"] = len({p["doc_path"] for points in calls.values() for p in points})
-    picked["packages"] = len(calls)
-    return picked
+    return picked, {"scripts": len({p["doc_path"] for points in calls.values() for p in points}),
+                    "packages": len(calls)}
 
 
 def cross_file(engine: Engine, records: list[dict], n: int = 200, others: int = 200, seed: int = 0) -> dict | None:
@@ -380,10 +380,10 @@ def cross_file(engine: Engine, records: list[dict], n: int = 200, others: int = 
     cut points in scripts with sibling scripts open (with_siblings_open); the points come from
     cross_file_points.
     EM as in line_completion; "name" is the share whose first word is the called function."""
-    picked = cross_file_points(records, n, others, seed)
-    if picked is None:
+    sample = cross_file_points(records, n, others, seed)
+    if sample is None:
         return None
-    counts = {key: picked.pop(key) for key in ("scripts", "packages")}
+    picked, counts = sample
     result = {}
     for kind, points in picked.items():
         rows = {"with_context": [], "without": []}
