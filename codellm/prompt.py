@@ -22,6 +22,7 @@ at its end while a person types.
 from __future__ import annotations
 
 import functools
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -116,20 +117,43 @@ def suffix_window(suffix: str, max_chars: int) -> str:
     return suffix[: cut + 1] if cut > 0 else suffix[:max_chars]
 
 
+MAX_HEAL_TOKENS = 4  # a partial word is backed off whole up to this many tokens
+
+
+def last_word_tokens(tok: Tokenizer, ids: list[int]) -> int:
+    """How many tokens at the end of `ids` (1 to MAX_HEAL_TOKENS) hold the tokenizer's last pre-token
+    (the word, number, punctuation run or blank run the text ends in). BPE merges only inside a
+    pre-token, so these are the tokens that more typing may re-split; the ones before it stay."""
+    tail = list(itertools.takewhile(lambda i: i not in tok.special_ids, reversed(ids[-MAX_HEAL_TOKENS:])))[::-1]
+    pre_tokenizer = tok.hf.pre_tokenizer
+    try:
+        text = b"".join(tok.token_bytes[i] for i in tail).decode()
+    except UnicodeDecodeError:  # a character split across tokens: back off the last token alone
+        return 1
+    if pre_tokenizer is None or not text:
+        return 1
+    word_start = len(text[: pre_tokenizer.pre_tokenize_str(text)[-1][1][0]].encode())
+    n, end = 0, len(text.encode())
+    while n < len(tail) and end - len(tok.token_bytes[tail[-n - 1]]) >= word_start:
+        end -= len(tok.token_bytes[tail[-n - 1]])
+        n += 1
+    return max(1, n)
+
+
 def heal_split(tok: Tokenizer, ids: list[int]) -> tuple[list[int], bytes]:
-    """Back off the end of the text when it may be a partial token ("token healing"): the last token,
-    and a lone run of spaces before it (BPE merges a space into the word after it: "    ech" ends
-    in " " + "ech", while "    echo" ends in " echo"). The completion must then start with the
-    backed-off bytes, so the model may pick the longer token a person is typing (or, after a newline
-    and indentation, the usual split of "\n    echo" into "\n   " + " echo")."""
+    """Back off the end of the text when it may be a partial token ("token healing"): the tokens of the
+    word (the tokenizer's pre-token) the text ends in. BPE splits a word nobody finished oddly: "esa" of
+    "esac" is " es" + "a", a pair the model never saw before "c", and "    ech" ends in " " + "ech"
+    where "    echo" ends in " echo". The completion must then start with the backed-off bytes, so the
+    model may pick the tokens the finished word is made of (or, after a newline and indentation, the
+    usual split of "\n    echo" into "\n   " + " echo"). Backing off several tokens of a word follows
+    Athiwaratkun et al., "Token Alignment via Character Matching for Subword Completion" (Findings of
+    ACL 2024).
+
+    Returns (the ids kept, the backed-off bytes); no bytes after a special token."""
     if not ids or ids[-1] in tok.special_ids:
         return ids, b""
-    last = tok.token_bytes[ids[-1]]
-    n = 1
-    if len(ids) >= 2 and ids[-2] not in tok.special_ids and last[:1] not in (b" ", b"\t"):
-        before = tok.token_bytes[ids[-2]]
-        if before and not before.strip(b" \t"):
-            n = 2
+    n = last_word_tokens(tok, ids)
     return ids[:-n], b"".join(tok.token_bytes[i] for i in ids[-n:])
 
 

@@ -56,6 +56,14 @@ def test_completes_a_partial_word(engine):
     assert text.startswith("o ") or text.startswith("o\t"), text
 
 
+def test_completes_a_word_whose_typed_part_is_split_oddly(engine):
+    """"esa" is " es" + "a" to the tokenizer, while "esac" is one token: the whole partial word is
+    backed off, so the model finishes it as it learned it."""
+    prefix = ('#!/bin/bash\ncase "$1" in\n    start)\n        start_service\n        ;;\n    *)\n'
+              '        echo "usage: $0 start" >&2\n        exit 1\n        ;;\n    esa')
+    assert engine.complete(prefix, "\n", mode="line") == "c"
+
+
 def test_a_block_past_its_time_budget_ends_at_a_whole_line(engine):
     import time
     prefix = "#!/bin/bash\nfor f in *.txt; do\n"

@@ -75,6 +75,21 @@ def test_heal_split_takes_the_space_that_would_merge_with_the_word(tokenizer):
     assert heal == b" ech" and kept == T.encode("x\n")
 
 
+def test_heal_split_backs_off_every_token_of_a_partial_word(tokenizer):
+    """A word split into several tokens is backed off whole, so the model may type it as it learned it."""
+    T = tokenizer
+    line = T.encode("x\n")
+    kept, heal = heal_split(T, line + T.encode(" ca") + T.encode("se"))
+    assert heal == b" case" and kept == line
+    kept, heal = heal_split(T, line + T.encode("echo") + T.encode(" fo") + T.encode("o"))
+    assert heal == b" foo" and kept == line + T.encode("echo")  # a blank ends the word
+    kept, heal = heal_split(T, line + T.encode("$HOME/") + T.encode("bi"))
+    assert heal == b"bi"  # so does punctuation
+    letters = [T.encode(c)[0] for c in "abcdef"]
+    kept, heal = heal_split(T, line + letters)
+    assert heal == b"cdef" and kept == line + letters[:2]  # at most MAX_HEAL_TOKENS
+
+
 def test_fim_training_examples_reassemble_the_document(tokenizer):
     rng = random.Random(0)
     text = SCRIPT[:700]
