@@ -84,7 +84,7 @@ def test_two_bundles_are_measured_on_the_same_cross_file_cuts():
     records += [{"source": f"npm:{pkg}", "path": "/lib.sh", "text": lib} for pkg in ("a", "b")]
     (first, counts), second = cross_file_points(records, seed=0), cross_file_points(records, seed=0)
     assert first["other_cuts"] and first["open_docs"] and (first, counts) == second
-    assert counts["packages"] == 2
+    assert counts == {"packages": 2, "scripts": 6}  # same-named scripts of two packages are two scripts
     # the ordinary cuts are each script's own cut points for that seed, whatever else the sample holds
     for p in first["other_cuts"]:
         text = p["prefix"] + p["target"] + p["suffix"]

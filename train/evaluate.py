@@ -367,7 +367,7 @@ def cross_file_points(records: list[dict], n: int = 200, others: int = 200,
               for kind in ("call_start", "call_mid")}
     picked["other_cuts"] = plain[:others]
     picked["open_docs"] = with_siblings_open(records, others, seed)
-    return picked, {"scripts": len({p["doc_path"] for points in calls.values() for p in points}),
+    return picked, {"scripts": sum(len({p["doc_path"] for p in points}) for points in calls.values()),
                     "packages": len(calls)}
 
 
