@@ -125,12 +125,14 @@ def last_word_tokens(tok: Tokenizer, ids: list[int]) -> int:
     (the word, number, punctuation run or blank run the text ends in). BPE merges only inside a
     pre-token, so these are the tokens that more typing may re-split; the ones before it stay."""
     tail = list(itertools.takewhile(lambda i: i not in tok.special_ids, reversed(ids[-MAX_HEAL_TOKENS:])))[::-1]
+    text = ""
+    while tail and not text:  # drop leading tokens that hold the end of a character split across tokens
+        try:
+            text = b"".join(tok.token_bytes[i] for i in tail).decode()
+        except UnicodeDecodeError:
+            tail = tail[1:]
     pre_tokenizer = tok.hf.pre_tokenizer
-    try:
-        text = b"".join(tok.token_bytes[i] for i in tail).decode()
-    except UnicodeDecodeError:  # a character split across tokens: back off the last token alone
-        return 1
-    if pre_tokenizer is None or not text:
+    if pre_tokenizer is None or not text:  # the last token is part of a character: back it off alone
         return 1
     word_start = len(text[: pre_tokenizer.pre_tokenize_str(text)[-1][1][0]].encode())
     n, end = 0, len(text.encode())

@@ -85,6 +85,8 @@ def test_heal_split_backs_off_every_token_of_a_partial_word(tokenizer):
     assert heal == b" foo" and kept == line + T.encode("echo")  # a blank ends the word
     kept, heal = heal_split(T, line + T.encode("$HOME/") + T.encode("bi"))
     assert heal == b"bi"  # so does punctuation
+    kept, heal = heal_split(T, T.encode("日本語") + T.encode(" fo") + T.encode("o"))
+    assert heal == b" foo"  # whatever splits a character before the word
     letters = [T.encode(c)[0] for c in "abcdef"]
     kept, heal = heal_split(T, line + letters)
     assert heal == b"cdef" and kept == line + letters[:2]  # at most MAX_HEAL_TOKENS
