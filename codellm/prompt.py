@@ -98,15 +98,23 @@ def assemble(tok: Tokenizer, fmt: str, prefix_ids: list[int], suffix_ids: list[i
 
 
 def window_start(prefix: str, max_chars: int) -> int:
-    """Where the prefix window starts: 0 if it fits, else a line start that only moves in jumps of
-    half the window as the prefix grows, so the same start is kept across many keystrokes."""
+    """Where the prefix window starts: 0 if it fits, else a point that only moves in jumps of half the
+    window as the prefix grows, so the same start is kept across many keystrokes: the next line start
+    (line_after)."""
     if len(prefix) <= max_chars:
         return 0
     step = max(1, max_chars // 2)
     overflow = len(prefix) - max_chars
     start = -(-overflow // step) * step  # round up to a multiple of step
-    newline = prefix.find("\n", start - 1) if start > 0 else -1
-    return newline + 1 if 0 <= newline < len(prefix) - 1 else start
+    return line_after(prefix, start - 1, max(1, max_chars // 4))
+
+
+def line_after(prefix: str, start: int, within: int) -> int:
+    """The start of the first line that begins after `start` and at most `within` characters past it,
+    else `start + within`: a line too long to skip whole (a base64 payload, a long array) is cut, so that
+    the window does not lose everything above the cursor's line. Never the prefix's end."""
+    newline = prefix.find("\n", max(0, start), start + within)
+    return newline + 1 if 0 <= newline < len(prefix) - 1 else min(start + within, len(prefix) - 1)
 
 
 def suffix_window(suffix: str, max_chars: int) -> str:
@@ -175,9 +183,9 @@ def build_prompt(tok: Tokenizer, prefix: str, suffix: str = "", fmt: str = "spm"
     tail = stable_tail_start(prefix)
     start = tail + window_start(prefix[tail:], int(prefix_budget * CHARS_PER_TOKEN_GUESS))
     prefix_ids = tok.encode(prefix[start:])
-    while len(prefix_ids) > prefix_budget:  # denser text than guessed: drop whole lines from the front
-        cut = prefix.find("\n", start + 1)
-        start = cut + 1 if 0 < cut < len(prefix) - 1 else start + max(1, (len(prefix) - start) // 4)
+    step = max(1, int(prefix_budget * CHARS_PER_TOKEN_GUESS) // 8)
+    while len(prefix_ids) > prefix_budget:  # denser text than guessed: drop lines (or steps of a long one)
+        start = line_after(prefix, start + 1, step) if start < len(prefix) - 1 else len(prefix)
         prefix_ids = tok.encode(prefix[start:])
     if fmt == "plain" and start == 0:
         prefix_ids = file_start(tok, prefix_ids)

@@ -42,6 +42,20 @@ def test_build_prompt_fits_budget_and_keeps_the_end_of_the_prefix(tokenizer):
                 + prompt.heal).endswith(SCRIPT[4970:5000].encode() + b"ec")
 
 
+def test_a_line_too_long_to_skip_whole_is_cut_not_dropped(tokenizer):
+    """A line longer than the window above the cursor (a payload, a long array) leaves its tail in the
+    window, not the cursor's line alone; the window's start still stays put while a person types."""
+    long_line = "#!/bin/bash\n# " + "long comment " * 400 + "\n"
+    for fmt, suffix in (("plain", ""), ("spm", "\nfi\n")):
+        prompts = [build_prompt(tokenizer, long_line + typed, suffix, fmt, budget=512).ids
+                   for typed in ("e", "ec", "ech", "echo")]
+        assert all(len(ids) <= 512 for ids in prompts)
+        text = tokenizer.decode_bytes([i for i in prompts[-1] if i not in tokenizer.special_ids])
+        assert text.count(b"long comment") >= 10, text[:200]
+        for before, after in zip(prompts, prompts[1:]):
+            assert after[:len(before) - 2] == before[:-2]
+
+
 def test_a_plain_prompt_is_never_empty_however_small_its_budget(tokenizer):
     for prefix in (SCRIPT[:3000] + "ech", "x" * 50 + "\U0001F600", "echo 日本語", "", "  "):
         for budget in (1, 2, 4, 8):
