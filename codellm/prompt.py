@@ -6,8 +6,8 @@ SPM: <fim_prefix> <fim_suffix> suffix <fim_middle> prefix middle <endoftext>
 With SPM the prompt only grows at its end while a person types, so its KV cache is reused between
 keystrokes. The prompt window lives here, for the engine, the CLI and the server alike: of a long buffer
 only a stable tail of the prefix and the head of the suffix are read; the prefix window's start stays put
-and jumps in line-aligned steps of half the window, so that it does not shift on every keystroke; room is
-kept for the answer (ANSWER_RESERVE). With a blank suffix the prompt is plain text, and a prefix that
+and jumps in line-aligned steps of half the window (a line too long to skip whole is cut), so that it
+does not shift on every keystroke; room is kept for the answer (ANSWER_RESERVE). With a blank suffix the prompt is plain text, and a prefix that
 reaches the start of the file follows <endoftext>, as a training document does.
 
 Context from other files (what a script sources, other open documents) is shell text placed before the
