@@ -7,8 +7,9 @@ With SPM the prompt only grows at its end while a person types, so its KV cache 
 keystrokes. The prompt window lives here, for the engine, the CLI and the server alike: of a long buffer
 only a stable tail of the prefix and the head of the suffix are read; the prefix window's start stays put
 and jumps in line-aligned steps of half the window (a line too long to skip whole is cut), so that it
-does not shift on every keystroke; room is kept for the answer (ANSWER_RESERVE). With a blank suffix the prompt is plain text, and a prefix that
-reaches the start of the file follows <endoftext>, as a training document does.
+does not shift on every keystroke; room is kept for the answer (ANSWER_RESERVE). With a blank suffix the
+prompt is plain text, and a prefix that reaches the start of the file follows <endoftext>, as a training
+document does.
 
 Context from other files (what a script sources, other open documents) is shell text placed before the
 file's own prefix, each file introduced by a comment naming it (format_context), so a model reads it as
@@ -98,9 +99,9 @@ def assemble(tok: Tokenizer, fmt: str, prefix_ids: list[int], suffix_ids: list[i
 
 
 def window_start(prefix: str, max_chars: int) -> int:
-    """Where the prefix window starts: 0 if it fits, else a point that only moves in jumps of half the
-    window as the prefix grows, so the same start is kept across many keystrokes: the next line start
-    (line_after)."""
+    """Where the prefix window starts: 0 if it fits, else the first line start after a point that only
+    moves in jumps of half the window as the prefix grows (line_after), so the same start is kept across
+    many keystrokes."""
     if len(prefix) <= max_chars:
         return 0
     step = max(1, max_chars // 2)
