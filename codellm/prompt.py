@@ -145,8 +145,10 @@ def last_word_tokens(tok: Tokenizer, ids: list[int]) -> int:
         return 1
     word_start = len(text[: pre_tokenizer.pre_tokenize_str(text)[-1][1][0]].encode())
     n, end = 0, len(text.encode())
-    while n < len(tail) and end - len(tok.token_bytes[tail[-n - 1]]) >= word_start:
-        end -= len(tok.token_bytes[tail[-n - 1]])
+    for token in reversed(tail):  # the tokens that lie wholly at or after the word's start
+        end -= len(tok.token_bytes[token])
+        if end < word_start:
+            break
         n += 1
     return max(1, n)
 
