@@ -57,10 +57,11 @@ def compact(card: dict) -> dict:
             stage["corpus"] = key
     order = list(dict.fromkeys(s.get("corpus") for s in card.get("stages", {}).values() if s.get("corpus")))
     changes = card.setdefault("corpus_changes", {})
-    whole = {key: corpus_digests(card, key) for key in order}
+    known: dict = {}
+    whole = {key: corpus_digests(card, key, known) for key in order}
     for i, key in enumerate(order[1:], 1):
-        if not whole[key]:
-            continue  # a corpus the card does not hold
+        if not whole[key] or key in changes:
+            continue  # a corpus the card does not hold, or holds as a change already
         # the smallest change from any earlier corpus: a corpus built from part of the list and the
         # whole-list corpus after it differ by thousands of sources, that whole list and an earlier one
         # by little
@@ -124,6 +125,8 @@ def _change(base: dict[str, bytes], new: dict[str, bytes]) -> dict:
     added, removed = {}, {}
     dropped = sorted(set(base) - set(new))
     for source in sorted(set(new)):
+        if base.get(source) == new[source]:
+            continue  # most sources are the same from one corpus to the next
         old, now = _split(base.get(source, b"")), _split(new[source])
         if now - old:
             added[source] = _join(now - old)
@@ -132,12 +135,25 @@ def _change(base: dict[str, bytes], new: dict[str, bytes]) -> dict:
     return {"added": added, "removed": removed, "dropped_sources": dropped}
 
 
-def corpus_digests(card: dict, key: str) -> dict[str, bytes]:
+def _apply(files: dict[str, bytes], change: dict) -> dict[str, bytes]:
+    """The corpus `files` with `change` made to it; only the sources it touches are split into digests."""
+    dropped = set(change.get("dropped_sources", ()))
+    out = {s: d for s, d in files.items() if s not in dropped}
+    for source in set(change["removed"]) | set(change["added"]):
+        digests = _split(out.get(source, b"")) - _split(change["removed"].get(source, b""))
+        digests += _split(change["added"].get(source, b""))
+        out[source] = _join(digests)
+    return {s: d for s, d in sorted(out.items()) if d}
+
+
+def corpus_digests(card: dict, key: str, known: dict | None = None) -> dict[str, bytes]:
     """{source: concatenated sha256 digests} of the corpus `key`, rebuilt from its chain of changes.
-    An unknown key gives {}; a chain that loops or does not rebuild the corpus its key names raises
-    ValueError (a damaged card)."""
+    `known` ({key: digests}, filled in as corpora are rebuilt) saves rebuilding the start of a chain that
+    another corpus shares. An unknown key gives {}; a chain that loops or does not rebuild the corpus its
+    key names raises ValueError (a damaged card)."""
+    known = {} if known is None else known
     chain, seen = [], set()
-    while key not in card.get("corpora", {}):
+    while key not in card.get("corpora", {}) and key not in known:
         change = card.get("corpus_changes", {}).get(key)
         if change is None:
             return {}
@@ -146,17 +162,12 @@ def corpus_digests(card: dict, key: str) -> dict[str, bytes]:
         seen.add(key)
         chain.append((key, change))
         key = change["base"]
-    files = card["corpora"][key]
+    files = known[key] if key in known else card["corpora"][key]
     for key, change in reversed(chain):
-        dropped = set(change.get("dropped_sources", ()))
-        grouped = {s: _split(d) for s, d in files.items() if s not in dropped}
-        for source, digests in change["removed"].items():
-            grouped[source] = grouped.get(source, Counter()) - _split(digests)
-        for source, digests in change["added"].items():
-            grouped[source] = grouped.get(source, Counter()) + _split(digests)
-        files = {s: _join(d) for s, d in sorted(grouped.items()) if d}
+        files = _apply(files, change)
         if _digest(files) != key:
             raise ValueError(f"data card: corpus {key} does not rebuild from its changes")
+        known[key] = files
     return files
 
 
@@ -168,8 +179,9 @@ def checked_card(card: dict, where: str) -> dict:
             raise TypeError("not a map of stages")
         checked = compact(copy.deepcopy(card))
         names = list(checked.get("stages", {}))
+        known: dict = {}
         for i, stage in enumerate(names):
-            stage_files(checked, stage)
+            corpus_digests(checked, checked["stages"][stage].get("corpus"), known)  # rebuilds, else raises
             of = checked["stages"][stage].get("sources_of")
             if of is not None and (of not in names[:i] or "sources" not in checked["stages"][of]):
                 raise ValueError(f"stage {stage}: sources_of names no earlier stage with its own sources")
