@@ -252,12 +252,15 @@ class _Directory:
             return False
 
     def check_complete(self) -> None:
-        """Raises BundleError for a missing file (_Changed if the bundle changed meanwhile)."""
-        for name in BUNDLE_FILES:
-            if not _exists_at(self.fd, name):
-                if not self.still_the_same():
-                    raise _Changed()
-                raise BundleError(f"{self.path / name}: missing file; the bundle is incomplete")
+        """Raises BundleError for a missing file, or a folder with none of them (_Changed if the bundle
+        changed meanwhile)."""
+        missing = [name for name in BUNDLE_FILES if not _exists_at(self.fd, name)]
+        if missing and not self.still_the_same():
+            raise _Changed()
+        if len(missing) == len(BUNDLE_FILES):  # a folder of something else (a folder of scripts, say)
+            raise BundleError(f"{self.path}: no model bundle in this folder (expected {', '.join(BUNDLE_FILES)})")
+        if missing:
+            raise BundleError(f"{self.path / missing[0]}: missing file; the bundle is incomplete")
 
     def open_member(self, name: str):
         """(binary file, size) of a regular file of the bundle."""

@@ -115,18 +115,20 @@ class CodellmServer(LanguageServer):
         self.configuring = asyncio.Lock()  # model settings being applied (did_change_configuration)
 
     def tell_user(self, message: str, is_error: bool) -> None:
-        """A window/showMessage; callable from any thread (the model watcher's included)."""
+        """A window/showMessage, written to the log too (a pop-up is gone once read); callable from any
+        thread (the model watcher's included)."""
         loop = self.loop
         if loop is not None and loop.is_running() and threading.get_ident() != self.loop_thread:
             loop.call_soon_threadsafe(self.tell_user, message, is_error)
             return
+        (log.warning if is_error else log.info)("%s", message)
         try:
             if self.protocol.writer is None:
                 raise ConnectionError("no client yet")
             self.window_show_message(types.ShowMessageParams(
                 type=types.MessageType.Warning if is_error else types.MessageType.Info, message=message))
-        except Exception:  # no client connected yet (start-up) or the connection is gone
-            log.info("%s", message)
+        except Exception:  # no client connected yet (start-up) or the connection is gone: the log has it
+            pass
 
     def report_server_error(self, error: Exception, source) -> None:
         """Malformed messages are logged, not shown: a pop-up per bad message helps nobody. Only the kind
@@ -431,8 +433,9 @@ def completion_item(ls: CodellmServer, prefix: str, text: str, position: types.P
     format where the client supports it (Neovim 0.11 inserts only the first word of a plain multi-word
     item)."""
     word = word_before_cursor(prefix)
-    first_line = text.split("\n", 1)[0]
+    first_line = text.split("\n", 1)[0].rstrip("\r")  # (a CRLF document's answer has CRLF line ends)
     full = word + text
+    shown = full.replace("\r\n", "\n")
     caps = ls.client_capabilities.text_document
     snippets = bool(caps and caps.completion and caps.completion.completion_item
                     and caps.completion.completion_item.snippet_support)
@@ -449,5 +452,5 @@ def completion_item(ls: CodellmServer, prefix: str, text: str, position: types.P
         text_edit=types.TextEdit(range=types.Range(start=start, end=position),
                                  new_text=snippet_escape(full) if snippets else full),
         insert_text_format=types.InsertTextFormat.Snippet if snippets else types.InsertTextFormat.PlainText,
-        documentation=types.MarkupContent(kind=types.MarkupKind.Markdown, value=f"```sh\n{full}\n```"),
+        documentation=types.MarkupContent(kind=types.MarkupKind.Markdown, value=f"```sh\n{shown}\n```"),
     )

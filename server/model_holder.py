@@ -70,6 +70,8 @@ class ModelHolder:
             self._fail(str(exc))
             return
         if resolved == self.path and device == self.device and threads == self.threads and self.engine:
+            if bundle_stamp(self.path) == self.stamp:
+                self.load_error = None  # the settings name the model serving, as it is on disk
             return
         serving = (self.path, self.device, self.threads) if self.engine is not None else None
         self.path, self.device, self.threads = resolved, device, threads

@@ -61,7 +61,10 @@ def test_info_prints_parameter_counts(bundle_path):
 
 def test_corrupt_model_is_a_clear_error(tmp_path):
     r = run("complete", "-:1:1", "--model", str(tmp_path), stdin="x\n")
-    assert r.returncode == 2 and "missing file" in r.stderr
+    assert r.returncode == 2 and "no model bundle in this folder" in r.stderr  # a folder of other things
+    (tmp_path / "config.json").write_text("{}")
+    r = run("complete", "-:1:1", "--model", str(tmp_path), stdin="x\n")
+    assert r.returncode == 2 and "missing file" in r.stderr  # part of a bundle
 
 
 def test_split_at():
@@ -147,4 +150,4 @@ def test_sampling_and_bench_numbers_that_mean_nothing_are_refused_at_once(flags)
 
 def test_info_on_a_broken_model_it_was_given_fails(tmp_path):
     r = run("info", "--model", str(tmp_path))
-    assert r.returncode == 2 and "missing file" in r.stderr and "presets" in r.stdout
+    assert r.returncode == 2 and "no model bundle in this folder" in r.stderr and "presets" in r.stdout

@@ -129,6 +129,24 @@ def test_completion_item_shape(bundle_path):
     run(main())
 
 
+def test_a_crlf_document_gets_a_popup_item_whose_shown_text_holds_no_carriage_return():
+    """In a CRLF document a block suggestion is inserted with CRLF line ends, while what the popup
+    filters on and shows (filterText, documentation) holds no carriage return. The shipped model
+    closes this `if` (`    exit 1` and `fi`)."""
+    from codellm.defaults import PACKAGED_BUNDLE
+    text = "#!/bin/bash\r\nif [ -z \"$1\" ]; then\r\n    echo usage\r\n"
+
+    async def main():
+        async with Session("--model", str(PACKAGED_BUNDLE), inline=False,
+                           init_options={"multilineMs": 600_000, "timeoutMs": 600_000}) as s:
+            s.open(URI, text)
+            line, char = last_position(text)
+            (item,) = (await s.completion(URI, line, char)).items
+            assert "\r\n" in item.text_edit.new_text  # two lines, joined as the document's are
+            assert "\r" not in item.filter_text and "\r" not in item.documentation.value
+    run(main())
+
+
 @pytest.fixture(scope="module")
 def slow_bundle(tmp_path_factory, tokenizer):
     """A random model with a long context: reading LONG_DOCUMENT takes most of a second. (Its answers
@@ -478,9 +496,10 @@ def test_hot_swap_takes_a_valid_bundle_and_rejects_a_corrupt_one(bundle_path, tm
     other = tmp_path / "other"
     save_bundle(other, make_model(tokenizer, seed=5), tokenizer)
     prefix = "#!/bin/bash\nif [ -z \"$1\" ]; then\n    echo usage"
+    log_file = tmp_path / "server.log"
 
     async def main():
-        async with Session("--model", str(live)) as s:
+        async with Session("--model", str(live), "--log-file", str(log_file)) as s:
             s.open(URI, prefix)
             line, char = last_position(prefix)
             before = await s.inline(URI, line, char)
@@ -495,6 +514,7 @@ def test_hot_swap_takes_a_valid_bundle_and_rejects_a_corrupt_one(bundle_path, tm
             weights.write_bytes(weights.read_bytes()[:1000])  # a half-written copy
             await s.wait_for_message("rejected")
             assert "truncated or corrupt" in (await s.status()).model_error  # status says so too
+            assert "new model rejected" in log_file.read_text()  # and the log, where the pop-up is gone
             s.edit(URI, line, char, " ")
             s.edit(URI, line, char, "", end=(line, char + 1))
             still = await s.inline(URI, line, char)

@@ -407,6 +407,10 @@ def test_a_model_setting_that_fails_leaves_the_serving_model_named_and_watched(b
             assert status.model == str(bundle_path) and status.model_error and status.parameters
             s.open(URI, LONG_DOCUMENT)
             assert await s.inline(URI, END, 0, automatic=False) is not None  # the old model answers
+            s.client.workspace_did_change_configuration(types.DidChangeConfigurationParams(
+                settings={"codellm": {"modelPath": str(bundle_path)}}))  # back to the model serving
+            status = await wait_for_status(s, lambda st: st.model_error is None, timeout=60)
+            assert status.model == str(bundle_path)  # the failed setting's error is no longer shown
 
     asyncio.run(main())
 
