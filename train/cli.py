@@ -271,8 +271,8 @@ def cmd_stage(args):
     """`codellm-train language` or `code` (args.stage)."""
     from codellm.tokenizer import Tokenizer
     from .stages import run_folder, run_stage
+    check_out(args, [(run_folder(args.out, args.stage), args.out)])  # first: it reads no bundle
     check_from(args)
-    check_out(args, [(run_folder(args.out, args.stage), args.out)])
     if finished_already(args, run_folder(args.out, args.stage), args.out):
         return
     work = args.out.with_name(args.out.name + ".work")
