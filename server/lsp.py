@@ -393,7 +393,8 @@ async def completion(ls: CodellmServer, params: types.CompletionParams):
 
 
 def status(ls: CodellmServer, params=None):
-    return ls.service.status()
+    refused = ls.context.refused if ls.settings.file_context else []
+    return {**ls.service.status(), "context_refused": list(refused)}
 
 
 def shutdown(ls: CodellmServer, params=None):

@@ -14,6 +14,7 @@ document's chunks are cut again when it changes.
 """
 from __future__ import annotations
 
+import logging
 import os
 import stat
 from collections import OrderedDict
@@ -24,6 +25,7 @@ from codellm.prompt import ContextChunk
 
 MAX_FILE_BYTES = crossfile.MAX_FILE_BYTES
 RING_DOCUMENTS = 8
+log = logging.getLogger("codellm.server")
 DISK_CACHE_ENTRIES = 64
 
 
@@ -46,16 +48,28 @@ def read_workspace_file(path: str, folders: list[str]) -> str | None:
     """The text of a regular file whose real path lies inside one of `folders`; None for anything else
     (outside, missing, a device or FIFO, larger than MAX_FILE_BYTES, not UTF-8, a path the os functions
     refuse such as one holding a NUL byte)."""
+    return workspace_file(path, folders)[0]
+
+
+def workspace_file(path: str, folders: list[str]) -> tuple[str | None, str | None]:
+    """(text, None) as read_workspace_file gives it, or (None, why) for a file inside the folders that
+    exists and is refused (not UTF-8, a binary file, too large, a device): the person editing should learn
+    why a file their script sources gives no context. A file outside the folders or missing is (None, None)."""
     try:
         real = os.path.realpath(path)
         if not inside(real, [os.path.realpath(f) for f in folders]):
-            return None
+            return None, None
         info = os.stat(real)  # checked before opening too: a device is never opened
-        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_FILE_BYTES:
-            return None
-        return crossfile.read_context_file(real, follow_links=False)
-    except (OSError, ValueError):  # ValueError: refused by read_context_file, or a NUL byte in the path
-        return None
+    except (OSError, ValueError):  # ValueError: a NUL byte in the path
+        return None, None
+    if not stat.S_ISREG(info.st_mode):
+        return None, f"{path}: not a regular file"
+    if info.st_size > MAX_FILE_BYTES:
+        return None, f"{path}: larger than {MAX_FILE_BYTES // 1024} KB, the most a context file may be"
+    try:
+        return crossfile.read_context_file(real, follow_links=False), None
+    except ValueError as exc:  # refused by read_context_file, saying why
+        return None, str(exc).replace(real, path, 1)
 
 
 def document_path(uri: str) -> str:
@@ -103,7 +117,8 @@ class WorkspaceContext:
         self.open_text = open_text
         self.folders = folders
         self.ring = OpenDocumentRing()
-        self._disk: OrderedDict[tuple, str | None] = OrderedDict()
+        self._disk: OrderedDict[tuple, tuple[str | None, str | None]] = OrderedDict()
+        self.refused: list[str] = []  # why sourced files gave no context at the last cursor (workspace_file)
 
     def disk_folders(self) -> list[str]:
         """The workspace folders files may be read from disk in, as declared and with symbolic links
@@ -138,15 +153,21 @@ class WorkspaceContext:
         except (OSError, ValueError):  # ValueError: a NUL byte in the path
             return None
         if key not in self._disk:
-            self._disk[key] = read_workspace_file(path, folders)
+            self._disk[key] = workspace_file(path, folders)
+            if self._disk[key][1]:
+                log.info("sourced file gives no context: %s", self._disk[key][1])
             if len(self._disk) > DISK_CACHE_ENTRIES:
                 self._disk.popitem(last=False)
-        return self._disk[key]
+        text, why = self._disk[key]
+        if why and why not in self.refused:
+            self.refused.append(why)
+        return text
 
     def chunks_for(self, uri: str, prefix: str, suffix: str) -> list[ContextChunk]:
         """Context chunks for a cursor in document `uri`, best first."""
         doc_path = uri_to_path(uri) or "/" + uri.rsplit("/", 1)[-1]
         folders = self.disk_folders()
+        self.refused = []
         sourced = crossfile.read_sourced(prefix + suffix, doc_path, lambda path: self.read(path, folders),
                                          self.folders())
         sourced_paths = {p for p, _ in sourced}

@@ -243,6 +243,31 @@ def test_server_uses_sourced_files_inside_the_workspace_only(bundle_path, tmp_pa
     assert asyncio.run(launched_without()) == []
 
 
+def test_server_says_why_a_sourced_file_gives_no_context(bundle_path, tmp_path):
+    """A sourced file in another encoding is not read (the model speaks UTF-8), and the status says so
+    rather than leaving the person to wonder why their library is not used; once saved as UTF-8 it is."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    (ws / "lib.sh").write_bytes(LIB.replace("release", "r\u00e9lease").encode("latin-1"))
+    script = "#!/bin/bash\nsource ./lib.sh\n\nlog_"
+    uri = (ws / "run.sh").as_uri()
+
+    async def run():
+        async with Session("--model", str(bundle_path), workspace=str(ws)) as s:
+            s.open(uri, script)
+            await s.inline(uri, 3, 4)
+            before = await s.status()
+            (ws / "lib.sh").write_text(LIB)
+            s.edit(uri, 3, 4, "i")
+            await s.inline(uri, 3, 5)
+            return before, await s.status()
+
+    before, after = asyncio.run(run())
+    assert not before.context
+    assert len(before.context_refused) == 1 and "lib.sh: not UTF-8 text" in before.context_refused[0]
+    assert after.context_refused == [] and all(c.startswith("lib.sh:") for c in after.context) and after.context
+
+
 def test_server_ring_follows_open_documents_and_keeps_the_prompt_start(bundle_path, tmp_path):
     ws = tmp_path / "ws"
     ws.mkdir()
