@@ -237,6 +237,7 @@ def did_change_configuration(ls: CodellmServer, params: types.DidChangeConfigura
     if changed:
         log.info("settings changed: %s", ", ".join(sorted(changed)))
         ls.service.clear()
+        ls.context.refused = {}
     if {"model_path", "device", "threads"} & set(changed):
         wanted = (ls.settings.model_path, ls.settings.device, ls.settings.threads)
         in_background(ls, configure_model(ls, wanted))
@@ -393,8 +394,8 @@ async def completion(ls: CodellmServer, params: types.CompletionParams):
 
 
 def status(ls: CodellmServer, params=None):
-    refused = ls.context.refused if ls.settings.file_context else []
-    return {**ls.service.status(), "context_refused": list(refused)}
+    refused = list(ls.context.refused.values())[:8] if ls.settings.file_context else []
+    return {**ls.service.status(), "context_refused": refused}
 
 
 def shutdown(ls: CodellmServer, params=None):

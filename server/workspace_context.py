@@ -27,6 +27,7 @@ MAX_FILE_BYTES = crossfile.MAX_FILE_BYTES
 RING_DOCUMENTS = 8
 log = logging.getLogger("codellm.server")
 DISK_CACHE_ENTRIES = 64
+TOLD_ENTRIES = 1024  # file versions whose refusal was logged
 
 
 def uri_to_path(uri: str) -> str | None:
@@ -118,7 +119,8 @@ class WorkspaceContext:
         self.folders = folders
         self.ring = OpenDocumentRing()
         self._disk: OrderedDict[tuple, tuple[str | None, str | None]] = OrderedDict()
-        self.refused: list[str] = []  # why sourced files gave no context at the last cursor (workspace_file)
+        self.refused: dict[str, str] = {}  # path -> why it gave no context, at the last cursor (workspace_file)
+        self._told: OrderedDict[tuple, None] = OrderedDict()
 
     def disk_folders(self) -> list[str]:
         """The workspace folders files may be read from disk in, as declared and with symbolic links
@@ -152,24 +154,38 @@ class WorkspaceContext:
             key = (path, info.st_mtime_ns, info.st_size, tuple(folders))
         except (OSError, ValueError):  # ValueError: a NUL byte in the path
             return None
-        if key not in self._disk:
+        if key in self._disk:
+            self._disk.move_to_end(key)
+        else:
             self._disk[key] = workspace_file(path, folders)
-            if self._disk[key][1]:
-                log.info("sourced file gives no context: %s", self._disk[key][1])
             if len(self._disk) > DISK_CACHE_ENTRIES:
                 self._disk.popitem(last=False)
         text, why = self._disk[key]
-        if why and why not in self.refused:
-            self.refused.append(why)
+        if why:
+            self._tell_once(key, why)
+            self.refused.setdefault(path, why)
         return text
+
+    def _tell_once(self, key: tuple, why: str) -> None:
+        """Log why a sourced file gives no context, once per file version (not at each keystroke)."""
+        if key not in self._told:
+            self._told[key] = None
+            if len(self._told) > TOLD_ENTRIES:
+                self._told.popitem(last=False)
+            # a path from the document may hold lone surrogates (bytes that are not UTF-8): escaped
+            log.info("sourced file gives no context: %s", why.encode("utf-8", "backslashreplace").decode())
 
     def chunks_for(self, uri: str, prefix: str, suffix: str) -> list[ContextChunk]:
         """Context chunks for a cursor in document `uri`, best first."""
         doc_path = uri_to_path(uri) or "/" + uri.rsplit("/", 1)[-1]
         folders = self.disk_folders()
-        self.refused = []
+        self.refused = {}
         sourced = crossfile.read_sourced(prefix + suffix, doc_path, lambda path: self.read(path, folders),
                                          self.folders())
+        # a `source` line's candidates (one relative path in several folders) share a name: a refused
+        # candidate is no loss when another was read
+        used = {os.path.basename(p) for p, _ in sourced}
+        self.refused = {p: why for p, why in self.refused.items() if os.path.basename(p) not in used}
         sourced_paths = {p for p, _ in sourced}
         others = [(p, t) for u, t in self.ring.texts.items()
                   if u != uri and (p := document_path(u)) not in sourced_paths]

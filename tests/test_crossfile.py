@@ -12,6 +12,7 @@ import pytest
 from codellm import crossfile
 from codellm.crossfile import read_context_file, read_sourced
 from codellm.prompt import ContextChunk, build_prompt, build_prompt_with_context, format_context
+from codellm.server import workspace_context
 from codellm.server.workspace_context import MAX_FILE_BYTES, OpenDocumentRing, WorkspaceContext, read_workspace_file
 from codellm.train.data import Mixture, build_epoch
 from lsp_session import Session
@@ -266,6 +267,29 @@ def test_server_says_why_a_sourced_file_gives_no_context(bundle_path, tmp_path):
     assert not before.context
     assert len(before.context_refused) == 1 and "lib.sh: not UTF-8 text" in before.context_refused[0]
     assert after.context_refused == [] and all(c.startswith("lib.sh:") for c in after.context) and after.context
+
+
+def test_refused_sourced_files_are_logged_once_and_a_used_candidate_hides_its_twin(tmp_path, caplog, monkeypatch):
+    """Many refused files (more than the read cache holds) are logged once per version, not at each
+    keystroke; `source lib.sh` refused in the script's folder but read in the workspace root is no loss."""
+    monkeypatch.setattr(workspace_context, "DISK_CACHE_ENTRIES", 8)
+    ws = tmp_path / "ws"
+    (ws / "sub").mkdir(parents=True)
+    names = [f"l{i}.sh" for i in range(20)]
+    for name in names:
+        (ws / "sub" / name).write_bytes(b"x=\xe9\n")
+    (ws / "sub" / "lib.sh").write_bytes(b"y=\xe9\n")
+    (ws / "lib.sh").write_text(LIB)
+    script = "".join(f"source ./{n}\n" for n in names) + "source lib.sh\nlog_"
+    context = WorkspaceContext(lambda uri: None, lambda: [str(ws)])
+    uri = (ws / "sub" / "run.sh").as_uri()
+    with caplog.at_level("INFO", logger="codellm.server"):
+        for _ in range(3):
+            chunks = context.chunks_for(uri, script, "")
+    told = [r for r in caplog.records if "gives no context" in r.getMessage()]
+    assert len(told) == 21 and len({r.getMessage() for r in told}) == 21
+    assert any(c.path.endswith("lib.sh") for c in chunks)
+    assert str(ws / "sub" / "lib.sh") not in context.refused and str(ws / "sub" / "l0.sh") in context.refused
 
 
 def test_server_ring_follows_open_documents_and_keeps_the_prompt_start(bundle_path, tmp_path):
