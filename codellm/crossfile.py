@@ -65,6 +65,19 @@ MAX_SOURCE_LINES = 32  # the distinct source lines of a file that are followed
 MAX_FILE_BYTES = 256 * 1024  # a larger file gives no context (the server and `codellm complete --context`)
 
 
+def check_context_stat(path: str, info: os.stat_result) -> None:
+    """Raises ValueError, saying why, when `info` (os.stat or os.fstat of `path`) is no regular file or a
+    file larger than MAX_FILE_BYTES: checked before a file is opened, so a device is never opened."""
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{path}: not a regular file")
+    if info.st_size > MAX_FILE_BYTES:
+        raise ValueError(_too_large(path))
+
+
+def _too_large(path: str) -> str:
+    return f"{path}: larger than {MAX_FILE_BYTES // 1024} KB, the most a context file may be"
+
+
 def read_context_file(path: str, follow_links: bool = True) -> str:
     """The text of a file that may give context: a regular file of at most MAX_FILE_BYTES of UTF-8.
     Opening never waits (a FIFO) and the type is checked on the open file, so a file swapped for a device
@@ -75,13 +88,12 @@ def read_context_file(path: str, follow_links: bool = True) -> str:
     try:
         fd = os.open(path, flags)
         with os.fdopen(fd, "rb") as f:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                raise ValueError(f"{path}: not a regular file")
+            check_context_stat(path, os.fstat(fd))
             data = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise ValueError(f"{path}: {exc.strerror or exc}") from None
-    if len(data) > MAX_FILE_BYTES:
-        raise ValueError(f"{path}: larger than {MAX_FILE_BYTES // 1024} KB, the most a context file may be")
+    if len(data) > MAX_FILE_BYTES:  # grown since fstat, or a file whose size says nothing (/proc)
+        raise ValueError(_too_large(path))
     if b"\0" in data:
         raise ValueError(f"{path}: a binary file (it holds NUL bytes), not shell text")
     try:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import stat
 from collections import OrderedDict
 from urllib.parse import unquote, urlparse
 
@@ -60,16 +59,13 @@ def workspace_file(path: str, folders: list[str]) -> tuple[str | None, str | Non
         real = os.path.realpath(path)
         if not inside(real, [os.path.realpath(f) for f in folders]):
             return None, None
-        info = os.stat(real)  # checked before opening too: a device is never opened
+        info = os.stat(real)
     except (OSError, ValueError):  # ValueError: a NUL byte in the path
         return None, None
-    if not stat.S_ISREG(info.st_mode):
-        return None, f"{path}: not a regular file"
-    if info.st_size > MAX_FILE_BYTES:
-        return None, f"{path}: larger than {MAX_FILE_BYTES // 1024} KB, the most a context file may be"
     try:
+        crossfile.check_context_stat(path, info)  # before opening too: a device is never opened
         return crossfile.read_context_file(real, follow_links=False), None
-    except ValueError as exc:  # refused by read_context_file, saying why
+    except ValueError as exc:  # refused, saying why (read_context_file names the real path)
         return None, str(exc).replace(real, path, 1)
 
 
@@ -182,11 +178,11 @@ class WorkspaceContext:
         self.refused = {}
         sourced = crossfile.read_sourced(prefix + suffix, doc_path, lambda path: self.read(path, folders),
                                          self.folders())
+        sourced_paths = {p for p, _ in sourced}
         # a `source` line's candidates (one relative path in several folders) share a name: a refused
         # candidate is no loss when another was read
-        used = {os.path.basename(p) for p, _ in sourced}
+        used = {os.path.basename(p) for p in sourced_paths}
         self.refused = {p: why for p, why in self.refused.items() if os.path.basename(p) not in used}
-        sourced_paths = {p for p, _ in sourced}
         others = [(p, t) for u, t in self.ring.texts.items()
                   if u != uri and (p := document_path(u)) not in sourced_paths]
         return crossfile.choose_context(prefix, suffix, sourced, others, doc_path, self.ring.chunks)
