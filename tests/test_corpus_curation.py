@@ -503,3 +503,69 @@ def test_a_corpus_is_kept_as_its_change_from_the_earlier_corpus_nearest_it():
     assert sorted(stage_files(card, "code-3")) == sorted(
         (source, digests[k:k + 32]) for source, digests in again.items() for k in range(0, len(digests), 32))
     assert compact(card) == card
+
+
+@pytest.fixture
+def package_index(tmp_path, monkeypatch):
+    """A PyPI-like index over real HTTP on localhost: `publish(name, files)` serves an sdist of those
+    files at /pypi/NAME/json, its address relative as PyPI mirrors give it."""
+    import http.server
+    import io
+    import tarfile
+    import threading
+    from codellm.train import sources
+
+    served: dict[str, bytes] = {}
+
+    class Index(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = served.get(self.path)
+            self.send_response(200 if body is not None else 404)
+            self.end_headers()
+            self.wfile.write(body or b"")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.setattr(sources, "PYPI_JSON_API", f"http://127.0.0.1:{server.server_port}/pypi/{{name}}/json")
+    monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+
+    def publish(name: str, files: dict[str, str], sha256: str | None = None) -> None:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+            for path, text in files.items():
+                info = tarfile.TarInfo(f"{name}-1.0/{path}")
+                info.size = len(text.encode())
+                tar.addfile(info, io.BytesIO(text.encode()))
+        sdist = buffer.getvalue()
+        served[f"/files/{name}-1.0.tar.gz"] = sdist
+        wheel = {"packagetype": "bdist_wheel", "filename": f"{name}-1.0-py3-none-any.whl", "url": "x.whl"}
+        served[f"/pypi/{name}/json"] = json.dumps({"info": {"version": "1.0"}, "urls": [wheel, {
+            "packagetype": "sdist", "filename": f"{name}-1.0.tar.gz", "url": f"../../files/{name}-1.0.tar.gz",
+            "digests": {"sha256": sha256 or hashlib.sha256(sdist).hexdigest()}, "yanked": False}]}).encode()
+
+    yield publish
+    server.shutdown()
+
+
+def test_a_pypi_source_distribution_is_fetched_from_the_index_without_pip(tmp_path, package_index):
+    from codellm.train import sources
+    package_index("codellm-demo-tool", {"ci/install.sh": "#!/bin/sh\nmake install\n", "setup.py": "print(1)\n",
+                                        "PKG-INFO": "License: MIT\n"})
+    got = sources.fetch_packages([PackageSpec("pypi", "codellm-demo-tool")], tmp_path / "cache", log=lambda *_: None)
+    folder = got["pypi:codellm-demo-tool"]
+    kept = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+    assert kept == [".done", "codellm-demo-tool-1.0/PKG-INFO", "codellm-demo-tool-1.0/ci/install.sh"]
+
+
+def test_an_sdist_whose_digest_is_not_the_index_s_is_not_kept(tmp_path, package_index):
+    from codellm.train import sources
+    package_index("codellm-demo-tool", {"run.sh": "#!/bin/sh\necho hi\n"}, sha256="0" * 64)
+    assert sources._fetch_pypi_direct(PackageSpec("pypi", "codellm-demo-tool"), tmp_path) == []
+    assert list(tmp_path.iterdir()) == []  # the bad download is gone
+    package_index("codellm-demo-tool", {"run.sh": "#!/bin/sh\necho hi\n"})
+    assert [p.name for p in sources._fetch_pypi_direct(PackageSpec("pypi", "codellm-demo-tool"), tmp_path)] == [
+        "codellm-demo-tool-1.0.tar.gz"]
+    assert sources._fetch_pypi_direct(PackageSpec("pypi", "codellm-not-published"), tmp_path) == []  # 404
