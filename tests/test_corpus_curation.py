@@ -513,12 +513,21 @@ def package_index(tmp_path, monkeypatch):
     import io
     import tarfile
     import threading
-    from codellm.train import sources
+    import time
+    from codellm.train import pypi
 
     served: dict[str, bytes] = {}
 
     class Index(http.server.BaseHTTPRequestHandler):
         def do_GET(self):
+            if self.path == "/slow":  # a byte at a time: no socket timeout ever fires
+                self.send_response(200)
+                self.end_headers()
+                for _ in range(200):
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                    time.sleep(0.02)
+                return
             body = served.get(self.path)
             self.send_response(200 if body is not None else 404)
             self.end_headers()
@@ -529,10 +538,11 @@ def package_index(tmp_path, monkeypatch):
 
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Index)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    monkeypatch.setattr(sources, "PYPI_JSON_API", f"http://127.0.0.1:{server.server_port}/pypi/{{name}}/json")
+    monkeypatch.setattr(pypi, "JSON_API", f"http://127.0.0.1:{server.server_port}/pypi/{{name}}/json")
     monkeypatch.delenv("PIP_INDEX_URL", raising=False)
 
-    def publish(name: str, files: dict[str, str], sha256: str | None = None) -> None:
+    def publish(name: str, files: dict[str, str], sha256: str | None = None, size: int | None = None,
+                answer: bytes | None = None) -> str:
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
             for path, text in files.items():
@@ -544,7 +554,9 @@ def package_index(tmp_path, monkeypatch):
         wheel = {"packagetype": "bdist_wheel", "filename": f"{name}-1.0-py3-none-any.whl", "url": "x.whl"}
         served[f"/pypi/{name}/json"] = json.dumps({"info": {"version": "1.0"}, "urls": [wheel, {
             "packagetype": "sdist", "filename": f"{name}-1.0.tar.gz", "url": f"../../files/{name}-1.0.tar.gz",
-            "digests": {"sha256": sha256 or hashlib.sha256(sdist).hexdigest()}, "yanked": False}]}).encode()
+            "digests": {"sha256": sha256 or hashlib.sha256(sdist).hexdigest()}, "size": size or len(sdist),
+            "yanked": False}]}).encode() if answer is None else answer
+        return f"http://127.0.0.1:{server.server_port}"
 
     yield publish
     server.shutdown()
@@ -561,11 +573,53 @@ def test_a_pypi_source_distribution_is_fetched_from_the_index_without_pip(tmp_pa
 
 
 def test_an_sdist_whose_digest_is_not_the_index_s_is_not_kept(tmp_path, package_index):
-    from codellm.train import sources
+    from codellm.train.pypi import fetch_sdist
     package_index("codellm-demo-tool", {"run.sh": "#!/bin/sh\necho hi\n"}, sha256="0" * 64)
-    assert sources._fetch_pypi_direct(PackageSpec("pypi", "codellm-demo-tool"), tmp_path) == []
+    assert fetch_sdist("codellm-demo-tool", tmp_path) == []
     assert list(tmp_path.iterdir()) == []  # the bad download is gone
     package_index("codellm-demo-tool", {"run.sh": "#!/bin/sh\necho hi\n"})
-    assert [p.name for p in sources._fetch_pypi_direct(PackageSpec("pypi", "codellm-demo-tool"), tmp_path)] == [
-        "codellm-demo-tool-1.0.tar.gz"]
-    assert sources._fetch_pypi_direct(PackageSpec("pypi", "codellm-not-published"), tmp_path) == []  # 404
+    assert [p.name for p in fetch_sdist("codellm-demo-tool", tmp_path)] == ["codellm-demo-tool-1.0.tar.gz"]
+    assert fetch_sdist("codellm-not-published", tmp_path) == []  # 404
+
+
+def test_a_wrong_answer_from_the_index_leaves_the_package_to_pip_and_writes_nothing(tmp_path, package_index):
+    from codellm.train.pypi import fetch_sdist
+    sdist = {"packagetype": "sdist", "filename": "t-1.0.tar.gz", "url": "../../t-1.0.tar.gz",
+             "digests": {"sha256": "0" * 64}}
+    answers = [b"[1]", b"null", b'{"urls": "abc"}', b'{"urls": [1]}', b"[" * 200_000, b"\xff\xfe",
+               json.dumps({"urls": [dict(sdist, digests=None)]}).encode(),
+               json.dumps({"urls": [dict(sdist, filename="../t-1.0.tar.gz")]}).encode(),
+               json.dumps({"urls": [dict(sdist, filename="t-1.0.whl")]}).encode(),
+               json.dumps({"urls": [dict(sdist, url="file:///etc/passwd")]}).encode()]
+    for answer in answers:
+        package_index("t", {}, answer=answer)
+        assert fetch_sdist("t", tmp_path) == [], answer[:60]
+    package_index("t", {"run.sh": "#!/bin/sh\necho hi\n"}, size=10)  # more bytes than the index said
+    assert fetch_sdist("t", tmp_path) == []
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_download_that_trickles_stops_at_its_deadline(tmp_path, package_index):
+    from codellm.train.pypi import download_checked
+    address = package_index("t", {})
+    with pytest.raises(OSError, match="too long"):
+        download_checked(f"{address}/slow", tmp_path / "t-1.0.tar.gz", "0" * 64, timeout=5, deadline_s=0.5)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_index_that_cannot_be_reached_is_asked_a_few_times_not_once_a_package(tmp_path, package_index,
+                                                                                  monkeypatch):
+    import socket
+    from codellm.train import pypi
+    package_index("t", {"run.sh": "#!/bin/sh\necho hi\n"})
+    live = pypi.JSON_API
+    with socket.socket() as closed:  # a port nothing listens on: the connection is refused
+        closed.bind(("127.0.0.1", 0))
+        monkeypatch.setattr(pypi, "JSON_API", f"http://127.0.0.1:{closed.getsockname()[1]}/pypi/{{name}}/json")
+        monkeypatch.setitem(pypi._no_answer, "count", 0)
+        for _ in range(pypi.UNREACHABLE_AFTER):
+            assert pypi.fetch_sdist("t", tmp_path) == []
+    monkeypatch.setattr(pypi, "JSON_API", live)
+    assert pypi.fetch_sdist("t", tmp_path) == []  # not asked again in this build: pip fetches the rest
+    monkeypatch.setitem(pypi._no_answer, "count", 0)
+    assert [p.name for p in pypi.fetch_sdist("t", tmp_path)] == ["t-1.0.tar.gz"]

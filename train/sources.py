@@ -9,6 +9,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import lzma
 import os
 import re
 import shutil
@@ -16,15 +17,15 @@ import subprocess
 import sys
 import tarfile
 import time
-import urllib.parse
-import urllib.request
 import zipfile
+import zlib
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from importlib import resources
 
 from .atomic_write import write_bytes
+from .pypi import fetch_sdist
 
 
 KINDS = ("binary", "source", "doc", "npm", "pypi")
@@ -209,60 +210,6 @@ def _fetch_npm(spec: PackageSpec, work: Path, dest: Path, cache: Path) -> bool:
     return bool(archives)
 
 
-# PyPI's JSON API (https://docs.pypi.org/api/json/): the files of a project's newest release
-PYPI_JSON_API = "https://pypi.org/pypi/{name}/json"
-
-
-def pypi_sdist(name: str, timeout: float = 60) -> dict | None:
-    """The source distribution of the newest release of PyPI project `name`, as PyPI's JSON API lists it
-    (`filename`, `url` made absolute, `digests`, ...), or None when that release has none.
-
-    Raises OSError (urllib.error.URLError) when the index cannot be reached or has no such project,
-    ValueError when its answer is not the JSON it should be."""
-    url = PYPI_JSON_API.format(name=urllib.parse.quote(name))
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        release = json.load(response)
-    for file in release.get("urls", []):
-        if file.get("packagetype") == "sdist" and not file.get("yanked"):
-            if not isinstance(file.get("filename"), str) or not isinstance(file.get("url"), str):
-                raise ValueError(f"PyPI's answer for {name} lists a file without a name or address")
-            return dict(file, url=urllib.parse.urljoin(url, file["url"]))  # a mirror may give it relative
-    return None
-
-
-def download_checked(url: str, target: Path, sha256: str, timeout: float = 120) -> None:
-    """Stream `url` into `target` (1 MiB at a time) and check its SHA-256; a mismatch removes the file and
-    raises OSError, as a failed transfer does."""
-    digest = hashlib.sha256()
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
-            while chunk := response.read(1 << 20):
-                digest.update(chunk)
-                out.write(chunk)
-        if digest.hexdigest() != sha256.lower():
-            raise OSError(f"{target.name}: SHA-256 {digest.hexdigest()} is not the index's {sha256}")
-    except BaseException:
-        target.unlink(missing_ok=True)
-        raise
-
-
-def _fetch_pypi_direct(spec: PackageSpec, work: Path) -> list[Path]:
-    """The newest sdist of `spec`, fetched from PyPI's JSON API with no pip process (pip prepares each
-    package's metadata, seconds of CPU each, which is most of a whole-list build); [] where that fails."""
-    if os.environ.get("PIP_INDEX_URL"):  # the user's own index: pip knows how to reach it
-        return []
-    try:
-        file = pypi_sdist(spec.name)
-        name = PurePosixPath(file["filename"]).name if file else ""
-        archive = bool(TARBALL.search(name)) or name.endswith(".zip")
-        if not (name and name == file["filename"] and archive and file["url"].startswith(("https://", "http://"))):
-            return []
-        download_checked(file["url"], work / name, str(file.get("digests", {}).get("sha256", "")))
-    except (OSError, ValueError, KeyError, TypeError):
-        return []
-    return [work / name]
-
-
 def _fetch_pypi_with_pip(spec: PackageSpec, work: Path) -> list[Path]:
     # pip reads a package's metadata before it keeps the file, with this environment's build tools first
     # (quick) and, where the package needs others (pillow needs pybind11), in an environment of its own,
@@ -277,7 +224,7 @@ def _fetch_pypi_with_pip(spec: PackageSpec, work: Path) -> list[Path]:
 
 def _fetch_pypi(spec: PackageSpec, work: Path, dest: Path, cache: Path) -> bool:
     # source distributions only: wheels rarely carry the build and CI scripts
-    archives = _fetch_pypi_direct(spec, work) or _fetch_pypi_with_pip(spec, work)
+    archives = fetch_sdist(spec.name, work) or _fetch_pypi_with_pip(spec, work)
     for archive in archives:
         extract_shell_members(archive, dest)
     return bool(archives)
@@ -308,7 +255,8 @@ def _fetch_one(spec: PackageSpec, cache: Path, log, retry_failed: bool = False) 
     dest.mkdir(parents=True)
     try:
         ok = FETCHERS[spec.kind](spec, work, dest, cache)
-    except (subprocess.TimeoutExpired, OSError, tarfile.TarError, zipfile.BadZipFile, EOFError) as exc:
+    except (subprocess.TimeoutExpired, OSError, tarfile.TarError, zipfile.BadZipFile, EOFError, lzma.LZMAError,
+            zlib.error) as exc:
         log(f"  {spec.kind} {spec.name}: {exc}")
         ok = False
     shutil.rmtree(work, ignore_errors=True)
