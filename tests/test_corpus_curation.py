@@ -540,6 +540,7 @@ def package_index(tmp_path, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.setattr(pypi, "JSON_API", f"http://127.0.0.1:{server.server_port}/pypi/{{name}}/json")
     monkeypatch.delenv("PIP_INDEX_URL", raising=False)
+    monkeypatch.delenv("PIP_NO_INDEX", raising=False)
 
     def publish(name: str, files: dict[str, str], sha256: str | None = None, size: int | None = None,
                 answer: bytes | None = None) -> str:
@@ -582,7 +583,9 @@ def test_an_sdist_whose_digest_is_not_the_index_s_is_not_kept(tmp_path, package_
     assert fetch_sdist("codellm-not-published", tmp_path) == []  # 404
 
 
-def test_a_wrong_answer_from_the_index_leaves_the_package_to_pip_and_writes_nothing(tmp_path, package_index):
+def test_a_wrong_answer_from_the_index_leaves_the_package_to_pip_and_writes_nothing(tmp_path, package_index,
+                                                                                     monkeypatch):
+    from codellm.train import pypi
     from codellm.train.pypi import fetch_sdist
     sdist = {"packagetype": "sdist", "filename": "t-1.0.tar.gz", "url": "../../t-1.0.tar.gz",
              "digests": {"sha256": "0" * 64}}
@@ -595,6 +598,9 @@ def test_a_wrong_answer_from_the_index_leaves_the_package_to_pip_and_writes_noth
         package_index("t", {}, answer=answer)
         assert fetch_sdist("t", tmp_path) == [], answer[:60]
     package_index("t", {"run.sh": "#!/bin/sh\necho hi\n"}, size=10)  # more bytes than the index said
+    assert fetch_sdist("t", tmp_path) == []
+    monkeypatch.setattr(pypi, "SDIST_MAX_BYTES", 64)
+    package_index("t", {"run.sh": "#!/bin/sh\necho hi\n"}, size=10**12)  # the index cannot lift the cap
     assert fetch_sdist("t", tmp_path) == []
     assert list(tmp_path.iterdir()) == []
 
@@ -621,5 +627,8 @@ def test_an_index_that_cannot_be_reached_is_asked_a_few_times_not_once_a_package
             assert pypi.fetch_sdist("t", tmp_path) == []
     monkeypatch.setattr(pypi, "JSON_API", live)
     assert pypi.fetch_sdist("t", tmp_path) == []  # not asked again in this build: pip fetches the rest
+    monkeypatch.setitem(pypi._no_answer, "count", pypi.UNREACHABLE_AFTER - 1)
+    assert pypi.fetch_sdist("codellm-not-published", tmp_path) == []  # a 404 is an answer: it resets the count
+    assert pypi._no_answer["count"] == 0
     monkeypatch.setitem(pypi._no_answer, "count", 0)
     assert [p.name for p in pypi.fetch_sdist("t", tmp_path)] == ["t-1.0.tar.gz"]

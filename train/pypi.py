@@ -26,8 +26,8 @@ ARCHIVE = re.compile(r"\.(tar\.(gz|xz|bz2)|tgz|zip)$")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 FAILURES = (OSError, ValueError, http.client.HTTPException)
 
-# after this many failures to reach the index at all, a build stops asking it: a machine without it
-# then waits a few timeouts, not one a package
+# after this many failures in a row to reach the index at all, a build stops asking it: a machine
+# without it then waits a few timeouts, not one a package
 UNREACHABLE_AFTER = 3
 _no_answer = {"count": 0}
 _no_answer_lock = threading.Lock()
@@ -95,12 +95,14 @@ def download_checked(url: str, target: Path, sha256: str, max_bytes: int = SDIST
     Raises OSError (and removes what it wrote) when the transfer fails, passes `max_bytes` or
     `deadline_s` seconds, or the digest differs; http.client.HTTPException for a broken HTTP answer."""
     digest = hashlib.sha256()
-    with urllib.request.urlopen(url, timeout=timeout) as response, open(target, "wb") as out:
-        def write(chunk: bytes) -> None:
-            digest.update(chunk)
-            out.write(chunk)
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        out = open(target, "wb")
         try:
-            _read(response, write, max_bytes, time.monotonic() + deadline_s)
+            with out:  # closing may fail too (a full disk): then the file goes as well
+                def write(chunk: bytes) -> None:
+                    digest.update(chunk)
+                    out.write(chunk)
+                _read(response, write, max_bytes, time.monotonic() + deadline_s)
             if digest.hexdigest() != sha256:
                 raise OSError(f"{target.name}: SHA-256 {digest.hexdigest()} is not the index's {sha256}")
         except BaseException:
@@ -108,29 +110,35 @@ def download_checked(url: str, target: Path, sha256: str, max_bytes: int = SDIST
             raise
 
 
+def _pip_told_otherwise() -> bool:
+    """Whether pip is told to use an index other than pypi.org, or none (PIP_INDEX_URL, PIP_NO_INDEX)."""
+    no_index = os.environ.get("PIP_NO_INDEX", "").strip().lower()
+    return bool(os.environ.get("PIP_INDEX_URL")) or no_index not in ("", "0", "false", "no", "off")
+
+
 def fetch_sdist(name: str, work: Path) -> list[Path]:
     """The newest sdist of PyPI project `name`, downloaded into `work` and checked: [path], or [] when the
     index has none, cannot be reached or answers wrongly (then pip is the way), or when pip is told to use
     another index (PIP_INDEX_URL, PIP_NO_INDEX)."""
-    if os.environ.get("PIP_INDEX_URL") or os.environ.get("PIP_NO_INDEX"):
-        return []
-    if _no_answer["count"] >= UNREACHABLE_AFTER:
+    if _pip_told_otherwise() or _no_answer["count"] >= UNREACHABLE_AFTER:
         return []
     try:
         file = sdist_of(name)
     except urllib.error.HTTPError:  # the index answered, on this package only
-        return []
+        file = None
     except urllib.error.URLError:  # no answer at all
         with _no_answer_lock:
             _no_answer["count"] += 1
         return []
     except FAILURES:
         return []
+    _no_answer["count"] = 0  # counted are failures in a row: a blip does not end the quick way
     if file is None:
         return []
     target = work / file["filename"]
     try:
-        download_checked(file["url"], target, file["sha256"], max_bytes=file["size"] or SDIST_MAX_BYTES)
+        download_checked(file["url"], target, file["sha256"],
+                         max_bytes=min(file["size"] or SDIST_MAX_BYTES, SDIST_MAX_BYTES))
     except FAILURES:
         return []
     return [target]
