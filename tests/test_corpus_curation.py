@@ -632,3 +632,31 @@ def test_an_index_that_cannot_be_reached_is_asked_a_few_times_not_once_a_package
     assert pypi._no_answer["count"] == 0
     monkeypatch.setitem(pypi._no_answer, "count", 0)
     assert [p.name for p in pypi.fetch_sdist("t", tmp_path)] == ["t-1.0.tar.gz"]
+
+
+def test_a_package_whose_archive_is_corrupt_fails_alone(tmp_path, monkeypatch):
+    import io
+    import tarfile
+    from codellm.train import sources
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:xz") as tar:
+        for k in range(3):
+            data = "".join(f"echo {k}-{n * 7919 % 10007}\n" for n in range(5000)).encode()
+            info = tarfile.TarInfo(f"pkg/s{k}.sh")
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    damaged = bytearray(buffer.getvalue())
+    damaged[len(damaged) // 2:len(damaged) // 2 + 64] = bytes(64)  # xz reports it mid-stream
+
+    def fetch(spec, work, dest, cache):  # a real unpacking of what a download brought
+        archive = work / f"{spec.name}.tar.xz"
+        archive.write_bytes(damaged if spec.name == "broken" else buffer.getvalue())
+        return sources.extract_shell_members(archive, dest) > 0
+
+    monkeypatch.setitem(sources.FETCHERS, "npm", fetch)
+    logged = []
+    got = sources.fetch_packages([PackageSpec("npm", "broken"), PackageSpec("npm", "fine")], tmp_path,
+                                 log=logged.append, workers=1)
+    assert sorted(got) == ["npm:fine"]
+    assert any("broken" in line and "Corrupt" in line for line in logged)
+    assert (tmp_path / "failed" / "npm" / "broken").exists()
