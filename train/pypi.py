@@ -22,7 +22,8 @@ from pathlib import Path, PurePosixPath
 JSON_API = "https://pypi.org/pypi/{name}/json"
 JSON_MAX_BYTES = 16 << 20
 SDIST_MAX_BYTES = 1 << 30
-ARCHIVE = re.compile(r"\.(tar\.(gz|xz|bz2)|tgz|zip)$")
+# the archives a corpus build unpacks (sources.extract_shell_members: tar, compressed or not, and zip)
+ARCHIVE = re.compile(r"\.(tar(\.(gz|xz|bz2|lzma))?|tgz|zip)$")
 SHA256 = re.compile(r"[0-9a-f]{64}")
 FAILURES = (OSError, ValueError, http.client.HTTPException)
 
@@ -33,8 +34,8 @@ _no_answer = {"count": 0}
 _no_answer_lock = threading.Lock()
 
 
-def _read(response, write, limit: int, deadline: float) -> int:
-    """Pass `response` to `write` a piece at a time until its end; returns the bytes read.
+def _read(response, write, limit: int, deadline: float) -> None:
+    """Pass `response` to `write` a piece at a time until its end.
 
     Raises OSError past `limit` bytes or past `deadline` (time.monotonic): a socket timeout counts from
     the last byte received, so a server sending a byte at a time would never reach it."""
@@ -46,7 +47,6 @@ def _read(response, write, limit: int, deadline: float) -> int:
         if time.monotonic() > deadline:
             raise OSError("answer took too long")
         write(chunk)
-    return size
 
 
 def sdist_of(name: str, timeout: float = 30) -> dict | None:

@@ -25,7 +25,7 @@ from pathlib import Path, PurePosixPath
 from importlib import resources
 
 from .atomic_write import write_bytes
-from .pypi import fetch_sdist
+from .pypi import ARCHIVE, fetch_sdist
 
 
 KINDS = ("binary", "source", "doc", "npm", "pypi")
@@ -114,7 +114,6 @@ def _private_apt_config(cache: Path) -> dict:
     return dict(os.environ, APT_CONFIG=str(conf))
 
 
-TARBALL = re.compile(r"\.(tar(\.(gz|xz|bz2|lzma))?|tgz)$")
 # files kept from an archive besides shell scripts: where its licence is stated
 LICENCE_FILES = ("debian/copyright", "package.json", "PKG-INFO")
 
@@ -193,7 +192,7 @@ def _fetch_debian_source(spec: PackageSpec, work: Path, dest: Path, cache: Path)
     suites = re.findall(r"^deb-src \S+ \S+ (\S+)", (cache / "apt" / "sources.list").read_text(), re.M)
     for target in [spec.name] + [f"{spec.name}/{suite}" for suite in suites]:
         _run(["apt-get", "source", "--download-only", target], work, env)
-        archives = [p for p in work.iterdir() if TARBALL.search(p.name)]
+        archives = [p for p in work.iterdir() if ARCHIVE.search(p.name)]
         if any(".orig." in p.name or ".debian." not in p.name for p in archives):
             break
     for archive in archives:
@@ -219,7 +218,7 @@ def _fetch_pypi_with_pip(spec: PackageSpec, work: Path) -> list[Path]:
     if not (_run(download[:-3] + ["--no-build-isolation"] + download[-3:], work, timeout=600)
             or _run(download, work, timeout=900)):
         return []
-    return [p for p in work.iterdir() if p.suffix in (".gz", ".zip", ".bz2", ".xz")]
+    return [p for p in work.iterdir() if ARCHIVE.search(p.name)]
 
 
 def _fetch_pypi(spec: PackageSpec, work: Path, dest: Path, cache: Path) -> bool:
