@@ -306,6 +306,29 @@ def test_a_run_resumed_from_another_from_bundle_of_the_same_shape_is_refused(tmp
     assert {f.name: f.read_bytes() for f in out.iterdir()} == written
 
 
+def test_a_finished_run_goes_on_when_given_more_steps_and_only_then(tmp_path):
+    """Sittings add up: --resume with a --max-steps past where a finished run ended carries it on from its
+    last checkpoint and replaces its bundle; the same budget again finds it finished and leaves it."""
+    out, run = tmp_path / "m", tmp_path / "m.code-run"
+    common = ["code", "--code-data", str(scripts(tmp_path / "scripts")), "--corpus", str(tmp_path / "corpus"),
+              "--out", str(out), "--checkpoint-every", "2", *SMALL]
+    r = train(*common, "--max-steps", "4")
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = {f.name: f.read_bytes() for f in out.iterdir()}
+    r = train(*common, "--max-steps", "4", "--resume")
+    assert r.returncode == 0 and "finished already" in r.stdout, r.stderr[-3000:]
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == first
+    r = train(*common, "--max-steps", "6", "--resume")
+    assert r.returncode == 0 and "goes on" in r.stdout and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (out / "model.safetensors").read_bytes() != first["model.safetensors"]
+    second = {f.name: f.read_bytes() for f in out.iterdir()}
+    r = train(*common, "--max-steps", "6", "--resume")
+    assert r.returncode == 0 and "finished already" in r.stdout, r.stderr[-3000:]
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == second
+
+
 def test_a_run_resumes_after_its_from_bundle_was_evaluated(tmp_path):
     """An evaluation writes its figures into the data card of the bundle a run started from: the model is
     the same, so the run resumes; a checkpoint that recorded the whole bundle's digest resumes too."""

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from codellm.config import LIMITS, PRESETS
 
-from .loop import COMPILE_AUTO_MIN_SECONDS, TrainConfig, TrainingStopped, close_distributed, distributed
+from .loop import (COMPILE_AUTO_MIN_SECONDS, TrainConfig, TrainingStopped, close_distributed, distributed,
+                   max_steps_on_resume, progress_of)
 from .pairs import MAX_PAIR_SHARE
 from .data import MAX_USER_SHARE
 
@@ -196,17 +197,34 @@ def check_out(args, runs: list[tuple[Path, Path]] = ()) -> None:
         raise SystemExit(f"{args.out}: a bundle is there already; give --overwrite to replace it, or another --out")
 
 
-def finished_already(args, run_dir: Path, bundle: Path) -> bool:
+def finished_already(args, run_dir: Path, bundle: Path, can_go_on: bool = False) -> bool:
     """With --resume: whether the run in `run_dir` finished (its bundle written after its last checkpoint).
-    Said so; nothing is trained and the bundle is left as it is (its children's --from digest holds)."""
+    Said so; nothing is trained and the bundle is left as it is (its children's --from digest holds).
+    With `can_go_on`, a finished run given a --time-budget or --max-steps beyond where it ended is not
+    finished: it goes on from its last checkpoint (optimizer state and data order included), so that
+    sittings on different days add up to one long run."""
     from codellm.bundle import is_bundle_dir
-    from .checkpoint import CHECKPOINT_FILE
+    from .checkpoint import CHECKPOINT_FILE, read_checkpoint_state
     checkpoint = run_dir / CHECKPOINT_FILE
     if not (args.resume and not args.overwrite and is_bundle_dir(bundle) and checkpoint.exists()
             and not newer_than_bundle(checkpoint, bundle)):
         return False
-    print(f"codellm-train: the run in {run_dir} finished already; its bundle is {bundle} (nothing to resume)")
+    ended = read_checkpoint_state(run_dir)
+    if can_go_on and goes_further(args, ended):
+        print(f"codellm-train: the run in {run_dir} ended at step {ended['step']} ({ended['elapsed']:.0f} s); "
+              f"it goes on to the budget given, and its bundle {bundle} is replaced at the end")
+        return False
+    print(f"codellm-train: the run in {run_dir} finished already; its bundle is {bundle} (nothing to resume; "
+          "a larger --time-budget or --max-steps carries it on)")
     return True
+
+
+def goes_further(args, ended: dict) -> bool:
+    """Whether --time-budget (seconds) or --max-steps reach past where a run's checkpoint `ended`: the
+    resumed run would have steps left (train.loop's own rules)."""
+    state = dict(ended, max_steps=max_steps_on_resume(ended.get("max_steps"), args.max_steps))
+    limited = bool(state["max_steps"] or args.time_budget)
+    return limited and progress_of(state, argparse.Namespace(time_budget=args.time_budget)) < 1.0
 
 
 def newer_than_bundle(checkpoint: Path, bundle: Path) -> bool:
@@ -273,7 +291,7 @@ def cmd_stage(args):
     from .stages import run_folder, run_stage
     check_out(args, [(run_folder(args.out, args.stage), args.out)])  # first: it reads no bundle
     check_from(args)
-    if finished_already(args, run_folder(args.out, args.stage), args.out):
+    if finished_already(args, run_folder(args.out, args.stage), args.out, can_go_on=True):
         return
     work = args.out.with_name(args.out.name + ".work")
     corpus = ensure_corpus(args, work / "corpus")

@@ -370,8 +370,11 @@ def start_state(model: GPT, optimizer, cfg: TrainConfig, run_dir: Path, resume: 
         state["parent"] = cfg.parent  # recorded from now on where an older checkpoint had none
         state["context_length"] = model.cfg.context_length
         log(f"resumed from {run_dir} at step {state['step']}")
-        if cfg.max_steps and state.get("max_steps") and cfg.max_steps != state["max_steps"]:
-            log(f"note: the run goes on to its own {state['max_steps']} steps (--max-steps {cfg.max_steps} "
+        own, state["max_steps"] = state.get("max_steps"), max_steps_on_resume(state.get("max_steps"), cfg.max_steps)
+        if own and state["max_steps"] != own:
+            log(f"the run goes on past its {own} steps to {state['max_steps']} (--max-steps)")
+        elif cfg.max_steps and own and cfg.max_steps != own:
+            log(f"note: the run goes on to its own {own} steps (a smaller --max-steps {cfg.max_steps} "
                 "applies to a new run)")
     metrics = run_dir / "metrics.jsonl"
     if is_main:
@@ -381,6 +384,11 @@ def start_state(model: GPT, optimizer, cfg: TrainConfig, run_dir: Path, resume: 
         elif metrics.exists():
             keep_metrics_until(metrics, state["step"])
     return state
+
+
+def max_steps_on_resume(own: int | None, given: int | None) -> int | None:
+    """The step count a resumed run goes to: its own, unless --max-steps (`given`) reaches further."""
+    return given if given and given > (own or 0) else own
 
 
 def check_same_parent(run_dir: Path, started: str, given: str) -> None:
