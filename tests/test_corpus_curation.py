@@ -1,6 +1,7 @@
 """Corpus curation: near-duplicates, held-out near-copies, the per-source cap, licence comments,
 comment-to-command pairs, and the one-file corpus pack that a GPU run trains from."""
 import hashlib
+import os
 import json
 import random
 import subprocess
@@ -541,6 +542,7 @@ def package_index(tmp_path, monkeypatch):
     monkeypatch.setattr(pypi, "JSON_API", f"http://127.0.0.1:{server.server_port}/pypi/{{name}}/json")
     monkeypatch.delenv("PIP_INDEX_URL", raising=False)
     monkeypatch.delenv("PIP_NO_INDEX", raising=False)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)  # pip reads no configuration file: this machine's aside
 
     def publish(name: str, files: dict[str, str], sha256: str | None = None, size: int | None = None,
                 answer: bytes | None = None) -> str:
@@ -603,6 +605,27 @@ def test_a_wrong_answer_from_the_index_leaves_the_package_to_pip_and_writes_noth
     package_index("t", {"run.sh": "#!/bin/sh\necho hi\n"}, size=10**12)  # the index cannot lift the cap
     assert fetch_sdist("t", tmp_path) == []
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_index_named_in_pip_s_configuration_leaves_every_package_to_pip(tmp_path, package_index, monkeypatch):
+    """A machine whose pip.conf names its own index (pypi.org out of reach) is not sent to pypi.org; another
+    setting (extra-index-url) or the environment naming pypi.org itself keeps the quick way."""
+    from codellm.train.pypi import fetch_sdist
+    package_index("t", {"run.sh": "#!/bin/sh\necho hi\n"})
+    work = tmp_path / "work"
+    work.mkdir()
+    settings = {"own.conf": "[global]\nindex-url = http://127.0.0.1:9/simple\n",
+                "none.conf": "[download]\nno-index = yes\n", "extra.conf": "[global]\nextra-index-url = http://x/\n"}
+    for name, text in settings.items():
+        (tmp_path / name).write_text(text)
+        monkeypatch.setenv("PIP_CONFIG_FILE", str(tmp_path / name))
+        got = fetch_sdist("t", work)
+        assert [p.name for p in got] == ([] if name != "extra.conf" else ["t-1.0.tar.gz"]), name
+        for p in got:
+            p.unlink()
+    monkeypatch.setenv("PIP_CONFIG_FILE", str(tmp_path / "own.conf"))
+    monkeypatch.setenv("PIP_INDEX_URL", "https://pypi.org/simple")  # the environment overrides the file
+    assert [p.name for p in fetch_sdist("t", work)] == ["t-1.0.tar.gz"]
 
 
 def test_a_download_that_trickles_stops_at_its_deadline(tmp_path, package_index):

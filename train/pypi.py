@@ -6,11 +6,14 @@ build needs. Every failure here is an answer of None or [], so that the caller c
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import http.client
 import json
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -20,6 +23,7 @@ from pathlib import Path, PurePosixPath
 
 # PyPI's JSON API (https://docs.pypi.org/api/json/): the files of a project's newest release
 JSON_API = "https://pypi.org/pypi/{name}/json"
+PYPI_INDEX = ("https://pypi.org/", "https://pypi.python.org/")
 JSON_MAX_BYTES = 16 << 20
 SDIST_MAX_BYTES = 1 << 30
 # the archives a corpus build unpacks (sources.extract_shell_members: tar, compressed or not, and zip)
@@ -111,9 +115,32 @@ def download_checked(url: str, target: Path, sha256: str, max_bytes: int = SDIST
 
 
 def _pip_told_otherwise() -> bool:
-    """Whether pip is told to use an index other than pypi.org, or none (PIP_INDEX_URL, PIP_NO_INDEX)."""
-    no_index = os.environ.get("PIP_NO_INDEX", "").strip().lower()
-    return bool(os.environ.get("PIP_INDEX_URL")) or no_index not in ("", "0", "false", "no", "off")
+    """Whether pip is set to use an index other than pypi.org, or none: `index-url` or `no-index` in the
+    environment (PIP_INDEX_URL, PIP_NO_INDEX) or in pip's configuration files."""
+    settings = dict(_pip_config(os.environ.get("PIP_CONFIG_FILE"), os.environ.get("VIRTUAL_ENV")))
+    for key, variable in (("index-url", "PIP_INDEX_URL"), ("no-index", "PIP_NO_INDEX")):
+        if os.environ.get(variable):  # the environment overrides the files, as in pip
+            settings[key] = os.environ[variable]
+    index = settings.get("index-url", "").strip()
+    no_index = settings.get("no-index", "").strip().lower() not in ("", "0", "false", "no", "off")
+    return no_index or bool(index) and not index.startswith(PYPI_INDEX)
+
+
+@functools.lru_cache(maxsize=None)
+def _pip_config(_config_file: str | None, _venv: str | None) -> dict[str, str]:
+    """`index-url` and `no-index` as pip's configuration files set them for `pip download` (sections
+    global and download; `pip config list`, once for each PIP_CONFIG_FILE and environment); {} when pip
+    cannot say."""
+    try:
+        listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
+                                timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    found = {}
+    for section, key, value in re.findall(r"^(global|download)\.(index-url|no-index)='(.*)'$", listed, re.M):
+        if section == "download" or key not in found:  # the download section overrides global
+            found[key] = value
+    return found
 
 
 def fetch_sdist(name: str, work: Path) -> list[Path]:
