@@ -327,6 +327,22 @@ def test_a_finished_run_goes_on_when_given_more_steps_and_only_then(tmp_path):
     r = train(*common, "--max-steps", "6", "--resume")
     assert r.returncode == 0 and "finished already" in r.stdout, r.stderr[-3000:]
     assert {f.name: f.read_bytes() for f in out.iterdir()} == second
+    # a time budget (seconds in all) past what the run trained carries a run of so many steps on too
+    from safetensors import safe_open
+    with safe_open(str(run / "checkpoint.safetensors"), "pt") as f:
+        trained = json.loads(f.metadata()["state"])["elapsed"]
+    r = train(*common, "--time-budget", str(trained + 2), "--resume")
+    assert r.returncode == 0 and "goes on" in r.stdout, r.stderr[-3000:]
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])["step"] > 6
+    # a checkpoint that cannot be read: the finished run's bundle stands, said so, without a traceback
+    third = {f.name: f.read_bytes() for f in out.iterdir()}
+    checkpoint = run / "checkpoint.safetensors"
+    stamp = checkpoint.stat().st_mtime
+    checkpoint.write_bytes(checkpoint.read_bytes()[:1000])
+    os.utime(checkpoint, (stamp, stamp))
+    r = train(*common, "--max-steps", "100", "--resume")
+    assert r.returncode == 0 and "cannot be read" in r.stdout and "finished already" in r.stdout, r.stderr[-3000:]
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == third
 
 
 def test_a_run_resumes_after_its_from_bundle_was_evaluated(tmp_path):

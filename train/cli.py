@@ -204,25 +204,39 @@ def finished_already(args, run_dir: Path, bundle: Path, can_go_on: bool = False)
     finished: it goes on from its last checkpoint (optimizer state and data order included), so that
     sittings on different days add up to one long run."""
     from codellm.bundle import is_bundle_dir
-    from .checkpoint import CHECKPOINT_FILE, read_checkpoint_state
+    from .checkpoint import CHECKPOINT_FILE
     checkpoint = run_dir / CHECKPOINT_FILE
     if not (args.resume and not args.overwrite and is_bundle_dir(bundle) and checkpoint.exists()
             and not newer_than_bundle(checkpoint, bundle)):
         return False
-    ended = read_checkpoint_state(run_dir)
-    if can_go_on and goes_further(args, ended):
-        print(f"codellm-train: the run in {run_dir} ended at step {ended['step']} ({ended['elapsed']:.0f} s); "
-              f"it goes on to the budget given, and its bundle {bundle} is replaced at the end")
+    ended = readable_state(run_dir) if can_go_on else None
+    if ended is not None and goes_further(args, ended):
+        print(f"codellm-train: the run in {run_dir} ended at step {ended['step']} ({ended['elapsed']:.0f} s "
+              f"trained); it goes on to the budget given, and its bundle {bundle} is replaced at the end")
         return False
-    print(f"codellm-train: the run in {run_dir} finished already; its bundle is {bundle} (nothing to resume; "
-          "a larger --time-budget or --max-steps carries it on)")
+    how = ("; a larger --time-budget (seconds in all, those trained included) or --max-steps carries it on"
+           if ended is not None else "")
+    print(f"codellm-train: the run in {run_dir} finished already; its bundle is {bundle} (nothing to resume{how})")
     return True
 
 
+def readable_state(run_dir: Path) -> dict | None:
+    """The state in a run's checkpoint, or None (said so) when the file cannot be read: the run's bundle
+    stands, but the run cannot go on."""
+    from .checkpoint import read_checkpoint_state
+    try:
+        return read_checkpoint_state(run_dir)
+    except Exception as exc:  # safetensors raises its own error type for a damaged header
+        print(f"codellm-train: {run_dir}: its checkpoint cannot be read ({exc}), so the run cannot go on")
+        return None
+
+
 def goes_further(args, ended: dict) -> bool:
-    """Whether --time-budget (seconds) or --max-steps reach past where a run's checkpoint `ended`: the
-    resumed run would have steps left (train.loop's own rules)."""
-    state = dict(ended, max_steps=max_steps_on_resume(ended.get("max_steps"), args.max_steps))
+    """Whether --time-budget (seconds in all) or --max-steps reach past where a run's checkpoint `ended`:
+    the resumed run would have steps left (train.loop's own rules). --num-epochs carries no run on."""
+    if args.num_epochs:
+        return False
+    state = dict(ended, max_steps=max_steps_on_resume(ended.get("max_steps"), args.max_steps, args.time_budget))
     limited = bool(state["max_steps"] or args.time_budget)
     return limited and progress_of(state, argparse.Namespace(time_budget=args.time_budget)) < 1.0
 

@@ -370,12 +370,9 @@ def start_state(model: GPT, optimizer, cfg: TrainConfig, run_dir: Path, resume: 
         state["parent"] = cfg.parent  # recorded from now on where an older checkpoint had none
         state["context_length"] = model.cfg.context_length
         log(f"resumed from {run_dir} at step {state['step']}")
-        own, state["max_steps"] = state.get("max_steps"), max_steps_on_resume(state.get("max_steps"), cfg.max_steps)
-        if own and state["max_steps"] != own:
-            log(f"the run goes on past its {own} steps to {state['max_steps']} (--max-steps)")
-        elif cfg.max_steps and own and cfg.max_steps != own:
-            log(f"note: the run goes on to its own {own} steps (a smaller --max-steps {cfg.max_steps} "
-                "applies to a new run)")
+        own = state.get("max_steps")
+        state["max_steps"] = max_steps_on_resume(own, cfg.max_steps, cfg.time_budget)
+        say_max_steps(own, state["max_steps"], cfg.max_steps, log)
     metrics = run_dir / "metrics.jsonl"
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -386,9 +383,22 @@ def start_state(model: GPT, optimizer, cfg: TrainConfig, run_dir: Path, resume: 
     return state
 
 
-def max_steps_on_resume(own: int | None, given: int | None) -> int | None:
-    """The step count a resumed run goes to: its own, unless --max-steps (`given`) reaches further."""
-    return given if given and given > (own or 0) else own
+def max_steps_on_resume(own: int | None, given: int | None, time_budget: float | None) -> int | None:
+    """The step count a resumed run goes to: its own, unless --max-steps (`given`) reaches further, or a
+    --time-budget without --max-steps is what limits the run now (None: no step count)."""
+    if given:
+        return given if given > (own or 0) else own
+    return None if time_budget else own
+
+
+def say_max_steps(own: int | None, now: int | None, given: int | None, log) -> None:
+    """Tell where a resumed run's step count differs from its own or from the --max-steps given."""
+    if own and now is None:
+        log(f"the run goes on to the --time-budget given, no longer to its own {own} steps")
+    elif own and now != own:
+        log(f"the run goes on past its {own} steps to {now} (--max-steps)")
+    elif given and own and given != own:
+        log(f"note: the run goes on to its own {own} steps (a smaller --max-steps {given} applies to a new run)")
 
 
 def check_same_parent(run_dir: Path, started: str, given: str) -> None:
