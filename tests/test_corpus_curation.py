@@ -1,8 +1,8 @@
 """Corpus curation: near-duplicates, held-out near-copies, the per-source cap, licence comments,
 comment-to-command pairs, and the one-file corpus pack that a GPU run trains from."""
 import hashlib
-import os
 import json
+import os
 import random
 import subprocess
 import sys

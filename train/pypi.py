@@ -117,7 +117,7 @@ def download_checked(url: str, target: Path, sha256: str, max_bytes: int = SDIST
 def _pip_told_otherwise() -> bool:
     """Whether pip is set to use an index other than pypi.org, or none: `index-url` or `no-index` in the
     environment (PIP_INDEX_URL, PIP_NO_INDEX) or in pip's configuration files."""
-    settings = dict(_pip_config(os.environ.get("PIP_CONFIG_FILE"), os.environ.get("VIRTUAL_ENV")))
+    settings = dict(_pip_config(os.environ.get("PIP_CONFIG_FILE")))
     for key, variable in (("index-url", "PIP_INDEX_URL"), ("no-index", "PIP_NO_INDEX")):
         if os.environ.get(variable):  # the environment overrides the files, as in pip
             settings[key] = os.environ[variable]
@@ -127,9 +127,9 @@ def _pip_told_otherwise() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _pip_config(_config_file: str | None, _venv: str | None) -> dict[str, str]:
+def _pip_config(_config_file: str | None) -> dict[str, str]:
     """`index-url` and `no-index` as pip's configuration files set them for `pip download` (sections
-    global and download; `pip config list`, once for each PIP_CONFIG_FILE and environment); {} when pip
+    global and download; `pip config list`, once for each PIP_CONFIG_FILE); {} when pip
     cannot say."""
     try:
         listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
