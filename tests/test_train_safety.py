@@ -421,3 +421,31 @@ def test_a_run_resumed_with_another_context_length_is_refused(tmp_path):
     assert r.returncode == 0 and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
     tokens = [json.loads(line)["tokens"] for line in (tmp_path / "run.code-run" / "metrics.jsonl").open()]
     assert tokens == [4 * 64 * step for step in range(1, 5)]  # every step of 64-token windows
+
+
+def test_sigterm_while_a_run_starts_up_ends_it_with_a_line_and_resume_goes_on(tmp_path):
+    """SIGTERM before the first step (while the epoch is built) ends the command as Ctrl-C does: one line
+    that says how to go on, the status a signal gives, no traceback; the same command with --resume trains."""
+    mine = scripts(tmp_path / "mine")
+    out = tmp_path / "model"
+    common = ["code", "--code-data", str(mine), "--out", str(out), "--max-steps", "3", *SMALL]
+    script = f"""
+import os, subprocess, sys, time
+import codellm.train.loop as loop
+from codellm.train.cli import main
+build = loop.build_epoch
+def build_then_terminated(*args, **kwargs):
+    subprocess.run(["kill", "-TERM", str(os.getpid())])  # from outside, as a user's kill is
+    time.sleep(5)
+    return build(*args, **kwargs)
+loop.build_epoch = build_then_terminated
+sys.exit(main({common!r}))
+"""
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr[-3000:])
+    assert "interrupted (SIGTERM)" in r.stderr and "--resume" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()
+    assert not list(tmp_path.rglob(".*.tmp"))  # no temporary file left half written
+    r = train(*common, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (out / "model.safetensors").exists()

@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import errno
 import re
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from codellm.config import LIMITS, PRESETS
@@ -474,12 +476,27 @@ def add_bench_parser(sub) -> None:
 TRAINING_EXTRAS = ("datasketch", "tqdm", "matplotlib")  # pyproject.toml's [train]: corpus building, progress, plots
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the training steps (which stop after the step under way): the command ends as on
+    Ctrl-C, with the same line, rather than at once and without a word."""
+
+    signum = signal.SIGTERM
+
+
+def raise_terminated(_signum, _frame) -> None:
+    raise Terminated()
+
+
 def main(argv=None):
     args = build_parser().parse_args(joined_weights(sys.argv[1:] if argv is None else list(argv)))
+    own = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if own else None
     try:
         return run_command(args)
     finally:
         close_distributed()
+        if own:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def joined_weights(argv: list[str]) -> list[str]:
@@ -507,11 +524,12 @@ def run_command(args) -> int:
         print(f"codellm-train: error: this needs codellm's training extras ({exc.name} is missing): "
               "pip install -e '.[train]' in the codellm folder", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("codellm-train: interrupted; " + ("the same command with --resume goes on from what was finished "
+    except KeyboardInterrupt as exc:
+        signum = getattr(exc, "signum", signal.SIGINT)
+        print(f"codellm-train: interrupted ({signal.Signals(signum).name}); " + ("the same command with --resume goes on from what was finished "
               "(a built corpus, a trained tokenizer, a run's last checkpoint)" if hasattr(args, "resume")
               else "run the same command again to finish"), file=sys.stderr)
-        return 130
+        return 128 + signum
     except (ValueError, FileNotFoundError) as exc:
         print(f"codellm-train: error: {exc}", file=sys.stderr)
         return 2
