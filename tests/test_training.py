@@ -267,6 +267,7 @@ def test_ctrl_c_saves_the_step_it_reached_and_resume_goes_on_from_there(data_dir
     logged = metrics(run_dir)
     assert state is not None and state["step"] == max(logged) < 60  # the last step logged is the one saved
     assert not out.exists()  # no bundle from a stopped run
+    assert (run_dir / "loss.png").stat().st_size > 1000  # the curve up to the stop
     r = subprocess.run(TRAIN + common + ["--out", str(out), "--resume", "--corpus", str(out) + ".work/corpus",
                                          "--tokenizer", str(out) + ".work/tokenizer.json"],
                        capture_output=True, text=True, timeout=600)

@@ -251,6 +251,7 @@ def train_stage(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, c
             if not done and stop_requested(run, stop):
                 if run.is_main:
                     save_checkpoint(run.run_dir, run.model, run.optimizer, run.state)
+                    plot_losses(run.state["history"], run_dir / "loss.png")  # the curve up to the stop
                 run.progress.close()
                 raise TrainingStopped(f"stopped at step {run.state['step']} ({stop.name}); the checkpoint is in "
                                       f"{run.run_dir}: the same command with --resume continues from it", stop.signum)
