@@ -322,3 +322,18 @@ def test_a_short_run_reaches_its_learning_rate():
     assert lr_at(0, 0.0, cfg, max_steps=20) == pytest.approx(5e-4)
     assert lr_at(9, 0.01, cfg) == pytest.approx(1e-3 * 10 / 50)  # a time-budget run keeps its 50 steps
     assert lr_at(9, 0.01, cfg, max_steps=10_000) == pytest.approx(1e-3 * 10 / 50)
+
+
+def test_the_tokenizer_says_what_its_bytes_per_token_were_measured_on(data_dir, tmp_path):
+    from codellm.train.stages import train_tokenizer
+    held = tmp_path / "held"
+    held.mkdir()
+    (held / "deploy.sh").write_text("#!/bin/sh\nset -eu\nrsync -a build/ host:/srv/app/\nssh host systemctl restart app\n")
+    for name, heldout, says in [("own", [], "its own training text"), ("held", [held], "held-out shell")]:
+        corpus = tmp_path / name
+        build_corpus(corpus, code_data=[data_dir / "scripts"], heldout_data=heldout, log=lambda *_: None)
+        summary = json.loads((corpus / "summary.json").read_text())
+        assert summary["shell_val_files"] + summary["shell_val_user_files"] == len(heldout)
+        said = []
+        train_tokenizer(corpus, tmp_path / f"{name}.json", vocab_size=400, log=said.append)
+        assert len(said) == 1 and said[0].endswith(f"bytes/token on {says}"), said
