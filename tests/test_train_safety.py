@@ -315,9 +315,10 @@ def test_a_finished_run_goes_on_when_given_more_steps_and_only_then(tmp_path):
     r = train(*common, "--max-steps", "4")
     assert r.returncode == 0, r.stderr[-3000:]
     first = {f.name: f.read_bytes() for f in out.iterdir()}
-    r = train(*common, "--max-steps", "4", "--resume")
-    assert r.returncode == 0 and "finished already" in r.stdout, r.stderr[-3000:]
-    assert {f.name: f.read_bytes() for f in out.iterdir()} == first
+    for more in ([], ["--overwrite"]):  # --overwrite lets a bundle be replaced; a run with nothing to do writes none
+        r = train(*common, "--max-steps", "4", "--resume", *more)
+        assert r.returncode == 0 and "finished already" in r.stdout, r.stderr[-3000:]
+        assert {f.name: f.read_bytes() for f in out.iterdir()} == first
     r = train(*common, "--max-steps", "6", "--resume")
     assert r.returncode == 0 and "goes on" in r.stdout and "resumed from" in r.stdout + r.stderr, r.stderr[-3000:]
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -208,8 +208,7 @@ def finished_already(args, run_dir: Path, bundle: Path, can_go_on: bool = False)
     from codellm.bundle import is_bundle_dir
     from .checkpoint import CHECKPOINT_FILE
     checkpoint = run_dir / CHECKPOINT_FILE
-    if not (args.resume and not args.overwrite and is_bundle_dir(bundle) and checkpoint.exists()
-            and not newer_than_bundle(checkpoint, bundle)):
+    if not (args.resume and is_bundle_dir(bundle) and checkpoint.exists() and not newer_than_bundle(checkpoint, bundle)):
         return False
     ended = readable_state(run_dir) if can_go_on else None
     if ended is not None and goes_further(args, ended):
