@@ -325,6 +325,10 @@ def test_a_finished_run_goes_on_when_given_more_steps_and_only_then(tmp_path):
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (out / "model.safetensors").read_bytes() != first["model.safetensors"]
     second = {f.name: f.read_bytes() for f in out.iterdir()}
+    sittings = codellm.load(str(out), device="cpu").bundle.card["stages"]["code"]["sittings"]
+    assert [(s["from_step"], s["max_steps"], s["device"]) for s in sittings] == [(0, 4, "cpu"), (4, 6, "cpu")]
+    from train.modelcard import render
+    assert "`code` was trained in 2 sittings: from step 0 (0.00M tokens)" in render(out, "", None, [])
     r = train(*common, "--max-steps", "6", "--resume")
     assert r.returncode == 0 and "finished already" in r.stdout, r.stderr[-3000:]
     assert {f.name: f.read_bytes() for f in out.iterdir()} == second

@@ -224,7 +224,8 @@ def data_card(corpus: Path, stage: str, result, cfg, previous: dict | None, mix:
         "steps": result.steps, "tokens": result.tokens, "seconds": round(result.seconds, 1),
         "device": str(choose_device(None)) if not torch.cuda.is_available() else torch.cuda.get_device_name(),
         "train_loss": result.train_loss, "val_loss": result.val_loss,
-        "train_config": cfg.to_dict(),
+        "train_config": cfg.to_dict(),  # the last sitting's; `sittings` has each one's changing flags
+        **({"sittings": result.sittings} if result.sittings else {}),
         **({"mix": mix} if mix else {}),
         **({"shape": shape} if shape else {}),
     }

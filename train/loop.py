@@ -66,6 +66,7 @@ class StageResult:
     train_loss: float
     val_loss: float | None
     history: list = field(default_factory=list)
+    sittings: list = field(default_factory=list)  # each start of the run, resumes included (sitting_record)
 
 
 COMPILE_AUTO_MIN_SECONDS = 600
@@ -259,7 +260,8 @@ def train_stage(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, c
     if run.is_main:
         plot_losses(run.state["history"], run_dir / "loss.png")
     state = run.state
-    return StageResult(state["step"], state["tokens"], state["elapsed"], last_loss, val_loss, state["history"])
+    return StageResult(state["step"], state["tokens"], state["elapsed"], last_loss, val_loss, state["history"],
+                       state["sittings"])
 
 
 class TrainingStopped(Exception):
@@ -339,6 +341,7 @@ def set_up(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, cfg: T
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
     state = start_state(model, optimizer, cfg, run_dir, resume, rank == 0, log)
+    state["sittings"] = state.get("sittings", []) + [sitting_record(state, cfg, device)]
     run = StageRun(model, tok, mix, cfg, run_dir, device, rank, world, optimizer, state)
     run.read_epoch()
     if state["max_steps"] is None and cfg.num_epochs:
@@ -355,6 +358,18 @@ def set_up(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, cfg: T
     run.window_start, run.window_tokens = time.time(), 0
     run.started = time.time() - state["elapsed"]
     return run
+
+
+SITTING_FLAGS = ("learning_rate", "time_budget", "max_steps", "num_epochs", "batch_size", "precision")
+
+
+def sitting_record(state: dict, cfg: TrainConfig, device: torch.device) -> dict:
+    """Where this start of the run took it up (step, tokens, seconds trained before), on what device, with
+    the flags that may change from one sitting to the next: the card of a run carried on across days says
+    how each part was trained, not only the last."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
+    return {"from_step": state["step"], "from_tokens": state["tokens"], "from_seconds": round(state["elapsed"], 1),
+            "device": name, **{k: getattr(cfg, k) for k in SITTING_FLAGS}}
 
 
 def start_state(model: GPT, optimizer, cfg: TrainConfig, run_dir: Path, resume: bool, is_main: bool,

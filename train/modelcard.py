@@ -111,8 +111,19 @@ def _training_section(stages: dict, curves: list[str]) -> list[str]:
                          f"{st['val_loss']:.3f}" if st.get("val_loss") is not None else "-"])
     out += [_fmt_table(rows, ["stage", "tokens seen", "steps", "wall time", "device", "final train loss",
                               "held-out loss"]), ""]
+    carried = [_sittings_line(name, st["sittings"]) for name, st in stages.items() if len(st.get("sittings", [])) > 1]
+    out += carried + [""] * bool(carried)
     out += ["Loss curves:", ""] + [f"![{c}]({c})" for c in curves] + [""]
     return out
+
+
+def _sittings_line(name: str, sittings: list[dict]) -> str:
+    """A stage trained in several sittings (resumed runs): where each took it up and how."""
+    def one(s: dict) -> str:
+        limit = f"--time-budget {s['time_budget']:g}" if s.get("time_budget") else f"--max-steps {s.get('max_steps')}"
+        return (f"from step {s['from_step']} ({s['from_tokens'] / 1e6:.2f}M tokens), learning rate "
+                f"{s['learning_rate']:g}, {limit}, {s['device']}")
+    return f"- `{name}` was trained in {len(sittings)} sittings: " + "; ".join(map(one, sittings)) + "."
 
 
 def _curation_lines(summary: dict) -> list[str]:
