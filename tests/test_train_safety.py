@@ -324,11 +324,15 @@ def test_a_finished_run_goes_on_when_given_more_steps_and_only_then(tmp_path):
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     assert (out / "model.safetensors").read_bytes() != first["model.safetensors"]
+    for name in os.listdir(out):  # as if killed after its last step, before its bundle was written
+        os.unlink(out / name)
+    r = train(*common, "--max-steps", "6", "--resume")  # writes the bundle: not a sitting, nothing trains
+    assert r.returncode == 0 and (out / "model.safetensors").exists(), r.stderr[-3000:]
     second = {f.name: f.read_bytes() for f in out.iterdir()}
     sittings = codellm.load(str(out), device="cpu").bundle.card["stages"]["code"]["sittings"]
     assert [(s["from_step"], s["max_steps"], s["device"]) for s in sittings] == [(0, 4, "cpu"), (4, 6, "cpu")]
     from train.modelcard import render
-    assert "`code` was trained in 2 sittings: from step 0 (0.00M tokens)" in render(out, "", None, [])
+    assert "`code` was trained in 2 sittings: from step 0 (0 tokens), learning rate" in render(out, "", None, [])
     r = train(*common, "--max-steps", "6", "--resume")
     assert r.returncode == 0 and "finished already" in r.stdout, r.stderr[-3000:]
     assert {f.name: f.read_bytes() for f in out.iterdir()} == second
@@ -454,3 +458,26 @@ sys.exit(main({common!r}))
     r = train(*common, "--resume")
     assert r.returncode == 0, r.stderr[-3000:]
     assert (out / "model.safetensors").exists()
+
+
+def test_a_run_begun_before_sittings_were_recorded_says_its_first_steps_are_not():
+    from codellm.train.loop import sittings_so_far
+    from train.modelcard import _sittings_line
+    assert sittings_so_far({"step": 0}) == []
+    assert sittings_so_far({"step": 5, "sittings": [{"from_step": 0}]}) == [{"from_step": 0}]
+    old = sittings_so_far({"step": 6, "tokens": 96})
+    line = _sittings_line("code", old + [{"from_step": 6, "from_tokens": 96, "learning_rate": 1e-4, "max_steps": None,
+                                          "time_budget": 600.0, "device": "cpu"}])
+    assert line == ("- `code` was trained in 2 sittings: from step 0 (0 tokens), how not recorded; from step 6 "
+                    "(96 tokens), learning rate 0.0001, --time-budget 600, cpu.")
+
+
+def test_a_second_signal_of_the_other_kind_acts_at_once_too():
+    """After SIGTERM asked a run to stop after its step, Ctrl-C ends it at once (and the other way round)."""
+    from codellm.train.loop import StopRequest
+    for first, second in ((signal.SIGTERM, signal.SIGINT), (signal.SIGINT, signal.SIGTERM)):
+        before = signal.getsignal(second)
+        with StopRequest().watching(lambda *_: None) as stop:
+            assert signal.getsignal(second) is not before
+            signal.raise_signal(first)
+            assert stop.signum == first and signal.getsignal(second) is before

@@ -261,7 +261,7 @@ def train_stage(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, c
         plot_losses(run.state["history"], run_dir / "loss.png")
     state = run.state
     return StageResult(state["step"], state["tokens"], state["elapsed"], last_loss, val_loss, state["history"],
-                       state["sittings"])
+                       state.get("sittings", []))
 
 
 class TrainingStopped(Exception):
@@ -301,7 +301,8 @@ class StopRequest:
 
     def _handle(self, signum, _frame) -> None:
         self.signum = signum
-        signal.signal(signum, self.previous[signum])
+        for number, handler in self.previous.items():  # a second signal, of either kind, acts at once
+            signal.signal(number, handler)
         try:  # the log's reader may be gone (a pipe to `tee` that the same Ctrl-C ended): stop all the same
             self.log(f"{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
                      "(send it again to stop at once)")
@@ -341,7 +342,6 @@ def set_up(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, cfg: T
     model.to(device).train()
     optimizer = make_optimizer(model, cfg)
     state = start_state(model, optimizer, cfg, run_dir, resume, rank == 0, log)
-    state["sittings"] = state.get("sittings", []) + [sitting_record(state, cfg, device)]
     run = StageRun(model, tok, mix, cfg, run_dir, device, rank, world, optimizer, state)
     run.read_epoch()
     if state["max_steps"] is None and cfg.num_epochs:
@@ -354,22 +354,31 @@ def set_up(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, cfg: T
     run.forward = torch.compile(run.train_model) if compile_wanted(cfg) else run.train_model
     if not state["max_steps"] and not cfg.time_budget:
         raise ValueError("give --max-steps, --num-epochs or --time-budget")
+    if progress_of(state, cfg) < 1.0:  # a start with steps to train is a sitting; one that only writes the bundle is not
+        state["sittings"] = sittings_so_far(state) + [sitting_record(state, cfg, device)]
     run.progress = Progress(state["max_steps"], cfg.time_budget, run.is_main)
     run.window_start, run.window_tokens = time.time(), 0
     run.started = time.time() - state["elapsed"]
     return run
 
 
-SITTING_FLAGS = ("learning_rate", "time_budget", "max_steps", "num_epochs", "batch_size", "precision")
-
-
 def sitting_record(state: dict, cfg: TrainConfig, device: torch.device) -> dict:
     """Where this start of the run took it up (step, tokens, seconds trained before), on what device, with
-    the flags that may change from one sitting to the next: the card of a run carried on across days says
-    how each part was trained, not only the last."""
+    what may change from one sitting to the next (learning rate, batch size, precision, and the limit the
+    run goes by: the steps it works out, --num-epochs included, and the time budget): the card of a run
+    carried on across days says how each part was trained, not only the last."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
     return {"from_step": state["step"], "from_tokens": state["tokens"], "from_seconds": round(state["elapsed"], 1),
-            "device": name, **{k: getattr(cfg, k) for k in SITTING_FLAGS}}
+            "device": name, "learning_rate": cfg.learning_rate, "batch_size": cfg.batch_size,
+            "precision": cfg.precision, "max_steps": state["max_steps"], "time_budget": cfg.time_budget}
+
+
+def sittings_so_far(state: dict) -> list[dict]:
+    """The sittings a checkpoint recorded; one of a run that began before sittings were recorded stands for
+    its steps so far, with nothing known of how they were trained."""
+    if "sittings" in state or not state["step"]:
+        return state.get("sittings", [])
+    return [{"from_step": 0, "from_tokens": 0, "from_seconds": 0.0, "not_recorded": True}]
 
 
 def start_state(model: GPT, optimizer, cfg: TrainConfig, run_dir: Path, resume: bool, is_main: bool,

@@ -120,9 +120,12 @@ def _training_section(stages: dict, curves: list[str]) -> list[str]:
 def _sittings_line(name: str, sittings: list[dict]) -> str:
     """A stage trained in several sittings (resumed runs): where each took it up and how."""
     def one(s: dict) -> str:
-        limit = f"--time-budget {s['time_budget']:g}" if s.get("time_budget") else f"--max-steps {s.get('max_steps')}"
-        return (f"from step {s['from_step']} ({s['from_tokens'] / 1e6:.2f}M tokens), learning rate "
-                f"{s['learning_rate']:g}, {limit}, {s['device']}")
+        start = f"from step {s.get('from_step', '?')} ({s.get('from_tokens', 0):,} tokens)"
+        if s.get("not_recorded") or "learning_rate" not in s:
+            return f"{start}, how not recorded"
+        limits = ([f"--time-budget {s['time_budget']:g}"] if s.get("time_budget") else []) + (
+            [f"{s['max_steps']} steps in all"] if s.get("max_steps") else [])
+        return f"{start}, learning rate {s['learning_rate']:g}, {', '.join(limits) or 'no limit'}, {s.get('device')}"
     return f"- `{name}` was trained in {len(sittings)} sittings: " + "; ".join(map(one, sittings)) + "."
 
 

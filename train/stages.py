@@ -43,7 +43,7 @@ def train_tokenizer(corpus: Path, out: Path, vocab_size: int = 8192, max_mb: flo
     start = time.time()
     tok = Tokenizer.train(picked, vocab_size=vocab_size)
     write_bytes(out, tok.to_str().encode("utf-8"))  # a kill midway leaves no half-written tokenizer
-    held_out = "".join((read_texts(corpus / SHELL_FILE, "val") + read_texts(corpus / SHELL_FILE, "val_user"))[:50])
+    held_out = "".join(read_texts(corpus / SHELL_FILE, "val")[:50] + read_texts(corpus / SHELL_FILE, "val_user")[:50])
     sample = held_out or "".join(picked[:20])  # with no held-out shell, what it learned from says something
     log(f"tokenizer: {tok.vocab_size} tokens from {sum(map(len, picked)) / 1e6:.1f} MB in {time.time() - start:.0f}s; "
         f"{len(sample.encode()) / max(1, len(tok.encode(sample))):.2f} bytes/token on "
