@@ -28,7 +28,7 @@ from typing import Awaitable, Callable
 from lsprotocol import types
 from pygls.lsp.client import LanguageClient
 
-from .spawn import start_server, stop_server
+from .spawn import kill_server, start_server, stop_server
 
 POLICIES = ("whole", "word")
 NEXT_WORD = re.compile(r"\s*(\w+|[^\w\s]+)")
@@ -163,8 +163,11 @@ class Typist:
         await start_server(self.client, self.server_args, self.options, REQUEST_TIMEOUT)
         return self
 
-    async def __aexit__(self, *exc) -> None:
-        await stop_server(self.client)
+    async def __aexit__(self, exc_type, *_exc) -> None:
+        if exc_type is None:
+            await stop_server(self.client)
+        else:  # an error, or the measure cancelled (Ctrl-C, SIGTERM): the client's reader may be gone
+            await kill_server(self.client)  # already, and a polite shutdown would wait out its timeout
 
     def configure(self, settings: dict) -> None:
         """workspace/didChangeConfiguration (the server then clears its result cache)."""

@@ -179,6 +179,20 @@ def test_typing_into_the_real_server(bundle_path):
     assert status.requests == tally.requests
 
 
+def test_a_measure_ended_by_an_error_or_a_signal_kills_its_server_at_once(bundle_path):
+    """Leaving the typist on an exception (a KeyboardInterrupt, a cancelled task) does not ask the server to
+    shut down (its answer may never be read: the loop is being torn down) but kills it; a normal end asks."""
+    async def main(error):
+        typist = Typist(["--model", str(bundle_path)])
+        await typist.__aenter__()
+        await typist.__aexit__(type(error) if error else None, error, None)
+        return typist.client._server.returncode
+
+    assert asyncio.run(asyncio.wait_for(main(None), 240)) == 0
+    for error in (KeyboardInterrupt(), asyncio.CancelledError()):
+        assert asyncio.run(asyncio.wait_for(main(error), 240)) == -9  # SIGKILL
+
+
 def test_the_server_starts_from_a_folder_holding_a_folder_named_codellm(bundle_path, tmp_path, monkeypatch):
     """Run from where a clone of the project sits (`~/codellm`), the measuring client's server still
     imports the installed package; a server that cannot start says why."""
