@@ -208,7 +208,8 @@ def finished_already(args, run_dir: Path, bundle: Path, can_go_on: bool = False)
     from codellm.bundle import is_bundle_dir
     from .checkpoint import CHECKPOINT_FILE
     checkpoint = run_dir / CHECKPOINT_FILE
-    if not (args.resume and is_bundle_dir(bundle) and checkpoint.exists() and not newer_than_bundle(checkpoint, bundle)):
+    if not (args.resume and is_bundle_dir(bundle) and checkpoint.exists()
+            and not newer_than_bundle(checkpoint, bundle)):
         return False
     ended = readable_state(run_dir) if can_go_on else None
     if ended is not None and goes_further(args, ended):
@@ -525,7 +526,8 @@ def run_command(args) -> int:
         return 2
     except KeyboardInterrupt as exc:
         signum = getattr(exc, "signum", signal.SIGINT)
-        print(f"codellm-train: interrupted ({signal.Signals(signum).name}); " + ("the same command with --resume goes on from what was finished "
+        print(f"codellm-train: interrupted ({signal.Signals(signum).name}); " + (
+              "the same command with --resume goes on from what was finished "
               "(a built corpus, a trained tokenizer, a run's last checkpoint)" if hasattr(args, "resume")
               else "run the same command again to finish"), file=sys.stderr)
         return 128 + signum

@@ -66,7 +66,7 @@ class StageResult:
     train_loss: float
     val_loss: float | None
     history: list = field(default_factory=list)
-    sittings: list = field(default_factory=list)  # each start of the run, resumes included (sitting_record)
+    sittings: list = field(default_factory=list)  # each start of the run that trained (sitting_record)
 
 
 COMPILE_AUTO_MIN_SECONDS = 600
@@ -354,7 +354,7 @@ def set_up(model: GPT, tok: Tokenizer, mix: Mixture, val: Mixture | None, cfg: T
     run.forward = torch.compile(run.train_model) if compile_wanted(cfg) else run.train_model
     if not state["max_steps"] and not cfg.time_budget:
         raise ValueError("give --max-steps, --num-epochs or --time-budget")
-    if progress_of(state, cfg) < 1.0:  # a start with steps to train is a sitting; one that only writes the bundle is not
+    if progress_of(state, cfg) < 1.0:  # a start that trains is a sitting; one that only writes the bundle is not
         state["sittings"] = sittings_so_far(state) + [sitting_record(state, cfg, device)]
     run.progress = Progress(state["max_steps"], cfg.time_budget, run.is_main)
     run.window_start, run.window_tokens = time.time(), 0
